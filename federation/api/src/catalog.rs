@@ -1,0 +1,220 @@
+//! The client's live view of the catalog, built from a `Watch` stream: a
+//! snapshot, then ordered deltas. Pure: applying an event is a function of
+//! the view and the event.
+
+use std::collections::BTreeMap;
+
+use crate::model::{Revision, ServiceKey, SiteName};
+use crate::pb;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ApplyError {
+    #[error("delta for revision {got} does not follow revision {have}; resync from a snapshot")]
+    Gap { have: u64, got: u64 },
+    #[error("watch event has no body")]
+    Empty,
+}
+
+/// One service as seen across the federation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceView {
+    pub key: ServiceKey,
+    pub vip_index: u32,
+    pub ports: Vec<pb::ServicePort>,
+    /// Sites that export it, with their healthy endpoint counts, by name.
+    pub exporters: Vec<(SiteName, u32)>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CatalogView {
+    pub revision: Revision,
+    /// Set once the first snapshot arrived.
+    pub synced: bool,
+    pub sites: BTreeMap<String, pb::Site>,
+    pub exports: BTreeMap<String, Vec<pb::Export>>,
+}
+
+impl CatalogView {
+    /// Applies one event. A snapshot replaces everything; a delta must be
+    /// newer than the view (older or equal ones are ignored, so a watcher
+    /// never goes backwards).
+    pub fn apply(&mut self, event: pb::WatchEvent) -> Result<bool, ApplyError> {
+        match event.kind.ok_or(ApplyError::Empty)? {
+            pb::watch_event::Kind::Snapshot(snap) => {
+                if self.synced && snap.revision < self.revision.0 {
+                    return Ok(false);
+                }
+                self.replace(snap);
+                Ok(true)
+            }
+            pb::watch_event::Kind::Delta(delta) => {
+                if event.revision <= self.revision.0 {
+                    return Ok(false);
+                }
+                if !self.synced {
+                    return Err(ApplyError::Gap {
+                        have: self.revision.0,
+                        got: event.revision,
+                    });
+                }
+                for change in delta.changes {
+                    self.apply_change(change);
+                }
+                self.revision = Revision(event.revision);
+                Ok(true)
+            }
+        }
+    }
+
+    fn replace(&mut self, snap: pb::CatalogSnapshot) {
+        self.revision = Revision(snap.revision);
+        self.synced = true;
+        self.sites = snap
+            .sites
+            .into_iter()
+            .map(|s| (s.name.clone(), s))
+            .collect();
+        self.exports = snap
+            .exports
+            .into_iter()
+            .map(|e| (e.site, e.exports))
+            .collect();
+    }
+
+    fn apply_change(&mut self, change: pb::Change) {
+        use pb::change::Kind;
+        match change.kind {
+            Some(Kind::SiteUpserted(site)) => {
+                self.sites.insert(site.name.clone(), site);
+            }
+            Some(Kind::SiteRemoved(name)) => {
+                self.sites.remove(&name);
+                self.exports.remove(&name);
+            }
+            Some(Kind::ExportsReplaced(se)) => {
+                if se.exports.is_empty() {
+                    self.exports.remove(&se.site);
+                } else {
+                    self.exports.insert(se.site, se.exports);
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Every exported service, with the available sites that export it.
+    pub fn services(&self) -> BTreeMap<ServiceKey, ServiceView> {
+        let mut out: BTreeMap<ServiceKey, ServiceView> = BTreeMap::new();
+        for (site, exports) in &self.exports {
+            let available = self.sites.get(site).map(|s| s.available).unwrap_or(false);
+            let Ok(site_name) = site.parse::<SiteName>() else {
+                continue;
+            };
+            if !available {
+                continue;
+            }
+            for e in exports {
+                let Ok(key) = e.service.parse::<ServiceKey>() else {
+                    continue;
+                };
+                let view = out.entry(key.clone()).or_insert_with(|| ServiceView {
+                    key,
+                    vip_index: e.vip_index,
+                    ports: Vec::new(),
+                    exporters: Vec::new(),
+                });
+                for p in &e.ports {
+                    if !view.ports.iter().any(|q| q.port == p.port) {
+                        view.ports.push(p.clone());
+                    }
+                }
+                view.exporters.push((site_name.clone(), e.healthy_endpoints));
+            }
+        }
+        for v in out.values_mut() {
+            v.ports.sort_by_key(|p| p.port);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn site(name: &str) -> pb::Site {
+        pb::Site {
+            name: name.into(),
+            available: true,
+            ..Default::default()
+        }
+    }
+
+    fn export(svc: &str, vip: u32, healthy: u32) -> pb::Export {
+        pb::Export {
+            service: svc.into(),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: "tcp".into(),
+                name: String::new(),
+            }],
+            healthy_endpoints: healthy,
+            vip_index: vip,
+        }
+    }
+
+    fn delta(rev: u64, changes: Vec<pb::change::Kind>) -> pb::WatchEvent {
+        pb::WatchEvent {
+            revision: rev,
+            kind: Some(pb::watch_event::Kind::Delta(pb::Delta {
+                changes: changes
+                    .into_iter()
+                    .map(|k| pb::Change { kind: Some(k) })
+                    .collect(),
+            })),
+        }
+    }
+
+    #[test]
+    fn snapshot_then_deltas_and_never_backwards() {
+        let mut view = CatalogView::default();
+        // A delta before any snapshot is a gap.
+        assert!(view.apply(delta(1, vec![])).is_err());
+        let snap = pb::CatalogSnapshot {
+            revision: 5,
+            sites: vec![site("east"), site("west")],
+            exports: vec![pb::SiteExports {
+                site: "east".into(),
+                exports: vec![export("shop/payments", 1, 2)],
+            }],
+        };
+        view.apply(pb::WatchEvent {
+            revision: 5,
+            kind: Some(pb::watch_event::Kind::Snapshot(snap)),
+        })
+        .unwrap();
+        let svcs = view.services();
+        assert_eq!(svcs.len(), 1);
+        assert_eq!(svcs.values().next().unwrap().exporters.len(), 1);
+
+        let d = delta(
+            6,
+            vec![pb::change::Kind::ExportsReplaced(pb::SiteExports {
+                site: "west".into(),
+                exports: vec![export("shop/payments", 1, 3)],
+            })],
+        );
+        assert!(view.apply(d.clone()).unwrap());
+        // Replaying an old revision changes nothing.
+        assert!(!view.apply(d).unwrap());
+        let v = view.services();
+        let names: Vec<_> = v.values().next().unwrap().exporters.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+        assert_eq!(names, [("east", 2), ("west", 3)]);
+
+        view.apply(delta(7, vec![pb::change::Kind::SiteRemoved("east".into())]))
+            .unwrap();
+        assert_eq!(view.revision, Revision(7));
+        let v = view.services();
+        assert_eq!(v.values().next().unwrap().exporters.len(), 1);
+    }
+}

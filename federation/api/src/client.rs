@@ -1,0 +1,164 @@
+//! Talking to the controllers: an mTLS channel that fails over between
+//! endpoints, and the `Watch` loop that keeps a [`CatalogView`] current.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+
+use crate::catalog::CatalogView;
+use crate::identity::{Credential, CONTROLLER_SERVER_NAME};
+use crate::pb::federation_client::FederationClient;
+use crate::pb::WatchRequest;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no controller endpoint is reachable (tried {tried}): {last}")]
+    Unreachable { tried: String, last: String },
+    #[error("bad controller endpoint {0:?}: expected host:port")]
+    BadEndpoint(String),
+}
+
+/// Connects to whichever controller answers; rotates on failure.
+pub struct ControllerClient {
+    endpoints: Vec<String>,
+    tls: ClientTlsConfig,
+    next: AtomicUsize,
+}
+
+impl ControllerClient {
+    /// `credential` is `None` only for the join call, which the token authorizes.
+    pub fn new(endpoints: Vec<String>, ca_pem: &str, credential: Option<&Credential>) -> Self {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca_pem))
+            .domain_name(CONTROLLER_SERVER_NAME);
+        if let Some(c) = credential {
+            tls = tls.identity(Identity::from_pem(&c.cert_pem, &c.key_pem));
+        }
+        Self {
+            endpoints,
+            tls,
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// A channel to one reachable controller, trying each endpoint once.
+    pub async fn channel(&self) -> Result<Channel, ClientError> {
+        let n = self.endpoints.len().max(1);
+        let start = self.next.load(Ordering::Relaxed);
+        let mut last = String::from("no endpoints configured");
+        for i in 0..n {
+            let Some(addr) = self.endpoints.get((start + i) % n) else {
+                break;
+            };
+            let ep = Channel::from_shared(format!("https://{addr}"))
+                .map_err(|_| ClientError::BadEndpoint(addr.clone()))?
+                .tls_config(self.tls.clone())
+                .map_err(|e| ClientError::BadEndpoint(format!("{addr}: {e}")))?
+                .connect_timeout(Duration::from_secs(2))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(5))
+                .keep_alive_timeout(Duration::from_secs(5));
+            match ep.connect().await {
+                Ok(ch) => {
+                    self.next.store((start + i) % n, Ordering::Relaxed);
+                    return Ok(ch);
+                }
+                Err(e) => {
+                    last = format!("{addr}: {}", error_chain(&e));
+                }
+            }
+        }
+        self.rotate();
+        Err(ClientError::Unreachable {
+            tried: self.endpoints.join(", "),
+            last,
+        })
+    }
+
+    pub async fn federation(&self) -> Result<FederationClient<Channel>, ClientError> {
+        Ok(FederationClient::new(self.channel().await?))
+    }
+
+    /// Moves on to the next endpoint (after an RPC failure).
+    pub fn rotate(&self) {
+        self.next.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The full source chain of an error, for messages a person reads.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Keeps `tx` updated with the catalog. Resumes from the last applied
+/// revision after a disconnect; while disconnected the last view stays in
+/// place (static stability) and `causeway_watch_connected` reads 0.
+pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<CatalogView>>) {
+    let mut view = CatalogView::default();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let result = async {
+            let mut c = client.federation().await?;
+            let from = if view.synced { view.revision.0 } else { 0 };
+            let mut stream = c
+                .watch(WatchRequest {
+                    from_revision: from,
+                })
+                .await
+                .map_err(|s| anyhow_status("watch", s))?
+                .into_inner();
+            metrics::gauge!("causeway_watch_connected").set(1.0);
+            tracing::debug!(from, "watch stream open");
+            loop {
+                match stream.message().await {
+                    Ok(Some(event)) => match view.apply(event) {
+                        Ok(true) => {
+                            metrics::gauge!("causeway_catalog_revision").set(view.revision.0 as f64);
+                            tx.send_replace(Arc::new(view.clone()));
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(error = %e, "watch gap, resyncing");
+                            view.synced = false;
+                            return Ok::<(), ClientError>(());
+                        }
+                    },
+                    Ok(None) => return Ok(()),
+                    Err(s) => return Err(anyhow_status("watch stream", s)),
+                }
+            }
+        }
+        .await;
+        metrics::gauge!("causeway_watch_connected").set(0.0);
+        match result {
+            Ok(()) => backoff = Duration::from_millis(100),
+            Err(e) => {
+                tracing::warn!(error = %e, "controller watch interrupted; serving the last view");
+                client.rotate();
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
+}
+
+fn anyhow_status(what: &str, s: tonic::Status) -> ClientError {
+    ClientError::Unreachable {
+        tried: what.to_string(),
+        last: format!("{}: {}", s.code(), s.message()),
+    }
+}

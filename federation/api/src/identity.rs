@@ -1,0 +1,349 @@
+//! Certificates and keys: the controller CA, site CAs, SPIFFE leaf
+//! certificates, CSRs, and reading the SPIFFE ID out of a certificate.
+//!
+//! Every leaf carries exactly one URI SAN, its SPIFFE ID. Controller node
+//! certificates also carry the DNS name [`CONTROLLER_SERVER_NAME`], which is
+//! what API clients verify; site credentials carry no DNS name, so a site can
+//! never pose as a controller.
+
+use std::path::Path;
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use time::OffsetDateTime;
+
+use crate::model::{SpiffeId, TrustDomain};
+
+/// The DNS name in every controller node certificate.
+pub const CONTROLLER_SERVER_NAME: &str = "controller.causeway.internal";
+/// The controller's own trust domain (nodes, admins, site API credentials).
+pub const CONTROLLER_TRUST_DOMAIN: &str = "controller.causeway";
+/// Suffix of every site's trust domain: `<site>.<suffix>`.
+pub const SITE_TRUST_DOMAIN_SUFFIX: &str = "causeway";
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: not valid PEM ({detail})")]
+    Pem { what: String, detail: String },
+    #[error("certificate has {count} URI SANs; a SPIFFE certificate must have exactly one")]
+    UriSanCount { count: usize },
+    #[error("certificate is not valid X.509: {0}")]
+    X509(String),
+    #[error(transparent)]
+    Name(#[from] crate::model::InvalidName),
+}
+
+/// A CA: its certificate (DER + PEM) and signing key.
+pub struct CertificateAuthority {
+    pub cert_pem: String,
+    pub cert_der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+    key_pem: String,
+}
+
+/// A leaf certificate with its private key, ready for rustls.
+#[derive(Clone)]
+pub struct Credential {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub chain: Vec<CertificateDer<'static>>,
+}
+
+impl Credential {
+    pub fn key_der(&self) -> Result<PrivateKeyDer<'static>, IdentityError> {
+        parse_key_pem("private key", &self.key_pem)
+    }
+
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
+        let cert_pem = read(cert)?;
+        let key_pem = read(key)?;
+        let chain = parse_certs_pem(&cert.display().to_string(), &cert_pem)?;
+        parse_key_pem(&key.display().to_string(), &key_pem)?;
+        Ok(Self {
+            cert_pem,
+            key_pem,
+            chain,
+        })
+    }
+
+    pub fn save(&self, cert: &Path, key: &Path) -> Result<(), IdentityError> {
+        write(cert, &self.cert_pem, false)?;
+        write(key, &self.key_pem, true)
+    }
+
+    /// The SPIFFE ID of the leaf.
+    pub fn spiffe_id(&self) -> Result<SpiffeId, IdentityError> {
+        spiffe_id_of(&self.chain[0])
+    }
+}
+
+fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn validity(params: &mut CertificateParams, lifetime: Duration) {
+    let now = now();
+    // Small backdate for clock skew between sites.
+    params.not_before = now - time::Duration::minutes(10);
+    params.not_after = now + time::Duration::seconds(lifetime.as_secs() as i64);
+}
+
+impl CertificateAuthority {
+    /// A new self-signed CA, valid ten years.
+    pub fn generate(common_name: &str) -> Result<Self, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        validity(&mut params, Duration::from_secs(10 * 365 * 86400));
+        let cert = params.self_signed(&key)?;
+        let key_pem = key.serialize_pem();
+        Ok(Self {
+            cert_pem: cert.pem(),
+            cert_der: cert.der().clone(),
+            issuer: Issuer::new(params, key),
+            key_pem,
+        })
+    }
+
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let cert_der = parse_certs_pem("CA certificate", cert_pem)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| IdentityError::Pem {
+                what: "CA certificate".into(),
+                detail: "no certificate".into(),
+            })?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der, key)?;
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            cert_der,
+            issuer,
+            key_pem: key_pem.to_string(),
+        })
+    }
+
+    pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
+        Self::from_pem(&read(cert)?, &read(key)?)
+    }
+
+    /// Writes the CA; the key file is created mode 0600.
+    pub fn save(&self, cert: &Path, key: &Path) -> Result<(), IdentityError> {
+        write(cert, &self.cert_pem, false)?;
+        write(key, &self.key_pem, true)
+    }
+
+    /// Issues a leaf for `id`, valid for both TLS client and server use.
+    pub fn issue(
+        &self,
+        id: &SpiffeId,
+        dns_names: &[&str],
+        lifetime: Duration,
+    ) -> Result<Credential, IdentityError> {
+        let key = KeyPair::generate()?;
+        let params = leaf_params(id, dns_names, lifetime)?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Credential {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            chain: vec![cert.der().clone()],
+        })
+    }
+
+    /// Signs a CSR, replacing whatever names it asked for with `id`: the
+    /// caller proves possession of the key, the CA decides the identity.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        id: &SpiffeId,
+        lifetime: Duration,
+    ) -> Result<String, IdentityError> {
+        let csr = CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let params = leaf_params(id, &[], lifetime)?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+}
+
+fn leaf_params(
+    id: &SpiffeId,
+    dns_names: &[&str],
+    lifetime: Duration,
+) -> Result<CertificateParams, IdentityError> {
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, id.to_string());
+    params.subject_alt_names = vec![SanType::URI(id.to_string().try_into()?)];
+    for name in dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName((*name).try_into()?));
+    }
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    validity(&mut params, lifetime);
+    Ok(params)
+}
+
+/// A new key and a CSR for it (the CA fills in the identity).
+pub fn generate_csr() -> Result<(String, String), IdentityError> {
+    let key = KeyPair::generate()?;
+    let params = CertificateParams::default();
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+/// Reads the one SPIFFE ID out of a leaf certificate.
+pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError> {
+    use x509_parser::prelude::*;
+    let (_, x509) =
+        X509Certificate::from_der(cert.as_ref()).map_err(|e| IdentityError::X509(e.to_string()))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = x509.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let GeneralName::URI(u) = name {
+                uris.push(*u);
+            }
+        }
+    }
+    if uris.len() != 1 {
+        return Err(IdentityError::UriSanCount { count: uris.len() });
+    }
+    Ok(uris[0].parse()?)
+}
+
+/// Whether the certificate says it is a CA (basicConstraints cA=true).
+pub fn is_ca_cert(cert: &CertificateDer<'_>) -> bool {
+    use x509_parser::prelude::*;
+    X509Certificate::from_der(cert.as_ref())
+        .ok()
+        .and_then(|(_, c)| c.basic_constraints().ok().flatten().map(|b| b.value.ca))
+        .unwrap_or(false)
+}
+
+pub fn parse_certs_pem(
+    what: &str,
+    pem: &str,
+) -> Result<Vec<CertificateDer<'static>>, IdentityError> {
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut pem.as_bytes()).collect();
+    let certs = certs.map_err(|e| IdentityError::Pem {
+        what: what.to_string(),
+        detail: e.to_string(),
+    })?;
+    if certs.is_empty() {
+        return Err(IdentityError::Pem {
+            what: what.to_string(),
+            detail: "no CERTIFICATE block".into(),
+        });
+    }
+    Ok(certs)
+}
+
+pub fn parse_key_pem(what: &str, pem: &str) -> Result<PrivateKeyDer<'static>, IdentityError> {
+    rustls_pemfile::private_key(&mut pem.as_bytes())
+        .map_err(|e| IdentityError::Pem {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })?
+        .ok_or_else(|| IdentityError::Pem {
+            what: what.to_string(),
+            detail: "no PRIVATE KEY block".into(),
+        })
+}
+
+pub fn read(path: &Path) -> Result<String, IdentityError> {
+    std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Writes a file atomically (temp file + rename); secrets are mode 0600.
+pub fn write(path: &Path, contents: &str, secret: bool) -> Result<(), IdentityError> {
+    use std::io::Write;
+    let io = |source| IdentityError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(if secret { 0o600 } else { 0o644 });
+    }
+    let mut f = opts.open(&tmp).map_err(io)?;
+    f.write_all(contents.as_bytes()).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// The controller's trust domain as a newtype.
+pub fn controller_trust_domain() -> TrustDomain {
+    CONTROLLER_TRUST_DOMAIN
+        .parse()
+        .expect("constant is a valid trust domain")
+}
+
+/// SHA-256 of a DER certificate, hex: how tokens pin the controller CA.
+pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(cert.as_ref()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn issued_leaf_carries_exactly_its_spiffe_id() {
+        let ca = CertificateAuthority::generate("test ca").unwrap();
+        let id: SpiffeId = "spiffe://east.causeway/gateway/0".parse().unwrap();
+        let leaf = ca.issue(&id, &[], Duration::from_secs(3600)).unwrap();
+        assert_eq!(leaf.spiffe_id().unwrap(), id);
+        assert!(!is_ca_cert(&leaf.chain[0]));
+        assert!(is_ca_cert(&ca.cert_der));
+    }
+
+    #[test]
+    fn csr_gets_the_identity_the_ca_chooses() {
+        let ca = CertificateAuthority::generate("test ca").unwrap();
+        let (csr, _key) = generate_csr().unwrap();
+        let id: SpiffeId = "spiffe://controller.causeway/site/east".parse().unwrap();
+        let pem = ca.sign_csr(&csr, &id, Duration::from_secs(60)).unwrap();
+        let der = parse_certs_pem("cert", &pem).unwrap();
+        assert_eq!(spiffe_id_of(&der[0]).unwrap(), id);
+        assert!(ca.sign_csr("garbage", &id, Duration::from_secs(60)).is_err());
+    }
+
+    #[test]
+    fn ca_round_trips_through_pem() {
+        let ca = CertificateAuthority::generate("test ca").unwrap();
+        let again = CertificateAuthority::from_pem(&ca.cert_pem, &ca.key_pem).unwrap();
+        let id: SpiffeId = "spiffe://a.causeway/gateway/x".parse().unwrap();
+        again.issue(&id, &[], Duration::from_secs(60)).unwrap();
+    }
+}

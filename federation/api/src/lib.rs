@@ -1,0 +1,25 @@
+//! causeway-api: the contract between causeway's parts.
+//!
+//! - [`pb`]: the gRPC API (generated from `proto/causeway.proto` with protox,
+//!   no `protoc`);
+//! - [`model`]: domain newtypes (`SiteName`, `ServiceKey`, `TrustDomain`,
+//!   `SpiffeId`, `Revision`) that validate at the edge;
+//! - [`identity`] and [`trust`]: certificates, CSRs, and the SPIFFE
+//!   verifiers that bind each trust domain to its own site's bundle;
+//! - [`token`]: one-time join tokens;
+//! - [`catalog`] and [`client`]: the Watch client and the live catalog view.
+//!
+//! It does not run Raft or serve anything: gateways, DNS servers and the
+//! Terraform provider depend on this crate and never on the controller.
+
+pub mod catalog;
+pub mod client;
+pub mod identity;
+pub mod model;
+pub mod token;
+pub mod trust;
+
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("causeway.v1");
+}

@@ -1,0 +1,381 @@
+//! Domain newtypes. Every name that crosses a process boundary is parsed into
+//! one of these first, so an invalid value is refused at the edge with an
+//! error that names the field and the rule.
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Maximum length of one DNS label (RFC 1035 §2.3.4).
+pub const MAX_LABEL_LEN: usize = 63;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {field} {value:?}: {rule}")]
+pub struct InvalidName {
+    pub field: &'static str,
+    pub value: String,
+    pub rule: &'static str,
+}
+
+fn invalid(field: &'static str, value: &str, rule: &'static str) -> InvalidName {
+    let mut value = value.to_string();
+    value.truncate(80);
+    InvalidName { field, value, rule }
+}
+
+/// Checks an RFC 1123 DNS label: 1-63 chars of `[a-z0-9-]`, starting and
+/// ending with an alphanumeric. This is also what Kubernetes requires of
+/// namespace and service names.
+pub fn check_dns_label(field: &'static str, s: &str) -> Result<(), InvalidName> {
+    const RULE: &str = "must be a DNS label: 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit";
+    if s.is_empty() || s.len() > MAX_LABEL_LEN {
+        return Err(invalid(field, s, RULE));
+    }
+    let b = s.as_bytes();
+    let ok_inner = b
+        .iter()
+        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
+    let ok_ends = b[0].is_ascii_alphanumeric() && b[b.len() - 1].is_ascii_alphanumeric();
+    if ok_inner && ok_ends {
+        Ok(())
+    } else {
+        Err(invalid(field, s, RULE))
+    }
+}
+
+macro_rules! string_newtype {
+    ($(#[$m:meta])* $name:ident) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(String);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.0
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = InvalidName;
+            fn try_from(s: String) -> Result<Self, InvalidName> {
+                s.parse()
+            }
+        }
+    };
+}
+
+string_newtype!(
+    /// A site (cluster) name: a DNS label, unique in the federation.
+    SiteName
+);
+
+impl FromStr for SiteName {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
+        check_dns_label("site name", s)?;
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl SiteName {
+    /// The trust domain a site's gateways use. Derived from the site name so
+    /// that no site can claim another site's trust domain.
+    pub fn trust_domain(&self, suffix: &str) -> TrustDomain {
+        TrustDomain(format!("{}.{}", self.0, suffix))
+    }
+}
+
+string_newtype!(
+    /// `<namespace>/<name>`, both DNS labels (the MCS service key).
+    ServiceKey
+);
+
+impl FromStr for ServiceKey {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
+        let Some((ns, name)) = s.split_once('/') else {
+            return Err(invalid(
+                "service key",
+                s,
+                "must be '<namespace>/<name>', e.g. 'shop/payments'",
+            ));
+        };
+        check_dns_label("service namespace", ns)?;
+        check_dns_label("service name", name)?;
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl ServiceKey {
+    pub fn namespace(&self) -> &str {
+        self.0.split_once('/').map(|(ns, _)| ns).unwrap_or_default()
+    }
+
+    pub fn name(&self) -> &str {
+        self.0.split_once('/').map(|(_, n)| n).unwrap_or_default()
+    }
+
+    /// `<name>.<namespace>.svc.<zone>` (MCS DNS spec, ClusterSetIP services).
+    pub fn dns_name(&self, zone: &str) -> String {
+        format!("{}.{}.svc.{}", self.name(), self.namespace(), zone)
+    }
+}
+
+string_newtype!(
+    /// A SPIFFE trust domain (lowercase letters, digits, '.', '-', '_').
+    TrustDomain
+);
+
+impl FromStr for TrustDomain {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
+        let ok = !s.is_empty()
+            && s.len() <= 255
+            && s.bytes().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'-' | b'_')
+            });
+        if ok {
+            Ok(Self(s.to_string()))
+        } else {
+            Err(invalid(
+                "trust domain",
+                s,
+                "must be 1-255 characters of a-z, 0-9, '.', '-' and '_'",
+            ))
+        }
+    }
+}
+
+/// `spiffe://<trust-domain>/<path>`, parsed strictly (SPIFFE-ID §2): lower-case
+/// trust domain, a non-empty path of non-empty segments without '.' or '..',
+/// no percent-encoding, query or fragment.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    trust_domain: TrustDomain,
+    path: String,
+}
+
+impl SpiffeId {
+    pub fn new(trust_domain: TrustDomain, path: &str) -> Result<Self, InvalidName> {
+        format!("spiffe://{trust_domain}{path}").parse()
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The path, starting with '/'.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Path segments, without the leading empty one.
+    pub fn segments(&self) -> impl Iterator<Item = &str> {
+        self.path[1..].split('/')
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "spiffe://{}{}", self.trust_domain, self.path)
+    }
+}
+
+impl FromStr for SpiffeId {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
+        const FIELD: &str = "SPIFFE ID";
+        if s.len() > 2048 {
+            return Err(invalid(FIELD, s, "longer than 2048 bytes"));
+        }
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or_else(|| invalid(FIELD, s, "must start with 'spiffe://'"))?;
+        let (td, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => return Err(invalid(FIELD, s, "must have a path after the trust domain")),
+        };
+        let trust_domain: TrustDomain = td.parse()?;
+        let segs_ok = path.len() > 1
+            && path[1..].split('/').all(|seg| {
+                !seg.is_empty()
+                    && seg != "."
+                    && seg != ".."
+                    && seg
+                        .bytes()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'-' | b'_'))
+            });
+        if !segs_ok {
+            return Err(invalid(
+                FIELD,
+                s,
+                "path segments must be non-empty, not '.' or '..', and use only letters, digits, '.', '-' and '_'",
+            ));
+        }
+        Ok(Self {
+            trust_domain,
+            path: path.to_string(),
+        })
+    }
+}
+
+/// A catalog revision: bumped by every applied change, never goes backwards.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+pub struct Revision(pub u64);
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Service protocol. HTTP services are forwarded per connection for now;
+/// per-request handling comes with the policy engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    #[default]
+    Tcp,
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, InvalidName> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "http" => Ok(Protocol::Http),
+            _ => Err(invalid("protocol", s, "must be 'tcp' or 'http'")),
+        }
+    }
+}
+
+/// The outbound address for the service with `vip_index` inside `cidr`
+/// (`base/prefix`). Index 0 is never assigned, so the network address stays
+/// free. Returns `None` when the index does not fit in the range.
+pub fn vip_for(base: IpAddr, prefix: u8, vip_index: u32) -> Option<IpAddr> {
+    if vip_index == 0 {
+        return None;
+    }
+    match base {
+        IpAddr::V4(b) => {
+            let host_bits = 32u32.checked_sub(prefix as u32)?;
+            if host_bits < 32 && (vip_index as u64) >= (1u64 << host_bits) {
+                return None;
+            }
+            let mask = if host_bits >= 32 { 0 } else { u32::MAX << host_bits };
+            let net = u32::from(b) & mask;
+            Some(IpAddr::V4(Ipv4Addr::from(net | vip_index)))
+        }
+        IpAddr::V6(b) => {
+            let host_bits = 128u32.checked_sub(prefix as u32)?;
+            if host_bits < 32 && (vip_index as u64) >= (1u64 << host_bits) {
+                return None;
+            }
+            let mask = if host_bits >= 128 { 0 } else { u128::MAX << host_bits };
+            let net = u128::from(b) & mask;
+            Some(IpAddr::V6(Ipv6Addr::from(net | vip_index as u128)))
+        }
+    }
+}
+
+/// Parses `a.b.c.d/n` or `x::y/n`.
+pub fn parse_cidr(field: &'static str, s: &str) -> Result<(IpAddr, u8), InvalidName> {
+    const RULE: &str = "must be an address range like '127.10.0.0/16'";
+    let (a, p) = s.split_once('/').ok_or_else(|| invalid(field, s, RULE))?;
+    let addr: IpAddr = a.parse().map_err(|_| invalid(field, s, RULE))?;
+    let prefix: u8 = p.parse().map_err(|_| invalid(field, s, RULE))?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    if prefix > max || prefix + 2 > max {
+        return Err(invalid(field, s, "prefix leaves no room for addresses"));
+    }
+    Ok((addr, prefix))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn site_names_follow_dns_label_rules() {
+        assert!("east".parse::<SiteName>().is_ok());
+        assert!("eu-west-1".parse::<SiteName>().is_ok());
+        for bad in ["", "East", "-a", "a-", "a_b", "a.b", &"x".repeat(64)] {
+            let err = bad.parse::<SiteName>().unwrap_err();
+            assert_eq!(err.field, "site name", "{bad}");
+        }
+    }
+
+    #[test]
+    fn service_keys_need_namespace_and_name() {
+        let k: ServiceKey = "shop/payments".parse().unwrap();
+        assert_eq!(k.namespace(), "shop");
+        assert_eq!(k.name(), "payments");
+        assert_eq!(
+            k.dns_name("clusterset.local"),
+            "payments.shop.svc.clusterset.local"
+        );
+        assert!("payments".parse::<ServiceKey>().is_err());
+        assert!("shop/".parse::<ServiceKey>().is_err());
+        assert!("Shop/payments".parse::<ServiceKey>().is_err());
+        assert!("a/b/c".parse::<ServiceKey>().is_err());
+    }
+
+    #[test]
+    fn spiffe_ids_are_strict() {
+        let id: SpiffeId = "spiffe://east.causeway/gateway/0".parse().unwrap();
+        assert_eq!(id.trust_domain().as_str(), "east.causeway");
+        assert_eq!(id.segments().collect::<Vec<_>>(), ["gateway", "0"]);
+        for bad in [
+            "spiffe://east.causeway",
+            "spiffe://east.causeway/",
+            "spiffe://East.causeway/gw",
+            "spiffe://east.causeway//gw",
+            "spiffe://east.causeway/a/../b",
+            "spiffe://east.causeway/a%2Fb",
+            "spiffe://east.causeway/a?x=1",
+            "https://east.causeway/gw",
+        ] {
+            assert!(bad.parse::<SpiffeId>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vips_map_into_the_range() {
+        let (b, p) = parse_cidr("vip range", "127.10.0.0/16").unwrap();
+        assert_eq!(vip_for(b, p, 1).unwrap().to_string(), "127.10.0.1");
+        assert_eq!(vip_for(b, p, 258).unwrap().to_string(), "127.10.1.2");
+        assert_eq!(vip_for(b, p, 0), None);
+        assert_eq!(vip_for(b, p, 65536), None);
+        let (b, p) = parse_cidr("vip range", "fd00::/64").unwrap();
+        assert_eq!(vip_for(b, p, 5).unwrap().to_string(), "fd00::5");
+        assert!(parse_cidr("vip range", "127.0.0.1").is_err());
+        assert!(parse_cidr("vip range", "127.0.0.0/31").is_err());
+    }
+}

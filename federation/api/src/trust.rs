@@ -1,0 +1,313 @@
+//! SPIFFE trust for the tunnels: one bundle per site trust domain, never
+//! merged. A certificate is accepted only if it chains to the bundle of the
+//! trust domain its own SPIFFE ID names, so a site's CA can only vouch for
+//! that site's identities.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::identity::{is_ca_cert, spiffe_id_of};
+use crate::model::{SiteName, SpiffeId, TrustDomain};
+
+/// Why a peer certificate was refused. `kind()` is a bounded metrics label.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("peer certificate has no valid SPIFFE ID: {0}")]
+    NoSpiffeId(String),
+    #[error("peer leaf certificate is a CA certificate")]
+    LeafIsCa,
+    #[error("trust domain {0} belongs to no member site")]
+    UnknownTrustDomain(TrustDomain),
+    #[error("peer is {got}, but this connection expects trust domain {expected}")]
+    WrongTrustDomain { got: SpiffeId, expected: TrustDomain },
+    #[error("peer certificate for {id} does not chain to the bundle of site {site}: {reason}")]
+    BadChain {
+        id: SpiffeId,
+        site: SiteName,
+        reason: String,
+    },
+}
+
+impl TrustError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TrustError::NoSpiffeId(_) => "no_spiffe_id",
+            TrustError::LeafIsCa => "leaf_is_ca",
+            TrustError::UnknownTrustDomain(_) => "unknown_trust_domain",
+            TrustError::WrongTrustDomain { .. } => "wrong_trust_domain",
+            TrustError::BadChain { .. } => "bad_chain",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct SiteBundle {
+    site: SiteName,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+/// Trust bundles of every member site, keyed by trust domain.
+#[derive(Default, Debug)]
+pub struct TrustStore {
+    bundles: RwLock<HashMap<TrustDomain, SiteBundle>>,
+}
+
+/// A verified peer: its site and SPIFFE ID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub site: SiteName,
+    pub id: SpiffeId,
+}
+
+impl TrustStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Sets (or replaces) one site's bundle.
+    pub fn set_site(
+        &self,
+        site: SiteName,
+        trust_domain: TrustDomain,
+        roots: Vec<CertificateDer<'static>>,
+    ) {
+        let mut map = self.bundles.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, b| b.site != site);
+        map.insert(trust_domain, SiteBundle { site, roots });
+    }
+
+    pub fn remove_site(&self, site: &SiteName) {
+        let mut map = self.bundles.write().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, b| &b.site != site);
+    }
+
+    pub fn sites(&self) -> Vec<SiteName> {
+        let map = self.bundles.read().unwrap_or_else(|e| e.into_inner());
+        map.values().map(|b| b.site.clone()).collect()
+    }
+
+    /// Verifies a peer chain for `usage`, optionally insisting on a trust domain.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        client: bool,
+        expected: Option<&TrustDomain>,
+    ) -> Result<Peer, TrustError> {
+        let id = spiffe_id_of(end_entity).map_err(|e| TrustError::NoSpiffeId(e.to_string()))?;
+        if is_ca_cert(end_entity) {
+            return Err(TrustError::LeafIsCa);
+        }
+        if let Some(expected) = expected {
+            if id.trust_domain() != expected {
+                return Err(TrustError::WrongTrustDomain {
+                    got: id,
+                    expected: expected.clone(),
+                });
+            }
+        }
+        let bundle = {
+            let map = self.bundles.read().unwrap_or_else(|e| e.into_inner());
+            map.get(id.trust_domain())
+                .cloned()
+                .ok_or_else(|| TrustError::UnknownTrustDomain(id.trust_domain().clone()))?
+        };
+        let anchors: Vec<_> = bundle
+            .roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect();
+        let bad = |reason: String| TrustError::BadChain {
+            id: id.clone(),
+            site: bundle.site.clone(),
+            reason,
+        };
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(|e| bad(e.to_string()))?;
+        let inter: Vec<CertificateDer<'_>> = intermediates.to_vec();
+        let algs = algorithms();
+        let usage = if client {
+            webpki::KeyUsage::client_auth()
+        } else {
+            webpki::KeyUsage::server_auth()
+        };
+        ee.verify_for_usage(algs.all, &anchors, &inter, now, usage, None, None)
+            .map_err(|e| bad(format!("{e:?}")))?;
+        Ok(Peer {
+            site: bundle.site,
+            id,
+        })
+    }
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+fn to_rustls(e: TrustError) -> rustls::Error {
+    tracing::info!(error = %e, kind = e.kind(), "refused peer certificate");
+    rustls::Error::General(e.to_string())
+}
+
+/// Server side of a tunnel: requires a client certificate from any member site.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    store: Arc<TrustStore>,
+}
+
+impl SpiffeClientVerifier {
+    pub fn new(store: Arc<TrustStore>) -> Arc<Self> {
+        Arc::new(Self { store })
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.store
+            .verify(end_entity, intermediates, now, true, None)
+            .map_err(to_rustls)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// Client side of a tunnel to one site: the server must be that site.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    store: Arc<TrustStore>,
+    expected: TrustDomain,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(store: Arc<TrustStore>, expected: TrustDomain) -> Arc<Self> {
+        Arc::new(Self { store, expected })
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.store
+            .verify(end_entity, intermediates, now, false, Some(&self.expected))
+            .map_err(to_rustls)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::identity::CertificateAuthority;
+
+    fn now() -> UnixTime {
+        UnixTime::now()
+    }
+
+    #[test]
+    fn a_site_ca_vouches_only_for_its_own_trust_domain() {
+        let a = CertificateAuthority::generate("a").unwrap();
+        let b = CertificateAuthority::generate("b").unwrap();
+        let store = TrustStore::new();
+        let td_a: TrustDomain = "a.causeway".parse().unwrap();
+        let td_b: TrustDomain = "b.causeway".parse().unwrap();
+        store.set_site("a".parse().unwrap(), td_a.clone(), vec![a.cert_der.clone()]);
+        store.set_site("b".parse().unwrap(), td_b.clone(), vec![b.cert_der.clone()]);
+
+        let good = a
+            .issue(&"spiffe://a.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .unwrap();
+        let peer = store.verify(&good.chain[0], &[], now(), true, None).unwrap();
+        assert_eq!(peer.site.as_str(), "a");
+
+        // Signed by A's CA, claims B's identity: refused.
+        let forged = a
+            .issue(&"spiffe://b.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .unwrap();
+        let err = store.verify(&forged.chain[0], &[], now(), true, None).unwrap_err();
+        assert_eq!(err.kind(), "bad_chain");
+
+        // Right CA, but the dialer expected site B.
+        let err = store
+            .verify(&good.chain[0], &[], now(), false, Some(&td_b))
+            .unwrap_err();
+        assert_eq!(err.kind(), "wrong_trust_domain");
+
+        // A CA nobody trusts.
+        let stranger = CertificateAuthority::generate("x").unwrap();
+        let unknown = stranger
+            .issue(&"spiffe://x.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .unwrap();
+        let err = store.verify(&unknown.chain[0], &[], now(), true, None).unwrap_err();
+        assert_eq!(err.kind(), "unknown_trust_domain");
+
+        // Removing the site removes trust.
+        store.remove_site(&"a".parse().unwrap());
+        assert!(store.verify(&good.chain[0], &[], now(), true, None).is_err());
+    }
+}
