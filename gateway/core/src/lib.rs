@@ -1,1 +1,11 @@
+//! causeway-gateway-core: the gateway's decisions, without I/O.
+//!
+//! The tunnel stream header codec and the choice of site for a connection.
+//! No tokio, no sockets, no clock reads: the async shell in
+//! `causeway-gateway` feeds bytes and state in and acts on what comes out.
 
+pub mod failover;
+pub mod header;
+
+pub use failover::{order_sites, Candidate};
+pub use header::{HeaderError, OpenRequest, OpenResponse, Status};
