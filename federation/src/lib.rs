@@ -1,1 +1,28 @@
+//! causeway-federation: the federation controller.
+//!
+//! An openraft node whose state machine is the catalog ([`state`]), with a
+//! durable redb log ([`store`]), Raft RPCs over mTLS gRPC ([`network`]), and
+//! the `Federation` API ([`service`]) that sites, DNS servers and operators
+//! call. [`node`] wires them together for `causeway controller`.
+//!
+//! Not here yet: site leases, runtime membership changes, policies.
 
+use std::io::Cursor;
+
+pub mod hub;
+pub mod network;
+pub mod node;
+pub mod service;
+pub mod state;
+pub mod store;
+
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration for the catalog.
+    pub TypeConfig:
+        D = state::Command,
+        R = state::Outcome,
+);
+
+pub type Raft = openraft::Raft<TypeConfig>;

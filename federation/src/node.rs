@@ -1,0 +1,188 @@
+//! One controller node: storage, Raft, the gRPC server, metrics.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use causeway_api::identity::{
+    controller_trust_domain, CertificateAuthority, CONTROLLER_SERVER_NAME,
+};
+use causeway_api::model::SpiffeId;
+use causeway_api::pb::{federation_server::FederationServer, raft_server::RaftServer};
+use openraft::{BasicNode, Config, ServerState, SnapshotPolicy};
+use tokio::net::TcpListener;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
+
+use crate::hub::Hub;
+use crate::network::{Network, PeerChannels};
+use crate::service::{FederationService, RaftService, Shared};
+use crate::store::{self, LogStore, StateMachine};
+use crate::{NodeId, Raft};
+
+/// Raft timing. Defaults suit a LAN or loopback; raise them for WANs.
+#[derive(Debug, Clone)]
+pub struct RaftTiming {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+}
+
+impl Default for RaftTiming {
+    fn default() -> Self {
+        Self {
+            heartbeat_ms: 100,
+            election_min_ms: 500,
+            election_max_ms: 1000,
+        }
+    }
+}
+
+pub struct ControllerOptions {
+    pub node_id: NodeId,
+    /// Address other nodes and clients use for this node (`host:port`).
+    pub advertise: String,
+    /// The initial voters, including this node.
+    pub peers: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    pub ca: Arc<CertificateAuthority>,
+    pub timing: RaftTiming,
+}
+
+pub struct Controller {
+    pub shared: Arc<Shared>,
+}
+
+impl Controller {
+    /// Opens storage and starts Raft; initializes the cluster if this is the
+    /// lowest-numbered initial voter starting on empty storage.
+    pub async fn start(opts: &ControllerOptions) -> anyhow::Result<(Self, Identity)> {
+        let node_spiffe = SpiffeId::new(controller_trust_domain(), &format!("/node/{}", opts.node_id))?;
+        // Node certificates are short-lived and re-issued at every start.
+        let node_cred = opts
+            .ca
+            .issue(&node_spiffe, &[CONTROLLER_SERVER_NAME], Duration::from_secs(30 * 86400))?;
+        let identity = Identity::from_pem(&node_cred.cert_pem, &node_cred.key_pem);
+        let peer_tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&opts.ca.cert_pem))
+            .domain_name(CONTROLLER_SERVER_NAME)
+            .identity(identity.clone());
+        let peers = PeerChannels::new(peer_tls);
+
+        let db = store::open(&opts.data_dir)?;
+        let log = LogStore::new(db.clone());
+        let pristine = log.is_pristine()?;
+        let hub = Hub::new();
+        let sm = StateMachine::new(db, hub.clone())?;
+
+        let config = Config {
+            cluster_name: "causeway".into(),
+            heartbeat_interval: opts.timing.heartbeat_ms,
+            election_timeout_min: opts.timing.election_min_ms,
+            election_timeout_max: opts.timing.election_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
+            max_in_snapshot_log_to_keep: 1000,
+            ..Default::default()
+        }
+        .validate()
+        .context("raft configuration")?;
+        let raft = Raft::new(opts.node_id, Arc::new(config), Network::new(peers.clone()), log, sm)
+            .await
+            .context("starting raft")?;
+
+        let lowest = opts.peers.keys().next().copied();
+        if pristine && lowest == Some(opts.node_id) {
+            let members: BTreeMap<NodeId, BasicNode> = opts
+                .peers
+                .iter()
+                .map(|(id, addr)| (*id, BasicNode { addr: addr.clone() }))
+                .collect();
+            tracing::info!(?members, "initializing a new controller cluster");
+            if let Err(e) = raft.initialize(members).await {
+                tracing::warn!(error = %e, "initialize");
+            }
+        } else if pristine {
+            tracing::info!("empty storage; waiting for the initial leader to replicate");
+        } else {
+            tracing::info!("restarting from existing storage");
+        }
+
+        let shared = Arc::new(Shared {
+            node_id: opts.node_id,
+            raft,
+            hub,
+            ca: opts.ca.clone(),
+            peers,
+        });
+        tokio::spawn(export_raft_metrics(shared.raft.clone()));
+        Ok((Self { shared }, identity))
+    }
+
+    /// Serves the API and Raft RPCs on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        identity: Identity,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let tls = ServerTlsConfig::new()
+            .identity(identity)
+            .client_ca_root(Certificate::from_pem(&self.shared.ca.cert_pem))
+            // Join is the one RPC without a client certificate; every other
+            // RPC checks the caller's identity itself.
+            .client_auth_optional(true);
+        let fed = FederationServer::new(FederationService {
+            shared: self.shared.clone(),
+        })
+        .max_decoding_message_size(4 * 1024 * 1024);
+        let raft_svc = RaftServer::new(RaftService {
+            shared: self.shared.clone(),
+        })
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .max_encoding_message_size(64 * 1024 * 1024);
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        Server::builder()
+            .tls_config(tls)?
+            .timeout(Duration::from_secs(30))
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .add_service(fed)
+            .add_service(raft_svc)
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+            .context("controller gRPC server")?;
+        let _ = self.shared.raft.shutdown().await;
+        Ok(())
+    }
+}
+
+async fn export_raft_metrics(raft: Raft) {
+    let mut rx = raft.metrics();
+    let mut last_leader = None;
+    loop {
+        {
+            let m = rx.borrow_and_update();
+            metrics::gauge!("causeway_raft_term").set(m.current_term as f64);
+            metrics::gauge!("causeway_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+            metrics::gauge!("causeway_raft_commit_index")
+                .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+            for (state, label) in [
+                (ServerState::Leader, "leader"),
+                (ServerState::Follower, "follower"),
+                (ServerState::Candidate, "candidate"),
+                (ServerState::Learner, "learner"),
+            ] {
+                metrics::gauge!("causeway_raft_role", "role" => label)
+                    .set(if m.state == state { 1.0 } else { 0.0 });
+            }
+            if m.current_leader != last_leader {
+                tracing::info!(leader = ?m.current_leader, term = m.current_term, "raft leader changed");
+                last_leader = m.current_leader;
+            }
+        }
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,558 @@
+//! The gRPC services: `Federation` (sites, DNS, operators) and `Raft`
+//! (controller nodes). Every RPC checks the caller's SPIFFE ID first:
+//!
+//! | caller                                   | may call                      |
+//! |------------------------------------------|-------------------------------|
+//! | no certificate                           | `Join` (the token authorizes) |
+//! | `spiffe://controller.causeway/admin/*`   | all `Federation` RPCs         |
+//! | `spiffe://controller.causeway/site/<s>`  | `PublishExports` for `<s>`, `Catalog`, `Watch`, `Status` |
+//! | `spiffe://controller.causeway/node/<id>` | `Raft` RPCs, `Status`         |
+//!
+//! Rejections from the state machine map to gRPC codes in [`outcome_status`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use causeway_api::identity::{
+    controller_trust_domain, parse_certs_pem, spiffe_id_of, CertificateAuthority,
+    SITE_TRUST_DOMAIN_SUFFIX,
+};
+use causeway_api::model::{check_dns_label, Protocol, ServiceKey, SiteName, SpiffeId};
+use causeway_api::pb::{self, federation_server::Federation, raft_server::Raft as RaftRpc};
+use causeway_api::token::{hash_secret, JoinToken, TokenError};
+use futures::Stream;
+use openraft::error::{ClientWriteError, RaftError};
+use tokio::sync::broadcast::error::RecvError;
+use tonic::{Code, Request, Response, Status};
+
+use crate::hub::Hub;
+use crate::network::PeerChannels;
+use crate::state::{Command, ExportRecord, Outcome, PortRecord, RejectCode};
+use crate::{NodeId, Raft};
+
+/// How long a write may wait for a leader before the caller gets UNAVAILABLE.
+const WRITE_DEADLINE: Duration = Duration::from_secs(8);
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86400);
+const SITE_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(365 * 86400);
+
+/// What the services share.
+pub struct Shared {
+    pub node_id: NodeId,
+    pub raft: Raft,
+    pub hub: Arc<Hub>,
+    pub ca: Arc<CertificateAuthority>,
+    pub peers: PeerChannels,
+}
+
+/// Who is calling, from the client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    Anonymous,
+    Node(NodeId),
+    Admin(String),
+    Site(SiteName),
+    /// A certificate from the controller CA whose role we do not know.
+    Other(SpiffeId),
+}
+
+pub fn caller<T>(req: &Request<T>) -> Caller {
+    let Some(certs) = req.peer_certs() else {
+        return Caller::Anonymous;
+    };
+    let Some(leaf) = certs.first() else {
+        return Caller::Anonymous;
+    };
+    let Ok(id) = spiffe_id_of(leaf) else {
+        return Caller::Anonymous;
+    };
+    classify(&id)
+}
+
+pub fn classify(id: &SpiffeId) -> Caller {
+    if *id.trust_domain() != controller_trust_domain() {
+        return Caller::Other(id.clone());
+    }
+    let segs: Vec<&str> = id.segments().collect();
+    match segs.as_slice() {
+        ["node", n] => n.parse().map(Caller::Node).unwrap_or(Caller::Other(id.clone())),
+        ["admin", name] => Caller::Admin(name.to_string()),
+        ["site", s] => s
+            .parse()
+            .map(Caller::Site)
+            .unwrap_or(Caller::Other(id.clone())),
+        _ => Caller::Other(id.clone()),
+    }
+}
+
+fn denied(rpc: &str, who: &Caller, need: &str) -> Status {
+    metrics::counter!("causeway_api_denied_total", "rpc" => rpc.to_string()).increment(1);
+    Status::permission_denied(format!(
+        "{rpc} needs {need}; the caller is {}",
+        describe(who)
+    ))
+}
+
+fn describe(c: &Caller) -> String {
+    match c {
+        Caller::Anonymous => "not authenticated (no client certificate)".into(),
+        Caller::Node(n) => format!("controller node {n}"),
+        Caller::Admin(a) => format!("admin {a}"),
+        Caller::Site(s) => format!("site {s}"),
+        Caller::Other(id) => format!("{id}"),
+    }
+}
+
+fn require_admin<T>(rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
+    match caller(req) {
+        c @ Caller::Admin(_) => Ok(c),
+        c => Err(denied(rpc, &c, "an admin credential")),
+    }
+}
+
+fn require_site_or_admin<T>(rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
+    match caller(req) {
+        c @ (Caller::Admin(_) | Caller::Site(_)) => Ok(c),
+        c => Err(denied(rpc, &c, "a site or admin credential")),
+    }
+}
+
+fn require_node<T>(rpc: &str, req: &Request<T>) -> Result<NodeId, Status> {
+    match caller(req) {
+        Caller::Node(n) => Ok(n),
+        c => Err(denied(rpc, &c, "a controller node credential")),
+    }
+}
+
+/// Maps a state-machine rejection to a gRPC status, in one place.
+pub fn outcome_status(outcome: Outcome) -> Result<u64, Status> {
+    match outcome {
+        Outcome::Applied { revision } | Outcome::Unchanged { revision } => Ok(revision),
+        Outcome::Rejected { code, message } => {
+            let code = match code {
+                RejectCode::TokenUnknown => Code::Unauthenticated,
+                RejectCode::TokenUsed | RejectCode::TokenExpired => Code::FailedPrecondition,
+                RejectCode::TokenWrongSite => Code::PermissionDenied,
+                RejectCode::SiteExists => Code::AlreadyExists,
+                RejectCode::SiteUnknown => Code::NotFound,
+                RejectCode::Invalid => Code::InvalidArgument,
+                RejectCode::LimitExceeded => Code::ResourceExhausted,
+            };
+            Err(Status::new(code, message))
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn invalid(field: &str, detail: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {detail}"))
+}
+
+impl Shared {
+    /// Commits a command through Raft, forwarding to the leader if needed.
+    pub async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
+        let deadline = Instant::now() + WRITE_DEADLINE;
+        let mut last;
+        loop {
+            match self.raft.client_write(cmd.clone()).await {
+                Ok(resp) => return Ok(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    match f.leader_node {
+                        Some(node) if f.leader_id != Some(self.node_id) => {
+                            match self.forward(&node.addr, &cmd).await {
+                                Ok(o) => return Ok(o),
+                                Err(e) => last = format!("forwarding to the leader at {}: {e}", node.addr),
+                            }
+                        }
+                        _ => last = "no leader is elected yet".into(),
+                    }
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() >= deadline {
+                return Err(Status::unavailable(format!(
+                    "the controllers could not commit the write ({last}); check that a majority of controller nodes is up, then retry"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, String> {
+        let mut client = self.peers.raft_client(addr).map_err(|e| e.to_string())?;
+        let data = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
+        let reply = client
+            .propose(pb::RaftPayload { data })
+            .await
+            .map_err(|s| s.message().to_string())?;
+        serde_json::from_slice(&reply.into_inner().data).map_err(|e| e.to_string())
+    }
+
+    fn controller_endpoints(&self) -> Vec<String> {
+        let m = self.raft.metrics().borrow().membership_config.clone();
+        m.nodes().map(|(_, n)| n.addr.clone()).collect()
+    }
+}
+
+fn parse_labels(labels: &std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
+    if labels.len() > crate::state::MAX_LABELS {
+        return Err(invalid("labels", format!("at most {} labels", crate::state::MAX_LABELS)));
+    }
+    let mut out = BTreeMap::new();
+    for (k, v) in labels {
+        let key_ok = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/'));
+        if !key_ok {
+            return Err(invalid("labels", format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'")));
+        }
+        let val_ok = v.len() <= 63
+            && v.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+        if !val_ok {
+            return Err(invalid("labels", format!("value of {k:?} must be at most 63 characters of letters, digits, '-', '_', '.'")));
+        }
+        out.insert(k.clone(), v.clone());
+    }
+    Ok(out)
+}
+
+fn parse_tunnel_addrs(addrs: &[String]) -> Result<Vec<String>, Status> {
+    if addrs.len() > crate::state::MAX_TUNNEL_ADDRS {
+        return Err(invalid("tunnel_addrs", format!("at most {}", crate::state::MAX_TUNNEL_ADDRS)));
+    }
+    for a in addrs {
+        a.parse::<SocketAddr>()
+            .map_err(|_| invalid("tunnel_addrs", format!("{a:?} is not an ip:port address")))?;
+    }
+    Ok(addrs.to_vec())
+}
+
+fn parse_bundle(pem: &str) -> Result<(), Status> {
+    if pem.len() > crate::state::MAX_BUNDLE_BYTES {
+        return Err(invalid("trust_bundle_pem", "larger than 64 KiB"));
+    }
+    let certs = parse_certs_pem("trust_bundle_pem", pem).map_err(|e| invalid("trust_bundle_pem", e))?;
+    if !certs.iter().all(causeway_api::identity::is_ca_cert) {
+        return Err(invalid("trust_bundle_pem", "every certificate in a trust bundle must be a CA certificate"));
+    }
+    Ok(())
+}
+
+pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status> {
+    let mut out = Vec::with_capacity(exports.len());
+    for (i, e) in exports.iter().enumerate() {
+        let service: ServiceKey = e
+            .service
+            .parse()
+            .map_err(|err| invalid(&format!("exports[{i}].service"), err))?;
+        let mut ports = Vec::with_capacity(e.ports.len());
+        for (j, p) in e.ports.iter().enumerate() {
+            let field = format!("exports[{i}].ports[{j}]");
+            let port = u16::try_from(p.port)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| invalid(&field, format!("port {} is not in 1-65535", p.port)))?;
+            let protocol: Protocol = p.protocol.parse().map_err(|err| invalid(&field, err))?;
+            if !p.name.is_empty() {
+                check_dns_label("port name", &p.name).map_err(|err| invalid(&field, err))?;
+            }
+            ports.push(PortRecord {
+                port,
+                protocol,
+                name: p.name.clone(),
+            });
+        }
+        out.push(ExportRecord {
+            service,
+            ports,
+            healthy_endpoints: e.healthy_endpoints,
+            vip_index: 0,
+        });
+    }
+    Ok(out)
+}
+
+pub struct FederationService {
+    pub shared: Arc<Shared>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = req.into_inner();
+        let token = JoinToken::decode(&r.token).map_err(|e: TokenError| invalid("token", e))?;
+        parse_bundle(&r.trust_bundle_pem)?;
+        let tunnel_addrs = parse_tunnel_addrs(&r.tunnel_addrs)?;
+        let site = token.site.clone();
+        let trust_domain = site.trust_domain(SITE_TRUST_DOMAIN_SUFFIX);
+        let api_id = SpiffeId::new(controller_trust_domain(), &format!("/site/{site}"))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // Sign first: a bad CSR must not burn the token.
+        let api_cert_pem = self
+            .shared
+            .ca
+            .sign_csr(&r.csr_pem, &api_id, SITE_CREDENTIAL_LIFETIME)
+            .map_err(|e| invalid("csr_pem", e))?;
+        let outcome = self
+            .shared
+            .propose(Command::JoinSite {
+                token_id: token.id.clone(),
+                secret_sha256: hash_secret(&token.secret),
+                now_ms: now_ms(),
+                site: site.clone(),
+                trust_domain: trust_domain.clone(),
+                trust_bundle_pem: r.trust_bundle_pem,
+                tunnel_addrs,
+            })
+            .await?;
+        let revision = outcome_status(outcome)?;
+        tracing::info!(%site, "site joined");
+        Ok(Response::new(pb::JoinResponse {
+            site: site.to_string(),
+            trust_domain: trust_domain.to_string(),
+            api_cert_pem,
+            controller_ca_pem: self.shared.ca.cert_pem.clone(),
+            controller_endpoints: self.shared.controller_endpoints(),
+            revision,
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        require_admin("CreateJoinToken", &req)?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        let labels = parse_labels(&r.labels)?;
+        let ttl = if r.ttl_seconds == 0 {
+            DEFAULT_TOKEN_TTL
+        } else {
+            Duration::from_secs(r.ttl_seconds)
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(invalid("ttl_seconds", "at most 7 days"));
+        }
+        let token = JoinToken::generate(site.clone(), self.shared.controller_endpoints(), self.shared.ca.cert_pem.clone());
+        let now = now_ms();
+        let expires_at_ms = now + ttl.as_millis() as u64;
+        let outcome = self
+            .shared
+            .propose(Command::CreateJoinToken {
+                token_id: token.id.clone(),
+                secret_sha256: token.secret_hash(),
+                site,
+                labels,
+                expires_at_ms,
+                now_ms: now,
+            })
+            .await?;
+        outcome_status(outcome)?;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token: token.encode(),
+            expires_at_unix_ms: expires_at_ms,
+        }))
+    }
+
+    async fn remove_site(
+        &self,
+        req: Request<pb::RemoveSiteRequest>,
+    ) -> Result<Response<pb::RemoveSiteResponse>, Status> {
+        require_admin("RemoveSite", &req)?;
+        let site: SiteName = req.into_inner().site.parse().map_err(|e| invalid("site", e))?;
+        let revision = outcome_status(self.shared.propose(Command::RemoveSite { site }).await?)?;
+        Ok(Response::new(pb::RemoveSiteResponse { revision }))
+    }
+
+    async fn publish_exports(
+        &self,
+        req: Request<pb::PublishExportsRequest>,
+    ) -> Result<Response<pb::PublishExportsResponse>, Status> {
+        let who = require_site_or_admin("PublishExports", &req)?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        match &who {
+            Caller::Site(own) if *own == site => {}
+            Caller::Site(own) => {
+                return Err(denied(
+                    "PublishExports",
+                    &who,
+                    &format!("the credential of site {site}; site {own} may only publish its own exports"),
+                ))
+            }
+            _ => return Err(denied("PublishExports", &who, "a site credential")),
+        }
+        if r.exports.len() > crate::state::MAX_EXPORTS_PER_SITE {
+            return Err(Status::resource_exhausted(format!(
+                "exports: a site may export at most {} services",
+                crate::state::MAX_EXPORTS_PER_SITE
+            )));
+        }
+        let exports = parse_exports(&r.exports)?;
+        let tunnel_addrs = parse_tunnel_addrs(&r.tunnel_addrs)?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::PublishExports {
+                    site,
+                    exports,
+                    tunnel_addrs,
+                })
+                .await?,
+        )?;
+        Ok(Response::new(pb::PublishExportsResponse { revision }))
+    }
+
+    async fn catalog(&self, req: Request<pb::CatalogRequest>) -> Result<Response<pb::CatalogSnapshot>, Status> {
+        require_site_or_admin("Catalog", &req)?;
+        Ok(Response::new(self.shared.hub.read(|s| s.snapshot_pb())))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        require_site_or_admin("Watch", &req)?;
+        let from = req.into_inner().from_revision;
+        let hub = self.shared.hub.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(64);
+        tokio::spawn(async move {
+            metrics::gauge!("causeway_watchers").increment(1.0);
+            serve_watch(hub, from, tx).await;
+            metrics::gauge!("causeway_watchers").decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        match caller(&req) {
+            Caller::Anonymous | Caller::Other(_) => {
+                return Err(denied("Status", &caller(&req), "any causeway credential"))
+            }
+            _ => {}
+        }
+        let m = self.shared.raft.metrics().borrow().clone();
+        let role = format!("{:?}", m.state).to_lowercase();
+        let matched: BTreeMap<NodeId, u64> = m
+            .replication
+            .as_ref()
+            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+            .unwrap_or_default();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let nodes = m
+            .membership_config
+            .nodes()
+            .map(|(id, n)| pb::NodeStatus {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            node_id: self.shared.node_id,
+            role,
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            revision: self.shared.hub.revision(),
+            nodes,
+            sites: self.shared.hub.read(|s| s.sites.len() as u32),
+        }))
+    }
+}
+
+/// Streams a starting point, then every later revision in order. A watcher
+/// that falls behind the broadcast buffer is resynced with a snapshot.
+async fn serve_watch(hub: Arc<Hub>, from: u64, tx: tokio::sync::mpsc::Sender<Result<pb::WatchEvent, Status>>) {
+    let mut last = from;
+    'outer: loop {
+        let start = hub.start(last);
+        let mut rx = start.rx;
+        for ev in start.events {
+            last = ev.revision;
+            if tx.send(Ok((*ev).clone())).await.is_err() {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(ev) => {
+                        let snapshot = matches!(ev.kind, Some(pb::watch_event::Kind::Snapshot(_)));
+                        if ev.revision <= last && !snapshot {
+                            continue;
+                        }
+                        last = ev.revision;
+                        if tx.send(Ok((*ev).clone())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::info!(skipped = n, "slow watcher resynced");
+                        metrics::counter!("causeway_watch_resyncs_total").increment(1);
+                        // Force a snapshot: history may not reach back.
+                        last = 0;
+                        continue 'outer;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}
+
+pub struct RaftService {
+    pub shared: Arc<Shared>,
+}
+
+fn decode<T: serde::de::DeserializeOwned>(p: &pb::RaftPayload) -> Result<T, Status> {
+    serde_json::from_slice(&p.data).map_err(|e| Status::invalid_argument(format!("raft payload: {e}")))
+}
+
+fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
+    serde_json::to_vec(v)
+        .map(|data| Response::new(pb::RaftPayload { data }))
+        .map_err(|e| Status::internal(e.to_string()))
+}
+
+#[tonic::async_trait]
+impl RaftRpc for RaftService {
+    async fn append_entries(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        require_node("AppendEntries", &req)?;
+        let r = decode(req.get_ref())?;
+        encode(&self.shared.raft.append_entries(r).await)
+    }
+
+    async fn vote(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        require_node("Vote", &req)?;
+        let r = decode(req.get_ref())?;
+        encode(&self.shared.raft.vote(r).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        require_node("InstallSnapshot", &req)?;
+        let r = decode(req.get_ref())?;
+        encode(&self.shared.raft.install_snapshot(r).await)
+    }
+
+    async fn propose(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+        require_node("Propose", &req)?;
+        let cmd: Command = decode(req.get_ref())?;
+        match self.shared.raft.client_write(cmd).await {
+            Ok(resp) => encode(&resp.data),
+            Err(e) => Err(Status::unavailable(format!("not committed here: {e}"))),
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! The replicated catalog: what every Raft log entry does to it.
+//!
+//! `CatalogState::apply` is deterministic: all time it needs comes inside
+//! the command (the leader's clock when the command was proposed), so every
+//! node computes the same result. Each change that alters the catalog bumps
+//! the revision by one and yields the `Change`s a watcher needs.
+
+use std::collections::BTreeMap;
+
+use causeway_api::model::{Protocol, ServiceKey, SiteName, TrustDomain};
+use causeway_api::pb;
+use serde::{Deserialize, Serialize};
+
+/// Most services one site may export.
+pub const MAX_EXPORTS_PER_SITE: usize = 1000;
+/// Most ports one export may list.
+pub const MAX_PORTS_PER_EXPORT: usize = 32;
+/// Most labels on a site.
+pub const MAX_LABELS: usize = 64;
+/// Most tunnel addresses a site may register.
+pub const MAX_TUNNEL_ADDRS: usize = 16;
+/// Largest trust bundle accepted (PEM bytes).
+pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
+/// How long used and expired tokens are remembered, so that a reused token
+/// gets "already used" rather than "unknown".
+const TOKEN_MEMORY_MS: u64 = 24 * 3600 * 1000;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SiteRecord {
+    pub name: SiteName,
+    pub labels: BTreeMap<String, String>,
+    pub trust_domain: TrustDomain,
+    pub trust_bundle_pem: String,
+    pub tunnel_addrs: Vec<String>,
+    pub joined_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub port: u16,
+    pub protocol: Protocol,
+    #[serde(default)]
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExportRecord {
+    pub service: ServiceKey,
+    pub ports: Vec<PortRecord>,
+    pub healthy_endpoints: u32,
+    /// Filled in by the state machine; ignored in commands.
+    #[serde(default)]
+    pub vip_index: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub secret_sha256: String,
+    pub site: SiteName,
+    pub labels: BTreeMap<String, String>,
+    pub expires_at_ms: u64,
+    pub used: bool,
+}
+
+/// A Raft log entry's application payload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    CreateJoinToken {
+        token_id: String,
+        secret_sha256: String,
+        site: SiteName,
+        labels: BTreeMap<String, String>,
+        expires_at_ms: u64,
+        now_ms: u64,
+    },
+    JoinSite {
+        token_id: String,
+        secret_sha256: String,
+        now_ms: u64,
+        site: SiteName,
+        trust_domain: TrustDomain,
+        trust_bundle_pem: String,
+        tunnel_addrs: Vec<String>,
+    },
+    PublishExports {
+        site: SiteName,
+        exports: Vec<ExportRecord>,
+        tunnel_addrs: Vec<String>,
+    },
+    RemoveSite {
+        site: SiteName,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RejectCode {
+    TokenUnknown,
+    TokenUsed,
+    TokenExpired,
+    TokenWrongSite,
+    SiteExists,
+    SiteUnknown,
+    Invalid,
+    LimitExceeded,
+}
+
+/// The result of applying one entry, returned to the proposer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    Applied { revision: u64 },
+    Unchanged { revision: u64 },
+    Rejected { code: RejectCode, message: String },
+}
+
+fn reject(code: RejectCode, message: impl Into<String>) -> Outcome {
+    Outcome::Rejected {
+        code,
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CatalogState {
+    pub revision: u64,
+    pub sites: BTreeMap<SiteName, SiteRecord>,
+    pub exports: BTreeMap<SiteName, Vec<ExportRecord>>,
+    pub vips: BTreeMap<ServiceKey, u32>,
+    pub next_vip: u32,
+    pub tokens: BTreeMap<String, TokenRecord>,
+}
+
+impl CatalogState {
+    /// Applies a command; returns the outcome and the changes watchers see
+    /// (empty unless the revision was bumped).
+    pub fn apply(&mut self, cmd: Command) -> (Outcome, Vec<pb::Change>) {
+        match cmd {
+            Command::CreateJoinToken {
+                token_id,
+                secret_sha256,
+                site,
+                labels,
+                expires_at_ms,
+                now_ms,
+            } => {
+                self.forget_old_tokens(now_ms);
+                if self.sites.contains_key(&site) {
+                    return (
+                        reject(
+                            RejectCode::SiteExists,
+                            format!("site {site:?} is already a member; choose another name, or remove it first with `causeway ctl cluster remove {site}`"),
+                        ),
+                        vec![],
+                    );
+                }
+                if labels.len() > MAX_LABELS {
+                    return (
+                        reject(RejectCode::LimitExceeded, format!("at most {MAX_LABELS} labels")),
+                        vec![],
+                    );
+                }
+                self.tokens.insert(
+                    token_id,
+                    TokenRecord {
+                        secret_sha256,
+                        site,
+                        labels,
+                        expires_at_ms,
+                        used: false,
+                    },
+                );
+                // Tokens are not part of the watched catalog.
+                (Outcome::Unchanged { revision: self.revision }, vec![])
+            }
+            Command::JoinSite {
+                token_id,
+                secret_sha256,
+                now_ms,
+                site,
+                trust_domain,
+                trust_bundle_pem,
+                tunnel_addrs,
+            } => {
+                let Some(tok) = self.tokens.get(&token_id) else {
+                    return (reject(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`"), vec![]);
+                };
+                if tok.secret_sha256 != secret_sha256 {
+                    return (reject(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`"), vec![]);
+                }
+                if tok.used {
+                    return (reject(RejectCode::TokenUsed, "join token was already used; tokens are single-use, ask for a new one with `causeway ctl cluster add`"), vec![]);
+                }
+                if tok.expires_at_ms <= now_ms {
+                    return (reject(RejectCode::TokenExpired, "join token has expired; ask for a new one with `causeway ctl cluster add`"), vec![]);
+                }
+                if tok.site != site {
+                    return (reject(RejectCode::TokenWrongSite, format!("join token was issued for site {:?}, not {site:?}", tok.site.as_str())), vec![]);
+                }
+                if self.sites.contains_key(&site) {
+                    return (reject(RejectCode::SiteExists, format!("site {site:?} is already a member")), vec![]);
+                }
+                if self.sites.values().any(|s| s.trust_domain == trust_domain) {
+                    return (reject(RejectCode::SiteExists, format!("trust domain {trust_domain} already belongs to another site")), vec![]);
+                }
+                if trust_bundle_pem.len() > MAX_BUNDLE_BYTES || tunnel_addrs.len() > MAX_TUNNEL_ADDRS {
+                    return (reject(RejectCode::LimitExceeded, format!("trust bundle is limited to {MAX_BUNDLE_BYTES} bytes and tunnel addresses to {MAX_TUNNEL_ADDRS}")), vec![]);
+                }
+                let labels = tok.labels.clone();
+                if let Some(t) = self.tokens.get_mut(&token_id) {
+                    t.used = true;
+                }
+                let rec = SiteRecord {
+                    name: site.clone(),
+                    labels,
+                    trust_domain,
+                    trust_bundle_pem,
+                    tunnel_addrs,
+                    joined_at_ms: now_ms,
+                };
+                self.sites.insert(site, rec.clone());
+                self.bump(vec![pb::change::Kind::SiteUpserted(site_to_pb(&rec))])
+            }
+            Command::PublishExports {
+                site,
+                mut exports,
+                tunnel_addrs,
+            } => {
+                let Some(rec) = self.sites.get(&site) else {
+                    return (reject(RejectCode::SiteUnknown, format!("site {site:?} is not a member")), vec![]);
+                };
+                if exports.len() > MAX_EXPORTS_PER_SITE {
+                    return (reject(RejectCode::LimitExceeded, format!("a site may export at most {MAX_EXPORTS_PER_SITE} services")), vec![]);
+                }
+                if tunnel_addrs.len() > MAX_TUNNEL_ADDRS {
+                    return (reject(RejectCode::LimitExceeded, format!("at most {MAX_TUNNEL_ADDRS} tunnel addresses")), vec![]);
+                }
+                exports.sort_by(|a, b| a.service.cmp(&b.service));
+                for w in exports.windows(2) {
+                    if w[0].service == w[1].service {
+                        return (reject(RejectCode::Invalid, format!("service {} is listed twice; list each service once with all its ports", w[0].service)), vec![]);
+                    }
+                }
+                if let Some(e) = exports.iter().find(|e| e.ports.is_empty() || e.ports.len() > MAX_PORTS_PER_EXPORT) {
+                    return (reject(RejectCode::Invalid, format!("service {} must list 1 to {MAX_PORTS_PER_EXPORT} ports", e.service)), vec![]);
+                }
+                let mut changes = Vec::new();
+                if !tunnel_addrs.is_empty() && rec.tunnel_addrs != tunnel_addrs {
+                    let mut rec = rec.clone();
+                    rec.tunnel_addrs = tunnel_addrs;
+                    changes.push(pb::change::Kind::SiteUpserted(site_to_pb(&rec)));
+                    self.sites.insert(site.clone(), rec);
+                }
+                for e in &mut exports {
+                    e.vip_index = self.vip(&e.service);
+                }
+                let current = self.exports.get(&site).cloned().unwrap_or_default();
+                if current != exports {
+                    changes.push(pb::change::Kind::ExportsReplaced(pb::SiteExports {
+                        site: site.to_string(),
+                        exports: exports.iter().map(export_to_pb).collect(),
+                    }));
+                    if exports.is_empty() {
+                        self.exports.remove(&site);
+                    } else {
+                        self.exports.insert(site, exports);
+                    }
+                }
+                if changes.is_empty() {
+                    (Outcome::Unchanged { revision: self.revision }, vec![])
+                } else {
+                    self.bump(changes)
+                }
+            }
+            Command::RemoveSite { site } => {
+                if self.sites.remove(&site).is_none() {
+                    return (reject(RejectCode::SiteUnknown, format!("site {site:?} is not a member")), vec![]);
+                }
+                self.exports.remove(&site);
+                self.bump(vec![pb::change::Kind::SiteRemoved(site.to_string())])
+            }
+        }
+    }
+
+    fn bump(&mut self, kinds: Vec<pb::change::Kind>) -> (Outcome, Vec<pb::Change>) {
+        self.revision += 1;
+        let changes = kinds
+            .into_iter()
+            .map(|k| pb::Change { kind: Some(k) })
+            .collect();
+        (Outcome::Applied { revision: self.revision }, changes)
+    }
+
+    /// The stable VIP index of a service key; assigned once, never reused.
+    fn vip(&mut self, key: &ServiceKey) -> u32 {
+        if let Some(v) = self.vips.get(key) {
+            return *v;
+        }
+        self.next_vip += 1;
+        self.vips.insert(key.clone(), self.next_vip);
+        self.next_vip
+    }
+
+    fn forget_old_tokens(&mut self, now_ms: u64) {
+        self.tokens
+            .retain(|_, t| t.expires_at_ms.saturating_add(TOKEN_MEMORY_MS) > now_ms);
+    }
+
+    pub fn snapshot_pb(&self) -> pb::CatalogSnapshot {
+        pb::CatalogSnapshot {
+            revision: self.revision,
+            sites: self.sites.values().map(site_to_pb).collect(),
+            exports: self
+                .exports
+                .iter()
+                .map(|(site, ex)| pb::SiteExports {
+                    site: site.to_string(),
+                    exports: ex.iter().map(export_to_pb).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+pub fn site_to_pb(s: &SiteRecord) -> pb::Site {
+    pb::Site {
+        name: s.name.to_string(),
+        labels: s.labels.clone().into_iter().collect(),
+        tunnel_addrs: s.tunnel_addrs.clone(),
+        trust_domain: s.trust_domain.to_string(),
+        trust_bundle_pem: s.trust_bundle_pem.clone(),
+        // Leases come with the next controller milestone; until then every
+        // member site is available.
+        available: true,
+    }
+}
+
+pub fn export_to_pb(e: &ExportRecord) -> pb::Export {
+    pb::Export {
+        service: e.service.to_string(),
+        ports: e
+            .ports
+            .iter()
+            .map(|p| pb::ServicePort {
+                port: p.port as u32,
+                protocol: p.protocol.as_str().to_string(),
+                name: p.name.clone(),
+            })
+            .collect(),
+        healthy_endpoints: e.healthy_endpoints,
+        vip_index: e.vip_index,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,112 @@
+use super::*;
+
+fn site(n: &str) -> SiteName {
+    n.parse().unwrap()
+}
+
+fn token(state: &mut CatalogState, id: &str, name: &str, expires: u64) -> Outcome {
+    state
+        .apply(Command::CreateJoinToken {
+            token_id: id.into(),
+            secret_sha256: format!("hash-{id}"),
+            site: site(name),
+            labels: BTreeMap::new(),
+            expires_at_ms: expires,
+            now_ms: 0,
+        })
+        .0
+}
+
+fn join(state: &mut CatalogState, id: &str, name: &str, now: u64) -> Outcome {
+    state
+        .apply(Command::JoinSite {
+            token_id: id.into(),
+            secret_sha256: format!("hash-{id}"),
+            now_ms: now,
+            site: site(name),
+            trust_domain: format!("{name}.causeway").parse().unwrap(),
+            trust_bundle_pem: "pem".into(),
+            tunnel_addrs: vec!["127.0.0.1:1".into()],
+        })
+        .0
+}
+
+fn export(svc: &str, healthy: u32) -> ExportRecord {
+    ExportRecord {
+        service: svc.parse().unwrap(),
+        ports: vec![PortRecord {
+            port: 80,
+            protocol: Protocol::Tcp,
+            name: String::new(),
+        }],
+        healthy_endpoints: healthy,
+        vip_index: 0,
+    }
+}
+
+fn publish(state: &mut CatalogState, name: &str, ex: Vec<ExportRecord>) -> (Outcome, Vec<pb::Change>) {
+    state.apply(Command::PublishExports {
+        site: site(name),
+        exports: ex,
+        tunnel_addrs: vec![],
+    })
+}
+
+#[test]
+fn join_tokens_are_single_use_expiring_and_bound_to_their_site() {
+    let mut s = CatalogState::default();
+    assert_eq!(token(&mut s, "t1", "east", 100), Outcome::Unchanged { revision: 0 });
+    assert!(matches!(join(&mut s, "nope", "east", 1), Outcome::Rejected { code: RejectCode::TokenUnknown, .. }));
+    assert!(matches!(join(&mut s, "t1", "west", 1), Outcome::Rejected { code: RejectCode::TokenWrongSite, .. }));
+    assert!(matches!(join(&mut s, "t1", "east", 100), Outcome::Rejected { code: RejectCode::TokenExpired, .. }));
+    assert_eq!(join(&mut s, "t1", "east", 1), Outcome::Applied { revision: 1 });
+    assert!(matches!(join(&mut s, "t1", "east", 2), Outcome::Rejected { code: RejectCode::TokenUsed, .. }));
+    // The name is taken now.
+    assert!(matches!(token(&mut s, "t2", "east", 100), Outcome::Rejected { code: RejectCode::SiteExists, .. }));
+}
+
+#[test]
+fn exports_get_stable_vips_and_only_real_changes_bump_the_revision() {
+    let mut s = CatalogState::default();
+    token(&mut s, "a", "east", 100);
+    token(&mut s, "b", "west", 100);
+    join(&mut s, "a", "east", 1);
+    join(&mut s, "b", "west", 1);
+    assert_eq!(s.revision, 2);
+
+    let (o, ch) = publish(&mut s, "east", vec![export("shop/payments", 1)]);
+    assert_eq!(o, Outcome::Applied { revision: 3 });
+    assert_eq!(ch.len(), 1);
+    let (o, ch) = publish(&mut s, "east", vec![export("shop/payments", 1)]);
+    assert_eq!(o, Outcome::Unchanged { revision: 3 });
+    assert!(ch.is_empty());
+
+    publish(&mut s, "west", vec![export("shop/cart", 1), export("shop/payments", 2)]);
+    assert_eq!(s.vips.get(&"shop/payments".parse().unwrap()), Some(&1));
+    assert_eq!(s.vips.get(&"shop/cart".parse().unwrap()), Some(&2));
+    assert_eq!(s.exports[&site("west")][1].vip_index, 1);
+
+    let (o, _) = publish(&mut s, "west", vec![export("shop/cart", 1), export("shop/cart", 1)]);
+    assert!(matches!(o, Outcome::Rejected { code: RejectCode::Invalid, .. }));
+    let (o, _) = publish(&mut s, "nowhere", vec![]);
+    assert!(matches!(o, Outcome::Rejected { code: RejectCode::SiteUnknown, .. }));
+
+    let (o, ch) = s.apply(Command::RemoveSite { site: site("west") });
+    assert_eq!(o, Outcome::Applied { revision: 5 });
+    assert_eq!(ch.len(), 1);
+    assert!(!s.exports.contains_key(&site("west")));
+    // VIPs are never reused.
+    assert_eq!(s.vips.len(), 2);
+}
+
+#[test]
+fn snapshot_round_trips_through_json() {
+    let mut s = CatalogState::default();
+    token(&mut s, "a", "east", 100);
+    join(&mut s, "a", "east", 1);
+    publish(&mut s, "east", vec![export("shop/payments", 1)]);
+    let json = serde_json::to_vec(&s).unwrap();
+    let back: CatalogState = serde_json::from_slice(&json).unwrap();
+    assert_eq!(back, s);
+    assert_eq!(back.snapshot_pb().revision, 2);
+}
