@@ -1,1 +1,52 @@
+//! causeway-dns: the mesh DNS server.
+//!
+//! [`zone`] builds the records from the catalog (pure); [`server`] answers
+//! them with hickory-server on UDP and TCP; [`run`] keeps the zone current
+//! from the controller's Watch stream.
+//!
+//! Not yet: SRV and headless records, AAAA for IPv4 VIPs, EDNS0 tuning,
+//! SO_REUSEPORT per-core sockets, forwarding out-of-zone queries.
 
+pub mod server;
+pub mod zone;
+
+use std::sync::Arc;
+
+use causeway_api::catalog::CatalogView;
+use causeway_api::client::{run_watch, ControllerClient};
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+
+use crate::zone::{Zone, ZoneOptions};
+
+/// Runs the DNS server: follows the catalog and answers from it.
+pub async fn run(
+    opts: ZoneOptions,
+    client: Arc<ControllerClient>,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let (cat_tx, mut cat_rx) = watch::channel(Arc::new(CatalogView::default()));
+    let (zone_tx, zone_rx) = watch::channel(Arc::new(Zone::empty(&opts)?));
+    let watch_task = tokio::spawn(run_watch(client, cat_tx));
+    let build_task = tokio::spawn(async move {
+        loop {
+            let view = cat_rx.borrow_and_update().clone();
+            match Zone::build(&opts, &view) {
+                Ok(z) => {
+                    metrics::gauge!("causeway_dns_ready").set(if z.ready { 1.0 } else { 0.0 });
+                    zone_tx.send_replace(Arc::new(z));
+                }
+                Err(e) => tracing::error!(error = %e, "building the DNS zone failed"),
+            }
+            if cat_rx.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    let r = server::serve(zone_rx, udp, tcp, shutdown).await;
+    watch_task.abort();
+    build_task.abort();
+    r
+}

@@ -1,1 +1,142 @@
+//! causeway-gateway: the east-west gateway of one site.
+//!
+//! - a QUIC endpoint (quinn, rustls, TLS 1.3, mutual SPIFFE auth) that
+//!   accepts streams from other sites' gateways ([`inbound`]);
+//! - outbound listeners on per-service VIPs that turn each TCP connection
+//!   into a stream to an exporting site, with failover ([`outbound`]);
+//! - health checks of local endpoints and export publication ([`publish`]);
+//! - a live catalog view from the controller's Watch stream, which also
+//!   feeds the per-site trust bundles.
+//!
+//! Not yet: per-request HTTP handling, policies, multiple replicas per site
+//! in the pool, hot credential reload.
 
+pub mod config;
+pub mod inbound;
+pub mod outbound;
+pub mod pool;
+pub mod publish;
+pub mod routes;
+pub mod site;
+pub mod splice;
+pub mod tunnel;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::catalog::CatalogView;
+use causeway_api::client::run_watch;
+use causeway_api::identity::parse_certs_pem;
+use causeway_api::model::{SiteName, TrustDomain};
+use causeway_api::trust::TrustStore;
+use tokio::sync::watch;
+
+use crate::config::Settings;
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::pool::Pool;
+use crate::routes::Routes;
+use crate::site::SiteState;
+
+/// Runs a gateway until `shutdown` resolves, then closes its tunnels.
+pub async fn run(
+    settings: Settings,
+    state: SiteState,
+    udp: std::net::UdpSocket,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let site_ca = SiteState::site_ca(&settings.state_dir, settings.site_ca.as_ref())?;
+    let cred = state.gateway_credential(&site_ca, &settings.replica)?;
+    let store = TrustStore::new();
+    store.set_site(state.site.clone(), state.trust_domain.clone(), vec![site_ca.cert_der.clone()]);
+    let endpoint = tunnel::endpoint(udp, tunnel::server_config(&cred, store.clone())?)?;
+    tracing::info!(site = %state.site, addr = %endpoint.local_addr()?, id = %cred.spiffe_id()?, "gateway tunnel endpoint up");
+
+    let client = state.controller_client();
+    let (cat_tx, cat_rx) = watch::channel(Arc::new(CatalogView::default()));
+    let watch_task = tokio::spawn(run_watch(client.clone(), cat_tx));
+
+    let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
+    let inbound = Inbound::new(store.clone(), settings.exports.clone());
+    let pool = Arc::new(Pool::new(endpoint.clone(), cred.clone(), store.clone()));
+    let sync_task = tokio::spawn(sync_catalog(
+        cat_rx,
+        routes_tx,
+        store.clone(),
+        pool.clone(),
+        inbound.clone(),
+        state.site.clone(),
+        settings.clone(),
+    ));
+    let inbound_task = tokio::spawn(inbound.clone().run(endpoint.clone()));
+    let outbound = Arc::new(Outbound {
+        local_site: state.site.clone(),
+        caller_id: cred.spiffe_id()?.to_string(),
+        pool: pool.clone(),
+        routes: routes_rx.clone(),
+        local_exports: settings.exports.clone(),
+    });
+    let outbound_task = tokio::spawn(outbound.run(routes_rx));
+    let publish_task = tokio::spawn(publish::run(
+        client,
+        state.site.clone(),
+        settings.exports.clone(),
+        settings.tunnel_advertise.clone(),
+        settings.health_interval,
+    ));
+
+    shutdown.await;
+    tracing::info!("gateway draining");
+    outbound_task.abort();
+    publish_task.abort();
+    watch_task.abort();
+    sync_task.abort();
+    endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    inbound_task.abort();
+    Ok(())
+}
+
+/// On every catalog change: refresh trust bundles, tear down tunnels of
+/// removed sites, and publish a new routing table.
+async fn sync_catalog(
+    mut cat: watch::Receiver<Arc<CatalogView>>,
+    routes_tx: watch::Sender<Arc<Routes>>,
+    store: Arc<TrustStore>,
+    pool: Arc<Pool>,
+    inbound: Arc<Inbound>,
+    own_site: SiteName,
+    settings: Settings,
+) {
+    loop {
+        let view = cat.borrow_and_update().clone();
+        if view.synced {
+            let mut members = Vec::new();
+            for (name, site) in &view.sites {
+                let (Ok(n), Ok(td)) = (name.parse::<SiteName>(), site.trust_domain.parse::<TrustDomain>()) else {
+                    continue;
+                };
+                match parse_certs_pem("trust bundle", &site.trust_bundle_pem) {
+                    Ok(roots) => store.set_site(n.clone(), td, roots),
+                    Err(e) => tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle"),
+                }
+                members.push(n);
+            }
+            for s in store.sites() {
+                if !members.contains(&s) && s != own_site {
+                    tracing::info!(site = %s, "site left the federation; removing its trust bundle");
+                    store.remove_site(&s);
+                }
+            }
+            pool.retain(|s| members.contains(s));
+            inbound.retain(|s| members.contains(s) || *s == own_site);
+            let routes = Routes::build(&view, settings.vip_base, settings.vip_prefix);
+            metrics::gauge!("causeway_imported_services").set(routes.services.len() as f64);
+            routes_tx.send_replace(Arc::new(routes));
+        }
+        if cat.changed().await.is_err() {
+            return;
+        }
+    }
+}

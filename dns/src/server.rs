@@ -1,0 +1,118 @@
+//! The hickory-server request handler: reads the current [`Zone`] snapshot
+//! (an `Arc` swapped on each catalog change, so queries never wait on
+//! updates) and answers.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::rr::Record;
+use hickory_server::net::runtime::Time;
+use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
+use hickory_server::zone_handler::MessageResponseBuilder;
+use hickory_server::Server;
+use tokio::net::{TcpListener, UdpSocket};
+use tokio::sync::watch;
+
+use crate::zone::{Answer, Zone};
+
+pub struct Handler {
+    zone: watch::Receiver<Arc<Zone>>,
+}
+
+impl Handler {
+    pub fn new(zone: watch::Receiver<Arc<Zone>>) -> Self {
+        Self { zone }
+    }
+}
+
+fn count(code: ResponseCode) {
+    let label = match code {
+        ResponseCode::NoError => "noerror",
+        ResponseCode::NXDomain => "nxdomain",
+        ResponseCode::Refused => "refused",
+        ResponseCode::ServFail => "servfail",
+        ResponseCode::FormErr => "formerr",
+        ResponseCode::NotImp => "notimp",
+        _ => "other",
+    };
+    metrics::counter!("causeway_dns_queries_total", "rcode" => label).increment(1);
+}
+
+#[async_trait::async_trait]
+impl RequestHandler for Handler {
+    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+        let fallback = {
+            let mut m = Metadata::response_from_request(&request.metadata);
+            m.response_code = ResponseCode::ServFail;
+            ResponseInfo::from(Header {
+                metadata: m,
+                counts: HeaderCounts::default(),
+            })
+        };
+        let builder = MessageResponseBuilder::from_message_request(request);
+        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
+            count(ResponseCode::NotImp);
+            let resp = builder.error_msg(&request.metadata, ResponseCode::NotImp);
+            return response_handle.send_response(resp).await.unwrap_or(fallback);
+        }
+        let Ok(info) = request.request_info() else {
+            count(ResponseCode::FormErr);
+            let resp = builder.error_msg(&request.metadata, ResponseCode::FormErr);
+            return response_handle.send_response(resp).await.unwrap_or(fallback);
+        };
+        let zone = self.zone.borrow().clone();
+        if !zone.ready {
+            count(ResponseCode::ServFail);
+            let resp = builder.error_msg(&request.metadata, ResponseCode::ServFail);
+            return response_handle.send_response(resp).await.unwrap_or(fallback);
+        }
+        let mut meta = Metadata::response_from_request(&request.metadata);
+        meta.authoritative = true;
+        meta.recursion_available = false;
+        let name = info.query.name();
+        let qtype = info.query.query_type();
+        let soa = std::slice::from_ref(zone.soa());
+        let none: &[Record] = &[];
+        let resp = match zone.answer(name, qtype) {
+            Answer::Records(r) => {
+                meta.response_code = ResponseCode::NoError;
+                builder.build(meta, r.iter(), none.iter(), none.iter(), none.iter())
+            }
+            Answer::NoData => {
+                meta.response_code = ResponseCode::NoError;
+                builder.build(meta, none.iter(), none.iter(), soa.iter(), none.iter())
+            }
+            Answer::NxDomain => {
+                meta.response_code = ResponseCode::NXDomain;
+                builder.build(meta, none.iter(), none.iter(), soa.iter(), none.iter())
+            }
+            Answer::Refused => {
+                meta.authoritative = false;
+                meta.response_code = ResponseCode::Refused;
+                builder.build(meta, none.iter(), none.iter(), none.iter(), none.iter())
+            }
+        };
+        count(meta.response_code);
+        response_handle.send_response(resp).await.unwrap_or(fallback)
+    }
+}
+
+/// Serves DNS on the given sockets until `shutdown` resolves.
+pub async fn serve(
+    zone: watch::Receiver<Arc<Zone>>,
+    udp: UdpSocket,
+    tcp: TcpListener,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let mut server = Server::new(Handler::new(zone));
+    server.register_socket(udp);
+    server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
+    tokio::select! {
+        r = server.block_until_done() => r.map_err(|e| anyhow::anyhow!("dns server: {e}")),
+        _ = shutdown => {
+            let _ = server.shutdown_gracefully().await;
+            Ok(())
+        }
+    }
+}

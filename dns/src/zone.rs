@@ -1,0 +1,226 @@
+//! The mesh DNS zone, built from the catalog (pure; no sockets).
+//!
+//! Per the Kubernetes Multi-Cluster Services DNS specification (KEP-1645):
+//! `<svc>.<ns>.svc.<zone>` has an A record with the ClusterSetIP, which on
+//! causeway is the local gateway's outbound VIP for that service, and
+//! `dns-version.<zone>` has a TXT record with the spec version. Names that
+//! exist (including empty non-terminals such as `svc.<zone>`) answer other
+//! types with NODATA; unknown names inside the zone get NXDOMAIN with the
+//! SOA; names outside it are REFUSED.
+
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::str::FromStr;
+
+use causeway_api::catalog::CatalogView;
+use causeway_api::model::vip_for;
+use hickory_proto::rr::rdata::{A, AAAA, SOA, TXT};
+use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+
+/// MCS DNS specification version served in `dns-version.<zone>`.
+pub const SPEC_VERSION: &str = "1.0.0";
+
+#[derive(Debug, Clone)]
+pub struct ZoneOptions {
+    pub origin: String,
+    pub ttl: u32,
+    /// TTL of negative answers (the SOA minimum).
+    pub negative_ttl: u32,
+    pub vip_base: IpAddr,
+    pub vip_prefix: u8,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer<'a> {
+    Records(&'a [Record]),
+    NoData,
+    NxDomain,
+    Refused,
+}
+
+#[derive(Debug, Clone)]
+pub struct Zone {
+    origin: LowerName,
+    soa: Record,
+    records: HashMap<(LowerName, RecordType), Vec<Record>>,
+    /// Every name that exists: owners and their ancestors inside the zone.
+    names: HashSet<LowerName>,
+    /// False until the first catalog snapshot arrived: answer SERVFAIL.
+    pub ready: bool,
+}
+
+impl Zone {
+    /// An empty zone that is not ready yet.
+    pub fn empty(opts: &ZoneOptions) -> Result<Self, hickory_proto::ProtoError> {
+        Self::with_serial(opts, 0)
+    }
+
+    fn with_serial(opts: &ZoneOptions, serial: u32) -> Result<Self, hickory_proto::ProtoError> {
+        let origin = Name::from_str(&opts.origin)?.to_lowercase();
+        let mut origin_fqdn = origin.clone();
+        origin_fqdn.set_fqdn(true);
+        let soa = Record::from_rdata(
+            origin_fqdn.clone(),
+            opts.negative_ttl,
+            RData::SOA(SOA::new(
+                Name::from_str("ns.dns")?.append_domain(&origin_fqdn)?,
+                Name::from_str("hostmaster")?.append_domain(&origin_fqdn)?,
+                serial,
+                60,
+                10,
+                3600,
+                opts.negative_ttl,
+            )),
+        );
+        let mut names = HashSet::new();
+        names.insert(LowerName::from(&origin_fqdn));
+        Ok(Self {
+            origin: LowerName::from(&origin_fqdn),
+            soa,
+            records: HashMap::new(),
+            names,
+            ready: false,
+        })
+    }
+
+    /// The zone for a catalog view.
+    pub fn build(opts: &ZoneOptions, view: &CatalogView) -> Result<Self, hickory_proto::ProtoError> {
+        let mut zone = Self::with_serial(opts, view.revision.0 as u32)?;
+        zone.ready = view.synced;
+        let origin: Name = zone.origin.clone().into();
+        let version = Name::from_str("dns-version")?.append_domain(&origin)?;
+        zone.add(Record::from_rdata(
+            version,
+            opts.ttl,
+            RData::TXT(TXT::new(vec![SPEC_VERSION.to_string()])),
+        ));
+        for (key, svc) in view.services() {
+            let Some(vip) = vip_for(opts.vip_base, opts.vip_prefix, svc.vip_index) else {
+                continue;
+            };
+            let owner = Name::from_str(&format!("{}.{}.svc", key.name(), key.namespace()))?.append_domain(&origin)?;
+            let rdata = match vip {
+                IpAddr::V4(a) => RData::A(A(a)),
+                IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+            };
+            zone.add(Record::from_rdata(owner, opts.ttl, rdata));
+        }
+        Ok(zone)
+    }
+
+    fn add(&mut self, record: Record) {
+        let owner = LowerName::from(&record.name);
+        let mut n: Name = owner.clone().into();
+        while n.num_labels() >= self.origin.num_labels() {
+            self.names.insert(LowerName::from(&n));
+            if n.num_labels() == 0 {
+                break;
+            }
+            n = n.base_name();
+        }
+        self.records
+            .entry((owner, record.record_type()))
+            .or_default()
+            .push(record);
+    }
+
+    pub fn soa(&self) -> &Record {
+        &self.soa
+    }
+
+    pub fn answer(&self, name: &LowerName, qtype: RecordType) -> Answer<'_> {
+        if !self.origin.zone_of(name) {
+            return Answer::Refused;
+        }
+        if *name == self.origin && qtype == RecordType::SOA {
+            return Answer::Records(std::slice::from_ref(&self.soa));
+        }
+        if let Some(r) = self.records.get(&(name.clone(), qtype)) {
+            return Answer::Records(r);
+        }
+        if self.names.contains(name) {
+            Answer::NoData
+        } else {
+            Answer::NxDomain
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use causeway_api::pb;
+
+    use super::*;
+
+    fn opts() -> ZoneOptions {
+        ZoneOptions {
+            origin: "clusterset.local".into(),
+            ttl: 5,
+            negative_ttl: 5,
+            vip_base: "127.10.0.0".parse().unwrap(),
+            vip_prefix: 16,
+        }
+    }
+
+    fn view() -> CatalogView {
+        let mut v = CatalogView::default();
+        v.apply(pb::WatchEvent {
+            revision: 3,
+            kind: Some(pb::watch_event::Kind::Snapshot(pb::CatalogSnapshot {
+                revision: 3,
+                sites: vec![pb::Site {
+                    name: "east".into(),
+                    available: true,
+                    ..Default::default()
+                }],
+                exports: vec![pb::SiteExports {
+                    site: "east".into(),
+                    exports: vec![pb::Export {
+                        service: "shop/payments".into(),
+                        ports: vec![pb::ServicePort {
+                            port: 9001,
+                            protocol: "tcp".into(),
+                            name: String::new(),
+                        }],
+                        healthy_endpoints: 1,
+                        vip_index: 7,
+                    }],
+                }],
+            })),
+        })
+        .unwrap();
+        v
+    }
+
+    fn name(s: &str) -> LowerName {
+        LowerName::from(Name::from_str(s).unwrap())
+    }
+
+    #[test]
+    fn answers_follow_the_mcs_rules() {
+        let z = Zone::build(&opts(), &view()).unwrap();
+        assert!(z.ready);
+        match z.answer(&name("payments.shop.svc.clusterset.local."), RecordType::A) {
+            Answer::Records(r) => {
+                assert_eq!(r.len(), 1);
+                assert_eq!(&r[0].data, &RData::A(A("127.10.0.7".parse().unwrap())));
+                assert_eq!(r[0].ttl, 5);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Case-insensitive.
+        assert!(matches!(z.answer(&name("PAYMENTS.Shop.svc.clusterset.local."), RecordType::A), Answer::Records(_)));
+        assert_eq!(z.answer(&name("payments.shop.svc.clusterset.local."), RecordType::AAAA), Answer::NoData);
+        assert_eq!(z.answer(&name("shop.svc.clusterset.local."), RecordType::A), Answer::NoData);
+        assert_eq!(z.answer(&name("cart.shop.svc.clusterset.local."), RecordType::A), Answer::NxDomain);
+        assert_eq!(z.answer(&name("example.com."), RecordType::A), Answer::Refused);
+        assert!(matches!(z.answer(&name("dns-version.clusterset.local."), RecordType::TXT), Answer::Records(_)));
+        assert!(matches!(z.answer(&name("clusterset.local."), RecordType::SOA), Answer::Records(_)));
+    }
+
+    #[test]
+    fn not_ready_before_the_first_snapshot() {
+        let z = Zone::build(&opts(), &CatalogView::default()).unwrap();
+        assert!(!z.ready);
+    }
+}

@@ -1,0 +1,245 @@
+//! Gateway configuration: the human TOML (`GatewayConfig`, unknown fields
+//! refused) and its validated form (`Settings`). All problems are reported
+//! at once, each naming its field.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use causeway_api::model::{parse_cidr, Protocol, ServiceKey};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Where the site's keys and credentials live.
+    pub state_dir: PathBuf,
+    /// UDP address of the QUIC tunnel endpoint.
+    #[serde(default = "default_tunnel_listen")]
+    pub tunnel_listen: String,
+    /// Addresses other sites dial; defaults to `tunnel_listen`.
+    #[serde(default)]
+    pub tunnel_advertise: Vec<String>,
+    /// Range for outbound listeners of imported services.
+    #[serde(default = "default_vip_range")]
+    pub vip_range: String,
+    /// Replica name, the last segment of the gateway's SPIFFE ID.
+    #[serde(default = "default_replica")]
+    pub replica: String,
+    /// Optional existing site CA (PEM files); generated when absent.
+    #[serde(default)]
+    pub site_ca_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub site_ca_key: Option<PathBuf>,
+    /// Seconds between local health checks and export publications.
+    #[serde(default = "default_health_interval")]
+    pub health_interval_secs: f64,
+    #[serde(default)]
+    pub exports: Vec<ExportConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportConfig {
+    /// `<namespace>/<name>`.
+    pub service: String,
+    /// The port callers use.
+    pub port: u16,
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Local endpoints (`ip:port`) that serve it.
+    pub endpoints: Vec<String>,
+}
+
+fn default_tunnel_listen() -> String {
+    "127.0.0.1:15443".into()
+}
+fn default_vip_range() -> String {
+    "127.10.0.0/16".into()
+}
+fn default_replica() -> String {
+    "gw-0".into()
+}
+fn default_health_interval() -> f64 {
+    1.0
+}
+fn default_protocol() -> String {
+    "tcp".into()
+}
+
+/// One local service port and the endpoints behind it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalExport {
+    pub service: ServiceKey,
+    pub port: u16,
+    pub protocol: Protocol,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// Validated gateway settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub state_dir: PathBuf,
+    pub tunnel_listen: SocketAddr,
+    pub tunnel_advertise: Vec<SocketAddr>,
+    pub vip_base: IpAddr,
+    pub vip_prefix: u8,
+    pub replica: String,
+    pub site_ca: Option<(PathBuf, PathBuf)>,
+    pub health_interval: Duration,
+    pub exports: Vec<LocalExport>,
+}
+
+/// Every problem found, one line each.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid gateway configuration:\n  - {}", .0.join("\n  - "))]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl GatewayConfig {
+    pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
+        toml_parse(text)
+    }
+
+    pub fn validate(&self) -> Result<Settings, ConfigErrors> {
+        let mut errs = Vec::new();
+        let tunnel_listen = self
+            .tunnel_listen
+            .parse::<SocketAddr>()
+            .map_err(|_| errs.push(format!("tunnel_listen: {:?} is not an ip:port address", self.tunnel_listen)))
+            .ok();
+        let mut tunnel_advertise = Vec::new();
+        for (i, a) in self.tunnel_advertise.iter().enumerate() {
+            match a.parse::<SocketAddr>() {
+                Ok(a) if a.ip().is_unspecified() => errs.push(format!(
+                    "tunnel_advertise[{i}]: {a} is unspecified; advertise an address other sites can reach"
+                )),
+                Ok(a) => tunnel_advertise.push(a),
+                Err(_) => errs.push(format!("tunnel_advertise[{i}]: {a:?} is not an ip:port address")),
+            }
+        }
+        if tunnel_advertise.is_empty() {
+            if let Some(l) = tunnel_listen {
+                if l.ip().is_unspecified() {
+                    errs.push("tunnel_advertise: required when tunnel_listen is an unspecified address".into());
+                } else {
+                    tunnel_advertise.push(l);
+                }
+            }
+        }
+        let vip = parse_cidr("vip_range", &self.vip_range)
+            .map_err(|e| errs.push(format!("vip_range: {e}")))
+            .ok();
+        if self.replica.is_empty()
+            || self.replica.len() > 63
+            || !self.replica.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        {
+            errs.push(format!("replica: {:?} must be 1-63 letters, digits, '-', '_' or '.'", self.replica));
+        }
+        let site_ca = match (&self.site_ca_cert, &self.site_ca_key) {
+            (Some(c), Some(k)) => Some((c.clone(), k.clone())),
+            (None, None) => None,
+            _ => {
+                errs.push("site_ca_cert and site_ca_key: give both or neither".into());
+                None
+            }
+        };
+        if !(self.health_interval_secs >= 0.1 && self.health_interval_secs <= 300.0) {
+            errs.push("health_interval_secs: must be between 0.1 and 300".into());
+        }
+        let mut exports = Vec::new();
+        for (i, e) in self.exports.iter().enumerate() {
+            let service = e
+                .service
+                .parse::<ServiceKey>()
+                .map_err(|err| errs.push(format!("exports[{i}].service: {err}")))
+                .ok();
+            let protocol = e
+                .protocol
+                .parse::<Protocol>()
+                .map_err(|err| errs.push(format!("exports[{i}].protocol: {err}")))
+                .ok();
+            if e.port == 0 {
+                errs.push(format!("exports[{i}].port: must be 1-65535"));
+            }
+            if e.endpoints.is_empty() {
+                errs.push(format!("exports[{i}].endpoints: list at least one ip:port"));
+            }
+            let mut endpoints = Vec::new();
+            for (j, ep) in e.endpoints.iter().enumerate() {
+                match ep.parse::<SocketAddr>() {
+                    Ok(a) => endpoints.push(a),
+                    Err(_) => errs.push(format!("exports[{i}].endpoints[{j}]: {ep:?} is not an ip:port address")),
+                }
+            }
+            if let (Some(service), Some(protocol)) = (service, protocol) {
+                if exports
+                    .iter()
+                    .any(|x: &LocalExport| x.service == service && x.port == e.port)
+                {
+                    errs.push(format!("exports[{i}]: {service} port {} is listed twice", e.port));
+                }
+                exports.push(LocalExport {
+                    service,
+                    port: e.port,
+                    protocol,
+                    endpoints,
+                });
+            }
+        }
+        if !errs.is_empty() {
+            return Err(ConfigErrors(errs));
+        }
+        let (vip_base, vip_prefix) = vip.expect("checked above");
+        Ok(Settings {
+            state_dir: self.state_dir.clone(),
+            tunnel_listen: tunnel_listen.expect("checked above"),
+            tunnel_advertise,
+            vip_base,
+            vip_prefix,
+            replica: self.replica.clone(),
+            site_ca,
+            health_interval: Duration::from_secs_f64(self.health_interval_secs),
+            exports,
+        })
+    }
+}
+
+fn toml_parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
+    toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string().trim().replace('\n', "\n    ")]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_fields_and_bad_values_are_all_reported() {
+        let err = GatewayConfig::from_toml("state_dir = \"/x\"\ntunel_listen = \"1\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown field `tunel_listen`"), "{err}");
+
+        let cfg = GatewayConfig::from_toml(
+            r#"
+            state_dir = "/x"
+            tunnel_listen = "nope"
+            vip_range = "10.0.0.0"
+            [[exports]]
+            service = "payments"
+            port = 0
+            endpoints = ["127.0.0.1"]
+            "#,
+        )
+        .unwrap();
+        let err = cfg.validate().unwrap_err();
+        let text = err.to_string();
+        for needle in ["tunnel_listen", "vip_range", "exports[0].service", "exports[0].port", "exports[0].endpoints[0]"] {
+            assert!(text.contains(needle), "missing {needle} in {text}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let s = GatewayConfig::from_toml("state_dir = \"/x\"").unwrap().validate().unwrap();
+        assert_eq!(s.tunnel_advertise, vec![s.tunnel_listen]);
+        assert_eq!(s.vip_prefix, 16);
+    }
+}

@@ -1,0 +1,182 @@
+//! The accepting side of the tunnels: verify the peer site, read the stream
+//! header, connect to a local endpoint, answer with a status, splice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use causeway_api::identity::spiffe_id_of;
+use causeway_api::model::SiteName;
+use causeway_api::trust::{Peer, TrustStore};
+use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
+use rustls::pki_types::{CertificateDer, UnixTime};
+use tokio::net::TcpStream;
+
+use crate::config::LocalExport;
+use crate::splice::splice;
+
+/// A peer must send its header within this time after opening a stream.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+pub struct Inbound {
+    pub store: Arc<TrustStore>,
+    pub exports: Vec<LocalExport>,
+    next: AtomicUsize,
+    /// Live inbound connections per peer site, to tear down on removal.
+    conns: Mutex<HashMap<SiteName, Vec<quinn::Connection>>>,
+}
+
+impl Inbound {
+    pub fn new(store: Arc<TrustStore>, exports: Vec<LocalExport>) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            exports,
+            next: AtomicUsize::new(0),
+            conns: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Accepts connections until the endpoint closes.
+    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
+        while let Some(incoming) = endpoint.accept().await {
+            let this = self.clone();
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => this.serve_connection(conn).await,
+                    Err(e) => {
+                        metrics::counter!("causeway_tunnel_connections_total", "direction" => "in", "result" => "refused").increment(1);
+                        tracing::info!(%remote, error = %e, "tunnel handshake failed");
+                    }
+                }
+            });
+        }
+    }
+
+    fn identify(&self, conn: &quinn::Connection) -> Option<Peer> {
+        let certs = conn
+            .peer_identity()?
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .ok()?;
+        let (leaf, rest) = certs.split_first()?;
+        // The handshake already verified the chain; this names the site.
+        let _ = spiffe_id_of(leaf).ok()?;
+        self.store.verify(leaf, rest, UnixTime::now(), true, None).ok()
+    }
+
+    async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
+        let Some(peer) = self.identify(&conn) else {
+            conn.close(quinn::VarInt::from_u32(3), b"unidentified peer");
+            return;
+        };
+        metrics::counter!("causeway_tunnel_connections_total", "direction" => "in", "result" => "ok").increment(1);
+        metrics::gauge!("causeway_tunnel_connections", "direction" => "in").increment(1.0);
+        tracing::info!(site = %peer.site, id = %peer.id, remote = %conn.remote_address(), "tunnel accepted");
+        {
+            let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let v = m.entry(peer.site.clone()).or_default();
+            v.retain(|c| c.close_reason().is_none());
+            v.push(conn.clone());
+        }
+        loop {
+            match conn.accept_bi().await {
+                Ok((send, recv)) => {
+                    let this = self.clone();
+                    let peer = peer.clone();
+                    tokio::spawn(async move { this.serve_stream(peer, send, recv).await });
+                }
+                Err(e) => {
+                    tracing::debug!(site = %peer.site, error = %e, "tunnel closed");
+                    break;
+                }
+            }
+        }
+        metrics::gauge!("causeway_tunnel_connections", "direction" => "in").decrement(1.0);
+    }
+
+    async fn serve_stream(&self, peer: Peer, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+        let req = match tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut recv)).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "bad_request").increment(1);
+                let _ = respond(&mut send, Status::BadRequest, &e).await;
+                return;
+            }
+            Err(_) => {
+                metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "header_timeout").increment(1);
+                let _ = send.reset(quinn::VarInt::from_u32(4));
+                return;
+            }
+        };
+        let Some(export) = self
+            .exports
+            .iter()
+            .find(|e| e.service.as_str() == req.service && e.port == req.port)
+        else {
+            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "unknown_service").increment(1);
+            let _ = respond(&mut send, Status::UnknownService, &format!("this site does not export {} port {}", req.service, req.port)).await;
+            return;
+        };
+        // Default authorization: every member site may call every exported
+        // service. (The policy engine will narrow this.)
+        let Some(tcp) = self.connect_local(&export.endpoints).await else {
+            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "no_endpoints").increment(1);
+            let _ = respond(&mut send, Status::NoEndpoints, &format!("no endpoint of {} accepted a connection", req.service)).await;
+            return;
+        };
+        if respond(&mut send, Status::Opened, "").await.is_err() {
+            return;
+        }
+        metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "opened").increment(1);
+        metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").increment(1.0);
+        tracing::debug!(site = %peer.site, service = %req.service, "stream opened");
+        splice(tcp, send, recv).await;
+        metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").decrement(1.0);
+    }
+
+    /// Tries the endpoints round robin, starting where the last stream left off.
+    async fn connect_local(&self, endpoints: &[SocketAddr]) -> Option<TcpStream> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for i in 0..endpoints.len() {
+            let addr = endpoints[(start + i) % endpoints.len()];
+            if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Tears down inbound tunnels from sites no longer trusted.
+    pub fn retain(&self, keep: impl Fn(&SiteName) -> bool) {
+        let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|site, conns| {
+            let k = keep(site);
+            if !k {
+                for c in conns.iter() {
+                    c.close(quinn::VarInt::from_u32(2), b"site removed");
+                }
+            }
+            k
+        });
+    }
+}
+
+async fn read_request(recv: &mut quinn::RecvStream) -> Result<OpenRequest, String> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    let len = OpenRequest::decode_prefix(&prefix).map_err(|e| e.to_string())?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    OpenRequest::decode_body(&body).map_err(|e| e.to_string())
+}
+
+async fn respond(send: &mut quinn::SendStream, status: Status, msg: &str) -> std::io::Result<()> {
+    send.write_all(&OpenResponse::new(status, msg).encode()).await?;
+    if status != Status::Opened {
+        let _ = send.finish();
+    }
+    Ok(())
+}

@@ -1,0 +1,234 @@
+//! Outbound listeners: one per imported service port, on that service's
+//! VIP. Each accepted TCP connection becomes one QUIC stream to a site that
+//! exports the service, trying sites in failover order.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::model::{ServiceKey, SiteName};
+use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
+use causeway_gateway_core::{order_sites, Candidate};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::LocalExport;
+use crate::pool::Pool;
+use crate::routes::Routes;
+use crate::splice::splice;
+
+/// How long the caller waits for the remote gateway's status.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Outbound {
+    pub local_site: SiteName,
+    pub caller_id: String,
+    pub pool: Arc<Pool>,
+    pub routes: watch::Receiver<Arc<Routes>>,
+    pub local_exports: Vec<LocalExport>,
+}
+
+/// Why one attempt at one site failed.
+#[derive(Debug)]
+enum Attempt {
+    /// Try the next site.
+    Retry(String),
+    /// Stop: the answer would be the same everywhere (e.g. forbidden).
+    Fatal(String),
+}
+
+impl Outbound {
+    /// Keeps the set of listeners equal to the routing table's.
+    pub async fn run(self: Arc<Self>, mut routes: watch::Receiver<Arc<Routes>>) {
+        let mut running: BTreeMap<SocketAddr, ((ServiceKey, u16), JoinHandle<()>)> = BTreeMap::new();
+        loop {
+            let want = routes.borrow_and_update().listeners();
+            running.retain(|addr, (svc, task)| {
+                let keep = want.get(addr) == Some(svc) && !task.is_finished();
+                if !keep {
+                    task.abort();
+                }
+                keep
+            });
+            for (addr, svc) in want {
+                if running.contains_key(&addr) {
+                    continue;
+                }
+                match TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        tracing::info!(%addr, service = %svc.0, "outbound listener up");
+                        let this = self.clone();
+                        let task = tokio::spawn(this.clone().accept_loop(l, svc.0.clone(), svc.1));
+                        running.insert(addr, (svc, task));
+                    }
+                    Err(e) => {
+                        metrics::counter!("causeway_outbound_listener_errors_total").increment(1);
+                        tracing::error!(%addr, service = %svc.0, error = %e, "cannot bind outbound listener; will retry on the next catalog change");
+                    }
+                }
+            }
+            metrics::gauge!("causeway_outbound_listeners").set(running.len() as f64);
+            if routes.changed().await.is_err() {
+                break;
+            }
+        }
+        for (_, (_, t)) in running {
+            t.abort();
+        }
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener, service: ServiceKey, port: u16) {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, _)) => {
+                    let this = self.clone();
+                    let service = service.clone();
+                    tokio::spawn(async move { this.handle(tcp, service, port).await });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, tcp: TcpStream, service: ServiceKey, port: u16) {
+        let routes = self.routes.borrow().clone();
+        let Some(svc) = routes.services.get(&service) else {
+            metrics::counter!("causeway_outbound_failures_total", "reason" => "unknown_service").increment(1);
+            return;
+        };
+        let candidates: Vec<Candidate<'_>> = svc
+            .exporters
+            .iter()
+            .map(|(s, h)| Candidate {
+                site: s.as_str(),
+                healthy_endpoints: *h,
+            })
+            .collect();
+        let order = order_sites(self.local_site.as_str(), &candidates);
+        let mut tried = Vec::new();
+        for site in order {
+            let Ok(site) = site.parse::<SiteName>() else { continue };
+            let attempt = if site == self.local_site {
+                self.try_local(&service, port).await.map(Stream::Local)
+            } else {
+                self.try_remote(&routes, &site, &service, port).await.map(|(s, r)| Stream::Remote(s, r))
+            };
+            match attempt {
+                Ok(stream) => {
+                    metrics::counter!("causeway_tunnel_streams_total", "direction" => "out", "status" => "opened").increment(1);
+                    if !tried.is_empty() {
+                        metrics::counter!("causeway_failovers_total").increment(1);
+                        tracing::info!(%service, %site, skipped = ?tried, "failed over");
+                    }
+                    metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out").increment(1.0);
+                    match stream {
+                        Stream::Remote(send, recv) => {
+                            splice(tcp, send, recv).await;
+                        }
+                        Stream::Local(local) => {
+                            let mut a = tcp;
+                            let mut b = local;
+                            let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                        }
+                    }
+                    metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out").decrement(1.0);
+                    return;
+                }
+                Err(Attempt::Retry(why)) => {
+                    tracing::debug!(%service, %site, %why, "site did not take the stream; trying the next");
+                    tried.push(format!("{site}: {why}"));
+                }
+                Err(Attempt::Fatal(why)) => {
+                    tracing::info!(%service, %site, %why, "stream refused");
+                    tried.push(format!("{site}: {why}"));
+                    break;
+                }
+            }
+        }
+        metrics::counter!("causeway_outbound_failures_total", "reason" => "no_site").increment(1);
+        tracing::warn!(%service, attempts = ?tried, "no site could serve the connection; closing it");
+    }
+
+    async fn try_local(&self, service: &ServiceKey, port: u16) -> Result<TcpStream, Attempt> {
+        let Some(export) = self
+            .local_exports
+            .iter()
+            .find(|e| &e.service == service && e.port == port)
+        else {
+            return Err(Attempt::Retry("not exported on this port here".into()));
+        };
+        for addr in &export.endpoints {
+            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+                return Ok(s);
+            }
+        }
+        Err(Attempt::Retry("no local endpoint accepted".into()))
+    }
+
+    async fn try_remote(
+        &self,
+        routes: &Routes,
+        site: &SiteName,
+        service: &ServiceKey,
+        port: u16,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), Attempt> {
+        let route = routes
+            .sites
+            .get(site)
+            .ok_or_else(|| Attempt::Retry("site unknown".into()))?;
+        let conn = self
+            .pool
+            .connection(site, route)
+            .await
+            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        let (mut send, mut recv) = match conn.open_bi().await {
+            Ok(s) => s,
+            Err(e) => {
+                self.pool.evict(site);
+                return Err(Attempt::Retry(format!("open stream: {e}")));
+            }
+        };
+        let header = OpenRequest {
+            service: service.to_string(),
+            port,
+            deadline_ms: STATUS_TIMEOUT.as_millis() as u32,
+            trace: Vec::new(),
+            caller: self.caller_id.clone(),
+        };
+        send.write_all(&header.encode())
+            .await
+            .map_err(|e| Attempt::Retry(format!("send header: {e}")))?;
+        let resp = tokio::time::timeout(STATUS_TIMEOUT, read_response(&mut recv))
+            .await
+            .map_err(|_| Attempt::Retry("no status within the deadline".into()))?
+            .map_err(Attempt::Retry)?;
+        metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str()).increment(1);
+        match resp.status {
+            Status::Opened => Ok((send, recv)),
+            s if s.is_retryable() => Err(Attempt::Retry(format!("{}: {}", s.as_str(), resp.message))),
+            s => Err(Attempt::Fatal(format!("{}: {}", s.as_str(), resp.message))),
+        }
+    }
+}
+
+enum Stream {
+    Remote(quinn::SendStream, quinn::RecvStream),
+    Local(TcpStream),
+}
+
+async fn read_response(recv: &mut quinn::RecvStream) -> Result<OpenResponse, String> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut prefix).await.map_err(|e| format!("read status: {e}"))?;
+    let (status, len) = OpenResponse::decode_prefix(&prefix).map_err(|e| e.to_string())?;
+    let mut msg = vec![0u8; len];
+    recv.read_exact(&mut msg).await.map_err(|e| format!("read status: {e}"))?;
+    Ok(OpenResponse {
+        status,
+        message: String::from_utf8_lossy(&msg).into_owned(),
+    })
+}

@@ -1,0 +1,98 @@
+//! Local health checks and export publication: every interval, TCP-connect
+//! to each local endpoint, and publish the site's exports with healthy
+//! counts when they changed (and at least every 30 s).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use causeway_api::client::ControllerClient;
+use causeway_api::model::SiteName;
+use causeway_api::pb;
+use tokio::net::TcpStream;
+
+use crate::config::LocalExport;
+
+const REFRESH: Duration = Duration::from_secs(30);
+
+pub async fn run(
+    client: Arc<ControllerClient>,
+    site: SiteName,
+    exports: Vec<LocalExport>,
+    advertise: Vec<SocketAddr>,
+    interval: Duration,
+) {
+    let tunnel_addrs: Vec<String> = advertise.iter().map(|a| a.to_string()).collect();
+    let mut published: Option<(Vec<pb::Export>, Instant)> = None;
+    loop {
+        let current = check(&exports, interval.min(Duration::from_secs(1))).await;
+        let stale = match &published {
+            Some((p, at)) => *p != current || at.elapsed() >= REFRESH,
+            None => true,
+        };
+        if stale {
+            let req = pb::PublishExportsRequest {
+                site: site.to_string(),
+                exports: current.clone(),
+                tunnel_addrs: tunnel_addrs.clone(),
+            };
+            let result = async {
+                let mut fed = client.federation().await.map_err(|e| e.to_string())?;
+                fed.publish_exports(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))
+            }
+            .await;
+            match result {
+                Ok(r) => {
+                    tracing::debug!(revision = r.get_ref().revision, "exports published");
+                    published = Some((current, Instant::now()));
+                }
+                Err(e) => {
+                    metrics::counter!("causeway_publish_errors_total").increment(1);
+                    tracing::warn!(error = %e, "publishing exports failed; will retry");
+                    client.rotate();
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Health-checks every endpoint once and groups ports per service.
+pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export> {
+    let mut by_service: BTreeMap<String, (Vec<pb::ServicePort>, BTreeSet<SocketAddr>)> = BTreeMap::new();
+    let probes = exports.iter().flat_map(|e| e.endpoints.iter().map(move |a| (e, *a)));
+    let probes: Vec<_> = probes
+        .map(|(e, a)| async move {
+            let ok = matches!(tokio::time::timeout(timeout, TcpStream::connect(a)).await, Ok(Ok(_)));
+            (e, a, ok)
+        })
+        .collect();
+    let results = futures::future::join_all(probes).await;
+    for (e, addr, ok) in results {
+        let entry = by_service.entry(e.service.to_string()).or_default();
+        if !entry.0.iter().any(|p| p.port == e.port as u32) {
+            entry.0.push(pb::ServicePort {
+                port: e.port as u32,
+                protocol: e.protocol.as_str().to_string(),
+                name: String::new(),
+            });
+        }
+        if ok {
+            entry.1.insert(addr);
+        }
+    }
+    by_service
+        .into_iter()
+        .map(|(service, (mut ports, healthy))| {
+            ports.sort_by_key(|p| p.port);
+            metrics::gauge!("causeway_export_healthy_endpoints", "service" => service.clone()).set(healthy.len() as f64);
+            pb::Export {
+                service,
+                ports,
+                healthy_endpoints: healthy.len() as u32,
+                vip_index: 0,
+            }
+        })
+        .collect()
+}

@@ -1,0 +1,150 @@
+//! A site's identity on disk, and joining the federation with a token.
+//!
+//! Layout of the state directory:
+//!
+//! | file | what |
+//! |---|---|
+//! | `site.json` | site name, trust domain, controller endpoints |
+//! | `controller-ca.pem` | the controller CA pinned from the join token |
+//! | `api.pem`, `api-key.pem` | the site's credential for the controller API |
+//! | `site-ca.pem`, `site-ca-key.pem` | the site CA (its key never leaves the site) |
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use causeway_api::client::ControllerClient;
+use causeway_api::identity::{self, CertificateAuthority, Credential};
+use causeway_api::model::{SiteName, SpiffeId, TrustDomain};
+use causeway_api::pb;
+use causeway_api::token::JoinToken;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SiteFile {
+    site: SiteName,
+    trust_domain: TrustDomain,
+    controllers: Vec<String>,
+}
+
+pub struct SiteState {
+    pub dir: PathBuf,
+    pub site: SiteName,
+    pub trust_domain: TrustDomain,
+    pub controllers: Vec<String>,
+    pub controller_ca_pem: String,
+    pub api: Credential,
+}
+
+impl SiteState {
+    /// Loads a joined site; `None` if the directory holds no site yet.
+    pub fn load(dir: &Path) -> anyhow::Result<Option<Self>> {
+        let site_json = dir.join("site.json");
+        if !site_json.exists() {
+            return Ok(None);
+        }
+        let f: SiteFile = serde_json::from_str(&identity::read(&site_json)?)
+            .with_context(|| format!("{} is corrupt", site_json.display()))?;
+        Ok(Some(Self {
+            dir: dir.to_path_buf(),
+            site: f.site,
+            trust_domain: f.trust_domain,
+            controllers: f.controllers,
+            controller_ca_pem: identity::read(&dir.join("controller-ca.pem"))?,
+            api: Credential::load(&dir.join("api.pem"), &dir.join("api-key.pem"))?,
+        }))
+    }
+
+    /// Loads the site CA, creating and saving one if there is none.
+    pub fn site_ca(dir: &Path, given: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<CertificateAuthority> {
+        if let Some((c, k)) = given {
+            return CertificateAuthority::load(c, k).context("loading the configured site CA");
+        }
+        let (c, k) = (dir.join("site-ca.pem"), dir.join("site-ca-key.pem"));
+        if c.exists() {
+            return Ok(CertificateAuthority::load(&c, &k)?);
+        }
+        std::fs::create_dir_all(dir)?;
+        let ca = CertificateAuthority::generate("causeway site CA")?;
+        ca.save(&c, &k)?;
+        Ok(ca)
+    }
+
+    /// Redeems a join token: pins the controller CA from it, registers the
+    /// site CA and tunnel addresses, and stores the API credential it gets.
+    pub async fn join(
+        dir: &Path,
+        token: &str,
+        site_ca: &CertificateAuthority,
+        tunnel_addrs: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let token = JoinToken::decode(token)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let (csr_pem, key_pem) = identity::generate_csr()?;
+        let client = ControllerClient::new(token.controllers.clone(), &token.ca_pem, None);
+        let mut fed = client.federation().await?;
+        let resp = fed
+            .join(pb::JoinRequest {
+                token: token.encode(),
+                trust_bundle_pem: site_ca.cert_pem.clone(),
+                tunnel_addrs,
+                csr_pem,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("join refused: {}", s.message()))?
+            .into_inner();
+        if resp.site != token.site.as_str() {
+            bail!("the controller registered site {:?}, but the token is for {:?}", resp.site, token.site);
+        }
+        let pinned = identity::parse_certs_pem("token CA", &token.ca_pem)?;
+        let got = identity::parse_certs_pem("controller CA", &resp.controller_ca_pem)?;
+        if pinned.first() != got.first() {
+            bail!("the controller answered with a CA other than the one pinned in the token");
+        }
+        let chain = identity::parse_certs_pem("API certificate", &resp.api_cert_pem)?;
+        let api = Credential {
+            cert_pem: resp.api_cert_pem,
+            key_pem,
+            chain,
+        };
+        let trust_domain: TrustDomain = resp.trust_domain.parse()?;
+        let controllers = if resp.controller_endpoints.is_empty() {
+            token.controllers.clone()
+        } else {
+            resp.controller_endpoints
+        };
+        api.save(&dir.join("api.pem"), &dir.join("api-key.pem"))?;
+        identity::write(&dir.join("controller-ca.pem"), &token.ca_pem, false)?;
+        let f = SiteFile {
+            site: token.site.clone(),
+            trust_domain: trust_domain.clone(),
+            controllers: controllers.clone(),
+        };
+        // site.json last: its presence means the join completed.
+        identity::write(&dir.join("site.json"), &serde_json::to_string_pretty(&f)?, false)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            site: token.site,
+            trust_domain,
+            controllers,
+            controller_ca_pem: token.ca_pem,
+            api,
+        })
+    }
+
+    pub fn controller_client(&self) -> Arc<ControllerClient> {
+        Arc::new(ControllerClient::new(
+            self.controllers.clone(),
+            &self.controller_ca_pem,
+            Some(&self.api),
+        ))
+    }
+
+    /// A fresh tunnel certificate for this replica, from the site CA.
+    pub fn gateway_credential(&self, ca: &CertificateAuthority, replica: &str) -> anyhow::Result<Credential> {
+        let id = SpiffeId::new(self.trust_domain.clone(), &format!("/gateway/{replica}"))?;
+        Ok(ca.issue(&id, &[], Duration::from_secs(7 * 86400))?)
+    }
+}
