@@ -1,1 +1,51 @@
-fn main() {}
+//! `causeway`: parse, build, run, drain. Everything else lives in the crates.
+
+use causeway::cli::{self, Cli, Command, ConfigError, EXIT_CONFIG};
+use clap::Parser;
+
+fn main() {
+    let cli = Cli::parse();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter(&cli.command))),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::env::var_os("NO_COLOR").is_none())
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("building the tokio runtime");
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Demo(a) => causeway::demo::run(a).await,
+            Command::Controller(a) => cli::run_controller(a).await,
+            Command::Gateway(a) => cli::run_gateway(a).await,
+            Command::Dns(a) => cli::run_dns(a).await,
+            Command::Ctl(a) => causeway::ctl::run(a).await,
+            Command::Ca(a) => match a.command {
+                cli::CaCommand::Init { dir, admin } => {
+                    cli::ca_init(&dir, &admin)?;
+                    println!("wrote ca.pem, ca-key.pem, admin.pem, admin-key.pem to {}", dir.display());
+                    Ok(())
+                }
+            },
+        }
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(2));
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        let code = if e.downcast_ref::<ConfigError>().is_some() { EXIT_CONFIG } else { 1 };
+        std::process::exit(code);
+    }
+}
+
+fn default_filter(cmd: &Command) -> &'static str {
+    match cmd {
+        // The demo prints its own report; children log to files.
+        Command::Demo(_) | Command::Ctl(_) | Command::Ca(_) => "warn",
+        _ => "info,openraft=warn,quinn=warn,hickory_server=warn",
+    }
+}

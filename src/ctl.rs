@@ -1,0 +1,177 @@
+//! `causeway ctl`: the operator's client.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use causeway_api::client::ControllerClient;
+use causeway_api::identity::{self, Credential};
+use causeway_api::pb;
+use clap::{Args, Subcommand, ValueEnum};
+
+#[derive(Args)]
+pub struct CtlArgs {
+    /// Controller endpoints, comma-separated host:port.
+    #[arg(long, env = "CAUSEWAY_CONTROLLERS", value_delimiter = ',', default_value = "127.0.0.1:7001")]
+    pub controller: Vec<String>,
+    /// Directory with ca.pem, admin.pem and admin-key.pem (from `causeway ca init`).
+    #[arg(long, env = "CAUSEWAY_CREDS", default_value = "causeway-creds")]
+    pub creds: PathBuf,
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+pub enum CtlCommand {
+    /// Member sites (clusters).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Controller status: nodes, leader, term, indexes, catalog revision.
+    Status,
+    /// Exported services and the sites that export them.
+    Services,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCommand {
+    /// Reserve a site name and print a one-time join token for it.
+    Add {
+        name: String,
+        /// Label KEY=VALUE; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        /// Token lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// List member sites.
+    List,
+    /// Remove a site: its bundle, exports and tunnels go away.
+    Remove { name: String },
+}
+
+pub fn client(args: &CtlArgs) -> anyhow::Result<ControllerClient> {
+    let ca = identity::read(&args.creds.join("ca.pem"))
+        .with_context(|| format!("reading credentials from {} (set --creds or CAUSEWAY_CREDS)", args.creds.display()))?;
+    let admin = Credential::load(&args.creds.join("admin.pem"), &args.creds.join("admin-key.pem"))?;
+    Ok(ControllerClient::new(args.controller.clone(), &ca, Some(&admin)))
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    let c = client(&args)?;
+    let mut fed = c.federation().await?;
+    match &args.command {
+        CtlCommand::Cluster { command: ClusterCommand::Add { name, labels, ttl } } => {
+            let mut map = std::collections::HashMap::new();
+            for l in labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .ok_or_else(|| anyhow::anyhow!("--label {l:?}: expected KEY=VALUE"))?;
+                map.insert(k.to_string(), v.to_string());
+            }
+            let r = fed
+                .create_join_token(pb::CreateJoinTokenRequest {
+                    site: name.clone(),
+                    labels: map,
+                    ttl_seconds: *ttl,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            if args.output == Output::Json {
+                println!("{}", serde_json::json!({"site": name, "token": r.token, "expires_at_unix_ms": r.expires_at_unix_ms}));
+            } else {
+                eprintln!("join token for site {name} (single use, expires in {ttl} s):");
+                println!("{}", r.token);
+            }
+        }
+        CtlCommand::Cluster { command: ClusterCommand::List } => {
+            let cat = fed.catalog(pb::CatalogRequest {}).await.map_err(status_err)?.into_inner();
+            if args.output == Output::Json {
+                let sites: Vec<_> = cat
+                    .sites
+                    .iter()
+                    .map(|s| serde_json::json!({"name": s.name, "trust_domain": s.trust_domain, "tunnel_addrs": s.tunnel_addrs, "labels": s.labels, "available": s.available}))
+                    .collect();
+                println!("{}", serde_json::json!({"revision": cat.revision, "sites": sites}));
+            } else {
+                println!("{:<16} {:<28} {:<10} {:<8} TUNNELS", "SITE", "TRUST DOMAIN", "AVAILABLE", "EXPORTS");
+                for s in &cat.sites {
+                    let n = cat.exports.iter().find(|e| e.site == s.name).map(|e| e.exports.len()).unwrap_or(0);
+                    println!("{:<16} {:<28} {:<10} {:<8} {}", s.name, s.trust_domain, s.available, n, s.tunnel_addrs.join(","));
+                }
+            }
+        }
+        CtlCommand::Cluster { command: ClusterCommand::Remove { name } } => {
+            let r = fed
+                .remove_site(pb::RemoveSiteRequest { site: name.clone() })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!("removed site {name} (revision {})", r.revision);
+        }
+        CtlCommand::Status => {
+            let s = fed.status(pb::StatusRequest {}).await.map_err(status_err)?.into_inner();
+            if args.output == Output::Json {
+                let nodes: Vec<_> = s
+                    .nodes
+                    .iter()
+                    .map(|n| serde_json::json!({"id": n.id, "addr": n.addr, "voter": n.voter, "matched_index": n.matched_index}))
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
+                        "last_log_index": s.last_log_index, "applied_index": s.applied_index, "revision": s.revision,
+                        "sites": s.sites, "nodes": nodes})
+                );
+            } else {
+                println!("answered by node {} ({}), term {}, leader {}", s.node_id, s.role, s.term, s.leader_id);
+                println!("log index {}, applied {}, catalog revision {}, {} sites", s.last_log_index, s.applied_index, s.revision, s.sites);
+                println!("{:<6} {:<24} {:<7} MATCHED", "NODE", "ADDRESS", "VOTER");
+                for n in &s.nodes {
+                    let matched = if s.role == "leader" { n.matched_index.to_string() } else { "-".into() };
+                    println!("{:<6} {:<24} {:<7} {}", n.id, n.addr, n.voter, matched);
+                }
+            }
+        }
+        CtlCommand::Services => {
+            let cat = fed.catalog(pb::CatalogRequest {}).await.map_err(status_err)?.into_inner();
+            let mut view = causeway_api::catalog::CatalogView::default();
+            view.apply(pb::WatchEvent {
+                revision: cat.revision,
+                kind: Some(pb::watch_event::Kind::Snapshot(cat)),
+            })?;
+            let svcs = view.services();
+            if args.output == Output::Json {
+                let list: Vec<_> = svcs
+                    .values()
+                    .map(|s| serde_json::json!({"service": s.key.to_string(), "vip_index": s.vip_index,
+                        "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+                        "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h})).collect::<Vec<_>>()}))
+                    .collect();
+                println!("{}", serde_json::json!({"revision": view.revision.0, "services": list}));
+            } else {
+                println!("{:<28} {:<12} SITES (healthy endpoints)", "SERVICE", "PORTS");
+                for s in svcs.values() {
+                    let ports: Vec<String> = s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
+                    let sites: Vec<String> = s.exporters.iter().map(|(n, h)| format!("{n}({h})")).collect();
+                    println!("{:<28} {:<12} {}", s.key, ports.join(","), sites.join(" "));
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,9 @@
+//! The `causeway` binary's library: command-line handling, the admin port,
+//! the operator client, and the local federation used by `causeway demo`
+//! and the integration tests.
+
+pub mod admin;
+pub mod cli;
+pub mod ctl;
+pub mod demo;
+pub mod local;

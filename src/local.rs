@@ -1,0 +1,420 @@
+//! A whole federation on this machine, as separate processes on loopback:
+//! what `causeway demo` runs and what the integration tests drive.
+//!
+//! Every process is the real `causeway` binary with real sockets; logs go
+//! to `<root>/<name>.log`. Dropping a [`LocalFederation`] kills them all.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use causeway_api::client::ControllerClient;
+use causeway_api::identity::{self, Credential};
+use causeway_api::pb;
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+use tokio::process::{Child, Command};
+
+/// One child process and how to start it again.
+pub struct Proc {
+    pub name: String,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, root: &Path, name: &str, args: Vec<String>) -> anyhow::Result<Self> {
+        let mut p = Self {
+            name: name.to_string(),
+            args,
+            log: root.join(format!("{name}.log")),
+            child: None,
+        };
+        p.start(bin)?;
+        Ok(p)
+    }
+
+    pub fn start(&mut self, bin: &Path) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)?;
+        let child = Command::new(bin)
+            .args(&self.args)
+            .env("RUST_LOG", std::env::var("CAUSEWAY_CHILD_LOG").unwrap_or_else(|_| "info".into()))
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", self.name))?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, no goodbye.
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = c.wait().await;
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    /// Whether the process exited on its own (with its status).
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// A local export: service key, port, endpoints.
+#[derive(Clone, Debug)]
+pub struct Export {
+    pub service: String,
+    pub port: u16,
+    pub endpoints: Vec<SocketAddr>,
+}
+
+pub struct Site {
+    pub name: String,
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    pub tunnel: SocketAddr,
+    pub dns: SocketAddr,
+    pub gateway_admin: SocketAddr,
+    pub vip_range: String,
+    pub gateway: Proc,
+    pub dns_proc: Proc,
+}
+
+pub struct LocalFederation {
+    pub root: PathBuf,
+    pub bin: PathBuf,
+    pub creds: PathBuf,
+    pub controller_addrs: BTreeMap<u64, String>,
+    pub controllers: BTreeMap<u64, Proc>,
+    pub sites: BTreeMap<String, Site>,
+}
+
+/// A loopback port free for both TCP and UDP right now.
+pub fn free_port() -> anyhow::Result<u16> {
+    for _ in 0..50 {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let port = tcp.local_addr()?.port();
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port found")
+}
+
+impl LocalFederation {
+    /// Creates the controller CA and admin credential under `root`.
+    pub fn new(bin: PathBuf, root: PathBuf) -> anyhow::Result<Self> {
+        let creds = root.join("creds");
+        crate::cli::ca_init(&creds, "demo")?;
+        Ok(Self {
+            root,
+            bin,
+            creds,
+            controller_addrs: BTreeMap::new(),
+            controllers: BTreeMap::new(),
+            sites: BTreeMap::new(),
+        })
+    }
+
+    /// Starts `n` controller nodes forming one cluster.
+    pub fn start_controllers(&mut self, n: u64) -> anyhow::Result<()> {
+        for id in 1..=n {
+            self.controller_addrs.insert(id, format!("127.0.0.1:{}", free_port()?));
+        }
+        for id in 1..=n {
+            let mut args = vec![
+                "controller".to_string(),
+                "--id".into(),
+                id.to_string(),
+                "--listen".into(),
+                self.controller_addrs[&id].clone(),
+                "--data-dir".into(),
+                self.root.join(format!("controller-{id}")).display().to_string(),
+                "--ca-dir".into(),
+                self.creds.display().to_string(),
+                "--admin-listen".into(),
+                format!("127.0.0.1:{}", free_port()?),
+            ];
+            for (pid, addr) in &self.controller_addrs {
+                args.push("--peer".into());
+                args.push(format!("{pid}={addr}"));
+            }
+            let p = Proc::spawn(&self.bin, &self.root, &format!("controller-{id}"), args)?;
+            self.controllers.insert(id, p);
+        }
+        Ok(())
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.controller_addrs.values().cloned().collect()
+    }
+
+    /// An admin client for all controllers, or for one node only.
+    pub fn admin_client(&self, only: Option<u64>) -> anyhow::Result<ControllerClient> {
+        let ca = identity::read(&self.creds.join("ca.pem"))?;
+        let admin = Credential::load(&self.creds.join("admin.pem"), &self.creds.join("admin-key.pem"))?;
+        let eps = match only {
+            Some(id) => vec![self.controller_addrs[&id].clone()],
+            None => self.endpoints(),
+        };
+        Ok(ControllerClient::new(eps, &ca, Some(&admin)))
+    }
+
+    /// Status as seen by one node.
+    pub async fn status(&self, id: u64) -> anyhow::Result<pb::StatusResponse> {
+        let mut fed = self.admin_client(Some(id))?.federation().await?;
+        Ok(fed.status(pb::StatusRequest {}).await?.into_inner())
+    }
+
+    /// Waits until a majority agrees on a leader among the running nodes.
+    pub async fn wait_for_leader(&self, timeout: Duration) -> anyhow::Result<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+            for id in self.controllers.keys() {
+                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), self.status(*id)).await {
+                    if s.leader_id != 0 {
+                        *votes.entry(s.leader_id).or_default() += 1;
+                    }
+                }
+            }
+            let majority = self.controller_addrs.len() / 2 + 1;
+            if let Some((leader, _)) = votes.iter().find(|(_, n)| **n >= majority) {
+                if self.controllers.contains_key(leader) && self.controllers[leader].child.is_some() {
+                    return Ok(*leader);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("no controller leader within {timeout:?}; see {}/controller-*.log", self.root.display());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn create_token(&self, site: &str) -> anyhow::Result<String> {
+        let mut fed = self.admin_client(None)?.federation().await?;
+        let r = fed
+            .create_join_token(pb::CreateJoinTokenRequest {
+                site: site.to_string(),
+                labels: Default::default(),
+                ttl_seconds: 600,
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("creating a join token for {site}: {}", s.message()))?;
+        Ok(r.into_inner().token)
+    }
+
+    /// Joins a site: a gateway (with the token) and a DNS server.
+    pub async fn add_site(&mut self, name: &str, vip_range: &str, exports: &[Export]) -> anyhow::Result<()> {
+        let token = self.create_token(name).await?;
+        let state_dir = self.root.join(format!("site-{name}"));
+        std::fs::create_dir_all(&state_dir)?;
+        let tunnel: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let dns: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let gateway_admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut cfg = format!(
+            "state_dir = {:?}\ntunnel_listen = \"{tunnel}\"\nvip_range = \"{vip_range}\"\nreplica = \"gw-0\"\nhealth_interval_secs = 0.5\n",
+            state_dir.display().to_string()
+        );
+        for e in exports {
+            let eps: Vec<String> = e.endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+            cfg.push_str(&format!(
+                "\n[[exports]]\nservice = \"{}\"\nport = {}\nendpoints = [{}]\n",
+                e.service,
+                e.port,
+                eps.join(", ")
+            ));
+        }
+        let config = self.root.join(format!("gateway-{name}.toml"));
+        std::fs::write(&config, cfg)?;
+        let mut gateway = Proc::spawn(
+            &self.bin,
+            &self.root,
+            &format!("gateway-{name}"),
+            vec![
+                "gateway".into(),
+                "--config".into(),
+                config.display().to_string(),
+                "--admin-listen".into(),
+                gateway_admin.to_string(),
+                "--join-token".into(),
+                token,
+            ],
+        )?;
+        // The DNS server reads the credential the gateway stores on joining.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !state_dir.join("site.json").exists() {
+            if let Some(status) = gateway.exited() {
+                bail!("gateway {name} exited ({status}) before joining:\n{}", gateway.log_tail(20));
+            }
+            if Instant::now() > deadline {
+                bail!("gateway {name} did not join within 20 s:\n{}", gateway.log_tail(20));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let dns_proc = Proc::spawn(
+            &self.bin,
+            &self.root,
+            &format!("dns-{name}"),
+            vec![
+                "dns".into(),
+                "--state-dir".into(),
+                state_dir.display().to_string(),
+                "--listen".into(),
+                dns.to_string(),
+                "--vip-range".into(),
+                vip_range.to_string(),
+            ],
+        )?;
+        self.sites.insert(
+            name.to_string(),
+            Site {
+                name: name.to_string(),
+                state_dir,
+                config,
+                tunnel,
+                dns,
+                gateway_admin,
+                vip_range: vip_range.to_string(),
+                gateway,
+                dns_proc,
+            },
+        );
+        Ok(())
+    }
+
+    /// Asks a site's DNS server until `name` has an A record.
+    pub async fn wait_resolvable(&self, site: &str, name: &str, timeout: Duration) -> anyhow::Result<IpAddr> {
+        let server = self.sites[site].dns;
+        let deadline = Instant::now() + timeout;
+        let mut last;
+        loop {
+            match dns_a(server, name).await {
+                Ok(addrs) if !addrs.is_empty() => return Ok(addrs[0]),
+                Ok(_) => last = "no A record yet".into(),
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() > deadline {
+                bail!("{name} did not resolve at {site}'s DNS ({server}) within {timeout:?}: {last}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn controller(&mut self, id: u64) -> &mut Proc {
+        self.controllers.get_mut(&id).expect("known controller id")
+    }
+
+    pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
+        let bin = self.bin.clone();
+        self.controller(id).start(&bin)
+    }
+
+    pub async fn shutdown(&mut self) {
+        for s in self.sites.values_mut() {
+            s.dns_proc.kill().await;
+            s.gateway.kill().await;
+        }
+        for c in self.controllers.values_mut() {
+            c.kill().await;
+        }
+    }
+}
+
+/// One A query over UDP; the addresses answered, or the response code.
+pub async fn dns_a(server: SocketAddr, name: &str) -> anyhow::Result<Vec<IpAddr>> {
+    let mut msg = Message::new(rand::random(), MessageType::Query, OpCode::Query);
+    msg.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    sock.send_to(&msg.to_vec()?, server).await?;
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf))
+        .await
+        .context("no DNS answer within 1 s")??;
+    let resp = Message::from_vec(&buf[..n]).map_err(|e| anyhow::anyhow!("bad DNS answer: {e}"))?;
+    if resp.metadata.response_code != ResponseCode::NoError {
+        bail!("DNS answered {}", resp.metadata.response_code);
+    }
+    Ok(resp
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(IpAddr::V4(a.0)),
+            RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+            _ => None,
+        })
+        .collect())
+}
+
+/// A sample workload: optionally writes `banner` and a newline, then echoes
+/// every byte back until the client half-closes.
+pub async fn echo_server(banner: Option<String>) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let banner = banner.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                if let Some(b) = banner {
+                    if sock.write_all(format!("{b}\n").as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                let (mut r, mut w) = sock.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+/// Connects to `addr`, reads the banner line, sends `msg` and reads it back.
+pub async fn call_banner(addr: SocketAddr, msg: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let sock = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .context("connect timed out")??;
+    let (r, mut w) = sock.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut banner = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_line(&mut banner))
+        .await
+        .context("no answer within 10 s")??;
+    if banner.is_empty() {
+        bail!("the connection closed without an answer");
+    }
+    w.write_all(msg.as_bytes()).await?;
+    w.shutdown().await?;
+    let mut echoed = String::new();
+    tokio::time::timeout(Duration::from_secs(10), r.read_to_string(&mut echoed))
+        .await
+        .context("echo timed out")??;
+    if echoed != msg {
+        bail!("echo mismatch: sent {msg:?}, got {echoed:?}");
+    }
+    Ok(banner.trim_end().to_string())
+}
