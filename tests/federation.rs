@@ -1,0 +1,276 @@
+//! End-to-end tests: real `causeway` processes (controllers, gateways, DNS
+//! servers) on loopback, driven as a user would.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use causeway::local::{echo_server, Export, LocalFederation};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_causeway"))
+}
+
+/// A VIP range unlikely to collide with other tests running at once.
+fn vip_range() -> String {
+    format!("127.{}.0.0/16", 20 + rand::random::<u8>() % 200)
+}
+
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+}
+
+async fn federation(tmp: &tempfile::TempDir) -> LocalFederation {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    fed.start_controllers(3).unwrap();
+    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    fed
+}
+
+async fn resolve_with_hickory(server: SocketAddr, name: &str) -> Vec<IpAddr> {
+    use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolverConfig};
+    use hickory_resolver::net::runtime::TokioRuntimeProvider;
+    use hickory_resolver::Resolver;
+    let mut udp = ConnectionConfig::udp();
+    udp.port = server.port();
+    let mut tcp = ConnectionConfig::tcp();
+    tcp.port = server.port();
+    let ns = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
+    let resolver = Resolver::builder_with_config(ResolverConfig::from_parts(None, vec![], vec![ns]), TokioRuntimeProvider::default())
+        .build()
+        .unwrap();
+    resolver.lookup_ip(name).await.unwrap().iter().collect()
+}
+
+fn dig(server: SocketAddr, args: &[&str]) -> String {
+    let out = std::process::Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .arg("-p")
+        .arg(server.port().to_string())
+        .args(args)
+        .output()
+        .expect("`dig` is needed by this test: install it (Debian: apt-get install bind9-dnsutils); .ci/run does");
+    assert!(out.status.success(), "dig failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Sends `data`, half-closes, and reads everything back.
+async fn echo_roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = sock.into_split();
+    let to_send = data.to_vec();
+    let writer = tokio::spawn(async move {
+        w.write_all(&to_send).await.unwrap();
+        w.shutdown().await.unwrap();
+    });
+    let mut got = Vec::with_capacity(data.len());
+    r.read_to_end(&mut got).await.unwrap();
+    writer.await.unwrap();
+    got
+}
+
+async fn wait_tunnel(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let probe = tokio::time::timeout(Duration::from_secs(5), echo_roundtrip(addr, b"probe")).await;
+        if matches!(&probe, Ok(v) if v == b"probe") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tunnel to {addr} never carried a probe");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+
+    tracing::info!("phase: start an echo service in east, join east and west");
+    let (echo, _task) = echo_server(None).await.unwrap();
+    let range_e = vip_range();
+    let range_w = vip_range();
+    fed.add_site("east", &range_e, &[Export { service: "shop/echo".into(), port: 7000, endpoints: vec![echo] }])
+        .await
+        .unwrap();
+    fed.add_site("west", &range_w, &[]).await.unwrap();
+
+    tracing::info!("phase: resolve with a real resolver and with dig");
+    let name = "echo.shop.svc.clusterset.local";
+    let vip = fed.wait_resolvable("west", name, Duration::from_secs(30)).await.unwrap();
+    let west_dns = fed.sites["west"].dns;
+    let ips = resolve_with_hickory(west_dns, name).await;
+    assert_eq!(ips, vec![vip]);
+    let (base, prefix) = causeway_api::model::parse_cidr("vip", &range_w).unwrap();
+    assert_eq!(Some(vip), causeway_api::model::vip_for(base, prefix, 1), "first service gets index 1 in west's range");
+    let short = dig(west_dns, &["+short", name, "A"]);
+    assert_eq!(short.trim(), vip.to_string());
+    let nx = dig(west_dns, &["nothere.shop.svc.clusterset.local", "A"]);
+    assert!(nx.contains("status: NXDOMAIN") && nx.contains("SOA"), "{nx}");
+    let refused = dig(west_dns, &["example.com", "A"]);
+    assert!(refused.contains("status: REFUSED"), "{refused}");
+    let tcp = dig(west_dns, &["+tcp", "+short", name, "A"]);
+    assert_eq!(tcp.trim(), vip.to_string());
+
+    tracing::info!("phase: 10 MiB through the tunnel, byte for byte");
+    let target = SocketAddr::new(vip, 7000);
+    wait_tunnel(target).await;
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let got = echo_roundtrip(target, &data).await;
+    assert_eq!(got.len(), data.len());
+    assert!(got == data, "10 MiB echo differs");
+
+    tracing::info!("phase: 50 concurrent connections");
+    let mut tasks = Vec::new();
+    for i in 0..50u32 {
+        tasks.push(tokio::spawn(async move {
+            let payload: Vec<u8> = (0..64 * 1024u32).map(|j| (i ^ j) as u8).collect();
+            let got = echo_roundtrip(target, &payload).await;
+            got == payload
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 50, "every concurrent connection must echo its own bytes");
+    fed.shutdown().await;
+}
+
+/// Joins a site from the test process (no gateway): returns its state with
+/// the site's API credential.
+async fn join_in_process(fed: &LocalFederation, name: &str) -> causeway_gateway::site::SiteState {
+    let token = fed.create_token(name).await.unwrap();
+    let dir = fed.root.join(format!("inproc-{name}"));
+    let ca = causeway_gateway::site::SiteState::site_ca(&dir, None).unwrap();
+    causeway_gateway::site::SiteState::join(&dir, &token, &ca, vec!["127.0.0.1:9".into()])
+        .await
+        .unwrap()
+}
+
+fn exports(n: usize) -> Vec<causeway_api::pb::Export> {
+    (0..n)
+        .map(|i| causeway_api::pb::Export {
+            service: format!("bench/svc-{i}"),
+            ports: vec![causeway_api::pb::ServicePort { port: 80, protocol: "tcp".into(), name: String::new() }],
+            healthy_endpoints: 1,
+            vip_index: 0,
+        })
+        .collect()
+}
+
+async fn publish(client: &causeway_api::client::ControllerClient, site: &str, n: usize) -> Result<u64, String> {
+    let mut fed = client.federation().await.map_err(|e| e.to_string())?;
+    let r = tokio::time::timeout(
+        Duration::from_secs(10),
+        fed.publish_exports(causeway_api::pb::PublishExportsRequest {
+            site: site.into(),
+            exports: exports(n),
+            tunnel_addrs: vec![],
+        }),
+    )
+    .await
+    .map_err(|_| "timed out".to_string())?;
+    match r {
+        Ok(r) => Ok(r.into_inner().revision),
+        Err(s) => {
+            client.rotate();
+            Err(s.message().to_string())
+        }
+    }
+}
+
+async fn catalog_services(fed: &LocalFederation, node: u64) -> Vec<String> {
+    let mut c = fed.admin_client(Some(node)).unwrap().federation().await.unwrap();
+    let cat = c.catalog(causeway_api::pb::CatalogRequest {}).await.unwrap().into_inner();
+    let mut v: Vec<String> = cat.exports.iter().flat_map(|e| e.exports.iter().map(|x| x.service.clone())).collect();
+    v.sort();
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_leader_loses_no_acknowledged_export() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let site = join_in_process(&fed, "alpha").await;
+    let client = site.controller_client();
+
+    tracing::info!("phase: acknowledged writes before the kill");
+    let mut acked = 0;
+    for n in 1..=20 {
+        publish(&client, "alpha", n).await.unwrap();
+        acked = n;
+    }
+
+    tracing::info!("phase: SIGKILL the leader");
+    let old = fed.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    let old_pid = fed.controller(old).pid().unwrap();
+    fed.controller(old).kill().await;
+    assert!(!std::path::Path::new(&format!("/proc/{old_pid}")).exists(), "the leader process is gone");
+
+    tracing::info!("phase: writes continue on a new leader");
+    let killed_at = Instant::now();
+    let mut first_ok = None;
+    for n in 21..=40 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match publish(&client, "alpha", n).await {
+                Ok(_) => {
+                    first_ok.get_or_insert(killed_at.elapsed());
+                    acked = n;
+                    break;
+                }
+                Err(e) => {
+                    assert!(Instant::now() < deadline, "no write accepted for 20 s after the leader died: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    tracing::info!(after = ?first_ok, "first write after the kill was acknowledged");
+    let survivors: Vec<u64> = fed.controller_addrs.keys().copied().filter(|id| *id != old).collect();
+    let status = fed.status(survivors[0]).await.unwrap();
+    assert_ne!(status.leader_id, old, "a new leader must have taken over");
+    assert_ne!(status.leader_id, 0);
+
+    tracing::info!("phase: every acknowledged export is there");
+    let want: Vec<String> = {
+        let mut v: Vec<String> = (0..acked).map(|i| format!("bench/svc-{i}")).collect();
+        v.sort();
+        v
+    };
+    for id in &survivors {
+        // Followers apply asynchronously: wait for this node to catch up.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = catalog_services(&fed, *id).await;
+            if got == want {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id} has {} of {} exports", got.len(), want.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    tracing::info!("phase: the killed node restarts from its data dir and catches up");
+    let leader_rev = fed.status(status.leader_id).await.unwrap().revision;
+    fed.restart(old).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), fed.status(old)).await {
+            if s.revision >= leader_rev && s.leader_id != 0 {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "restarted node {old} did not catch up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(catalog_services(&fed, old).await, want);
+    fed.shutdown().await;
+}
