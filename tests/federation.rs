@@ -274,3 +274,169 @@ async fn killing_the_leader_loses_no_acknowledged_export() {
     assert_eq!(catalog_services(&fed, old).await, want);
     fed.shutdown().await;
 }
+
+fn run_bin(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin()).args(args).output().unwrap();
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_error_and_nothing_is_lost() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let fed = federation(&tmp).await;
+    let token = fed.create_token("alpha").await.unwrap();
+    let dir = fed.root.join("alpha");
+    let ca = causeway_gateway::site::SiteState::site_ca(&dir, None).unwrap();
+    let alpha = causeway_gateway::site::SiteState::join(&dir, &token, &ca, vec!["127.0.0.1:9".into()])
+        .await
+        .unwrap();
+    let client = alpha.controller_client();
+    publish(&client, "alpha", 3).await.unwrap();
+
+    tracing::info!("phase: malformed join token");
+    let mut anon = causeway_api::client::ControllerClient::new(fed.endpoints(), &alpha.controller_ca_pem, None)
+        .federation()
+        .await
+        .unwrap();
+    let err = anon
+        .join(causeway_api::pb::JoinRequest { token: "cwj1.bm90IGpzb24".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().starts_with("token:"), "{}", err.message());
+    let (code, stderr) = run_bin(&["gateway", "--config", &write_config(&tmp, "ok.toml", "state_dir = \"/nonexistent/x\"\n"), "--join-token", "hello"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("join token must start with 'cwj1.'"), "{stderr}");
+    let cut = &token[..token.len() / 2];
+    let (code, stderr) = run_bin(&["gateway", "--config", &write_config(&tmp, "ok2.toml", &format!("state_dir = {:?}\n", tmp.path().join("cut").display().to_string())), "--join-token", cut]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("join token is malformed"), "{stderr}");
+
+    tracing::info!("phase: reused join token");
+    let dir2 = fed.root.join("alpha-again");
+    let ca2 = causeway_gateway::site::SiteState::site_ca(&dir2, None).unwrap();
+    let err = causeway_gateway::site::SiteState::join(&dir2, &token, &ca2, vec![]).await.err().unwrap();
+    assert!(err.to_string().contains("already used"), "{err}");
+    assert!(!dir2.join("site.json").exists(), "a refused join must not leave a half-joined site");
+
+    tracing::info!("phase: duplicate site name");
+    let err = fed.create_token("alpha").await.unwrap_err();
+    assert!(err.to_string().contains("already a member"), "{err}");
+    let err = fed.create_token("Not_A_Label").await.unwrap_err();
+    assert!(err.to_string().contains("site name"), "{err}");
+
+    tracing::info!("phase: invalid service key");
+    let mut f = client.federation().await.unwrap();
+    let mut bad = exports(1);
+    bad[0].service = "payments".into();
+    let err = f
+        .publish_exports(causeway_api::pb::PublishExportsRequest { site: "alpha".into(), exports: bad, tunnel_addrs: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("exports[0].service") && err.message().contains("<namespace>/<name>"), "{}", err.message());
+
+    tracing::info!("phase: least privilege");
+    let err = f
+        .publish_exports(causeway_api::pb::PublishExportsRequest { site: "beta".into(), exports: exports(1), tunnel_addrs: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{}", err.message());
+    let err = f
+        .create_join_token(causeway_api::pb::CreateJoinTokenRequest { site: "gamma".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{}", err.message());
+    assert!(err.message().contains("admin"), "{}", err.message());
+    let err = anon.catalog(causeway_api::pb::CatalogRequest {}).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied);
+
+    tracing::info!("phase: unknown and invalid config fields");
+    let cfg = write_config(&tmp, "typo.toml", "state_dir = \"/x\"\ntunel_listen = \"127.0.0.1:1\"\n");
+    let (code, stderr) = run_bin(&["gateway", "--config", &cfg]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("unknown field `tunel_listen`"), "{stderr}");
+    let cfg = write_config(&tmp, "badkey.toml", "state_dir = \"/x\"\n[[exports]]\nservice = \"payments\"\nport = 80\nendpoints = [\"127.0.0.1:1\"]\n");
+    let (code, stderr) = run_bin(&["gateway", "--config", &cfg]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("exports[0].service"), "{stderr}");
+    let cfg = write_config(&tmp, "ctrl.toml", "id = 1\nlisten = \"127.0.0.1:1\"\nbogus = true\n");
+    let (code, stderr) = run_bin(&["controller", "--config", &cfg]);
+    assert_eq!(code, 64, "{stderr}");
+    assert!(stderr.contains("unknown field `bogus`"), "{stderr}");
+
+    tracing::info!("phase: nothing acknowledged was lost, the controllers still serve");
+    for id in fed.controller_addrs.keys() {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = catalog_services(&fed, *id).await;
+            if got.len() == 3 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node {id} lost exports: {got:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    publish(&client, "alpha", 4).await.unwrap();
+}
+
+fn write_config(tmp: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = tmp.path().join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
+    use rand::Rng;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _task) = echo_server(None).await.unwrap();
+    fed.add_site("east", &vip_range(), &[Export { service: "shop/echo".into(), port: 7000, endpoints: vec![echo] }])
+        .await
+        .unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let name = "echo.shop.svc.clusterset.local";
+    let vip = fed.wait_resolvable("west", name, Duration::from_secs(30)).await.unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    wait_tunnel(target).await;
+
+    tracing::info!("phase: random datagrams at both tunnel ports and the DNS port");
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let targets = [fed.sites["east"].tunnel, fed.sites["west"].tunnel, fed.sites["west"].dns];
+    let mut rng = rand::rng();
+    for i in 0..600 {
+        let len = rng.random_range(1..1500);
+        let mut buf: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if i % 3 == 0 {
+            // Looks like a QUIC long-header Initial.
+            buf[0] = 0xc3;
+            if buf.len() > 5 {
+                buf[1..5].copy_from_slice(&1u32.to_be_bytes());
+            }
+        }
+        sock.send_to(&buf, targets[i % targets.len()]).await.unwrap();
+    }
+
+    tracing::info!("phase: garbage over DNS TCP, including a huge length prefix");
+    for i in 0..20 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(fed.sites["west"].dns).await {
+            let garbage: Vec<u8> = if i == 0 { vec![0xff, 0xff, 1, 2, 3] } else { (0..rng.random_range(1..600)).map(|_| rng.random()).collect() };
+            let _ = s.write_all(&garbage).await;
+            let _ = s.shutdown().await;
+        }
+    }
+
+    tracing::info!("phase: everything still works");
+    let got = echo_roundtrip(target, b"still here").await;
+    assert_eq!(got, b"still here");
+    let short = dig(fed.sites["west"].dns, &["+short", name, "A"]);
+    assert_eq!(short.trim(), vip.to_string());
+    for s in fed.sites.values_mut() {
+        assert!(s.gateway.exited().is_none(), "gateway {} died", s.name);
+        assert!(s.dns_proc.exited().is_none(), "dns {} died", s.name);
+    }
+    fed.shutdown().await;
+}
