@@ -16,7 +16,11 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 }
 
 /// Serves the admin endpoints on `addr` in the background.
-pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, component: &'static str) -> anyhow::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    handle: PrometheusHandle,
+    component: &'static str,
+) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("binding the admin port {addr}: {e}"))?;
@@ -24,7 +28,9 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, component: &'stat
     metrics::gauge!("causeway_up", "component" => component).set(1.0);
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let handle = handle.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
@@ -43,7 +49,11 @@ pub async fn serve(addr: SocketAddr, handle: PrometheusHandle, component: &'stat
                 let (status, ctype, body) = match path {
                     "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
                     "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".to_string()),
-                    _ => ("404 Not Found", "text/plain", "try /metrics or /healthz\n".to_string()),
+                    _ => (
+                        "404 Not Found",
+                        "text/plain",
+                        "try /metrics or /healthz\n".to_string(),
+                    ),
                 };
                 let resp = format!(
                     "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -16,7 +16,11 @@ use serde::Deserialize;
 use crate::admin;
 
 #[derive(Parser)]
-#[command(name = "causeway", version, about = "Multi-cluster federation gateway mesh")]
+#[command(
+    name = "causeway",
+    version,
+    about = "Multi-cluster federation gateway mesh"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -176,8 +180,11 @@ pub struct ControllerPlan {
 pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
     let file = match &args.config {
         Some(p) => {
-            let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str::<ControllerFile>(&text).map_err(|e| ConfigError(vec![format!("{}: {}", p.display(), e.to_string().trim())]))?
+            let text =
+                std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+            toml::from_str::<ControllerFile>(&text).map_err(|e| {
+                ConfigError(vec![format!("{}: {}", p.display(), e.to_string().trim())])
+            })?
         }
         None => ControllerFile {
             id: args.id,
@@ -217,7 +224,9 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
             (Ok(pid), Ok(_)) if pid > 0 => {
                 peers.insert(pid, v.clone());
             }
-            _ => errs.push(format!("peer {k}={v}: expected ID=HOST:PORT with a positive ID, e.g. 1=127.0.0.1:7001")),
+            _ => errs.push(format!(
+                "peer {k}={v}: expected ID=HOST:PORT with a positive ID, e.g. 1=127.0.0.1:7001"
+            )),
         }
     }
     if peers.is_empty() {
@@ -248,7 +257,9 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
     if let Some(m) = file.election_timeout_max_ms {
         timing.election_max_ms = m;
     }
-    if timing.election_min_ms <= timing.heartbeat_ms || timing.election_max_ms <= timing.election_min_ms {
+    if timing.election_min_ms <= timing.heartbeat_ms
+        || timing.election_max_ms <= timing.election_min_ms
+    {
         errs.push("election timeouts: need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into());
     }
     if !errs.is_empty() {
@@ -282,16 +293,23 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", plan.listen))?;
     let (controller, identity) = Controller::start(&plan.opts).await?;
     tracing::info!(id = plan.opts.node_id, listen = %plan.listen, "controller serving");
-    controller.serve(identity, listener, shutdown_signal()).await
+    controller
+        .serve(identity, listener, shutdown_signal())
+        .await
 }
 
 pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&args.config).with_context(|| format!("reading {}", args.config.display()))?;
+    let text = std::fs::read_to_string(&args.config)
+        .with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = GatewayConfig::from_toml(&text).map_err(|e| ConfigError(e.0))?;
     let settings = cfg.validate().map_err(|e| ConfigError(e.0))?;
     let metrics = admin::install_metrics()?;
     if let Some(a) = &args.admin_listen {
-        let a: SocketAddr = a.parse().map_err(|_| ConfigError(vec![format!("admin_listen: {a:?} is not an ip:port address")]))?;
+        let a: SocketAddr = a.parse().map_err(|_| {
+            ConfigError(vec![format!(
+                "admin_listen: {a:?} is not an ip:port address"
+            )])
+        })?;
         admin::serve(a, metrics, "gateway").await?;
     }
     let udp = causeway_gateway::tunnel::bind_udp(settings.tunnel_listen)?;
@@ -310,7 +328,11 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 );
             };
             let ca = SiteState::site_ca(&settings.state_dir, settings.site_ca.as_ref())?;
-            let addrs = settings.tunnel_advertise.iter().map(|a| a.to_string()).collect();
+            let addrs = settings
+                .tunnel_advertise
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
             let s = SiteState::join(&settings.state_dir, token, &ca, addrs).await?;
             tracing::info!(site = %s.site, "joined the federation");
             s
@@ -335,7 +357,11 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
     let (vip_base, vip_prefix) = vip.expect("checked");
     let metrics = admin::install_metrics()?;
     if let Some(a) = &args.admin_listen {
-        let a: SocketAddr = a.parse().map_err(|_| ConfigError(vec![format!("admin_listen: {a:?} is not an ip:port address")]))?;
+        let a: SocketAddr = a.parse().map_err(|_| {
+            ConfigError(vec![format!(
+                "admin_listen: {a:?} is not an ip:port address"
+            )])
+        })?;
         admin::serve(a, metrics, "dns").await?;
     }
     let state = SiteState::load(&args.state_dir)?.ok_or_else(|| {
@@ -344,8 +370,12 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
             args.state_dir.display()
         )
     })?;
-    let udp = tokio::net::UdpSocket::bind(listen).await.with_context(|| format!("binding UDP {listen}"))?;
-    let tcp = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding TCP {listen}"))?;
+    let udp = tokio::net::UdpSocket::bind(listen)
+        .await
+        .with_context(|| format!("binding UDP {listen}"))?;
+    let tcp = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding TCP {listen}"))?;
     tracing::info!(%listen, zone = %args.zone, site = %state.site, "dns serving");
     let opts = causeway_dns::zone::ZoneOptions {
         origin: args.zone,
@@ -360,7 +390,10 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
 pub fn ca_init(dir: &Path, admin_name: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     if dir.join("ca-key.pem").exists() {
-        anyhow::bail!("{} already holds a CA; refusing to overwrite it", dir.display());
+        anyhow::bail!(
+            "{} already holds a CA; refusing to overwrite it",
+            dir.display()
+        );
     }
     let ca = CertificateAuthority::generate("causeway controller CA")?;
     ca.save(&dir.join("ca.pem"), &dir.join("ca-key.pem"))?;

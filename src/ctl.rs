@@ -11,7 +11,12 @@ use clap::{Args, Subcommand, ValueEnum};
 #[derive(Args)]
 pub struct CtlArgs {
     /// Controller endpoints, comma-separated host:port.
-    #[arg(long, env = "CAUSEWAY_CONTROLLERS", value_delimiter = ',', default_value = "127.0.0.1:7001")]
+    #[arg(
+        long,
+        env = "CAUSEWAY_CONTROLLERS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001"
+    )]
     pub controller: Vec<String>,
     /// Directory with ca.pem, admin.pem and admin-key.pem (from `causeway ca init`).
     #[arg(long, env = "CAUSEWAY_CREDS", default_value = "causeway-creds")]
@@ -60,10 +65,21 @@ pub enum ClusterCommand {
 }
 
 pub fn client(args: &CtlArgs) -> anyhow::Result<ControllerClient> {
-    let ca = identity::read(&args.creds.join("ca.pem"))
-        .with_context(|| format!("reading credentials from {} (set --creds or CAUSEWAY_CREDS)", args.creds.display()))?;
-    let admin = Credential::load(&args.creds.join("admin.pem"), &args.creds.join("admin-key.pem"))?;
-    Ok(ControllerClient::new(args.controller.clone(), &ca, Some(&admin)))
+    let ca = identity::read(&args.creds.join("ca.pem")).with_context(|| {
+        format!(
+            "reading credentials from {} (set --creds or CAUSEWAY_CREDS)",
+            args.creds.display()
+        )
+    })?;
+    let admin = Credential::load(
+        &args.creds.join("admin.pem"),
+        &args.creds.join("admin-key.pem"),
+    )?;
+    Ok(ControllerClient::new(
+        args.controller.clone(),
+        &ca,
+        Some(&admin),
+    ))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {
@@ -74,7 +90,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let c = client(&args)?;
     let mut fed = c.federation().await?;
     match &args.command {
-        CtlCommand::Cluster { command: ClusterCommand::Add { name, labels, ttl } } => {
+        CtlCommand::Cluster {
+            command: ClusterCommand::Add { name, labels, ttl },
+        } => {
             let mut map = std::collections::HashMap::new();
             for l in labels {
                 let (k, v) = l
@@ -92,30 +110,59 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             if args.output == Output::Json {
-                println!("{}", serde_json::json!({"site": name, "token": r.token, "expires_at_unix_ms": r.expires_at_unix_ms}));
+                println!(
+                    "{}",
+                    serde_json::json!({"site": name, "token": r.token, "expires_at_unix_ms": r.expires_at_unix_ms})
+                );
             } else {
                 eprintln!("join token for site {name} (single use, expires in {ttl} s):");
                 println!("{}", r.token);
             }
         }
-        CtlCommand::Cluster { command: ClusterCommand::List } => {
-            let cat = fed.catalog(pb::CatalogRequest {}).await.map_err(status_err)?.into_inner();
+        CtlCommand::Cluster {
+            command: ClusterCommand::List,
+        } => {
+            let cat = fed
+                .catalog(pb::CatalogRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if args.output == Output::Json {
                 let sites: Vec<_> = cat
                     .sites
                     .iter()
                     .map(|s| serde_json::json!({"name": s.name, "trust_domain": s.trust_domain, "tunnel_addrs": s.tunnel_addrs, "labels": s.labels, "available": s.available}))
                     .collect();
-                println!("{}", serde_json::json!({"revision": cat.revision, "sites": sites}));
+                println!(
+                    "{}",
+                    serde_json::json!({"revision": cat.revision, "sites": sites})
+                );
             } else {
-                println!("{:<16} {:<28} {:<10} {:<8} TUNNELS", "SITE", "TRUST DOMAIN", "AVAILABLE", "EXPORTS");
+                println!(
+                    "{:<16} {:<28} {:<10} {:<8} TUNNELS",
+                    "SITE", "TRUST DOMAIN", "AVAILABLE", "EXPORTS"
+                );
                 for s in &cat.sites {
-                    let n = cat.exports.iter().find(|e| e.site == s.name).map(|e| e.exports.len()).unwrap_or(0);
-                    println!("{:<16} {:<28} {:<10} {:<8} {}", s.name, s.trust_domain, s.available, n, s.tunnel_addrs.join(","));
+                    let n = cat
+                        .exports
+                        .iter()
+                        .find(|e| e.site == s.name)
+                        .map(|e| e.exports.len())
+                        .unwrap_or(0);
+                    println!(
+                        "{:<16} {:<28} {:<10} {:<8} {}",
+                        s.name,
+                        s.trust_domain,
+                        s.available,
+                        n,
+                        s.tunnel_addrs.join(",")
+                    );
                 }
             }
         }
-        CtlCommand::Cluster { command: ClusterCommand::Remove { name } } => {
+        CtlCommand::Cluster {
+            command: ClusterCommand::Remove { name },
+        } => {
             let r = fed
                 .remove_site(pb::RemoveSiteRequest { site: name.clone() })
                 .await
@@ -124,7 +171,11 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!("removed site {name} (revision {})", r.revision);
         }
         CtlCommand::Status => {
-            let s = fed.status(pb::StatusRequest {}).await.map_err(status_err)?.into_inner();
+            let s = fed
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             if args.output == Output::Json {
                 let nodes: Vec<_> = s
                     .nodes
@@ -138,17 +189,31 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                         "sites": s.sites, "nodes": nodes})
                 );
             } else {
-                println!("answered by node {} ({}), term {}, leader {}", s.node_id, s.role, s.term, s.leader_id);
-                println!("log index {}, applied {}, catalog revision {}, {} sites", s.last_log_index, s.applied_index, s.revision, s.sites);
+                println!(
+                    "answered by node {} ({}), term {}, leader {}",
+                    s.node_id, s.role, s.term, s.leader_id
+                );
+                println!(
+                    "log index {}, applied {}, catalog revision {}, {} sites",
+                    s.last_log_index, s.applied_index, s.revision, s.sites
+                );
                 println!("{:<6} {:<24} {:<7} MATCHED", "NODE", "ADDRESS", "VOTER");
                 for n in &s.nodes {
-                    let matched = if s.role == "leader" { n.matched_index.to_string() } else { "-".into() };
+                    let matched = if s.role == "leader" {
+                        n.matched_index.to_string()
+                    } else {
+                        "-".into()
+                    };
                     println!("{:<6} {:<24} {:<7} {}", n.id, n.addr, n.voter, matched);
                 }
             }
         }
         CtlCommand::Services => {
-            let cat = fed.catalog(pb::CatalogRequest {}).await.map_err(status_err)?.into_inner();
+            let cat = fed
+                .catalog(pb::CatalogRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
             let mut view = causeway_api::catalog::CatalogView::default();
             view.apply(pb::WatchEvent {
                 revision: cat.revision,
@@ -162,12 +227,26 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                         "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
                         "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h})).collect::<Vec<_>>()}))
                     .collect();
-                println!("{}", serde_json::json!({"revision": view.revision.0, "services": list}));
+                println!(
+                    "{}",
+                    serde_json::json!({"revision": view.revision.0, "services": list})
+                );
             } else {
-                println!("{:<28} {:<12} SITES (healthy endpoints)", "SERVICE", "PORTS");
+                println!(
+                    "{:<28} {:<12} SITES (healthy endpoints)",
+                    "SERVICE", "PORTS"
+                );
                 for s in svcs.values() {
-                    let ports: Vec<String> = s.ports.iter().map(|p| format!("{}/{}", p.port, p.protocol)).collect();
-                    let sites: Vec<String> = s.exporters.iter().map(|(n, h)| format!("{n}({h})")).collect();
+                    let ports: Vec<String> = s
+                        .ports
+                        .iter()
+                        .map(|p| format!("{}/{}", p.port, p.protocol))
+                        .collect();
+                    let sites: Vec<String> = s
+                        .exporters
+                        .iter()
+                        .map(|(n, h)| format!("{n}({h})"))
+                        .collect();
                     println!("{:<28} {:<12} {}", s.key, ports.join(","), sites.join(" "));
                 }
             }

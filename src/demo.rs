@@ -29,7 +29,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             d.clone()
         }
         None => {
-            tmp = tempfile::Builder::new().prefix("causeway-demo-").tempdir()?;
+            tmp = tempfile::Builder::new()
+                .prefix("causeway-demo-")
+                .tempdir()?;
             tmp.path().to_path_buf()
         }
     };
@@ -42,7 +44,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             println!("--- controller-{name} log (tail) ---\n{}", p.log_tail(8));
         }
         for s in fed.sites.values() {
-            println!("--- gateway-{} log (tail) ---\n{}", s.name, s.gateway.log_tail(8));
+            println!(
+                "--- gateway-{} log (tail) ---\n{}",
+                s.name,
+                s.gateway.log_tail(8)
+            );
         }
         if args.dir.is_none() {
             println!("(rerun with --dir DIR to keep all logs)");
@@ -60,30 +66,45 @@ async fn walkthrough(fed: &mut LocalFederation, keep_running: bool) -> anyhow::R
 
     fed.start_controllers(3)?;
     let leader = fed.wait_for_leader(Duration::from_secs(30)).await?;
-    step(&format!("controllers up (openraft over mTLS gRPC); node {leader} is the leader"));
+    step(&format!(
+        "controllers up (openraft over mTLS gRPC); node {leader} is the leader"
+    ));
 
     let (east_addr, east_task) = echo_server(Some("hello from payments in east".into())).await?;
     let (west_addr, _west_task) = echo_server(Some("hello from payments in west".into())).await?;
-    step(&format!("sample service {SERVICE} runs in east ({east_addr}) and west ({west_addr})"));
+    step(&format!(
+        "sample service {SERVICE} runs in east ({east_addr}) and west ({west_addr})"
+    ));
 
     let export = |a| Export {
         service: SERVICE.into(),
         port: PORT,
         endpoints: vec![a],
     };
-    fed.add_site("east", "127.11.0.0/16", &[export(east_addr)]).await?;
-    fed.add_site("west", "127.12.0.0/16", &[export(west_addr)]).await?;
+    fed.add_site("east", "127.11.0.0/16", &[export(east_addr)])
+        .await?;
+    fed.add_site("west", "127.12.0.0/16", &[export(west_addr)])
+        .await?;
     fed.add_site("central", "127.13.0.0/16", &[]).await?;
     step("sites joined with one-time tokens; each gateway pinned the controller CA and registered its own site CA");
 
-    let vip = fed.wait_resolvable("central", NAME, Duration::from_secs(30)).await?;
-    step(&format!("central's DNS ({}) answers {NAME} -> {vip}", fed.sites["central"].dns));
+    let vip = fed
+        .wait_resolvable("central", NAME, Duration::from_secs(30))
+        .await?;
+    step(&format!(
+        "central's DNS ({}) answers {NAME} -> {vip}",
+        fed.sites["central"].dns
+    ));
 
     let target = std::net::SocketAddr::new(vip, PORT);
     let first = retry_call(target, "ping-1", Duration::from_secs(20)).await?;
-    step(&format!("call from central through the QUIC mTLS tunnel: \"{first}\""));
+    step(&format!(
+        "call from central through the QUIC mTLS tunnel: \"{first}\""
+    ));
     if !first.contains("east") {
-        anyhow::bail!("expected east to answer first (healthy sites are tried by name), got {first:?}");
+        anyhow::bail!(
+            "expected east to answer first (healthy sites are tried by name), got {first:?}"
+        );
     }
 
     east_task.abort();
@@ -115,14 +136,21 @@ async fn walkthrough(fed: &mut LocalFederation, keep_running: bool) -> anyhow::R
             fed.creds.display(),
             fed.endpoints().join(",")
         );
-        println!("  curl -s http://{}/metrics | grep causeway_", c.gateway_admin);
+        println!(
+            "  curl -s http://{}/metrics | grep causeway_",
+            c.gateway_admin
+        );
         println!("logs: {}/*.log", fed.root.display());
         crate::cli::shutdown_signal().await;
     }
     Ok(())
 }
 
-async fn retry_call(addr: std::net::SocketAddr, msg: &str, timeout: Duration) -> anyhow::Result<String> {
+async fn retry_call(
+    addr: std::net::SocketAddr,
+    msg: &str,
+    timeout: Duration,
+) -> anyhow::Result<String> {
     let deadline = Instant::now() + timeout;
     loop {
         match call_banner(addr, msg).await {

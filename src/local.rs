@@ -45,7 +45,10 @@ impl Proc {
             .open(&self.log)?;
         let child = Command::new(bin)
             .args(&self.args)
-            .env("RUST_LOG", std::env::var("CAUSEWAY_CHILD_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("CAUSEWAY_CHILD_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -71,7 +74,9 @@ impl Proc {
 
     /// Whether the process exited on its own (with its status).
     pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn log_tail(&self, lines: usize) -> String {
@@ -96,6 +101,7 @@ pub struct Site {
     pub tunnel: SocketAddr,
     pub dns: SocketAddr,
     pub gateway_admin: SocketAddr,
+    pub dns_admin: SocketAddr,
     pub vip_range: String,
     pub gateway: Proc,
     pub dns_proc: Proc,
@@ -107,6 +113,7 @@ pub struct LocalFederation {
     pub creds: PathBuf,
     pub controller_addrs: BTreeMap<u64, String>,
     pub controllers: BTreeMap<u64, Proc>,
+    pub controller_admin: BTreeMap<u64, SocketAddr>,
     pub sites: BTreeMap<String, Site>,
 }
 
@@ -133,6 +140,7 @@ impl LocalFederation {
             creds,
             controller_addrs: BTreeMap::new(),
             controllers: BTreeMap::new(),
+            controller_admin: BTreeMap::new(),
             sites: BTreeMap::new(),
         })
     }
@@ -140,9 +148,12 @@ impl LocalFederation {
     /// Starts `n` controller nodes forming one cluster.
     pub fn start_controllers(&mut self, n: u64) -> anyhow::Result<()> {
         for id in 1..=n {
-            self.controller_addrs.insert(id, format!("127.0.0.1:{}", free_port()?));
+            self.controller_addrs
+                .insert(id, format!("127.0.0.1:{}", free_port()?));
         }
         for id in 1..=n {
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+            self.controller_admin.insert(id, admin);
             let mut args = vec![
                 "controller".to_string(),
                 "--id".into(),
@@ -150,11 +161,14 @@ impl LocalFederation {
                 "--listen".into(),
                 self.controller_addrs[&id].clone(),
                 "--data-dir".into(),
-                self.root.join(format!("controller-{id}")).display().to_string(),
+                self.root
+                    .join(format!("controller-{id}"))
+                    .display()
+                    .to_string(),
                 "--ca-dir".into(),
                 self.creds.display().to_string(),
                 "--admin-listen".into(),
-                format!("127.0.0.1:{}", free_port()?),
+                admin.to_string(),
             ];
             for (pid, addr) in &self.controller_addrs {
                 args.push("--peer".into());
@@ -173,7 +187,10 @@ impl LocalFederation {
     /// An admin client for all controllers, or for one node only.
     pub fn admin_client(&self, only: Option<u64>) -> anyhow::Result<ControllerClient> {
         let ca = identity::read(&self.creds.join("ca.pem"))?;
-        let admin = Credential::load(&self.creds.join("admin.pem"), &self.creds.join("admin-key.pem"))?;
+        let admin = Credential::load(
+            &self.creds.join("admin.pem"),
+            &self.creds.join("admin-key.pem"),
+        )?;
         let eps = match only {
             Some(id) => vec![self.controller_addrs[&id].clone()],
             None => self.endpoints(),
@@ -193,7 +210,9 @@ impl LocalFederation {
         loop {
             let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
             for id in self.controllers.keys() {
-                if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), self.status(*id)).await {
+                if let Ok(Ok(s)) =
+                    tokio::time::timeout(Duration::from_secs(1), self.status(*id)).await
+                {
                     if s.leader_id != 0 {
                         *votes.entry(s.leader_id).or_default() += 1;
                     }
@@ -201,38 +220,54 @@ impl LocalFederation {
             }
             let majority = self.controller_addrs.len() / 2 + 1;
             if let Some((leader, _)) = votes.iter().find(|(_, n)| **n >= majority) {
-                if self.controllers.contains_key(leader) && self.controllers[leader].child.is_some() {
+                if self.controllers.contains_key(leader) && self.controllers[leader].child.is_some()
+                {
                     return Ok(*leader);
                 }
             }
             if Instant::now() > deadline {
-                bail!("no controller leader within {timeout:?}; see {}/controller-*.log", self.root.display());
+                bail!(
+                    "no controller leader within {timeout:?}; see {}/controller-*.log",
+                    self.root.display()
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
+    /// `causeway ctl cluster add SITE`, as an operator would run it.
     pub async fn create_token(&self, site: &str) -> anyhow::Result<String> {
-        let mut fed = self.admin_client(None)?.federation().await?;
-        let r = fed
-            .create_join_token(pb::CreateJoinTokenRequest {
-                site: site.to_string(),
-                labels: Default::default(),
-                ttl_seconds: 600,
-            })
+        let out = Command::new(&self.bin)
+            .args(["ctl", "--creds"])
+            .arg(&self.creds)
+            .arg("--controller")
+            .arg(self.endpoints().join(","))
+            .args(["cluster", "add", site, "--label", "env=demo", "--ttl", "600"])
+            .stdin(Stdio::null())
+            .output()
             .await
-            .map_err(|s| anyhow::anyhow!("creating a join token for {site}: {}", s.message()))?;
-        Ok(r.into_inner().token)
+            .context("running causeway ctl")?;
+        if !out.status.success() {
+            bail!("causeway ctl cluster add {site}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        let token = String::from_utf8(out.stdout)?.trim().to_string();
+        Ok(token)
     }
 
     /// Joins a site: a gateway (with the token) and a DNS server.
-    pub async fn add_site(&mut self, name: &str, vip_range: &str, exports: &[Export]) -> anyhow::Result<()> {
+    pub async fn add_site(
+        &mut self,
+        name: &str,
+        vip_range: &str,
+        exports: &[Export],
+    ) -> anyhow::Result<()> {
         let token = self.create_token(name).await?;
         let state_dir = self.root.join(format!("site-{name}"));
         std::fs::create_dir_all(&state_dir)?;
         let tunnel: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let dns: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let gateway_admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let dns_admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let mut cfg = format!(
             "state_dir = {:?}\ntunnel_listen = \"{tunnel}\"\nvip_range = \"{vip_range}\"\nreplica = \"gw-0\"\nhealth_interval_secs = 0.5\n",
             state_dir.display().to_string()
@@ -266,10 +301,16 @@ impl LocalFederation {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !state_dir.join("site.json").exists() {
             if let Some(status) = gateway.exited() {
-                bail!("gateway {name} exited ({status}) before joining:\n{}", gateway.log_tail(20));
+                bail!(
+                    "gateway {name} exited ({status}) before joining:\n{}",
+                    gateway.log_tail(20)
+                );
             }
             if Instant::now() > deadline {
-                bail!("gateway {name} did not join within 20 s:\n{}", gateway.log_tail(20));
+                bail!(
+                    "gateway {name} did not join within 20 s:\n{}",
+                    gateway.log_tail(20)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -285,6 +326,8 @@ impl LocalFederation {
                 dns.to_string(),
                 "--vip-range".into(),
                 vip_range.to_string(),
+                "--admin-listen".into(),
+                dns_admin.to_string(),
             ],
         )?;
         self.sites.insert(
@@ -296,6 +339,7 @@ impl LocalFederation {
                 tunnel,
                 dns,
                 gateway_admin,
+                dns_admin,
                 vip_range: vip_range.to_string(),
                 gateway,
                 dns_proc,
@@ -305,7 +349,12 @@ impl LocalFederation {
     }
 
     /// Asks a site's DNS server until `name` has an A record.
-    pub async fn wait_resolvable(&self, site: &str, name: &str, timeout: Duration) -> anyhow::Result<IpAddr> {
+    pub async fn wait_resolvable(
+        &self,
+        site: &str,
+        name: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<IpAddr> {
         let server = self.sites[site].dns;
         let deadline = Instant::now() + timeout;
         let mut last;
@@ -316,7 +365,9 @@ impl LocalFederation {
                 Err(e) => last = e.to_string(),
             }
             if Instant::now() > deadline {
-                bail!("{name} did not resolve at {site}'s DNS ({server}) within {timeout:?}: {last}");
+                bail!(
+                    "{name} did not resolve at {site}'s DNS ({server}) within {timeout:?}: {last}"
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -369,12 +420,16 @@ pub async fn dns_a(server: SocketAddr, name: &str) -> anyhow::Result<Vec<IpAddr>
 
 /// A sample workload: optionally writes `banner` and a newline, then echoes
 /// every byte back until the client half-closes.
-pub async fn echo_server(banner: Option<String>) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn echo_server(
+    banner: Option<String>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let task = tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
             let banner = banner.clone();
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;

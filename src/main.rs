@@ -8,8 +8,9 @@ fn main() {
     let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter(&cli.command))),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new(default_filter(&cli.command))
+            }),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::env::var_os("NO_COLOR").is_none())
@@ -28,7 +29,10 @@ fn main() {
             Command::Ca(a) => match a.command {
                 cli::CaCommand::Init { dir, admin } => {
                     cli::ca_init(&dir, &admin)?;
-                    println!("wrote ca.pem, ca-key.pem, admin.pem, admin-key.pem to {}", dir.display());
+                    println!(
+                        "wrote ca.pem, ca-key.pem, admin.pem, admin-key.pem to {}",
+                        dir.display()
+                    );
                     Ok(())
                 }
             },
@@ -37,7 +41,11 @@ fn main() {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        let code = if e.downcast_ref::<ConfigError>().is_some() { EXIT_CONFIG } else { 1 };
+        let code = if e.downcast_ref::<ConfigError>().is_some() {
+            EXIT_CONFIG
+        } else {
+            1
+        };
         std::process::exit(code);
     }
 }

@@ -18,7 +18,10 @@ fn vip_range() -> String {
 }
 
 fn init_tracing() {
-    let _ = tracing_subscriber::fmt().with_test_writer().with_env_filter("info").try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("info")
+        .try_init();
 }
 
 async fn federation(tmp: &tempfile::TempDir) -> LocalFederation {
@@ -38,9 +41,12 @@ async fn resolve_with_hickory(server: SocketAddr, name: &str) -> Vec<IpAddr> {
     let mut tcp = ConnectionConfig::tcp();
     tcp.port = server.port();
     let ns = NameServerConfig::new(server.ip(), true, vec![udp, tcp]);
-    let resolver = Resolver::builder_with_config(ResolverConfig::from_parts(None, vec![], vec![ns]), TokioRuntimeProvider::default())
-        .build()
-        .unwrap();
+    let resolver = Resolver::builder_with_config(
+        ResolverConfig::from_parts(None, vec![], vec![ns]),
+        TokioRuntimeProvider::default(),
+    )
+    .build()
+    .unwrap();
     resolver.lookup_ip(name).await.unwrap().iter().collect()
 }
 
@@ -52,7 +58,11 @@ fn dig(server: SocketAddr, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("`dig` is needed by this test: install it (Debian: apt-get install bind9-dnsutils); .ci/run does");
-    assert!(out.status.success(), "dig failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "dig failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -74,11 +84,15 @@ async fn echo_roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
 async fn wait_tunnel(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let probe = tokio::time::timeout(Duration::from_secs(5), echo_roundtrip(addr, b"probe")).await;
+        let probe =
+            tokio::time::timeout(Duration::from_secs(5), echo_roundtrip(addr, b"probe")).await;
         if matches!(&probe, Ok(v) if v == b"probe") {
             return;
         }
-        assert!(Instant::now() < deadline, "tunnel to {addr} never carried a probe");
+        assert!(
+            Instant::now() < deadline,
+            "tunnel to {addr} never carried a probe"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -93,23 +107,41 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
     let (echo, _task) = echo_server(None).await.unwrap();
     let range_e = vip_range();
     let range_w = vip_range();
-    fed.add_site("east", &range_e, &[Export { service: "shop/echo".into(), port: 7000, endpoints: vec![echo] }])
-        .await
-        .unwrap();
+    fed.add_site(
+        "east",
+        &range_e,
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await
+    .unwrap();
     fed.add_site("west", &range_w, &[]).await.unwrap();
 
     tracing::info!("phase: resolve with a real resolver and with dig");
     let name = "echo.shop.svc.clusterset.local";
-    let vip = fed.wait_resolvable("west", name, Duration::from_secs(30)).await.unwrap();
+    let vip = fed
+        .wait_resolvable("west", name, Duration::from_secs(30))
+        .await
+        .unwrap();
     let west_dns = fed.sites["west"].dns;
     let ips = resolve_with_hickory(west_dns, name).await;
     assert_eq!(ips, vec![vip]);
     let (base, prefix) = causeway_api::model::parse_cidr("vip", &range_w).unwrap();
-    assert_eq!(Some(vip), causeway_api::model::vip_for(base, prefix, 1), "first service gets index 1 in west's range");
+    assert_eq!(
+        Some(vip),
+        causeway_api::model::vip_for(base, prefix, 1),
+        "first service gets index 1 in west's range"
+    );
     let short = dig(west_dns, &["+short", name, "A"]);
     assert_eq!(short.trim(), vip.to_string());
     let nx = dig(west_dns, &["nothere.shop.svc.clusterset.local", "A"]);
-    assert!(nx.contains("status: NXDOMAIN") && nx.contains("SOA"), "{nx}");
+    assert!(
+        nx.contains("status: NXDOMAIN") && nx.contains("SOA"),
+        "{nx}"
+    );
     let refused = dig(west_dns, &["example.com", "A"]);
     assert!(refused.contains("status: REFUSED"), "{refused}");
     let tcp = dig(west_dns, &["+tcp", "+short", name, "A"]);
@@ -118,7 +150,9 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
     tracing::info!("phase: 10 MiB through the tunnel, byte for byte");
     let target = SocketAddr::new(vip, 7000);
     wait_tunnel(target).await;
-    let data: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let got = echo_roundtrip(target, &data).await;
     assert_eq!(got.len(), data.len());
     assert!(got == data, "10 MiB echo differs");
@@ -138,7 +172,46 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
             ok += 1;
         }
     }
-    assert_eq!(ok, 50, "every concurrent connection must echo its own bytes");
+    assert_eq!(
+        ok, 50,
+        "every concurrent connection must echo its own bytes"
+    );
+
+    tracing::info!("phase: the admin ports expose the promised metrics");
+    let gw = http_get(fed.sites["east"].gateway_admin, "/metrics").await;
+    for m in [
+        "causeway_tunnel_connections",
+        "causeway_tunnel_streams_total",
+        "causeway_tunnel_bytes_total",
+    ] {
+        assert!(gw.contains(m), "gateway metrics lack {m}");
+    }
+    let bytes: f64 = gw
+        .lines()
+        .filter(|l| l.starts_with("causeway_tunnel_bytes_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        bytes >= 2.0 * 10.0 * 1024.0 * 1024.0,
+        "east counted {bytes} tunnel bytes"
+    );
+    let dm = http_get(fed.sites["west"].dns_admin, "/metrics").await;
+    assert!(
+        dm.contains("causeway_dns_queries_total{rcode=\"noerror\"}"),
+        "{dm}"
+    );
+    assert!(
+        dm.contains("causeway_dns_queries_total{rcode=\"nxdomain\"}"),
+        "{dm}"
+    );
+    let ctrl = http_get(fed.controller_admin[&1], "/metrics").await;
+    for m in [
+        "causeway_raft_term",
+        "causeway_raft_commit_index",
+        "causeway_raft_role{role=\"leader\"}",
+    ] {
+        assert!(ctrl.contains(m), "controller metrics lack {m}");
+    }
     fed.shutdown().await;
 }
 
@@ -157,14 +230,22 @@ fn exports(n: usize) -> Vec<causeway_api::pb::Export> {
     (0..n)
         .map(|i| causeway_api::pb::Export {
             service: format!("bench/svc-{i}"),
-            ports: vec![causeway_api::pb::ServicePort { port: 80, protocol: "tcp".into(), name: String::new() }],
+            ports: vec![causeway_api::pb::ServicePort {
+                port: 80,
+                protocol: "tcp".into(),
+                name: String::new(),
+            }],
             healthy_endpoints: 1,
             vip_index: 0,
         })
         .collect()
 }
 
-async fn publish(client: &causeway_api::client::ControllerClient, site: &str, n: usize) -> Result<u64, String> {
+async fn publish(
+    client: &causeway_api::client::ControllerClient,
+    site: &str,
+    n: usize,
+) -> Result<u64, String> {
     let mut fed = client.federation().await.map_err(|e| e.to_string())?;
     let r = tokio::time::timeout(
         Duration::from_secs(10),
@@ -186,9 +267,22 @@ async fn publish(client: &causeway_api::client::ControllerClient, site: &str, n:
 }
 
 async fn catalog_services(fed: &LocalFederation, node: u64) -> Vec<String> {
-    let mut c = fed.admin_client(Some(node)).unwrap().federation().await.unwrap();
-    let cat = c.catalog(causeway_api::pb::CatalogRequest {}).await.unwrap().into_inner();
-    let mut v: Vec<String> = cat.exports.iter().flat_map(|e| e.exports.iter().map(|x| x.service.clone())).collect();
+    let mut c = fed
+        .admin_client(Some(node))
+        .unwrap()
+        .federation()
+        .await
+        .unwrap();
+    let cat = c
+        .catalog(causeway_api::pb::CatalogRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let mut v: Vec<String> = cat
+        .exports
+        .iter()
+        .flat_map(|e| e.exports.iter().map(|x| x.service.clone()))
+        .collect();
     v.sort();
     v
 }
@@ -208,11 +302,23 @@ async fn killing_the_leader_loses_no_acknowledged_export() {
         acked = n;
     }
 
-    tracing::info!("phase: SIGKILL the leader");
+    tracing::info!("phase: a write sent to a follower is forwarded to the leader");
     let old = fed.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    let follower = *fed.controller_addrs.keys().find(|id| **id != old).unwrap();
+    let via_follower = causeway_api::client::ControllerClient::new(
+        vec![fed.controller_addrs[&follower].clone()],
+        &site.controller_ca_pem,
+        Some(&site.api),
+    );
+    publish(&via_follower, "alpha", 20).await.unwrap();
+
+    tracing::info!("phase: SIGKILL the leader");
     let old_pid = fed.controller(old).pid().unwrap();
     fed.controller(old).kill().await;
-    assert!(!std::path::Path::new(&format!("/proc/{old_pid}")).exists(), "the leader process is gone");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{old_pid}")).exists(),
+        "the leader process is gone"
+    );
 
     tracing::info!("phase: writes continue on a new leader");
     let killed_at = Instant::now();
@@ -227,14 +333,22 @@ async fn killing_the_leader_loses_no_acknowledged_export() {
                     break;
                 }
                 Err(e) => {
-                    assert!(Instant::now() < deadline, "no write accepted for 20 s after the leader died: {e}");
+                    assert!(
+                        Instant::now() < deadline,
+                        "no write accepted for 20 s after the leader died: {e}"
+                    );
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
         }
     }
     tracing::info!(after = ?first_ok, "first write after the kill was acknowledged");
-    let survivors: Vec<u64> = fed.controller_addrs.keys().copied().filter(|id| *id != old).collect();
+    let survivors: Vec<u64> = fed
+        .controller_addrs
+        .keys()
+        .copied()
+        .filter(|id| *id != old)
+        .collect();
     let status = fed.status(survivors[0]).await.unwrap();
     assert_ne!(status.leader_id, old, "a new leader must have taken over");
     assert_ne!(status.leader_id, 0);
@@ -253,7 +367,12 @@ async fn killing_the_leader_loses_no_acknowledged_export() {
             if got == want {
                 break;
             }
-            assert!(Instant::now() < deadline, "node {id} has {} of {} exports", got.len(), want.len());
+            assert!(
+                Instant::now() < deadline,
+                "node {id} has {} of {} exports",
+                got.len(),
+                want.len()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -268,16 +387,36 @@ async fn killing_the_leader_loses_no_acknowledged_export() {
                 break;
             }
         }
-        assert!(Instant::now() < deadline, "restarted node {old} did not catch up");
+        assert!(
+            Instant::now() < deadline,
+            "restarted node {old} did not catch up"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     assert_eq!(catalog_services(&fed, old).await, want);
     fed.shutdown().await;
 }
 
+async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
 fn run_bin(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(bin()).args(args).output().unwrap();
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,37 +427,73 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_lost() {
     let token = fed.create_token("alpha").await.unwrap();
     let dir = fed.root.join("alpha");
     let ca = causeway_gateway::site::SiteState::site_ca(&dir, None).unwrap();
-    let alpha = causeway_gateway::site::SiteState::join(&dir, &token, &ca, vec!["127.0.0.1:9".into()])
-        .await
-        .unwrap();
+    let alpha =
+        causeway_gateway::site::SiteState::join(&dir, &token, &ca, vec!["127.0.0.1:9".into()])
+            .await
+            .unwrap();
     let client = alpha.controller_client();
     publish(&client, "alpha", 3).await.unwrap();
 
     tracing::info!("phase: malformed join token");
-    let mut anon = causeway_api::client::ControllerClient::new(fed.endpoints(), &alpha.controller_ca_pem, None)
-        .federation()
-        .await
-        .unwrap();
+    let mut anon = causeway_api::client::ControllerClient::new(
+        fed.endpoints(),
+        &alpha.controller_ca_pem,
+        None,
+    )
+    .federation()
+    .await
+    .unwrap();
     let err = anon
-        .join(causeway_api::pb::JoinRequest { token: "cwj1.bm90IGpzb24".into(), ..Default::default() })
+        .join(causeway_api::pb::JoinRequest {
+            token: "cwj1.bm90IGpzb24".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().starts_with("token:"), "{}", err.message());
-    let (code, stderr) = run_bin(&["gateway", "--config", &write_config(&tmp, "ok.toml", "state_dir = \"/nonexistent/x\"\n"), "--join-token", "hello"]);
+    let (code, stderr) = run_bin(&[
+        "gateway",
+        "--config",
+        &write_config(&tmp, "ok.toml", "state_dir = \"/nonexistent/x\"\n"),
+        "--join-token",
+        "hello",
+    ]);
     assert_ne!(code, 0);
-    assert!(stderr.contains("join token must start with 'cwj1.'"), "{stderr}");
+    assert!(
+        stderr.contains("join token must start with 'cwj1.'"),
+        "{stderr}"
+    );
     let cut = &token[..token.len() / 2];
-    let (code, stderr) = run_bin(&["gateway", "--config", &write_config(&tmp, "ok2.toml", &format!("state_dir = {:?}\n", tmp.path().join("cut").display().to_string())), "--join-token", cut]);
+    let (code, stderr) = run_bin(&[
+        "gateway",
+        "--config",
+        &write_config(
+            &tmp,
+            "ok2.toml",
+            &format!(
+                "state_dir = {:?}\n",
+                tmp.path().join("cut").display().to_string()
+            ),
+        ),
+        "--join-token",
+        cut,
+    ]);
     assert_ne!(code, 0);
     assert!(stderr.contains("join token is malformed"), "{stderr}");
 
     tracing::info!("phase: reused join token");
     let dir2 = fed.root.join("alpha-again");
     let ca2 = causeway_gateway::site::SiteState::site_ca(&dir2, None).unwrap();
-    let err = causeway_gateway::site::SiteState::join(&dir2, &token, &ca2, vec![]).await.err().unwrap();
+    let err = causeway_gateway::site::SiteState::join(&dir2, &token, &ca2, vec![])
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().contains("already used"), "{err}");
-    assert!(!dir2.join("site.json").exists(), "a refused join must not leave a half-joined site");
+    assert!(
+        !dir2.join("site.json").exists(),
+        "a refused join must not leave a half-joined site"
+    );
 
     tracing::info!("phase: duplicate site name");
     let err = fed.create_token("alpha").await.unwrap_err();
@@ -331,29 +506,62 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_lost() {
     let mut bad = exports(1);
     bad[0].service = "payments".into();
     let err = f
-        .publish_exports(causeway_api::pb::PublishExportsRequest { site: "alpha".into(), exports: bad, tunnel_addrs: vec![] })
+        .publish_exports(causeway_api::pb::PublishExportsRequest {
+            site: "alpha".into(),
+            exports: bad,
+            tunnel_addrs: vec![],
+        })
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("exports[0].service") && err.message().contains("<namespace>/<name>"), "{}", err.message());
+    assert!(
+        err.message().contains("exports[0].service")
+            && err.message().contains("<namespace>/<name>"),
+        "{}",
+        err.message()
+    );
 
     tracing::info!("phase: least privilege");
     let err = f
-        .publish_exports(causeway_api::pb::PublishExportsRequest { site: "beta".into(), exports: exports(1), tunnel_addrs: vec![] })
+        .publish_exports(causeway_api::pb::PublishExportsRequest {
+            site: "beta".into(),
+            exports: exports(1),
+            tunnel_addrs: vec![],
+        })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{}", err.message());
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
     let err = f
-        .create_join_token(causeway_api::pb::CreateJoinTokenRequest { site: "gamma".into(), ..Default::default() })
+        .create_join_token(causeway_api::pb::CreateJoinTokenRequest {
+            site: "gamma".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{}", err.message());
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
     assert!(err.message().contains("admin"), "{}", err.message());
-    let err = anon.catalog(causeway_api::pb::CatalogRequest {}).await.unwrap_err();
+    let err = anon
+        .catalog(causeway_api::pb::CatalogRequest {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
 
     tracing::info!("phase: unknown and invalid config fields");
-    let cfg = write_config(&tmp, "typo.toml", "state_dir = \"/x\"\ntunel_listen = \"127.0.0.1:1\"\n");
+    let cfg = write_config(
+        &tmp,
+        "typo.toml",
+        "state_dir = \"/x\"\ntunel_listen = \"127.0.0.1:1\"\n",
+    );
     let (code, stderr) = run_bin(&["gateway", "--config", &cfg]);
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("unknown field `tunel_listen`"), "{stderr}");
@@ -361,7 +569,11 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_lost() {
     let (code, stderr) = run_bin(&["gateway", "--config", &cfg]);
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("exports[0].service"), "{stderr}");
-    let cfg = write_config(&tmp, "ctrl.toml", "id = 1\nlisten = \"127.0.0.1:1\"\nbogus = true\n");
+    let cfg = write_config(
+        &tmp,
+        "ctrl.toml",
+        "id = 1\nlisten = \"127.0.0.1:1\"\nbogus = true\n",
+    );
     let (code, stderr) = run_bin(&["controller", "--config", &cfg]);
     assert_eq!(code, 64, "{stderr}");
     assert!(stderr.contains("unknown field `bogus`"), "{stderr}");
@@ -394,18 +606,33 @@ async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
     let (echo, _task) = echo_server(None).await.unwrap();
-    fed.add_site("east", &vip_range(), &[Export { service: "shop/echo".into(), port: 7000, endpoints: vec![echo] }])
-        .await
-        .unwrap();
+    fed.add_site(
+        "east",
+        &vip_range(),
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await
+    .unwrap();
     fed.add_site("west", &vip_range(), &[]).await.unwrap();
     let name = "echo.shop.svc.clusterset.local";
-    let vip = fed.wait_resolvable("west", name, Duration::from_secs(30)).await.unwrap();
+    let vip = fed
+        .wait_resolvable("west", name, Duration::from_secs(30))
+        .await
+        .unwrap();
     let target = SocketAddr::new(vip, 7000);
     wait_tunnel(target).await;
 
     tracing::info!("phase: random datagrams at both tunnel ports and the DNS port");
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let targets = [fed.sites["east"].tunnel, fed.sites["west"].tunnel, fed.sites["west"].dns];
+    let targets = [
+        fed.sites["east"].tunnel,
+        fed.sites["west"].tunnel,
+        fed.sites["west"].dns,
+    ];
     let mut rng = rand::rng();
     for i in 0..600 {
         let len = rng.random_range(1..1500);
@@ -417,13 +644,21 @@ async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
                 buf[1..5].copy_from_slice(&1u32.to_be_bytes());
             }
         }
-        sock.send_to(&buf, targets[i % targets.len()]).await.unwrap();
+        sock.send_to(&buf, targets[i % targets.len()])
+            .await
+            .unwrap();
     }
 
     tracing::info!("phase: garbage over DNS TCP, including a huge length prefix");
     for i in 0..20 {
         if let Ok(mut s) = tokio::net::TcpStream::connect(fed.sites["west"].dns).await {
-            let garbage: Vec<u8> = if i == 0 { vec![0xff, 0xff, 1, 2, 3] } else { (0..rng.random_range(1..600)).map(|_| rng.random()).collect() };
+            let garbage: Vec<u8> = if i == 0 {
+                vec![0xff, 0xff, 1, 2, 3]
+            } else {
+                (0..rng.random_range(1..600))
+                    .map(|_| rng.random())
+                    .collect()
+            };
             let _ = s.write_all(&garbage).await;
             let _ = s.shutdown().await;
         }
@@ -439,4 +674,31 @@ async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
         assert!(s.dns_proc.exited().is_none(), "dns {} died", s.name);
     }
     fed.shutdown().await;
+}
+
+#[test]
+fn the_demo_runs_end_to_end() {
+    let out = std::process::Command::new(bin())
+        .arg("demo")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "demo failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("answers payments.shop.svc.clusterset.local -> 127.13."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"hello from payments in east\""),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("\"hello from payments in west\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("failover east -> west worked"), "{stdout}");
 }

@@ -41,7 +41,11 @@ fn count(code: ResponseCode) {
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, request: &Request, mut response_handle: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        request: &Request,
+        mut response_handle: R,
+    ) -> ResponseInfo {
         let fallback = {
             let mut m = Metadata::response_from_request(&request.metadata);
             m.response_code = ResponseCode::ServFail;
@@ -51,21 +55,32 @@ impl RequestHandler for Handler {
             })
         };
         let builder = MessageResponseBuilder::from_message_request(request);
-        if request.metadata.message_type != MessageType::Query || request.metadata.op_code != OpCode::Query {
+        if request.metadata.message_type != MessageType::Query
+            || request.metadata.op_code != OpCode::Query
+        {
             count(ResponseCode::NotImp);
             let resp = builder.error_msg(&request.metadata, ResponseCode::NotImp);
-            return response_handle.send_response(resp).await.unwrap_or(fallback);
+            return response_handle
+                .send_response(resp)
+                .await
+                .unwrap_or(fallback);
         }
         let Ok(info) = request.request_info() else {
             count(ResponseCode::FormErr);
             let resp = builder.error_msg(&request.metadata, ResponseCode::FormErr);
-            return response_handle.send_response(resp).await.unwrap_or(fallback);
+            return response_handle
+                .send_response(resp)
+                .await
+                .unwrap_or(fallback);
         };
         let zone = self.zone.borrow().clone();
         if !zone.ready {
             count(ResponseCode::ServFail);
             let resp = builder.error_msg(&request.metadata, ResponseCode::ServFail);
-            return response_handle.send_response(resp).await.unwrap_or(fallback);
+            return response_handle
+                .send_response(resp)
+                .await
+                .unwrap_or(fallback);
         }
         let mut meta = Metadata::response_from_request(&request.metadata);
         meta.authoritative = true;
@@ -94,7 +109,10 @@ impl RequestHandler for Handler {
             }
         };
         count(meta.response_code);
-        response_handle.send_response(resp).await.unwrap_or(fallback)
+        response_handle
+            .send_response(resp)
+            .await
+            .unwrap_or(fallback)
     }
 }
 

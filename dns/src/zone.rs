@@ -84,7 +84,10 @@ impl Zone {
     }
 
     /// The zone for a catalog view.
-    pub fn build(opts: &ZoneOptions, view: &CatalogView) -> Result<Self, hickory_proto::ProtoError> {
+    pub fn build(
+        opts: &ZoneOptions,
+        view: &CatalogView,
+    ) -> Result<Self, hickory_proto::ProtoError> {
         let mut zone = Self::with_serial(opts, view.revision.0 as u32)?;
         zone.ready = view.synced;
         let origin: Name = zone.origin.clone().into();
@@ -98,7 +101,8 @@ impl Zone {
             let Some(vip) = vip_for(opts.vip_base, opts.vip_prefix, svc.vip_index) else {
                 continue;
             };
-            let owner = Name::from_str(&format!("{}.{}.svc", key.name(), key.namespace()))?.append_domain(&origin)?;
+            let owner = Name::from_str(&format!("{}.{}.svc", key.name(), key.namespace()))?
+                .append_domain(&origin)?;
             let rdata = match vip {
                 IpAddr::V4(a) => RData::A(A(a)),
                 IpAddr::V6(a) => RData::AAAA(AAAA(a)),
@@ -209,13 +213,37 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Case-insensitive.
-        assert!(matches!(z.answer(&name("PAYMENTS.Shop.svc.clusterset.local."), RecordType::A), Answer::Records(_)));
-        assert_eq!(z.answer(&name("payments.shop.svc.clusterset.local."), RecordType::AAAA), Answer::NoData);
-        assert_eq!(z.answer(&name("shop.svc.clusterset.local."), RecordType::A), Answer::NoData);
-        assert_eq!(z.answer(&name("cart.shop.svc.clusterset.local."), RecordType::A), Answer::NxDomain);
-        assert_eq!(z.answer(&name("example.com."), RecordType::A), Answer::Refused);
-        assert!(matches!(z.answer(&name("dns-version.clusterset.local."), RecordType::TXT), Answer::Records(_)));
-        assert!(matches!(z.answer(&name("clusterset.local."), RecordType::SOA), Answer::Records(_)));
+        assert!(matches!(
+            z.answer(&name("PAYMENTS.Shop.svc.clusterset.local."), RecordType::A),
+            Answer::Records(_)
+        ));
+        assert_eq!(
+            z.answer(
+                &name("payments.shop.svc.clusterset.local."),
+                RecordType::AAAA
+            ),
+            Answer::NoData
+        );
+        assert_eq!(
+            z.answer(&name("shop.svc.clusterset.local."), RecordType::A),
+            Answer::NoData
+        );
+        assert_eq!(
+            z.answer(&name("cart.shop.svc.clusterset.local."), RecordType::A),
+            Answer::NxDomain
+        );
+        assert_eq!(
+            z.answer(&name("example.com."), RecordType::A),
+            Answer::Refused
+        );
+        assert!(matches!(
+            z.answer(&name("dns-version.clusterset.local."), RecordType::TXT),
+            Answer::Records(_)
+        ));
+        assert!(matches!(
+            z.answer(&name("clusterset.local."), RecordType::SOA),
+            Answer::Records(_)
+        ));
     }
 
     #[test]

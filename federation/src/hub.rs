@@ -111,3 +111,79 @@ impl Hub {
         Start { events, rx }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::state::Command;
+
+    fn grow(hub: &Hub, n: usize) {
+        hub.apply(Command::CreateJoinToken {
+            token_id: format!("t{n}"),
+            secret_sha256: "h".into(),
+            site: format!("s{n}").parse().unwrap(),
+            labels: BTreeMap::new(),
+            expires_at_ms: 10,
+            now_ms: 0,
+        });
+        hub.apply(Command::JoinSite {
+            token_id: format!("t{n}"),
+            secret_sha256: "h".into(),
+            now_ms: 1,
+            site: format!("s{n}").parse().unwrap(),
+            trust_domain: format!("s{n}.causeway").parse().unwrap(),
+            trust_bundle_pem: String::new(),
+            tunnel_addrs: vec![],
+        });
+    }
+
+    fn is_snapshot(e: &pb::WatchEvent) -> bool {
+        matches!(e.kind, Some(pb::watch_event::Kind::Snapshot(_)))
+    }
+
+    #[test]
+    fn watchers_start_from_a_snapshot_or_resume_with_exact_deltas() {
+        let hub = Hub::new();
+        for n in 0..5 {
+            grow(&hub, n);
+        }
+        assert_eq!(hub.revision(), 5);
+
+        let fresh = hub.start(0);
+        assert_eq!(fresh.events.len(), 1);
+        assert!(is_snapshot(&fresh.events[0]));
+        assert_eq!(fresh.events[0].revision, 5);
+
+        let resumed = hub.start(2);
+        let revs: Vec<u64> = resumed.events.iter().map(|e| e.revision).collect();
+        assert_eq!(revs, [3, 4, 5]);
+        assert!(!resumed.events.iter().any(|e| is_snapshot(e)));
+
+        let current = hub.start(5);
+        assert!(current.events.is_empty());
+        // A watcher ahead of this node (it lags) waits for deltas.
+        let ahead = hub.start(9);
+        assert!(ahead.events.is_empty());
+
+        // Later changes arrive on the broadcast, in order.
+        let mut rx = current.rx;
+        grow(&hub, 5);
+        assert_eq!(rx.try_recv().unwrap().revision, 6);
+    }
+
+    #[test]
+    fn a_resume_point_older_than_the_history_gets_a_snapshot() {
+        let hub = Hub::new();
+        hub.replace(CatalogState {
+            revision: 100,
+            ..Default::default()
+        });
+        grow(&hub, 0);
+        let old = hub.start(50);
+        assert_eq!(old.events.len(), 1);
+        assert!(is_snapshot(&old.events[0]));
+        assert_eq!(old.events[0].revision, 101);
+    }
+}

@@ -90,7 +90,12 @@ enum Method {
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl Connection {
-    async fn call<Req, Resp, E>(&mut self, method: Method, req: &Req, ttl: Duration) -> RpcResult<Resp, E>
+    async fn call<Req, Resp, E>(
+        &mut self,
+        method: Method,
+        req: &Req,
+        ttl: Duration,
+    ) -> RpcResult<Resp, E>
     where
         Req: Serialize,
         Resp: DeserializeOwned,

@@ -59,11 +59,16 @@ impl Controller {
     /// Opens storage and starts Raft; initializes the cluster if this is the
     /// lowest-numbered initial voter starting on empty storage.
     pub async fn start(opts: &ControllerOptions) -> anyhow::Result<(Self, Identity)> {
-        let node_spiffe = SpiffeId::new(controller_trust_domain(), &format!("/node/{}", opts.node_id))?;
+        let node_spiffe = SpiffeId::new(
+            controller_trust_domain(),
+            &format!("/node/{}", opts.node_id),
+        )?;
         // Node certificates are short-lived and re-issued at every start.
-        let node_cred = opts
-            .ca
-            .issue(&node_spiffe, &[CONTROLLER_SERVER_NAME], Duration::from_secs(30 * 86400))?;
+        let node_cred = opts.ca.issue(
+            &node_spiffe,
+            &[CONTROLLER_SERVER_NAME],
+            Duration::from_secs(30 * 86400),
+        )?;
         let identity = Identity::from_pem(&node_cred.cert_pem, &node_cred.key_pem);
         let peer_tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&opts.ca.cert_pem))
@@ -88,9 +93,15 @@ impl Controller {
         }
         .validate()
         .context("raft configuration")?;
-        let raft = Raft::new(opts.node_id, Arc::new(config), Network::new(peers.clone()), log, sm)
-            .await
-            .context("starting raft")?;
+        let raft = Raft::new(
+            opts.node_id,
+            Arc::new(config),
+            Network::new(peers.clone()),
+            log,
+            sm,
+        )
+        .await
+        .context("starting raft")?;
 
         let lowest = opts.peers.keys().next().copied();
         if pristine && lowest == Some(opts.node_id) {
@@ -164,7 +175,8 @@ async fn export_raft_metrics(raft: Raft) {
         {
             let m = rx.borrow_and_update();
             metrics::gauge!("causeway_raft_term").set(m.current_term as f64);
-            metrics::gauge!("causeway_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+            metrics::gauge!("causeway_raft_last_log_index")
+                .set(m.last_log_index.unwrap_or(0) as f64);
             metrics::gauge!("causeway_raft_commit_index")
                 .set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
             for (state, label) in [
@@ -173,8 +185,11 @@ async fn export_raft_metrics(raft: Raft) {
                 (ServerState::Candidate, "candidate"),
                 (ServerState::Learner, "learner"),
             ] {
-                metrics::gauge!("causeway_raft_role", "role" => label)
-                    .set(if m.state == state { 1.0 } else { 0.0 });
+                metrics::gauge!("causeway_raft_role", "role" => label).set(if m.state == state {
+                    1.0
+                } else {
+                    0.0
+                });
             }
             if m.current_leader != last_leader {
                 tracing::info!(leader = ?m.current_leader, term = m.current_term, "raft leader changed");

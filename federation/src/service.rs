@@ -78,7 +78,10 @@ pub fn classify(id: &SpiffeId) -> Caller {
     }
     let segs: Vec<&str> = id.segments().collect();
     match segs.as_slice() {
-        ["node", n] => n.parse().map(Caller::Node).unwrap_or(Caller::Other(id.clone())),
+        ["node", n] => n
+            .parse()
+            .map(Caller::Node)
+            .unwrap_or(Caller::Other(id.clone())),
         ["admin", name] => Caller::Admin(name.to_string()),
         ["site", s] => s
             .parse()
@@ -170,7 +173,9 @@ impl Shared {
                         Some(node) if f.leader_id != Some(self.node_id) => {
                             match self.forward(&node.addr, &cmd).await {
                                 Ok(o) => return Ok(o),
-                                Err(e) => last = format!("forwarding to the leader at {}: {e}", node.addr),
+                                Err(e) => {
+                                    last = format!("forwarding to the leader at {}: {e}", node.addr)
+                                }
                             }
                         }
                         _ => last = "no leader is elected yet".into(),
@@ -203,20 +208,30 @@ impl Shared {
     }
 }
 
-fn parse_labels(labels: &std::collections::HashMap<String, String>) -> Result<BTreeMap<String, String>, Status> {
+fn parse_labels(
+    labels: &std::collections::HashMap<String, String>,
+) -> Result<BTreeMap<String, String>, Status> {
     if labels.len() > crate::state::MAX_LABELS {
-        return Err(invalid("labels", format!("at most {} labels", crate::state::MAX_LABELS)));
+        return Err(invalid(
+            "labels",
+            format!("at most {} labels", crate::state::MAX_LABELS),
+        ));
     }
     let mut out = BTreeMap::new();
     for (k, v) in labels {
         let key_ok = !k.is_empty()
             && k.len() <= 63
-            && k.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/'));
+            && k.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.' | b'/'));
         if !key_ok {
-            return Err(invalid("labels", format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'")));
+            return Err(invalid(
+                "labels",
+                format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"),
+            ));
         }
         let val_ok = v.len() <= 63
-            && v.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
+            && v.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
         if !val_ok {
             return Err(invalid("labels", format!("value of {k:?} must be at most 63 characters of letters, digits, '-', '_', '.'")));
         }
@@ -227,7 +242,10 @@ fn parse_labels(labels: &std::collections::HashMap<String, String>) -> Result<BT
 
 fn parse_tunnel_addrs(addrs: &[String]) -> Result<Vec<String>, Status> {
     if addrs.len() > crate::state::MAX_TUNNEL_ADDRS {
-        return Err(invalid("tunnel_addrs", format!("at most {}", crate::state::MAX_TUNNEL_ADDRS)));
+        return Err(invalid(
+            "tunnel_addrs",
+            format!("at most {}", crate::state::MAX_TUNNEL_ADDRS),
+        ));
     }
     for a in addrs {
         a.parse::<SocketAddr>()
@@ -240,9 +258,13 @@ fn parse_bundle(pem: &str) -> Result<(), Status> {
     if pem.len() > crate::state::MAX_BUNDLE_BYTES {
         return Err(invalid("trust_bundle_pem", "larger than 64 KiB"));
     }
-    let certs = parse_certs_pem("trust_bundle_pem", pem).map_err(|e| invalid("trust_bundle_pem", e))?;
+    let certs =
+        parse_certs_pem("trust_bundle_pem", pem).map_err(|e| invalid("trust_bundle_pem", e))?;
     if !certs.iter().all(causeway_api::identity::is_ca_cert) {
-        return Err(invalid("trust_bundle_pem", "every certificate in a trust bundle must be a CA certificate"));
+        return Err(invalid(
+            "trust_bundle_pem",
+            "every certificate in a trust bundle must be a CA certificate",
+        ));
     }
     Ok(())
 }
@@ -289,7 +311,10 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + S
 
 #[tonic::async_trait]
 impl Federation for FederationService {
-    async fn join(&self, req: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
         let r = req.into_inner();
         let token = JoinToken::decode(&r.token).map_err(|e: TokenError| invalid("token", e))?;
         parse_bundle(&r.trust_bundle_pem)?;
@@ -344,7 +369,11 @@ impl Federation for FederationService {
         if ttl > MAX_TOKEN_TTL {
             return Err(invalid("ttl_seconds", "at most 7 days"));
         }
-        let token = JoinToken::generate(site.clone(), self.shared.controller_endpoints(), self.shared.ca.cert_pem.clone());
+        let token = JoinToken::generate(
+            site.clone(),
+            self.shared.controller_endpoints(),
+            self.shared.ca.cert_pem.clone(),
+        );
         let now = now_ms();
         let expires_at_ms = now + ttl.as_millis() as u64;
         let outcome = self
@@ -370,7 +399,11 @@ impl Federation for FederationService {
         req: Request<pb::RemoveSiteRequest>,
     ) -> Result<Response<pb::RemoveSiteResponse>, Status> {
         require_admin("RemoveSite", &req)?;
-        let site: SiteName = req.into_inner().site.parse().map_err(|e| invalid("site", e))?;
+        let site: SiteName = req
+            .into_inner()
+            .site
+            .parse()
+            .map_err(|e| invalid("site", e))?;
         let revision = outcome_status(self.shared.propose(Command::RemoveSite { site }).await?)?;
         Ok(Response::new(pb::RemoveSiteResponse { revision }))
     }
@@ -388,7 +421,9 @@ impl Federation for FederationService {
                 return Err(denied(
                     "PublishExports",
                     &who,
-                    &format!("the credential of site {site}; site {own} may only publish its own exports"),
+                    &format!(
+                    "the credential of site {site}; site {own} may only publish its own exports"
+                ),
                 ))
             }
             _ => return Err(denied("PublishExports", &who, "a site credential")),
@@ -413,7 +448,10 @@ impl Federation for FederationService {
         Ok(Response::new(pb::PublishExportsResponse { revision }))
     }
 
-    async fn catalog(&self, req: Request<pb::CatalogRequest>) -> Result<Response<pb::CatalogSnapshot>, Status> {
+    async fn catalog(
+        &self,
+        req: Request<pb::CatalogRequest>,
+    ) -> Result<Response<pb::CatalogSnapshot>, Status> {
         require_site_or_admin("Catalog", &req)?;
         Ok(Response::new(self.shared.hub.read(|s| s.snapshot_pb())))
     }
@@ -430,10 +468,15 @@ impl Federation for FederationService {
             serve_watch(hub, from, tx).await;
             metrics::gauge!("causeway_watchers").decrement(1.0);
         });
-        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 
-    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
         match caller(&req) {
             Caller::Anonymous | Caller::Other(_) => {
                 return Err(denied("Status", &caller(&req), "any causeway credential"))
@@ -445,7 +488,11 @@ impl Federation for FederationService {
         let matched: BTreeMap<NodeId, u64> = m
             .replication
             .as_ref()
-            .map(|r| r.iter().map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0))).collect())
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                    .collect()
+            })
             .unwrap_or_default();
         let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
         let nodes = m
@@ -474,7 +521,11 @@ impl Federation for FederationService {
 
 /// Streams a starting point, then every later revision in order. A watcher
 /// that falls behind the broadcast buffer is resynced with a snapshot.
-async fn serve_watch(hub: Arc<Hub>, from: u64, tx: tokio::sync::mpsc::Sender<Result<pb::WatchEvent, Status>>) {
+async fn serve_watch(
+    hub: Arc<Hub>,
+    from: u64,
+    tx: tokio::sync::mpsc::Sender<Result<pb::WatchEvent, Status>>,
+) {
     let mut last = from;
     'outer: loop {
         let start = hub.start(last);
@@ -518,7 +569,8 @@ pub struct RaftService {
 }
 
 fn decode<T: serde::de::DeserializeOwned>(p: &pb::RaftPayload) -> Result<T, Status> {
-    serde_json::from_slice(&p.data).map_err(|e| Status::invalid_argument(format!("raft payload: {e}")))
+    serde_json::from_slice(&p.data)
+        .map_err(|e| Status::invalid_argument(format!("raft payload: {e}")))
 }
 
 fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Status> {
@@ -529,25 +581,37 @@ fn encode<T: serde::Serialize>(v: &T) -> Result<Response<pb::RaftPayload>, Statu
 
 #[tonic::async_trait]
 impl RaftRpc for RaftService {
-    async fn append_entries(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+    async fn append_entries(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
         require_node("AppendEntries", &req)?;
         let r = decode(req.get_ref())?;
         encode(&self.shared.raft.append_entries(r).await)
     }
 
-    async fn vote(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+    async fn vote(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
         require_node("Vote", &req)?;
         let r = decode(req.get_ref())?;
         encode(&self.shared.raft.vote(r).await)
     }
 
-    async fn install_snapshot(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+    async fn install_snapshot(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
         require_node("InstallSnapshot", &req)?;
         let r = decode(req.get_ref())?;
         encode(&self.shared.raft.install_snapshot(r).await)
     }
 
-    async fn propose(&self, req: Request<pb::RaftPayload>) -> Result<Response<pb::RaftPayload>, Status> {
+    async fn propose(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
         require_node("Propose", &req)?;
         let cmd: Command = decode(req.get_ref())?;
         match self.shared.raft.client_write(cmd).await {

@@ -154,7 +154,10 @@ impl CatalogState {
                 }
                 if labels.len() > MAX_LABELS {
                     return (
-                        reject(RejectCode::LimitExceeded, format!("at most {MAX_LABELS} labels")),
+                        reject(
+                            RejectCode::LimitExceeded,
+                            format!("at most {MAX_LABELS} labels"),
+                        ),
                         vec![],
                     );
                 }
@@ -169,7 +172,12 @@ impl CatalogState {
                     },
                 );
                 // Tokens are not part of the watched catalog.
-                (Outcome::Unchanged { revision: self.revision }, vec![])
+                (
+                    Outcome::Unchanged {
+                        revision: self.revision,
+                    },
+                    vec![],
+                )
             }
             Command::JoinSite {
                 token_id,
@@ -193,15 +201,38 @@ impl CatalogState {
                     return (reject(RejectCode::TokenExpired, "join token has expired; ask for a new one with `causeway ctl cluster add`"), vec![]);
                 }
                 if tok.site != site {
-                    return (reject(RejectCode::TokenWrongSite, format!("join token was issued for site {:?}, not {site:?}", tok.site.as_str())), vec![]);
+                    return (
+                        reject(
+                            RejectCode::TokenWrongSite,
+                            format!(
+                                "join token was issued for site {:?}, not {site:?}",
+                                tok.site.as_str()
+                            ),
+                        ),
+                        vec![],
+                    );
                 }
                 if self.sites.contains_key(&site) {
-                    return (reject(RejectCode::SiteExists, format!("site {site:?} is already a member")), vec![]);
+                    return (
+                        reject(
+                            RejectCode::SiteExists,
+                            format!("site {site:?} is already a member"),
+                        ),
+                        vec![],
+                    );
                 }
                 if self.sites.values().any(|s| s.trust_domain == trust_domain) {
-                    return (reject(RejectCode::SiteExists, format!("trust domain {trust_domain} already belongs to another site")), vec![]);
+                    return (
+                        reject(
+                            RejectCode::SiteExists,
+                            format!("trust domain {trust_domain} already belongs to another site"),
+                        ),
+                        vec![],
+                    );
                 }
-                if trust_bundle_pem.len() > MAX_BUNDLE_BYTES || tunnel_addrs.len() > MAX_TUNNEL_ADDRS {
+                if trust_bundle_pem.len() > MAX_BUNDLE_BYTES
+                    || tunnel_addrs.len() > MAX_TUNNEL_ADDRS
+                {
                     return (reject(RejectCode::LimitExceeded, format!("trust bundle is limited to {MAX_BUNDLE_BYTES} bytes and tunnel addresses to {MAX_TUNNEL_ADDRS}")), vec![]);
                 }
                 let labels = tok.labels.clone();
@@ -225,13 +256,31 @@ impl CatalogState {
                 tunnel_addrs,
             } => {
                 let Some(rec) = self.sites.get(&site) else {
-                    return (reject(RejectCode::SiteUnknown, format!("site {site:?} is not a member")), vec![]);
+                    return (
+                        reject(
+                            RejectCode::SiteUnknown,
+                            format!("site {site:?} is not a member"),
+                        ),
+                        vec![],
+                    );
                 };
                 if exports.len() > MAX_EXPORTS_PER_SITE {
-                    return (reject(RejectCode::LimitExceeded, format!("a site may export at most {MAX_EXPORTS_PER_SITE} services")), vec![]);
+                    return (
+                        reject(
+                            RejectCode::LimitExceeded,
+                            format!("a site may export at most {MAX_EXPORTS_PER_SITE} services"),
+                        ),
+                        vec![],
+                    );
                 }
                 if tunnel_addrs.len() > MAX_TUNNEL_ADDRS {
-                    return (reject(RejectCode::LimitExceeded, format!("at most {MAX_TUNNEL_ADDRS} tunnel addresses")), vec![]);
+                    return (
+                        reject(
+                            RejectCode::LimitExceeded,
+                            format!("at most {MAX_TUNNEL_ADDRS} tunnel addresses"),
+                        ),
+                        vec![],
+                    );
                 }
                 exports.sort_by(|a, b| a.service.cmp(&b.service));
                 for w in exports.windows(2) {
@@ -239,8 +288,20 @@ impl CatalogState {
                         return (reject(RejectCode::Invalid, format!("service {} is listed twice; list each service once with all its ports", w[0].service)), vec![]);
                     }
                 }
-                if let Some(e) = exports.iter().find(|e| e.ports.is_empty() || e.ports.len() > MAX_PORTS_PER_EXPORT) {
-                    return (reject(RejectCode::Invalid, format!("service {} must list 1 to {MAX_PORTS_PER_EXPORT} ports", e.service)), vec![]);
+                if let Some(e) = exports
+                    .iter()
+                    .find(|e| e.ports.is_empty() || e.ports.len() > MAX_PORTS_PER_EXPORT)
+                {
+                    return (
+                        reject(
+                            RejectCode::Invalid,
+                            format!(
+                                "service {} must list 1 to {MAX_PORTS_PER_EXPORT} ports",
+                                e.service
+                            ),
+                        ),
+                        vec![],
+                    );
                 }
                 let mut changes = Vec::new();
                 if !tunnel_addrs.is_empty() && rec.tunnel_addrs != tunnel_addrs {
@@ -265,14 +326,25 @@ impl CatalogState {
                     }
                 }
                 if changes.is_empty() {
-                    (Outcome::Unchanged { revision: self.revision }, vec![])
+                    (
+                        Outcome::Unchanged {
+                            revision: self.revision,
+                        },
+                        vec![],
+                    )
                 } else {
                     self.bump(changes)
                 }
             }
             Command::RemoveSite { site } => {
                 if self.sites.remove(&site).is_none() {
-                    return (reject(RejectCode::SiteUnknown, format!("site {site:?} is not a member")), vec![]);
+                    return (
+                        reject(
+                            RejectCode::SiteUnknown,
+                            format!("site {site:?} is not a member"),
+                        ),
+                        vec![],
+                    );
                 }
                 self.exports.remove(&site);
                 self.bump(vec![pb::change::Kind::SiteRemoved(site.to_string())])
@@ -286,7 +358,12 @@ impl CatalogState {
             .into_iter()
             .map(|k| pb::Change { kind: Some(k) })
             .collect();
-        (Outcome::Applied { revision: self.revision }, changes)
+        (
+            Outcome::Applied {
+                revision: self.revision,
+            },
+            changes,
+        )
     }
 
     /// The stable VIP index of a service key; assigned once, never reused.

@@ -4,6 +4,9 @@
 //! acknowledged; the state machine itself lives in memory and is rebuilt on
 //! start from the snapshot plus the committed log.
 
+// openraft's StorageError is large, and its storage traits return it.
+#![allow(clippy::result_large_err)]
+
 use std::fmt::Debug;
 use std::io::Cursor;
 use std::ops::{Bound, RangeBounds};

@@ -105,7 +105,12 @@ impl GatewayConfig {
         let tunnel_listen = self
             .tunnel_listen
             .parse::<SocketAddr>()
-            .map_err(|_| errs.push(format!("tunnel_listen: {:?} is not an ip:port address", self.tunnel_listen)))
+            .map_err(|_| {
+                errs.push(format!(
+                    "tunnel_listen: {:?} is not an ip:port address",
+                    self.tunnel_listen
+                ))
+            })
             .ok();
         let mut tunnel_advertise = Vec::new();
         for (i, a) in self.tunnel_advertise.iter().enumerate() {
@@ -120,7 +125,10 @@ impl GatewayConfig {
         if tunnel_advertise.is_empty() {
             if let Some(l) = tunnel_listen {
                 if l.ip().is_unspecified() {
-                    errs.push("tunnel_advertise: required when tunnel_listen is an unspecified address".into());
+                    errs.push(
+                        "tunnel_advertise: required when tunnel_listen is an unspecified address"
+                            .into(),
+                    );
                 } else {
                     tunnel_advertise.push(l);
                 }
@@ -131,9 +139,15 @@ impl GatewayConfig {
             .ok();
         if self.replica.is_empty()
             || self.replica.len() > 63
-            || !self.replica.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+            || !self
+                .replica
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
         {
-            errs.push(format!("replica: {:?} must be 1-63 letters, digits, '-', '_' or '.'", self.replica));
+            errs.push(format!(
+                "replica: {:?} must be 1-63 letters, digits, '-', '_' or '.'",
+                self.replica
+            ));
         }
         let site_ca = match (&self.site_ca_cert, &self.site_ca_key) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
@@ -168,7 +182,9 @@ impl GatewayConfig {
             for (j, ep) in e.endpoints.iter().enumerate() {
                 match ep.parse::<SocketAddr>() {
                     Ok(a) => endpoints.push(a),
-                    Err(_) => errs.push(format!("exports[{i}].endpoints[{j}]: {ep:?} is not an ip:port address")),
+                    Err(_) => errs.push(format!(
+                        "exports[{i}].endpoints[{j}]: {ep:?} is not an ip:port address"
+                    )),
                 }
             }
             if let (Some(service), Some(protocol)) = (service, protocol) {
@@ -176,7 +192,10 @@ impl GatewayConfig {
                     .iter()
                     .any(|x: &LocalExport| x.service == service && x.port == e.port)
                 {
-                    errs.push(format!("exports[{i}]: {service} port {} is listed twice", e.port));
+                    errs.push(format!(
+                        "exports[{i}]: {service} port {} is listed twice",
+                        e.port
+                    ));
                 }
                 exports.push(LocalExport {
                     service,
@@ -205,7 +224,8 @@ impl GatewayConfig {
 }
 
 fn toml_parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
-    toml::from_str(text).map_err(|e| ConfigErrors(vec![e.to_string().trim().replace('\n', "\n    ")]))
+    toml::from_str(text)
+        .map_err(|e| ConfigErrors(vec![e.to_string().trim().replace('\n', "\n    ")]))
 }
 
 #[cfg(test)]
@@ -214,8 +234,12 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_bad_values_are_all_reported() {
-        let err = GatewayConfig::from_toml("state_dir = \"/x\"\ntunel_listen = \"1\"\n").unwrap_err();
-        assert!(err.to_string().contains("unknown field `tunel_listen`"), "{err}");
+        let err =
+            GatewayConfig::from_toml("state_dir = \"/x\"\ntunel_listen = \"1\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("unknown field `tunel_listen`"),
+            "{err}"
+        );
 
         let cfg = GatewayConfig::from_toml(
             r#"
@@ -231,14 +255,23 @@ mod tests {
         .unwrap();
         let err = cfg.validate().unwrap_err();
         let text = err.to_string();
-        for needle in ["tunnel_listen", "vip_range", "exports[0].service", "exports[0].port", "exports[0].endpoints[0]"] {
+        for needle in [
+            "tunnel_listen",
+            "vip_range",
+            "exports[0].service",
+            "exports[0].port",
+            "exports[0].endpoints[0]",
+        ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
     }
 
     #[test]
     fn defaults_are_sane() {
-        let s = GatewayConfig::from_toml("state_dir = \"/x\"").unwrap().validate().unwrap();
+        let s = GatewayConfig::from_toml("state_dir = \"/x\"")
+            .unwrap()
+            .validate()
+            .unwrap();
         assert_eq!(s.tunnel_advertise, vec![s.tunnel_listen]);
         assert_eq!(s.vip_prefix, 16);
     }

@@ -64,7 +64,9 @@ impl Inbound {
         let (leaf, rest) = certs.split_first()?;
         // The handshake already verified the chain; this names the site.
         let _ = spiffe_id_of(leaf).ok()?;
-        self.store.verify(leaf, rest, UnixTime::now(), true, None).ok()
+        self.store
+            .verify(leaf, rest, UnixTime::now(), true, None)
+            .ok()
     }
 
     async fn serve_connection(self: Arc<Self>, conn: quinn::Connection) {
@@ -97,7 +99,12 @@ impl Inbound {
         metrics::gauge!("causeway_tunnel_connections", "direction" => "in").decrement(1.0);
     }
 
-    async fn serve_stream(&self, peer: Peer, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    async fn serve_stream(
+        &self,
+        peer: Peer,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let req = match tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut recv)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
@@ -117,14 +124,27 @@ impl Inbound {
             .find(|e| e.service.as_str() == req.service && e.port == req.port)
         else {
             metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "unknown_service").increment(1);
-            let _ = respond(&mut send, Status::UnknownService, &format!("this site does not export {} port {}", req.service, req.port)).await;
+            let _ = respond(
+                &mut send,
+                Status::UnknownService,
+                &format!(
+                    "this site does not export {} port {}",
+                    req.service, req.port
+                ),
+            )
+            .await;
             return;
         };
         // Default authorization: every member site may call every exported
         // service. (The policy engine will narrow this.)
         let Some(tcp) = self.connect_local(&export.endpoints).await else {
             metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "no_endpoints").increment(1);
-            let _ = respond(&mut send, Status::NoEndpoints, &format!("no endpoint of {} accepted a connection", req.service)).await;
+            let _ = respond(
+                &mut send,
+                Status::NoEndpoints,
+                &format!("no endpoint of {} accepted a connection", req.service),
+            )
+            .await;
             return;
         };
         if respond(&mut send, Status::Opened, "").await.is_err() {
@@ -142,7 +162,8 @@ impl Inbound {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         for i in 0..endpoints.len() {
             let addr = endpoints[(start + i) % endpoints.len()];
-            if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await {
+            if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
+            {
                 return Some(s);
             }
         }
@@ -166,15 +187,20 @@ impl Inbound {
 
 async fn read_request(recv: &mut quinn::RecvStream) -> Result<OpenRequest, String> {
     let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| e.to_string())?;
     let len = OpenRequest::decode_prefix(&prefix).map_err(|e| e.to_string())?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|e| e.to_string())?;
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| e.to_string())?;
     OpenRequest::decode_body(&body).map_err(|e| e.to_string())
 }
 
 async fn respond(send: &mut quinn::SendStream, status: Status, msg: &str) -> std::io::Result<()> {
-    send.write_all(&OpenResponse::new(status, msg).encode()).await?;
+    send.write_all(&OpenResponse::new(status, msg).encode())
+        .await?;
     if status != Status::Opened {
         let _ = send.finish();
     }

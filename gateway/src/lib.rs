@@ -49,7 +49,11 @@ pub async fn run(
     let site_ca = SiteState::site_ca(&settings.state_dir, settings.site_ca.as_ref())?;
     let cred = state.gateway_credential(&site_ca, &settings.replica)?;
     let store = TrustStore::new();
-    store.set_site(state.site.clone(), state.trust_domain.clone(), vec![site_ca.cert_der.clone()]);
+    store.set_site(
+        state.site.clone(),
+        state.trust_domain.clone(),
+        vec![site_ca.cert_der.clone()],
+    );
     let endpoint = tunnel::endpoint(udp, tunnel::server_config(&cred, store.clone())?)?;
     tracing::info!(site = %state.site, addr = %endpoint.local_addr()?, id = %cred.spiffe_id()?, "gateway tunnel endpoint up");
 
@@ -114,12 +118,17 @@ async fn sync_catalog(
         if view.synced {
             let mut members = Vec::new();
             for (name, site) in &view.sites {
-                let (Ok(n), Ok(td)) = (name.parse::<SiteName>(), site.trust_domain.parse::<TrustDomain>()) else {
+                let (Ok(n), Ok(td)) = (
+                    name.parse::<SiteName>(),
+                    site.trust_domain.parse::<TrustDomain>(),
+                ) else {
                     continue;
                 };
                 match parse_certs_pem("trust bundle", &site.trust_bundle_pem) {
                     Ok(roots) => store.set_site(n.clone(), td, roots),
-                    Err(e) => tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle"),
+                    Err(e) => {
+                        tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle")
+                    }
                 }
                 members.push(n);
             }

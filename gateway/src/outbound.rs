@@ -42,7 +42,8 @@ enum Attempt {
 impl Outbound {
     /// Keeps the set of listeners equal to the routing table's.
     pub async fn run(self: Arc<Self>, mut routes: watch::Receiver<Arc<Routes>>) {
-        let mut running: BTreeMap<SocketAddr, ((ServiceKey, u16), JoinHandle<()>)> = BTreeMap::new();
+        let mut running: BTreeMap<SocketAddr, ((ServiceKey, u16), JoinHandle<()>)> =
+            BTreeMap::new();
         loop {
             let want = routes.borrow_and_update().listeners();
             running.retain(|addr, (svc, task)| {
@@ -98,7 +99,8 @@ impl Outbound {
     async fn handle(&self, tcp: TcpStream, service: ServiceKey, port: u16) {
         let routes = self.routes.borrow().clone();
         let Some(svc) = routes.services.get(&service) else {
-            metrics::counter!("causeway_outbound_failures_total", "reason" => "unknown_service").increment(1);
+            metrics::counter!("causeway_outbound_failures_total", "reason" => "unknown_service")
+                .increment(1);
             return;
         };
         let candidates: Vec<Candidate<'_>> = svc
@@ -112,11 +114,15 @@ impl Outbound {
         let order = order_sites(self.local_site.as_str(), &candidates);
         let mut tried = Vec::new();
         for site in order {
-            let Ok(site) = site.parse::<SiteName>() else { continue };
+            let Ok(site) = site.parse::<SiteName>() else {
+                continue;
+            };
             let attempt = if site == self.local_site {
                 self.try_local(&service, port).await.map(Stream::Local)
             } else {
-                self.try_remote(&routes, &site, &service, port).await.map(|(s, r)| Stream::Remote(s, r))
+                self.try_remote(&routes, &site, &service, port)
+                    .await
+                    .map(|(s, r)| Stream::Remote(s, r))
             };
             match attempt {
                 Ok(stream) => {
@@ -125,7 +131,8 @@ impl Outbound {
                         metrics::counter!("causeway_failovers_total").increment(1);
                         tracing::info!(%service, %site, skipped = ?tried, "failed over");
                     }
-                    metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out").increment(1.0);
+                    metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out")
+                        .increment(1.0);
                     match stream {
                         Stream::Remote(send, recv) => {
                             splice(tcp, send, recv).await;
@@ -136,7 +143,8 @@ impl Outbound {
                             let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
                         }
                     }
-                    metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out").decrement(1.0);
+                    metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out")
+                        .decrement(1.0);
                     return;
                 }
                 Err(Attempt::Retry(why)) => {
@@ -163,7 +171,9 @@ impl Outbound {
             return Err(Attempt::Retry("not exported on this port here".into()));
         };
         for addr in &export.endpoints {
-            if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+            {
                 return Ok(s);
             }
         }
@@ -207,10 +217,13 @@ impl Outbound {
             .await
             .map_err(|_| Attempt::Retry("no status within the deadline".into()))?
             .map_err(Attempt::Retry)?;
-        metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str()).increment(1);
+        metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str())
+            .increment(1);
         match resp.status {
             Status::Opened => Ok((send, recv)),
-            s if s.is_retryable() => Err(Attempt::Retry(format!("{}: {}", s.as_str(), resp.message))),
+            s if s.is_retryable() => {
+                Err(Attempt::Retry(format!("{}: {}", s.as_str(), resp.message)))
+            }
             s => Err(Attempt::Fatal(format!("{}: {}", s.as_str(), resp.message))),
         }
     }
@@ -223,10 +236,14 @@ enum Stream {
 
 async fn read_response(recv: &mut quinn::RecvStream) -> Result<OpenResponse, String> {
     let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix).await.map_err(|e| format!("read status: {e}"))?;
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| format!("read status: {e}"))?;
     let (status, len) = OpenResponse::decode_prefix(&prefix).map_err(|e| e.to_string())?;
     let mut msg = vec![0u8; len];
-    recv.read_exact(&mut msg).await.map_err(|e| format!("read status: {e}"))?;
+    recv.read_exact(&mut msg)
+        .await
+        .map_err(|e| format!("read status: {e}"))?;
     Ok(OpenResponse {
         status,
         message: String::from_utf8_lossy(&msg).into_owned(),

@@ -48,7 +48,11 @@ impl Pool {
     }
 
     /// A live connection to `site`, dialing if there is none.
-    pub async fn connection(&self, site: &SiteName, route: &SiteRoute) -> Result<quinn::Connection, DialError> {
+    pub async fn connection(
+        &self,
+        site: &SiteName,
+        route: &SiteRoute,
+    ) -> Result<quinn::Connection, DialError> {
         if let Some(c) = self.cached(site) {
             return Ok(c);
         }
@@ -75,7 +79,8 @@ impl Pool {
                     tracing::info!(%site, %addr, "tunnel connected");
                     let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
                     conns.insert(site.clone(), conn.clone());
-                    metrics::gauge!("causeway_tunnel_connections", "direction" => "out").set(conns.len() as f64);
+                    metrics::gauge!("causeway_tunnel_connections", "direction" => "out")
+                        .set(conns.len() as f64);
                     return Ok(conn);
                 }
                 Ok(Err(e)) => last = format!("{addr}: {e}"),
@@ -100,7 +105,8 @@ impl Pool {
             }
             k
         });
-        metrics::gauge!("causeway_tunnel_connections", "direction" => "out").set(conns.len() as f64);
+        metrics::gauge!("causeway_tunnel_connections", "direction" => "out")
+            .set(conns.len() as f64);
     }
 
     /// Forgets a connection that failed, so the next stream redials.

@@ -39,7 +39,9 @@ pub async fn run(
             };
             let result = async {
                 let mut fed = client.federation().await.map_err(|e| e.to_string())?;
-                fed.publish_exports(req).await.map_err(|s| format!("{}: {}", s.code(), s.message()))
+                fed.publish_exports(req)
+                    .await
+                    .map_err(|s| format!("{}: {}", s.code(), s.message()))
             }
             .await;
             match result {
@@ -60,11 +62,17 @@ pub async fn run(
 
 /// Health-checks every endpoint once and groups ports per service.
 pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export> {
-    let mut by_service: BTreeMap<String, (Vec<pb::ServicePort>, BTreeSet<SocketAddr>)> = BTreeMap::new();
-    let probes = exports.iter().flat_map(|e| e.endpoints.iter().map(move |a| (e, *a)));
+    let mut by_service: BTreeMap<String, (Vec<pb::ServicePort>, BTreeSet<SocketAddr>)> =
+        BTreeMap::new();
+    let probes = exports
+        .iter()
+        .flat_map(|e| e.endpoints.iter().map(move |a| (e, *a)));
     let probes: Vec<_> = probes
         .map(|(e, a)| async move {
-            let ok = matches!(tokio::time::timeout(timeout, TcpStream::connect(a)).await, Ok(Ok(_)));
+            let ok = matches!(
+                tokio::time::timeout(timeout, TcpStream::connect(a)).await,
+                Ok(Ok(_))
+            );
             (e, a, ok)
         })
         .collect();
@@ -86,7 +94,8 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
         .into_iter()
         .map(|(service, (mut ports, healthy))| {
             ports.sort_by_key(|p| p.port);
-            metrics::gauge!("causeway_export_healthy_endpoints", "service" => service.clone()).set(healthy.len() as f64);
+            metrics::gauge!("causeway_export_healthy_endpoints", "service" => service.clone())
+                .set(healthy.len() as f64);
             pb::Export {
                 service,
                 ports,

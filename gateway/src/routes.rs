@@ -54,10 +54,17 @@ impl Routes {
         }
         let mut sites = BTreeMap::new();
         for (name, s) in &view.sites {
-            let (Ok(name), Ok(td)) = (name.parse::<SiteName>(), s.trust_domain.parse::<TrustDomain>()) else {
+            let (Ok(name), Ok(td)) = (
+                name.parse::<SiteName>(),
+                s.trust_domain.parse::<TrustDomain>(),
+            ) else {
                 continue;
             };
-            let tunnel_addrs = s.tunnel_addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            let tunnel_addrs = s
+                .tunnel_addrs
+                .iter()
+                .filter_map(|a| a.parse().ok())
+                .collect();
             sites.insert(
                 name,
                 SiteRoute {

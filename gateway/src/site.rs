@@ -58,7 +58,10 @@ impl SiteState {
     }
 
     /// Loads the site CA, creating and saving one if there is none.
-    pub fn site_ca(dir: &Path, given: Option<&(PathBuf, PathBuf)>) -> anyhow::Result<CertificateAuthority> {
+    pub fn site_ca(
+        dir: &Path,
+        given: Option<&(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<CertificateAuthority> {
         if let Some((c, k)) = given {
             return CertificateAuthority::load(c, k).context("loading the configured site CA");
         }
@@ -96,7 +99,11 @@ impl SiteState {
             .map_err(|s| anyhow::anyhow!("join refused: {}", s.message()))?
             .into_inner();
         if resp.site != token.site.as_str() {
-            bail!("the controller registered site {:?}, but the token is for {:?}", resp.site, token.site);
+            bail!(
+                "the controller registered site {:?}, but the token is for {:?}",
+                resp.site,
+                token.site
+            );
         }
         let pinned = identity::parse_certs_pem("token CA", &token.ca_pem)?;
         let got = identity::parse_certs_pem("controller CA", &resp.controller_ca_pem)?;
@@ -123,7 +130,11 @@ impl SiteState {
             controllers: controllers.clone(),
         };
         // site.json last: its presence means the join completed.
-        identity::write(&dir.join("site.json"), &serde_json::to_string_pretty(&f)?, false)?;
+        identity::write(
+            &dir.join("site.json"),
+            &serde_json::to_string_pretty(&f)?,
+            false,
+        )?;
         Ok(Self {
             dir: dir.to_path_buf(),
             site: token.site,
@@ -143,7 +154,11 @@ impl SiteState {
     }
 
     /// A fresh tunnel certificate for this replica, from the site CA.
-    pub fn gateway_credential(&self, ca: &CertificateAuthority, replica: &str) -> anyhow::Result<Credential> {
+    pub fn gateway_credential(
+        &self,
+        ca: &CertificateAuthority,
+        replica: &str,
+    ) -> anyhow::Result<Credential> {
         let id = SpiffeId::new(self.trust_domain.clone(), &format!("/gateway/{replica}"))?;
         Ok(ca.issue(&id, &[], Duration::from_secs(7 * 86400))?)
     }

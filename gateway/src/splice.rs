@@ -7,7 +7,11 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Copies until both directions are done; returns (tcp→quic, quic→tcp) bytes.
-pub async fn splice(tcp: TcpStream, mut send: quinn::SendStream, mut recv: quinn::RecvStream) -> (u64, u64) {
+pub async fn splice(
+    tcp: TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) -> (u64, u64) {
     let _ = tcp.set_nodelay(true);
     let (mut tr, mut tw) = tcp.into_split();
     let up = async {

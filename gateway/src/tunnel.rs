@@ -27,7 +27,10 @@ fn transport() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
-pub fn server_config(cred: &Credential, store: Arc<TrustStore>) -> anyhow::Result<quinn::ServerConfig> {
+pub fn server_config(
+    cred: &Credential,
+    store: Arc<TrustStore>,
+) -> anyhow::Result<quinn::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(SpiffeClientVerifier::new(store))
@@ -58,7 +61,10 @@ pub fn client_config(
 }
 
 /// A QUIC endpoint on an already-bound UDP socket.
-pub fn endpoint(socket: std::net::UdpSocket, server: quinn::ServerConfig) -> anyhow::Result<quinn::Endpoint> {
+pub fn endpoint(
+    socket: std::net::UdpSocket,
+    server: quinn::ServerConfig,
+) -> anyhow::Result<quinn::Endpoint> {
     socket.set_nonblocking(true)?;
     Ok(quinn::Endpoint::new(
         EndpointConfig::default(),

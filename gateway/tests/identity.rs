@@ -19,7 +19,8 @@ fn td(n: &str) -> TrustDomain {
 }
 
 fn leaf(ca: &CertificateAuthority, id: &str) -> Credential {
-    ca.issue(&id.parse().unwrap(), &[], Duration::from_secs(3600)).unwrap()
+    ca.issue(&id.parse().unwrap(), &[], Duration::from_secs(3600))
+        .unwrap()
 }
 
 struct Server {
@@ -34,7 +35,11 @@ fn server(a: &CertificateAuthority, b: &CertificateAuthority) -> (Server, Arc<Tr
     store.set_site(site("b"), td("b"), vec![b.cert_der.clone()]);
     let cred = leaf(a, "spiffe://a.causeway/gateway/gw-0");
     let cfg = tunnel::server_config(&cred, store.clone()).unwrap();
-    let endpoint = tunnel::endpoint(tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(), cfg).unwrap();
+    let endpoint = tunnel::endpoint(
+        tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
+        cfg,
+    )
+    .unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let ep = endpoint.clone();
     tokio::spawn(async move {
@@ -45,9 +50,14 @@ fn server(a: &CertificateAuthority, b: &CertificateAuthority) -> (Server, Arc<Tr
                     Ok(c) => {
                         let certs = c
                             .peer_identity()
-                            .and_then(|i| i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>().ok())
+                            .and_then(|i| {
+                                i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                                    .ok()
+                            })
                             .unwrap();
-                        let _ = tx.send(Ok(causeway_api::identity::spiffe_id_of(&certs[0]).unwrap().to_string()));
+                        let _ = tx.send(Ok(causeway_api::identity::spiffe_id_of(&certs[0])
+                            .unwrap()
+                            .to_string()));
                         // Echo one stream so the client sees a working tunnel.
                         while let Ok((mut send, mut recv)) = c.accept_bi().await {
                             let mut buf = [0u8; 1];
@@ -65,11 +75,22 @@ fn server(a: &CertificateAuthority, b: &CertificateAuthority) -> (Server, Arc<Tr
             });
         }
     });
-    (Server { endpoint, accepted: rx }, store)
+    (
+        Server {
+            endpoint,
+            accepted: rx,
+        },
+        store,
+    )
 }
 
 /// Dials `server` as `cred`, expecting the server to be site `expect`.
-async fn dial(server: &quinn::Endpoint, client_store: Arc<TrustStore>, cred: &Credential, expect: &str) -> Result<(), String> {
+async fn dial(
+    server: &quinn::Endpoint,
+    client_store: Arc<TrustStore>,
+    cred: &Credential,
+    expect: &str,
+) -> Result<(), String> {
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let cfg = tunnel::client_config(cred, client_store, td(expect)).unwrap();
     let conn = client
@@ -87,7 +108,10 @@ async fn dial(server: &quinn::Endpoint, client_store: Arc<TrustStore>, cred: &Cr
         Ok(Ok(())) if buf == *b"x" => Ok(()),
         Ok(Ok(())) => Err("wrong echo".into()),
         Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err(conn.close_reason().map(|r| r.to_string()).unwrap_or_else(|| "no echo".into())),
+        Err(_) => Err(conn
+            .close_reason()
+            .map(|r| r.to_string())
+            .unwrap_or_else(|| "no echo".into())),
     }
 }
 
@@ -103,21 +127,32 @@ async fn only_certificates_chained_to_their_own_sites_bundle_are_accepted() {
 
     // Positive control: site b's own CA, site b's own identity.
     let good = leaf(&b, "spiffe://b.causeway/gateway/gw-0");
-    dial(&srv.endpoint, client_store.clone(), &good, "a").await.unwrap();
-    assert_eq!(srv.accepted.recv().await.unwrap().unwrap(), "spiffe://b.causeway/gateway/gw-0");
+    dial(&srv.endpoint, client_store.clone(), &good, "a")
+        .await
+        .unwrap();
+    assert_eq!(
+        srv.accepted.recv().await.unwrap().unwrap(),
+        "spiffe://b.causeway/gateway/gw-0"
+    );
 
     // A CA nobody trusts.
     let stranger = CertificateAuthority::generate("stranger").unwrap();
     let unknown = leaf(&stranger, "spiffe://b.causeway/gateway/gw-0");
     let _ = dial(&srv.endpoint, client_store.clone(), &unknown, "a").await;
     let refused = srv.accepted.recv().await.unwrap().unwrap_err();
-    assert!(refused.contains("does not chain to the bundle of site b"), "{refused}");
+    assert!(
+        refused.contains("does not chain to the bundle of site b"),
+        "{refused}"
+    );
 
     // Site a's CA vouching for site b's identity.
     let forged = leaf(&a, "spiffe://b.causeway/gateway/gw-0");
     let _ = dial(&srv.endpoint, client_store.clone(), &forged, "a").await;
     let refused = srv.accepted.recv().await.unwrap().unwrap_err();
-    assert!(refused.contains("does not chain to the bundle of site b"), "a cross-site claim must be refused: {refused}");
+    assert!(
+        refused.contains("does not chain to the bundle of site b"),
+        "a cross-site claim must be refused: {refused}"
+    );
 
     // An identity whose trust domain belongs to no member.
     let orphan = leaf(&stranger, "spiffe://x.causeway/gateway/gw-0");
@@ -126,9 +161,16 @@ async fn only_certificates_chained_to_their_own_sites_bundle_are_accepted() {
     assert!(refused.contains("belongs to no member site"), "{refused}");
 
     // The dialer refuses a server that is not the site it meant to reach.
-    let err = dial(&srv.endpoint, client_store.clone(), &good, "b").await.unwrap_err();
-    assert!(err.contains("trust domain") || err.contains("unknown"), "{err}");
+    let err = dial(&srv.endpoint, client_store.clone(), &good, "b")
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("trust domain") || err.contains("unknown"),
+        "{err}"
+    );
 
     // Positive control again: the refusals did not break the endpoint.
-    dial(&srv.endpoint, client_store.clone(), &good, "a").await.unwrap();
+    dial(&srv.endpoint, client_store.clone(), &good, "a")
+        .await
+        .unwrap();
 }

@@ -128,7 +128,8 @@ impl CatalogView {
                         view.ports.push(p.clone());
                     }
                 }
-                view.exporters.push((site_name.clone(), e.healthy_endpoints));
+                view.exporters
+                    .push((site_name.clone(), e.healthy_endpoints));
             }
         }
         for v in out.values_mut() {
@@ -208,7 +209,14 @@ mod tests {
         // Replaying an old revision changes nothing.
         assert!(!view.apply(d).unwrap());
         let v = view.services();
-        let names: Vec<_> = v.values().next().unwrap().exporters.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+        let names: Vec<_> = v
+            .values()
+            .next()
+            .unwrap()
+            .exporters
+            .iter()
+            .map(|(s, n)| (s.as_str(), *n))
+            .collect();
         assert_eq!(names, [("east", 2), ("west", 3)]);
 
         view.apply(delta(7, vec![pb::change::Kind::SiteRemoved("east".into())]))

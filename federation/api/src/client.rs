@@ -127,7 +127,8 @@ pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<Cata
                 match stream.message().await {
                     Ok(Some(event)) => match view.apply(event) {
                         Ok(true) => {
-                            metrics::gauge!("causeway_catalog_revision").set(view.revision.0 as f64);
+                            metrics::gauge!("causeway_catalog_revision")
+                                .set(view.revision.0 as f64);
                             tx.send_replace(Arc::new(view.clone()));
                         }
                         Ok(false) => {}

@@ -104,7 +104,9 @@ impl CertificateAuthority {
     pub fn generate(common_name: &str) -> Result<Self, IdentityError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
             KeyUsagePurpose::KeyCertSign,
@@ -336,7 +338,9 @@ mod tests {
         let pem = ca.sign_csr(&csr, &id, Duration::from_secs(60)).unwrap();
         let der = parse_certs_pem("cert", &pem).unwrap();
         assert_eq!(spiffe_id_of(&der[0]).unwrap(), id);
-        assert!(ca.sign_csr("garbage", &id, Duration::from_secs(60)).is_err());
+        assert!(ca
+            .sign_csr("garbage", &id, Duration::from_secs(60))
+            .is_err());
     }
 
     #[test]

@@ -289,7 +289,11 @@ pub fn vip_for(base: IpAddr, prefix: u8, vip_index: u32) -> Option<IpAddr> {
             if host_bits < 32 && (vip_index as u64) >= (1u64 << host_bits) {
                 return None;
             }
-            let mask = if host_bits >= 32 { 0 } else { u32::MAX << host_bits };
+            let mask = if host_bits >= 32 {
+                0
+            } else {
+                u32::MAX << host_bits
+            };
             let net = u32::from(b) & mask;
             Some(IpAddr::V4(Ipv4Addr::from(net | vip_index)))
         }
@@ -298,7 +302,11 @@ pub fn vip_for(base: IpAddr, prefix: u8, vip_index: u32) -> Option<IpAddr> {
             if host_bits < 32 && (vip_index as u64) >= (1u64 << host_bits) {
                 return None;
             }
-            let mask = if host_bits >= 128 { 0 } else { u128::MAX << host_bits };
+            let mask = if host_bits >= 128 {
+                0
+            } else {
+                u128::MAX << host_bits
+            };
             let net = u128::from(b) & mask;
             Some(IpAddr::V6(Ipv6Addr::from(net | vip_index as u128)))
         }

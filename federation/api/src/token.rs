@@ -116,7 +116,10 @@ mod tests {
         assert_eq!(JoinToken::decode("hello"), Err(TokenError::BadPrefix));
         let cut = sample().encode();
         let cut = &cut[..cut.len() / 2];
-        assert!(matches!(JoinToken::decode(cut), Err(TokenError::Malformed(_))));
+        assert!(matches!(
+            JoinToken::decode(cut),
+            Err(TokenError::Malformed(_))
+        ));
         let long = format!("cwj1.{}", "A".repeat(MAX_TOKEN_LEN));
         assert_eq!(JoinToken::decode(&long), Err(TokenError::TooLong));
     }

@@ -25,7 +25,10 @@ pub enum TrustError {
     #[error("trust domain {0} belongs to no member site")]
     UnknownTrustDomain(TrustDomain),
     #[error("peer is {got}, but this connection expects trust domain {expected}")]
-    WrongTrustDomain { got: SpiffeId, expected: TrustDomain },
+    WrongTrustDomain {
+        got: SpiffeId,
+        expected: TrustDomain,
+    },
     #[error("peer certificate for {id} does not chain to the bundle of site {site}: {reason}")]
     BadChain {
         id: SpiffeId,
@@ -280,16 +283,28 @@ mod tests {
         store.set_site("b".parse().unwrap(), td_b.clone(), vec![b.cert_der.clone()]);
 
         let good = a
-            .issue(&"spiffe://a.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .issue(
+                &"spiffe://a.causeway/gateway/0".parse().unwrap(),
+                &[],
+                Duration::from_secs(60),
+            )
             .unwrap();
-        let peer = store.verify(&good.chain[0], &[], now(), true, None).unwrap();
+        let peer = store
+            .verify(&good.chain[0], &[], now(), true, None)
+            .unwrap();
         assert_eq!(peer.site.as_str(), "a");
 
         // Signed by A's CA, claims B's identity: refused.
         let forged = a
-            .issue(&"spiffe://b.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .issue(
+                &"spiffe://b.causeway/gateway/0".parse().unwrap(),
+                &[],
+                Duration::from_secs(60),
+            )
             .unwrap();
-        let err = store.verify(&forged.chain[0], &[], now(), true, None).unwrap_err();
+        let err = store
+            .verify(&forged.chain[0], &[], now(), true, None)
+            .unwrap_err();
         assert_eq!(err.kind(), "bad_chain");
 
         // Right CA, but the dialer expected site B.
@@ -301,13 +316,21 @@ mod tests {
         // A CA nobody trusts.
         let stranger = CertificateAuthority::generate("x").unwrap();
         let unknown = stranger
-            .issue(&"spiffe://x.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .issue(
+                &"spiffe://x.causeway/gateway/0".parse().unwrap(),
+                &[],
+                Duration::from_secs(60),
+            )
             .unwrap();
-        let err = store.verify(&unknown.chain[0], &[], now(), true, None).unwrap_err();
+        let err = store
+            .verify(&unknown.chain[0], &[], now(), true, None)
+            .unwrap_err();
         assert_eq!(err.kind(), "unknown_trust_domain");
 
         // Removing the site removes trust.
         store.remove_site(&"a".parse().unwrap());
-        assert!(store.verify(&good.chain[0], &[], now(), true, None).is_err());
+        assert!(store
+            .verify(&good.chain[0], &[], now(), true, None)
+            .is_err());
     }
 }

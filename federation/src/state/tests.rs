@@ -44,7 +44,11 @@ fn export(svc: &str, healthy: u32) -> ExportRecord {
     }
 }
 
-fn publish(state: &mut CatalogState, name: &str, ex: Vec<ExportRecord>) -> (Outcome, Vec<pb::Change>) {
+fn publish(
+    state: &mut CatalogState,
+    name: &str,
+    ex: Vec<ExportRecord>,
+) -> (Outcome, Vec<pb::Change>) {
     state.apply(Command::PublishExports {
         site: site(name),
         exports: ex,
@@ -55,14 +59,50 @@ fn publish(state: &mut CatalogState, name: &str, ex: Vec<ExportRecord>) -> (Outc
 #[test]
 fn join_tokens_are_single_use_expiring_and_bound_to_their_site() {
     let mut s = CatalogState::default();
-    assert_eq!(token(&mut s, "t1", "east", 100), Outcome::Unchanged { revision: 0 });
-    assert!(matches!(join(&mut s, "nope", "east", 1), Outcome::Rejected { code: RejectCode::TokenUnknown, .. }));
-    assert!(matches!(join(&mut s, "t1", "west", 1), Outcome::Rejected { code: RejectCode::TokenWrongSite, .. }));
-    assert!(matches!(join(&mut s, "t1", "east", 100), Outcome::Rejected { code: RejectCode::TokenExpired, .. }));
-    assert_eq!(join(&mut s, "t1", "east", 1), Outcome::Applied { revision: 1 });
-    assert!(matches!(join(&mut s, "t1", "east", 2), Outcome::Rejected { code: RejectCode::TokenUsed, .. }));
+    assert_eq!(
+        token(&mut s, "t1", "east", 100),
+        Outcome::Unchanged { revision: 0 }
+    );
+    assert!(matches!(
+        join(&mut s, "nope", "east", 1),
+        Outcome::Rejected {
+            code: RejectCode::TokenUnknown,
+            ..
+        }
+    ));
+    assert!(matches!(
+        join(&mut s, "t1", "west", 1),
+        Outcome::Rejected {
+            code: RejectCode::TokenWrongSite,
+            ..
+        }
+    ));
+    assert!(matches!(
+        join(&mut s, "t1", "east", 100),
+        Outcome::Rejected {
+            code: RejectCode::TokenExpired,
+            ..
+        }
+    ));
+    assert_eq!(
+        join(&mut s, "t1", "east", 1),
+        Outcome::Applied { revision: 1 }
+    );
+    assert!(matches!(
+        join(&mut s, "t1", "east", 2),
+        Outcome::Rejected {
+            code: RejectCode::TokenUsed,
+            ..
+        }
+    ));
     // The name is taken now.
-    assert!(matches!(token(&mut s, "t2", "east", 100), Outcome::Rejected { code: RejectCode::SiteExists, .. }));
+    assert!(matches!(
+        token(&mut s, "t2", "east", 100),
+        Outcome::Rejected {
+            code: RejectCode::SiteExists,
+            ..
+        }
+    ));
 }
 
 #[test]
@@ -81,15 +121,35 @@ fn exports_get_stable_vips_and_only_real_changes_bump_the_revision() {
     assert_eq!(o, Outcome::Unchanged { revision: 3 });
     assert!(ch.is_empty());
 
-    publish(&mut s, "west", vec![export("shop/cart", 1), export("shop/payments", 2)]);
+    publish(
+        &mut s,
+        "west",
+        vec![export("shop/cart", 1), export("shop/payments", 2)],
+    );
     assert_eq!(s.vips.get(&"shop/payments".parse().unwrap()), Some(&1));
     assert_eq!(s.vips.get(&"shop/cart".parse().unwrap()), Some(&2));
     assert_eq!(s.exports[&site("west")][1].vip_index, 1);
 
-    let (o, _) = publish(&mut s, "west", vec![export("shop/cart", 1), export("shop/cart", 1)]);
-    assert!(matches!(o, Outcome::Rejected { code: RejectCode::Invalid, .. }));
+    let (o, _) = publish(
+        &mut s,
+        "west",
+        vec![export("shop/cart", 1), export("shop/cart", 1)],
+    );
+    assert!(matches!(
+        o,
+        Outcome::Rejected {
+            code: RejectCode::Invalid,
+            ..
+        }
+    ));
     let (o, _) = publish(&mut s, "nowhere", vec![]);
-    assert!(matches!(o, Outcome::Rejected { code: RejectCode::SiteUnknown, .. }));
+    assert!(matches!(
+        o,
+        Outcome::Rejected {
+            code: RejectCode::SiteUnknown,
+            ..
+        }
+    ));
 
     let (o, ch) = s.apply(Command::RemoveSite { site: site("west") });
     assert_eq!(o, Outcome::Applied { revision: 5 });

@@ -39,8 +39,14 @@ mod tests {
     #[test]
     fn local_first_then_healthy_by_name_then_the_rest() {
         let cands = [c("west", 2), c("central", 0), c("east", 1), c("north", 3)];
-        assert_eq!(order_sites("north", &cands), ["north", "east", "west", "central"]);
-        assert_eq!(order_sites("south", &cands), ["east", "north", "west", "central"]);
+        assert_eq!(
+            order_sites("north", &cands),
+            ["north", "east", "west", "central"]
+        );
+        assert_eq!(
+            order_sites("south", &cands),
+            ["east", "north", "west", "central"]
+        );
         assert_eq!(order_sites("x", &[]), Vec::<&str>::new());
         assert_eq!(order_sites("x", &[c("a", 0), c("a", 0)]), ["a"]);
     }

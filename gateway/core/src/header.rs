@@ -338,7 +338,10 @@ mod tests {
     fn response_has_the_documented_layout() {
         let bytes = OpenResponse::new(Status::NoEndpoints, "none").encode();
         assert_eq!(bytes, [b'C', b'W', 1, 1, 0, 4, b'n', b'o', b'n', b'e']);
-        assert_eq!(OpenResponse::decode(&bytes).unwrap().status, Status::NoEndpoints);
+        assert_eq!(
+            OpenResponse::decode(&bytes).unwrap().status,
+            Status::NoEndpoints
+        );
     }
 
     #[test]
