@@ -242,13 +242,18 @@ impl LocalFederation {
             .arg(&self.creds)
             .arg("--controller")
             .arg(self.endpoints().join(","))
-            .args(["cluster", "add", site, "--label", "env=demo", "--ttl", "600"])
+            .args([
+                "cluster", "add", site, "--label", "env=demo", "--ttl", "600",
+            ])
             .stdin(Stdio::null())
             .output()
             .await
             .context("running causeway ctl")?;
         if !out.status.success() {
-            bail!("causeway ctl cluster add {site}: {}", String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "causeway ctl cluster add {site}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         let token = String::from_utf8(out.stdout)?.trim().to_string();
         Ok(token)

@@ -1,0 +1,26 @@
+//! openraft's storage conformance suite, run against the redb log store and
+//! the catalog state machine.
+
+use causeway_federation::hub::Hub;
+use causeway_federation::store::{self, LogStore, StateMachine};
+use causeway_federation::{NodeId, TypeConfig};
+use openraft::testing::{StoreBuilder, Suite};
+use openraft::StorageError;
+
+struct Builder;
+
+impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
+    async fn build(
+        &self,
+    ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = store::open(dir.path()).expect("open store");
+        let sm = StateMachine::new(db.clone(), Hub::new()).expect("state machine");
+        Ok((dir, LogStore::new(db), sm))
+    }
+}
+
+#[test]
+fn redb_store_passes_the_openraft_suite() -> Result<(), StorageError<NodeId>> {
+    Suite::test_all(Builder)
+}
