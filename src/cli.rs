@@ -63,7 +63,7 @@ pub enum CaCommand {
 #[derive(Args, Debug)]
 pub struct ControllerArgs {
     /// TOML file with the same fields as the flags (flags then are not allowed).
-    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir"])]
+    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms"])]
     pub config: Option<PathBuf>,
     /// This node's id (a positive integer, unique in the cluster).
     #[arg(long)]
@@ -85,6 +85,13 @@ pub struct ControllerArgs {
     /// Admin (metrics) listen address.
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// A site whose gateways stop heartbeating for this long leaves routing and DNS.
+    #[arg(long)]
+    pub site_lease_ms: Option<u64>,
+    /// Start empty and wait to be added with `causeway ctl controller add`
+    /// (never initialize a new cluster).
+    #[arg(long)]
+    pub join: bool,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -101,6 +108,10 @@ pub struct ControllerFile {
     pub heartbeat_ms: Option<u64>,
     pub election_timeout_min_ms: Option<u64>,
     pub election_timeout_max_ms: Option<u64>,
+    pub site_lease_ms: Option<u64>,
+    pub site_recover_ms: Option<u64>,
+    #[serde(default)]
+    pub join: bool,
 }
 
 #[derive(Args, Debug)]
@@ -201,6 +212,8 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
             data_dir: args.data_dir.clone(),
             ca_dir: args.ca_dir.clone(),
             admin_listen: args.admin_listen.clone(),
+            site_lease_ms: args.site_lease_ms,
+            join: args.join,
             ..Default::default()
         },
     };
@@ -262,6 +275,16 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
     {
         errs.push("election timeouts: need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into());
     }
+    let mut leases = causeway_federation::lease::LeaseConfig::default();
+    if let Some(ms) = file.site_lease_ms {
+        leases.lease = std::time::Duration::from_millis(ms);
+    }
+    if let Some(ms) = file.site_recover_ms {
+        leases.recover_after = std::time::Duration::from_millis(ms);
+    }
+    if leases.lease < std::time::Duration::from_millis(500) {
+        errs.push("site_lease_ms: at least 500".into());
+    }
     if !errs.is_empty() {
         return Err(ConfigError(errs).into());
     }
@@ -275,6 +298,8 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
             data_dir,
             ca: Arc::new(ca),
             timing,
+            leases,
+            join_existing: file.join,
         },
         listen: listen.expect("checked"),
         admin_listen,

@@ -410,7 +410,7 @@ pub async fn dns_a(server: SocketAddr, name: &str) -> anyhow::Result<Vec<IpAddr>
         .context("no DNS answer within 1 s")??;
     let resp = Message::from_vec(&buf[..n]).map_err(|e| anyhow::anyhow!("bad DNS answer: {e}"))?;
     if resp.metadata.response_code != ResponseCode::NoError {
-        bail!("DNS answered {}", resp.metadata.response_code);
+        bail!("DNS answered {:?}", resp.metadata.response_code);
     }
     Ok(resp
         .answers

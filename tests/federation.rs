@@ -702,3 +702,79 @@ fn the_demo_runs_end_to_end() {
     );
     assert!(stdout.contains("failover east -> west worked"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_whose_gateway_dies_leaves_routing_and_dns_then_returns() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _task) = echo_server(None).await.unwrap();
+    fed.add_site(
+        "east",
+        &vip_range(),
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await
+    .unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let name = "echo.shop.svc.clusterset.local";
+    let vip = fed
+        .wait_resolvable("west", name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    wait_tunnel(SocketAddr::new(vip, 7000)).await;
+
+    tracing::info!("phase: SIGKILL east's gateway; its lease lapses");
+    fed.sites.get_mut("east").unwrap().gateway.kill().await;
+    let west_dns = fed.sites["west"].dns;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Err(e) = causeway::local::dns_a(west_dns, name).await {
+            if e.to_string().contains("NXDomain") || e.to_string().contains("NXDOMAIN") {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east never left west's DNS answers"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut admin = fed.admin_client(None).unwrap().federation().await.unwrap();
+    let cat = admin
+        .catalog(causeway_api::pb::CatalogRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let east = cat.sites.iter().find(|s| s.name == "east").unwrap();
+    assert!(!east.available, "east must be marked unavailable");
+    let kept = cat
+        .exports
+        .iter()
+        .find(|e| e.site == "east")
+        .map(|e| e.exports.len())
+        .unwrap_or(0);
+    assert_eq!(kept, 1, "an unavailable site keeps its exports");
+
+    tracing::info!(
+        "phase: east's gateway restarts from its state dir (no new token) and comes back"
+    );
+    let bin = fed.bin.clone();
+    fed.sites
+        .get_mut("east")
+        .unwrap()
+        .gateway
+        .start(&bin)
+        .unwrap();
+    let back = fed
+        .wait_resolvable("west", name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(back, vip, "the VIP is stable across the outage");
+    wait_tunnel(SocketAddr::new(vip, 7000)).await;
+    fed.shutdown().await;
+}

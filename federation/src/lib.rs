@@ -10,6 +10,7 @@
 use std::io::Cursor;
 
 pub mod hub;
+pub mod lease;
 pub mod network;
 pub mod node;
 pub mod service;

@@ -17,8 +17,10 @@ use tokio::net::TcpListener;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, Server, ServerTlsConfig};
 
 use crate::hub::Hub;
+use crate::lease::{LeaseConfig, Leases};
 use crate::network::{Network, PeerChannels};
 use crate::service::{FederationService, RaftService, Shared};
+use crate::state::Command;
 use crate::store::{self, LogStore, StateMachine};
 use crate::{NodeId, Raft};
 
@@ -49,6 +51,9 @@ pub struct ControllerOptions {
     pub data_dir: PathBuf,
     pub ca: Arc<CertificateAuthority>,
     pub timing: RaftTiming,
+    pub leases: LeaseConfig,
+    /// Never initialize a cluster: wait to be added by `ctl controller add`.
+    pub join_existing: bool,
 }
 
 pub struct Controller {
@@ -104,7 +109,7 @@ impl Controller {
         .context("starting raft")?;
 
         let lowest = opts.peers.keys().next().copied();
-        if pristine && lowest == Some(opts.node_id) {
+        if pristine && lowest == Some(opts.node_id) && !opts.join_existing {
             let members: BTreeMap<NodeId, BasicNode> = opts
                 .peers
                 .iter()
@@ -126,8 +131,11 @@ impl Controller {
             hub,
             ca: opts.ca.clone(),
             peers,
+            leases: std::sync::Mutex::new(Leases::new(opts.leases)),
+            peer_clients: Default::default(),
         });
         tokio::spawn(export_raft_metrics(shared.raft.clone()));
+        tokio::spawn(run_leases(shared.clone()));
         Ok((Self { shared }, identity))
     }
 
@@ -198,6 +206,43 @@ async fn export_raft_metrics(raft: Raft) {
         }
         if rx.changed().await.is_err() {
             return;
+        }
+    }
+}
+
+/// On the leader, turns lapsed and recovered leases into Raft writes.
+async fn run_leases(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let now = std::time::Instant::now();
+        let leader = shared.raft.metrics().borrow().current_leader == Some(shared.node_id);
+        let changes = {
+            let mut l = shared.leases.lock().unwrap_or_else(|e| e.into_inner());
+            l.handle_leadership(leader, now);
+            let sites: Vec<_> = shared.hub.read(|s| {
+                s.sites
+                    .iter()
+                    .map(|(n, r)| (n.clone(), r.available))
+                    .collect()
+            });
+            l.decide(now, &sites)
+        };
+        for (site, available) in changes {
+            if available {
+                tracing::info!(%site, "site heartbeats are steady again; marking it available");
+            } else {
+                tracing::warn!(%site, "site lease lapsed; marking it unavailable (its exports are kept)");
+            }
+            metrics::counter!("causeway_site_lease_transitions_total", "to" => if available { "available" } else { "unavailable" })
+                .increment(1);
+            if let Err(e) = shared
+                .raft
+                .client_write(Command::SetSiteAvailability { site, available })
+                .await
+            {
+                tracing::info!(error = %e, "could not commit a lease change (leadership moved?)");
+            }
         }
     }
 }

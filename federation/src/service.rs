@@ -28,6 +28,9 @@ use openraft::error::{ClientWriteError, RaftError};
 use tokio::sync::broadcast::error::RecvError;
 use tonic::{Code, Request, Response, Status};
 
+use causeway_api::pb::raft_client::RaftClient;
+use tonic::transport::Channel;
+
 use crate::hub::Hub;
 use crate::network::PeerChannels;
 use crate::state::{Command, ExportRecord, Outcome, PortRecord, RejectCode};
@@ -46,6 +49,9 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub ca: Arc<CertificateAuthority>,
     pub peers: PeerChannels,
+    pub leases: std::sync::Mutex<crate::lease::Leases>,
+    /// Channels to peer nodes for forwarding, by address.
+    pub peer_clients: std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>,
 }
 
 /// Who is calling, from the client certificate.
@@ -192,8 +198,61 @@ impl Shared {
         }
     }
 
+    /// A cached channel to a peer node.
+    fn peer(&self, addr: &str) -> Result<RaftClient<Channel>, String> {
+        let mut m = self.peer_clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = m.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = self.peers.raft_client(addr).map_err(|e| e.to_string())?;
+        m.insert(addr.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Records a site heartbeat at the leader (forwarding if needed).
+    pub async fn record_heartbeat(&self, site: SiteName) -> Result<(), Status> {
+        let (leader, addr) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let addr = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+            });
+            (m.current_leader, addr)
+        };
+        if leader == Some(self.node_id) {
+            self.leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .handle_heartbeat(site, Instant::now());
+            return Ok(());
+        }
+        let Some(addr) = addr else {
+            return Err(Status::unavailable("no leader is elected yet; retry"));
+        };
+        let mut client = self.peer(&addr).map_err(Status::unavailable)?;
+        let data = serde_json::to_vec(&site).map_err(|e| Status::internal(e.to_string()))?;
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            client.forward_heartbeat(pb::RaftPayload { data }),
+        )
+        .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(s)) => Err(Status::unavailable(format!(
+                "forwarding the heartbeat to the leader: {}",
+                s.message()
+            ))),
+            Err(_) => Err(Status::unavailable(
+                "forwarding the heartbeat to the leader timed out",
+            )),
+        }
+    }
+
     async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, String> {
-        let mut client = self.peers.raft_client(addr).map_err(|e| e.to_string())?;
+        let mut client = self.peer(addr)?;
         let data = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
         let reply = client
             .propose(pb::RaftPayload { data })
@@ -473,6 +532,34 @@ impl Federation for FederationService {
         )))
     }
 
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let who = caller(&req);
+        let site: SiteName = req.get_ref().site.parse().map_err(|e| invalid("site", e))?;
+        match &who {
+            Caller::Site(own) if *own == site => {}
+            _ => {
+                return Err(denied(
+                    "Heartbeat",
+                    &who,
+                    &format!("the credential of site {site}"),
+                ))
+            }
+        }
+        self.shared.record_heartbeat(site).await?;
+        let lease_ms = self
+            .shared
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()
+            .lease
+            .as_millis() as u64;
+        Ok(Response::new(pb::HeartbeatResponse { lease_ms }))
+    }
+
     async fn status(
         &self,
         req: Request<pb::StatusRequest>,
@@ -606,6 +693,24 @@ impl RaftRpc for RaftService {
         require_node("InstallSnapshot", &req)?;
         let r = decode(req.get_ref())?;
         encode(&self.shared.raft.install_snapshot(r).await)
+    }
+
+    async fn forward_heartbeat(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        require_node("ForwardHeartbeat", &req)?;
+        let site: SiteName = decode(req.get_ref())?;
+        // Only the leader keeps leases; a stale forward is dropped.
+        let leader = self.shared.raft.metrics().borrow().current_leader;
+        if leader == Some(self.shared.node_id) {
+            self.shared
+                .leases
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .handle_heartbeat(site, Instant::now());
+        }
+        encode(&())
     }
 
     async fn propose(

@@ -33,6 +33,13 @@ pub struct SiteRecord {
     pub trust_bundle_pem: String,
     pub tunnel_addrs: Vec<String>,
     pub joined_at_ms: u64,
+    /// False while the site's lease has lapsed (set by the leader).
+    #[serde(default = "yes")]
+    pub available: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -89,6 +96,11 @@ pub enum Command {
     },
     RemoveSite {
         site: SiteName,
+    },
+    /// Proposed by the leader when a site's lease lapses or recovers.
+    SetSiteAvailability {
+        site: SiteName,
+        available: bool,
     },
 }
 
@@ -246,6 +258,7 @@ impl CatalogState {
                     trust_bundle_pem,
                     tunnel_addrs,
                     joined_at_ms: now_ms,
+                    available: true,
                 };
                 self.sites.insert(site, rec.clone());
                 self.bump(vec![pb::change::Kind::SiteUpserted(site_to_pb(&rec))])
@@ -336,6 +349,28 @@ impl CatalogState {
                     self.bump(changes)
                 }
             }
+            Command::SetSiteAvailability { site, available } => {
+                let Some(rec) = self.sites.get_mut(&site) else {
+                    return (
+                        reject(
+                            RejectCode::SiteUnknown,
+                            format!("site {site:?} is not a member"),
+                        ),
+                        vec![],
+                    );
+                };
+                if rec.available == available {
+                    return (
+                        Outcome::Unchanged {
+                            revision: self.revision,
+                        },
+                        vec![],
+                    );
+                }
+                rec.available = available;
+                let pb = site_to_pb(rec);
+                self.bump(vec![pb::change::Kind::SiteUpserted(pb)])
+            }
             Command::RemoveSite { site } => {
                 if self.sites.remove(&site).is_none() {
                     return (
@@ -404,9 +439,7 @@ pub fn site_to_pb(s: &SiteRecord) -> pb::Site {
         tunnel_addrs: s.tunnel_addrs.clone(),
         trust_domain: s.trust_domain.to_string(),
         trust_bundle_pem: s.trust_bundle_pem.clone(),
-        // Leases come with the next controller milestone; until then every
-        // member site is available.
-        available: true,
+        available: s.available,
     }
 }
 

@@ -82,6 +82,11 @@ pub async fn run(
         local_exports: settings.exports.clone(),
     });
     let outbound_task = tokio::spawn(outbound.run(routes_rx));
+    let heartbeat_task = tokio::spawn(publish::heartbeat(
+        client.clone(),
+        state.site.clone(),
+        settings.health_interval.min(Duration::from_secs(1)),
+    ));
     let publish_task = tokio::spawn(publish::run(
         client,
         state.site.clone(),
@@ -94,6 +99,7 @@ pub async fn run(
     tracing::info!("gateway draining");
     outbound_task.abort();
     publish_task.abort();
+    heartbeat_task.abort();
     watch_task.abort();
     sync_task.abort();
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");

@@ -105,3 +105,31 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
         })
         .collect()
 }
+
+/// Tells the controllers this site is alive, every `every`.
+pub async fn heartbeat(client: Arc<ControllerClient>, site: SiteName, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let req = pb::HeartbeatRequest {
+            site: site.to_string(),
+        };
+        let r = async {
+            let mut fed = client.federation().await.map_err(|e| e.to_string())?;
+            tokio::time::timeout(Duration::from_secs(2), fed.heartbeat(req))
+                .await
+                .map_err(|_| "timed out".to_string())?
+                .map_err(|s| s.message().to_string())
+        }
+        .await;
+        match r {
+            Ok(_) => metrics::counter!("causeway_heartbeats_total", "result" => "ok").increment(1),
+            Err(e) => {
+                metrics::counter!("causeway_heartbeats_total", "result" => "error").increment(1);
+                tracing::debug!(error = %e, "heartbeat failed");
+                client.rotate();
+            }
+        }
+    }
+}

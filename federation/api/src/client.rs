@@ -26,6 +26,8 @@ pub struct ControllerClient {
     endpoints: Vec<String>,
     tls: ClientTlsConfig,
     next: AtomicUsize,
+    /// The channel in use; dropped by `rotate` after a failure.
+    cached: std::sync::Mutex<Option<Channel>>,
 }
 
 impl ControllerClient {
@@ -41,6 +43,7 @@ impl ControllerClient {
             endpoints,
             tls,
             next: AtomicUsize::new(0),
+            cached: std::sync::Mutex::new(None),
         }
     }
 
@@ -50,6 +53,14 @@ impl ControllerClient {
 
     /// A channel to one reachable controller, trying each endpoint once.
     pub async fn channel(&self) -> Result<Channel, ClientError> {
+        if let Some(ch) = self
+            .cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+        {
+            return Ok(ch);
+        }
         let n = self.endpoints.len().max(1);
         let start = self.next.load(Ordering::Relaxed);
         let mut last = String::from("no endpoints configured");
@@ -68,6 +79,7 @@ impl ControllerClient {
             match ep.connect().await {
                 Ok(ch) => {
                     self.next.store((start + i) % n, Ordering::Relaxed);
+                    *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch.clone());
                     return Ok(ch);
                 }
                 Err(e) => {
@@ -88,6 +100,7 @@ impl ControllerClient {
 
     /// Moves on to the next endpoint (after an RPC failure).
     pub fn rotate(&self) {
+        self.cached.lock().unwrap_or_else(|e| e.into_inner()).take();
         self.next.fetch_add(1, Ordering::Relaxed);
     }
 }

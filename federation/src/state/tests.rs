@@ -170,3 +170,33 @@ fn snapshot_round_trips_through_json() {
     assert_eq!(back, s);
     assert_eq!(back.snapshot_pb().revision, 2);
 }
+
+#[test]
+fn availability_changes_bump_only_when_they_change_something() {
+    let mut s = CatalogState::default();
+    token(&mut s, "a", "east", 100);
+    join(&mut s, "a", "east", 1);
+    let (o, ch) = s.apply(Command::SetSiteAvailability {
+        site: site("east"),
+        available: false,
+    });
+    assert_eq!(o, Outcome::Applied { revision: 2 });
+    assert_eq!(ch.len(), 1);
+    assert!(!s.snapshot_pb().sites[0].available);
+    let (o, _) = s.apply(Command::SetSiteAvailability {
+        site: site("east"),
+        available: false,
+    });
+    assert_eq!(o, Outcome::Unchanged { revision: 2 });
+    let (o, _) = s.apply(Command::SetSiteAvailability {
+        site: site("west"),
+        available: true,
+    });
+    assert!(matches!(
+        o,
+        Outcome::Rejected {
+            code: RejectCode::SiteUnknown,
+            ..
+        }
+    ));
+}
