@@ -21,6 +21,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
 }
 
 #[test]
-fn redb_store_passes_the_openraft_suite() -> Result<(), StorageError<NodeId>> {
-    Suite::test_all(Builder)
+fn redb_store_passes_the_openraft_suite() {
+    if let Err(e) = Suite::test_all(Builder) {
+        panic!("storage conformance failed: {e}");
+    }
 }
