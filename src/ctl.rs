@@ -40,10 +40,26 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// Controller nodes: list, add, remove (the cluster keeps serving).
+    Controller {
+        #[command(subcommand)]
+        command: ControllerCommand,
+    },
     /// Controller status: nodes, leader, term, indexes, catalog revision.
     Status,
     /// Exported services and the sites that export them.
     Services,
+}
+
+#[derive(Subcommand)]
+pub enum ControllerCommand {
+    /// The nodes, their roles and replication state.
+    List,
+    /// Add node ID at ADDR (start it first with `causeway controller --join`).
+    /// It joins as a learner and becomes a voter once it has caught up.
+    Add { id: u64, addr: String },
+    /// Remove node ID from the cluster.
+    Remove { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -170,43 +186,32 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .into_inner();
             println!("removed site {name} (revision {})", r.revision);
         }
+        CtlCommand::Controller { command } => {
+            let s = match command {
+                ControllerCommand::List => fed.status(pb::StatusRequest {}).await,
+                ControllerCommand::Add { id, addr } => {
+                    fed.add_controller(pb::AddControllerRequest {
+                        id: *id,
+                        addr: addr.clone(),
+                    })
+                    .await
+                }
+                ControllerCommand::Remove { id } => {
+                    fed.remove_controller(pb::RemoveControllerRequest { id: *id })
+                        .await
+                }
+            }
+            .map_err(status_err)?
+            .into_inner();
+            print_status(&s, args.output);
+        }
         CtlCommand::Status => {
             let s = fed
                 .status(pb::StatusRequest {})
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            if args.output == Output::Json {
-                let nodes: Vec<_> = s
-                    .nodes
-                    .iter()
-                    .map(|n| serde_json::json!({"id": n.id, "addr": n.addr, "voter": n.voter, "matched_index": n.matched_index}))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
-                        "last_log_index": s.last_log_index, "applied_index": s.applied_index, "revision": s.revision,
-                        "sites": s.sites, "nodes": nodes})
-                );
-            } else {
-                println!(
-                    "answered by node {} ({}), term {}, leader {}",
-                    s.node_id, s.role, s.term, s.leader_id
-                );
-                println!(
-                    "log index {}, applied {}, catalog revision {}, {} sites",
-                    s.last_log_index, s.applied_index, s.revision, s.sites
-                );
-                println!("{:<6} {:<24} {:<7} MATCHED", "NODE", "ADDRESS", "VOTER");
-                for n in &s.nodes {
-                    let matched = if s.role == "leader" {
-                        n.matched_index.to_string()
-                    } else {
-                        "-".into()
-                    };
-                    println!("{:<6} {:<24} {:<7} {}", n.id, n.addr, n.voter, matched);
-                }
-            }
+            print_status(&s, args.output);
         }
         CtlCommand::Services => {
             let cat = fed
@@ -253,4 +258,49 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_status(s: &pb::StatusResponse, output: Output) {
+    // Replication lag is known on the leader: its last index minus what
+    // each node has matched.
+    let lag = |n: &pb::NodeStatus| {
+        (s.role == "leader").then(|| s.last_log_index.saturating_sub(n.matched_index))
+    };
+    if output == Output::Json {
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| serde_json::json!({"id": n.id, "addr": n.addr, "voter": n.voter, "matched_index": n.matched_index, "lag": lag(n)}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"node_id": s.node_id, "role": s.role, "term": s.term, "leader_id": s.leader_id,
+                "last_log_index": s.last_log_index, "applied_index": s.applied_index, "revision": s.revision,
+                "sites": s.sites, "nodes": nodes})
+        );
+        return;
+    }
+    println!(
+        "answered by node {} ({}), term {}, leader {}",
+        s.node_id, s.role, s.term, s.leader_id
+    );
+    println!(
+        "log index {}, applied {}, catalog revision {}, {} sites",
+        s.last_log_index, s.applied_index, s.revision, s.sites
+    );
+    println!(
+        "{:<6} {:<24} {:<8} {:<8} LAG",
+        "NODE", "ADDRESS", "ROLE", "MATCHED"
+    );
+    for n in &s.nodes {
+        let role = if n.voter { "voter" } else { "learner" };
+        let (matched, lag) = match lag(n) {
+            Some(l) => (n.matched_index.to_string(), l.to_string()),
+            None => ("-".into(), "-".into()),
+        };
+        println!(
+            "{:<6} {:<24} {:<8} {:<8} {}",
+            n.id, n.addr, role, matched, lag
+        );
+    }
 }

@@ -148,36 +148,75 @@ impl LocalFederation {
     /// Starts `n` controller nodes forming one cluster.
     pub fn start_controllers(&mut self, n: u64) -> anyhow::Result<()> {
         for id in 1..=n {
-            self.controller_addrs
-                .insert(id, format!("127.0.0.1:{}", free_port()?));
+            self.reserve_controller(id)?;
         }
+        let peers: Vec<u64> = (1..=n).collect();
         for id in 1..=n {
-            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-            self.controller_admin.insert(id, admin);
-            let mut args = vec![
-                "controller".to_string(),
-                "--id".into(),
-                id.to_string(),
-                "--listen".into(),
-                self.controller_addrs[&id].clone(),
-                "--data-dir".into(),
-                self.root
-                    .join(format!("controller-{id}"))
-                    .display()
-                    .to_string(),
-                "--ca-dir".into(),
-                self.creds.display().to_string(),
-                "--admin-listen".into(),
-                admin.to_string(),
-            ];
-            for (pid, addr) in &self.controller_addrs {
-                args.push("--peer".into());
-                args.push(format!("{pid}={addr}"));
-            }
-            let p = Proc::spawn(&self.bin, &self.root, &format!("controller-{id}"), args)?;
-            self.controllers.insert(id, p);
+            self.spawn_controller(id, &peers, false)?;
         }
         Ok(())
+    }
+
+    /// Picks a listen address for controller `id`.
+    pub fn reserve_controller(&mut self, id: u64) -> anyhow::Result<String> {
+        let addr = format!("127.0.0.1:{}", free_port()?);
+        self.controller_addrs.insert(id, addr.clone());
+        self.controller_admin
+            .insert(id, format!("127.0.0.1:{}", free_port()?).parse()?);
+        Ok(addr)
+    }
+
+    /// Starts controller `id` with `peers` as the initial voters; with
+    /// `join`, it waits to be added instead of forming a cluster.
+    pub fn spawn_controller(&mut self, id: u64, peers: &[u64], join: bool) -> anyhow::Result<()> {
+        let mut args = vec![
+            "controller".to_string(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            self.controller_addrs[&id].clone(),
+            "--data-dir".into(),
+            self.root
+                .join(format!("controller-{id}"))
+                .display()
+                .to_string(),
+            "--ca-dir".into(),
+            self.creds.display().to_string(),
+            "--admin-listen".into(),
+            self.controller_admin[&id].to_string(),
+        ];
+        for pid in peers {
+            args.push("--peer".into());
+            args.push(format!("{pid}={}", self.controller_addrs[pid]));
+        }
+        if join {
+            args.push("--join".into());
+        }
+        let p = Proc::spawn(&self.bin, &self.root, &format!("controller-{id}"), args)?;
+        self.controllers.insert(id, p);
+        Ok(())
+    }
+
+    /// Runs `causeway ctl ARGS` against the controllers; stdout, or stderr as the error.
+    pub async fn ctl(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(&self.bin)
+            .args(["ctl", "--creds"])
+            .arg(&self.creds)
+            .arg("--controller")
+            .arg(self.endpoints().join(","))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("running causeway ctl")?;
+        if !out.status.success() {
+            bail!(
+                "causeway ctl {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8(out.stdout)?)
     }
 
     pub fn endpoints(&self) -> Vec<String> {
@@ -218,7 +257,7 @@ impl LocalFederation {
                     }
                 }
             }
-            let majority = self.controller_addrs.len() / 2 + 1;
+            let majority = self.controllers.len() / 2 + 1;
             if let Some((leader, _)) = votes.iter().find(|(_, n)| **n >= majority) {
                 if self.controllers.contains_key(leader) && self.controllers[leader].child.is_some()
                 {
@@ -237,26 +276,12 @@ impl LocalFederation {
 
     /// `causeway ctl cluster add SITE`, as an operator would run it.
     pub async fn create_token(&self, site: &str) -> anyhow::Result<String> {
-        let out = Command::new(&self.bin)
-            .args(["ctl", "--creds"])
-            .arg(&self.creds)
-            .arg("--controller")
-            .arg(self.endpoints().join(","))
-            .args([
+        let out = self
+            .ctl(&[
                 "cluster", "add", site, "--label", "env=demo", "--ttl", "600",
             ])
-            .stdin(Stdio::null())
-            .output()
-            .await
-            .context("running causeway ctl")?;
-        if !out.status.success() {
-            bail!(
-                "causeway ctl cluster add {site}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let token = String::from_utf8(out.stdout)?.trim().to_string();
-        Ok(token)
+            .await?;
+        Ok(out.trim().to_string())
     }
 
     /// Joins a site: a gateway (with the token) and a DNS server.

@@ -778,3 +778,128 @@ async fn a_site_whose_gateway_dies_leaves_routing_and_dns_then_returns() {
     wait_tunnel(SocketAddr::new(vip, 7000)).await;
     fed.shutdown().await;
 }
+
+fn voters(s: &causeway_api::pb::StatusResponse) -> Vec<u64> {
+    s.nodes.iter().filter(|n| n.voter).map(|n| n.id).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_grow_from_one_to_five_and_shrink_back_while_serving() {
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    for id in 1..=5 {
+        fed.reserve_controller(id).unwrap();
+    }
+    tracing::info!("phase: a one-node cluster");
+    fed.spawn_controller(1, &[1], false).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let site = join_in_process(&fed, "alpha").await;
+
+    tracing::info!("phase: a client writes the whole time");
+    let client = std::sync::Arc::new(causeway_api::client::ControllerClient::new(
+        fed.endpoints(),
+        &site.controller_ca_pem,
+        Some(&site.api),
+    ));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut acked, mut failed) = (0usize, 0usize);
+            let mut n = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match publish(&client, "alpha", n).await {
+                    Ok(_) => {
+                        acked = n;
+                        n += 1;
+                    }
+                    // One retry after rotating: a client's normal behaviour.
+                    Err(_) => match publish(&client, "alpha", n).await {
+                        Ok(_) => {
+                            acked = n;
+                            n += 1;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "write failed");
+                            failed += 1;
+                        }
+                    },
+                }
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            (acked, failed)
+        })
+    };
+
+    tracing::info!("phase: grow to three");
+    for id in [2, 3] {
+        fed.spawn_controller(id, &[id], true).unwrap();
+        let addr = fed.controller_addrs[&id].clone();
+        fed.ctl(&["controller", "add", &id.to_string(), &addr])
+            .await
+            .unwrap();
+    }
+    assert_eq!(voters(&fed.status(1).await.unwrap()), [1, 2, 3]);
+
+    tracing::info!("phase: grow to five");
+    for id in [4, 5] {
+        fed.spawn_controller(id, &[id], true).unwrap();
+        let addr = fed.controller_addrs[&id].clone();
+        fed.ctl(&["controller", "add", &id.to_string(), &addr])
+            .await
+            .unwrap();
+    }
+    let listed = fed
+        .ctl(&["--output", "json", "controller", "list"])
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    assert_eq!(
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["voter"] == true)
+            .count(),
+        5,
+        "{listed}"
+    );
+
+    tracing::info!("phase: shrink back to three");
+    for id in [5, 4] {
+        fed.ctl(&["controller", "remove", &id.to_string()])
+            .await
+            .unwrap();
+        fed.controller(id).kill().await;
+        fed.controllers.remove(&id);
+    }
+    let leader = fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    assert_eq!(voters(&fed.status(leader).await.unwrap()), [1, 2, 3]);
+    let err = fed.ctl(&["controller", "remove", "9"]).await.unwrap_err();
+    assert!(err.to_string().contains("not a member"), "{err}");
+
+    tracing::info!("phase: the writer never lost service, and nothing acknowledged is missing");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (acked, failed) = writer.await.unwrap();
+    assert_eq!(failed, 0, "writes failed during membership changes");
+    assert!(acked > 5, "the writer made progress ({acked})");
+    for id in [1, 2, 3] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = catalog_services(&fed, id).await;
+            if got.len() == acked {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {id} has {} of {acked}",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    fed.shutdown().await;
+}

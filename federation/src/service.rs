@@ -54,6 +54,13 @@ pub struct Shared {
     pub peer_clients: std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>,
 }
 
+/// A membership change, run on the leader.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub enum MembershipOp {
+    Add { id: NodeId, addr: String },
+    Remove { id: NodeId },
+}
+
 /// Who is calling, from the client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
@@ -196,6 +203,89 @@ impl Shared {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Runs a membership change here if this node leads, else on the leader.
+    pub async fn change_membership(&self, op: MembershipOp) -> Result<(), Status> {
+        let (leader, addr) = {
+            let m = self.raft.metrics();
+            let m = m.borrow();
+            let addr = m.current_leader.and_then(|l| {
+                m.membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map(|n| n.addr.clone())
+            });
+            (m.current_leader, addr)
+        };
+        if leader != Some(self.node_id) {
+            let addr =
+                addr.ok_or_else(|| Status::unavailable("no leader is elected yet; retry"))?;
+            let mut client = self.peer(&addr).map_err(Status::unavailable)?;
+            let data = serde_json::to_vec(&op).map_err(|e| Status::internal(e.to_string()))?;
+            client.change_membership(pb::RaftPayload { data }).await?;
+            return Ok(());
+        }
+        self.change_membership_here(op).await
+    }
+
+    pub async fn change_membership_here(&self, op: MembershipOp) -> Result<(), Status> {
+        use std::collections::BTreeSet;
+
+        use openraft::ChangeMembers;
+        let fail = |e: RaftError<NodeId, ClientWriteError<NodeId, openraft::BasicNode>>| {
+            Status::failed_precondition(format!("membership change failed: {e}"))
+        };
+        match op {
+            MembershipOp::Add { id, addr } => {
+                let voters: Vec<NodeId> = self
+                    .raft
+                    .metrics()
+                    .borrow()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect();
+                if voters.contains(&id) {
+                    return Err(Status::already_exists(format!(
+                        "node {id} is already a voter"
+                    )));
+                }
+                tracing::info!(id, %addr, "adding a learner; it is promoted once caught up");
+                // Blocking: returns once the learner has caught up with the log.
+                self.raft
+                    .add_learner(id, openraft::BasicNode { addr }, true)
+                    .await
+                    .map_err(fail)?;
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+                    .await
+                    .map_err(fail)?;
+            }
+            MembershipOp::Remove { id } => {
+                let m = self.raft.metrics().borrow().membership_config.clone();
+                let voters: Vec<NodeId> = m.membership().voter_ids().collect();
+                if !m.nodes().any(|(n, _)| *n == id) {
+                    return Err(Status::not_found(format!("node {id} is not a member")));
+                }
+                if voters.contains(&id) && voters.len() == 1 {
+                    return Err(Status::failed_precondition("cannot remove the last voter"));
+                }
+                tracing::info!(id, "removing a controller node");
+                if voters.contains(&id) {
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(fail)?;
+                } else {
+                    self.raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
+                        .await
+                        .map_err(fail)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// A cached channel to a peer node.
@@ -570,7 +660,46 @@ impl Federation for FederationService {
             }
             _ => {}
         }
-        let m = self.shared.raft.metrics().borrow().clone();
+        Ok(Response::new(self.shared.status()))
+    }
+
+    async fn add_controller(
+        &self,
+        req: Request<pb::AddControllerRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        require_admin("AddController", &req)?;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(invalid("id", "must be a positive integer"));
+        }
+        r.addr
+            .parse::<SocketAddr>()
+            .map_err(|_| invalid("addr", format!("{:?} is not an ip:port address", r.addr)))?;
+        self.shared
+            .change_membership(MembershipOp::Add {
+                id: r.id,
+                addr: r.addr,
+            })
+            .await?;
+        Ok(Response::new(self.shared.status()))
+    }
+
+    async fn remove_controller(
+        &self,
+        req: Request<pb::RemoveControllerRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        require_admin("RemoveController", &req)?;
+        let id = req.into_inner().id;
+        self.shared
+            .change_membership(MembershipOp::Remove { id })
+            .await?;
+        Ok(Response::new(self.shared.status()))
+    }
+}
+
+impl Shared {
+    pub fn status(&self) -> pb::StatusResponse {
+        let m = self.raft.metrics().borrow().clone();
         let role = format!("{:?}", m.state).to_lowercase();
         let matched: BTreeMap<NodeId, u64> = m
             .replication
@@ -592,17 +721,17 @@ impl Federation for FederationService {
                 matched_index: matched.get(id).copied().unwrap_or(0),
             })
             .collect();
-        Ok(Response::new(pb::StatusResponse {
-            node_id: self.shared.node_id,
+        pb::StatusResponse {
+            node_id: self.node_id,
             role,
             term: m.current_term,
             leader_id: m.current_leader.unwrap_or(0),
             last_log_index: m.last_log_index.unwrap_or(0),
             applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
-            revision: self.shared.hub.revision(),
+            revision: self.hub.revision(),
             nodes,
-            sites: self.shared.hub.read(|s| s.sites.len() as u32),
-        }))
+            sites: self.hub.read(|s| s.sites.len() as u32),
+        }
     }
 }
 
@@ -693,6 +822,16 @@ impl RaftRpc for RaftService {
         require_node("InstallSnapshot", &req)?;
         let r = decode(req.get_ref())?;
         encode(&self.shared.raft.install_snapshot(r).await)
+    }
+
+    async fn change_membership(
+        &self,
+        req: Request<pb::RaftPayload>,
+    ) -> Result<Response<pb::RaftPayload>, Status> {
+        require_node("ChangeMembership", &req)?;
+        let op: MembershipOp = decode(req.get_ref())?;
+        self.shared.change_membership_here(op).await?;
+        encode(&())
     }
 
     async fn forward_heartbeat(
