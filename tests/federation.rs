@@ -903,3 +903,103 @@ async fn controllers_grow_from_one_to_five_and_shrink_back_while_serving() {
     }
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_with_corrupt_data_refuses_to_serve_and_rebuilds_from_peers() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let site = join_in_process(&fed, "alpha").await;
+    let client = site.controller_client();
+    for n in 1..=5 {
+        publish(&client, "alpha", n).await.unwrap();
+    }
+    let leader = fed.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    let victim = *fed
+        .controller_addrs
+        .keys()
+        .find(|id| **id != leader)
+        .unwrap();
+    // Let the victim apply everything before it stops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    fed.controller(victim).kill().await;
+
+    tracing::info!("phase: flip one bit in the victim's last log entry");
+    let db_path = fed
+        .root
+        .join(format!("controller-{victim}"))
+        .join("raft.redb");
+    {
+        const LOGS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("logs");
+        let db = redb::Database::open(&db_path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut t = txn.open_table(LOGS).unwrap();
+            let (k, mut v) = {
+                use redb::ReadableTable;
+                let (k, v) = t.last().unwrap().unwrap();
+                (k.value(), v.value().to_vec())
+            };
+            let i = v.len() - 3;
+            v[i] ^= 0x04;
+            t.insert(k, v.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    tracing::info!("phase: it refuses to start and says why");
+    fed.restart(victim).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = fed.controller(victim).exited() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a node with corrupt data kept running"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!status.success());
+    let log = fed.controller(victim).log_tail(5);
+    assert!(log.contains("checksum mismatch"), "{log}");
+
+    tracing::info!("phase: the others keep serving writes");
+    publish(&client, "alpha", 6).await.unwrap();
+
+    tracing::info!("phase: rebuild from peers: remove it, fresh data dir, --join, add it again");
+    fed.ctl(&["controller", "remove", &victim.to_string()])
+        .await
+        .unwrap();
+    let dir = fed.root.join(format!("controller-{victim}"));
+    std::fs::rename(&dir, fed.root.join(format!("controller-{victim}.corrupt"))).unwrap();
+    fed.controllers.remove(&victim);
+    fed.spawn_controller(victim, &[victim], true).unwrap();
+    let addr = fed.controller_addrs[&victim].clone();
+    fed.ctl(&["controller", "add", &victim.to_string(), &addr])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let leader = fed.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+        let want = match fed.status(leader).await {
+            Ok(s) => s.revision,
+            Err(e) => panic!(
+                "leader {leader} (victim {victim}): {e}\n{}",
+                fed.controller(leader).log_tail(30)
+            ),
+        };
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), fed.status(victim)).await {
+            if s.revision == want && want > 0 {
+                break;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rebuilt node never caught up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(catalog_services(&fed, victim).await.len(), 6);
+    fed.shutdown().await;
+}

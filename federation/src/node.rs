@@ -162,6 +162,29 @@ impl Controller {
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // If Raft stops on a storage error, stop serving rather than answer
+        // from a node that can no longer keep its promises.
+        let mut metrics_rx = self.shared.raft.metrics();
+        let fatal = async move {
+            loop {
+                if let Err(e) = &metrics_rx.borrow_and_update().running_state {
+                    return e.to_string();
+                }
+                if metrics_rx.changed().await.is_err() {
+                    return "raft stopped".to_string();
+                }
+            }
+        };
+        let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
+        let shutdown = async move {
+            tokio::select! {
+                _ = shutdown => {}
+                why = fatal => {
+                    tracing::error!(reason = %why, "raft stopped; this node stops serving");
+                    let _ = fatal_tx.send(why);
+                }
+            }
+        };
         Server::builder()
             .tls_config(tls)?
             .timeout(Duration::from_secs(30))
@@ -172,6 +195,9 @@ impl Controller {
             .await
             .context("controller gRPC server")?;
         let _ = self.shared.raft.shutdown().await;
+        if let Ok(why) = fatal_rx.await {
+            anyhow::bail!("raft stopped: {why}");
+        }
         Ok(())
     }
 }

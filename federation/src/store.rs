@@ -51,17 +51,50 @@ pub fn open(dir: &Path) -> anyhow::Result<Arc<Database>> {
     Ok(Arc::new(db))
 }
 
+/// Stored values are `crc32 (LE) | JSON`: redb checksums its pages, and
+/// this catches what slips past it (a bad disk, a bad copy, a bug) at the
+/// level of one entry, with a message that says which.
+fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    let json = serde_json::to_vec(value).map_err(io_err)?;
+    let mut out = Vec::with_capacity(json.len() + 4);
+    out.extend_from_slice(&crc32fast::hash(&json).to_le_bytes());
+    out.extend_from_slice(&json);
+    Ok(out)
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{what} is corrupt (checksum mismatch); this node stops. Rebuild it from its peers: stop it, move its data dir aside, start it with --join and `causeway ctl controller add` it again")]
+pub struct Corrupt {
+    what: String,
+}
+
+fn open_sealed<T: for<'de> Deserialize<'de>>(
+    bytes: &[u8],
+    what: impl Fn() -> String,
+) -> std::result::Result<T, StorageIOError<NodeId>> {
+    let corrupt = || StorageIOError::read(&Corrupt { what: what() });
+    if bytes.len() < 4 {
+        return Err(corrupt());
+    }
+    let (sum, json) = bytes.split_at(4);
+    if crc32fast::hash(json).to_le_bytes() != sum {
+        metrics::counter!("causeway_storage_corruption_total").increment(1);
+        return Err(corrupt());
+    }
+    serde_json::from_slice(json).map_err(|_| corrupt())
+}
+
 fn meta_get<T: for<'de> Deserialize<'de>>(db: &Database, key: &str) -> Result<Option<T>> {
     let txn = db.begin_read().map_err(read_err)?;
     let t = txn.open_table(META).map_err(read_err)?;
     match t.get(key).map_err(read_err)? {
-        Some(v) => Ok(Some(serde_json::from_slice(v.value()).map_err(read_err)?)),
+        Some(v) => Ok(Some(open_sealed(v.value(), || format!("stored {key}"))?)),
         None => Ok(None),
     }
 }
 
 fn meta_put<T: Serialize>(db: &Database, key: &str, value: &T, durable: bool) -> Result<()> {
-    let bytes = serde_json::to_vec(value).map_err(io_err)?;
+    let bytes = seal(value)?;
     let mut txn = db.begin_write().map_err(io_err)?;
     if !durable {
         txn.set_durability(Durability::None);
@@ -107,11 +140,11 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut out = Vec::new();
         for item in t.range(start..).map_err(read_err)? {
             let (k, v) = item.map_err(read_err)?;
-            if !range.contains(&k.value()) {
+            let index = k.value();
+            if !range.contains(&index) {
                 break;
             }
-            let entry: Entry<TypeConfig> =
-                serde_json::from_slice(v.value()).map_err(|e| StorageIOError::read_logs(&e))?;
+            let entry: Entry<TypeConfig> = open_sealed(v.value(), || format!("log entry {index}"))?;
             out.push(entry);
         }
         Ok(out)
@@ -126,9 +159,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let txn = self.db.begin_read().map_err(read_err)?;
         let t = txn.open_table(LOGS).map_err(read_err)?;
         let last = match t.last().map_err(read_err)? {
-            Some((_, v)) => {
-                let e: Entry<TypeConfig> =
-                    serde_json::from_slice(v.value()).map_err(|e| StorageIOError::read_logs(&e))?;
+            Some((k, v)) => {
+                let index = k.value();
+                let e: Entry<TypeConfig> = open_sealed(v.value(), || format!("log entry {index}"))?;
                 Some(e.log_id)
             }
             None => last_purged,
@@ -171,7 +204,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             {
                 let mut t = txn.open_table(LOGS).map_err(io_err)?;
                 for e in entries {
-                    let bytes = serde_json::to_vec(&e).map_err(io_err)?;
+                    let bytes = seal(&e)?;
                     t.insert(e.log_id.index, bytes.as_slice()).map_err(io_err)?;
                 }
             }
@@ -343,5 +376,47 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 snapshot: Box::new(Cursor::new(s.data)),
             }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_corrupt_log_entry_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap();
+        let entry: Entry<TypeConfig> = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Blank,
+        };
+        let mut bytes = seal(&entry).unwrap();
+        {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(LOGS)
+                .unwrap()
+                .insert(1, bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let mut log = LogStore::new(db.clone());
+        assert_eq!(log.try_get_log_entries(1..2).await.unwrap().len(), 1);
+
+        // Flip one bit of the stored JSON.
+        let last = bytes.len() - 2;
+        bytes[last] ^= 0x01;
+        {
+            let txn = db.begin_write().unwrap();
+            txn.open_table(LOGS)
+                .unwrap()
+                .insert(1, bytes.as_slice())
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = log.try_get_log_entries(1..2).await.unwrap_err().to_string();
+        assert!(err.contains("log entry 1 is corrupt"), "{err}");
+        let err = log.get_log_state().await.unwrap_err().to_string();
+        assert!(err.contains("checksum mismatch"), "{err}");
     }
 }
