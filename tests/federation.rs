@@ -1003,3 +1003,138 @@ async fn a_node_with_corrupt_data_refuses_to_serve_and_rebuilds_from_peers() {
     assert_eq!(catalog_services(&fed, victim).await.len(), 6);
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watchers_never_see_revisions_go_backwards_across_leader_kills() {
+    use causeway_api::pb::watch_event::Kind;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let site = join_in_process(&fed, "alpha").await;
+    let client = std::sync::Arc::new(site.controller_client());
+
+    tracing::info!("phase: a watcher that reconnects from its last revision, checking order");
+    let watch_client = site.controller_client();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut view = causeway_api::catalog::CatalogView::default();
+            let (mut reconnects, mut events) = (0usize, 0usize);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(mut fedc) = watch_client.federation().await else {
+                    watch_client.rotate();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let from = if view.synced { view.revision.0 } else { 0 };
+                let Ok(resp) = fedc
+                    .watch(causeway_api::pb::WatchRequest {
+                        from_revision: from,
+                    })
+                    .await
+                else {
+                    watch_client.rotate();
+                    continue;
+                };
+                reconnects += 1;
+                let mut stream = resp.into_inner();
+                loop {
+                    let next =
+                        tokio::time::timeout(Duration::from_millis(300), stream.message()).await;
+                    let ev = match next {
+                        Ok(Ok(Some(ev))) => ev,
+                        Ok(_) => {
+                            watch_client.rotate();
+                            break;
+                        }
+                        Err(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => break,
+                        Err(_) => continue,
+                    };
+                    events += 1;
+                    match &ev.kind {
+                        Some(Kind::Delta(_)) => assert!(
+                            ev.revision > view.revision.0,
+                            "delta {} after revision {} (from {from})",
+                            ev.revision,
+                            view.revision.0
+                        ),
+                        Some(Kind::Snapshot(_)) => assert!(
+                            ev.revision >= view.revision.0,
+                            "snapshot {} after revision {}",
+                            ev.revision,
+                            view.revision.0
+                        ),
+                        None => panic!("empty event"),
+                    }
+                    view.apply(ev).unwrap();
+                }
+            }
+            (view, reconnects, events)
+        })
+    };
+
+    let mut n = 0;
+    for round in 0..3 {
+        tracing::info!(
+            round,
+            "phase: writes, then SIGKILL the leader, then restart it"
+        );
+        for _ in 0..5 {
+            n += 1;
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while publish(&client, "alpha", n).await.is_err() {
+                assert!(Instant::now() < deadline, "writes stopped");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        let leader = fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+        fed.controller(leader).kill().await;
+        n += 1;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while publish(&client, "alpha", n).await.is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "no write accepted after killing {leader}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        fed.restart(leader).unwrap();
+    }
+
+    tracing::info!("phase: the watcher converges on the final catalog");
+    let leader = fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let want = fed.status(leader).await.unwrap().revision;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !watcher.is_finished() {
+        // Give it time to reach the leader's revision, then stop it.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if Instant::now() > deadline {
+            break;
+        }
+        let latest = catalog_services(&fed, leader).await.len();
+        if latest == n {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (view, reconnects, events) = watcher.await.unwrap();
+    tracing::info!(reconnects, events, "watcher done");
+    assert!(
+        reconnects >= 2,
+        "the watcher should have reconnected across kills ({reconnects})"
+    );
+    assert_eq!(
+        view.revision.0, want,
+        "watcher stopped at {} but the catalog is at {want}",
+        view.revision.0
+    );
+    // Raw exports: this in-process site sends no heartbeats, so its lease may lapse.
+    let services = view.exports.get("alpha").map(|e| e.len()).unwrap_or(0);
+    assert_eq!(
+        services, n,
+        "watcher sees {services} services, {n} were acknowledged"
+    );
+    fed.shutdown().await;
+}
