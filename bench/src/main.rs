@@ -1,0 +1,38 @@
+//! Benchmark driver: `causeway-bench SUITE [--quick]`. Normally run through
+//! `bench/run`, which builds in release mode and installs the peers.
+
+mod controller;
+mod etcd;
+mod report;
+
+mod pb {
+    pub mod etcd {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let Some(suite) = args.iter().find(|a| !a.starts_with("--")) else {
+        anyhow::bail!("usage: causeway-bench SUITE [--quick]   (suites: controller)");
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let results = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
+    rt.block_on(async {
+        let tmp = tempfile::Builder::new()
+            .prefix("causeway-bench-")
+            .tempdir()?;
+        let mut report = report::Report::new(suite, quick);
+        match suite.as_str() {
+            "controller" => {
+                controller::run(&mut report, tmp.path(), &controller::Params::new(quick)).await?
+            }
+            other => anyhow::bail!("unknown suite {other:?} (suites: controller)"),
+        }
+        report.finish(&results)
+    })
+}
