@@ -132,10 +132,24 @@ pub async fn run(
 
     println!("write-64clients: {} s each", params.concurrent_secs);
     let dur = Duration::from_secs(params.concurrent_secs);
+    // 64 clients over 8 connections, for both systems.
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        let cc = ControllerClient::new(
+            vec![fed.controller_addrs[&leader].clone()],
+            &site.controller_ca_pem,
+            Some(&site.api),
+        );
+        conns.push(cc.federation().await?);
+    }
+    let mut econns = Vec::new();
+    for _ in 0..8 {
+        econns.push(etcd.kv(etcd_leader).await?);
+    }
     let causeway_rate = saturate(64, dur, {
-        let c = fed_client.clone();
+        let conns = conns.clone();
         move |i| {
-            let mut c = c.clone();
+            let mut c = conns[i as usize % conns.len()].clone();
             async move {
                 c.publish_exports(pb::PublishExportsRequest {
                     site: "bench".into(),
@@ -149,10 +163,10 @@ pub async fn run(
     })
     .await;
     let etcd_rate = saturate(64, dur, {
-        let e = etcd_kv.clone();
+        let econns = econns.clone();
         let value = value.clone();
         move |i| {
-            let mut e = e.clone();
+            let mut e = econns[i as usize % econns.len()].clone();
             let value = value.clone();
             async move {
                 e.put(PutRequest {

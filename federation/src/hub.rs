@@ -47,6 +47,19 @@ impl Hub {
     }
 
     pub fn apply(&self, cmd: Command) -> Outcome {
+        if let Command::Batch(cmds) = cmd {
+            return Outcome::Batch(
+                cmds.into_iter()
+                    .map(|c| match c {
+                        Command::Batch(_) => Outcome::Rejected {
+                            code: crate::state::RejectCode::Invalid,
+                            message: "nested batch".into(),
+                        },
+                        c => self.apply(c),
+                    })
+                    .collect(),
+            );
+        }
         let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
         let (outcome, changes) = g.state.apply(cmd);
         if !changes.is_empty() {

@@ -127,11 +127,12 @@ impl Controller {
 
         let shared = Arc::new(Shared {
             node_id: opts.node_id,
-            raft,
+            raft: raft.clone(),
             hub,
             ca: opts.ca.clone(),
             peers,
             leases: std::sync::Mutex::new(Leases::new(opts.leases)),
+            batcher: crate::service::Batcher::start(raft.clone()),
             peer_clients: Default::default(),
         });
         tokio::spawn(export_raft_metrics(shared.raft.clone()));

@@ -102,6 +102,9 @@ pub enum Command {
         site: SiteName,
         available: bool,
     },
+    /// Several commands in one log entry (group commit at the proposer);
+    /// applied in order, each with its own revision.
+    Batch(Vec<Command>),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -119,9 +122,18 @@ pub enum RejectCode {
 /// The result of applying one entry, returned to the proposer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
-    Applied { revision: u64 },
-    Unchanged { revision: u64 },
-    Rejected { code: RejectCode, message: String },
+    Applied {
+        revision: u64,
+    },
+    Unchanged {
+        revision: u64,
+    },
+    Rejected {
+        code: RejectCode,
+        message: String,
+    },
+    /// One outcome per command of a `Command::Batch`.
+    Batch(Vec<Outcome>),
 }
 
 fn reject(code: RejectCode, message: impl Into<String>) -> Outcome {
@@ -371,6 +383,13 @@ impl CatalogState {
                 let pb = site_to_pb(rec);
                 self.bump(vec![pb::change::Kind::SiteUpserted(pb)])
             }
+            Command::Batch(_) => (
+                reject(
+                    RejectCode::Invalid,
+                    "a batch is applied by the hub, one command at a time",
+                ),
+                vec![],
+            ),
             Command::RemoveSite { site } => {
                 if self.sites.remove(&site).is_none() {
                     return (

@@ -103,17 +103,81 @@ fn meta_put<T: Serialize>(db: &Database, key: &str, value: &T, durable: bool) ->
         let mut t = txn.open_table(META).map_err(io_err)?;
         t.insert(key, bytes.as_slice()).map_err(io_err)?;
     }
-    txn.commit().map_err(io_err)
+    commit(txn)
+}
+
+/// Commits a write transaction. A durable commit waits for fsync, so it
+/// runs with `block_in_place`: the runtime moves this worker's other tasks
+/// (RPCs, replication) to another thread meanwhile.
+fn commit(txn: redb::WriteTransaction) -> Result<()> {
+    let run = move || txn.commit().map_err(io_err);
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(run)
+        }
+        _ => run(),
+    }
+}
+
+/// Group commit for the log. `append` writes entries with a non-durable
+/// commit (visible to readers at once, no fsync) and hands its callback to
+/// this thread, which makes everything written so far durable with one
+/// fsync and then tells openraft, for every append it covered. openraft only
+/// counts an entry once its callback says flushed, so no entry is
+/// acknowledged before it is on disk; under load many appends share a sync.
+struct Flusher {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
+}
+
+impl Flusher {
+    fn start(db: Arc<Database>) -> Arc<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
+        std::thread::Builder::new()
+            .name("raft-log-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while let Ok(more) = rx.try_recv() {
+                        batch.push(more);
+                    }
+                    let result = db
+                        .begin_write()
+                        .map_err(|e| e.to_string())
+                        .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
+                    metrics::histogram!("causeway_raft_log_sync_batch").record(batch.len() as f64);
+                    for cb in batch {
+                        match &result {
+                            Ok(()) => cb.log_io_completed(Ok(())),
+                            Err(e) => cb.log_io_completed(Err(std::io::Error::other(e.clone()))),
+                        }
+                    }
+                }
+            })
+            .expect("spawning the log sync thread");
+        Arc::new(Self {
+            tx: std::sync::Mutex::new(tx),
+        })
+    }
+
+    fn submit(
+        &self,
+        cb: LogFlushed<TypeConfig>,
+    ) -> std::result::Result<(), LogFlushed<TypeConfig>> {
+        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
+        tx.send(cb).map_err(|e| e.0)
+    }
 }
 
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    flusher: Arc<Flusher>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<Database>) -> Self {
-        Self { db }
+        let flusher = Flusher::start(db.clone());
+        Self { db, flusher }
     }
 
     /// Whether this node has never voted nor logged anything.
@@ -184,15 +248,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         meta_get(&self.db, "vote")
     }
 
-    async fn save_committed(&mut self, committed: Option<LogId<NodeId>>) -> Result<()> {
-        // Not required for safety (it is re-learned from the leader), so not
-        // fsynced on its own; the next log append makes it durable.
-        meta_put(&self.db, "committed", &committed, false)
-    }
-
-    async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>> {
-        Ok(meta_get::<Option<LogId<NodeId>>>(&self.db, "committed")?.flatten())
-    }
+    // save_committed/read_committed keep openraft's defaults (not stored):
+    // storing the commit index would cost a write transaction per commit on
+    // every node, and openraft re-learns it from the leader after a restart.
 
     async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<()>
     where
@@ -200,7 +258,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let res = (|| -> std::result::Result<(), StorageError<NodeId>> {
-            let txn = self.db.begin_write().map_err(io_err)?;
+            let mut txn = self.db.begin_write().map_err(io_err)?;
+            // Durable later, by the sync thread (group commit).
+            txn.set_durability(Durability::None);
             {
                 let mut t = txn.open_table(LOGS).map_err(io_err)?;
                 for e in entries {
@@ -208,14 +268,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     t.insert(e.log_id.index, bytes.as_slice()).map_err(io_err)?;
                 }
             }
-            // Default durability is immediate: this fsyncs before returning.
             txn.commit().map_err(io_err)
         })();
-        match &res {
-            Ok(()) => callback.log_io_completed(Ok(())),
-            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
+        match res {
+            Ok(()) => {
+                if let Err(cb) = self.flusher.submit(callback) {
+                    cb.log_io_completed(Err(std::io::Error::other("log sync thread stopped")));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(e)
+            }
         }
-        res
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
@@ -224,7 +290,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut t = txn.open_table(LOGS).map_err(io_err)?;
             t.retain(|k, _| k < log_id.index).map_err(io_err)?;
         }
-        txn.commit().map_err(io_err)
+        commit(txn)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
@@ -234,7 +300,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             let mut t = txn.open_table(LOGS).map_err(io_err)?;
             t.retain(|k, _| k > log_id.index).map_err(io_err)?;
         }
-        txn.commit().map_err(io_err)
+        commit(txn)
     }
 }
 
