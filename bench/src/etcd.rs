@@ -14,6 +14,50 @@ use crate::pb::etcd::PutRequest;
 pub struct Etcd {
     pub clients: Vec<String>,
     children: Vec<Child>,
+    tls: tonic::transport::ClientTlsConfig,
+}
+
+/// Certificates for etcd's client and peer mTLS: a CA, a server/peer leaf
+/// for 127.0.0.1, and a client leaf. Written to `dir`.
+fn make_certs(dir: &Path) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        SanType,
+    };
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |client: bool| -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+        p.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
+        p.extended_key_usages = if client {
+            vec![ExtendedKeyUsagePurpose::ClientAuth]
+        } else {
+            vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ]
+        };
+        let cert = p.signed_by(&key, &issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    };
+    let (server_cert, server_key) = leaf(false)?;
+    let (client_cert, client_key) = leaf(true)?;
+    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
+    std::fs::write(dir.join("server.pem"), &server_cert)?;
+    std::fs::write(dir.join("server-key.pem"), &server_key)?;
+    Ok(tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(ca_cert.pem()))
+        .identity(tonic::transport::Identity::from_pem(
+            client_cert,
+            client_key,
+        ))
+        .domain_name("localhost"))
 }
 
 impl Etcd {
@@ -26,8 +70,11 @@ impl Etcd {
             clients.push(format!("127.0.0.1:{}", causeway::local::free_port()?));
             peers.push(format!("127.0.0.1:{}", causeway::local::free_port()?));
         }
+        let certs = root.join("etcd-certs");
+        let tls = make_certs(&certs)?;
+        let file = |n: &str| certs.join(n).display().to_string();
         let initial: Vec<String> = (0..3)
-            .map(|i| format!("e{i}=http://{}", peers[i]))
+            .map(|i| format!("e{i}=https://{}", peers[i]))
             .collect();
         let mut children = Vec::new();
         for i in 0..3 {
@@ -39,13 +86,28 @@ impl Etcd {
                     "--data-dir",
                     &root.join(format!("etcd-{i}")).display().to_string(),
                     "--listen-client-urls",
-                    &format!("http://{}", clients[i]),
+                    &format!("https://{}", clients[i]),
                     "--advertise-client-urls",
-                    &format!("http://{}", clients[i]),
+                    &format!("https://{}", clients[i]),
                     "--listen-peer-urls",
-                    &format!("http://{}", peers[i]),
+                    &format!("https://{}", peers[i]),
                     "--initial-advertise-peer-urls",
-                    &format!("http://{}", peers[i]),
+                    &format!("https://{}", peers[i]),
+                    // Mutual TLS for clients and peers, like causeway's controllers.
+                    "--cert-file",
+                    &file("server.pem"),
+                    "--key-file",
+                    &file("server-key.pem"),
+                    "--client-cert-auth",
+                    "--trusted-ca-file",
+                    &file("ca.pem"),
+                    "--peer-cert-file",
+                    &file("server.pem"),
+                    "--peer-key-file",
+                    &file("server-key.pem"),
+                    "--peer-client-cert-auth",
+                    "--peer-trusted-ca-file",
+                    &file("ca.pem"),
                     "--initial-cluster",
                     &initial.join(","),
                     "--initial-cluster-state",
@@ -62,7 +124,11 @@ impl Etcd {
                 .spawn()?;
             children.push(child);
         }
-        let etcd = Self { clients, children };
+        let etcd = Self {
+            clients,
+            children,
+            tls,
+        };
         // Ready once a put commits.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -90,7 +156,8 @@ impl Etcd {
 
     pub async fn channel(&self, i: usize) -> anyhow::Result<tonic::transport::Channel> {
         Ok(
-            tonic::transport::Channel::from_shared(format!("http://{}", self.clients[i]))?
+            tonic::transport::Channel::from_shared(format!("https://{}", self.clients[i]))?
+                .tls_config(self.tls.clone())?
                 .tcp_nodelay(true)
                 .connect()
                 .await?,
@@ -101,15 +168,18 @@ impl Etcd {
         Ok(KvClient::new(self.channel(i).await?))
     }
 
-    /// The index of the current leader, from etcd's JSON status endpoint.
+    /// The index of the current leader.
     pub async fn leader(&self) -> anyhow::Result<usize> {
+        use crate::pb::etcd::maintenance_client::MaintenanceClient;
         let mut leader = None;
         let mut members = Vec::new();
-        for c in &self.clients {
-            let body = http_post(c, "/v3/maintenance/status", "{}").await?;
-            let v: serde_json::Value = serde_json::from_str(&body)?;
-            members.push(v["header"]["member_id"].as_str().unwrap_or("").to_string());
-            leader = v["leader"].as_str().map(|s| s.to_string());
+        for i in 0..self.clients.len() {
+            let r = MaintenanceClient::new(self.channel(i).await?)
+                .status(crate::pb::etcd::StatusRequest {})
+                .await?
+                .into_inner();
+            members.push(r.header.map(|h| h.member_id).unwrap_or(0));
+            leader = Some(r.leader);
         }
         let leader = leader.context("etcd reports no leader")?;
         members
@@ -132,23 +202,4 @@ fn which(name: &str) -> Option<std::path::PathBuf> {
         .split(':')
         .map(|d| Path::new(d).join(name))
         .find(|p| p.exists())
-}
-
-async fn http_post(addr: &str, path: &str, body: &str) -> anyhow::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    // etcd may answer chunked; the JSON object is the first {...} line.
-    Ok(body
-        .lines()
-        .find(|l| l.trim_start().starts_with('{'))
-        .unwrap_or("")
-        .to_string())
 }
