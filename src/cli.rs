@@ -63,7 +63,7 @@ pub enum CaCommand {
 #[derive(Args, Debug)]
 pub struct ControllerArgs {
     /// TOML file with the same fields as the flags (flags then are not allowed).
-    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms"])]
+    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms", "snapshot_every"])]
     pub config: Option<PathBuf>,
     /// This node's id (a positive integer, unique in the cluster).
     #[arg(long)]
@@ -88,6 +88,9 @@ pub struct ControllerArgs {
     /// A site whose gateways stop heartbeating for this long leaves routing and DNS.
     #[arg(long)]
     pub site_lease_ms: Option<u64>,
+    /// Snapshot and compact the Raft log every this many entries.
+    #[arg(long)]
+    pub snapshot_every: Option<u64>,
     /// Start empty and wait to be added with `causeway ctl controller add`
     /// (never initialize a new cluster).
     #[arg(long)]
@@ -110,6 +113,7 @@ pub struct ControllerFile {
     pub election_timeout_max_ms: Option<u64>,
     pub site_lease_ms: Option<u64>,
     pub site_recover_ms: Option<u64>,
+    pub snapshot_every: Option<u64>,
     #[serde(default)]
     pub join: bool,
 }
@@ -213,6 +217,7 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
             ca_dir: args.ca_dir.clone(),
             admin_listen: args.admin_listen.clone(),
             site_lease_ms: args.site_lease_ms,
+            snapshot_every: args.snapshot_every,
             join: args.join,
             ..Default::default()
         },
@@ -269,6 +274,12 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
     }
     if let Some(m) = file.election_timeout_max_ms {
         timing.election_max_ms = m;
+    }
+    if let Some(n) = file.snapshot_every {
+        if n < 10 {
+            errs.push("snapshot_every: at least 10".into());
+        }
+        timing.snapshot_every = n;
     }
     if timing.election_min_ms <= timing.heartbeat_ms
         || timing.election_max_ms <= timing.election_min_ms

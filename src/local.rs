@@ -108,6 +108,8 @@ pub struct Site {
 }
 
 pub struct LocalFederation {
+    /// Extra flags for every controller started from now on.
+    pub controller_flags: Vec<String>,
     pub root: PathBuf,
     pub bin: PathBuf,
     pub creds: PathBuf,
@@ -135,6 +137,7 @@ impl LocalFederation {
         let creds = root.join("creds");
         crate::cli::ca_init(&creds, "demo")?;
         Ok(Self {
+            controller_flags: Vec::new(),
             root,
             bin,
             creds,
@@ -192,6 +195,7 @@ impl LocalFederation {
         if join {
             args.push("--join".into());
         }
+        args.extend(self.controller_flags.iter().cloned());
         let p = Proc::spawn(&self.bin, &self.root, &format!("controller-{id}"), args)?;
         self.controllers.insert(id, p);
         Ok(())

@@ -1138,3 +1138,139 @@ async fn watchers_never_see_revisions_go_backwards_across_leader_kills() {
     );
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshots_bound_the_log_and_a_restart_recovers_from_them() {
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    fed.controller_flags = vec!["--snapshot-every".into(), "50".into()];
+    fed.start_controllers(3).unwrap();
+    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let site = join_in_process(&fed, "alpha").await;
+    let client = site.controller_client();
+
+    tracing::info!("phase: 400 writes with a snapshot every 50 entries");
+    for n in 1..=400 {
+        publish(&client, "alpha", 1 + n % 7).await.unwrap();
+    }
+    publish(&client, "alpha", 9).await.unwrap();
+    let leader = fed.wait_for_leader(Duration::from_secs(10)).await.unwrap();
+    let s = fed.status(leader).await.unwrap();
+    assert!(s.snapshot_index >= 300, "no recent snapshot: {s:?}");
+    assert!(s.purged_index > 0, "log never compacted: {s:?}");
+    assert!(
+        s.last_log_index - s.purged_index <= 50 + 10 + 5,
+        "log kept {} entries",
+        s.last_log_index - s.purged_index
+    );
+
+    tracing::info!("phase: every node restarts from snapshot + log with the same catalog");
+    for id in [1, 2, 3] {
+        fed.controller(id).kill().await;
+    }
+    for id in [1, 2, 3] {
+        fed.restart(id).unwrap();
+    }
+    let leader = fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = catalog_services(&fed, leader).await;
+        if got.len() == 9 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after restart the catalog has {} services",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    publish(&client, "alpha", 3).await.unwrap();
+    fed.shutdown().await;
+}
+
+/// Root only: mounts a small tmpfs as a controller's data dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_gives_a_clear_error_and_loses_nothing_acknowledged() {
+    init_tracing();
+    assert!(
+        nix_is_root(),
+        "this test mounts a tmpfs and needs root: run `sudo scripts/test-all` (CI runs as root)"
+    );
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    fed.reserve_controller(1).unwrap();
+    let data = fed.root.join("controller-1");
+    std::fs::create_dir_all(&data).unwrap();
+    let mount = |opts: &str| {
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&data)
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount {opts} failed");
+    };
+    mount("size=4m");
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _guard = Unmount(data.clone());
+    fed.spawn_controller(1, &[1], false).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let site = join_in_process(&fed, "alpha").await;
+    let client = site.controller_client();
+
+    tracing::info!("phase: write big export sets until the disk is full");
+    let mut acked = 0;
+    let mut error = String::new();
+    for n in 1..=400 {
+        match publish(&client, "alpha", 200 + n).await {
+            Ok(_) => acked = 200 + n,
+            Err(e) => {
+                error = e;
+                break;
+            }
+        }
+    }
+    assert!(!error.is_empty(), "4 MiB never filled up");
+    tracing::info!(acked, %error, "write refused");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fed.controller(1).exited().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the node kept running on a full disk"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = fed.controller(1).log_tail(10);
+    assert!(log.contains("No space left on device"), "{log}");
+
+    tracing::info!("phase: more space, restart: everything acknowledged is there");
+    mount("remount,size=64m");
+    fed.restart(1).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let got = catalog_services(&fed, 1).await.len();
+    assert!(got >= acked, "acknowledged {acked} exports, found {got}");
+    publish(&client, "alpha", 5).await.unwrap();
+    fed.shutdown().await;
+}
+
+fn nix_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false)
+}

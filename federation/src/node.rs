@@ -30,6 +30,8 @@ pub struct RaftTiming {
     pub heartbeat_ms: u64,
     pub election_min_ms: u64,
     pub election_max_ms: u64,
+    /// Take a snapshot (and compact the log) every this many entries.
+    pub snapshot_every: u64,
 }
 
 impl Default for RaftTiming {
@@ -38,6 +40,7 @@ impl Default for RaftTiming {
             heartbeat_ms: 100,
             election_min_ms: 500,
             election_max_ms: 1000,
+            snapshot_every: 5000,
         }
     }
 }
@@ -92,8 +95,10 @@ impl Controller {
             heartbeat_interval: opts.timing.heartbeat_ms,
             election_timeout_min: opts.timing.election_min_ms,
             election_timeout_max: opts.timing.election_max_ms,
-            snapshot_policy: SnapshotPolicy::LogsSinceLast(5000),
-            max_in_snapshot_log_to_keep: 1000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(opts.timing.snapshot_every),
+            // Keep some log behind the snapshot so a briefly lagging follower
+            // catches up from the log rather than a full snapshot.
+            max_in_snapshot_log_to_keep: (opts.timing.snapshot_every / 5).max(10),
             ..Default::default()
         }
         .validate()
@@ -162,7 +167,16 @@ impl Controller {
         })
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // Small RPCs and watch events must not wait for Nagle's algorithm.
+        let incoming = tokio_stream::StreamExt::map(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            |s| {
+                if let Ok(s) = &s {
+                    let _ = s.set_nodelay(true);
+                }
+                s
+            },
+        );
         // If Raft stops on a storage error, stop serving rather than answer
         // from a node that can no longer keep its promises.
         let mut metrics_rx = self.shared.raft.metrics();

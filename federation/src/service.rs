@@ -813,6 +813,8 @@ impl Shared {
             revision: self.hub.revision(),
             nodes,
             sites: self.hub.read(|s| s.sites.len() as u32),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
         }
     }
 }
