@@ -1274,3 +1274,149 @@ fn nix_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_forbidden_call_gets_a_clear_permission_error() {
+    use causeway_api::pb;
+    use causeway_api::pb::raft_client::RaftClient;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let fed = federation(&tmp).await;
+    let alpha = join_in_process(&fed, "alpha").await;
+    let _beta = join_in_process(&fed, "beta").await;
+    let site_ch = alpha.controller_client().channel().await.unwrap();
+    let mut site = pb::federation_client::FederationClient::new(site_ch.clone());
+    let anon_ch = causeway_api::client::ControllerClient::new(
+        fed.endpoints(),
+        &alpha.controller_ca_pem,
+        None,
+    )
+    .channel()
+    .await
+    .unwrap();
+    let mut anon = pb::federation_client::FederationClient::new(anon_ch.clone());
+
+    tracing::info!("phase: a site may not act for another site or as an admin");
+    denied(
+        site.publish_exports(pb::PublishExportsRequest {
+            site: "beta".into(),
+            ..Default::default()
+        })
+        .await,
+        "publish for beta",
+    );
+    denied(
+        site.heartbeat(pb::HeartbeatRequest {
+            site: "beta".into(),
+        })
+        .await,
+        "heartbeat for beta",
+    );
+    denied(
+        site.create_join_token(pb::CreateJoinTokenRequest {
+            site: "gamma".into(),
+            ..Default::default()
+        })
+        .await,
+        "token",
+    );
+    denied(
+        site.remove_site(pb::RemoveSiteRequest {
+            site: "beta".into(),
+        })
+        .await,
+        "remove site",
+    );
+    denied(
+        site.add_controller(pb::AddControllerRequest {
+            id: 9,
+            addr: "127.0.0.1:1".into(),
+        })
+        .await,
+        "add controller",
+    );
+    denied(
+        site.remove_controller(pb::RemoveControllerRequest { id: 1 })
+            .await,
+        "remove controller",
+    );
+
+    tracing::info!("phase: only controller nodes speak Raft");
+    let mut raft_as_site = RaftClient::new(site_ch);
+    let payload = || pb::RaftPayload {
+        data: b"{}".to_vec(),
+    };
+    denied(
+        raft_as_site.append_entries(payload()).await,
+        "append as site",
+    );
+    denied(raft_as_site.vote(payload()).await, "vote as site");
+    denied(
+        raft_as_site.install_snapshot(payload()).await,
+        "snapshot as site",
+    );
+    denied(raft_as_site.propose(payload()).await, "propose as site");
+    denied(
+        raft_as_site.change_membership(payload()).await,
+        "membership as site",
+    );
+    let admin_ch = fed.admin_client(None).unwrap().channel().await.unwrap();
+    denied(
+        RaftClient::new(admin_ch).vote(payload()).await,
+        "vote as admin",
+    );
+
+    tracing::info!("phase: without a certificate only Join is open");
+    denied(
+        anon.catalog(pb::CatalogRequest {}).await,
+        "anonymous catalog",
+    );
+    denied(anon.status(pb::StatusRequest {}).await, "anonymous status");
+    denied(
+        anon.watch(pb::WatchRequest { from_revision: 0 }).await,
+        "anonymous watch",
+    );
+    denied(
+        RaftClient::new(anon_ch).append_entries(payload()).await,
+        "anonymous append",
+    );
+
+    tracing::info!("phase: limits");
+    let too_many: Vec<pb::Export> = (0..1001)
+        .map(|i| pb::Export {
+            service: format!("ns/s{i}"),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: "tcp".into(),
+                name: String::new(),
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let e = site
+        .publish_exports(pb::PublishExportsRequest {
+            site: "alpha".into(),
+            exports: too_many,
+            tunnel_addrs: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("at most 1000"), "{}", e.message());
+    let long = "a".repeat(64);
+    let e = fed.create_token(&long).await.unwrap_err();
+    assert!(e.to_string().contains("1-63 characters"), "{e}");
+}
+
+fn denied<T>(r: Result<tonic::Response<T>, tonic::Status>, what: &str) {
+    let Err(e) = r else {
+        panic!("{what}: allowed, expected a permission error")
+    };
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "{what}: {}",
+        e.message()
+    );
+    assert!(e.message().contains("needs"), "{what}: {}", e.message());
+}

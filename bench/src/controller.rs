@@ -216,12 +216,24 @@ pub async fn run(
     fed.spawn_controller(4, &[4], true)?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut adm = admin.federation().await?;
+    let want = adm
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner()
+        .revision;
     let t = Instant::now();
     adm.add_controller(pb::AddControllerRequest {
         id: 4,
         addr: fed.controller_addrs[&4].clone(),
     })
     .await?;
+    // Caught up = the new node serves the leader's catalog revision.
+    while fed.status(4).await.map(|s| s.revision).unwrap_or(0) < want {
+        if t.elapsed() > Duration::from_secs(300) {
+            anyhow::bail!("node 4 did not catch up within 300 s");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let catchup = t.elapsed().as_secs_f64();
     report.add(
         &format!("catchup-{}sites", params.sites),
