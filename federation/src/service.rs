@@ -64,6 +64,18 @@ type WriteResult =
 #[derive(Clone)]
 pub struct Batcher {
     tx: tokio::sync::mpsc::Sender<(Command, tokio::sync::oneshot::Sender<WriteResult>)>,
+    raft: Raft,
+    /// Writes being committed right now; when none are, a write goes
+    /// straight to Raft (nothing to batch with, no hand-offs).
+    busy: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+struct Decrement(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Most commands in one entry.
@@ -73,6 +85,7 @@ const BATCHES_IN_FLIGHT: usize = 4;
 
 impl Batcher {
     pub fn start(raft: Raft) -> Self {
+        let raft_handle = raft.clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<(
             Command,
             tokio::sync::oneshot::Sender<WriteResult>,
@@ -122,10 +135,26 @@ impl Batcher {
                 });
             }
         });
-        Self { tx }
+        Self {
+            tx,
+            raft: raft_handle,
+            busy: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        }
     }
 
     pub async fn write(&self, cmd: Command) -> WriteResult {
+        use std::sync::atomic::Ordering;
+        if self
+            .busy
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let r = self.raft.client_write(cmd).await.map(|r| r.data);
+            self.busy.fetch_sub(1, Ordering::AcqRel);
+            return r;
+        }
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        let _guard = Decrement(self.busy.clone());
         let (reply, rx) = tokio::sync::oneshot::channel();
         if self.tx.send((cmd, reply)).await.is_err() {
             return Err(RaftError::Fatal(openraft::error::Fatal::Stopped));

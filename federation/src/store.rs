@@ -119,65 +119,18 @@ fn commit(txn: redb::WriteTransaction) -> Result<()> {
     }
 }
 
-/// Group commit for the log. `append` writes entries with a non-durable
-/// commit (visible to readers at once, no fsync) and hands its callback to
-/// this thread, which makes everything written so far durable with one
-/// fsync and then tells openraft, for every append it covered. openraft only
-/// counts an entry once its callback says flushed, so no entry is
-/// acknowledged before it is on disk; under load many appends share a sync.
-struct Flusher {
-    tx: std::sync::Mutex<std::sync::mpsc::Sender<LogFlushed<TypeConfig>>>,
-}
-
-impl Flusher {
-    fn start(db: Arc<Database>) -> Arc<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<LogFlushed<TypeConfig>>();
-        std::thread::Builder::new()
-            .name("raft-log-sync".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut batch = vec![first];
-                    while let Ok(more) = rx.try_recv() {
-                        batch.push(more);
-                    }
-                    let result = db
-                        .begin_write()
-                        .map_err(|e| e.to_string())
-                        .and_then(|txn| txn.commit().map_err(|e| e.to_string()));
-                    metrics::histogram!("causeway_raft_log_sync_batch").record(batch.len() as f64);
-                    for cb in batch {
-                        match &result {
-                            Ok(()) => cb.log_io_completed(Ok(())),
-                            Err(e) => cb.log_io_completed(Err(std::io::Error::other(e.clone()))),
-                        }
-                    }
-                }
-            })
-            .expect("spawning the log sync thread");
-        Arc::new(Self {
-            tx: std::sync::Mutex::new(tx),
-        })
-    }
-
-    fn submit(
-        &self,
-        cb: LogFlushed<TypeConfig>,
-    ) -> std::result::Result<(), LogFlushed<TypeConfig>> {
-        let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        tx.send(cb).map_err(|e| e.0)
-    }
-}
-
+/// The Raft log. Each `append` is one redb transaction committed with
+/// immediate durability (fsync) before openraft hears it is flushed; under
+/// load, the proposer's batching (see `service::Batcher`) keeps the number
+/// of appends, and so of fsyncs, far below the number of writes.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
-    flusher: Arc<Flusher>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<Database>) -> Self {
-        let flusher = Flusher::start(db.clone());
-        Self { db, flusher }
+        Self { db }
     }
 
     /// Whether this node has never voted nor logged anything.
@@ -258,9 +211,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let res = (|| -> std::result::Result<(), StorageError<NodeId>> {
-            let mut txn = self.db.begin_write().map_err(io_err)?;
-            // Durable later, by the sync thread (group commit).
-            txn.set_durability(Durability::None);
+            let txn = self.db.begin_write().map_err(io_err)?;
             {
                 let mut t = txn.open_table(LOGS).map_err(io_err)?;
                 for e in entries {
@@ -268,20 +219,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     t.insert(e.log_id.index, bytes.as_slice()).map_err(io_err)?;
                 }
             }
-            txn.commit().map_err(io_err)
+            commit(txn)
         })();
-        match res {
-            Ok(()) => {
-                if let Err(cb) = self.flusher.submit(callback) {
-                    cb.log_io_completed(Err(std::io::Error::other("log sync thread stopped")));
-                }
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(e)
-            }
+        match &res {
+            Ok(()) => callback.log_io_completed(Ok(())),
+            Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
         }
+        res
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
