@@ -68,6 +68,15 @@ impl Proc {
         }
     }
 
+    /// SIGTERM: ask for a graceful stop.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
     }

@@ -1420,3 +1420,102 @@ fn denied<T>(r: Result<tonic::Response<T>, tonic::Status>, what: &str) {
     );
     assert!(e.message().contains("needs"), "{what}: {}", e.message());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_streams_in_flight_and_new_connections_fail_over() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (east_echo, _t1) = echo_server(Some("east".into())).await.unwrap();
+    let (west_echo, _t2) = echo_server(Some("west".into())).await.unwrap();
+    let svc = |a| Export {
+        service: "shop/echo".into(),
+        port: 7000,
+        endpoints: vec![a],
+    };
+    fed.add_site("east", &vip_range(), &[svc(east_echo)])
+        .await
+        .unwrap();
+    fed.add_site("west", &vip_range(), &[svc(west_echo)])
+        .await
+        .unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let vip = fed
+        .wait_resolvable(
+            "central",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while causeway::local::call_banner(target, "x")
+        .await
+        .ok()
+        .as_deref()
+        != Some("east")
+    {
+        assert!(Instant::now() < deadline, "east never answered first");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!("phase: a long-lived connection through east");
+    let sock = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (r, mut w) = sock.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "east");
+
+    tracing::info!("phase: SIGTERM east's gateway");
+    fed.sites["east"].gateway.terminate();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        fed.sites
+            .get_mut("east")
+            .unwrap()
+            .gateway
+            .exited()
+            .is_none(),
+        "east must wait for its stream"
+    );
+
+    tracing::info!("phase: new connections go to west meanwhile");
+    assert_eq!(
+        causeway::local::call_banner(target, "y").await.unwrap(),
+        "west"
+    );
+
+    tracing::info!("phase: the old stream still works, then closes; east exits cleanly");
+    w.write_all(b"still flowing").await.unwrap();
+    w.shutdown().await.unwrap();
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).await.unwrap();
+    assert_eq!(
+        rest,
+        "still flowing",
+        "east log:\n{}\ncentral log:\n{}",
+        fed.sites["east"].gateway.log_tail(15),
+        fed.sites["central"].gateway.log_tail(8)
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = fed.sites.get_mut("east").unwrap().gateway.exited() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east did not exit after its last stream"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        status.success(),
+        "drained gateway should exit 0, got {status}"
+    );
+    let log = fed.sites["east"].gateway.log_tail(5);
+    assert!(log.contains("drained"), "{log}");
+    fed.shutdown().await;
+}

@@ -34,6 +34,9 @@ pub struct GatewayConfig {
     /// Seconds between local health checks and export publications.
     #[serde(default = "default_health_interval")]
     pub health_interval_secs: f64,
+    /// On SIGTERM, how long streams in flight may take to finish.
+    #[serde(default = "default_drain")]
+    pub drain_secs: f64,
     #[serde(default)]
     pub exports: Vec<ExportConfig>,
 }
@@ -63,6 +66,9 @@ fn default_replica() -> String {
 fn default_health_interval() -> f64 {
     1.0
 }
+fn default_drain() -> f64 {
+    10.0
+}
 fn default_protocol() -> String {
     "tcp".into()
 }
@@ -87,6 +93,7 @@ pub struct Settings {
     pub replica: String,
     pub site_ca: Option<(PathBuf, PathBuf)>,
     pub health_interval: Duration,
+    pub drain_timeout: Duration,
     pub exports: Vec<LocalExport>,
 }
 
@@ -160,6 +167,9 @@ impl GatewayConfig {
         if !(self.health_interval_secs >= 0.1 && self.health_interval_secs <= 300.0) {
             errs.push("health_interval_secs: must be between 0.1 and 300".into());
         }
+        if !(self.drain_secs >= 0.0 && self.drain_secs <= 3600.0) {
+            errs.push("drain_secs: must be between 0 and 3600".into());
+        }
         let mut exports = Vec::new();
         for (i, e) in self.exports.iter().enumerate() {
             let service = e
@@ -218,6 +228,7 @@ impl GatewayConfig {
             replica: self.replica.clone(),
             site_ca,
             health_interval: Duration::from_secs_f64(self.health_interval_secs),
+            drain_timeout: Duration::from_secs_f64(self.drain_secs),
             exports,
         })
     }

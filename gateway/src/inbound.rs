@@ -24,16 +24,22 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct Inbound {
     pub store: Arc<TrustStore>,
     pub exports: Vec<LocalExport>,
+    pub drain: Arc<crate::drain::Drain>,
     next: AtomicUsize,
     /// Live inbound connections per peer site, to tear down on removal.
     conns: Mutex<HashMap<SiteName, Vec<quinn::Connection>>>,
 }
 
 impl Inbound {
-    pub fn new(store: Arc<TrustStore>, exports: Vec<LocalExport>) -> Arc<Self> {
+    pub fn new(
+        store: Arc<TrustStore>,
+        exports: Vec<LocalExport>,
+        drain: Arc<crate::drain::Drain>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             store,
             exports,
+            drain,
             next: AtomicUsize::new(0),
             conns: Mutex::new(HashMap::new()),
         })
@@ -118,6 +124,16 @@ impl Inbound {
                 return;
             }
         };
+        if self.drain.is_draining() {
+            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "draining").increment(1);
+            let _ = respond(
+                &mut send,
+                Status::Draining,
+                "this gateway is draining; try another site",
+            )
+            .await;
+            return;
+        }
         let Some(export) = self
             .exports
             .iter()
@@ -152,6 +168,7 @@ impl Inbound {
         }
         metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "opened").increment(1);
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").increment(1.0);
+        let _guard = self.drain.guard();
         tracing::debug!(site = %peer.site, service = %req.service, "stream opened");
         splice(tcp, send, recv).await;
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").decrement(1.0);

@@ -12,6 +12,7 @@
 //! in the pool, hot credential reload.
 
 pub mod config;
+pub mod drain;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -62,7 +63,8 @@ pub async fn run(
     let watch_task = tokio::spawn(run_watch(client.clone(), cat_tx));
 
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
-    let inbound = Inbound::new(store.clone(), settings.exports.clone());
+    let drain = drain::Drain::new();
+    let inbound = Inbound::new(store.clone(), settings.exports.clone(), drain.clone());
     let pool = Arc::new(Pool::new(endpoint.clone(), cred.clone(), store.clone()));
     let sync_task = tokio::spawn(sync_catalog(
         cat_rx,
@@ -80,8 +82,10 @@ pub async fn run(
         pool: pool.clone(),
         routes: routes_rx.clone(),
         local_exports: settings.exports.clone(),
+        drain: drain.clone(),
     });
-    let outbound_task = tokio::spawn(outbound.run(routes_rx));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let outbound_task = tokio::spawn(outbound.run(routes_rx, stop_rx));
     let heartbeat_task = tokio::spawn(publish::heartbeat(
         client.clone(),
         state.site.clone(),
@@ -96,8 +100,18 @@ pub async fn run(
     ));
 
     shutdown.await;
-    tracing::info!("gateway draining");
-    outbound_task.abort();
+    tracing::info!(deadline = ?settings.drain_timeout, active = drain.active(), "gateway draining: no new connections or streams");
+    let _ = stop_tx.send(true);
+    let _ = outbound_task.await;
+    let left = drain.drain(settings.drain_timeout).await;
+    if left > 0 {
+        tracing::warn!(
+            streams = left,
+            "drain deadline passed; closing streams still open"
+        );
+    } else {
+        tracing::info!("drained");
+    }
     publish_task.abort();
     heartbeat_task.abort();
     watch_task.abort();

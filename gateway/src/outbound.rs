@@ -28,6 +28,7 @@ pub struct Outbound {
     pub pool: Arc<Pool>,
     pub routes: watch::Receiver<Arc<Routes>>,
     pub local_exports: Vec<LocalExport>,
+    pub drain: Arc<crate::drain::Drain>,
 }
 
 /// Why one attempt at one site failed.
@@ -41,7 +42,11 @@ enum Attempt {
 
 impl Outbound {
     /// Keeps the set of listeners equal to the routing table's.
-    pub async fn run(self: Arc<Self>, mut routes: watch::Receiver<Arc<Routes>>) {
+    pub async fn run(
+        self: Arc<Self>,
+        mut routes: watch::Receiver<Arc<Routes>>,
+        mut stop: watch::Receiver<bool>,
+    ) {
         let mut running: BTreeMap<SocketAddr, ((ServiceKey, u16), JoinHandle<()>)> =
             BTreeMap::new();
         loop {
@@ -71,13 +76,16 @@ impl Outbound {
                 }
             }
             metrics::gauge!("causeway_outbound_listeners").set(running.len() as f64);
-            if routes.changed().await.is_err() {
-                break;
+            tokio::select! {
+                r = routes.changed() => if r.is_err() { break },
+                _ = stop.changed() => break,
             }
         }
+        // Draining: stop accepting; connections already accepted go on.
         for (_, (_, t)) in running {
             t.abort();
         }
+        metrics::gauge!("causeway_outbound_listeners").set(0.0);
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, service: ServiceKey, port: u16) {

@@ -19,6 +19,10 @@ pub async fn splice(
         match n {
             Ok(_) => {
                 let _ = send.finish();
+                // Wait until the peer has everything, so closing the
+                // connection afterwards (drain, shutdown) loses nothing.
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), send.stopped()).await;
             }
             Err(_) => {
                 let _ = send.reset(quinn::VarInt::from_u32(1));
