@@ -1519,3 +1519,81 @@ async fn sigterm_drains_streams_in_flight_and_new_connections_fail_over() {
     assert!(log.contains("drained"), "{log}");
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _task) = echo_server(Some("east".into())).await.unwrap();
+    fed.add_site(
+        "east",
+        &vip_range(),
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await
+    .unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while causeway::local::call_banner(target, "x").await.is_err() {
+        assert!(Instant::now() < deadline, "tunnel never worked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!("phase: a long-lived connection from west through east");
+    let sock = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (r, _w) = sock.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "east");
+
+    tracing::info!("phase: remove west");
+    fed.ctl(&["cluster", "remove", "west"]).await.unwrap();
+
+    tracing::info!("phase: east tears the tunnel down; the connection ends");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(15), r.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "west's connection through east was not torn down"
+    );
+    let log = fed.sites["east"].gateway.log_tail(20);
+    assert!(log.contains("site left the federation"), "{log}");
+
+    tracing::info!("phase: west's credential is refused by the controllers");
+    let state = causeway_gateway::site::SiteState::load(&fed.sites["west"].state_dir)
+        .unwrap()
+        .unwrap();
+    let mut c = state.controller_client().federation().await.unwrap();
+    denied(
+        c.catalog(causeway_api::pb::CatalogRequest {}).await,
+        "catalog by a removed site",
+    );
+    denied(
+        c.heartbeat(causeway_api::pb::HeartbeatRequest {
+            site: "west".into(),
+        })
+        .await,
+        "heartbeat by a removed site",
+    );
+
+    tracing::info!("phase: new connections from west no longer reach east");
+    let r = causeway::local::call_banner(target, "y").await;
+    assert!(r.is_err(), "a removed site still reached east: {r:?}");
+    fed.shutdown().await;
+}

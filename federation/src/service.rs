@@ -239,9 +239,23 @@ fn require_admin<T>(rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
     }
 }
 
-fn require_site_or_admin<T>(rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
+fn require_site_or_admin<T>(rpc: &str, req: &Request<T>, hub: &Hub) -> Result<Caller, Status> {
     match caller(req) {
-        c @ (Caller::Admin(_) | Caller::Site(_)) => Ok(c),
+        c @ Caller::Admin(_) => Ok(c),
+        Caller::Site(s) => {
+            // A removed site's credential is still a valid certificate until
+            // it expires; membership is what makes it worth anything.
+            if hub.read(|st| st.sites.contains_key(&s)) {
+                Ok(Caller::Site(s))
+            } else {
+                let c = Caller::Site(s);
+                Err(denied(
+                    rpc,
+                    &c,
+                    "a member site (this site was removed) or admin credential",
+                ))
+            }
+        }
         c => Err(denied(rpc, &c, "a site or admin credential")),
     }
 }
@@ -672,7 +686,7 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::PublishExportsRequest>,
     ) -> Result<Response<pb::PublishExportsResponse>, Status> {
-        let who = require_site_or_admin("PublishExports", &req)?;
+        let who = require_site_or_admin("PublishExports", &req, &self.shared.hub)?;
         let r = req.into_inner();
         let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
         match &who {
@@ -712,14 +726,14 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::CatalogRequest>,
     ) -> Result<Response<pb::CatalogSnapshot>, Status> {
-        require_site_or_admin("Catalog", &req)?;
+        require_site_or_admin("Catalog", &req, &self.shared.hub)?;
         Ok(Response::new(self.shared.hub.read(|s| s.snapshot_pb())))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        require_site_or_admin("Watch", &req)?;
+        require_site_or_admin("Watch", &req, &self.shared.hub)?;
         let from = req.into_inner().from_revision;
         let hub = self.shared.hub.clone();
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(64);
@@ -739,8 +753,9 @@ impl Federation for FederationService {
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
         let who = caller(&req);
         let site: SiteName = req.get_ref().site.parse().map_err(|e| invalid("site", e))?;
+        let member = self.shared.hub.read(|st| st.sites.contains_key(&site));
         match &who {
-            Caller::Site(own) if *own == site => {}
+            Caller::Site(own) if *own == site && member => {}
             _ => {
                 return Err(denied(
                     "Heartbeat",
