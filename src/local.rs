@@ -119,6 +119,8 @@ pub struct Site {
 pub struct LocalFederation {
     /// Extra flags for every controller started from now on.
     pub controller_flags: Vec<String>,
+    /// Extra TOML appended to every gateway config written from now on.
+    pub gateway_extra: String,
     pub root: PathBuf,
     pub bin: PathBuf,
     pub creds: PathBuf,
@@ -147,6 +149,7 @@ impl LocalFederation {
         crate::cli::ca_init(&creds, "demo")?;
         Ok(Self {
             controller_flags: Vec::new(),
+            gateway_extra: String::new(),
             root,
             bin,
             creds,
@@ -315,6 +318,7 @@ impl LocalFederation {
             "state_dir = {:?}\ntunnel_listen = \"{tunnel}\"\nvip_range = \"{vip_range}\"\nreplica = \"gw-0\"\nhealth_interval_secs = 0.5\n",
             state_dir.display().to_string()
         );
+        cfg.push_str(&self.gateway_extra);
         for e in exports {
             let eps: Vec<String> = e.endpoints.iter().map(|a| format!("\"{a}\"")).collect();
             cfg.push_str(&format!(

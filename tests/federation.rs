@@ -1597,3 +1597,62 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
     assert!(r.is_err(), "a removed site still reached east: {r:?}");
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_spread_over_a_sites_endpoints_and_skip_dead_ones() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    fed.gateway_extra = "balancer = \"round_robin\"\n".into();
+    let (e1, _t1) = echo_server(Some("e1".into())).await.unwrap();
+    let (e2, t2) = echo_server(Some("e2".into())).await.unwrap();
+    fed.add_site(
+        "east",
+        &vip_range(),
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![e1, e2],
+        }],
+    )
+    .await
+    .unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while causeway::local::call_banner(target, "x").await.is_err() {
+        assert!(Instant::now() < deadline, "tunnel never worked");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!("phase: round robin alternates endpoints per stream");
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        seen.push(causeway::local::call_banner(target, "y").await.unwrap());
+    }
+    let e1n = seen.iter().filter(|b| *b == "e1").count();
+    assert_eq!(e1n, 3, "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] != w[1]),
+        "round robin must alternate: {seen:?}"
+    );
+
+    tracing::info!("phase: a dead endpoint is skipped without failing the stream");
+    t2.abort();
+    let _ = t2.await;
+    for _ in 0..4 {
+        assert_eq!(
+            causeway::local::call_banner(target, "z").await.unwrap(),
+            "e1"
+        );
+    }
+    fed.shutdown().await;
+}

@@ -34,6 +34,10 @@ pub struct GatewayConfig {
     /// Seconds between local health checks and export publications.
     #[serde(default = "default_health_interval")]
     pub health_interval_secs: f64,
+    /// How each stream picks a local endpoint: p2c_ewma (default),
+    /// round_robin, least_request or weighted.
+    #[serde(default = "default_balancer")]
+    pub balancer: String,
     /// On SIGTERM, how long streams in flight may take to finish.
     #[serde(default = "default_drain")]
     pub drain_secs: f64,
@@ -66,6 +70,9 @@ fn default_replica() -> String {
 fn default_health_interval() -> f64 {
     1.0
 }
+fn default_balancer() -> String {
+    "p2c_ewma".into()
+}
 fn default_drain() -> f64 {
     10.0
 }
@@ -94,6 +101,7 @@ pub struct Settings {
     pub site_ca: Option<(PathBuf, PathBuf)>,
     pub health_interval: Duration,
     pub drain_timeout: Duration,
+    pub balancer: causeway_gateway_core::balance::Strategy,
     pub exports: Vec<LocalExport>,
 }
 
@@ -167,6 +175,13 @@ impl GatewayConfig {
         if !(self.health_interval_secs >= 0.1 && self.health_interval_secs <= 300.0) {
             errs.push("health_interval_secs: must be between 0.1 and 300".into());
         }
+        let balancer = causeway_gateway_core::balance::Strategy::parse(&self.balancer);
+        if balancer.is_none() {
+            errs.push(format!(
+                "balancer: {:?} is not one of p2c_ewma, round_robin, least_request, weighted",
+                self.balancer
+            ));
+        }
         if !(self.drain_secs >= 0.0 && self.drain_secs <= 3600.0) {
             errs.push("drain_secs: must be between 0 and 3600".into());
         }
@@ -229,6 +244,7 @@ impl GatewayConfig {
             site_ca,
             health_interval: Duration::from_secs_f64(self.health_interval_secs),
             drain_timeout: Duration::from_secs_f64(self.drain_secs),
+            balancer: balancer.expect("checked above"),
             exports,
         })
     }

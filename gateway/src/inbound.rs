@@ -2,8 +2,6 @@
 //! header, connect to a local endpoint, answer with a status, splice.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,20 +10,18 @@ use causeway_api::model::SiteName;
 use causeway_api::trust::{Peer, TrustStore};
 use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
 use rustls::pki_types::{CertificateDer, UnixTime};
-use tokio::net::TcpStream;
 
 use crate::config::LocalExport;
 use crate::splice::splice;
 
 /// A peer must send its header within this time after opening a stream.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Inbound {
     pub store: Arc<TrustStore>,
     pub exports: Vec<LocalExport>,
     pub drain: Arc<crate::drain::Drain>,
-    next: AtomicUsize,
+    endpoints: Vec<crate::endpoints::EndpointSet>,
     /// Live inbound connections per peer site, to tear down on removal.
     conns: Mutex<HashMap<SiteName, Vec<quinn::Connection>>>,
 }
@@ -35,12 +31,16 @@ impl Inbound {
         store: Arc<TrustStore>,
         exports: Vec<LocalExport>,
         drain: Arc<crate::drain::Drain>,
+        strategy: causeway_gateway_core::balance::Strategy,
     ) -> Arc<Self> {
         Arc::new(Self {
             store,
-            exports,
             drain,
-            next: AtomicUsize::new(0),
+            endpoints: exports
+                .iter()
+                .map(|e| crate::endpoints::EndpointSet::new(e.endpoints.clone(), strategy))
+                .collect(),
+            exports,
             conns: Mutex::new(HashMap::new()),
         })
     }
@@ -134,10 +134,10 @@ impl Inbound {
             .await;
             return;
         }
-        let Some(export) = self
+        let Some(export_index) = self
             .exports
             .iter()
-            .find(|e| e.service.as_str() == req.service && e.port == req.port)
+            .position(|e| e.service.as_str() == req.service && e.port == req.port)
         else {
             metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "unknown_service").increment(1);
             let _ = respond(
@@ -153,7 +153,7 @@ impl Inbound {
         };
         // Default authorization: every member site may call every exported
         // service. (The policy engine will narrow this.)
-        let Some(tcp) = self.connect_local(&export.endpoints).await else {
+        let Some((tcp, _in_flight)) = self.endpoints[export_index].connect().await else {
             metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "no_endpoints").increment(1);
             let _ = respond(
                 &mut send,
@@ -172,19 +172,6 @@ impl Inbound {
         tracing::debug!(site = %peer.site, service = %req.service, "stream opened");
         splice(tcp, send, recv).await;
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").decrement(1.0);
-    }
-
-    /// Tries the endpoints round robin, starting where the last stream left off.
-    async fn connect_local(&self, endpoints: &[SocketAddr]) -> Option<TcpStream> {
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        for i in 0..endpoints.len() {
-            let addr = endpoints[(start + i) % endpoints.len()];
-            if let Ok(Ok(s)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr)).await
-            {
-                return Some(s);
-            }
-        }
-        None
     }
 
     /// Tears down inbound tunnels from sites no longer trusted.

@@ -13,6 +13,7 @@
 
 pub mod config;
 pub mod drain;
+pub mod endpoints;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -64,7 +65,12 @@ pub async fn run(
 
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
     let drain = drain::Drain::new();
-    let inbound = Inbound::new(store.clone(), settings.exports.clone(), drain.clone());
+    let inbound = Inbound::new(
+        store.clone(),
+        settings.exports.clone(),
+        drain.clone(),
+        settings.balancer,
+    );
     let pool = Arc::new(Pool::new(endpoint.clone(), cred.clone(), store.clone()));
     let sync_task = tokio::spawn(sync_catalog(
         cat_rx,

@@ -4,6 +4,7 @@
 //! No tokio, no sockets, no clock reads: the async shell in
 //! `causeway-gateway` feeds bytes and state in and acts on what comes out.
 
+pub mod balance;
 pub mod failover;
 pub mod header;
 

@@ -1,0 +1,111 @@
+//! Per-stream choice of a local endpoint: the shell around the core's
+//! balancer. Tracks in-flight streams and an EWMA of connect latency per
+//! endpoint; an endpoint that refuses is skipped for this stream.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use causeway_gateway_core::balance::{ewma, Balancer, EndpointStats, Strategy};
+use tokio::net::TcpStream;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const HALF_LIFE: Duration = Duration::from_secs(10);
+
+struct State {
+    balancer: Balancer,
+    stats: Vec<EndpointStats>,
+    updated: Vec<Option<Instant>>,
+}
+
+/// The endpoints of one exported service port.
+pub struct EndpointSet {
+    addrs: Vec<SocketAddr>,
+    state: Arc<Mutex<State>>,
+}
+
+/// Holds an endpoint's in-flight count for the life of a stream.
+pub struct InFlight {
+    state: Arc<Mutex<State>>,
+    index: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(e) = s.stats.get_mut(self.index) {
+            e.in_flight = e.in_flight.saturating_sub(1);
+        }
+    }
+}
+
+impl EndpointSet {
+    pub fn new(addrs: Vec<SocketAddr>, strategy: Strategy) -> Self {
+        let n = addrs.len();
+        Self {
+            addrs,
+            state: Arc::new(Mutex::new(State {
+                balancer: Balancer::new(strategy),
+                stats: vec![EndpointStats::default(); n],
+                updated: vec![None; n],
+            })),
+        }
+    }
+
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Connects to an endpoint chosen by the balancer, trying others if it
+    /// refuses. `None` when no endpoint accepted.
+    pub async fn connect(&self) -> Option<(TcpStream, InFlight)> {
+        let mut tried = vec![false; self.addrs.len()];
+        for _ in 0..self.addrs.len() {
+            let index = {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut view = s.stats.clone();
+                for (v, t) in view.iter_mut().zip(&tried) {
+                    if *t {
+                        v.healthy = false;
+                    }
+                }
+                let i = s.balancer.pick(&view, rand::random())?;
+                s.stats[i].in_flight += 1;
+                i
+            };
+            let guard = InFlight {
+                state: self.state.clone(),
+                index,
+            };
+            let started = Instant::now();
+            let result =
+                tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addrs[index])).await;
+            let took = started.elapsed();
+            {
+                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let now = Instant::now();
+                let elapsed = s.updated[index]
+                    .map(|t| now.duration_since(t))
+                    .unwrap_or_default();
+                let sample = if matches!(result, Ok(Ok(_))) {
+                    took
+                } else {
+                    CONNECT_TIMEOUT
+                };
+                s.stats[index].ewma_ns = ewma(
+                    s.stats[index].ewma_ns,
+                    sample.as_nanos() as u64,
+                    elapsed.as_nanos() as u64,
+                    HALF_LIFE.as_nanos() as u64,
+                )
+                .max(1);
+                s.updated[index] = Some(now);
+            }
+            match result {
+                Ok(Ok(stream)) => return Some((stream, guard)),
+                _ => tried[index] = true,
+            }
+        }
+        None
+    }
+}
