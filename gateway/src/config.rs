@@ -42,7 +42,70 @@ pub struct GatewayConfig {
     #[serde(default = "default_drain")]
     pub drain_secs: f64,
     #[serde(default)]
+    pub quic: QuicConfig,
+    #[serde(default)]
     pub exports: Vec<ExportConfig>,
+}
+
+/// QUIC tuning for the links between sites. The defaults suit a
+/// cross-region link of about 1 Gbit/s and 50 ms round trip; see
+/// docs/tuning.md for which knob to turn for which link.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuicConfig {
+    /// Bottleneck bandwidth of the path, Mbit/s (sizes flow-control windows).
+    pub bandwidth_mbps: f64,
+    /// Round-trip time of the path, ms (sizes flow-control windows).
+    pub rtt_ms: f64,
+    /// cubic, bbr or newreno.
+    pub congestion: String,
+    /// Keepalive PINGs on idle tunnels, ms.
+    pub keepalive_ms: u64,
+    /// A peer silent this long is dead and its streams fail over, ms.
+    pub idle_timeout_ms: u64,
+    /// Most concurrent streams one peer gateway may open to this one.
+    pub max_streams_per_peer: u32,
+    /// UDP socket send and receive buffer sizes, bytes (0: system default).
+    pub udp_buffer_bytes: usize,
+}
+
+impl Default for QuicConfig {
+    fn default() -> Self {
+        Self {
+            bandwidth_mbps: 1000.0,
+            rtt_ms: 50.0,
+            congestion: "cubic".into(),
+            keepalive_ms: 500,
+            idle_timeout_ms: 2000,
+            max_streams_per_peer: 4096,
+            udp_buffer_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl QuicConfig {
+    /// Bandwidth-delay product in bytes, the window that keeps a path full.
+    pub fn bdp_bytes(&self) -> u64 {
+        (self.bandwidth_mbps * 1e6 / 8.0 * self.rtt_ms / 1e3) as u64
+    }
+
+    fn validate(&self, errs: &mut Vec<String>) {
+        if !(self.bandwidth_mbps > 0.0 && self.bandwidth_mbps <= 400_000.0) {
+            errs.push("quic.bandwidth_mbps: must be between 0 and 400000".into());
+        }
+        if !(self.rtt_ms > 0.0 && self.rtt_ms <= 10_000.0) {
+            errs.push("quic.rtt_ms: must be between 0 and 10000".into());
+        }
+        if !matches!(self.congestion.as_str(), "cubic" | "bbr" | "newreno") {
+            errs.push(format!("quic.congestion: {:?} is not one of cubic, bbr, newreno", self.congestion));
+        }
+        if self.keepalive_ms == 0 || self.idle_timeout_ms <= self.keepalive_ms {
+            errs.push("quic: need 0 < keepalive_ms < idle_timeout_ms".into());
+        }
+        if self.max_streams_per_peer == 0 {
+            errs.push("quic.max_streams_per_peer: must be at least 1".into());
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -102,6 +165,7 @@ pub struct Settings {
     pub health_interval: Duration,
     pub drain_timeout: Duration,
     pub balancer: causeway_gateway_core::balance::Strategy,
+    pub quic: QuicConfig,
     pub exports: Vec<LocalExport>,
 }
 
@@ -185,6 +249,7 @@ impl GatewayConfig {
         if !(self.drain_secs >= 0.0 && self.drain_secs <= 3600.0) {
             errs.push("drain_secs: must be between 0 and 3600".into());
         }
+        self.quic.validate(&mut errs);
         let mut exports = Vec::new();
         for (i, e) in self.exports.iter().enumerate() {
             let service = e
@@ -245,6 +310,7 @@ impl GatewayConfig {
             health_interval: Duration::from_secs_f64(self.health_interval_secs),
             drain_timeout: Duration::from_secs_f64(self.drain_secs),
             balancer: balancer.expect("checked above"),
+            quic: self.quic.clone(),
             exports,
         })
     }
@@ -291,6 +357,15 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle} in {text}");
         }
+    }
+
+    #[test]
+    fn quic_windows_follow_the_bandwidth_delay_product() {
+        let q = QuicConfig::default();
+        assert_eq!(q.bdp_bytes(), 6_250_000);
+        let cfg = GatewayConfig::from_toml("state_dir = \"/x\"\n[quic]\ncongestion = \"vegas\"\nrtt_ms = 0\n").unwrap();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("quic.congestion") && err.contains("quic.rtt_ms"), "{err}");
     }
 
     #[test]

@@ -56,7 +56,8 @@ pub async fn run(
         state.trust_domain.clone(),
         vec![site_ca.cert_der.clone()],
     );
-    let endpoint = tunnel::endpoint(udp, tunnel::server_config(&cred, store.clone())?)?;
+    tunnel::size_udp_buffers(&udp, settings.quic.udp_buffer_bytes);
+    let endpoint = tunnel::endpoint(udp, tunnel::server_config(&cred, store.clone(), &settings.quic)?)?;
     tracing::info!(site = %state.site, addr = %endpoint.local_addr()?, id = %cred.spiffe_id()?, "gateway tunnel endpoint up");
 
     let client = state.controller_client();
@@ -71,7 +72,7 @@ pub async fn run(
         drain.clone(),
         settings.balancer,
     );
-    let pool = Arc::new(Pool::new(endpoint.clone(), cred.clone(), store.clone()));
+    let pool = Arc::new(Pool::new(endpoint.clone(), cred.clone(), store.clone(), settings.quic.clone()));
     let sync_task = tokio::spawn(sync_catalog(
         cat_rx,
         routes_tx,

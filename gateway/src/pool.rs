@@ -15,6 +15,7 @@ use crate::tunnel;
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub struct Pool {
+    quic: crate::config::QuicConfig,
     endpoint: quinn::Endpoint,
     cred: Credential,
     store: Arc<TrustStore>,
@@ -30,8 +31,9 @@ pub enum DialError {
 }
 
 impl Pool {
-    pub fn new(endpoint: quinn::Endpoint, cred: Credential, store: Arc<TrustStore>) -> Self {
+    pub fn new(endpoint: quinn::Endpoint, cred: Credential, store: Arc<TrustStore>, quic: crate::config::QuicConfig) -> Self {
         Self {
+            quic,
             endpoint,
             cred,
             store,
@@ -59,7 +61,7 @@ impl Pool {
         if route.tunnel_addrs.is_empty() {
             return Err(DialError::NoAddress(site.clone()));
         }
-        let cfg = tunnel::client_config(&self.cred, self.store.clone(), route.trust_domain.clone())
+        let cfg = tunnel::client_config(&self.cred, self.store.clone(), route.trust_domain.clone(), &self.quic)
             .map_err(|e| DialError::Unreachable {
                 site: site.clone(),
                 last: e.to_string(),

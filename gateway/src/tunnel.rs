@@ -12,24 +12,39 @@ use causeway_api::trust::{SpiffeClientVerifier, SpiffeServerVerifier, TrustStore
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{EndpointConfig, TransportConfig, VarInt};
 
+use crate::config::QuicConfig;
+
 pub const ALPN: &[u8] = b"causeway-tunnel/1";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn transport() -> Arc<TransportConfig> {
+/// Transport settings from the tuning config: windows sized from the
+/// bandwidth-delay product, keepalives, dead-peer timeout, stream cap.
+pub fn transport(q: &QuicConfig) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
-    t.keep_alive_interval(Some(Duration::from_millis(500)));
-    t.max_idle_timeout(Some(VarInt::from_u32(2_000).into()));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(4096));
+    let bdp = q.bdp_bytes().clamp(256 * 1024, 64 * 1024 * 1024);
+    // One stream may fill the path; the connection may carry two such.
+    t.stream_receive_window(VarInt::from_u64(bdp).unwrap_or(VarInt::MAX));
+    t.receive_window(VarInt::from_u64(bdp * 2).unwrap_or(VarInt::MAX));
+    t.send_window(bdp * 2);
+    t.keep_alive_interval(Some(Duration::from_millis(q.keepalive_ms)));
+    t.max_idle_timeout(VarInt::from_u64(q.idle_timeout_ms).ok().map(Into::into));
+    t.max_concurrent_bidi_streams(VarInt::from_u32(q.max_streams_per_peer));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    match q.congestion.as_str() {
+        "bbr" => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+        "newreno" => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        _ => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
+    };
     Arc::new(t)
 }
 
 pub fn server_config(
     cred: &Credential,
     store: Arc<TrustStore>,
+    q: &QuicConfig,
 ) -> anyhow::Result<quinn::ServerConfig> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -38,7 +53,7 @@ pub fn server_config(
         .context("gateway certificate")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(q));
     Ok(cfg)
 }
 
@@ -47,6 +62,7 @@ pub fn client_config(
     cred: &Credential,
     store: Arc<TrustStore>,
     expected: TrustDomain,
+    q: &QuicConfig,
 ) -> anyhow::Result<quinn::ClientConfig> {
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -56,7 +72,7 @@ pub fn client_config(
         .context("gateway certificate")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    cfg.transport_config(transport());
+    cfg.transport_config(transport(q));
     Ok(cfg)
 }
 
@@ -76,4 +92,15 @@ pub fn endpoint(
 
 pub fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     std::net::UdpSocket::bind(addr).with_context(|| format!("binding the tunnel UDP socket {addr}"))
+}
+
+/// Sets the UDP socket's buffers (the kernel may cap them at net.core.*mem_max).
+pub fn size_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    let s = socket2::SockRef::from(socket);
+    if let Err(e) = s.set_recv_buffer_size(bytes).and_then(|_| s.set_send_buffer_size(bytes)) {
+        tracing::warn!(error = %e, bytes, "could not size the UDP buffers");
+    }
 }

@@ -34,7 +34,7 @@ fn server(a: &CertificateAuthority, b: &CertificateAuthority) -> (Server, Arc<Tr
     store.set_site(site("a"), td("a"), vec![a.cert_der.clone()]);
     store.set_site(site("b"), td("b"), vec![b.cert_der.clone()]);
     let cred = leaf(a, "spiffe://a.causeway/gateway/gw-0");
-    let cfg = tunnel::server_config(&cred, store.clone()).unwrap();
+    let cfg = tunnel::server_config(&cred, store.clone(), &Default::default()).unwrap();
     let endpoint = tunnel::endpoint(
         tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
         cfg,
@@ -92,7 +92,7 @@ async fn dial(
     expect: &str,
 ) -> Result<(), String> {
     let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    let cfg = tunnel::client_config(cred, client_store, td(expect)).unwrap();
+    let cfg = tunnel::client_config(cred, client_store, td(expect), &Default::default()).unwrap();
     let conn = client
         .connect_with(cfg, server.local_addr().unwrap(), "gateway")
         .unwrap()
