@@ -1656,3 +1656,63 @@ async fn streams_spread_over_a_sites_endpoints_and_skip_dead_ones() {
     }
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_by_default_lets_only_allowed_sites_call_and_says_why() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _t) = echo_server(Some("east".into())).await.unwrap();
+    fed.gateway_extra =
+        "authorization = \"deny\"\n[[allow]]\nservice = \"shop/echo\"\nsites = [\"west\"]\n".into();
+    fed.add_site(
+        "east",
+        &vip_range(),
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await
+    .unwrap();
+    fed.gateway_extra.clear();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let name = "echo.shop.svc.clusterset.local";
+    let west_vip = fed
+        .wait_resolvable("west", name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let central_vip = fed
+        .wait_resolvable("central", name, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    tracing::info!("phase: west is allowed");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while causeway::local::call_banner(SocketAddr::new(west_vip, 7000), "x")
+        .await
+        .is_err()
+    {
+        assert!(Instant::now() < deadline, "west never got through");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!(
+        "phase: central is refused, with a reason in its gateway's log and a metric at east"
+    );
+    let r = causeway::local::call_banner(SocketAddr::new(central_vip, 7000), "y").await;
+    assert!(r.is_err(), "central must be refused: {r:?}");
+    let log = fed.sites["central"].gateway.log_tail(10);
+    assert!(
+        log.contains("forbidden: site central may not call shop/echo here"),
+        "{log}"
+    );
+    let m = http_get(fed.sites["east"].gateway_admin, "/metrics").await;
+    assert!(
+        m.contains("status=\"forbidden\""),
+        "no forbidden metric at east"
+    );
+    fed.shutdown().await;
+}

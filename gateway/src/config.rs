@@ -41,10 +41,42 @@ pub struct GatewayConfig {
     /// On SIGTERM, how long streams in flight may take to finish.
     #[serde(default = "default_drain")]
     pub drain_secs: f64,
+    /// Who may call this site's exports: "allow_members" (default: any
+    /// member site, narrowed per service by `allow` rules) or "deny" (only
+    /// what an `allow` rule lists).
+    #[serde(default = "default_authorization")]
+    pub authorization: String,
+    #[serde(default)]
+    pub allow: Vec<AllowConfig>,
     #[serde(default)]
     pub quic: QuicConfig,
     #[serde(default)]
     pub exports: Vec<ExportConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AllowConfig {
+    /// `<namespace>/<name>` of a local export.
+    pub service: String,
+    /// Sites whose gateways may call it.
+    pub sites: Vec<String>,
+}
+
+/// Inbound authorization, validated.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Authorization {
+    pub deny_by_default: bool,
+    pub rules: std::collections::BTreeMap<ServiceKey, Vec<causeway_api::model::SiteName>>,
+}
+
+impl Authorization {
+    pub fn allows(&self, site: &causeway_api::model::SiteName, service: &ServiceKey) -> bool {
+        match self.rules.get(service) {
+            Some(sites) => sites.contains(site),
+            None => !self.deny_by_default,
+        }
+    }
 }
 
 /// QUIC tuning for the links between sites. The defaults suit a
@@ -97,7 +129,10 @@ impl QuicConfig {
             errs.push("quic.rtt_ms: must be between 0 and 10000".into());
         }
         if !matches!(self.congestion.as_str(), "cubic" | "bbr" | "newreno") {
-            errs.push(format!("quic.congestion: {:?} is not one of cubic, bbr, newreno", self.congestion));
+            errs.push(format!(
+                "quic.congestion: {:?} is not one of cubic, bbr, newreno",
+                self.congestion
+            ));
         }
         if self.keepalive_ms == 0 || self.idle_timeout_ms <= self.keepalive_ms {
             errs.push("quic: need 0 < keepalive_ms < idle_timeout_ms".into());
@@ -133,6 +168,9 @@ fn default_replica() -> String {
 fn default_health_interval() -> f64 {
     1.0
 }
+fn default_authorization() -> String {
+    "allow_members".into()
+}
 fn default_balancer() -> String {
     "p2c_ewma".into()
 }
@@ -166,6 +204,7 @@ pub struct Settings {
     pub drain_timeout: Duration,
     pub balancer: causeway_gateway_core::balance::Strategy,
     pub quic: QuicConfig,
+    pub authorization: Authorization,
     pub exports: Vec<LocalExport>,
 }
 
@@ -250,6 +289,36 @@ impl GatewayConfig {
             errs.push("drain_secs: must be between 0 and 3600".into());
         }
         self.quic.validate(&mut errs);
+        let mut authorization = Authorization {
+            deny_by_default: match self.authorization.as_str() {
+                "allow_members" => false,
+                "deny" => true,
+                other => {
+                    errs.push(format!(
+                        "authorization: {other:?} is not allow_members or deny"
+                    ));
+                    false
+                }
+            },
+            rules: Default::default(),
+        };
+        for (i, a) in self.allow.iter().enumerate() {
+            let key = a
+                .service
+                .parse::<ServiceKey>()
+                .map_err(|e| errs.push(format!("allow[{i}].service: {e}")))
+                .ok();
+            let mut sites = Vec::new();
+            for (j, s) in a.sites.iter().enumerate() {
+                match s.parse() {
+                    Ok(s) => sites.push(s),
+                    Err(e) => errs.push(format!("allow[{i}].sites[{j}]: {e}")),
+                }
+            }
+            if let Some(k) = key {
+                authorization.rules.entry(k).or_default().extend(sites);
+            }
+        }
         let mut exports = Vec::new();
         for (i, e) in self.exports.iter().enumerate() {
             let service = e
@@ -311,6 +380,7 @@ impl GatewayConfig {
             drain_timeout: Duration::from_secs_f64(self.drain_secs),
             balancer: balancer.expect("checked above"),
             quic: self.quic.clone(),
+            authorization,
             exports,
         })
     }
@@ -363,9 +433,15 @@ mod tests {
     fn quic_windows_follow_the_bandwidth_delay_product() {
         let q = QuicConfig::default();
         assert_eq!(q.bdp_bytes(), 6_250_000);
-        let cfg = GatewayConfig::from_toml("state_dir = \"/x\"\n[quic]\ncongestion = \"vegas\"\nrtt_ms = 0\n").unwrap();
+        let cfg = GatewayConfig::from_toml(
+            "state_dir = \"/x\"\n[quic]\ncongestion = \"vegas\"\nrtt_ms = 0\n",
+        )
+        .unwrap();
         let err = cfg.validate().unwrap_err().to_string();
-        assert!(err.contains("quic.congestion") && err.contains("quic.rtt_ms"), "{err}");
+        assert!(
+            err.contains("quic.congestion") && err.contains("quic.rtt_ms"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub struct Inbound {
     pub store: Arc<TrustStore>,
     pub exports: Vec<LocalExport>,
     pub drain: Arc<crate::drain::Drain>,
+    pub authorization: crate::config::Authorization,
     endpoints: Vec<crate::endpoints::EndpointSet>,
     /// Live inbound connections per peer site, to tear down on removal.
     conns: Mutex<HashMap<SiteName, Vec<quinn::Connection>>>,
@@ -32,8 +33,10 @@ impl Inbound {
         exports: Vec<LocalExport>,
         drain: Arc<crate::drain::Drain>,
         strategy: causeway_gateway_core::balance::Strategy,
+        authorization: crate::config::Authorization,
     ) -> Arc<Self> {
         Arc::new(Self {
+            authorization,
             store,
             drain,
             endpoints: exports
@@ -151,8 +154,20 @@ impl Inbound {
             .await;
             return;
         };
-        // Default authorization: every member site may call every exported
-        // service. (The policy engine will narrow this.)
+        if !self
+            .authorization
+            .allows(&peer.site, &self.exports[export_index].service)
+        {
+            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "forbidden").increment(1);
+            tracing::info!(site = %peer.site, service = %req.service, "stream refused by authorization");
+            let _ = respond(
+                &mut send,
+                Status::Forbidden,
+                &format!("site {} may not call {} here", peer.site, req.service),
+            )
+            .await;
+            return;
+        }
         let Some((tcp, _in_flight)) = self.endpoints[export_index].connect().await else {
             metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "no_endpoints").increment(1);
             let _ = respond(

@@ -57,7 +57,10 @@ pub async fn run(
         vec![site_ca.cert_der.clone()],
     );
     tunnel::size_udp_buffers(&udp, settings.quic.udp_buffer_bytes);
-    let endpoint = tunnel::endpoint(udp, tunnel::server_config(&cred, store.clone(), &settings.quic)?)?;
+    let endpoint = tunnel::endpoint(
+        udp,
+        tunnel::server_config(&cred, store.clone(), &settings.quic)?,
+    )?;
     tracing::info!(site = %state.site, addr = %endpoint.local_addr()?, id = %cred.spiffe_id()?, "gateway tunnel endpoint up");
 
     let client = state.controller_client();
@@ -71,8 +74,14 @@ pub async fn run(
         settings.exports.clone(),
         drain.clone(),
         settings.balancer,
+        settings.authorization.clone(),
     );
-    let pool = Arc::new(Pool::new(endpoint.clone(), cred.clone(), store.clone(), settings.quic.clone()));
+    let pool = Arc::new(Pool::new(
+        endpoint.clone(),
+        cred.clone(),
+        store.clone(),
+        settings.quic.clone(),
+    ));
     let sync_task = tokio::spawn(sync_catalog(
         cat_rx,
         routes_tx,

@@ -31,7 +31,12 @@ pub enum DialError {
 }
 
 impl Pool {
-    pub fn new(endpoint: quinn::Endpoint, cred: Credential, store: Arc<TrustStore>, quic: crate::config::QuicConfig) -> Self {
+    pub fn new(
+        endpoint: quinn::Endpoint,
+        cred: Credential,
+        store: Arc<TrustStore>,
+        quic: crate::config::QuicConfig,
+    ) -> Self {
         Self {
             quic,
             endpoint,
@@ -61,11 +66,16 @@ impl Pool {
         if route.tunnel_addrs.is_empty() {
             return Err(DialError::NoAddress(site.clone()));
         }
-        let cfg = tunnel::client_config(&self.cred, self.store.clone(), route.trust_domain.clone(), &self.quic)
-            .map_err(|e| DialError::Unreachable {
-                site: site.clone(),
-                last: e.to_string(),
-            })?;
+        let cfg = tunnel::client_config(
+            &self.cred,
+            self.store.clone(),
+            route.trust_domain.clone(),
+            &self.quic,
+        )
+        .map_err(|e| DialError::Unreachable {
+            site: site.clone(),
+            last: e.to_string(),
+        })?;
         let mut last = String::new();
         for addr in &route.tunnel_addrs {
             let connecting = match self.endpoint.connect_with(cfg.clone(), *addr, "gateway") {

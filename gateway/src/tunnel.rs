@@ -35,7 +35,9 @@ pub fn transport(q: &QuicConfig) -> Arc<TransportConfig> {
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     match q.congestion.as_str() {
         "bbr" => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
-        "newreno" => t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default())),
+        "newreno" => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
+        }
         _ => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
     };
     Arc::new(t)
@@ -100,7 +102,10 @@ pub fn size_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
         return;
     }
     let s = socket2::SockRef::from(socket);
-    if let Err(e) = s.set_recv_buffer_size(bytes).and_then(|_| s.set_send_buffer_size(bytes)) {
+    if let Err(e) = s
+        .set_recv_buffer_size(bytes)
+        .and_then(|_| s.set_send_buffer_size(bytes))
+    {
         tracing::warn!(error = %e, bytes, "could not size the UDP buffers");
     }
 }
