@@ -15,13 +15,15 @@ use crate::config::LocalExport;
 use crate::splice::splice;
 
 /// A peer must send its header within this time after opening a stream.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Inbound {
     pub store: Arc<TrustStore>,
     pub exports: Vec<LocalExport>,
     pub drain: Arc<crate::drain::Drain>,
     pub authorization: crate::config::Authorization,
+    /// How long a peer has to send the stream header.
+    pub header_timeout: Duration,
     endpoints: Vec<crate::endpoints::EndpointSet>,
     /// Live inbound connections per peer site, to tear down on removal.
     conns: Mutex<HashMap<SiteName, Vec<quinn::Connection>>>,
@@ -35,8 +37,27 @@ impl Inbound {
         strategy: causeway_gateway_core::balance::Strategy,
         authorization: crate::config::Authorization,
     ) -> Arc<Self> {
-        Arc::new(Self {
+        Arc::new(Self::with_header_timeout(
+            store,
+            exports,
+            drain,
+            strategy,
             authorization,
+            HEADER_TIMEOUT,
+        ))
+    }
+
+    pub fn with_header_timeout(
+        store: Arc<TrustStore>,
+        exports: Vec<LocalExport>,
+        drain: Arc<crate::drain::Drain>,
+        strategy: causeway_gateway_core::balance::Strategy,
+        authorization: crate::config::Authorization,
+        header_timeout: Duration,
+    ) -> Self {
+        Self {
+            authorization,
+            header_timeout,
             store,
             drain,
             endpoints: exports
@@ -45,7 +66,7 @@ impl Inbound {
                 .collect(),
             exports,
             conns: Mutex::new(HashMap::new()),
-        })
+        }
     }
 
     /// Accepts connections until the endpoint closes.
@@ -114,7 +135,7 @@ impl Inbound {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let req = match tokio::time::timeout(HEADER_TIMEOUT, read_request(&mut recv)).await {
+        let req = match tokio::time::timeout(self.header_timeout, read_request(&mut recv)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
                 metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "bad_request").increment(1);

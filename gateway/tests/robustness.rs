@@ -1,0 +1,182 @@
+//! Inbound stream robustness over real QUIC on loopback: a peer that never
+//! sends its header is cut off, a garbage header gets BadRequest, and a
+//! peer cannot hold more streams open than the cap.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::identity::CertificateAuthority;
+use causeway_api::model::TrustDomain;
+use causeway_api::trust::TrustStore;
+use causeway_gateway::config::{Authorization, LocalExport, QuicConfig};
+use causeway_gateway::drain::Drain;
+use causeway_gateway::inbound::Inbound;
+use causeway_gateway::tunnel;
+use causeway_gateway_core::balance::Strategy;
+use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
+
+struct Setup {
+    server: quinn::Endpoint,
+    client: quinn::Endpoint,
+    client_cfg: quinn::ClientConfig,
+}
+
+async fn setup(quic: QuicConfig) -> Setup {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let a = CertificateAuthority::generate("a").unwrap();
+    let b = CertificateAuthority::generate("b").unwrap();
+    let td = |n: &str| -> TrustDomain { format!("{n}.causeway").parse().unwrap() };
+    let store = TrustStore::new();
+    store.set_site("a".parse().unwrap(), td("a"), vec![a.cert_der.clone()]);
+    store.set_site("b".parse().unwrap(), td("b"), vec![b.cert_der.clone()]);
+    let server_cred = a
+        .issue(
+            &"spiffe://a.causeway/gateway/gw-0".parse().unwrap(),
+            &[],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let client_cred = b
+        .issue(
+            &"spiffe://b.causeway/gateway/gw-0".parse().unwrap(),
+            &[],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    // An echo endpoint for the exported service.
+    let echo = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    let exports = vec![LocalExport {
+        service: "shop/echo".parse().unwrap(),
+        port: 7000,
+        protocol: Default::default(),
+        endpoints: vec![echo_addr],
+    }];
+    let inbound = Arc::new(Inbound::with_header_timeout(
+        store.clone(),
+        exports,
+        Drain::new(),
+        Strategy::RoundRobin,
+        Authorization::default(),
+        Duration::from_millis(300),
+    ));
+    let server = tunnel::endpoint(
+        tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
+        tunnel::server_config(&server_cred, store.clone(), &quic).unwrap(),
+    )
+    .unwrap();
+    tokio::spawn(inbound.run(server.clone()));
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let client_cfg = tunnel::client_config(&client_cred, store, td("a"), &quic).unwrap();
+    Setup {
+        server,
+        client,
+        client_cfg,
+    }
+}
+
+async fn read_status(recv: &mut quinn::RecvStream) -> Result<Status, String> {
+    let mut p = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut p).await.map_err(|e| e.to_string())?;
+    let (status, len) = OpenResponse::decode_prefix(&p).map_err(|e| e.to_string())?;
+    let mut msg = vec![0u8; len];
+    recv.read_exact(&mut msg).await.map_err(|e| e.to_string())?;
+    Ok(status)
+}
+
+fn open_request() -> Vec<u8> {
+    OpenRequest {
+        service: "shop/echo".into(),
+        port: 7000,
+        deadline_ms: 1000,
+        trace: vec![],
+        caller: "test".into(),
+    }
+    .encode()
+}
+
+#[tokio::test]
+async fn silent_streams_time_out_and_garbage_headers_get_bad_request() {
+    let s = setup(QuicConfig::default()).await;
+    let conn = s
+        .client
+        .connect_with(
+            s.client_cfg.clone(),
+            s.server.local_addr().unwrap(),
+            "gateway",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+
+    // Opened, never a header: reset after the header timeout.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    // A stream is only announced with its first frame: send one byte of prefix.
+    send.write_all(b"C").await.unwrap();
+    let mut buf = [0u8; 1];
+    let r = tokio::time::timeout(Duration::from_secs(5), recv.read(&mut buf))
+        .await
+        .expect("no reset within 5 s");
+    assert!(r.is_err(), "expected a reset, got {r:?}");
+
+    // Garbage: BadRequest.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    assert_eq!(read_status(&mut recv).await.unwrap(), Status::BadRequest);
+
+    // The connection still serves a proper stream.
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open_request()).await.unwrap();
+    assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+    send.write_all(b"ping").await.unwrap();
+    send.finish().unwrap();
+    let got = recv.read_to_end(64).await.unwrap();
+    assert_eq!(got, b"ping");
+}
+
+#[tokio::test]
+async fn a_peer_cannot_open_more_streams_than_the_cap() {
+    let quic = QuicConfig {
+        max_streams_per_peer: 2,
+        ..Default::default()
+    };
+    let s = setup(quic).await;
+    let conn = s
+        .client
+        .connect_with(
+            s.client_cfg.clone(),
+            s.server.local_addr().unwrap(),
+            "gateway",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&open_request()).await.unwrap();
+        assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+        held.push((send, recv));
+    }
+    // The third waits for credit.
+    let third = tokio::time::timeout(Duration::from_millis(500), conn.open_bi()).await;
+    assert!(third.is_err(), "a third concurrent stream was allowed");
+    // Finishing one frees a slot.
+    let (mut send, mut recv) = held.pop().unwrap();
+    send.finish().unwrap();
+    let _ = recv.read_to_end(64).await;
+    drop((send, recv));
+    let fourth = tokio::time::timeout(Duration::from_secs(5), conn.open_bi()).await;
+    assert!(
+        fourth.is_ok(),
+        "no stream credit came back after one stream ended"
+    );
+}
