@@ -15,11 +15,16 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))
 }
 
-/// Serves the admin endpoints on `addr` in the background.
+/// Says why the process is not ready, or `None` when it is.
+pub type Readiness = std::sync::Arc<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// Serves the admin endpoints on `addr` in the background: `/metrics`,
+/// `/healthz` (alive) and `/ready` (503 with the reason until ready).
 pub async fn serve(
     addr: SocketAddr,
     handle: PrometheusHandle,
     component: &'static str,
+    ready: Option<Readiness>,
 ) -> anyhow::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)
         .await
@@ -32,6 +37,7 @@ pub async fn serve(
                 continue;
             };
             let handle = handle.clone();
+            let ready = ready.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
                 let mut n = 0;
@@ -49,10 +55,18 @@ pub async fn serve(
                 let (status, ctype, body) = match path {
                     "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
                     "/healthz" | "/livez" => ("200 OK", "text/plain", "ok\n".to_string()),
+                    "/ready" | "/readyz" => match ready.as_ref().and_then(|r| r()) {
+                        None => ("200 OK", "text/plain", "ready\n".to_string()),
+                        Some(why) => (
+                            "503 Service Unavailable",
+                            "text/plain",
+                            format!("not ready: {why}\n"),
+                        ),
+                    },
                     _ => (
                         "404 Not Found",
                         "text/plain",
-                        "try /metrics or /healthz\n".to_string(),
+                        "try /metrics, /healthz or /ready\n".to_string(),
                     ),
                 };
                 let resp = format!(

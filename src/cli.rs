@@ -321,7 +321,7 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let plan = controller_plan(args)?;
     let metrics = admin::install_metrics()?;
     if let Some(a) = plan.admin_listen {
-        let bound = admin::serve(a, metrics, "controller").await?;
+        let bound = admin::serve(a, metrics, "controller", None).await?;
         tracing::info!(addr = %bound, "admin port up");
     }
     let listener = tokio::net::TcpListener::bind(plan.listen)
@@ -346,7 +346,7 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
                 "admin_listen: {a:?} is not an ip:port address"
             )])
         })?;
-        admin::serve(a, metrics, "gateway").await?;
+        admin::serve(a, metrics, "gateway", None).await?;
     }
     let udp = causeway_gateway::tunnel::bind_udp(settings.tunnel_listen)?;
     let state = match SiteState::load(&settings.state_dir)? {
@@ -392,13 +392,20 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
     let listen = listen.expect("checked");
     let (vip_base, vip_prefix) = vip.expect("checked");
     let metrics = admin::install_metrics()?;
+    let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(a) = &args.admin_listen {
         let a: SocketAddr = a.parse().map_err(|_| {
             ConfigError(vec![format!(
                 "admin_listen: {a:?} is not an ip:port address"
             )])
         })?;
-        admin::serve(a, metrics, "dns").await?;
+        let flag = ready.clone();
+        let probe: admin::Readiness = std::sync::Arc::new(move || {
+            (!flag.load(std::sync::atomic::Ordering::Acquire)).then(|| {
+                "no catalog snapshot from the controllers yet (answering SERVFAIL)".to_string()
+            })
+        });
+        admin::serve(a, metrics, "dns", Some(probe)).await?;
     }
     let state = SiteState::load(&args.state_dir)?.ok_or_else(|| {
         anyhow::anyhow!(
@@ -420,7 +427,15 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         vip_base,
         vip_prefix,
     };
-    causeway_dns::run(opts, state.controller_client(), udp, tcp, shutdown_signal()).await
+    causeway_dns::run(
+        opts,
+        state.controller_client(),
+        udp,
+        tcp,
+        ready,
+        shutdown_signal(),
+    )
+    .await
 }
 
 pub fn ca_init(dir: &Path, admin_name: &str) -> anyhow::Result<()> {

@@ -195,7 +195,13 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
         bytes >= 2.0 * 10.0 * 1024.0 * 1024.0,
         "east counted {bytes} tunnel bytes"
     );
+    let ready = http_get(fed.sites["west"].dns_admin, "/ready").await;
+    assert!(ready.contains("ready"), "{ready}");
     let dm = http_get(fed.sites["west"].dns_admin, "/metrics").await;
+    assert!(
+        dm.contains("causeway_catalog_stale_seconds 0"),
+        "a connected DNS server is not stale"
+    );
     assert!(
         dm.contains("causeway_dns_queries_total{rcode=\"noerror\"}"),
         "{dm}"
@@ -1849,5 +1855,63 @@ async fn many_connections_open_and_close_without_leaking() {
             "gateway RSS grew from {a} KiB to {b} KiB"
         );
     }
+    fed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_controller_down_sites_keep_serving_their_last_view() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _t) = echo_server(None).await.unwrap();
+    fed.add_site(
+        "east",
+        &vip_range(),
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await
+    .unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let name = "echo.shop.svc.clusterset.local";
+    let vip = fed
+        .wait_resolvable("west", name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    wait_tunnel(SocketAddr::new(vip, 7000)).await;
+
+    tracing::info!("phase: SIGKILL every controller");
+    for id in [1, 2, 3] {
+        fed.controller(id).kill().await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    tracing::info!(
+        "phase: DNS still answers, the tunnel still carries, and both say how stale they are"
+    );
+    assert_eq!(
+        causeway::local::dns_a(fed.sites["west"].dns, name)
+            .await
+            .unwrap(),
+        vec![vip]
+    );
+    assert_eq!(
+        echo_roundtrip(SocketAddr::new(vip, 7000), b"static").await,
+        b"static"
+    );
+    let dm = http_get(fed.sites["west"].dns_admin, "/metrics").await;
+    assert!(
+        metric(&dm, "causeway_catalog_stale_seconds") >= 1.0,
+        "DNS does not report staleness"
+    );
+    assert_eq!(metric(&dm, "causeway_watch_connected"), 0.0);
+    let gm = http_get(fed.sites["west"].gateway_admin, "/metrics").await;
+    assert!(
+        metric(&gm, "causeway_catalog_stale_seconds") >= 1.0,
+        "gateway does not report staleness"
+    );
     fed.shutdown().await;
 }

@@ -25,6 +25,7 @@ pub async fn run(
     client: Arc<ControllerClient>,
     udp: UdpSocket,
     tcp: TcpListener,
+    ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (cat_tx, mut cat_rx) = watch::channel(Arc::new(CatalogView::default()));
@@ -36,6 +37,7 @@ pub async fn run(
             match Zone::build(&opts, &view) {
                 Ok(z) => {
                     metrics::gauge!("causeway_dns_ready").set(if z.ready { 1.0 } else { 0.0 });
+                    ready.store(z.ready, std::sync::atomic::Ordering::Release);
                     zone_tx.send_replace(Arc::new(z));
                 }
                 Err(e) => tracing::error!(error = %e, "building the DNS zone failed"),

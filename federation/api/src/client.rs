@@ -121,6 +121,26 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// revision after a disconnect; while disconnected the last view stays in
 /// place (static stability) and `causeway_watch_connected` reads 0.
 pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<CatalogView>>) {
+    // How stale the served view may be: seconds since the stream was last
+    // healthy (0 while connected). Exported by a ticker so it keeps rising
+    // while the watch loop is blocked reconnecting.
+    let since = Arc::new(std::sync::Mutex::new(Some(std::time::Instant::now())));
+    let ticker = {
+        let since = since.clone();
+        tokio::spawn(async move {
+            let mut t = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                t.tick().await;
+                let stale = since
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .map(|s| s.elapsed().as_secs_f64())
+                    .unwrap_or(0.0);
+                metrics::gauge!("causeway_catalog_stale_seconds").set(stale);
+            }
+        })
+    };
+    let _stop_ticker = AbortOnDrop(ticker);
     let mut view = CatalogView::default();
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -135,6 +155,7 @@ pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<Cata
                 .map_err(|s| anyhow_status("watch", s))?
                 .into_inner();
             metrics::gauge!("causeway_watch_connected").set(1.0);
+            *since.lock().unwrap_or_else(|e| e.into_inner()) = None;
             tracing::debug!(from, "watch stream open");
             loop {
                 match stream.message().await {
@@ -158,6 +179,10 @@ pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<Cata
         }
         .await;
         metrics::gauge!("causeway_watch_connected").set(0.0);
+        since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(std::time::Instant::now);
         match result {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {
@@ -174,5 +199,13 @@ fn anyhow_status(what: &str, s: tonic::Status) -> ClientError {
     ClientError::Unreachable {
         tried: what.to_string(),
         last: format!("{}: {}", s.code(), s.message()),
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
