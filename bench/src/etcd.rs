@@ -28,6 +28,10 @@ fn make_certs(dir: &Path) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
     let ca_key = KeyPair::generate()?;
     let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL takes subject == issuer for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "causeway bench CA");
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
     let leaf = |client: bool| -> anyhow::Result<(String, String)> {

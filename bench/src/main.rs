@@ -4,6 +4,7 @@
 mod controller;
 mod etcd;
 mod report;
+mod tunnel;
 
 mod pb {
     pub mod etcd {
@@ -16,22 +17,28 @@ fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let Some(suite) = args.iter().find(|a| !a.starts_with("--")) else {
-        anyhow::bail!("usage: causeway-bench SUITE [--quick]   (suites: controller)");
+        anyhow::bail!("usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel)");
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     let results = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("results");
     rt.block_on(async {
-        let tmp = tempfile::Builder::new()
+        let mut tmp = tempfile::Builder::new()
             .prefix("causeway-bench-")
             .tempdir()?;
+        // CAUSEWAY_BENCH_KEEP=1 keeps configs and logs for a look afterwards.
+        if std::env::var_os("CAUSEWAY_BENCH_KEEP").is_some() {
+            tmp.disable_cleanup(true);
+            println!("keeping {}", tmp.path().display());
+        }
         let mut report = report::Report::new(suite, quick);
         match suite.as_str() {
             "controller" => {
                 controller::run(&mut report, tmp.path(), &controller::Params::new(quick)).await?
             }
-            other => anyhow::bail!("unknown suite {other:?} (suites: controller)"),
+            "tunnel" => tunnel::run(&mut report, tmp.path(), &tunnel::Params::new(quick)).await?,
+            other => anyhow::bail!("unknown suite {other:?} (suites: controller, tunnel)"),
         }
         report.finish(&results)
     })

@@ -1,0 +1,471 @@
+//! `bench/run tunnel`: one L4 hop pair, side by side on loopback.
+//!
+//! `direct` (plain TCP, the floor), `causeway` (client -> gateway west ->
+//! QUIC mTLS -> gateway east -> server), `haproxy` (two haproxy in TCP mode
+//! with mutual TLS between them) and `stunnel` (two stunnel with mutual TLS).
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use causeway::local::{Export, LocalFederation};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+
+use crate::report::{percentile, rss_mb, Report};
+
+pub struct Params {
+    pub rate_secs: u64,
+    pub max_secs: u64,
+    pub bulk_bytes: usize,
+    pub connect_secs: u64,
+}
+
+impl Params {
+    pub fn new(quick: bool) -> Self {
+        if quick {
+            Self {
+                rate_secs: 4,
+                max_secs: 3,
+                bulk_bytes: 64 << 20,
+                connect_secs: 3,
+            }
+        } else {
+            Self {
+                rate_secs: 15,
+                max_secs: 10,
+                bulk_bytes: 512 << 20,
+                connect_secs: 10,
+            }
+        }
+    }
+}
+
+struct System {
+    name: &'static str,
+    entry: SocketAddr,
+    pids: Vec<u32>,
+}
+
+async fn echo_server() -> anyhow::Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let _ = s.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// CA, server and client leaves for the TLS peers, as PEM files in `dir`.
+fn pki(dir: &Path) -> anyhow::Result<()> {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
+    std::fs::create_dir_all(dir)?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Distinct names: OpenSSL takes subject == issuer for self-signed.
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "causeway bench CA");
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    for name in ["server", "client"] {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
+        p.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse()?));
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, format!("bench {name}"));
+        let cert = p.signed_by(&key, &issuer)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+        std::fs::write(
+            dir.join(format!("{name}-full.pem")),
+            format!("{}{}", cert.pem(), key.serialize_pem()),
+        )?;
+    }
+    Ok(())
+}
+
+fn port() -> anyhow::Result<u16> {
+    causeway::local::free_port()
+}
+
+fn spawn(bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
+    let f = std::fs::File::create(log)?;
+    Ok(Command::new(bin)
+        .args(args)
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {bin}"))?)
+}
+
+async fn wait_echo(entry: SocketAddr) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if echo_once(entry, &[7u8; 16]).await.is_ok() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("{entry} never echoed");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn echo_once(entry: SocketAddr, msg: &[u8]) -> anyhow::Result<()> {
+    let mut s = TcpStream::connect(entry).await?;
+    s.set_nodelay(true)?;
+    s.write_all(msg).await?;
+    let mut buf = vec![0u8; msg.len()];
+    s.read_exact(&mut buf).await?;
+    Ok(())
+}
+
+fn cpu_ticks(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .filter_map(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let f: Vec<&str> = rest.split_whitespace().collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
+/// 16 connections, 1 KiB echoes at a fixed total rate; latency from the
+/// scheduled send time (no coordinated omission).
+async fn fixed_rate(entry: SocketAddr, rate: f64, secs: u64) -> anyhow::Result<Vec<f64>> {
+    let conns = 16;
+    let period = Duration::from_secs_f64(conns as f64 / rate);
+    let start = Instant::now() + Duration::from_millis(200);
+    let end = start + Duration::from_secs(secs);
+    let mut tasks = Vec::new();
+    for c in 0..conns {
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(entry).await?;
+            s.set_nodelay(true)?;
+            let msg = [b'x'; 1024];
+            let mut buf = [0u8; 1024];
+            let mut out = Vec::new();
+            let mut k = 0u32;
+            loop {
+                let at = start + period * k + period.mul_f64(c as f64 / conns as f64);
+                if at >= end {
+                    break;
+                }
+                tokio::time::sleep_until(at.into()).await;
+                s.write_all(&msg).await?;
+                s.read_exact(&mut buf).await?;
+                out.push(at.elapsed().as_secs_f64() * 1e6);
+                k += 1;
+            }
+            Ok::<_, anyhow::Error>(out)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    Ok(all)
+}
+
+/// 16 closed-loop connections; echoes per second.
+async fn saturate(entry: SocketAddr, secs: u64) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (stop, done) = (stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(entry).await?;
+            s.set_nodelay(true)?;
+            let msg = [b'x'; 1024];
+            let mut buf = [0u8; 1024];
+            while !stop.load(Ordering::Relaxed) {
+                s.write_all(&msg).await?;
+                s.read_exact(&mut buf).await?;
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+    for t in tasks {
+        t.await??;
+    }
+    Ok(n)
+}
+
+/// One flow: send `bytes` and read them back; Mbit/s one way.
+async fn bulk(entry: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
+    let s = TcpStream::connect(entry).await?;
+    let (mut r, mut w) = s.into_split();
+    let t = Instant::now();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'y'; 64 * 1024];
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            w.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        w.shutdown().await?;
+        Ok::<_, anyhow::Error>(())
+    });
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0usize;
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n;
+    }
+    writer.await??;
+    anyhow::ensure!(got == bytes, "bulk: sent {bytes}, got {got}");
+    Ok(bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6)
+}
+
+/// New connection per 1 KiB echo, 16 at a time; connections per second.
+async fn connect_rate(entry: SocketAddr, secs: u64) -> anyhow::Result<f64> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..16 {
+        let (stop, done) = (stop.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                if echo_once(entry, &[b'z'; 1024]).await.is_ok() {
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    stop.store(true, Ordering::Relaxed);
+    let n = done.load(Ordering::Relaxed) as f64 / t.elapsed().as_secs_f64();
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(n)
+}
+
+pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result<()> {
+    let echo = echo_server().await?;
+    let certs = root.join("certs");
+    pki(&certs)?;
+    let c = |n: &str| certs.join(n).display().to_string();
+    let mut children = Vec::new();
+    let mut systems = vec![System {
+        name: "direct",
+        entry: echo,
+        pids: vec![],
+    }];
+
+    // causeway: one controller, two sites.
+    let bin = std::env::current_exe()?.with_file_name("causeway");
+    let mut fed = LocalFederation::new(bin, root.join("causeway"))?;
+    fed.start_controllers(1)?;
+    fed.wait_for_leader(Duration::from_secs(30)).await?;
+    fed.add_site(
+        "east",
+        "127.201.0.0/16",
+        &[Export {
+            service: "bench/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await?;
+    fed.add_site("west", "127.202.0.0/16", &[]).await?;
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.bench.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await?;
+    let entry = SocketAddr::new(vip, 7000);
+    wait_echo(entry).await?;
+    let gw_pids: Vec<u32> = ["west", "east"]
+        .iter()
+        .filter_map(|s| fed.sites[*s].gateway.pid())
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle = gw_pids
+        .iter()
+        .map(|p| rss_mb(*p).unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    systems.push(System {
+        name: "causeway",
+        entry,
+        pids: gw_pids,
+    });
+
+    // haproxy pair.
+    let (ha_a, ha_b) = (port()?, port()?);
+    let cfg_a = format!(
+        "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fa\n  bind 127.0.0.1:{ha_a}\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{ha_b} ssl verify required ca-file {} crt {}\n",
+        c("ca.pem"),
+        c("client-full.pem")
+    );
+    let cfg_b = format!(
+        "global\n  maxconn 8000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fb\n  bind 127.0.0.1:{ha_b} ssl crt {} ca-file {} verify required\n  default_backend bb\nbackend bb\n  server e {echo}\n",
+        c("server-full.pem"),
+        c("ca.pem")
+    );
+    std::fs::write(root.join("haproxy-a.cfg"), cfg_a)?;
+    std::fs::write(root.join("haproxy-b.cfg"), cfg_b)?;
+    for n in ["a", "b"] {
+        let cfg = root.join(format!("haproxy-{n}.cfg")).display().to_string();
+        children.push(spawn(
+            "haproxy",
+            &["-db", "-f", &cfg],
+            &root.join(format!("haproxy-{n}.log")),
+        )?);
+    }
+    let ha_entry: SocketAddr = format!("127.0.0.1:{ha_a}").parse()?;
+    wait_echo(ha_entry).await.context("haproxy pair")?;
+    let n = children.len();
+    systems.push(System {
+        name: "haproxy",
+        entry: ha_entry,
+        pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
+    });
+
+    // stunnel pair.
+    let (st_a, st_b) = (port()?, port()?);
+    let st_cfg_a = format!(
+        "foreground = yes\npid =\n[a]\nclient = yes\naccept = 127.0.0.1:{st_a}\nconnect = 127.0.0.1:{st_b}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\n",
+        c("client.pem"),
+        c("client-key.pem"),
+        c("ca.pem")
+    );
+    let st_cfg_b = format!(
+        "foreground = yes\npid =\n[b]\naccept = 127.0.0.1:{st_b}\nconnect = {echo}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+        c("server.pem"),
+        c("server-key.pem"),
+        c("ca.pem")
+    );
+    std::fs::write(root.join("stunnel-a.conf"), st_cfg_a)?;
+    std::fs::write(root.join("stunnel-b.conf"), st_cfg_b)?;
+    let stunnel = if Path::new("/usr/bin/stunnel4").exists() {
+        "stunnel4"
+    } else {
+        "stunnel"
+    };
+    for n in ["a", "b"] {
+        let cfg = root.join(format!("stunnel-{n}.conf")).display().to_string();
+        children.push(spawn(
+            stunnel,
+            &[&cfg],
+            &root.join(format!("stunnel-{n}.log")),
+        )?);
+    }
+    let st_entry: SocketAddr = format!("127.0.0.1:{st_a}").parse()?;
+    wait_echo(st_entry).await.context("stunnel pair")?;
+    let n = children.len();
+    systems.push(System {
+        name: "stunnel",
+        entry: st_entry,
+        pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
+    });
+
+    println!("echo-1k-1000rps: {} s each", p.rate_secs);
+    for s in &systems {
+        let mut lat = fixed_rate(s.entry, 1000.0, p.rate_secs).await?;
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p50_us",
+            percentile(&mut lat, 50.0),
+        );
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p99_us",
+            percentile(&mut lat, 99.0),
+        );
+    }
+    println!("echo-1k-max: {} s each", p.max_secs);
+    for s in &systems {
+        let before = cpu_ticks(&s.pids);
+        let t = Instant::now();
+        let rps = saturate(s.entry, p.max_secs).await?;
+        let ticks = cpu_ticks(&s.pids) - before;
+        let requests = rps * t.elapsed().as_secs_f64();
+        report.add("echo-1k-max", s.name, "rps", rps);
+        if !s.pids.is_empty() {
+            // Clock ticks are 10 ms on Linux (USER_HZ = 100).
+            report.add(
+                "cpu-per-1k",
+                s.name,
+                "cpu_ms",
+                ticks as f64 * 10.0 / (requests / 1000.0),
+            );
+        }
+    }
+    println!("bulk-1flow: {} MiB each", p.bulk_bytes >> 20);
+    for s in &systems {
+        report.add(
+            "bulk-1flow",
+            s.name,
+            "throughput_mbps",
+            bulk(s.entry, p.bulk_bytes).await?,
+        );
+    }
+    println!("connect-rate: {} s each", p.connect_secs);
+    for s in &systems {
+        report.add(
+            "connect-rate",
+            s.name,
+            "conn_per_s",
+            connect_rate(s.entry, p.connect_secs).await?,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.add("rss-idle", "causeway", "rss_mb", rss_idle);
+
+    let get = |case: &str, sys: &str, m: &str| report.get(case, sys, m).unwrap_or(f64::NAN);
+    let (p99c, p99h) = (
+        get("echo-1k-1000rps", "causeway", "p99_us"),
+        get("echo-1k-1000rps", "haproxy", "p99_us"),
+    );
+    let rps = get("echo-1k-max", "causeway", "rps") / get("echo-1k-max", "haproxy", "rps");
+    let bulk_r = get("bulk-1flow", "causeway", "throughput_mbps")
+        / get("bulk-1flow", "haproxy", "throughput_mbps");
+    let conn_r = get("connect-rate", "causeway", "conn_per_s")
+        / get("connect-rate", "stunnel", "conn_per_s");
+    let cpu_r = get("cpu-per-1k", "causeway", "cpu_ms") / get("cpu-per-1k", "haproxy", "cpu_ms");
+    report.check("p99 causeway/haproxy", p99c / p99h, "<= 0.8");
+    report.check("rps causeway/haproxy", rps, ">= 1.0");
+    report.check("bulk causeway/haproxy", bulk_r, ">= 1.0");
+    report.check("conn/s causeway/stunnel", conn_r, ">= 5.0");
+    report.check("cpu per 1k causeway/haproxy", cpu_r, "<= 1.0");
+    report.check("rss idle MB (causeway gateway)", rss_idle, "<= 20");
+    fed.shutdown().await;
+    for mut c in children {
+        let _ = c.start_kill();
+        let _ = c.wait().await;
+    }
+    Ok(())
+}
