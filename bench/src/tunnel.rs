@@ -105,13 +105,13 @@ fn port() -> anyhow::Result<u16> {
 
 fn spawn(bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
     let f = std::fs::File::create(log)?;
-    Ok(Command::new(bin)
+    Command::new(bin)
         .args(args)
         .stdout(f.try_clone()?)
         .stderr(f)
         .kill_on_drop(true)
         .spawn()
-        .with_context(|| format!("starting {bin}"))?)
+        .with_context(|| format!("starting {bin}"))
 }
 
 async fn wait_echo(entry: SocketAddr) -> anyhow::Result<()> {
