@@ -20,46 +20,13 @@ pub struct Etcd {
 /// Certificates for etcd's client and peer mTLS: a CA, a server/peer leaf
 /// for 127.0.0.1, and a client leaf. Written to `dir`.
 fn make_certs(dir: &Path) -> anyhow::Result<tonic::transport::ClientTlsConfig> {
-    use rcgen::{
-        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-        SanType,
-    };
-    std::fs::create_dir_all(dir)?;
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Distinct names: OpenSSL takes subject == issuer for self-signed.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "causeway bench CA");
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf = |client: bool| -> anyhow::Result<(String, String)> {
-        let key = KeyPair::generate()?;
-        let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
-        p.subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse()?));
-        p.extended_key_usages = if client {
-            vec![ExtendedKeyUsagePurpose::ClientAuth]
-        } else {
-            vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ]
-        };
-        let cert = p.signed_by(&key, &issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    };
-    let (server_cert, server_key) = leaf(false)?;
-    let (client_cert, client_key) = leaf(true)?;
-    std::fs::write(dir.join("ca.pem"), ca_cert.pem())?;
-    std::fs::write(dir.join("server.pem"), &server_cert)?;
-    std::fs::write(dir.join("server-key.pem"), &server_key)?;
+    crate::pki::write(dir)?;
+    let read = |n: &str| std::fs::read_to_string(dir.join(n));
     Ok(tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca_cert.pem()))
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.pem")?))
         .identity(tonic::transport::Identity::from_pem(
-            client_cert,
-            client_key,
+            read("client.pem")?,
+            read("client-key.pem")?,
         ))
         .domain_name("localhost"))
 }

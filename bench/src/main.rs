@@ -3,6 +3,7 @@
 
 mod controller;
 mod etcd;
+mod pki;
 mod report;
 mod tunnel;
 

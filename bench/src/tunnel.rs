@@ -67,38 +67,6 @@ async fn echo_server() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
-/// CA, server and client leaves for the TLS peers, as PEM files in `dir`.
-fn pki(dir: &Path) -> anyhow::Result<()> {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, SanType};
-    std::fs::create_dir_all(dir)?;
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    // Distinct names: OpenSSL takes subject == issuer for self-signed.
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "causeway bench CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, ca_key);
-    std::fs::write(dir.join("ca.pem"), ca.pem())?;
-    for name in ["server", "client"] {
-        let key = KeyPair::generate()?;
-        let mut p = CertificateParams::new(vec!["localhost".to_string()])?;
-        p.subject_alt_names
-            .push(SanType::IpAddress("127.0.0.1".parse()?));
-        p.distinguished_name
-            .push(rcgen::DnType::CommonName, format!("bench {name}"));
-        let cert = p.signed_by(&key, &issuer)?;
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
-        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
-        std::fs::write(
-            dir.join(format!("{name}-full.pem")),
-            format!("{}{}", cert.pem(), key.serialize_pem()),
-        )?;
-    }
-    Ok(())
-}
-
 fn port() -> anyhow::Result<u16> {
     causeway::local::free_port()
 }
@@ -272,7 +240,7 @@ async fn connect_rate(entry: SocketAddr, secs: u64) -> anyhow::Result<f64> {
 pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result<()> {
     let echo = echo_server().await?;
     let certs = root.join("certs");
-    pki(&certs)?;
+    crate::pki::write(&certs)?;
     let c = |n: &str| certs.join(n).display().to_string();
     let mut children = Vec::new();
     let mut systems = vec![System {
