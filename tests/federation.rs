@@ -1795,6 +1795,10 @@ async fn many_connections_open_and_close_without_leaking() {
                 while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < n {
                     let ok = async {
                         let mut s = tokio::net::TcpStream::connect(target).await.ok()?;
+                        // Reset on close once the echo is back: no TIME_WAIT
+                        // pile-up on the loopback's ephemeral ports.
+                        #[allow(deprecated)]
+                        let _ = s.set_linger(Some(Duration::ZERO));
                         s.write_all(b"ping").await.ok()?;
                         s.shutdown().await.ok()?;
                         let mut b = Vec::new();
