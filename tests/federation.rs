@@ -12,6 +12,18 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_causeway"))
 }
 
+/// Site east exports `shop/echo` port 7000 served at `echo`; site west
+/// imports it. The setup most end-to-end tests share.
+async fn add_echo_sites(fed: &mut LocalFederation, echo: SocketAddr) {
+    let export = Export {
+        service: "shop/echo".into(),
+        port: 7000,
+        endpoints: vec![echo],
+    };
+    fed.add_site("east", &vip_range(), &[export]).await.unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+}
+
 /// A VIP range unlikely to collide with other tests running at once.
 fn vip_range() -> String {
     format!("127.{}.0.0/16", 20 + rand::random::<u8>() % 200)
@@ -612,18 +624,7 @@ async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
     let (echo, _task) = echo_server(None).await.unwrap();
-    fed.add_site(
-        "east",
-        &vip_range(),
-        &[Export {
-            service: "shop/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-    )
-    .await
-    .unwrap();
-    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
     let name = "echo.shop.svc.clusterset.local";
     let vip = fed
         .wait_resolvable("west", name, Duration::from_secs(30))
@@ -715,18 +716,7 @@ async fn a_site_whose_gateway_dies_leaves_routing_and_dns_then_returns() {
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
     let (echo, _task) = echo_server(None).await.unwrap();
-    fed.add_site(
-        "east",
-        &vip_range(),
-        &[Export {
-            service: "shop/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-    )
-    .await
-    .unwrap();
-    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
     let name = "echo.shop.svc.clusterset.local";
     let vip = fed
         .wait_resolvable("west", name, Duration::from_secs(30))
@@ -1532,18 +1522,7 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
     let (echo, _task) = echo_server(Some("east".into())).await.unwrap();
-    fed.add_site(
-        "east",
-        &vip_range(),
-        &[Export {
-            service: "shop/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-    )
-    .await
-    .unwrap();
-    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
     let vip = fed
         .wait_resolvable(
             "west",
@@ -1753,18 +1732,7 @@ async fn many_connections_open_and_close_without_leaking() {
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
     let (echo, _t) = echo_server(None).await.unwrap();
-    fed.add_site(
-        "east",
-        &vip_range(),
-        &[Export {
-            service: "shop/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-    )
-    .await
-    .unwrap();
-    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
     let vip = fed
         .wait_resolvable(
             "west",
@@ -1868,18 +1836,7 @@ async fn with_every_controller_down_sites_keep_serving_their_last_view() {
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
     let (echo, _t) = echo_server(None).await.unwrap();
-    fed.add_site(
-        "east",
-        &vip_range(),
-        &[Export {
-            service: "shop/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-    )
-    .await
-    .unwrap();
-    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
     let name = "echo.shop.svc.clusterset.local";
     let vip = fed
         .wait_resolvable("west", name, Duration::from_secs(30))
