@@ -125,6 +125,22 @@ pub async fn run(
         .await?;
         ew.push(t.elapsed().as_secs_f64() * 1e6);
     }
+    // Where a causeway commit spends its time, from the nodes' own metrics.
+    for (id, addr) in &fed.controller_admin {
+        let text = scrape(*addr).await.unwrap_or_default();
+        for l in text.lines() {
+            let wanted = [
+                "causeway_raft_write_seconds",
+                "causeway_raft_log_append_seconds",
+                "causeway_raft_rpc_seconds{rpc=\"append_entries\"",
+            ];
+            if wanted.iter().any(|w| l.starts_with(w)) && l.contains("quantile=\"0.5\"") {
+                let (name, v) = l.rsplit_once(' ').unwrap_or((l, "0"));
+                let us = v.parse::<f64>().unwrap_or(0.0) * 1e6;
+                println!("    node {id} p50 {us:>7.0} us  {name}");
+            }
+        }
+    }
     for (sys, s) in [("causeway", &mut cw), ("etcd", &mut ew)] {
         report.add("write-1client", sys, "p50_us", percentile(s, 50.0));
         report.add("write-1client", sys, "p99_us", percentile(s, 99.0));
@@ -425,4 +441,15 @@ async fn load_sites(fed: &LocalFederation, sites: usize, services: usize) -> any
         r?;
     }
     Ok(())
+}
+
+/// The Prometheus text of an admin port.
+async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).await?;
+    Ok(out)
 }

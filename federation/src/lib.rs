@@ -1,11 +1,10 @@
 //! causeway-federation: the federation controller.
 //!
 //! An openraft node whose state machine is the catalog ([`state`]), with a
-//! durable redb log ([`store`]), Raft RPCs over mTLS gRPC ([`network`]), and
+//! durable log in segment files ([`wal`]) and vote, snapshot and metadata in
+//! redb ([`store`]), Raft RPCs over mTLS gRPC ([`network`]), and
 //! the `Federation` API ([`service`]) that sites, DNS servers and operators
 //! call. [`node`] wires them together for `causeway controller`.
-//!
-//! Not here yet: site leases, runtime membership changes, policies.
 
 use std::io::Cursor;
 
@@ -16,6 +15,7 @@ pub mod node;
 pub mod service;
 pub mod state;
 pub mod store;
+pub mod wal;
 
 pub type NodeId = u64;
 

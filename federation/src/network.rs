@@ -87,6 +87,16 @@ enum Method {
     Snapshot,
 }
 
+impl Method {
+    fn name(self) -> &'static str {
+        match self {
+            Method::Append => "append_entries",
+            Method::Vote => "vote",
+            Method::Snapshot => "install_snapshot",
+        }
+    }
+}
+
 type RpcResult<T, E> = Result<T, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>;
 
 impl Connection {
@@ -114,6 +124,7 @@ impl Connection {
             }
         };
         let payload = RaftPayload { data };
+        let started = std::time::Instant::now();
         let fut = async {
             match method {
                 Method::Append => client.append_entries(payload).await,
@@ -122,7 +133,11 @@ impl Connection {
             }
         };
         let resp = match tokio::time::timeout(ttl, fut).await {
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => {
+                metrics::histogram!("causeway_raft_rpc_seconds", "rpc" => method.name())
+                    .record(started.elapsed().as_secs_f64());
+                r.into_inner()
+            }
             Ok(Err(status)) => {
                 self.client = None;
                 return Err(RPCError::Unreachable(Unreachable::new(&status)));

@@ -21,7 +21,7 @@ use crate::lease::{LeaseConfig, Leases};
 use crate::network::{Network, PeerChannels};
 use crate::service::{FederationService, RaftService, Shared};
 use crate::state::Command;
-use crate::store::{self, LogStore, StateMachine};
+use crate::store::{self, StateMachine};
 use crate::{NodeId, Raft};
 
 /// Raft timing. Defaults suit a LAN or loopback; raise them for WANs.
@@ -84,8 +84,30 @@ impl Controller {
             .identity(identity.clone());
         let peers = PeerChannels::new(peer_tls);
 
-        let db = store::open(&opts.data_dir)?;
-        let log = LogStore::new(db.clone());
+        let (store::Storage { db, log }, rebuilding) = match store::open(&opts.data_dir) {
+            Ok(s) => (s, false),
+            Err(store::OpenError::Other(e)) => return Err(e),
+            Err(store::OpenError::Corrupt(why)) => {
+                metrics::counter!("causeway_storage_corruption_total").increment(1);
+                tracing::error!(%why, "this node's own data is corrupt: it will not vote, lead or serve from it");
+                let others: BTreeMap<NodeId, String> = opts
+                    .peers
+                    .iter()
+                    .filter(|(id, _)| **id != opts.node_id)
+                    .map(|(id, a)| (*id, a.clone()))
+                    .collect();
+                if others.is_empty() {
+                    anyhow::bail!(
+                        "{why}; no other controller node is known to rebuild from: restore {} from a backup, or start this node with --peer for the other nodes",
+                        opts.data_dir.display()
+                    );
+                }
+                let kept = quarantine(&opts.data_dir)?;
+                tracing::warn!(kept = %kept.display(), "damaged data moved aside; rebuilding from peers: leaving the cluster, then rejoining empty as a learner");
+                leave_cluster(&peers, opts.node_id, &others).await;
+                (store::open(&opts.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?, true)
+            }
+        };
         let pristine = log.is_pristine()?;
         let hub = Hub::new();
         let sm = StateMachine::new(db, hub.clone())?;
@@ -114,7 +136,7 @@ impl Controller {
         .context("starting raft")?;
 
         let lowest = opts.peers.keys().next().copied();
-        if pristine && lowest == Some(opts.node_id) && !opts.join_existing {
+        if pristine && lowest == Some(opts.node_id) && !opts.join_existing && !rebuilding {
             let members: BTreeMap<NodeId, BasicNode> = opts
                 .peers
                 .iter()
@@ -124,6 +146,8 @@ impl Controller {
             if let Err(e) = raft.initialize(members).await {
                 tracing::warn!(error = %e, "initialize");
             }
+        } else if rebuilding {
+            tracing::info!("empty storage; asking the cluster to add this node back");
         } else if pristine {
             tracing::info!("empty storage; waiting for the initial leader to replicate");
         } else {
@@ -142,6 +166,20 @@ impl Controller {
         });
         tokio::spawn(export_raft_metrics(shared.raft.clone()));
         tokio::spawn(run_leases(shared.clone()));
+        if rebuilding {
+            let others = opts
+                .peers
+                .iter()
+                .filter(|(id, _)| **id != opts.node_id)
+                .map(|(id, a)| (*id, a.clone()))
+                .collect();
+            tokio::spawn(rejoin_cluster(
+                shared.peers.clone(),
+                opts.node_id,
+                opts.advertise.clone(),
+                others,
+            ));
+        }
         Ok((Self { shared }, identity))
     }
 
@@ -214,6 +252,102 @@ impl Controller {
             anyhow::bail!("raft stopped: {why}");
         }
         Ok(())
+    }
+}
+
+/// Moves a node's damaged Raft data (the redb file and the log segments)
+/// into `corrupt-<unix seconds>/` inside the data dir, kept for inspection.
+/// Moving within the directory works when the data dir is a mount point.
+fn quarantine(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let kept = dir.join(format!("corrupt-{secs}"));
+    std::fs::create_dir_all(&kept).with_context(|| format!("creating {}", kept.display()))?;
+    for name in ["raft.redb", "log"] {
+        let from = dir.join(name);
+        if from.exists() {
+            std::fs::rename(&from, kept.join(name))
+                .with_context(|| format!("moving {} aside", from.display()))?;
+        }
+    }
+    Ok(kept)
+}
+
+/// Tries a membership change on each known peer until one (the leader)
+/// takes it. Returns `Ok(())` on success, or when `done` says the answer
+/// means there is nothing to do.
+async fn change_via_peers(
+    peers: &PeerChannels,
+    others: &BTreeMap<NodeId, String>,
+    op: &crate::service::MembershipOp,
+    done: impl Fn(&tonic::Status) -> bool,
+) -> Result<(), String> {
+    let data = serde_json::to_vec(op).map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for (id, addr) in others {
+        let mut client = match peers.raft_client(addr) {
+            Ok(c) => c,
+            Err(e) => {
+                last = format!("node {id} at {addr}: {e}");
+                continue;
+            }
+        };
+        match client
+            .change_membership(causeway_api::pb::RaftPayload { data: data.clone() })
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(st) if done(&st) => return Ok(()),
+            Err(st) => last = format!("node {id} at {addr}: {}", st.message()),
+        }
+    }
+    Err(last)
+}
+
+/// Before a node with corrupt data takes any part in Raft, the others
+/// remove it from the membership: an empty node that still counted as a
+/// voter could vote for a candidate missing entries it had acknowledged.
+/// Retries until a leader takes the change.
+async fn leave_cluster(peers: &PeerChannels, id: NodeId, others: &BTreeMap<NodeId, String>) {
+    let op = crate::service::MembershipOp::Remove { id };
+    let mut wait = Duration::from_millis(200);
+    loop {
+        match change_via_peers(peers, others, &op, |st| st.code() == tonic::Code::NotFound).await {
+            Ok(()) => {
+                tracing::info!("removed from the membership; rejoining with empty storage");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "asking the cluster to remove this node; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Asks the leader to add this (empty) node back as a learner; the leader
+/// promotes it to voter once it has caught up from the log or a snapshot.
+async fn rejoin_cluster(
+    peers: PeerChannels,
+    id: NodeId,
+    addr: String,
+    others: BTreeMap<NodeId, String>,
+) {
+    let op = crate::service::MembershipOp::Add { id, addr };
+    let mut wait = Duration::from_millis(200);
+    loop {
+        let already = |st: &tonic::Status| st.code() == tonic::Code::AlreadyExists;
+        match change_via_peers(&peers, &others, &op, already).await {
+            Ok(()) => {
+                metrics::counter!("causeway_storage_rebuilds_total").increment(1);
+                tracing::info!("rebuilt from peers: caught up and a voter again");
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "asking the cluster to add this node back; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
     }
 }
 

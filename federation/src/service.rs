@@ -301,11 +301,16 @@ fn invalid(field: &str, detail: impl std::fmt::Display) -> Status {
 impl Shared {
     /// Commits a command through Raft, forwarding to the leader if needed.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
-        let deadline = Instant::now() + WRITE_DEADLINE;
+        let started = Instant::now();
+        let deadline = started + WRITE_DEADLINE;
         let mut last;
         loop {
             match self.batcher.write(cmd.clone()).await {
-                Ok(outcome) => return Ok(outcome),
+                Ok(outcome) => {
+                    metrics::histogram!("causeway_raft_write_seconds")
+                        .record(started.elapsed().as_secs_f64());
+                    return Ok(outcome);
+                }
                 Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                     match f.leader_node {
                         Some(node) if f.leader_id != Some(self.node_id) => {

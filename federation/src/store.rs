@@ -1,8 +1,12 @@
-//! Durable Raft storage on redb: the log, the vote, the committed index and
-//! the latest snapshot. Every write that openraft must be able to rely on is
-//! committed with redb's immediate durability (fsync) before it is
-//! acknowledged; the state machine itself lives in memory and is rebuilt on
-//! start from the snapshot plus the committed log.
+//! Durable Raft storage. The log lives in append-only segment files
+//! ([`crate::wal`]): one `write` and one `fdatasync` per append. The vote,
+//! the purge point and the latest snapshot live in redb, committed with
+//! immediate durability. Every write openraft relies on is on disk before
+//! it is acknowledged. The state machine itself lives in memory and is
+//! rebuilt on start from the snapshot plus the committed log.
+//!
+//! [`open`] reads and checks everything before Raft starts, so a node with
+//! damaged data finds out before it can vote or lead.
 
 // openraft's StorageError is large, and its storage traits return it.
 #![allow(clippy::result_large_err)]
@@ -18,14 +22,14 @@ use openraft::{
     Entry, EntryPayload, LogId, OptionalSend, RaftLogReader, RaftSnapshotBuilder, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership, Vote,
 };
-use redb::{Database, Durability, ReadableTable, TableDefinition};
+use redb::{Database, Durability, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::hub::Hub;
 use crate::state::{CatalogState, Outcome};
+use crate::wal::{Wal, WalError};
 use crate::{NodeId, TypeConfig};
 
-const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 type Result<T> = std::result::Result<T, StorageError<NodeId>>;
@@ -39,16 +43,64 @@ fn read_err<E: std::error::Error + 'static>(e: E) -> StorageError<NodeId> {
     StorageIOError::read(&e).into()
 }
 
-/// Opens (or creates) the node's database at `dir/raft.redb`.
-pub fn open(dir: &Path) -> anyhow::Result<Arc<Database>> {
-    std::fs::create_dir_all(dir)?;
-    let db = Database::create(dir.join("raft.redb"))
-        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", dir.join("raft.redb").display()))?;
-    let txn = db.begin_write()?;
-    txn.open_table(LOGS)?;
-    txn.open_table(META)?;
-    txn.commit()?;
-    Ok(Arc::new(db))
+/// A node's storage, opened and checked.
+pub struct Storage {
+    pub db: Arc<Database>,
+    pub log: LogStore,
+}
+
+/// Why storage could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The node's own data is damaged: it must not take part in Raft.
+    #[error("{0}")]
+    Corrupt(String),
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
+}
+
+/// Opens (or creates) the node's storage under `dir` (`raft.redb` and the
+/// `log/` segments) and checks all of it: every log record, the vote, the
+/// purge point and the snapshot.
+pub fn open(dir: &Path) -> std::result::Result<Storage, OpenError> {
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    let path = dir.join("raft.redb");
+    let db = Database::create(&path).map_err(|e| match e {
+        redb::DatabaseError::Storage(redb::StorageError::Corrupted(why)) => {
+            OpenError::Corrupt(format!("{} is corrupt: {why}", path.display()))
+        }
+        e => OpenError::Other(anyhow::anyhow!("cannot open {}: {e}", path.display())),
+    })?;
+    let txn = db.begin_write().map_err(anyhow::Error::from)?;
+    txn.open_table(META).map_err(anyhow::Error::from)?;
+    txn.commit().map_err(anyhow::Error::from)?;
+    let corrupt = |e: StorageError<NodeId>| OpenError::Corrupt(e.to_string());
+    let _: Option<Vote<NodeId>> = meta_get(&db, "vote").map_err(corrupt)?;
+    let purged: Option<LogId<NodeId>> = meta_get(&db, "last_purged").map_err(corrupt)?;
+    let _: Option<StoredSnapshot> = meta_get(&db, "snapshot").map_err(corrupt)?;
+    let mut wal = Wal::open(&dir.join("log")).map_err(|e| match e {
+        WalError::Corrupt { .. } => OpenError::Corrupt(e.to_string()),
+        e => OpenError::Other(e.into()),
+    })?;
+    if let Some(p) = purged {
+        wal.purge(p.index).map_err(anyhow::Error::from)?;
+    }
+    // The log must continue right after the purge point.
+    let next = purged.map_or(0, |p| p.index + 1);
+    if let (Some(first), Some(_)) = (wal.first_index(), purged) {
+        if first > next {
+            return Err(OpenError::Corrupt(format!(
+                "log entries {next}..{first} are missing from {}",
+                dir.join("log").display()
+            )));
+        }
+    }
+    let db = Arc::new(db);
+    let log = LogStore {
+        db: db.clone(),
+        wal: Arc::new(std::sync::Mutex::new(wal)),
+    };
+    Ok(Storage { db, log })
 }
 
 /// Stored values are `crc32 (LE) | JSON`: redb checksums its pages, and
@@ -110,35 +162,61 @@ fn meta_put<T: Serialize>(db: &Database, key: &str, value: &T, durable: bool) ->
 /// runs with `block_in_place`: the runtime moves this worker's other tasks
 /// (RPCs, replication) to another thread meanwhile.
 fn commit(txn: redb::WriteTransaction) -> Result<()> {
-    let run = move || txn.commit().map_err(io_err);
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-            tokio::task::block_in_place(run)
-        }
-        _ => run(),
+    blocking(move || txn.commit().map_err(io_err))
+}
+
+fn wal_err(e: WalError) -> StorageError<NodeId> {
+    match &e {
+        WalError::Corrupt { .. } => StorageIOError::read(&e).into(),
+        WalError::Io { .. } => StorageIOError::write(&e).into(),
     }
 }
 
-/// The Raft log. Each `append` is one redb transaction committed with
-/// immediate durability (fsync) before openraft hears it is flushed; under
-/// load, the proposer's batching (see `service::Batcher`) keeps the number
-/// of appends, and so of fsyncs, far below the number of writes.
+/// Runs blocking file work from async code: with `block_in_place` on the
+/// multi-threaded runtime, so the worker's other tasks move elsewhere.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
+    }
+}
+
+/// The Raft log. Each `append` is one write to the newest segment and one
+/// `fdatasync` before openraft hears it is flushed; under load the
+/// proposer's batching (see `service::Batcher`) keeps the number of
+/// appends, and so of syncs, far below the number of writes.
 #[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    wal: Arc<std::sync::Mutex<Wal>>,
 }
 
 impl LogStore {
-    pub fn new(db: Arc<Database>) -> Self {
-        Self { db }
+    fn wal(&self) -> std::sync::MutexGuard<'_, Wal> {
+        // A panic while holding the lock leaves the log as it was on disk
+        // at worst; the data is still checked on every read.
+        self.wal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether this node has never voted nor logged anything.
     pub fn is_pristine(&self) -> anyhow::Result<bool> {
         let vote: Option<Vote<NodeId>> = meta_get(&self.db, "vote")?;
-        let txn = self.db.begin_read()?;
-        let logs = txn.open_table(LOGS)?;
-        Ok(vote.is_none() && logs.first()?.is_none())
+        let purged: Option<LogId<NodeId>> = meta_get(&self.db, "last_purged")?;
+        Ok(vote.is_none() && purged.is_none() && self.wal().last_index().is_none())
+    }
+
+    fn entry(&self, wal: &Wal, index: u64) -> Result<Option<Entry<TypeConfig>>> {
+        match wal.read(index).map_err(wal_err)? {
+            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|_| {
+                StorageIOError::read(&Corrupt {
+                    what: format!("log entry {index}"),
+                })
+                .into()
+            }),
+            None => Ok(None),
+        }
     }
 }
 
@@ -147,22 +225,28 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>> {
-        let txn = self.db.begin_read().map_err(read_err)?;
-        let t = txn.open_table(LOGS).map_err(read_err)?;
+        let wal = self.wal();
+        let (Some(first), Some(last)) = (wal.first_index(), wal.last_index()) else {
+            return Ok(Vec::new());
+        };
         let start = match range.start_bound() {
             Bound::Included(x) => *x,
             Bound::Excluded(x) => x + 1,
             Bound::Unbounded => 0,
-        };
-        let mut out = Vec::new();
-        for item in t.range(start..).map_err(read_err)? {
-            let (k, v) = item.map_err(read_err)?;
-            let index = k.value();
-            if !range.contains(&index) {
-                break;
+        }
+        .max(first);
+        let end = match range.end_bound() {
+            Bound::Included(x) => *x,
+            Bound::Excluded(0) => return Ok(Vec::new()),
+            Bound::Excluded(x) => x - 1,
+            Bound::Unbounded => last,
+        }
+        .min(last);
+        let mut out = Vec::with_capacity(end.saturating_sub(start) as usize + 1);
+        for index in start..=end {
+            if let Some(e) = self.entry(&wal, index)? {
+                out.push(e);
             }
-            let entry: Entry<TypeConfig> = open_sealed(v.value(), || format!("log entry {index}"))?;
-            out.push(entry);
         }
         Ok(out)
     }
@@ -173,19 +257,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>> {
         let last_purged: Option<LogId<NodeId>> = meta_get(&self.db, "last_purged")?;
-        let txn = self.db.begin_read().map_err(read_err)?;
-        let t = txn.open_table(LOGS).map_err(read_err)?;
-        let last = match t.last().map_err(read_err)? {
-            Some((k, v)) => {
-                let index = k.value();
-                let e: Entry<TypeConfig> = open_sealed(v.value(), || format!("log entry {index}"))?;
-                Some(e.log_id)
+        let last = {
+            let wal = self.wal();
+            match wal.last_index() {
+                Some(i) => self.entry(&wal, i)?.map(|e| e.log_id),
+                None => None,
             }
-            None => last_purged,
         };
         Ok(LogState {
             last_purged_log_id: last_purged,
-            last_log_id: last,
+            last_log_id: last.or(last_purged),
         })
     }
 
@@ -210,17 +291,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let res = (|| -> std::result::Result<(), StorageError<NodeId>> {
-            let txn = self.db.begin_write().map_err(io_err)?;
-            {
-                let mut t = txn.open_table(LOGS).map_err(io_err)?;
-                for e in entries {
-                    let bytes = seal(&e)?;
-                    t.insert(e.log_id.index, bytes.as_slice()).map_err(io_err)?;
-                }
+        let started = std::time::Instant::now();
+        let res = (|| -> Result<()> {
+            let mut records = Vec::new();
+            for e in entries {
+                records.push((e.log_id.index, serde_json::to_vec(&e).map_err(io_err)?));
             }
-            commit(txn)
+            let file = self.wal().append(&records).map_err(wal_err)?;
+            if let Some(file) = file {
+                blocking(|| file.sync_data()).map_err(io_err)?;
+            }
+            Ok(())
         })();
+        metrics::histogram!("causeway_raft_log_append_seconds")
+            .record(started.elapsed().as_secs_f64());
         match &res {
             Ok(()) => callback.log_io_completed(Ok(())),
             Err(e) => callback.log_io_completed(Err(std::io::Error::other(e.to_string()))),
@@ -229,22 +313,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
-        let txn = self.db.begin_write().map_err(io_err)?;
-        {
-            let mut t = txn.open_table(LOGS).map_err(io_err)?;
-            t.retain(|k, _| k < log_id.index).map_err(io_err)?;
-        }
-        commit(txn)
+        let wal = self.wal.clone();
+        blocking(move || {
+            wal.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .truncate(log_id.index)
+        })
+        .map_err(wal_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
+        // The purge point is durable first: entries still on disk below it
+        // are dropped again at the next open.
         meta_put(&self.db, "last_purged", &log_id, true)?;
-        let txn = self.db.begin_write().map_err(io_err)?;
-        {
-            let mut t = txn.open_table(LOGS).map_err(io_err)?;
-            t.retain(|k, _| k > log_id.index).map_err(io_err)?;
-        }
-        commit(txn)
+        let wal = self.wal.clone();
+        blocking(move || {
+            wal.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .purge(log_id.index)
+        })
+        .map_err(wal_err)
     }
 }
 
@@ -393,40 +481,61 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
 
+    fn blank(index: u64) -> Entry<TypeConfig> {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Blank,
+        }
+    }
+
     #[tokio::test]
     async fn a_corrupt_log_entry_is_refused_with_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
-        let db = open(dir.path()).unwrap();
-        let entry: Entry<TypeConfig> = Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
-            payload: EntryPayload::Blank,
-        };
-        let mut bytes = seal(&entry).unwrap();
-        {
-            let txn = db.begin_write().unwrap();
-            txn.open_table(LOGS)
-                .unwrap()
-                .insert(1, bytes.as_slice())
-                .unwrap();
-            txn.commit().unwrap();
-        }
-        let mut log = LogStore::new(db.clone());
-        assert_eq!(log.try_get_log_entries(1..2).await.unwrap().len(), 1);
+        let mut log = open(dir.path()).unwrap().log;
+        let records: Vec<(u64, Vec<u8>)> = (1..=3)
+            .map(|i| (i, serde_json::to_vec(&blank(i)).unwrap()))
+            .collect();
+        log.wal().append(&records).unwrap();
+        assert_eq!(log.try_get_log_entries(1..4).await.unwrap().len(), 3);
+        let segment = log.wal().segment_paths()[0].clone();
+        drop(log);
 
-        // Flip one bit of the stored JSON.
+        // Flip one bit inside the first entry, with good entries after it.
+        let mut bytes = std::fs::read(&segment).unwrap();
+        bytes[20] ^= 0x01;
+        std::fs::write(&segment, &bytes).unwrap();
+        match open(dir.path()) {
+            Err(OpenError::Corrupt(why)) => {
+                assert!(why.contains("checksum"), "{why}");
+                assert!(why.contains(&segment.display().to_string()), "{why}");
+            }
+            Err(e) => panic!("expected corruption, got {e}"),
+            Ok(_) => panic!("a corrupt log opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_snapshot_is_found_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap().db;
+        let snap = StoredSnapshot {
+            meta: SnapshotMeta::default(),
+            data: b"{}".to_vec(),
+        };
+        let mut bytes = seal(&snap).unwrap();
         let last = bytes.len() - 2;
         bytes[last] ^= 0x01;
-        {
-            let txn = db.begin_write().unwrap();
-            txn.open_table(LOGS)
-                .unwrap()
-                .insert(1, bytes.as_slice())
-                .unwrap();
-            txn.commit().unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META)
+            .unwrap()
+            .insert("snapshot", bytes.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        match open(dir.path()) {
+            Err(OpenError::Corrupt(why)) => assert!(why.contains("snapshot is corrupt"), "{why}"),
+            Err(e) => panic!("expected corruption, got {e}"),
+            Ok(_) => panic!("a corrupt snapshot opened"),
         }
-        let err = log.try_get_log_entries(1..2).await.unwrap_err().to_string();
-        assert!(err.contains("log entry 1 is corrupt"), "{err}");
-        let err = log.get_log_state().await.unwrap_err().to_string();
-        assert!(err.contains("checksum mismatch"), "{err}");
     }
 }

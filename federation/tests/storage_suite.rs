@@ -1,5 +1,5 @@
-//! openraft's storage conformance suite, run against the redb log store and
-//! the catalog state machine.
+//! openraft's storage conformance suite, run against the segment-file log
+//! store and the catalog state machine.
 
 use causeway_federation::hub::Hub;
 use causeway_federation::store::{self, LogStore, StateMachine};
@@ -14,14 +14,14 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         &self,
     ) -> Result<(tempfile::TempDir, LogStore, StateMachine), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = store::open(dir.path()).expect("open store");
-        let sm = StateMachine::new(db.clone(), Hub::new()).expect("state machine");
-        Ok((dir, LogStore::new(db), sm))
+        let storage = store::open(dir.path()).expect("open store");
+        let sm = StateMachine::new(storage.db.clone(), Hub::new()).expect("state machine");
+        Ok((dir, storage.log, sm))
     }
 }
 
 #[test]
-fn redb_store_passes_the_openraft_suite() {
+fn log_store_passes_the_openraft_suite() {
     if let Err(e) = Suite::test_all(Builder) {
         panic!("storage conformance failed: {e}");
     }
