@@ -928,13 +928,18 @@ async fn a_node_with_corrupt_data_refuses_to_serve_and_rebuilds_from_peers() {
         .filter(|p| p.extension().is_some_and(|x| x == "wal"))
         .collect();
     segments.sort();
-    let newest = segments.last().expect("the victim has log segments").clone();
+    let newest = segments
+        .last()
+        .expect("the victim has log segments")
+        .clone();
     let mut bytes = std::fs::read(&newest).unwrap();
     let i = bytes.len() - 3;
     bytes[i] ^= 0x04;
     std::fs::write(&newest, &bytes).unwrap();
 
-    tracing::info!("phase: it says why, sets the data aside, and rebuilds from its peers on its own");
+    tracing::info!(
+        "phase: it says why, sets the data aside, and rebuilds from its peers on its own"
+    );
     fed.restart(victim).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

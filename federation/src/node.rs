@@ -105,7 +105,10 @@ impl Controller {
                 let kept = quarantine(&opts.data_dir)?;
                 tracing::warn!(kept = %kept.display(), "damaged data moved aside; rebuilding from peers: leaving the cluster, then rejoining empty as a learner");
                 leave_cluster(&peers, opts.node_id, &others).await;
-                (store::open(&opts.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?, true)
+                (
+                    store::open(&opts.data_dir).map_err(|e| anyhow::anyhow!("{e}"))?,
+                    true,
+                )
             }
         };
         let pristine = log.is_pristine()?;
@@ -319,7 +322,9 @@ async fn leave_cluster(peers: &PeerChannels, id: NodeId, others: &BTreeMap<NodeI
                 tracing::info!("removed from the membership; rejoining with empty storage");
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "asking the cluster to remove this node; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "asking the cluster to remove this node; retrying")
+            }
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
@@ -344,7 +349,9 @@ async fn rejoin_cluster(
                 tracing::info!("rebuilt from peers: caught up and a voter again");
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "asking the cluster to add this node back; retrying"),
+            Err(e) => {
+                tracing::warn!(error = %e, "asking the cluster to add this node back; retrying")
+            }
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
