@@ -63,7 +63,7 @@ pub enum CaCommand {
 #[derive(Args, Debug)]
 pub struct ControllerArgs {
     /// TOML file with the same fields as the flags (flags then are not allowed).
-    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms", "snapshot_every"])]
+    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms", "snapshot_every", "watch_stall_ms"])]
     pub config: Option<PathBuf>,
     /// This node's id (a positive integer, unique in the cluster).
     #[arg(long)]
@@ -91,6 +91,10 @@ pub struct ControllerArgs {
     /// Snapshot and compact the Raft log every this many entries.
     #[arg(long)]
     pub snapshot_every: Option<u64>,
+    /// A watcher that reads nothing for this long is cut off (it resumes and
+    /// resyncs); default 10000.
+    #[arg(long)]
+    pub watch_stall_ms: Option<u64>,
     /// Start empty and wait to be added with `causeway ctl controller add`
     /// (never initialize a new cluster).
     #[arg(long)]
@@ -114,6 +118,7 @@ pub struct ControllerFile {
     pub site_lease_ms: Option<u64>,
     pub site_recover_ms: Option<u64>,
     pub snapshot_every: Option<u64>,
+    pub watch_stall_ms: Option<u64>,
     #[serde(default)]
     pub join: bool,
 }
@@ -218,6 +223,7 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
             admin_listen: args.admin_listen.clone(),
             site_lease_ms: args.site_lease_ms,
             snapshot_every: args.snapshot_every,
+            watch_stall_ms: args.watch_stall_ms,
             join: args.join,
             ..Default::default()
         },
@@ -296,6 +302,10 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
     if leases.lease < std::time::Duration::from_millis(500) {
         errs.push("site_lease_ms: at least 500".into());
     }
+    let watch_stall = std::time::Duration::from_millis(file.watch_stall_ms.unwrap_or(10_000));
+    if watch_stall < std::time::Duration::from_millis(100) {
+        errs.push("watch_stall_ms: at least 100".into());
+    }
     if !errs.is_empty() {
         return Err(ConfigError(errs).into());
     }
@@ -310,6 +320,7 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
             ca: Arc::new(ca),
             timing,
             leases,
+            watch_stall,
             join_existing: file.join,
         },
         listen: listen.expect("checked"),

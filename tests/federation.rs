@@ -1861,3 +1861,119 @@ async fn with_every_controller_down_sites_keep_serving_their_last_view() {
     );
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_watcher_is_cut_off_and_never_slows_the_others() {
+    use causeway_api::pb::{self, watch_event::Kind};
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    fed.controller_flags = vec!["--watch-stall-ms".into(), "500".into()];
+    fed.start_controllers(3).unwrap();
+    let leader = fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let site = join_in_process(&fed, "alpha").await;
+    // Both watchers on the leader, so they share its hub and broadcast.
+    let watch_client = causeway_api::client::ControllerClient::new(
+        vec![fed.controller_addrs[&leader].clone()],
+        &site.controller_ca_pem,
+        Some(&site.api),
+    );
+    // Each watcher on its own connection, as separate clients would be.
+    let watch = || async {
+        let ch = causeway_api::client::ControllerClient::new(
+            vec![fed.controller_addrs[&leader].clone()],
+            &site.controller_ca_pem,
+            Some(&site.api),
+        )
+        .channel()
+        .await
+        .unwrap();
+        pb::federation_client::FederationClient::new(ch)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .watch(pb::WatchRequest { from_revision: 0 })
+            .await
+            .unwrap()
+            .into_inner()
+    };
+
+    tracing::info!("phase: one watcher never reads, one reads everything");
+    let mut stalled = watch().await;
+    let mut healthy = watch().await;
+    let (seen_tx, mut seen_rx) = tokio::sync::watch::channel(0u64);
+    let follower = tokio::spawn(async move {
+        let mut last = 0;
+        while let Ok(Some(ev)) = healthy.message().await {
+            if !matches!(ev.kind, Some(Kind::Snapshot(_))) {
+                assert!(ev.revision > last, "{} after {last}", ev.revision);
+            }
+            last = ev.revision;
+            let _ = seen_tx.send(last);
+        }
+    });
+
+    tracing::info!("phase: large deltas, far more than the stalled stream can buffer");
+    let client = site.controller_client();
+    let mut revision = 0;
+    // Alternate between 1000 services and 1: each delta is ~1000 changes,
+    // tens of MB in all (loopback socket buffers alone can hold 32 MB).
+    for round in 0..800 {
+        let n = if round % 2 == 0 { 1000 } else { 1 };
+        revision = publish(&client, "alpha", n).await.unwrap();
+    }
+
+    tracing::info!("phase: the healthy watcher is fully caught up");
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        seen_rx.wait_for(|seen| *seen >= revision),
+    )
+    .await
+    .expect("the healthy watcher fell behind")
+    .unwrap();
+
+    tracing::info!("phase: the stalled one was cut off: its stream ends after what was buffered");
+    let m = http_get(fed.controller_admin[&leader], "/metrics").await;
+    assert!(
+        metric(&m, "causeway_watch_cutoffs_total") >= 1.0,
+        "no cut-off recorded:\n{m}"
+    );
+    let mut last = 0;
+    let ended = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stalled.message().await {
+                Ok(Some(ev)) => last = ev.revision,
+                Ok(None) | Err(_) => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the stalled stream was never cut off");
+    assert!(
+        last < revision,
+        "the stalled watcher got everything, so it was never stalled"
+    );
+
+    tracing::info!("phase: it resumes where it stopped and converges on the same revision");
+    let ch = watch_client.channel().await.unwrap();
+    let mut resumed = pb::federation_client::FederationClient::new(ch)
+        .max_decoding_message_size(64 * 1024 * 1024)
+        .watch(pb::WatchRequest {
+            from_revision: last,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut got = last;
+    while got < revision {
+        let ev = tokio::time::timeout(Duration::from_secs(10), resumed.message())
+            .await
+            .expect("resumed watch stalled")
+            .unwrap()
+            .expect("resumed watch ended");
+        assert!(ev.revision > got || matches!(ev.kind, Some(Kind::Snapshot(_))));
+        got = ev.revision;
+    }
+    assert_eq!(got, revision);
+    follower.abort();
+    fed.shutdown().await;
+}

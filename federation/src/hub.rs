@@ -15,6 +15,9 @@ use crate::state::{CatalogState, Command, Outcome};
 
 /// Deltas kept for resuming watchers; older resume points get a snapshot.
 const HISTORY: usize = 4096;
+/// ...and at most this many encoded bytes of them, so big deltas (a site
+/// publishing hundreds of services at once) cannot make the history large.
+const HISTORY_BYTES: usize = 64 * 1024 * 1024;
 /// Broadcast buffer; a watcher that falls further behind is resynced.
 const BROADCAST: usize = 1024;
 
@@ -26,6 +29,7 @@ pub struct Hub {
 struct Inner {
     state: CatalogState,
     history: VecDeque<Arc<pb::WatchEvent>>,
+    history_bytes: usize,
 }
 
 /// Where a new watcher starts.
@@ -41,6 +45,7 @@ impl Hub {
             inner: RwLock::new(Inner {
                 state: CatalogState::default(),
                 history: VecDeque::new(),
+                history_bytes: 0,
             }),
             tx,
         })
@@ -67,9 +72,14 @@ impl Hub {
                 revision: g.state.revision,
                 kind: Some(pb::watch_event::Kind::Delta(pb::Delta { changes })),
             });
+            g.history_bytes += prost::Message::encoded_len(&*ev);
             g.history.push_back(ev.clone());
-            while g.history.len() > HISTORY {
-                g.history.pop_front();
+            while g.history.len() > HISTORY
+                || (g.history_bytes > HISTORY_BYTES && g.history.len() > 1)
+            {
+                if let Some(old) = g.history.pop_front() {
+                    g.history_bytes -= prost::Message::encoded_len(&*old);
+                }
             }
             metrics::gauge!("causeway_catalog_revision").set(g.state.revision as f64);
             let _ = self.tx.send(ev);
@@ -81,6 +91,7 @@ impl Hub {
     pub fn replace(&self, state: CatalogState) {
         let mut g = self.inner.write().unwrap_or_else(|e| e.into_inner());
         g.history.clear();
+        g.history_bytes = 0;
         let ev = Arc::new(pb::WatchEvent {
             revision: state.revision,
             kind: Some(pb::watch_event::Kind::Snapshot(state.snapshot_pb())),

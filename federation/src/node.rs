@@ -55,6 +55,8 @@ pub struct ControllerOptions {
     pub ca: Arc<CertificateAuthority>,
     pub timing: RaftTiming,
     pub leases: LeaseConfig,
+    /// A watcher whose stream accepts nothing for this long is cut off.
+    pub watch_stall: Duration,
     /// Never initialize a cluster: wait to be added by `ctl controller add`.
     pub join_existing: bool,
 }
@@ -164,6 +166,7 @@ impl Controller {
             ca: opts.ca.clone(),
             peers,
             leases: std::sync::Mutex::new(Leases::new(opts.leases)),
+            watch_stall: opts.watch_stall,
             batcher: crate::service::Batcher::start(raft.clone()),
             peer_clients: Default::default(),
         });

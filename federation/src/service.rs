@@ -51,6 +51,8 @@ pub struct Shared {
     pub peers: PeerChannels,
     pub leases: std::sync::Mutex<crate::lease::Leases>,
     pub batcher: Batcher,
+    /// A watcher whose stream accepts nothing for this long is cut off.
+    pub watch_stall: Duration,
     /// Channels to peer nodes for forwarding, by address.
     pub peer_clients: std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>,
 }
@@ -741,10 +743,11 @@ impl Federation for FederationService {
         require_site_or_admin("Watch", &req, &self.shared.hub)?;
         let from = req.into_inner().from_revision;
         let hub = self.shared.hub.clone();
-        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(64);
+        let stall = self.shared.watch_stall;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(WATCH_QUEUE);
         tokio::spawn(async move {
             metrics::gauge!("causeway_watchers").increment(1.0);
-            serve_watch(hub, from, tx).await;
+            serve_watch(hub, from, tx, stall).await;
             metrics::gauge!("causeway_watchers").decrement(1.0);
         });
         Ok(Response::new(Box::pin(
@@ -870,18 +873,45 @@ impl Shared {
 
 /// Streams a starting point, then every later revision in order. A watcher
 /// that falls behind the broadcast buffer is resynced with a snapshot.
+/// Events queued per watcher beyond what HTTP/2 flow control holds.
+const WATCH_QUEUE: usize = 64;
+
+/// Follows the hub for one watcher. What a watcher can hold is bounded: its
+/// queue of `WATCH_QUEUE` events plus the HTTP/2 window; the broadcast ring
+/// is shared. A watcher that falls behind the ring is resynced with a
+/// snapshot; one whose stream accepts nothing for `stall` is cut off, and
+/// its client resumes (getting a snapshot if the history no longer reaches
+/// back). Either way it never slows the hub or other watchers.
 async fn serve_watch(
     hub: Arc<Hub>,
     from: u64,
     tx: tokio::sync::mpsc::Sender<Result<pb::WatchEvent, Status>>,
+    stall: Duration,
 ) {
+    let send = |ev: pb::WatchEvent| {
+        let tx = tx.clone();
+        async move {
+            match tokio::time::timeout(stall, tx.send(Ok(ev))).await {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    tracing::info!(
+                        stall_ms = stall.as_millis() as u64,
+                        "watcher read nothing for too long; cutting it off (it resumes and resyncs)"
+                    );
+                    metrics::counter!("causeway_watch_cutoffs_total").increment(1);
+                    false
+                }
+            }
+        }
+    };
     let mut last = from;
     'outer: loop {
         let start = hub.start(last);
         let mut rx = start.rx;
         for ev in start.events {
             last = ev.revision;
-            if tx.send(Ok((*ev).clone())).await.is_err() {
+            if !send((*ev).clone()).await {
                 return;
             }
         }
@@ -894,7 +924,7 @@ async fn serve_watch(
                             continue;
                         }
                         last = ev.revision;
-                        if tx.send(Ok((*ev).clone())).await.is_err() {
+                        if !send((*ev).clone()).await {
                             return;
                         }
                     }
