@@ -395,6 +395,74 @@ impl LocalFederation {
         Ok(())
     }
 
+    /// Sets the site's `tunnel_advertise` (one entry per gateway replica,
+    /// `ip:port[;weight=N]`) in its gateway config and restarts the gateway.
+    pub async fn set_tunnel_advertise(
+        &mut self,
+        site: &str,
+        advertise: &[String],
+    ) -> anyhow::Result<()> {
+        let s = self
+            .sites
+            .get_mut(site)
+            .ok_or_else(|| anyhow::anyhow!("no site {site}"))?;
+        let text = std::fs::read_to_string(&s.config)?;
+        let list: Vec<String> = advertise.iter().map(|a| format!("{a:?}")).collect();
+        let kept: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with("tunnel_advertise"))
+            .collect();
+        let text = format!(
+            "tunnel_advertise = [{}]\n{}\n",
+            list.join(", "),
+            kept.join("\n")
+        );
+        std::fs::write(&s.config, text)?;
+        s.gateway.kill().await;
+        s.gateway.start(&self.bin)?;
+        Ok(())
+    }
+
+    /// Starts another gateway replica of `site`: the same state and exports
+    /// (as replicas sharing a mounted secret would), its own replica name,
+    /// tunnel port and admin port. Its config is the site's with those changed.
+    pub fn spawn_gateway_replica(
+        &self,
+        site: &str,
+        replica: &str,
+        tunnel: SocketAddr,
+        admin: SocketAddr,
+    ) -> anyhow::Result<Proc> {
+        let s = &self.sites[site];
+        let text = std::fs::read_to_string(&s.config)?;
+        let text: Vec<String> = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("replica =") {
+                    format!("replica = {replica:?}")
+                } else if l.starts_with("tunnel_listen =") {
+                    format!("tunnel_listen = \"{tunnel}\"")
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect();
+        let config = self.root.join(format!("gateway-{site}-{replica}.toml"));
+        std::fs::write(&config, text.join("\n"))?;
+        Proc::spawn(
+            &self.bin,
+            &self.root,
+            &format!("gateway-{site}-{replica}"),
+            vec![
+                "gateway".into(),
+                "--config".into(),
+                config.display().to_string(),
+                "--admin-listen".into(),
+                admin.to_string(),
+            ],
+        )
+    }
+
     /// Asks a site's DNS server until `name` has an A record.
     pub async fn wait_resolvable(
         &self,

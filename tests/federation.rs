@@ -5,7 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use causeway::local::{echo_server, Export, LocalFederation};
+use causeway::local::{call_banner, echo_server, free_port, Export, LocalFederation};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn bin() -> PathBuf {
@@ -1975,5 +1975,128 @@ async fn a_stalled_watcher_is_cut_off_and_never_slows_the_others() {
     }
     assert_eq!(got, revision);
     follower.abort();
+    fed.shutdown().await;
+}
+
+/// Opened inbound streams a gateway has counted.
+async fn opened_in(admin: SocketAddr) -> f64 {
+    let m = http_get(admin, "/metrics").await;
+    metric(
+        &m,
+        "causeway_tunnel_streams_total{direction=\"in\",status=\"opened\"}",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_spread_over_a_sites_replicas_by_weight_and_fail_over_between_them() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _t) = echo_server(Some("echo".into())).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+
+    tracing::info!("phase: east runs two gateway replicas, weights 1 and 3");
+    let gw0 = fed.sites["east"].tunnel;
+    let gw1: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let gw1_admin: SocketAddr = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let advertise = vec![gw0.to_string(), format!("{gw1};weight=3")];
+    fed.set_tunnel_advertise("east", &advertise).await.unwrap();
+    let mut replica = fed
+        .spawn_gateway_replica("east", "gw-1", gw1, gw1_admin)
+        .unwrap();
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    let gw0_admin = fed.sites["east"].gateway_admin;
+    let west_admin = fed.sites["west"].gateway_admin;
+    let out_conns = || async move {
+        metric(
+            &http_get(west_admin, "/metrics").await,
+            "causeway_tunnel_connections{direction=\"out\"}",
+        )
+    };
+    // West learns both replicas and holds a connection to each.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let _ = call_banner(target, "warm").await;
+        if out_conns().await >= 2.0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west never connected to both replicas:\n{}",
+            fed.sites["west"].gateway.log_tail(400)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    tracing::info!("phase: 80 connections split about 1:3");
+    let (a0, a1) = (opened_in(gw0_admin).await, opened_in(gw1_admin).await);
+    for i in 0..80 {
+        if let Err(e) = call_banner(target, &format!("spread {i}")).await {
+            panic!(
+                "call {i}: {e}\nwest:\n{}\neast gw-0:\n{}\neast gw-1:\n{}",
+                fed.sites["west"].gateway.log_tail(30),
+                fed.sites["east"].gateway.log_tail(30),
+                replica.log_tail(30)
+            );
+        }
+    }
+    let (d0, d1) = (
+        opened_in(gw0_admin).await - a0,
+        opened_in(gw1_admin).await - a1,
+    );
+    assert_eq!(d0 + d1, 80.0, "every stream landed on a replica");
+    assert!(
+        (15.0..=25.0).contains(&d0) && (55.0..=65.0).contains(&d1),
+        "weights 1:3 gave {d0}:{d1}"
+    );
+
+    tracing::info!("phase: the heavy replica dies; its peers notice and streams go to the other");
+    replica.kill().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while out_conns().await > 1.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the dead replica was never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = opened_in(gw0_admin).await;
+    for i in 0..20 {
+        call_banner(target, &format!("failover {i}")).await.unwrap();
+    }
+    assert_eq!(opened_in(gw0_admin).await - before, 20.0);
+
+    tracing::info!("phase: it comes back and is redialed on its own");
+    replica.start(&fed.bin).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while out_conns().await < 2.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the replica was never redialed:\n{}",
+            fed.sites["west"].gateway.log_tail(20)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let before = opened_in(gw1_admin).await;
+    for i in 0..8 {
+        call_banner(target, &format!("back {i}")).await.unwrap();
+    }
+    assert!(
+        opened_in(gw1_admin).await > before,
+        "no stream reached the returning replica"
+    );
+    replica.kill().await;
     fed.shutdown().await;
 }

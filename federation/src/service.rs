@@ -528,11 +528,14 @@ fn parse_tunnel_addrs(addrs: &[String]) -> Result<Vec<String>, Status> {
             format!("at most {}", crate::state::MAX_TUNNEL_ADDRS),
         ));
     }
+    let mut out = Vec::with_capacity(addrs.len());
     for a in addrs {
-        a.parse::<SocketAddr>()
-            .map_err(|_| invalid("tunnel_addrs", format!("{a:?} is not an ip:port address")))?;
+        let t: causeway_api::model::TunnelAddr =
+            a.parse().map_err(|e| invalid("tunnel_addrs", e))?;
+        // Stored in canonical form, so equal sets compare equal.
+        out.push(t.to_string());
     }
-    Ok(addrs.to_vec())
+    Ok(out)
 }
 
 fn parse_bundle(pem: &str) -> Result<(), Status> {

@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use causeway_api::model::{parse_cidr, Protocol, ServiceKey};
+use causeway_api::model::{parse_cidr, Protocol, ServiceKey, TunnelAddr};
 use serde::Deserialize;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -17,7 +17,9 @@ pub struct GatewayConfig {
     /// UDP address of the QUIC tunnel endpoint.
     #[serde(default = "default_tunnel_listen")]
     pub tunnel_listen: String,
-    /// Addresses other sites dial; defaults to `tunnel_listen`.
+    /// Addresses other sites dial, one per gateway replica of this site:
+    /// `ip:port` or `ip:port;weight=N` (streams are spread by weight).
+    /// Defaults to `tunnel_listen`. Every replica lists all of them.
     #[serde(default)]
     pub tunnel_advertise: Vec<String>,
     /// Range for outbound listeners of imported services.
@@ -195,7 +197,7 @@ pub struct LocalExport {
 pub struct Settings {
     pub state_dir: PathBuf,
     pub tunnel_listen: SocketAddr,
-    pub tunnel_advertise: Vec<SocketAddr>,
+    pub tunnel_advertise: Vec<TunnelAddr>,
     pub vip_base: IpAddr,
     pub vip_prefix: u8,
     pub replica: String,
@@ -232,12 +234,13 @@ impl GatewayConfig {
             .ok();
         let mut tunnel_advertise = Vec::new();
         for (i, a) in self.tunnel_advertise.iter().enumerate() {
-            match a.parse::<SocketAddr>() {
-                Ok(a) if a.ip().is_unspecified() => errs.push(format!(
-                    "tunnel_advertise[{i}]: {a} is unspecified; advertise an address other sites can reach"
+            match a.parse::<TunnelAddr>() {
+                Ok(t) if t.addr.ip().is_unspecified() => errs.push(format!(
+                    "tunnel_advertise[{i}]: {} is unspecified; advertise an address other sites can reach",
+                    t.addr
                 )),
-                Ok(a) => tunnel_advertise.push(a),
-                Err(_) => errs.push(format!("tunnel_advertise[{i}]: {a:?} is not an ip:port address")),
+                Ok(t) => tunnel_advertise.push(t),
+                Err(e) => errs.push(format!("tunnel_advertise[{i}]: {e}")),
             }
         }
         if tunnel_advertise.is_empty() {
@@ -248,7 +251,7 @@ impl GatewayConfig {
                             .into(),
                     );
                 } else {
-                    tunnel_advertise.push(l);
+                    tunnel_advertise.push(TunnelAddr { addr: l, weight: 1 });
                 }
             }
         }
@@ -450,7 +453,13 @@ mod tests {
             .unwrap()
             .validate()
             .unwrap();
-        assert_eq!(s.tunnel_advertise, vec![s.tunnel_listen]);
+        assert_eq!(
+            s.tunnel_advertise,
+            vec![TunnelAddr {
+                addr: s.tunnel_listen,
+                weight: 1
+            }]
+        );
         assert_eq!(s.vip_prefix, 16);
     }
 }

@@ -8,8 +8,10 @@
 //! - a live catalog view from the controller's Watch stream, which also
 //!   feeds the per-site trust bundles.
 //!
-//! Not yet: per-request HTTP handling, policies, multiple replicas per site
-//! in the pool, hot credential reload.
+//! Remote sites are reached through [`pool`]: a QUIC connection per gateway
+//! replica of each site, streams spread by weight.
+//!
+//! Not yet: per-request HTTP handling, policies, hot credential reload.
 
 pub mod config;
 pub mod drain;
@@ -76,12 +78,12 @@ pub async fn run(
         settings.balancer,
         settings.authorization.clone(),
     );
-    let pool = Arc::new(Pool::new(
+    let pool = Pool::new(
         endpoint.clone(),
         cred.clone(),
         store.clone(),
         settings.quic.clone(),
-    ));
+    );
     let sync_task = tokio::spawn(sync_catalog(
         cat_rx,
         routes_tx,

@@ -207,7 +207,7 @@ impl Outbound {
         let (mut send, mut recv) = match conn.open_bi().await {
             Ok(s) => s,
             Err(e) => {
-                self.pool.evict(site);
+                self.pool.evict(&conn);
                 return Err(Attempt::Retry(format!("open stream: {e}")));
             }
         };

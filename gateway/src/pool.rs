@@ -1,25 +1,55 @@
-//! One pooled QUIC connection per remote site, reused by every stream to
-//! that site, redialed when it has closed.
+//! Pooled QUIC connections to remote sites: one per gateway replica of each
+//! site in use, shared by every stream to that replica. New streams are
+//! spread across a site's live replicas by weight (smooth weighted round
+//! robin from the sans-IO core). A replica whose connection closes — the
+//! peer went away, or keepalives stopped and the idle timeout fired (see
+//! `[quic]`) — is redialed in the background with exponential backoff and
+//! jitter; until it is back, its share goes to the others.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use causeway_api::identity::Credential;
-use causeway_api::model::SiteName;
+use causeway_api::model::{SiteName, TunnelAddr};
 use causeway_api::trust::TrustStore;
+use causeway_gateway_core::balance::{Balancer, EndpointStats, Strategy};
 
 use crate::routes::SiteRoute;
 use crate::tunnel;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
+/// First redial delay after a failure; doubles up to `BACKOFF_MAX`.
+const BACKOFF_MIN: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 pub struct Pool {
     quic: crate::config::QuicConfig,
     endpoint: quinn::Endpoint,
     cred: Credential,
     store: Arc<TrustStore>,
-    conns: Mutex<HashMap<SiteName, quinn::Connection>>,
+    sites: Mutex<HashMap<SiteName, SitePool>>,
+    me: Weak<Pool>,
+}
+
+struct SitePool {
+    route: SiteRoute,
+    replicas: Vec<Replica>,
+    balancer: Balancer,
+}
+
+struct Replica {
+    at: TunnelAddr,
+    conn: Option<quinn::Connection>,
+    /// A background dial is under way.
+    dialing: bool,
+    failures: u32,
+}
+
+impl Replica {
+    fn live(&self) -> Option<&quinn::Connection> {
+        self.conn.as_ref().filter(|c| c.close_reason().is_none())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -30,75 +60,123 @@ pub enum DialError {
     Unreachable { site: SiteName, last: String },
 }
 
+/// The delay before redial number `failures` (1-based): exponential from
+/// `BACKOFF_MIN`, capped at `BACKOFF_MAX`, then scaled by `jitter` in
+/// [0.5, 1.0) so that gateways that lost the same peer do not redial in step.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let exp = BACKOFF_MIN.saturating_mul(1u32 << failures.saturating_sub(1).min(16));
+    exp.min(BACKOFF_MAX)
+        .mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+fn count(result: &'static str) {
+    metrics::counter!("causeway_tunnel_connections_total", "direction" => "out", "result" => result)
+        .increment(1);
+}
+
 impl Pool {
     pub fn new(
         endpoint: quinn::Endpoint,
         cred: Credential,
         store: Arc<TrustStore>,
         quic: crate::config::QuicConfig,
-    ) -> Self {
-        Self {
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
             quic,
             endpoint,
             cred,
             store,
-            conns: Mutex::new(HashMap::new()),
-        }
+            sites: Mutex::new(HashMap::new()),
+            me: me.clone(),
+        })
     }
 
-    fn cached(&self, site: &SiteName) -> Option<quinn::Connection> {
-        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns
-            .get(site)
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SiteName, SitePool>> {
+        self.sites.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A live connection to `site`, dialing if there is none.
+    fn publish_gauge(sites: &HashMap<SiteName, SitePool>) {
+        let n = sites
+            .values()
+            .flat_map(|s| &s.replicas)
+            .filter(|r| r.live().is_some())
+            .count();
+        metrics::gauge!("causeway_tunnel_connections", "direction" => "out").set(n as f64);
+    }
+
+    /// A live connection to one replica of `site`, chosen by weight among
+    /// the replicas that are up; dials if none is. Replicas without a
+    /// connection are dialed in the background, so each one gets its own.
     pub async fn connection(
         &self,
         site: &SiteName,
         route: &SiteRoute,
     ) -> Result<quinn::Connection, DialError> {
-        if let Some(c) = self.cached(site) {
-            return Ok(c);
-        }
         if route.tunnel_addrs.is_empty() {
             return Err(DialError::NoAddress(site.clone()));
         }
-        let cfg = tunnel::client_config(
-            &self.cred,
-            self.store.clone(),
-            route.trust_domain.clone(),
-            &self.quic,
-        )
-        .map_err(|e| DialError::Unreachable {
-            site: site.clone(),
-            last: e.to_string(),
-        })?;
-        let mut last = String::new();
-        for addr in &route.tunnel_addrs {
-            let connecting = match self.endpoint.connect_with(cfg.clone(), *addr, "gateway") {
-                Ok(c) => c,
-                Err(e) => {
-                    last = format!("{addr}: {e}");
-                    continue;
+        let candidates = {
+            let mut sites = self.lock();
+            let sp = sites.entry(site.clone()).or_insert_with(|| SitePool {
+                // No replicas yet: `sync` below adds them.
+                route: SiteRoute {
+                    trust_domain: route.trust_domain.clone(),
+                    tunnel_addrs: Vec::new(),
+                },
+                replicas: Vec::new(),
+                balancer: Balancer::new(Strategy::Weighted),
+            });
+            sp.sync(route);
+            let stats: Vec<EndpointStats> = sp
+                .replicas
+                .iter()
+                .map(|r| EndpointStats {
+                    weight: r.at.weight,
+                    healthy: r.live().is_some(),
+                    ..EndpointStats::default()
+                })
+                .collect();
+            let picked = sp
+                .balancer
+                .pick(&stats, rand::random())
+                .and_then(|i| sp.replicas[i].live().cloned());
+            let idle: Vec<TunnelAddr> = sp
+                .replicas
+                .iter_mut()
+                .filter(|r| r.live().is_none() && !r.dialing)
+                .map(|r| {
+                    r.dialing = true;
+                    r.at
+                })
+                .collect();
+            if let Some(conn) = picked {
+                // Bring the other replicas up without holding this stream.
+                for at in idle {
+                    self.spawn_dial(site.clone(), at, Duration::ZERO);
                 }
-            };
-            match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
-                Ok(Ok(conn)) => {
-                    metrics::counter!("causeway_tunnel_connections_total", "direction" => "out", "result" => "ok").increment(1);
-                    tracing::info!(%site, %addr, "tunnel connected");
-                    let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-                    conns.insert(site.clone(), conn.clone());
-                    metrics::gauge!("causeway_tunnel_connections", "direction" => "out")
-                        .set(conns.len() as f64);
+                return Ok(conn);
+            }
+            idle
+        };
+        // Nothing is up: dial now, heaviest replica first.
+        let mut order = candidates;
+        order.sort_by_key(|a| std::cmp::Reverse(a.weight));
+        let mut last = String::from("every replica is being redialed; retry shortly");
+        for (k, at) in order.iter().enumerate() {
+            match self.dial(site, at.addr).await {
+                Ok(conn) => {
+                    self.settle(site, *at, Ok(conn.clone()));
+                    // The rest come up in the background.
+                    for other in &order[k + 1..] {
+                        self.spawn_dial(site.clone(), *other, Duration::ZERO);
+                    }
                     return Ok(conn);
                 }
-                Ok(Err(e)) => last = format!("{addr}: {e}"),
-                Err(_) => last = format!("{addr}: handshake timed out"),
+                Err(e) => {
+                    last = format!("{}: {e}", at.addr);
+                    self.settle(site, *at, Err(()));
+                }
             }
-            metrics::counter!("causeway_tunnel_connections_total", "direction" => "out", "result" => "error").increment(1);
         }
         Err(DialError::Unreachable {
             site: site.clone(),
@@ -106,24 +184,213 @@ impl Pool {
         })
     }
 
+    async fn dial(
+        &self,
+        site: &SiteName,
+        addr: std::net::SocketAddr,
+    ) -> Result<quinn::Connection, String> {
+        let td = {
+            let sites = self.lock();
+            match sites.get(site) {
+                Some(sp) => sp.route.trust_domain.clone(),
+                None => return Err("site left the pool".into()),
+            }
+        };
+        let cfg = tunnel::client_config(&self.cred, self.store.clone(), td, &self.quic)
+            .map_err(|e| e.to_string())?;
+        let connecting = self
+            .endpoint
+            .connect_with(cfg, addr, "gateway")
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
+            Ok(Ok(conn)) => {
+                count("ok");
+                tracing::info!(%site, %addr, "tunnel connected");
+                Ok(conn)
+            }
+            Ok(Err(e)) => {
+                count("error");
+                Err(e.to_string())
+            }
+            Err(_) => {
+                count("error");
+                Err("handshake timed out".into())
+            }
+        }
+    }
+
+    /// Records a dial's outcome. On success the connection is watched: when
+    /// it closes, the replica is redialed after a backoff. On failure the
+    /// next attempt is scheduled with backoff and jitter.
+    fn settle(&self, site: &SiteName, at: TunnelAddr, result: Result<quinn::Connection, ()>) {
+        let mut sites = self.lock();
+        let Some(r) = sites
+            .get_mut(site)
+            .and_then(|sp| sp.replicas.iter_mut().find(|r| r.at.addr == at.addr))
+        else {
+            // The site or replica left while we dialed.
+            if let Ok(c) = result {
+                c.close(quinn::VarInt::from_u32(2), b"replica removed");
+            }
+            return;
+        };
+        match result {
+            Ok(conn) => {
+                r.failures = 0;
+                r.dialing = true; // until the watcher below sees it close
+                r.conn = Some(conn.clone());
+                let pool = self.me.clone();
+                let site = site.clone();
+                tokio::spawn(async move {
+                    let why = conn.closed().await;
+                    let Some(pool) = pool.upgrade() else { return };
+                    tracing::info!(%site, addr = %at.addr, reason = %why, "tunnel closed; redialing with backoff");
+                    pool.after_close(&site, at, conn.stable_id());
+                });
+            }
+            Err(()) => {
+                r.failures += 1;
+                let delay = backoff(r.failures, rand::random());
+                r.dialing = true;
+                drop(sites);
+                self.spawn_dial(site.clone(), at, delay);
+                return;
+            }
+        }
+        Self::publish_gauge(&sites);
+    }
+
+    fn after_close(&self, site: &SiteName, at: TunnelAddr, id: usize) {
+        let delay = {
+            let mut sites = self.lock();
+            let Some(r) = sites
+                .get_mut(site)
+                .and_then(|sp| sp.replicas.iter_mut().find(|r| r.at.addr == at.addr))
+            else {
+                return;
+            };
+            if r.conn.as_ref().map(|c| c.stable_id()) != Some(id) {
+                return; // already replaced
+            }
+            r.conn = None;
+            r.failures += 1;
+            let delay = backoff(r.failures, rand::random());
+            Self::publish_gauge(&sites);
+            delay
+        };
+        self.spawn_dial(site.clone(), at, delay);
+    }
+
+    /// Dials `at` after `delay`, unless the replica left the pool meanwhile.
+    fn spawn_dial(&self, site: SiteName, at: TunnelAddr, delay: Duration) {
+        let pool = self.me.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let wanted = pool.lock().get(&site).is_some_and(|sp| {
+                sp.replicas
+                    .iter()
+                    .any(|r| r.at.addr == at.addr && r.live().is_none())
+            });
+            if !wanted {
+                return;
+            }
+            let result = pool.dial(&site, at.addr).await;
+            match result {
+                Ok(conn) => pool.settle(&site, at, Ok(conn)),
+                Err(e) => {
+                    tracing::debug!(%site, addr = %at.addr, error = %e, "redial failed");
+                    pool.settle(&site, at, Err(()))
+                }
+            }
+        });
+    }
+
     /// Closes and forgets connections to sites no longer in `keep`.
     pub fn retain(&self, keep: impl Fn(&SiteName) -> bool) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.retain(|site, c| {
+        let mut sites = self.lock();
+        sites.retain(|site, sp| {
             let k = keep(site);
             if !k {
-                tracing::info!(%site, "closing tunnel to a removed site");
-                c.close(quinn::VarInt::from_u32(2), b"site removed");
+                tracing::info!(%site, "closing tunnels to a removed site");
+                for r in &sp.replicas {
+                    if let Some(c) = &r.conn {
+                        c.close(quinn::VarInt::from_u32(2), b"site removed");
+                    }
+                }
             }
             k
         });
-        metrics::gauge!("causeway_tunnel_connections", "direction" => "out")
-            .set(conns.len() as f64);
+        Self::publish_gauge(&sites);
     }
 
-    /// Forgets a connection that failed, so the next stream redials.
-    pub fn evict(&self, site: &SiteName) {
-        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.remove(site);
+    /// Closes a connection that failed to open a stream: the next stream
+    /// picks another replica, and this one is redialed after a backoff.
+    pub fn evict(&self, conn: &quinn::Connection) {
+        conn.close(quinn::VarInt::from_u32(3), b"stream open failed");
+    }
+
+    /// Live connections per replica address of `site` (for tests and status).
+    pub fn replicas(&self, site: &SiteName) -> Vec<(TunnelAddr, bool)> {
+        self.lock()
+            .get(site)
+            .map(|sp| {
+                sp.replicas
+                    .iter()
+                    .map(|r| (r.at, r.live().is_some()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl SitePool {
+    /// Follows the site's advertised replicas: new ones are added, weights
+    /// updated, and replicas no longer advertised are closed.
+    fn sync(&mut self, route: &SiteRoute) {
+        if self.route == *route {
+            return;
+        }
+        self.route = route.clone();
+        self.replicas.retain(|r| {
+            let keep = route.tunnel_addrs.iter().any(|a| a.addr == r.at.addr);
+            if !keep {
+                if let Some(c) = &r.conn {
+                    c.close(quinn::VarInt::from_u32(2), b"replica removed");
+                }
+            }
+            keep
+        });
+        for a in &route.tunnel_addrs {
+            match self.replicas.iter_mut().find(|r| r.at.addr == a.addr) {
+                Some(r) => r.at.weight = a.weight,
+                None => self.replicas.push(Replica {
+                    at: *a,
+                    conn: None,
+                    dialing: false,
+                    failures: 0,
+                }),
+            }
+        }
+        // Weights or members changed: start the rotation afresh.
+        self.balancer = Balancer::new(Strategy::Weighted);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_caps_and_jitters() {
+        assert_eq!(backoff(1, 1.0), BACKOFF_MIN);
+        assert_eq!(backoff(1, 0.0), BACKOFF_MIN / 2);
+        assert_eq!(backoff(2, 1.0), BACKOFF_MIN * 2);
+        assert_eq!(backoff(4, 1.0), BACKOFF_MIN * 8);
+        assert_eq!(backoff(30, 1.0), BACKOFF_MAX);
+        assert_eq!(backoff(30, 0.0), BACKOFF_MAX / 2);
+        let a = backoff(3, 0.1);
+        let b = backoff(3, 0.9);
+        assert!(a < b && b <= BACKOFF_MIN * 4);
     }
 }

@@ -20,7 +20,7 @@ pub async fn run(
     client: Arc<ControllerClient>,
     site: SiteName,
     exports: Vec<LocalExport>,
-    advertise: Vec<SocketAddr>,
+    advertise: Vec<causeway_api::model::TunnelAddr>,
     interval: Duration,
 ) {
     let tunnel_addrs: Vec<String> = advertise.iter().map(|a| a.to_string()).collect();

@@ -5,13 +5,14 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use causeway_api::catalog::CatalogView;
-use causeway_api::model::{vip_for, ServiceKey, SiteName, TrustDomain};
+use causeway_api::model::{vip_for, ServiceKey, SiteName, TrustDomain, TunnelAddr};
 
 /// How to reach one remote site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteRoute {
     pub trust_domain: TrustDomain,
-    pub tunnel_addrs: Vec<SocketAddr>,
+    /// One per gateway replica of the site, with its weight.
+    pub tunnel_addrs: Vec<TunnelAddr>,
 }
 
 /// One imported (or local) service.

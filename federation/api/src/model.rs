@@ -326,9 +326,76 @@ pub fn parse_cidr(field: &'static str, s: &str) -> Result<(IpAddr, u8), InvalidN
     Ok((addr, prefix))
 }
 
+/// Largest weight a tunnel address may carry.
+pub const MAX_TUNNEL_WEIGHT: u32 = 100;
+
+/// One gateway replica's tunnel address and its share of new streams:
+/// `ip:port`, or `ip:port;weight=N` (1 ≤ N ≤ 100, default 1). Replicas of a
+/// site each get at least one pooled connection; streams are spread across
+/// them by weight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TunnelAddr {
+    pub addr: std::net::SocketAddr,
+    pub weight: u32,
+}
+
+impl FromStr for TunnelAddr {
+    type Err = InvalidName;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const RULE: &str = "must be ip:port or ip:port;weight=N with 1 <= N <= 100";
+        let (a, w) = match s.split_once(';') {
+            Some((a, w)) => (a, Some(w)),
+            None => (s, None),
+        };
+        let addr = a.parse().map_err(|_| invalid("tunnel address", s, RULE))?;
+        let weight = match w {
+            None => 1,
+            Some(w) => w
+                .strip_prefix("weight=")
+                .and_then(|n| n.parse::<u32>().ok())
+                .filter(|n| (1..=MAX_TUNNEL_WEIGHT).contains(n))
+                .ok_or_else(|| invalid("tunnel address", s, RULE))?,
+        };
+        Ok(Self { addr, weight })
+    }
+}
+
+impl fmt::Display for TunnelAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.weight == 1 {
+            write!(f, "{}", self.addr)
+        } else {
+            write!(f, "{};weight={}", self.addr, self.weight)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tunnel_addresses_carry_an_optional_weight() {
+        let a: TunnelAddr = "10.0.0.1:4433".parse().unwrap();
+        assert_eq!((a.addr.port(), a.weight), (4433, 1));
+        assert_eq!(a.to_string(), "10.0.0.1:4433");
+        let b: TunnelAddr = "[::1]:4433;weight=3".parse().unwrap();
+        assert_eq!(b.weight, 3);
+        assert_eq!(b.to_string(), "[::1]:4433;weight=3");
+        assert_eq!(b.to_string().parse::<TunnelAddr>().unwrap(), b);
+        for bad in [
+            "",
+            "10.0.0.1",
+            "10.0.0.1:4433;weight=0",
+            "10.0.0.1:4433;weight=101",
+            "10.0.0.1:4433;w=2",
+            "10.0.0.1:4433;weight=",
+            "host:4433",
+        ] {
+            let e = bad.parse::<TunnelAddr>().unwrap_err();
+            assert_eq!(e.field, "tunnel address", "{bad}");
+        }
+    }
 
     #[test]
     fn site_names_follow_dns_label_rules() {
