@@ -80,25 +80,29 @@ fn dig(server: SocketAddr, args: &[&str]) -> String {
 
 /// Sends `data`, half-closes, and reads everything back.
 async fn echo_roundtrip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
-    let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+    try_echo_roundtrip(addr, data).await.unwrap()
+}
+
+async fn try_echo_roundtrip(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let sock = tokio::net::TcpStream::connect(addr).await?;
     let (mut r, mut w) = sock.into_split();
     let to_send = data.to_vec();
     let writer = tokio::spawn(async move {
-        w.write_all(&to_send).await.unwrap();
-        w.shutdown().await.unwrap();
+        w.write_all(&to_send).await?;
+        w.shutdown().await
     });
     let mut got = Vec::with_capacity(data.len());
-    r.read_to_end(&mut got).await.unwrap();
-    writer.await.unwrap();
-    got
+    r.read_to_end(&mut got).await?;
+    writer.await.map_err(std::io::Error::other)??;
+    Ok(got)
 }
 
 async fn wait_tunnel(addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let probe =
-            tokio::time::timeout(Duration::from_secs(5), echo_roundtrip(addr, b"probe")).await;
-        if matches!(&probe, Ok(v) if v == b"probe") {
+            tokio::time::timeout(Duration::from_secs(5), try_echo_roundtrip(addr, b"probe")).await;
+        if matches!(&probe, Ok(Ok(v)) if v == b"probe") {
             return;
         }
         assert!(
@@ -2099,4 +2103,84 @@ async fn streams_spread_over_a_sites_replicas_by_weight_and_fail_over_between_th
     );
     replica.kill().await;
     fed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_certificates_renew_in_place_without_dropping_tunnels() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    // Three-second certificates: renewed every two seconds.
+    fed.gateway_extra = "cert_ttl_secs = 3\n".into();
+    let (echo, _t) = echo_server(None).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    wait_tunnel(target).await;
+    let west_admin = fed.sites["west"].gateway_admin;
+    let dials = || async move {
+        metric(
+            &http_get(west_admin, "/metrics").await,
+            "causeway_tunnel_connections_total{direction=\"out\",result=\"ok\"}",
+        )
+    };
+
+    tracing::info!("phase: hold a stream open across more than two certificate lifetimes");
+    let mut held = tokio::net::TcpStream::connect(target).await.unwrap();
+    let mut buf = [0u8; 5];
+    held.write_all(b"first").await.unwrap();
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"first");
+    let dials_before = dials().await;
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    held.write_all(b"after").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), held.read_exact(&mut buf))
+        .await
+        .expect("the held stream stalled")
+        .unwrap();
+    assert_eq!(&buf, b"after");
+    assert_eq!(dials().await, dials_before, "the tunnel was redialed");
+    for site in ["east", "west"] {
+        let m = http_get(fed.sites[site].gateway_admin, "/metrics").await;
+        assert!(
+            metric(&m, "causeway_gateway_cert_renewals_total{result=\"ok\"}") >= 2.0,
+            "{site} did not renew:\n{m}"
+        );
+    }
+    drop(held);
+
+    tracing::info!("phase: new handshakes both ways use the renewed certificates");
+    // West restarts: it dials east, whose first certificate expired long ago.
+    let bin = fed.bin.clone();
+    let west = &mut fed.sites.get_mut("west").unwrap().gateway;
+    west.kill().await;
+    west.start(&bin).unwrap();
+    wait_listening(target).await;
+    wait_tunnel(target).await;
+    // East restarts after west's own first certificate expired: west redials
+    // with its renewed client certificate.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let east = &mut fed.sites.get_mut("east").unwrap().gateway;
+    east.kill().await;
+    east.start(&bin).unwrap();
+    wait_listening(target).await;
+    wait_tunnel(target).await;
+    assert_eq!(echo_roundtrip(target, b"renewed").await, b"renewed");
+    fed.shutdown().await;
+}
+
+/// Waits until something accepts TCP connections on `addr`.
+async fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

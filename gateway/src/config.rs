@@ -43,6 +43,11 @@ pub struct GatewayConfig {
     /// On SIGTERM, how long streams in flight may take to finish.
     #[serde(default = "default_drain")]
     pub drain_secs: f64,
+    /// Lifetime of this replica's tunnel certificate (issued by the site
+    /// CA at start); it is renewed in place at two thirds of it, and on
+    /// SIGHUP, without dropping tunnels. Default one day.
+    #[serde(default = "default_cert_ttl")]
+    pub cert_ttl_secs: f64,
     /// Who may call this site's exports: "allow_members" (default: any
     /// member site, narrowed per service by `allow` rules) or "deny" (only
     /// what an `allow` rule lists).
@@ -179,6 +184,9 @@ fn default_balancer() -> String {
 fn default_drain() -> f64 {
     10.0
 }
+fn default_cert_ttl() -> f64 {
+    86400.0
+}
 fn default_protocol() -> String {
     "tcp".into()
 }
@@ -204,6 +212,7 @@ pub struct Settings {
     pub site_ca: Option<(PathBuf, PathBuf)>,
     pub health_interval: Duration,
     pub drain_timeout: Duration,
+    pub cert_ttl: Duration,
     pub balancer: causeway_gateway_core::balance::Strategy,
     pub quic: QuicConfig,
     pub authorization: Authorization,
@@ -287,6 +296,9 @@ impl GatewayConfig {
                 "balancer: {:?} is not one of p2c_ewma, round_robin, least_request, weighted",
                 self.balancer
             ));
+        }
+        if !(self.cert_ttl_secs >= 3.0 && self.cert_ttl_secs <= 90.0 * 86400.0) {
+            errs.push("cert_ttl_secs: must be between 3 and 7776000 (90 days)".into());
         }
         if !(self.drain_secs >= 0.0 && self.drain_secs <= 3600.0) {
             errs.push("drain_secs: must be between 0 and 3600".into());
@@ -381,6 +393,7 @@ impl GatewayConfig {
             site_ca,
             health_interval: Duration::from_secs_f64(self.health_interval_secs),
             drain_timeout: Duration::from_secs_f64(self.drain_secs),
+            cert_ttl: Duration::from_secs_f64(self.cert_ttl_secs),
             balancer: balancer.expect("checked above"),
             quic: self.quic.clone(),
             authorization,

@@ -50,8 +50,11 @@ pub async fn run(
     udp: std::net::UdpSocket,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let site_ca = SiteState::site_ca(&settings.state_dir, settings.site_ca.as_ref())?;
-    let cred = state.gateway_credential(&site_ca, &settings.replica)?;
+    let site_ca = Arc::new(SiteState::site_ca(
+        &settings.state_dir,
+        settings.site_ca.as_ref(),
+    )?);
+    let cred = state.gateway_credential(&site_ca, &settings.replica, settings.cert_ttl)?;
     let store = TrustStore::new();
     store.set_site(
         state.site.clone(),
@@ -109,6 +112,14 @@ pub async fn run(
         state.site.clone(),
         settings.health_interval.min(Duration::from_secs(1)),
     ));
+    let renew_task = tokio::spawn(renew_credential(
+        state.trust_domain.clone(),
+        site_ca.clone(),
+        settings.clone(),
+        endpoint.clone(),
+        pool.clone(),
+        store.clone(),
+    ));
     let publish_task = tokio::spawn(publish::run(
         client,
         state.site.clone(),
@@ -131,6 +142,7 @@ pub async fn run(
         tracing::info!("drained");
     }
     publish_task.abort();
+    renew_task.abort();
     heartbeat_task.abort();
     watch_task.abort();
     sync_task.abort();
@@ -138,6 +150,54 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     inbound_task.abort();
     Ok(())
+}
+
+/// Renews this replica's tunnel certificate at two thirds of its lifetime,
+/// and at once on SIGHUP. The new certificate serves handshakes from then
+/// on (`set_server_config`, and the pool's dials); tunnels already up keep
+/// running — TLS authenticated them when they were made.
+async fn renew_credential(
+    td: TrustDomain,
+    site_ca: Arc<causeway_api::identity::CertificateAuthority>,
+    settings: Settings,
+    endpoint: quinn::Endpoint,
+    pool: Arc<Pool>,
+    store: Arc<TrustStore>,
+) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let every = settings.cert_ttl.mul_f64(2.0 / 3.0);
+    metrics::gauge!("causeway_gateway_cert_ttl_seconds").set(settings.cert_ttl.as_secs_f64());
+    loop {
+        let why = tokio::select! {
+            _ = tokio::time::sleep(every) => "two thirds of its lifetime passed",
+            Some(()) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
+        };
+        let renewed = site::gateway_credential(&td, &site_ca, &settings.replica, settings.cert_ttl)
+            .and_then(|cred| {
+                let server = tunnel::server_config(&cred, store.clone(), &settings.quic)?;
+                Ok((cred, server))
+            });
+        match renewed {
+            Ok((cred, server)) => {
+                endpoint.set_server_config(Some(server));
+                pool.set_credential(cred);
+                metrics::counter!("causeway_gateway_cert_renewals_total", "result" => "ok")
+                    .increment(1);
+                tracing::info!(reason = why, ttl = ?settings.cert_ttl, "tunnel certificate renewed; tunnels up are kept");
+            }
+            Err(e) => {
+                metrics::counter!("causeway_gateway_cert_renewals_total", "result" => "error")
+                    .increment(1);
+                tracing::error!(error = %e, "could not renew the tunnel certificate; retrying in 10 s");
+                tokio::time::sleep(Duration::from_secs(10).min(every)).await;
+            }
+        }
+    }
 }
 
 /// On every catalog change: refresh trust bundles, tear down tunnels of

@@ -26,7 +26,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub struct Pool {
     quic: crate::config::QuicConfig,
     endpoint: quinn::Endpoint,
-    cred: Credential,
+    /// This replica's certificate for new dials; replaced on renewal.
+    cred: Mutex<Credential>,
     store: Arc<TrustStore>,
     sites: Mutex<HashMap<SiteName, SitePool>>,
     me: Weak<Pool>,
@@ -84,7 +85,7 @@ impl Pool {
         Arc::new_cyclic(|me| Self {
             quic,
             endpoint,
-            cred,
+            cred: Mutex::new(cred),
             store,
             sites: Mutex::new(HashMap::new()),
             me: me.clone(),
@@ -196,7 +197,8 @@ impl Pool {
                 None => return Err("site left the pool".into()),
             }
         };
-        let cfg = tunnel::client_config(&self.cred, self.store.clone(), td, &self.quic)
+        let cred = self.cred.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cfg = tunnel::client_config(&cred, self.store.clone(), td, &self.quic)
             .map_err(|e| e.to_string())?;
         let connecting = self
             .endpoint
@@ -304,6 +306,11 @@ impl Pool {
                 }
             }
         });
+    }
+
+    /// Uses `cred` for dials from now on; connections up keep going.
+    pub fn set_credential(&self, cred: Credential) {
+        *self.cred.lock().unwrap_or_else(|e| e.into_inner()) = cred;
     }
 
     /// Closes and forgets connections to sites no longer in `keep`.

@@ -158,8 +158,19 @@ impl SiteState {
         &self,
         ca: &CertificateAuthority,
         replica: &str,
+        ttl: Duration,
     ) -> anyhow::Result<Credential> {
-        let id = SpiffeId::new(self.trust_domain.clone(), &format!("/gateway/{replica}"))?;
-        Ok(ca.issue(&id, &[], Duration::from_secs(7 * 86400))?)
+        gateway_credential(&self.trust_domain, ca, replica, ttl)
     }
+}
+
+/// A tunnel certificate for `replica` of the site with trust domain `td`.
+pub fn gateway_credential(
+    td: &causeway_api::model::TrustDomain,
+    ca: &CertificateAuthority,
+    replica: &str,
+    ttl: Duration,
+) -> anyhow::Result<Credential> {
+    let id = SpiffeId::new(td.clone(), &format!("/gateway/{replica}"))?;
+    Ok(ca.issue(&id, &[], ttl)?)
 }
