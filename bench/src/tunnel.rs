@@ -23,6 +23,7 @@ pub struct Params {
     pub max_secs: u64,
     pub bulk_bytes: usize,
     pub connect_secs: u64,
+    pub held_streams: usize,
 }
 
 impl Params {
@@ -33,6 +34,7 @@ impl Params {
                 max_secs: 3,
                 bulk_bytes: 64 << 20,
                 connect_secs: 3,
+                held_streams: 10_000,
             }
         } else {
             Self {
@@ -40,6 +42,7 @@ impl Params {
                 max_secs: 10,
                 bulk_bytes: 512 << 20,
                 connect_secs: 10,
+                held_streams: 10_000,
             }
         }
     }
@@ -51,20 +54,38 @@ struct System {
     pids: Vec<u32>,
 }
 
-async fn echo_server() -> anyhow::Result<SocketAddr> {
+/// `causeway-bench echo-server`: prints its address, then echoes every
+/// connection until the client half-closes.
+pub async fn serve_echo() -> anyhow::Result<()> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = l.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            let _ = s.set_nodelay(true);
-            tokio::spawn(async move {
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
-            });
-        }
-    });
-    Ok(addr)
+    println!("{}", l.local_addr()?);
+    while let Ok((mut s, _)) = l.accept().await {
+        let _ = s.set_nodelay(true);
+        tokio::spawn(async move {
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+            let _ = w.shutdown().await;
+        });
+    }
+    Ok(())
+}
+
+/// Starts the echo workload as a child process; returns its address.
+async fn echo_server(children: &mut Vec<Child>) -> anyhow::Result<SocketAddr> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = Command::new(std::env::current_exe()?)
+        .arg("echo-server")
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting the echo server")?;
+    let out = child.stdout.take().context("echo server stdout")?;
+    let mut line = String::new();
+    tokio::io::BufReader::new(out).read_line(&mut line).await?;
+    children.push(child);
+    line.trim()
+        .parse()
+        .with_context(|| format!("echo server said {line:?}"))
 }
 
 fn port() -> anyhow::Result<u16> {
@@ -80,6 +101,24 @@ fn spawn(bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
         .kill_on_drop(true)
         .spawn()
         .with_context(|| format!("starting {bin}"))
+}
+
+/// Opens `n` connections through `entry`, each carrying one echo so the
+/// whole path (both gateways, the stream, the backend) is up, and keeps them.
+async fn hold_streams(entry: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+    use futures::StreamExt;
+    let opened: Vec<anyhow::Result<TcpStream>> = futures::stream::iter(0..n)
+        .map(|_| async move {
+            let mut s = TcpStream::connect(entry).await?;
+            s.write_all(b"x").await?;
+            let mut b = [0u8; 1];
+            tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut b)).await??;
+            Ok(s)
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    opened.into_iter().collect()
 }
 
 async fn wait_echo(entry: SocketAddr) -> anyhow::Result<()> {
@@ -238,11 +277,11 @@ async fn connect_rate(entry: SocketAddr, secs: u64) -> anyhow::Result<f64> {
 }
 
 pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result<()> {
-    let echo = echo_server().await?;
+    let mut children = Vec::new();
+    let echo = echo_server(&mut children).await?;
     let certs = root.join("certs");
     crate::pki::write(&certs)?;
     let c = |n: &str| certs.join(n).display().to_string();
-    let mut children = Vec::new();
     let mut systems = vec![System {
         name: "direct",
         entry: echo,
@@ -412,6 +451,25 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     report.add("rss-idle", "causeway", "rss_mb", rss_idle);
+
+    // Only causeway: haproxy and stunnel hold two sockets per connection in
+    // each process, so 10k connections need more than this machine's
+    // 20000-descriptor limit.
+    println!("rss-10k-streams: {} connections held open", p.held_streams);
+    let causeway = systems
+        .iter()
+        .find(|s| s.name == "causeway")
+        .expect("causeway");
+    let held = hold_streams(causeway.entry, p.held_streams).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_held = causeway
+        .pids
+        .iter()
+        .map(|p| rss_mb(*p).unwrap_or(0.0))
+        .fold(0.0, f64::max);
+    report.add("rss-10k-streams", "causeway", "rss_mb", rss_held);
+    report.add("rss-10k-streams", "causeway", "streams", held.len() as f64);
+    drop(held);
 
     let get = |case: &str, sys: &str, m: &str| report.get(case, sys, m).unwrap_or(f64::NAN);
     let (p99c, p99h) = (

@@ -116,7 +116,7 @@ impl Default for QuicConfig {
             congestion: "cubic".into(),
             keepalive_ms: 500,
             idle_timeout_ms: 2000,
-            max_streams_per_peer: 4096,
+            max_streams_per_peer: 16384,
             udp_buffer_bytes: 4 * 1024 * 1024,
         }
     }

@@ -204,11 +204,21 @@ impl Outbound {
             .connection(site, route)
             .await
             .map_err(|e| Attempt::Retry(e.to_string()))?;
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => {
+        // At the peer's stream cap, open_bi waits for a stream to end.
+        let (mut send, mut recv) = match tokio::time::timeout(STATUS_TIMEOUT, conn.open_bi()).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
                 self.pool.evict(&conn);
                 return Err(Attempt::Retry(format!("open stream: {e}")));
+            }
+            Err(_) => {
+                metrics::counter!("causeway_outbound_failures_total", "reason" => "stream_cap")
+                    .increment(1);
+                return Err(Attempt::Retry(
+                    "the peer's concurrent stream cap (quic.max_streams_per_peer) stayed full"
+                        .into(),
+                ));
             }
         };
         let header = OpenRequest {

@@ -1,10 +1,22 @@
 //! L4 forwarding between a TCP connection and a QUIC stream: both
 //! directions at once, backpressure from each side's flow control, and
-//! half-close carried across (TCP FIN <-> QUIC FIN). Each direction buffers
-//! at most one 8 KiB copy buffer in this process.
+//! half-close carried across (TCP FIN <-> QUIC FIN).
+//!
+//! Buffers: an idle stream holds none here. TCP→QUIC reads into a fresh
+//! chunk of at most 16 KiB only once the socket is readable and hands it to
+//! quinn without copying (quinn keeps it until the peer acknowledges it,
+//! within the stream's send window). QUIC→TCP takes quinn's received chunks
+//! (at most 16 KiB each) and writes them straight to the socket. So per
+//! stream this process holds at most one chunk per direction in flight,
+//! plus what QUIC flow control admits (`[quic]` windows).
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
+
+/// Largest chunk read or written in one step.
+const CHUNK: usize = 16 * 1024;
 
 /// Copies until both directions are done; returns (tcp→quic, quic→tcp) bytes.
 pub async fn splice(
@@ -13,9 +25,9 @@ pub async fn splice(
     mut recv: quinn::RecvStream,
 ) -> (u64, u64) {
     let _ = tcp.set_nodelay(true);
-    let (mut tr, mut tw) = tcp.into_split();
+    let (tr, mut tw) = tcp.into_split();
     let up = async {
-        let n = copy(&mut tr, &mut send).await;
+        let n = tcp_to_quic(&tr, &mut send).await;
         match n {
             Ok(_) => {
                 let _ = send.finish();
@@ -31,7 +43,7 @@ pub async fn splice(
         n.unwrap_or(0)
     };
     let down = async {
-        let n = copy(&mut recv, &mut tw).await;
+        let n = quic_to_tcp(&mut recv, &mut tw).await;
         if n.is_err() {
             let _ = recv.stop(quinn::VarInt::from_u32(1));
         }
@@ -44,11 +56,32 @@ pub async fn splice(
     (a, b)
 }
 
-async fn copy<R, W>(r: &mut R, w: &mut W) -> std::io::Result<u64>
-where
-    R: AsyncRead + Unpin + ?Sized,
-    W: AsyncWrite + Unpin + ?Sized,
-{
-    let mut buf = tokio::io::BufReader::with_capacity(8 * 1024, r);
-    tokio::io::copy_buf(&mut buf, w).await
+async fn tcp_to_quic(tr: &OwnedReadHalf, send: &mut quinn::SendStream) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        tr.readable().await?;
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        match tr.try_read_buf(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => {
+                total += n as u64;
+                send.write_chunk(buf.freeze()).await?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn quic_to_tcp(recv: &mut quinn::RecvStream, tw: &mut OwnedWriteHalf) -> std::io::Result<u64> {
+    let mut total = 0u64;
+    while let Some(chunk) = recv
+        .read_chunk(CHUNK, true)
+        .await
+        .map_err(std::io::Error::from)?
+    {
+        total += chunk.bytes.len() as u64;
+        tw.write_all(&chunk.bytes).await?;
+    }
+    Ok(total)
 }
