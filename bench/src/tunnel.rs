@@ -293,6 +293,9 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     let mut fed = LocalFederation::new(bin, root.join("causeway"))?;
     fed.start_controllers(1)?;
     fed.wait_for_leader(Duration::from_secs(30)).await?;
+    fed.gateway_extra = std::env::var("CAUSEWAY_BENCH_GW")
+        .unwrap_or_default()
+        .replace("\\n", "\n");
     fed.add_site(
         "east",
         "127.201.0.0/16",

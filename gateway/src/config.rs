@@ -106,6 +106,10 @@ pub struct QuicConfig {
     pub max_streams_per_peer: u32,
     /// UDP socket send and receive buffer sizes, bytes (0: system default).
     pub udp_buffer_bytes: usize,
+    /// Largest UDP payload path-MTU discovery may probe up to, bytes.
+    /// 1452 fits a 1500-byte Ethernet MTU; raise it on jumbo-frame links
+    /// (e.g. 8952 for MTU 9000). Discovery falls back if probes are lost.
+    pub max_udp_payload: u16,
 }
 
 impl Default for QuicConfig {
@@ -118,6 +122,7 @@ impl Default for QuicConfig {
             idle_timeout_ms: 2000,
             max_streams_per_peer: 16384,
             udp_buffer_bytes: 4 * 1024 * 1024,
+            max_udp_payload: 1452,
         }
     }
 }
@@ -146,6 +151,9 @@ impl QuicConfig {
         }
         if self.max_streams_per_peer == 0 {
             errs.push("quic.max_streams_per_peer: must be at least 1".into());
+        }
+        if !(1200..=65000).contains(&self.max_udp_payload) {
+            errs.push("quic.max_udp_payload: must be between 1200 and 65000".into());
         }
     }
 }

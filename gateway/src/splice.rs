@@ -73,7 +73,10 @@ async fn tcp_to_quic(tr: &OwnedReadHalf, send: &mut quinn::SendStream) -> std::i
     }
 }
 
-async fn quic_to_tcp(recv: &mut quinn::RecvStream, tw: &mut OwnedWriteHalf) -> std::io::Result<u64> {
+async fn quic_to_tcp(
+    recv: &mut quinn::RecvStream,
+    tw: &mut OwnedWriteHalf,
+) -> std::io::Result<u64> {
     let mut total = 0u64;
     while let Some(chunk) = recv
         .read_chunk(CHUNK, true)

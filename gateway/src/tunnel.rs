@@ -33,6 +33,9 @@ pub fn transport(q: &QuicConfig) -> Arc<TransportConfig> {
     t.max_idle_timeout(VarInt::from_u64(q.idle_timeout_ms).ok().map(Into::into));
     t.max_concurrent_bidi_streams(VarInt::from_u32(q.max_streams_per_peer));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(q.max_udp_payload);
+    t.mtu_discovery_config(Some(mtu));
     match q.congestion.as_str() {
         "bbr" => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
         "newreno" => {
