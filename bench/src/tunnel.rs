@@ -443,18 +443,6 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
             bulk(s.entry, p.bulk_bytes).await?,
         );
     }
-    println!("connect-rate: {} s each", p.connect_secs);
-    for s in &systems {
-        report.add(
-            "connect-rate",
-            s.name,
-            "conn_per_s",
-            connect_rate(s.entry, p.connect_secs).await?,
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    report.add("rss-idle", "causeway", "rss_mb", rss_idle);
-
     // Only causeway: haproxy and stunnel hold two sockets per connection in
     // each process, so 10k connections need more than this machine's
     // 20000-descriptor limit.
@@ -473,6 +461,20 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     report.add("rss-10k-streams", "causeway", "rss_mb", rss_held);
     report.add("rss-10k-streams", "causeway", "streams", held.len() as f64);
     drop(held);
+    // Let the held connections' sockets close before the next case.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!("connect-rate: {} s each", p.connect_secs);
+    for s in &systems {
+        report.add(
+            "connect-rate",
+            s.name,
+            "conn_per_s",
+            connect_rate(s.entry, p.connect_secs).await?,
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    report.add("rss-idle", "causeway", "rss_mb", rss_idle);
+
 
     let get = |case: &str, sys: &str, m: &str| report.get(case, sys, m).unwrap_or(f64::NAN);
     let (p99c, p99h) = (
