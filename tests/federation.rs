@@ -234,6 +234,29 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
     ] {
         assert!(ctrl.contains(m), "controller metrics lack {m}");
     }
+
+    tracing::info!("phase: a named port gets an SRV record, answered to dig");
+    let east_cfg = fed.sites["east"].config.clone();
+    let text = std::fs::read_to_string(&east_cfg).unwrap();
+    let text = text.replace("port = 7000\n", "port = 7000\nport_name = \"echo\"\n");
+    std::fs::write(&east_cfg, text).unwrap();
+    let bin = fed.bin.clone();
+    let east = &mut fed.sites.get_mut("east").unwrap().gateway;
+    east.kill().await;
+    east.start(&bin).unwrap();
+    let srv_name = "_echo._tcp.echo.shop.svc.clusterset.local";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let srv = dig(west_dns, &["+short", srv_name, "SRV"]);
+        if srv.trim() == "0 100 7000 echo.shop.svc.clusterset.local." {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no SRV record for {srv_name}: {srv:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     fed.shutdown().await;
 }
 

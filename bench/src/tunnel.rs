@@ -475,7 +475,6 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     }
     report.add("rss-idle", "causeway", "rss_mb", rss_idle);
 
-
     let get = |case: &str, sys: &str, m: &str| report.get(case, sys, m).unwrap_or(f64::NAN);
     let (p99c, p99h) = (
         get("echo-1k-1000rps", "causeway", "p99_us"),

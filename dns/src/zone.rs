@@ -2,7 +2,9 @@
 //!
 //! Per the Kubernetes Multi-Cluster Services DNS specification (KEP-1645):
 //! `<svc>.<ns>.svc.<zone>` has an A record with the ClusterSetIP, which on
-//! causeway is the local gateway's outbound VIP for that service, and
+//! causeway is the local gateway's outbound VIP for that service; each
+//! named port has an SRV record `_<port>._<proto>.<svc>.<ns>.svc.<zone>`
+//! (priority 0, weight 100, the port, target the service name); and
 //! `dns-version.<zone>` has a TXT record with the spec version. Names that
 //! exist (including empty non-terminals such as `svc.<zone>`) answer other
 //! types with NODATA; unknown names inside the zone get NXDOMAIN with the
@@ -14,7 +16,7 @@ use std::str::FromStr;
 
 use causeway_api::catalog::CatalogView;
 use causeway_api::model::vip_for;
-use hickory_proto::rr::rdata::{A, AAAA, SOA, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
 
 /// MCS DNS specification version served in `dns-version.<zone>`.
@@ -107,6 +109,27 @@ impl Zone {
                 IpAddr::V4(a) => RData::A(A(a)),
                 IpAddr::V6(a) => RData::AAAA(AAAA(a)),
             };
+            for p in &svc.ports {
+                let Ok(port) = u16::try_from(p.port) else {
+                    continue;
+                };
+                if p.name.is_empty() {
+                    continue;
+                }
+                // Names were checked as DNS labels by the controller; skip
+                // rather than fail the zone if one is not.
+                let Ok(srv_owner) =
+                    Name::from_str(&format!("_{}._{}", p.name, p.protocol.to_ascii_lowercase()))
+                        .and_then(|n| n.append_domain(&owner))
+                else {
+                    continue;
+                };
+                zone.add(Record::from_rdata(
+                    srv_owner,
+                    opts.ttl,
+                    RData::SRV(SRV::new(0, 100, port, owner.clone())),
+                ));
+            }
             zone.add(Record::from_rdata(owner, opts.ttl, rdata));
         }
         Ok(zone)
@@ -181,11 +204,18 @@ mod tests {
                     site: "east".into(),
                     exports: vec![pb::Export {
                         service: "shop/payments".into(),
-                        ports: vec![pb::ServicePort {
-                            port: 9001,
-                            protocol: "tcp".into(),
-                            name: String::new(),
-                        }],
+                        ports: vec![
+                            pb::ServicePort {
+                                port: 9001,
+                                protocol: "tcp".into(),
+                                name: String::new(),
+                            },
+                            pb::ServicePort {
+                                port: 8443,
+                                protocol: "tcp".into(),
+                                name: "https".into(),
+                            },
+                        ],
                         healthy_endpoints: 1,
                         vip_index: 7,
                     }],
@@ -244,6 +274,51 @@ mod tests {
             z.answer(&name("clusterset.local."), RecordType::SOA),
             Answer::Records(_)
         ));
+    }
+
+    #[test]
+    fn named_ports_get_srv_records() {
+        let z = Zone::build(&opts(), &view()).unwrap();
+        match z.answer(
+            &name("_https._tcp.payments.shop.svc.clusterset.local."),
+            RecordType::SRV,
+        ) {
+            Answer::Records(r) => {
+                assert_eq!(r.len(), 1);
+                let RData::SRV(srv) = &r[0].data else {
+                    panic!("{:?}", r[0]);
+                };
+                assert_eq!((srv.priority, srv.weight, srv.port), (0, 100, 8443));
+                assert_eq!(
+                    srv.target.to_string(),
+                    "payments.shop.svc.clusterset.local."
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The SRV owner's parents exist (empty non-terminals), unnamed
+        // ports have no SRV, and the A record still answers.
+        assert_eq!(
+            z.answer(
+                &name("_tcp.payments.shop.svc.clusterset.local."),
+                RecordType::SRV
+            ),
+            Answer::NoData
+        );
+        assert_eq!(
+            z.answer(
+                &name("_9001._tcp.payments.shop.svc.clusterset.local."),
+                RecordType::SRV
+            ),
+            Answer::NxDomain
+        );
+        assert_eq!(
+            z.answer(
+                &name("_https._tcp.payments.shop.svc.clusterset.local."),
+                RecordType::A
+            ),
+            Answer::NoData
+        );
     }
 
     #[test]

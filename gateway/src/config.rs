@@ -165,6 +165,10 @@ pub struct ExportConfig {
     pub service: String,
     /// The port callers use.
     pub port: u16,
+    /// Optional port name (a DNS label, e.g. "http"): named ports get an
+    /// SRV record `_<name>._<protocol>.<svc>.<ns>.svc.clusterset.local`.
+    #[serde(default)]
+    pub port_name: Option<String>,
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Local endpoints (`ip:port`) that serve it.
@@ -204,6 +208,8 @@ fn default_protocol() -> String {
 pub struct LocalExport {
     pub service: ServiceKey,
     pub port: u16,
+    /// Empty when unnamed.
+    pub port_name: String,
     pub protocol: Protocol,
     pub endpoints: Vec<SocketAddr>,
 }
@@ -360,6 +366,16 @@ impl GatewayConfig {
             if e.endpoints.is_empty() {
                 errs.push(format!("exports[{i}].endpoints: list at least one ip:port"));
             }
+            let port_name = match &e.port_name {
+                None => String::new(),
+                Some(n) => match causeway_api::model::check_dns_label("port name", n) {
+                    Ok(()) => n.clone(),
+                    Err(err) => {
+                        errs.push(format!("exports[{i}].port_name: {err}"));
+                        String::new()
+                    }
+                },
+            };
             let mut endpoints = Vec::new();
             for (j, ep) in e.endpoints.iter().enumerate() {
                 match ep.parse::<SocketAddr>() {
@@ -382,6 +398,7 @@ impl GatewayConfig {
                 exports.push(LocalExport {
                     service,
                     port: e.port,
+                    port_name,
                     protocol,
                     endpoints,
                 });

@@ -83,7 +83,7 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
             entry.0.push(pb::ServicePort {
                 port: e.port as u32,
                 protocol: e.protocol.as_str().to_string(),
-                name: String::new(),
+                name: e.port_name.clone(),
             });
         }
         if ok {
