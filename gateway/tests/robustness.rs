@@ -57,6 +57,7 @@ async fn setup(quic: QuicConfig) -> Setup {
     let exports = vec![LocalExport {
         service: "shop/echo".parse().unwrap(),
         port: 7000,
+        port_name: String::new(),
         protocol: Default::default(),
         endpoints: vec![echo_addr],
     }];
