@@ -158,6 +158,11 @@ pub struct DnsArgs {
     pub negative_ttl: u32,
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// UDP sockets bound to the listen address with SO_REUSEPORT, so the
+    /// kernel spreads queries over them and they are served in parallel;
+    /// 0 means one per CPU.
+    #[arg(long, default_value_t = 0)]
+    pub udp_sockets: usize,
 }
 
 /// Exit code for configuration errors (EX_USAGE).
@@ -424,9 +429,11 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
             args.state_dir.display()
         )
     })?;
-    let udp = tokio::net::UdpSocket::bind(listen)
-        .await
-        .with_context(|| format!("binding UDP {listen}"))?;
+    let n = match args.udp_sockets {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n.min(64),
+    };
+    let udp = causeway_dns::bind_udp(listen, n).with_context(|| format!("binding UDP {listen}"))?;
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding TCP {listen}"))?;

@@ -121,6 +121,8 @@ pub struct LocalFederation {
     pub controller_flags: Vec<String>,
     /// Extra TOML appended to every gateway config written from now on.
     pub gateway_extra: String,
+    /// Extra flags for every DNS server started from now on.
+    pub dns_flags: Vec<String>,
     pub root: PathBuf,
     pub bin: PathBuf,
     pub creds: PathBuf,
@@ -149,6 +151,7 @@ impl LocalFederation {
         crate::cli::ca_init(&creds, "demo")?;
         Ok(Self {
             controller_flags: Vec::new(),
+            dns_flags: Vec::new(),
             gateway_extra: String::new(),
             root,
             bin,
@@ -361,22 +364,19 @@ impl LocalFederation {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let dns_proc = Proc::spawn(
-            &self.bin,
-            &self.root,
-            &format!("dns-{name}"),
-            vec![
-                "dns".into(),
-                "--state-dir".into(),
-                state_dir.display().to_string(),
-                "--listen".into(),
-                dns.to_string(),
-                "--vip-range".into(),
-                vip_range.to_string(),
-                "--admin-listen".into(),
-                dns_admin.to_string(),
-            ],
-        )?;
+        let mut dns_args: Vec<String> = vec![
+            "dns".into(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--listen".into(),
+            dns.to_string(),
+            "--vip-range".into(),
+            vip_range.to_string(),
+            "--admin-listen".into(),
+            dns_admin.to_string(),
+        ];
+        dns_args.extend(self.dns_flags.iter().cloned());
+        let dns_proc = Proc::spawn(&self.bin, &self.root, &format!("dns-{name}"), dns_args)?;
         self.sites.insert(
             name.to_string(),
             Site {

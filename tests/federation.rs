@@ -123,6 +123,8 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
     let (echo, _task) = echo_server(None).await.unwrap();
     let range_e = vip_range();
     let range_w = vip_range();
+    // Four UDP sockets on the DNS port (SO_REUSEPORT), served in parallel.
+    fed.dns_flags = vec!["--udp-sockets".into(), "4".into()];
     fed.add_site(
         "east",
         &range_e,
@@ -162,6 +164,11 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
     assert!(refused.contains("status: REFUSED"), "{refused}");
     let tcp = dig(west_dns, &["+tcp", "+short", name, "A"]);
     assert_eq!(tcp.trim(), vip.to_string());
+    // Queries from many client sockets (spread by the kernel over the four
+    // server sockets) are all answered.
+    for _ in 0..64 {
+        assert_eq!(resolve_with_hickory(west_dns, name).await, vec![vip]);
+    }
 
     tracing::info!("phase: 10 MiB through the tunnel, byte for byte");
     let target = SocketAddr::new(vip, 7000);
@@ -211,6 +218,8 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
         bytes >= 2.0 * 10.0 * 1024.0 * 1024.0,
         "east counted {bytes} tunnel bytes"
     );
+    let dm = http_get(fed.sites["west"].dns_admin, "/metrics").await;
+    assert!(dm.contains("causeway_dns_udp_sockets 4"), "{dm}");
     let ready = http_get(fed.sites["west"].dns_admin, "/ready").await;
     assert!(ready.contains("ready"), "{ready}");
     let dm = http_get(fed.sites["west"].dns_admin, "/metrics").await;
@@ -249,6 +258,17 @@ async fn name_resolves_and_bytes_cross_the_tunnel_intact() {
     loop {
         let srv = dig(west_dns, &["+short", srv_name, "SRV"]);
         if srv.trim() == "0 100 7000 echo.shop.svc.clusterset.local." {
+            // The target's address rides along in the additional section.
+            let full = dig(west_dns, &[srv_name, "SRV"]);
+            let extra = full
+                .split("ADDITIONAL SECTION")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no additional section: {full}"));
+            assert!(
+                extra.contains("echo.shop.svc.clusterset.local.")
+                    && extra.contains(&vip.to_string()),
+                "{full}"
+            );
             break;
         }
         assert!(

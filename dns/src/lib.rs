@@ -4,8 +4,7 @@
 //! them with hickory-server on UDP and TCP; [`run`] keeps the zone current
 //! from the controller's Watch stream.
 //!
-//! Not yet: SRV and headless records, AAAA for IPv4 VIPs, EDNS0 tuning,
-//! SO_REUSEPORT per-core sockets, forwarding out-of-zone queries.
+//! Not yet: headless records, EDNS0 tuning, forwarding out-of-zone queries.
 
 pub mod server;
 pub mod zone;
@@ -19,11 +18,28 @@ use tokio::sync::watch;
 
 use crate::zone::{Zone, ZoneOptions};
 
+/// Binds `n` UDP sockets to `addr` with SO_REUSEPORT (the kernel hashes
+/// each client to one of them), or one plain socket when `n` is 1.
+pub fn bind_udp(addr: std::net::SocketAddr, n: usize) -> std::io::Result<Vec<UdpSocket>> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    (0..n.max(1))
+        .map(|_| {
+            let s = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+            if n > 1 {
+                s.set_reuse_port(true)?;
+            }
+            s.set_nonblocking(true)?;
+            s.bind(&addr.into())?;
+            UdpSocket::from_std(s.into())
+        })
+        .collect()
+}
+
 /// Runs the DNS server: follows the catalog and answers from it.
 pub async fn run(
     opts: ZoneOptions,
     client: Arc<ControllerClient>,
-    udp: UdpSocket,
+    udp: Vec<UdpSocket>,
     tcp: TcpListener,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,

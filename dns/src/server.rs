@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
-use hickory_proto::rr::Record;
+use hickory_proto::rr::{Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
@@ -89,10 +89,23 @@ impl RequestHandler for Handler {
         let qtype = info.query.query_type();
         let soa = std::slice::from_ref(zone.soa());
         let none: &[Record] = &[];
+        let mut extra: Vec<Record> = Vec::new();
         let resp = match zone.answer(name, qtype) {
             Answer::Records(r) => {
                 meta.response_code = ResponseCode::NoError;
-                builder.build(meta, r.iter(), none.iter(), none.iter(), none.iter())
+                // SRV answers carry their targets' addresses, saving a
+                // round trip (the targets are in this zone).
+                for rec in r {
+                    if let hickory_proto::rr::RData::SRV(srv) = &rec.data {
+                        let target = hickory_proto::rr::LowerName::from(&srv.target);
+                        for t in [RecordType::A, RecordType::AAAA] {
+                            if let Answer::Records(a) = zone.answer(&target, t) {
+                                extra.extend(a.iter().cloned());
+                            }
+                        }
+                    }
+                }
+                builder.build(meta, r.iter(), none.iter(), none.iter(), extra.iter())
             }
             Answer::NoData => {
                 meta.response_code = ResponseCode::NoError;
@@ -119,12 +132,15 @@ impl RequestHandler for Handler {
 /// Serves DNS on the given sockets until `shutdown` resolves.
 pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
-    udp: UdpSocket,
+    udp: Vec<UdpSocket>,
     tcp: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mut server = Server::new(Handler::new(zone));
-    server.register_socket(udp);
+    metrics::gauge!("causeway_dns_udp_sockets").set(udp.len() as f64);
+    for s in udp {
+        server.register_socket(s);
+    }
     server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
     tokio::select! {
         r = server.block_until_done() => r.map_err(|e| anyhow::anyhow!("dns server: {e}")),
