@@ -163,6 +163,11 @@ pub struct DnsArgs {
     /// 0 means one per CPU.
     #[arg(long, default_value_t = 0)]
     pub udp_sockets: usize,
+    /// Resolver to forward queries outside the zone to (UDP, ip:port);
+    /// repeat for fallbacks. Without one they are REFUSED. Forwarding makes
+    /// this server a resolver for whoever can reach it: keep it private.
+    #[arg(long = "upstream")]
+    pub upstream: Vec<String>,
 }
 
 /// Exit code for configuration errors (EX_USAGE).
@@ -402,6 +407,15 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
     if hickory_proto::rr::Name::from_ascii(&args.zone).is_err() || args.zone.is_empty() {
         errs.push(format!("zone: {:?} is not a DNS name", args.zone));
     }
+    let mut upstreams = Vec::new();
+    for (i, u) in args.upstream.iter().enumerate() {
+        match u.parse::<SocketAddr>() {
+            Ok(a) => upstreams.push(a),
+            Err(_) => errs.push(format!(
+                "upstream[{i}]: {u:?} is not an ip:port address (e.g. 10.96.0.10:53)"
+            )),
+        }
+    }
     if !errs.is_empty() {
         return Err(ConfigError(errs).into());
     }
@@ -450,6 +464,7 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         state.controller_client(),
         udp,
         tcp,
+        upstreams,
         ready,
         shutdown_signal(),
     )

@@ -2227,3 +2227,96 @@ async fn wait_listening(addr: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// A stand-in upstream resolver on a real UDP socket: answers every A query
+/// with 192.0.2.7 (TEST-NET-1), with recursion available.
+async fn fake_upstream() -> SocketAddr {
+    use hickory_proto::op::{Message, MessageType};
+    use hickory_proto::rr::{rdata::A, RData, Record};
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 4096];
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let Ok(q) = Message::from_vec(&buf[..n]) else {
+                continue;
+            };
+            let mut r = Message::new(q.metadata.id, MessageType::Response, q.metadata.op_code);
+            r.metadata.recursion_desired = q.metadata.recursion_desired;
+            r.metadata.recursion_available = true;
+            r.queries = q.queries.clone();
+            if let Some(query) = q.queries.first() {
+                r.answers.push(Record::from_rdata(
+                    query.name().clone(),
+                    60,
+                    RData::A(A("192.0.2.7".parse().unwrap())),
+                ));
+            }
+            let _ = sock.send_to(&r.to_vec().unwrap(), from).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_outside_the_zone_go_upstream_when_one_is_set() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let upstream = fake_upstream().await;
+    fed.dns_flags = vec!["--upstream".into(), upstream.to_string()];
+    let (echo, _t) = echo_server(None).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let dns = fed.sites["west"].dns;
+
+    tracing::info!("phase: an outside name is answered by the upstream, not refused");
+    let out = dig(dns, &["example.com", "A"]);
+    assert!(out.contains("status: NOERROR"), "{out}");
+    assert!(out.contains("192.0.2.7"), "{out}");
+    assert!(
+        !out.contains(" aa"),
+        "a forwarded answer is not authoritative: {out}"
+    );
+    assert_eq!(
+        resolve_with_hickory(dns, "www.example.org.").await,
+        vec!["192.0.2.7".parse::<IpAddr>().unwrap()]
+    );
+
+    tracing::info!("phase: the mesh zone is still answered locally");
+    assert_eq!(
+        resolve_with_hickory(dns, "echo.shop.svc.clusterset.local.").await,
+        vec![vip]
+    );
+
+    tracing::info!("phase: a dead upstream gives SERVFAIL, not a hang or a crash");
+    let dead = format!("127.0.0.1:{}", free_port().unwrap());
+    fed.dns_flags = vec!["--upstream".into(), dead];
+    fed.add_site("north", &vip_range(), &[]).await.unwrap();
+    let north = fed.sites["north"].dns;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = dig(north, &["+tries=1", "+time=5", "example.com", "A"]);
+        if out.contains("status: SERVFAIL") {
+            break;
+        }
+        // Before its first catalog snapshot the server answers SERVFAIL too;
+        // either way it must answer.
+        assert!(out.contains("status:"), "no answer: {out}");
+        assert!(Instant::now() < deadline, "{out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = http_get(fed.sites["north"].dns_admin, "/metrics").await;
+    assert!(
+        metric(&m, "causeway_dns_forwarded_total{result=\"error\"}") >= 1.0,
+        "{m}"
+    );
+    fed.shutdown().await;
+}

@@ -4,7 +4,7 @@
 //! them with hickory-server on UDP and TCP; [`run`] keeps the zone current
 //! from the controller's Watch stream.
 //!
-//! Not yet: headless records, EDNS0 tuning, forwarding out-of-zone queries.
+//! Not yet: headless records, EDNS0 tuning.
 
 pub mod server;
 pub mod zone;
@@ -41,6 +41,7 @@ pub async fn run(
     client: Arc<ControllerClient>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
+    upstreams: Vec<std::net::SocketAddr>,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -63,7 +64,7 @@ pub async fn run(
             }
         }
     });
-    let r = server::serve(zone_rx, udp, tcp, shutdown).await;
+    let r = server::serve(zone_rx, udp, tcp, upstreams, shutdown).await;
     watch_task.abort();
     build_task.abort();
     r

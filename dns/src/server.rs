@@ -5,7 +5,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hickory_proto::op::{Header, HeaderCounts, MessageType, Metadata, OpCode, ResponseCode};
+use hickory_proto::op::{
+    Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+};
 use hickory_proto::rr::{Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -18,12 +20,51 @@ use crate::zone::{Answer, Zone};
 
 pub struct Handler {
     zone: watch::Receiver<Arc<Zone>>,
+    /// Where queries outside the zone go; empty: they are refused.
+    upstreams: Vec<std::net::SocketAddr>,
 }
 
 impl Handler {
-    pub fn new(zone: watch::Receiver<Arc<Zone>>) -> Self {
-        Self { zone }
+    pub fn new(zone: watch::Receiver<Arc<Zone>>, upstreams: Vec<std::net::SocketAddr>) -> Self {
+        Self { zone, upstreams }
     }
+}
+
+/// Largest upstream answer accepted (EDNS0 UDP payloads rarely exceed 4096).
+const MAX_UPSTREAM_REPLY: usize = 4096;
+const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sends the client's query, as it came, to each upstream in turn until one
+/// answers with a well-formed reply to this query.
+async fn forward(upstreams: &[std::net::SocketAddr], query: &[u8]) -> Option<Message> {
+    let id = u16::from_be_bytes([*query.first()?, *query.get(1)?]);
+    for up in upstreams {
+        let local = if up.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+        let attempt = async {
+            let sock = UdpSocket::bind(local).await.ok()?;
+            sock.connect(up).await.ok()?;
+            sock.send(query).await.ok()?;
+            let mut buf = vec![0u8; MAX_UPSTREAM_REPLY];
+            loop {
+                let n = sock.recv(&mut buf).await.ok()?;
+                match Message::from_vec(&buf[..n]) {
+                    Ok(m) if m.metadata.id == id => return Some(m),
+                    _ => continue, // not ours, or garbage: keep waiting
+                }
+            }
+        };
+        match tokio::time::timeout(UPSTREAM_TIMEOUT, attempt).await {
+            Ok(Some(m)) => {
+                metrics::counter!("causeway_dns_forwarded_total", "result" => "ok").increment(1);
+                return Some(m);
+            }
+            _ => {
+                metrics::counter!("causeway_dns_forwarded_total", "result" => "error").increment(1);
+                tracing::debug!(upstream = %up, "upstream did not answer");
+            }
+        }
+    }
+    None
 }
 
 fn count(code: ResponseCode) {
@@ -90,6 +131,7 @@ impl RequestHandler for Handler {
         let soa = std::slice::from_ref(zone.soa());
         let none: &[Record] = &[];
         let mut extra: Vec<Record> = Vec::new();
+        let upstream: Message;
         let resp = match zone.answer(name, qtype) {
             Answer::Records(r) => {
                 meta.response_code = ResponseCode::NoError;
@@ -115,6 +157,28 @@ impl RequestHandler for Handler {
                 meta.response_code = ResponseCode::NXDomain;
                 builder.build(meta, none.iter(), none.iter(), soa.iter(), none.iter())
             }
+            Answer::Refused if !self.upstreams.is_empty() => {
+                meta.authoritative = false;
+                match forward(&self.upstreams, request.as_slice()).await {
+                    Some(m) => {
+                        upstream = m;
+                        meta.response_code = upstream.metadata.response_code;
+                        meta.recursion_available = upstream.metadata.recursion_available;
+                        meta.truncation = upstream.metadata.truncation;
+                        builder.build(
+                            meta,
+                            upstream.answers.iter(),
+                            upstream.authorities.iter(),
+                            none.iter(),
+                            upstream.additionals.iter(),
+                        )
+                    }
+                    None => {
+                        meta.response_code = ResponseCode::ServFail;
+                        builder.build(meta, none.iter(), none.iter(), none.iter(), none.iter())
+                    }
+                }
+            }
             Answer::Refused => {
                 meta.authoritative = false;
                 meta.response_code = ResponseCode::Refused;
@@ -134,9 +198,10 @@ pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
+    upstreams: Vec<std::net::SocketAddr>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut server = Server::new(Handler::new(zone));
+    let mut server = Server::new(Handler::new(zone, upstreams));
     metrics::gauge!("causeway_dns_udp_sockets").set(udp.len() as f64);
     for s in udp {
         server.register_socket(s);
