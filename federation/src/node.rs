@@ -312,26 +312,34 @@ async fn change_via_peers(
     Err(last)
 }
 
-/// Before a node with corrupt data takes any part in Raft, the others
-/// remove it from the membership: an empty node that still counted as a
-/// voter could vote for a candidate missing entries it had acknowledged.
-/// Retries until a leader takes the change.
-async fn leave_cluster(peers: &PeerChannels, id: NodeId, others: &BTreeMap<NodeId, String>) {
-    let op = crate::service::MembershipOp::Remove { id };
+/// Retries a membership change through the known peers until a leader
+/// takes it (or answers `done_code`: nothing left to do), backing off.
+async fn retry_via_peers(
+    peers: &PeerChannels,
+    others: &BTreeMap<NodeId, String>,
+    op: crate::service::MembershipOp,
+    done_code: tonic::Code,
+    what: &str,
+) {
     let mut wait = Duration::from_millis(200);
     loop {
-        match change_via_peers(peers, others, &op, |st| st.code() == tonic::Code::NotFound).await {
-            Ok(()) => {
-                tracing::info!("removed from the membership; rejoining with empty storage");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "asking the cluster to remove this node; retrying")
-            }
+        match change_via_peers(peers, others, &op, |st| st.code() == done_code).await {
+            Ok(()) => return,
+            Err(e) => tracing::warn!(error = %e, "{what}; retrying"),
         }
         tokio::time::sleep(wait).await;
         wait = (wait * 2).min(Duration::from_secs(5));
     }
+}
+
+/// Before a node with corrupt data takes any part in Raft, the others
+/// remove it from the membership: an empty node that still counted as a
+/// voter could vote for a candidate missing entries it had acknowledged.
+async fn leave_cluster(peers: &PeerChannels, id: NodeId, others: &BTreeMap<NodeId, String>) {
+    let op = crate::service::MembershipOp::Remove { id };
+    let what = "asking the cluster to remove this node";
+    retry_via_peers(peers, others, op, tonic::Code::NotFound, what).await;
+    tracing::info!("removed from the membership; rejoining with empty storage");
 }
 
 /// Asks the leader to add this (empty) node back as a learner; the leader
@@ -343,22 +351,10 @@ async fn rejoin_cluster(
     others: BTreeMap<NodeId, String>,
 ) {
     let op = crate::service::MembershipOp::Add { id, addr };
-    let mut wait = Duration::from_millis(200);
-    loop {
-        let already = |st: &tonic::Status| st.code() == tonic::Code::AlreadyExists;
-        match change_via_peers(&peers, &others, &op, already).await {
-            Ok(()) => {
-                metrics::counter!("causeway_storage_rebuilds_total").increment(1);
-                tracing::info!("rebuilt from peers: caught up and a voter again");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "asking the cluster to add this node back; retrying")
-            }
-        }
-        tokio::time::sleep(wait).await;
-        wait = (wait * 2).min(Duration::from_secs(5));
-    }
+    let what = "asking the cluster to add this node back";
+    retry_via_peers(&peers, &others, op, tonic::Code::AlreadyExists, what).await;
+    metrics::counter!("causeway_storage_rebuilds_total").increment(1);
+    tracing::info!("rebuilt from peers: caught up and a voter again");
 }
 
 async fn export_raft_metrics(raft: Raft) {
