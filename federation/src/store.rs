@@ -313,26 +313,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<()> {
-        let wal = self.wal.clone();
-        blocking(move || {
-            wal.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .truncate(log_id.index)
-        })
-        .map_err(wal_err)
+        blocking(|| self.wal().truncate(log_id.index)).map_err(wal_err)
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<()> {
         // The purge point is durable first: entries still on disk below it
         // are dropped again at the next open.
         meta_put(&self.db, "last_purged", &log_id, true)?;
-        let wal = self.wal.clone();
-        blocking(move || {
-            wal.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .purge(log_id.index)
-        })
-        .map_err(wal_err)
+        blocking(|| self.wal().purge(log_id.index)).map_err(wal_err)
     }
 }
 
