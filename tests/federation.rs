@@ -24,9 +24,33 @@ async fn add_echo_sites(fed: &mut LocalFederation, echo: SocketAddr) {
     fed.add_site("west", &vip_range(), &[]).await.unwrap();
 }
 
+/// `add_echo_sites` with a fresh echo server, then waits until west
+/// resolves the service and a probe crosses the tunnel. Returns west's VIP
+/// for it and the echo server's task (keep it alive).
+async fn echo_sites_ready(fed: &mut LocalFederation) -> (IpAddr, tokio::task::JoinHandle<()>) {
+    let (echo, task) = echo_server(None).await.unwrap();
+    add_echo_sites(fed, echo).await;
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    wait_tunnel(SocketAddr::new(vip, 7000)).await;
+    (vip, task)
+}
+
 /// A VIP range unlikely to collide with other tests running at once.
 fn vip_range() -> String {
-    format!("127.{}.0.0/16", 20 + rand::random::<u8>() % 200)
+    // 51 200 /24 ranges: tests running at once rarely draw the same one
+    // (a /16 per site made that likely with a dozen sites up at a time).
+    format!(
+        "127.{}.{}.0/24",
+        20 + rand::random::<u8>() % 200,
+        rand::random::<u8>()
+    )
 }
 
 fn init_tracing() {
@@ -670,15 +694,9 @@ async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
-    let (echo, _task) = echo_server(None).await.unwrap();
-    add_echo_sites(&mut fed, echo).await;
     let name = "echo.shop.svc.clusterset.local";
-    let vip = fed
-        .wait_resolvable("west", name, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
     let target = SocketAddr::new(vip, 7000);
-    wait_tunnel(target).await;
 
     tracing::info!("phase: random datagrams at both tunnel ports and the DNS port");
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -762,14 +780,8 @@ async fn a_site_whose_gateway_dies_leaves_routing_and_dns_then_returns() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
-    let (echo, _task) = echo_server(None).await.unwrap();
-    add_echo_sites(&mut fed, echo).await;
     let name = "echo.shop.svc.clusterset.local";
-    let vip = fed
-        .wait_resolvable("west", name, Duration::from_secs(30))
-        .await
-        .unwrap();
-    wait_tunnel(SocketAddr::new(vip, 7000)).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
 
     tracing::info!("phase: SIGKILL east's gateway; its lease lapses");
     fed.sites.get_mut("east").unwrap().gateway.kill().await;
@@ -1764,18 +1776,8 @@ async fn many_connections_open_and_close_without_leaking() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
-    let (echo, _t) = echo_server(None).await.unwrap();
-    add_echo_sites(&mut fed, echo).await;
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
     let target = SocketAddr::new(vip, 7000);
-    wait_tunnel(target).await;
     let pids = [
         fed.sites["east"].gateway.pid().unwrap(),
         fed.sites["west"].gateway.pid().unwrap(),
@@ -1868,14 +1870,8 @@ async fn with_every_controller_down_sites_keep_serving_their_last_view() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
-    let (echo, _t) = echo_server(None).await.unwrap();
-    add_echo_sites(&mut fed, echo).await;
     let name = "echo.shop.svc.clusterset.local";
-    let vip = fed
-        .wait_resolvable("west", name, Duration::from_secs(30))
-        .await
-        .unwrap();
-    wait_tunnel(SocketAddr::new(vip, 7000)).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
 
     tracing::info!("phase: SIGKILL every controller");
     for id in [1, 2, 3] {
@@ -2156,18 +2152,8 @@ async fn tunnel_certificates_renew_in_place_without_dropping_tunnels() {
     let mut fed = federation(&tmp).await;
     // Three-second certificates: renewed every two seconds.
     fed.gateway_extra = "cert_ttl_secs = 3\n".into();
-    let (echo, _t) = echo_server(None).await.unwrap();
-    add_echo_sites(&mut fed, echo).await;
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
     let target = SocketAddr::new(vip, 7000);
-    wait_tunnel(target).await;
     let west_admin = fed.sites["west"].gateway_admin;
     let dials = || async move {
         metric(
@@ -2266,16 +2252,7 @@ async fn queries_outside_the_zone_go_upstream_when_one_is_set() {
     let mut fed = federation(&tmp).await;
     let upstream = fake_upstream().await;
     fed.dns_flags = vec!["--upstream".into(), upstream.to_string()];
-    let (echo, _t) = echo_server(None).await.unwrap();
-    add_echo_sites(&mut fed, echo).await;
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
     let dns = fed.sites["west"].dns;
 
     tracing::info!("phase: an outside name is answered by the upstream, not refused");
