@@ -20,12 +20,20 @@
 //! offset: dropping it could drop an acknowledged entry, so the node rebuilds
 //! from its peers instead (see `node.rs`).
 //!
+//! Segments are preallocated (`fallocate`) to their full size when they are
+//! started, as etcd does: an `fdatasync` after an append then flushes data
+//! only, with no file-size change to journal, which takes about a third off
+//! its latency on ext4. The unwritten rest of a segment reads as zeros, so a
+//! segment ends where its bytes turn all-zero, and a damaged final record
+//! with nothing but zeros after it is an unfinished append, like one cut
+//! short.
+//!
 //! This module is synchronous and knows nothing of openraft: `store.rs` maps
 //! Raft entries onto it.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -105,6 +113,32 @@ pub struct Parsed {
     pub torn_tail: bool,
 }
 
+/// Whether nothing was ever written in `bytes` (preallocated space).
+fn unwritten(bytes: &[u8]) -> bool {
+    bytes.iter().all(|b| *b == 0)
+}
+
+/// The unit a disk writes whole: a write cut short by a crash leaves some
+/// of these never written (zeros in preallocated space), not random bits.
+const SECTOR: usize = 512;
+
+/// Whether the record at `bytes[start..end]` (offsets in the segment) shows
+/// the mark of a write cut short: a sector's share of it all zeros. Shares
+/// under 16 bytes count only at the record's end, since a record's header
+/// holds short runs of zeros by itself (the high bytes of small numbers);
+/// payloads are JSON and never hold a zero byte.
+fn torn_record(bytes: &[u8], start: usize, end: usize) -> bool {
+    let mut at = start;
+    while at < end {
+        let next = ((at / SECTOR + 1) * SECTOR).min(end);
+        if (next - at >= 16 || next == end) && unwritten(&bytes[at..next]) {
+            return true;
+        }
+        at = next;
+    }
+    false
+}
+
 /// Reads the records of one segment. Never panics and never allocates more
 /// than the input, whatever the bytes.
 pub fn parse_segment(bytes: &[u8]) -> Parsed {
@@ -118,6 +152,10 @@ pub fn parse_segment(bytes: &[u8]) -> Parsed {
     };
     while off < bytes.len() {
         let rest = &bytes[off..];
+        if unwritten(rest) {
+            // The preallocated, never-written end of the segment.
+            break;
+        }
         if rest.len() < HEADER {
             return stop(records, off, "incomplete record header".into(), true);
         }
@@ -132,8 +170,13 @@ pub fn parse_segment(bytes: &[u8]) -> Parsed {
         }
         let payload = &rest[HEADER..HEADER + len];
         if checksum(index, payload) != crc {
+            // With only unwritten space after it and a sector of it never
+            // written, this is the last append, and it never completed. A
+            // flipped bit, or damage anywhere else, is corruption.
+            let torn =
+                unwritten(&rest[HEADER + len..]) && torn_record(bytes, off, off + HEADER + len);
             let why = format!("record for index {index} fails its checksum");
-            return stop(records, off, why, false);
+            return stop(records, off, why, torn);
         }
         records.push((index, (off + HEADER) as u64, len as u32));
         off += HEADER + len;
@@ -148,6 +191,34 @@ pub fn parse_segment(bytes: &[u8]) -> Parsed {
 
 fn segment_name(first: u64) -> String {
     format!("{first:020}.wal")
+}
+
+/// Reserves blocks for `file` up to `SEGMENT_BYTES` from `from` on, reading
+/// as zeros. Filesystems without `fallocate`, and disks without 64 MiB to
+/// spare, just go without: appends then grow the file, which is correct,
+/// only slower to sync (and a full disk is reported by the append itself).
+fn preallocate(file: &File, from: u64) -> std::io::Result<()> {
+    use rustix::fs::{fallocate, FallocateFlags};
+    use rustix::io::Errno;
+    if from >= SEGMENT_BYTES {
+        return Ok(());
+    }
+    match fallocate(file, FallocateFlags::empty(), from, SEGMENT_BYTES - from) {
+        Ok(()) | Err(Errno::OPNOTSUPP) | Err(Errno::NOSYS) => Ok(()),
+        Err(Errno::NOSPC) => {
+            tracing::warn!("too little disk space to preallocate a log segment; appending without");
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Cuts `file` back to `len` bytes and preallocates again after that, so
+/// the bytes past `len` read as zeros (unwritten).
+fn cut_to(file: &File, len: u64) -> std::io::Result<()> {
+    file.set_len(len)?;
+    preallocate(file, len)?;
+    file.sync_all()
 }
 
 impl Wal {
@@ -188,7 +259,7 @@ impl Wal {
             let newest = i + 1 == count;
             let mut file = OpenOptions::new()
                 .read(true)
-                .append(true)
+                .write(true)
                 .open(&path)
                 .map_err(io)?;
             let mut bytes = Vec::new();
@@ -209,8 +280,7 @@ impl Wal {
                     %why,
                     "cutting off an unfinished append at the end of the log"
                 );
-                file.set_len(parsed.good_len).map_err(io)?;
-                file.sync_all().map_err(io)?;
+                cut_to(&file, parsed.good_len).map_err(io)?;
             }
             if parsed.records.is_empty() {
                 // Created but never written: nothing to keep.
@@ -332,9 +402,9 @@ impl Wal {
             });
             encode_record(&mut buf, *index, payload);
         }
-        if let Err(e) = (&*seg.file).write_all(&buf) {
-            // Leave no half record behind for the next append to follow.
-            let _ = seg.file.set_len(seg.len);
+        if let Err(e) = seg.file.write_all_at(&buf, seg.len) {
+            // Leave no half record behind for a reopen to stumble on.
+            let _ = cut_to(&seg.file, seg.len);
             let dir = self.dir.display().to_string();
             return Err(WalError::Io { dir, source: e });
         }
@@ -351,7 +421,7 @@ impl Wal {
         let path = self.dir.join(segment_name(first));
         let file = OpenOptions::new()
             .read(true)
-            .append(true)
+            .write(true)
             .create(true)
             .truncate(false)
             .open(&path)
@@ -359,6 +429,8 @@ impl Wal {
         // A leftover file of this name (from before a truncation) holds
         // nothing we still want.
         file.set_len(0).map_err(|e| self.io(e))?;
+        preallocate(&file, 0).map_err(|e| self.io(e))?;
+        file.sync_all().map_err(|e| self.io(e))?;
         self.sync_dir()?;
         self.segments.push(Segment {
             first,
@@ -398,11 +470,7 @@ impl Wal {
             if let Some(seg) = self.segments.last_mut() {
                 if seg.first == cut.segment {
                     let at = cut.offset - HEADER as u64;
-                    seg.file.set_len(at).map_err(|e| WalError::Io {
-                        dir: self.dir.display().to_string(),
-                        source: e,
-                    })?;
-                    seg.file.sync_all().map_err(|e| WalError::Io {
+                    cut_to(&seg.file, at).map_err(|e| WalError::Io {
                         dir: self.dir.display().to_string(),
                         source: e,
                     })?;
@@ -515,16 +583,39 @@ mod tests {
     fn an_unfinished_append_is_cut_off_but_damage_inside_is_corruption() {
         let dir = tempfile::tempdir().unwrap();
         let mut wal = Wal::open(dir.path()).unwrap();
-        wal.append(&entries(1..=5)).unwrap();
+        wal.append(&entries(1..=4)).unwrap();
+        // A last record long enough to span sectors.
+        let long = format!("entry 5 {}", "y".repeat(3 * SECTOR)).into_bytes();
+        wal.append(&[(5, long)]).unwrap();
         let path = wal.segment_paths()[0].clone();
         drop(wal);
         let full = std::fs::read(&path).unwrap();
+        let written = parse_segment(&full).good_len as usize;
+        assert!(full.len() > written, "the segment is preallocated");
+        assert!(unwritten(&full[written..]));
 
-        // Half of the last record made it to disk.
-        std::fs::write(&path, &full[..full.len() - 3]).unwrap();
+        // Half of the last record made it to disk, and the file ends there
+        // (no preallocation).
+        std::fs::write(&path, &full[..written - 3]).unwrap();
         let wal = Wal::open(dir.path()).unwrap();
         assert_eq!(wal.last_index(), Some(4));
         drop(wal);
+
+        // The same in preallocated space: the sectors after the first one
+        // of the last record were never written. The log stays whole after
+        // the cut: appends go on from index 5.
+        let mut torn = full.clone();
+        let second_sector = (written - 2 * SECTOR) / SECTOR * SECTOR;
+        torn[second_sector..written].fill(0);
+        std::fs::write(&path, &torn).unwrap();
+        let mut wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.last_index(), Some(4));
+        wal.append(&entries(5..=6)).unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(all(&wal), (1..=6).collect::<Vec<_>>());
+        drop(wal);
+        std::fs::write(&path, &full).unwrap();
 
         // A flipped bit in the first record, with good records after it.
         let mut bad = full.clone();
@@ -537,8 +628,7 @@ mod tests {
         // A flipped bit in the last, complete record: it may have been
         // acknowledged, so it is corruption too, not an unfinished append.
         let mut bad = full.clone();
-        let last = bad.len() - 1;
-        bad[last] ^= 0x10;
+        bad[written - 1] ^= 0x10;
         std::fs::write(&path, &bad).unwrap();
         let err = Wal::open(dir.path()).err().unwrap().to_string();
         assert!(err.contains("index 5 fails its checksum"), "{err}");
