@@ -168,6 +168,10 @@ pub struct DnsArgs {
     /// this server a resolver for whoever can reach it: keep it private.
     #[arg(long = "upstream")]
     pub upstream: Vec<String>,
+    /// Largest UDP answer to an EDNS0 query, bytes (512-4096). Larger
+    /// answers are truncated and clients retry over TCP.
+    #[arg(long, default_value_t = causeway_dns::server::DEFAULT_EDNS_UDP_SIZE)]
+    pub edns_udp_size: u16,
 }
 
 /// Exit code for configuration errors (EX_USAGE).
@@ -416,6 +420,12 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
             )),
         }
     }
+    if !(512..=4096).contains(&args.edns_udp_size) {
+        errs.push(format!(
+            "edns_udp_size: {} is outside 512-4096 (1232 avoids IP fragmentation)",
+            args.edns_udp_size
+        ));
+    }
     if !errs.is_empty() {
         return Err(ConfigError(errs).into());
     }
@@ -464,7 +474,10 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         state.controller_client(),
         udp,
         tcp,
-        upstreams,
+        causeway_dns::server::ServeOptions {
+            upstreams,
+            edns_udp_size: args.edns_udp_size,
+        },
         ready,
         shutdown_signal(),
     )

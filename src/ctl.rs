@@ -230,7 +230,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     .values()
                     .map(|s| serde_json::json!({"service": s.key.to_string(), "vip_index": s.vip_index,
                         "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
-                        "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h})).collect::<Vec<_>>()}))
+                        "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h})).collect::<Vec<_>>(),
+                        "headless": s.headless,
+                        "endpoints": s.endpoints.iter().map(|(n, e)| serde_json::json!({"site": n.to_string(), "address": e.address, "hostname": e.hostname})).collect::<Vec<_>>()}))
                     .collect();
                 println!(
                     "{}",

@@ -326,6 +326,7 @@ fn exports(n: usize) -> Vec<causeway_api::pb::Export> {
             }],
             healthy_endpoints: 1,
             vip_index: 0,
+            ..Default::default()
         })
         .collect()
 }
@@ -2294,5 +2295,187 @@ async fn queries_outside_the_zone_go_upstream_when_one_is_set() {
         metric(&m, "causeway_dns_forwarded_total{result=\"error\"}") >= 1.0,
         "{m}"
     );
+    fed.shutdown().await;
+}
+
+/// Appends `toml` (export tables) to a site's gateway config and restarts
+/// the gateway with it.
+async fn add_exports_and_restart(fed: &mut LocalFederation, site: &str, toml: &str) {
+    let cfg = fed.sites[site].config.clone();
+    let mut text = std::fs::read_to_string(&cfg).unwrap();
+    text.push_str(toml);
+    std::fs::write(&cfg, text).unwrap();
+    let bin = fed.bin.clone();
+    let gw = &mut fed.sites.get_mut(site).unwrap().gateway;
+    gw.kill().await;
+    gw.start(&bin).unwrap();
+}
+
+/// `dig +short` lines, sorted.
+fn dig_short(server: SocketAddr, args: &[&str]) -> Vec<String> {
+    let mut a = vec!["+short"];
+    a.extend_from_slice(args);
+    let mut lines: Vec<String> = dig(server, &a)
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with(';'))
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headless_services_resolve_to_ready_endpoints_with_truncation_and_tcp() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    fed.add_site("east", &vip_range(), &[]).await.unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let west_dns = fed.sites["west"].dns;
+
+    // Endpoints are real listeners (only ready ones are published), all on
+    // the service port, on addresses of their own.
+    let port = causeway::local::free_port().unwrap();
+    let (a, b) = (20 + rand::random::<u8>() % 200, rand::random::<u8>());
+    let ip = |third: u8, host: u8| format!("127.{a}.{}.{host}", b.wrapping_add(third));
+    let mut listeners = std::collections::BTreeMap::new();
+    let mut listen = |addr: String| {
+        let l = std::net::TcpListener::bind(format!("{addr}:{port}")).unwrap();
+        listeners.insert(addr, l);
+    };
+    for h in 1..=2 {
+        listen(ip(0, h));
+    }
+    listen(ip(1, 1));
+    for h in 1..=100 {
+        listen(ip(2, h));
+    }
+    let (e1, e2, w1) = (ip(0, 1), ip(0, 2), ip(1, 1));
+    add_exports_and_restart(
+        &mut fed,
+        "east",
+        &format!(
+            "\n[[exports]]\nservice = \"db/pg\"\nport = {port}\nport_name = \"pg\"\nheadless = true\n\
+             endpoints = [\"{e1}:{port}\", \"{e2}:{port}\"]\nhostnames = {{ \"{e1}:{port}\" = \"pg-0\" }}\n"
+        ),
+    )
+    .await;
+    let big: Vec<String> = (1..=100)
+        .map(|h| format!("\"{}:{port}\"", ip(2, h)))
+        .collect();
+    add_exports_and_restart(
+        &mut fed,
+        "west",
+        &format!(
+            "\n[[exports]]\nservice = \"db/pg\"\nport = {port}\nport_name = \"pg\"\nheadless = true\n\
+             endpoints = [\"{w1}:{port}\"]\nhostnames = {{ \"{w1}:{port}\" = \"pg-0\" }}\n\
+             \n[[exports]]\nservice = \"db/big\"\nport = {port}\nheadless = true\nendpoints = [{}]\n",
+            big.join(", ")
+        ),
+    )
+    .await;
+
+    tracing::info!("phase: the service name answers with every site's ready endpoints");
+    let svc = "pg.db.svc.clusterset.local";
+    let mut want = vec![e1.clone(), e2.clone(), w1.clone()];
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let got = dig_short(west_dns, &[svc, "A"]);
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{svc} A: {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        dig_short(west_dns, &[&format!("pg-0.east.{svc}"), "A"]),
+        vec![e1.clone()]
+    );
+    assert_eq!(
+        dig_short(west_dns, &[&format!("pg-0.west.{svc}"), "A"]),
+        vec![w1.clone()]
+    );
+    let e2_name = format!("{}.east.{svc}", e2.replace('.', "-"));
+    assert_eq!(dig_short(west_dns, &[&e2_name, "A"]), vec![e2.clone()]);
+    let mut srv_want = vec![
+        format!("0 100 {port} pg-0.east.{svc}."),
+        format!("0 100 {port} pg-0.west.{svc}."),
+        format!("0 100 {port} {e2_name}."),
+    ];
+    srv_want.sort();
+    assert_eq!(
+        dig_short(west_dns, &[&format!("_pg._tcp.{svc}"), "SRV"]),
+        srv_want
+    );
+    assert_eq!(
+        dig_short(west_dns, &["-x", &e1]),
+        [format!("pg-0.east.{svc}.")]
+    );
+    // No record names one site's share of the service.
+    let share = dig(west_dns, &[&format!("east.{svc}"), "A"]);
+    assert!(
+        share.contains("status: NOERROR") && share.contains("ANSWER: 0"),
+        "{share}"
+    );
+
+    tracing::info!("phase: an answer too big for UDP is truncated and dig retries over TCP");
+    let big_name = "big.db.svc.clusterset.local";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // dig asks with EDNS0 (1232 bytes), gets TC and retries over TCP.
+        let got = dig_short(west_dns, &[big_name, "A"]);
+        if got.len() == 100 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{big_name}: {} answers",
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let plain = dig(west_dns, &["+noedns", "+ignore", big_name, "A"]);
+    let flags = plain
+        .lines()
+        .find(|l| l.contains(";; flags:"))
+        .unwrap_or_default();
+    assert!(flags.contains(" tc"), "no TC without EDNS0: {plain}");
+    assert!(!plain.contains("OPT PSEUDOSECTION"), "{plain}");
+    let edns = dig(west_dns, &["+bufsize=4096", "+ignore", big_name, "A"]);
+    assert!(
+        edns.contains("OPT PSEUDOSECTION"),
+        "no OPT in the answer: {edns}"
+    );
+    assert!(
+        edns.contains("udp: 1232"),
+        "the server's limit is 1232: {edns}"
+    );
+    let flags = edns
+        .lines()
+        .find(|l| l.contains(";; flags:"))
+        .unwrap_or_default();
+    assert!(
+        flags.contains(" tc"),
+        "1.7 KB does not fit 1232 bytes: {edns}"
+    );
+    assert_eq!(dig_short(west_dns, &["+tcp", big_name, "A"]).len(), 100);
+    let badvers = dig(west_dns, &["+edns=1", "+noednsneg", svc, "A"]);
+    assert!(badvers.contains("status: BADVERS"), "{badvers}");
+
+    tracing::info!("phase: an endpoint that stops leaves the answers");
+    drop(listeners.remove(&e2));
+    let mut want = vec![e1.clone(), w1.clone()];
+    want.sort();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = dig_short(west_dns, &[svc, "A"]);
+        if got == want {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{svc} A: {got:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(dig(west_dns, &[&e2_name, "A"]).contains("status: NXDOMAIN"));
     fed.shutdown().await;
 }

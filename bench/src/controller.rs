@@ -56,6 +56,7 @@ fn export_set(n: usize, tag: u32) -> Vec<pb::Export> {
             }],
             healthy_endpoints: tag,
             vip_index: 0,
+            ..Default::default()
         })
         .collect()
 }

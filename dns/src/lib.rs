@@ -3,8 +3,6 @@
 //! [`zone`] builds the records from the catalog (pure); [`server`] answers
 //! them with hickory-server on UDP and TCP; [`run`] keeps the zone current
 //! from the controller's Watch stream.
-//!
-//! Not yet: headless records, EDNS0 tuning.
 
 pub mod server;
 pub mod zone;
@@ -41,7 +39,7 @@ pub async fn run(
     client: Arc<ControllerClient>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
-    upstreams: Vec<std::net::SocketAddr>,
+    serve: server::ServeOptions,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -64,7 +62,7 @@ pub async fn run(
             }
         }
     });
-    let r = server::serve(zone_rx, udp, tcp, upstreams, shutdown).await;
+    let r = server::serve(zone_rx, udp, tcp, serve, shutdown).await;
     watch_task.abort();
     build_task.abort();
     r

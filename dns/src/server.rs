@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{
-    Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
+    Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, ResponseCode,
 };
 use hickory_proto::rr::{Record, RecordType};
 use hickory_server::net::runtime::Time;
@@ -18,15 +18,38 @@ use tokio::sync::watch;
 
 use crate::zone::{Answer, Zone};
 
+/// How the server answers, beyond the zone's contents.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Where queries outside the zone go; empty: they are refused.
+    pub upstreams: Vec<std::net::SocketAddr>,
+    /// Largest UDP answer to an EDNS0 query (the client's own limit is
+    /// honoured if smaller). Queries without EDNS0 get at most 512 bytes.
+    /// A larger answer is truncated (TC) and the client retries over TCP.
+    pub edns_udp_size: u16,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            upstreams: Vec::new(),
+            edns_udp_size: DEFAULT_EDNS_UDP_SIZE,
+        }
+    }
+}
+
+/// The EDNS0 UDP payload size DNS Flag Day 2020 settled on: no IP
+/// fragmentation on any common path.
+pub const DEFAULT_EDNS_UDP_SIZE: u16 = 1232;
+
 pub struct Handler {
     zone: watch::Receiver<Arc<Zone>>,
-    /// Where queries outside the zone go; empty: they are refused.
-    upstreams: Vec<std::net::SocketAddr>,
+    opts: ServeOptions,
 }
 
 impl Handler {
-    pub fn new(zone: watch::Receiver<Arc<Zone>>, upstreams: Vec<std::net::SocketAddr>) -> Self {
-        Self { zone, upstreams }
+    pub fn new(zone: watch::Receiver<Arc<Zone>>, opts: ServeOptions) -> Self {
+        Self { zone, opts }
     }
 }
 
@@ -75,6 +98,7 @@ fn count(code: ResponseCode) {
         ResponseCode::ServFail => "servfail",
         ResponseCode::FormErr => "formerr",
         ResponseCode::NotImp => "notimp",
+        ResponseCode::BADVERS => "badvers",
         _ => "other",
     };
     metrics::counter!("causeway_dns_queries_total", "rcode" => label).increment(1);
@@ -95,7 +119,34 @@ impl RequestHandler for Handler {
                 counts: HeaderCounts::default(),
             })
         };
-        let builder = MessageResponseBuilder::from_message_request(request);
+        let mut builder = MessageResponseBuilder::from_message_request(request);
+        // EDNS0: answer an OPT with an OPT, whose payload size also bounds
+        // this answer over UDP (hickory truncates and sets TC beyond it).
+        let resp_edns = request.edns.as_ref().map(|req| {
+            let mut e = Edns::new();
+            e.set_max_payload(
+                req.max_payload()
+                    .clamp(512, self.opts.edns_udp_size.max(512)),
+            );
+            e.set_version(0);
+            e
+        });
+        if let Some(req) = request.edns.as_ref().filter(|e| e.version() > 0) {
+            // Only version 0 exists (RFC 6891 section 6.1.3).
+            tracing::debug!(version = req.version(), "EDNS version not supported");
+            let mut e = resp_edns.clone().expect("request has EDNS");
+            e.set_rcode_high(ResponseCode::BADVERS.high());
+            count(ResponseCode::BADVERS);
+            let resp = MessageResponseBuilder::new(&request.queries, Some(&e))
+                .error_msg(&request.metadata, ResponseCode::BADVERS);
+            return response_handle
+                .send_response(resp)
+                .await
+                .unwrap_or(fallback);
+        }
+        if let Some(e) = &resp_edns {
+            builder.edns(e);
+        }
         if request.metadata.message_type != MessageType::Query
             || request.metadata.op_code != OpCode::Query
         {
@@ -157,9 +208,9 @@ impl RequestHandler for Handler {
                 meta.response_code = ResponseCode::NXDomain;
                 builder.build(meta, none.iter(), none.iter(), soa.iter(), none.iter())
             }
-            Answer::Refused if !self.upstreams.is_empty() => {
+            Answer::Refused if !self.opts.upstreams.is_empty() => {
                 meta.authoritative = false;
-                match forward(&self.upstreams, request.as_slice()).await {
+                match forward(&self.opts.upstreams, request.as_slice()).await {
                     Some(m) => {
                         upstream = m;
                         meta.response_code = upstream.metadata.response_code;
@@ -198,10 +249,10 @@ pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
-    upstreams: Vec<std::net::SocketAddr>,
+    opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut server = Server::new(Handler::new(zone, upstreams));
+    let mut server = Server::new(Handler::new(zone, opts));
     metrics::gauge!("causeway_dns_udp_sockets").set(udp.len() as f64);
     for s in udp {
         server.register_socket(s);

@@ -9,6 +9,14 @@
 //! exist (including empty non-terminals such as `svc.<zone>`) answer other
 //! types with NODATA; unknown names inside the zone get NXDOMAIN with the
 //! SOA; names outside it are REFUSED.
+//!
+//! A headless service (every exporter exports it headless) has no
+//! ClusterSetIP: its name answers with the ready endpoint addresses of all
+//! sites, each endpoint also has `<hostname>.<site>.<svc>.<ns>.svc.<zone>`
+//! (the site name is the cluster ID), and each named port has one SRV
+//! record per endpoint name. No record names a site's share of a service
+//! (`<site>.<svc>...` has no records of its own), as the spec requires.
+//! ClusterSetIPs and headless endpoints have PTR records.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -16,8 +24,29 @@ use std::str::FromStr;
 
 use causeway_api::catalog::CatalogView;
 use causeway_api::model::vip_for;
-use hickory_proto::rr::rdata::{A, AAAA, SOA, SRV, TXT};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA, SRV, TXT};
 use hickory_proto::rr::{LowerName, Name, RData, Record, RecordType};
+
+fn address(ip: IpAddr) -> RData {
+    match ip {
+        IpAddr::V4(a) => RData::A(A(a)),
+        IpAddr::V6(a) => RData::AAAA(AAAA(a)),
+    }
+}
+
+/// The system-assigned hostname of an endpoint without one: its address
+/// with dashes (`10-0-0-5`; IPv6 written out in full, `fd00-0-0-0-0-0-0-5`).
+pub fn address_label(ip: IpAddr) -> String {
+    match ip {
+        IpAddr::V4(a) => a.to_string().replace('.', "-"),
+        IpAddr::V6(a) => a
+            .segments()
+            .iter()
+            .map(|s| format!("{s:x}"))
+            .collect::<Vec<_>>()
+            .join("-"),
+    }
+}
 
 /// MCS DNS specification version served in `dns-version.<zone>`.
 pub const SPEC_VERSION: &str = "1.0.0";
@@ -47,6 +76,9 @@ pub struct Zone {
     records: HashMap<(LowerName, RecordType), Vec<Record>>,
     /// Every name that exists: owners and their ancestors inside the zone.
     names: HashSet<LowerName>,
+    /// PTR records of ClusterSetIPs and headless endpoints, by reverse name
+    /// (outside the zone: only these names are answered there).
+    reverse: HashMap<LowerName, Vec<Record>>,
     /// False until the first catalog snapshot arrived: answer SERVFAIL.
     pub ready: bool,
 }
@@ -81,6 +113,7 @@ impl Zone {
             soa,
             records: HashMap::new(),
             names,
+            reverse: HashMap::new(),
             ready: false,
         })
     }
@@ -100,15 +133,10 @@ impl Zone {
             RData::TXT(TXT::new(vec![SPEC_VERSION.to_string()])),
         ));
         for (key, svc) in view.services() {
-            let Some(vip) = vip_for(opts.vip_base, opts.vip_prefix, svc.vip_index) else {
-                continue;
-            };
             let owner = Name::from_str(&format!("{}.{}.svc", key.name(), key.namespace()))?
                 .append_domain(&origin)?;
-            let rdata = match vip {
-                IpAddr::V4(a) => RData::A(A(a)),
-                IpAddr::V6(a) => RData::AAAA(AAAA(a)),
-            };
+            // `(SRV owner, port)` of each named port.
+            let mut named = Vec::new();
             for p in &svc.ports {
                 let Ok(port) = u16::try_from(p.port) else {
                     continue;
@@ -124,15 +152,87 @@ impl Zone {
                 else {
                     continue;
                 };
+                named.push((srv_owner, port));
+            }
+            if svc.headless {
+                zone.add_headless(opts, &owner, &named, &svc.endpoints);
+                continue;
+            }
+            let Some(vip) = vip_for(opts.vip_base, opts.vip_prefix, svc.vip_index) else {
+                continue;
+            };
+            for (srv_owner, port) in named {
                 zone.add(Record::from_rdata(
                     srv_owner,
                     opts.ttl,
                     RData::SRV(SRV::new(0, 100, port, owner.clone())),
                 ));
             }
-            zone.add(Record::from_rdata(owner, opts.ttl, rdata));
+            zone.add_ptr(opts, vip, &owner);
+            zone.add(Record::from_rdata(owner, opts.ttl, address(vip)));
         }
         Ok(zone)
+    }
+
+    /// A headless service: its owner name answers with every ready
+    /// endpoint's address; each endpoint gets
+    /// `<hostname>.<site>.<svc>.<ns>.svc.<zone>`, and each named port an
+    /// SRV record per endpoint name. With no ready endpoint nothing is
+    /// added, so the name is NXDOMAIN, as the spec asks.
+    fn add_headless(
+        &mut self,
+        opts: &ZoneOptions,
+        owner: &Name,
+        named: &[(Name, u16)],
+        endpoints: &[(causeway_api::model::SiteName, causeway_api::pb::Endpoint)],
+    ) {
+        let mut addresses = std::collections::BTreeSet::new();
+        let mut hosts = std::collections::BTreeSet::new();
+        for (site, ep) in endpoints {
+            let Ok(ip) = ep.address.parse::<IpAddr>() else {
+                continue;
+            };
+            let label = if ep.hostname.is_empty() {
+                address_label(ip)
+            } else {
+                ep.hostname.to_ascii_lowercase()
+            };
+            let Ok(host) =
+                Name::from_str(&format!("{label}.{site}")).and_then(|n| n.append_domain(owner))
+            else {
+                continue;
+            };
+            if hosts.insert((host.clone(), ip)) {
+                self.add(Record::from_rdata(host.clone(), opts.ttl, address(ip)));
+                self.add_ptr(opts, ip, &host);
+            }
+            if addresses.insert(ip) {
+                self.add(Record::from_rdata(owner.clone(), opts.ttl, address(ip)));
+            }
+        }
+        let targets: std::collections::BTreeSet<&Name> = hosts.iter().map(|(h, _)| h).collect();
+        for (srv_owner, port) in named {
+            for target in &targets {
+                self.add(Record::from_rdata(
+                    srv_owner.clone(),
+                    opts.ttl,
+                    RData::SRV(SRV::new(0, 100, *port, (*target).clone())),
+                ));
+            }
+        }
+    }
+
+    /// The PTR record for `ip` (the first name to claim an address keeps
+    /// it: an address has one PTR).
+    fn add_ptr(&mut self, opts: &ZoneOptions, ip: IpAddr, target: &Name) {
+        let reverse = LowerName::from(Name::from(ip));
+        self.reverse.entry(reverse.clone()).or_insert_with(|| {
+            vec![Record::from_rdata(
+                reverse.into(),
+                opts.ttl,
+                RData::PTR(PTR(target.clone())),
+            )]
+        });
     }
 
     fn add(&mut self, record: Record) {
@@ -157,7 +257,11 @@ impl Zone {
 
     pub fn answer(&self, name: &LowerName, qtype: RecordType) -> Answer<'_> {
         if !self.origin.zone_of(name) {
-            return Answer::Refused;
+            return match self.reverse.get(name) {
+                Some(r) if qtype == RecordType::PTR => Answer::Records(r),
+                Some(_) => Answer::NoData,
+                None => Answer::Refused,
+            };
         }
         if *name == self.origin && qtype == RecordType::SOA {
             return Answer::Records(std::slice::from_ref(&self.soa));
@@ -218,6 +322,7 @@ mod tests {
                         ],
                         healthy_endpoints: 1,
                         vip_index: 7,
+                        ..Default::default()
                     }],
                 }],
             })),
@@ -319,6 +424,126 @@ mod tests {
             ),
             Answer::NoData
         );
+    }
+
+    fn headless_view() -> CatalogView {
+        let mut v = view();
+        let ep = |address: &str, hostname: &str| pb::Endpoint {
+            address: address.into(),
+            hostname: hostname.into(),
+        };
+        let pg = |endpoints| pb::Export {
+            service: "db/pg".into(),
+            ports: vec![pb::ServicePort {
+                port: 5432,
+                protocol: "tcp".into(),
+                name: "pg".into(),
+            }],
+            healthy_endpoints: 2,
+            vip_index: 8,
+            headless: true,
+            endpoints,
+        };
+        v.sites.insert(
+            "west".into(),
+            pb::Site {
+                name: "west".into(),
+                available: true,
+                ..Default::default()
+            },
+        );
+        v.exports
+            .get_mut("east")
+            .unwrap()
+            .push(pg(vec![ep("10.1.0.5", "pg-0"), ep("10.1.0.6", "")]));
+        v.exports
+            .insert("west".into(), vec![pg(vec![ep("fd00::7", "pg-0")])]);
+        v
+    }
+
+    fn rdata(a: Answer<'_>) -> Vec<String> {
+        let Answer::Records(r) = a else {
+            panic!("{a:?}")
+        };
+        let mut out: Vec<String> = r.iter().map(|r| r.data.to_string()).collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn headless_services_answer_with_every_ready_endpoint() {
+        let z = Zone::build(&opts(), &headless_view()).unwrap();
+        let svc = "pg.db.svc.clusterset.local.";
+        assert_eq!(
+            rdata(z.answer(&name(svc), RecordType::A)),
+            ["10.1.0.5", "10.1.0.6"]
+        );
+        assert_eq!(rdata(z.answer(&name(svc), RecordType::AAAA)), ["fd00::7"]);
+        // Per-endpoint names, with the site as cluster ID; an endpoint
+        // without a hostname is named after its address.
+        assert_eq!(
+            rdata(z.answer(&name(&format!("pg-0.east.{svc}")), RecordType::A)),
+            ["10.1.0.5"]
+        );
+        assert_eq!(
+            rdata(z.answer(&name(&format!("10-1-0-6.east.{svc}")), RecordType::A)),
+            ["10.1.0.6"]
+        );
+        assert_eq!(
+            rdata(z.answer(&name(&format!("pg-0.west.{svc}")), RecordType::AAAA)),
+            ["fd00::7"]
+        );
+        // One SRV per endpoint name and named port.
+        assert_eq!(
+            rdata(z.answer(&name(&format!("_pg._tcp.{svc}")), RecordType::SRV)),
+            [
+                format!("0 100 5432 10-1-0-6.east.{svc}"),
+                format!("0 100 5432 pg-0.east.{svc}"),
+                format!("0 100 5432 pg-0.west.{svc}"),
+            ]
+        );
+        // No record for a site's share of the service, for either kind.
+        assert_eq!(
+            z.answer(&name(&format!("east.{svc}")), RecordType::A),
+            Answer::NoData
+        );
+        assert_eq!(
+            z.answer(
+                &name("east.payments.shop.svc.clusterset.local."),
+                RecordType::A
+            ),
+            Answer::NxDomain
+        );
+        // PTR records for endpoints and ClusterSetIPs; other reverse names
+        // are not ours.
+        assert_eq!(
+            rdata(z.answer(&name("5.0.1.10.in-addr.arpa."), RecordType::PTR)),
+            [format!("pg-0.east.{svc}")]
+        );
+        assert_eq!(
+            rdata(z.answer(&name("7.0.10.127.in-addr.arpa."), RecordType::PTR)),
+            ["payments.shop.svc.clusterset.local."]
+        );
+        assert_eq!(
+            z.answer(&name("9.9.9.9.in-addr.arpa."), RecordType::PTR),
+            Answer::Refused
+        );
+        // A headless service with no ready endpoint does not exist.
+        let mut v = headless_view();
+        v.exports.remove("west");
+        v.exports.get_mut("east").unwrap()[1].endpoints.clear();
+        let z = Zone::build(&opts(), &v).unwrap();
+        assert_eq!(z.answer(&name(svc), RecordType::A), Answer::NxDomain);
+        assert_eq!(
+            z.answer(&name(&format!("_pg._tcp.{svc}")), RecordType::SRV),
+            Answer::NxDomain
+        );
+    }
+
+    #[test]
+    fn address_labels_are_dns_labels() {
+        assert_eq!(address_label("10.0.0.5".parse().unwrap()), "10-0-0-5");
+        assert_eq!(address_label("::1".parse().unwrap()), "0-0-0-0-0-0-0-1");
     }
 
     #[test]

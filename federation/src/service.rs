@@ -33,7 +33,7 @@ use tonic::transport::Channel;
 
 use crate::hub::Hub;
 use crate::network::PeerChannels;
-use crate::state::{Command, ExportRecord, Outcome, PortRecord, RejectCode};
+use crate::state::{Command, EndpointRecord, ExportRecord, Outcome, PortRecord, RejectCode};
 use crate::{NodeId, Raft};
 
 /// How long a write may wait for a leader before the caller gets UNAVAILABLE.
@@ -577,11 +577,52 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
                 name: p.name.clone(),
             });
         }
+        let field = format!("exports[{i}].endpoints");
+        if !e.headless && !e.endpoints.is_empty() {
+            return Err(invalid(
+                &field,
+                "only headless exports publish endpoint addresses; set headless or send none",
+            ));
+        }
+        if e.endpoints.len() > crate::state::MAX_ENDPOINTS_PER_EXPORT {
+            return Err(invalid(
+                &field,
+                format!(
+                    "{} endpoints; a headless export may publish at most {}",
+                    e.endpoints.len(),
+                    crate::state::MAX_ENDPOINTS_PER_EXPORT
+                ),
+            ));
+        }
+        let mut endpoints: Vec<EndpointRecord> = Vec::with_capacity(e.endpoints.len());
+        for (j, ep) in e.endpoints.iter().enumerate() {
+            let field = format!("exports[{i}].endpoints[{j}]");
+            let address: std::net::IpAddr = ep.address.parse().map_err(|_| {
+                invalid(
+                    &format!("{field}.address"),
+                    format!("{:?} is not an IPv4 or IPv6 address", ep.address),
+                )
+            })?;
+            if !ep.hostname.is_empty() {
+                check_dns_label("hostname", &ep.hostname)
+                    .map_err(|err| invalid(&format!("{field}.hostname"), err))?;
+            }
+            let record = EndpointRecord {
+                address,
+                hostname: ep.hostname.clone(),
+            };
+            if endpoints.contains(&record) {
+                return Err(invalid(&field, "listed twice"));
+            }
+            endpoints.push(record);
+        }
         out.push(ExportRecord {
             service,
             ports,
             healthy_endpoints: e.healthy_endpoints,
             vip_index: 0,
+            headless: e.headless,
+            endpoints,
         });
     }
     Ok(out)

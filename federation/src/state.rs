@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub const MAX_EXPORTS_PER_SITE: usize = 1000;
 /// Most ports one export may list.
 pub const MAX_PORTS_PER_EXPORT: usize = 32;
+/// Ready endpoints a headless export may publish.
+pub const MAX_ENDPOINTS_PER_EXPORT: usize = 256;
 /// Most labels on a site.
 pub const MAX_LABELS: usize = 64;
 /// Most tunnel addresses a site may register.
@@ -58,6 +60,18 @@ pub struct ExportRecord {
     /// Filled in by the state machine; ignored in commands.
     #[serde(default)]
     pub vip_index: u32,
+    #[serde(default)]
+    pub headless: bool,
+    /// Ready endpoints of a headless export (empty otherwise).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRecord {
+    pub address: std::net::IpAddr,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub hostname: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -476,6 +490,15 @@ pub fn export_to_pb(e: &ExportRecord) -> pb::Export {
             .collect(),
         healthy_endpoints: e.healthy_endpoints,
         vip_index: e.vip_index,
+        headless: e.headless,
+        endpoints: e
+            .endpoints
+            .iter()
+            .map(|ep| pb::Endpoint {
+                address: ep.address.to_string(),
+                hostname: ep.hostname.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -173,7 +173,21 @@ pub struct ExportConfig {
     pub protocol: String,
     /// Local endpoints (`ip:port`) that serve it.
     pub endpoints: Vec<String>,
+    /// A headless export gets no ClusterSetIP: mesh DNS answers with the
+    /// addresses of its ready endpoints in every site, which callers reach
+    /// directly (this needs a routable network between sites).
+    #[serde(default)]
+    pub headless: bool,
+    /// Optional DNS hostnames of a headless export's endpoints, keyed by
+    /// endpoint (`"10.0.0.5:5432" = "pg-0"`): DNS serves
+    /// `<hostname>.<site>.<svc>.<ns>.svc.clusterset.local`. Endpoints
+    /// without one are named after their address.
+    #[serde(default)]
+    pub hostnames: std::collections::BTreeMap<String, String>,
 }
+
+/// Endpoints one headless export may list (the controller's bound).
+pub const MAX_HEADLESS_ENDPOINTS: usize = 256;
 
 fn default_tunnel_listen() -> String {
     "127.0.0.1:15443".into()
@@ -212,6 +226,9 @@ pub struct LocalExport {
     pub port_name: String,
     pub protocol: Protocol,
     pub endpoints: Vec<SocketAddr>,
+    pub headless: bool,
+    /// Hostnames of (some of) the endpoints of a headless export.
+    pub hostnames: std::collections::BTreeMap<SocketAddr, String>,
 }
 
 /// Validated gateway settings.
@@ -379,13 +396,59 @@ impl GatewayConfig {
             let mut endpoints = Vec::new();
             for (j, ep) in e.endpoints.iter().enumerate() {
                 match ep.parse::<SocketAddr>() {
+                    Ok(a) if e.headless && a.port() != e.port => errs.push(format!(
+                        "exports[{i}].endpoints[{j}]: {ep:?}: callers reach the endpoints of a \
+                         headless export directly, so they must listen on its port {}",
+                        e.port
+                    )),
                     Ok(a) => endpoints.push(a),
                     Err(_) => errs.push(format!(
                         "exports[{i}].endpoints[{j}]: {ep:?} is not an ip:port address"
                     )),
                 }
             }
+            if e.headless && e.endpoints.len() > MAX_HEADLESS_ENDPOINTS {
+                errs.push(format!(
+                    "exports[{i}].endpoints: a headless export may list at most \
+                     {MAX_HEADLESS_ENDPOINTS} endpoints"
+                ));
+            }
+            if !e.headless && !e.hostnames.is_empty() {
+                errs.push(format!(
+                    "exports[{i}].hostnames: only headless exports name their endpoints; \
+                     set headless = true or remove hostnames"
+                ));
+            }
+            let mut hostnames = std::collections::BTreeMap::new();
+            for (ep, host) in &e.hostnames {
+                let Some(addr) = ep
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .filter(|a| endpoints.contains(a))
+                else {
+                    errs.push(format!(
+                        "exports[{i}].hostnames: {ep:?} is not one of this export's endpoints"
+                    ));
+                    continue;
+                };
+                match causeway_api::model::check_dns_label("hostname", host) {
+                    Ok(()) => {
+                        hostnames.insert(addr, host.clone());
+                    }
+                    Err(err) => errs.push(format!("exports[{i}].hostnames[{ep:?}]: {err}")),
+                }
+            }
             if let (Some(service), Some(protocol)) = (service, protocol) {
+                if let Some(other) = exports
+                    .iter()
+                    .find(|x: &&LocalExport| x.service == service && x.headless != e.headless)
+                {
+                    errs.push(format!(
+                        "exports[{i}].headless: {service} port {} says {}, port {} says {}; \
+                         every entry of one service must agree",
+                        e.port, e.headless, other.port, other.headless
+                    ));
+                }
                 if exports
                     .iter()
                     .any(|x: &LocalExport| x.service == service && x.port == e.port)
@@ -401,6 +464,8 @@ impl GatewayConfig {
                     port_name,
                     protocol,
                     endpoints,
+                    headless: e.headless,
+                    hostnames,
                 });
             }
         }

@@ -62,8 +62,12 @@ pub async fn run(
 
 /// Health-checks every endpoint once and groups ports per service.
 pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export> {
-    let mut by_service: BTreeMap<String, (Vec<pb::ServicePort>, BTreeSet<SocketAddr>)> =
-        BTreeMap::new();
+    type Entry<'a> = (
+        Vec<pb::ServicePort>,
+        BTreeSet<SocketAddr>,
+        Vec<&'a LocalExport>,
+    );
+    let mut by_service: BTreeMap<String, Entry<'_>> = BTreeMap::new();
     let probes = exports
         .iter()
         .flat_map(|e| e.endpoints.iter().map(move |a| (e, *a)));
@@ -89,19 +93,47 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
         if ok {
             entry.1.insert(addr);
         }
+        if !entry.2.iter().any(|x| std::ptr::eq(*x, e)) {
+            entry.2.push(e);
+        }
     }
     by_service
         .into_iter()
-        .map(|(service, (mut ports, healthy))| {
+        .map(|(service, (mut ports, healthy, entries))| {
             ports.sort_by_key(|p| p.port);
             metrics::gauge!("causeway_export_healthy_endpoints", "service" => service.clone())
                 .set(healthy.len() as f64);
+            let headless = entries.iter().any(|e| e.headless);
             pb::Export {
                 service,
                 ports,
                 healthy_endpoints: healthy.len() as u32,
                 vip_index: 0,
+                headless,
+                endpoints: if headless {
+                    ready_endpoints(&entries, &healthy)
+                } else {
+                    Vec::new()
+                },
             }
+        })
+        .collect()
+}
+
+/// The ready endpoints of a headless service, one per address and
+/// hostname: an endpoint serving several ports counts once.
+fn ready_endpoints(entries: &[&LocalExport], healthy: &BTreeSet<SocketAddr>) -> Vec<pb::Endpoint> {
+    let mut out: BTreeSet<(std::net::IpAddr, String)> = BTreeSet::new();
+    for e in entries {
+        for addr in e.endpoints.iter().filter(|a| healthy.contains(a)) {
+            let host = e.hostnames.get(addr).cloned().unwrap_or_default();
+            out.insert((addr.ip(), host));
+        }
+    }
+    out.into_iter()
+        .map(|(ip, hostname)| pb::Endpoint {
+            address: ip.to_string(),
+            hostname,
         })
         .collect()
 }

@@ -35,6 +35,10 @@ impl Routes {
     pub fn build(view: &CatalogView, vip_base: IpAddr, vip_prefix: u8) -> Self {
         let mut services = BTreeMap::new();
         for (key, svc) in view.services() {
+            if svc.headless {
+                // No ClusterSetIP: callers reach the endpoints directly.
+                continue;
+            }
             let Some(vip) = vip_for(vip_base, vip_prefix, svc.vip_index) else {
                 tracing::warn!(service = %key, index = svc.vip_index, "vip_range is too small for this service; enlarge it");
                 continue;

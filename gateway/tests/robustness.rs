@@ -60,6 +60,8 @@ async fn setup(quic: QuicConfig) -> Setup {
         port_name: String::new(),
         protocol: Default::default(),
         endpoints: vec![echo_addr],
+        headless: false,
+        hostnames: Default::default(),
     }];
     let inbound = Arc::new(Inbound::with_header_timeout(
         store.clone(),

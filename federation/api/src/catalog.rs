@@ -23,6 +23,12 @@ pub struct ServiceView {
     pub ports: Vec<pb::ServicePort>,
     /// Sites that export it, with their healthy endpoint counts, by name.
     pub exporters: Vec<(SiteName, u32)>,
+    /// True when every exporting site exports it headless: it then has no
+    /// ClusterSetIP, and DNS answers with `endpoints`. A service exported
+    /// headless by some sites and not by others is a ClusterSetIP service.
+    pub headless: bool,
+    /// Ready endpoints of the headless exports, by site.
+    pub endpoints: Vec<(SiteName, pb::Endpoint)>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,7 +128,14 @@ impl CatalogView {
                     vip_index: e.vip_index,
                     ports: Vec::new(),
                     exporters: Vec::new(),
+                    headless: true,
+                    endpoints: Vec::new(),
                 });
+                view.headless &= e.headless;
+                if e.headless {
+                    view.endpoints
+                        .extend(e.endpoints.iter().map(|ep| (site_name.clone(), ep.clone())));
+                }
                 for p in &e.ports {
                     if !view.ports.iter().any(|q| q.port == p.port) {
                         view.ports.push(p.clone());
@@ -134,6 +147,9 @@ impl CatalogView {
         }
         for v in out.values_mut() {
             v.ports.sort_by_key(|p| p.port);
+            if !v.headless {
+                v.endpoints.clear();
+            }
         }
         out
     }
@@ -161,6 +177,7 @@ mod tests {
             }],
             healthy_endpoints: healthy,
             vip_index: vip,
+            ..Default::default()
         }
     }
 
@@ -218,6 +235,33 @@ mod tests {
             .map(|(s, n)| (s.as_str(), *n))
             .collect();
         assert_eq!(names, [("east", 2), ("west", 3)]);
+
+        assert!(!v.values().next().unwrap().headless);
+
+        // Headless only when every exporter says so.
+        let headless = |ip: &str| pb::Export {
+            headless: true,
+            endpoints: vec![pb::Endpoint {
+                address: ip.into(),
+                hostname: String::new(),
+            }],
+            ..export("db/pg", 2, 1)
+        };
+        let mut hv = view.clone();
+        hv.exports.insert("east".into(), vec![headless("10.0.0.1")]);
+        hv.exports.insert("west".into(), vec![headless("10.0.1.1")]);
+        let s = hv.services().remove(&"db/pg".parse().unwrap()).unwrap();
+        assert!(s.headless);
+        let eps: Vec<_> = s
+            .endpoints
+            .iter()
+            .map(|(site, e)| (site.as_str(), e.address.as_str()))
+            .collect();
+        assert_eq!(eps, [("east", "10.0.0.1"), ("west", "10.0.1.1")]);
+        hv.exports
+            .insert("west".into(), vec![export("db/pg", 2, 1)]);
+        let s = hv.services().remove(&"db/pg".parse().unwrap()).unwrap();
+        assert!(!s.headless && s.endpoints.is_empty());
 
         view.apply(delta(7, vec![pb::change::Kind::SiteRemoved("east".into())]))
             .unwrap();

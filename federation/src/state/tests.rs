@@ -41,6 +41,8 @@ fn export(svc: &str, healthy: u32) -> ExportRecord {
         }],
         healthy_endpoints: healthy,
         vip_index: 0,
+        headless: false,
+        endpoints: vec![],
     }
 }
 
