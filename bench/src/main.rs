@@ -2,6 +2,7 @@
 //! `bench/run`, which builds in release mode and installs the peers.
 
 mod controller;
+mod dns;
 mod etcd;
 mod pki;
 mod report;
@@ -26,7 +27,7 @@ fn main() -> anyhow::Result<()> {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let Some(suite) = args.iter().find(|a| !a.starts_with("--")) else {
-        anyhow::bail!("usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel)");
+        anyhow::bail!("usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, dns)");
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -47,7 +48,8 @@ fn main() -> anyhow::Result<()> {
                 controller::run(&mut report, tmp.path(), &controller::Params::new(quick)).await?
             }
             "tunnel" => tunnel::run(&mut report, tmp.path(), &tunnel::Params::new(quick)).await?,
-            other => anyhow::bail!("unknown suite {other:?} (suites: controller, tunnel)"),
+            "dns" => dns::run(&mut report, tmp.path(), &dns::Params::new(quick)).await?,
+            other => anyhow::bail!("unknown suite {other:?} (suites: controller, tunnel, dns)"),
         }
         report.finish(&results)
     })

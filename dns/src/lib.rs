@@ -4,7 +4,9 @@
 //! them with hickory-server on UDP and TCP; [`run`] keeps the zone current
 //! from the controller's Watch stream.
 
+pub mod fast;
 pub mod server;
+mod udp;
 pub mod zone;
 
 use std::sync::Arc;

@@ -244,7 +244,9 @@ impl RequestHandler for Handler {
     }
 }
 
-/// Serves DNS on the given sockets until `shutdown` resolves.
+/// Serves DNS on the given sockets until `shutdown` resolves: UDP on a
+/// thread per socket with the precomputed fast path ([`crate::udp`]), TCP
+/// with hickory-server.
 pub async fn serve(
     zone: watch::Receiver<Arc<Zone>>,
     udp: Vec<UdpSocket>,
@@ -252,17 +254,30 @@ pub async fn serve(
     opts: ServeOptions,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut server = Server::new(Handler::new(zone, opts));
+    let edns_udp_size = opts.edns_udp_size;
+    let handler = Arc::new(Handler::new(zone.clone(), opts.clone()));
     metrics::gauge!("causeway_dns_udp_sockets").set(udp.len() as f64);
-    for s in udp {
-        server.register_socket(s);
-    }
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let udp = udp
+        .into_iter()
+        .map(|s| s.into_std())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let threads = crate::udp::spawn(udp, zone.clone(), handler, edns_udp_size, stop.clone())?;
+    let mut server = Server::new(Handler::new(zone, opts));
     server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
-    tokio::select! {
+    let result = tokio::select! {
         r = server.block_until_done() => r.map_err(|e| anyhow::anyhow!("dns server: {e}")),
         _ = shutdown => {
             let _ = server.shutdown_gracefully().await;
             Ok(())
         }
-    }
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+    result
 }

@@ -81,6 +81,8 @@ pub struct Zone {
     reverse: HashMap<LowerName, Vec<Record>>,
     /// False until the first catalog snapshot arrived: answer SERVFAIL.
     pub ready: bool,
+    /// The same answers, encoded for the fast path.
+    pub wire: crate::fast::WireZone,
 }
 
 impl Zone {
@@ -115,6 +117,7 @@ impl Zone {
             names,
             reverse: HashMap::new(),
             ready: false,
+            wire: Default::default(),
         })
     }
 
@@ -171,6 +174,12 @@ impl Zone {
             zone.add_ptr(opts, vip, &owner);
             zone.add(Record::from_rdata(owner, opts.ttl, address(vip)));
         }
+        zone.wire = crate::fast::WireZone::build(
+            &zone.origin,
+            &zone.soa,
+            zone.records.iter().map(|((n, t), r)| (n, *t, r.as_slice())),
+            zone.names.iter(),
+        );
         Ok(zone)
     }
 
