@@ -2479,3 +2479,64 @@ async fn headless_services_resolve_to_ready_endpoints_with_truncation_and_tcp() 
     assert!(dig(west_dns, &[&e2_name, "A"]).contains("status: NXDOMAIN"));
     fed.shutdown().await;
 }
+
+/// The raw HTTP response of a GET, whatever its status.
+async fn http_get_any(addr: SocketAddr, path: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_server_without_a_first_snapshot_says_servfail_and_why() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let name = "echo.shop.svc.clusterset.local";
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+
+    tracing::info!("phase: every controller down, west's DNS server restarts");
+    for id in fed.controllers.keys().copied().collect::<Vec<_>>() {
+        fed.controller(id).kill().await;
+    }
+    let bin = fed.bin.clone();
+    let west = fed.sites.get_mut("west").unwrap();
+    west.dns_proc.kill().await;
+    west.dns_proc.start(&bin).unwrap();
+    let (dns, admin) = (west.dns, west.dns_admin);
+    wait_listening(admin).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = dig(dns, &[name, "A"]);
+        if out.contains("status:") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "no answer: {out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(out.contains("status: SERVFAIL"), "{out}");
+    let ready = http_get_any(admin, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 503"), "{ready}");
+    assert!(ready.contains("no catalog snapshot"), "{ready}");
+
+    tracing::info!("phase: the controllers return; the server becomes ready and answers");
+    for id in fed.controllers.keys().copied().collect::<Vec<_>>() {
+        fed.restart(id).unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let short = dig(dns, &["+short", name, "A"]);
+        if short.trim() == vip.to_string() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still not answering: {short:?}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let ready = http_get_any(admin, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    fed.shutdown().await;
+}
