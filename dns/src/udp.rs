@@ -27,6 +27,8 @@ use crate::zone::Zone;
 
 /// How often a serving thread wakes to see whether it should stop.
 const POLL: Duration = Duration::from_millis(200);
+/// How long a serving thread polls for the next query before it sleeps.
+const SPIN: Duration = Duration::from_micros(50);
 
 /// Starts a serving thread per socket. They stop once `stop` is set.
 pub fn spawn(
@@ -66,10 +68,28 @@ fn serve(
     let noerror = metrics::counter!("causeway_dns_queries_total", "rcode" => "noerror");
     let nxdomain = metrics::counter!("causeway_dns_queries_total", "rcode" => "nxdomain");
     let fast = metrics::counter!("causeway_dns_fast_path_total");
+    // Just after a query, poll for the next one without sleeping: under
+    // load the thread then never sleeps, and clients are spared the
+    // wake-up it would cost them. Idle, it blocks.
+    let mut last = std::time::Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        let (n, src) = match sock.recv_from(&mut buf) {
-            Ok(x) => x,
-            Err(e)
+        let got = if last.elapsed() < SPIN {
+            match rustix::net::recvfrom(&*sock, &mut buf[..], rustix::net::RecvFlags::DONTWAIT) {
+                Ok((n, _, Some(addr))) => SocketAddr::try_from(addr).ok().map(|a| Ok((n, a))),
+                Ok(_) => None,
+                Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                Err(e) => Some(Err(std::io::Error::from(e))),
+            }
+        } else {
+            Some(sock.recv_from(&mut buf))
+        };
+        let (n, src) = match got {
+            None => continue,
+            Some(Ok(x)) => x,
+            Some(Err(e))
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock
@@ -79,12 +99,13 @@ fn serve(
             {
                 continue
             }
-            Err(e) => {
+            Some(Err(e)) => {
                 tracing::warn!(error = %e, "receiving a DNS query failed");
                 std::thread::sleep(Duration::from_millis(10));
                 continue;
             }
         };
+        last = std::time::Instant::now();
         if src.port() == 0 || src.ip().is_unspecified() {
             continue;
         }
