@@ -49,6 +49,73 @@ pub enum CtlCommand {
     Status,
     /// Exported services and the sites that export them.
     Services,
+    /// Traffic policies: apply from YAML, list, delete.
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Create or replace the policies in FILE (YAML, several documents
+    /// separated by `---`; `-` reads stdin). All or none are applied; every
+    /// invalid field is reported before anything is sent.
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// List policies, optionally of one kind.
+    List {
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Delete the policy KIND NAMESPACE/NAME.
+    Delete { kind: String, name: String },
+}
+
+/// Reads YAML (or JSON) policy documents and validates each: JSON texts
+/// ready to send, or every problem found, each with its document and path.
+pub fn read_policy_documents(text: &str) -> Result<Vec<String>, Vec<String>> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_json::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                // The parser cannot resynchronise after a syntax error.
+                errors.push(format!("document {}: not valid YAML: {e}", i + 1));
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // an empty document (e.g. a trailing `---`)
+        }
+        match causeway_api::policy::parse_document(&value) {
+            Ok(p) => docs.push(p.to_json()),
+            Err(errs) => {
+                let who = value
+                    .get("metadata")
+                    .and_then(|m| m.get("name"))
+                    .and_then(|n| n.as_str())
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default();
+                errors.extend(
+                    errs.into_iter()
+                        .map(|e| format!("document {}{who}: {e}", i + 1)),
+                );
+            }
+        }
+    }
+    if docs.is_empty() && errors.is_empty() {
+        errors.push("no policy documents found".into());
+    }
+    if errors.is_empty() {
+        Ok(docs)
+    } else {
+        Err(errors)
+    }
 }
 
 #[derive(Subcommand)]
@@ -103,9 +170,100 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
 }
 
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
+    // Validate a policy file before connecting: mistakes show even offline.
+    let policy_docs = match &args.command {
+        CtlCommand::Policy {
+            command: PolicyCommand::Apply { file },
+        } => {
+            let text = if file.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin())?
+            } else {
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("reading {}", file.display()))?
+            };
+            match read_policy_documents(&text) {
+                Ok(d) => d,
+                Err(errs) => anyhow::bail!(
+                    "{} is invalid; nothing was applied:\n  {}",
+                    file.display(),
+                    errs.join("\n  ")
+                ),
+            }
+        }
+        _ => Vec::new(),
+    };
     let c = client(&args)?;
     let mut fed = c.federation().await?;
     match &args.command {
+        CtlCommand::Policy { command } => match command {
+            PolicyCommand::Apply { .. } => {
+                let r = fed
+                    .apply_policies(pb::ApplyPoliciesRequest {
+                        documents_json: policy_docs.clone(),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                for (doc, result) in policy_docs.iter().zip(&r.results) {
+                    let v: serde_json::Value = serde_json::from_str(doc)?;
+                    println!(
+                        "{} {}/{} {result}",
+                        v["kind"].as_str().unwrap_or("?"),
+                        v["metadata"]["namespace"].as_str().unwrap_or("?"),
+                        v["metadata"]["name"].as_str().unwrap_or("?"),
+                    );
+                }
+                if args.output == Output::Json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"revision": r.revision, "results": r.results})
+                    );
+                }
+            }
+            PolicyCommand::List { kind } => {
+                let r = fed
+                    .list_policies(pb::ListPoliciesRequest {
+                        kind: kind.clone().unwrap_or_default(),
+                    })
+                    .await
+                    .map_err(status_err)?
+                    .into_inner();
+                if args.output == Output::Json {
+                    let list: Vec<serde_json::Value> = r
+                        .policies
+                        .iter()
+                        .filter_map(|p| serde_json::from_str(&p.document_json).ok())
+                        .collect();
+                    println!(
+                        "{}",
+                        serde_json::json!({"revision": r.revision, "policies": list})
+                    );
+                } else {
+                    println!("{:<20} {:<32} {:>8}", "KIND", "NAMESPACE/NAME", "REVISION");
+                    for p in &r.policies {
+                        println!(
+                            "{:<20} {:<32} {:>8}",
+                            p.kind,
+                            format!("{}/{}", p.namespace, p.name),
+                            p.revision
+                        );
+                    }
+                }
+            }
+            PolicyCommand::Delete { kind, name } => {
+                let (namespace, name) = name.split_once('/').ok_or_else(|| {
+                    anyhow::anyhow!("{name:?}: write the policy as NAMESPACE/NAME")
+                })?;
+                fed.delete_policy(pb::DeletePolicyRequest {
+                    kind: kind.clone(),
+                    namespace: namespace.into(),
+                    name: name.into(),
+                })
+                .await
+                .map_err(status_err)?;
+                println!("{kind} {namespace}/{name} deleted");
+            }
+        },
         CtlCommand::Cluster {
             command: ClusterCommand::Add { name, labels, ttl },
         } => {
@@ -304,5 +462,36 @@ fn print_status(s: &pb::StatusResponse, output: Output) {
             "{:<6} {:<24} {:<8} {:<8} {}",
             n.id, n.addr, role, matched, lag
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_policy_file_is_checked_whole_and_every_problem_named() {
+        let good = "apiVersion: causeway.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: canary, namespace: shop}\nspec:\n  service: payments\n  weights: {east: 99, west: 1}\n";
+        let docs = read_policy_documents(&format!("{good}---\n{good}")).unwrap();
+        assert_eq!(docs.len(), 2);
+        let bad = format!(
+            "{good}---\napiVersion: causeway.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {{name: r, namespace: shop}}\nspec: {{service: payments, attempts: 0}}\n---\nkind: CircuitBreaker\nmetadata: {{name: cb, namespace: shop}}\nspec: {{service: payments}}\n---\n: : :\n"
+        );
+        let errs = read_policy_documents(&bad).unwrap_err();
+        let text = errs.join("\n");
+        assert!(
+            text.contains("document 2 (r): spec.attempts: 0 is not an integer from 1 to 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("document 3 (cb): apiVersion: required"),
+            "{text}"
+        );
+        assert!(
+            text.contains("document 3 (cb): spec: set at least one of maxConnections"),
+            "{text}"
+        );
+        assert!(text.contains("document 4: not valid YAML"), "{text}");
+        assert!(read_policy_documents("").is_err());
     }
 }

@@ -2540,3 +2540,115 @@ async fn a_dns_server_without_a_first_snapshot_says_servfail_and_why() {
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     fed.shutdown().await;
 }
+
+async fn list(fed: &LocalFederation) -> Vec<serde_json::Value> {
+    let out = fed
+        .ctl(&["--output", "json", "policy", "list"])
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["policies"].as_array().unwrap().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
+    use causeway_api::pb;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let site = join_in_process(&fed, "alpha").await;
+    let file = tmp.path().join("policies.yaml");
+    let policies = |weight: u32| {
+        format!(
+            "apiVersion: causeway.dev/v1alpha1\nkind: TrafficSplit\nmetadata:\n  name: canary\n  namespace: shop\n\
+             spec:\n  service: payments\n  weights:\n    east: 99\n    west: {weight}\n---\n\
+             apiVersion: causeway.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {{name: retry, namespace: shop}}\n\
+             spec: {{service: payments, attempts: 2, on: [connect-failure, 5xx]}}\n"
+        )
+    };
+
+    tracing::info!("phase: apply, re-apply, change one");
+    std::fs::write(&file, policies(1)).unwrap();
+    let path = file.to_str().unwrap();
+    let out = fed.ctl(&["policy", "apply", "-f", path]).await.unwrap();
+    assert!(out.contains("TrafficSplit shop/canary created"), "{out}");
+    assert!(out.contains("RetryPolicy shop/retry created"), "{out}");
+    let out = fed.ctl(&["policy", "apply", "-f", path]).await.unwrap();
+    assert!(out.contains("canary unchanged") && out.contains("retry unchanged"), "{out}");
+    std::fs::write(&file, policies(5)).unwrap();
+    let out = fed.ctl(&["policy", "apply", "-f", path]).await.unwrap();
+    assert!(out.contains("canary configured") && out.contains("retry unchanged"), "{out}");
+
+    tracing::info!("phase: an invalid file is refused whole, every mistake named");
+    let bad = tmp.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        format!(
+            "{}---\napiVersion: causeway.dev/v1alpha1\nkind: TimeoutPolicy\nmetadata: {{name: t, namespace: shop}}\n\
+             spec: {{service: payments, requestMs: 100, perTryMs: 500, jitter: 3}}\n",
+            policies(50)
+        ),
+    )
+    .unwrap();
+    let err = fed
+        .ctl(&["policy", "apply", "-f", bad.to_str().unwrap()])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("nothing was applied"), "{err}");
+    assert!(err.contains("spec.perTryMs: 500 exceeds requestMs 100"), "{err}");
+    assert!(err.contains("spec.jitter: unknown field"), "{err}");
+    let got = list(&fed).await;
+    assert_eq!(got.len(), 2, "{got:?}");
+    let canary = got.iter().find(|p| p["kind"] == "TrafficSplit").unwrap();
+    assert_eq!(canary["spec"]["weights"]["west"], 5, "{canary}");
+
+    tracing::info!("phase: a site reads policies (and gets them with the catalog), may not write");
+    let client = site.controller_client();
+    let mut fed_site = client.federation().await.unwrap();
+    let listed = fed_site
+        .list_policies(pb::ListPoliciesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.policies.len(), 2);
+    let snap = fed_site
+        .catalog(pb::CatalogRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(snap.policies.len(), 2);
+    let denied = fed_site
+        .apply_policies(pb::ApplyPoliciesRequest {
+            documents_json: vec![listed.policies[0].document_json.clone()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+
+    tracing::info!("phase: policies survive a restart of every controller");
+    for id in fed.controllers.keys().copied().collect::<Vec<_>>() {
+        fed.controller(id).kill().await;
+    }
+    for id in fed.controllers.keys().copied().collect::<Vec<_>>() {
+        fed.restart(id).unwrap();
+    }
+    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let again = list(&fed).await;
+    assert_eq!(again, got);
+
+    tracing::info!("phase: delete");
+    let out = fed
+        .ctl(&["policy", "delete", "TrafficSplit", "shop/canary"])
+        .await
+        .unwrap();
+    assert!(out.contains("deleted"), "{out}");
+    assert_eq!(list(&fed).await.len(), 1);
+    let err = fed
+        .ctl(&["policy", "delete", "TrafficSplit", "shop/canary"])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no TrafficSplit shop/canary"), "{err}");
+    fed.shutdown().await;
+}

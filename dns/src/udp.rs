@@ -273,6 +273,7 @@ mod tests {
                     site: "east".into(),
                     exports,
                 }],
+                ..Default::default()
             })),
         })
         .unwrap();

@@ -89,6 +89,7 @@ fn view() -> CatalogView {
                     ..Default::default()
                 }],
             }],
+            ..Default::default()
         })),
     })
     .unwrap();

@@ -5,7 +5,7 @@
 //! |------------------------------------------|-------------------------------|
 //! | no certificate                           | `Join` (the token authorizes) |
 //! | `spiffe://controller.causeway/admin/*`   | all `Federation` RPCs         |
-//! | `spiffe://controller.causeway/site/<s>`  | `PublishExports` for `<s>`, `Catalog`, `Watch`, `Status` |
+//! | `spiffe://controller.causeway/site/<s>`  | `PublishExports` for `<s>`, `Heartbeat` for `<s>`, `Catalog`, `Watch`, `ListPolicies`, `Status` |
 //! | `spiffe://controller.causeway/node/<id>` | `Raft` RPCs, `Status`         |
 //!
 //! Rejections from the state machine map to gRPC codes in [`outcome_status`].
@@ -33,7 +33,9 @@ use tonic::transport::Channel;
 
 use crate::hub::Hub;
 use crate::network::PeerChannels;
-use crate::state::{Command, EndpointRecord, ExportRecord, Outcome, PortRecord, RejectCode};
+use crate::state::{
+    Command, EndpointRecord, ExportRecord, Outcome, PolicyRecord, PortRecord, RejectCode,
+};
 use crate::{NodeId, Raft};
 
 /// How long a write may wait for a leader before the caller gets UNAVAILABLE.
@@ -283,6 +285,7 @@ pub fn outcome_status(outcome: Outcome) -> Result<u64, Status> {
                 RejectCode::SiteUnknown => Code::NotFound,
                 RejectCode::Invalid => Code::InvalidArgument,
                 RejectCode::LimitExceeded => Code::ResourceExhausted,
+                RejectCode::NotFound => Code::NotFound,
             };
             Err(Status::new(code, message))
         }
@@ -628,6 +631,76 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
     Ok(out)
 }
 
+/// Validates every document; the error lists every invalid field of every
+/// document, each prefixed with the document's position and name.
+pub fn parse_policy_documents(docs: &[String]) -> Result<Vec<PolicyRecord>, Status> {
+    use causeway_api::policy::{parse_document, MAX_DOCUMENTS, MAX_SPEC_BYTES};
+    if docs.is_empty() {
+        return Err(invalid(
+            "documents_json",
+            "send at least one policy document",
+        ));
+    }
+    if docs.len() > MAX_DOCUMENTS {
+        return Err(invalid(
+            "documents_json",
+            format!("at most {MAX_DOCUMENTS} documents per apply"),
+        ));
+    }
+    let mut errors = Vec::new();
+    let mut out: Vec<PolicyRecord> = Vec::new();
+    for (i, d) in docs.iter().enumerate() {
+        if d.len() > 4 * MAX_SPEC_BYTES {
+            errors.push(format!(
+                "documents[{i}]: larger than {} bytes",
+                4 * MAX_SPEC_BYTES
+            ));
+            continue;
+        }
+        let value: serde_json::Value = match serde_json::from_str(d) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(format!("documents[{i}]: not JSON: {e}"));
+                continue;
+            }
+        };
+        match parse_document(&value) {
+            Ok(p) => {
+                let rec = PolicyRecord {
+                    kind: p.kind().as_str().to_string(),
+                    namespace: p.namespace.clone(),
+                    name: p.name.clone(),
+                    document_json: p.to_json(),
+                    revision: 0,
+                };
+                if out.iter().any(|o| o.key() == rec.key()) {
+                    errors.push(format!(
+                        "documents[{i}] ({} {}/{}): listed twice in one apply",
+                        rec.kind, rec.namespace, rec.name
+                    ));
+                }
+                out.push(rec);
+            }
+            Err(errs) => {
+                let who = value
+                    .get("metadata")
+                    .and_then(|m| m.get("name"))
+                    .and_then(|n| n.as_str())
+                    .map(|n| format!(" ({n})"))
+                    .unwrap_or_default();
+                errors.extend(
+                    errs.into_iter()
+                        .map(|e| format!("documents[{i}]{who}: {e}")),
+                );
+            }
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Status::invalid_argument(errors.join("\n")));
+    }
+    Ok(out)
+}
+
 pub struct FederationService {
     pub shared: Arc<Shared>,
 }
@@ -731,6 +804,85 @@ impl Federation for FederationService {
             .map_err(|e| invalid("site", e))?;
         let revision = outcome_status(self.shared.propose(Command::RemoveSite { site }).await?)?;
         Ok(Response::new(pb::RemoveSiteResponse { revision }))
+    }
+
+    async fn apply_policies(
+        &self,
+        req: Request<pb::ApplyPoliciesRequest>,
+    ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
+        require_admin("ApplyPolicies", &req)?;
+        let docs = req.into_inner().documents_json;
+        let policies = parse_policy_documents(&docs)?;
+        let results: Vec<String> = self.shared.hub.read(|s| {
+            policies
+                .iter()
+                .map(|p| match s.policies.get(&p.key()) {
+                    None => "created".to_string(),
+                    Some(old) if old.document_json == p.document_json => "unchanged".into(),
+                    Some(_) => "configured".into(),
+                })
+                .collect()
+        });
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::ApplyPolicies { policies })
+                .await?,
+        )?;
+        Ok(Response::new(pb::ApplyPoliciesResponse {
+            revision,
+            results,
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        require_site_or_admin("ListPolicies", &req, &self.shared.hub)?;
+        let kind = req.into_inner().kind;
+        let kind = if kind.is_empty() {
+            None
+        } else {
+            Some(
+                kind.parse::<causeway_api::policy::Kind>()
+                    .map_err(|e| invalid("kind", e))?,
+            )
+        };
+        Ok(Response::new(self.shared.hub.read(|s| {
+            pb::ListPoliciesResponse {
+                revision: s.revision,
+                policies: s
+                    .policies
+                    .values()
+                    .filter(|p| kind.is_none_or(|k| p.kind == k.as_str()))
+                    .map(crate::state::PolicyRecord::to_pb)
+                    .collect(),
+            }
+        })))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        require_admin("DeletePolicy", &req)?;
+        let r = req.into_inner();
+        let kind = r
+            .kind
+            .parse::<causeway_api::policy::Kind>()
+            .map_err(|e| invalid("kind", e))?;
+        check_dns_label("namespace", &r.namespace).map_err(|e| invalid("namespace", e))?;
+        check_dns_label("name", &r.name).map_err(|e| invalid("name", e))?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::DeletePolicy {
+                    kind: kind.as_str().to_string(),
+                    namespace: r.namespace,
+                    name: r.name,
+                })
+                .await?,
+        )?;
+        Ok(Response::new(pb::DeletePolicyResponse { revision }))
     }
 
     async fn publish_exports(

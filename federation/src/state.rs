@@ -116,6 +116,15 @@ pub enum Command {
         site: SiteName,
         available: bool,
     },
+    /// Create or replace policies (validated by the proposer), all or none.
+    ApplyPolicies {
+        policies: Vec<PolicyRecord>,
+    },
+    DeletePolicy {
+        kind: String,
+        namespace: String,
+        name: String,
+    },
     /// Several commands in one log entry (group commit at the proposer);
     /// applied in order, each with its own revision.
     Batch(Vec<Command>),
@@ -131,6 +140,7 @@ pub enum RejectCode {
     SiteUnknown,
     Invalid,
     LimitExceeded,
+    NotFound,
 }
 
 /// The result of applying one entry, returned to the proposer.
@@ -165,6 +175,37 @@ pub struct CatalogState {
     pub vips: BTreeMap<ServiceKey, u32>,
     pub next_vip: u32,
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Traffic policies by `Kind/namespace/name`.
+    #[serde(default)]
+    pub policies: BTreeMap<String, PolicyRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    /// The canonical document.
+    pub document_json: String,
+    /// Filled in by the state machine: the revision that last changed it.
+    #[serde(default)]
+    pub revision: u64,
+}
+
+impl PolicyRecord {
+    pub fn key(&self) -> String {
+        causeway_api::catalog::policy_key(&self.kind, &self.namespace, &self.name)
+    }
+
+    pub fn to_pb(&self) -> pb::Policy {
+        pb::Policy {
+            kind: self.kind.clone(),
+            namespace: self.namespace.clone(),
+            name: self.name.clone(),
+            document_json: self.document_json.clone(),
+            revision: self.revision,
+        }
+    }
 }
 
 impl CatalogState {
@@ -404,6 +445,69 @@ impl CatalogState {
                 ),
                 vec![],
             ),
+            Command::ApplyPolicies { policies } => {
+                let new = policies
+                    .iter()
+                    .filter(|p| !self.policies.contains_key(&p.key()))
+                    .count();
+                if self.policies.len() + new > causeway_api::policy::MAX_POLICIES {
+                    return (
+                        reject(
+                            RejectCode::LimitExceeded,
+                            format!(
+                                "the federation holds at most {} policies",
+                                causeway_api::policy::MAX_POLICIES
+                            ),
+                        ),
+                        vec![],
+                    );
+                }
+                let changed: Vec<PolicyRecord> = policies
+                    .into_iter()
+                    .filter(|p| {
+                        self.policies
+                            .get(&p.key())
+                            .is_none_or(|old| old.document_json != p.document_json)
+                    })
+                    .collect();
+                if changed.is_empty() {
+                    return (
+                        Outcome::Unchanged {
+                            revision: self.revision,
+                        },
+                        vec![],
+                    );
+                }
+                let revision = self.revision + 1;
+                let mut kinds = Vec::with_capacity(changed.len());
+                for mut p in changed {
+                    p.revision = revision;
+                    kinds.push(pb::change::Kind::PolicyUpserted(p.to_pb()));
+                    self.policies.insert(p.key(), p);
+                }
+                self.bump(kinds)
+            }
+            Command::DeletePolicy {
+                kind,
+                namespace,
+                name,
+            } => {
+                let key = causeway_api::catalog::policy_key(&kind, &namespace, &name);
+                if self.policies.remove(&key).is_none() {
+                    return (
+                        reject(
+                            RejectCode::NotFound,
+                            format!("no {kind} {namespace}/{name}"),
+                        ),
+                        vec![],
+                    );
+                }
+                self.bump(vec![pb::change::Kind::PolicyRemoved(pb::PolicyRef {
+                    kind,
+                    namespace,
+                    name,
+                })])
+            }
             Command::RemoveSite { site } => {
                 if self.sites.remove(&site).is_none() {
                     return (
@@ -461,6 +565,7 @@ impl CatalogState {
                     exports: ex.iter().map(export_to_pb).collect(),
                 })
                 .collect(),
+            policies: self.policies.values().map(PolicyRecord::to_pb).collect(),
         }
     }
 }

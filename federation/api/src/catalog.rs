@@ -38,6 +38,13 @@ pub struct CatalogView {
     pub synced: bool,
     pub sites: BTreeMap<String, pb::Site>,
     pub exports: BTreeMap<String, Vec<pb::Export>>,
+    /// Traffic policies by `policy_key`.
+    pub policies: BTreeMap<String, pb::Policy>,
+}
+
+/// How policies are keyed: `Kind/namespace/name`.
+pub fn policy_key(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
 }
 
 impl CatalogView {
@@ -85,6 +92,11 @@ impl CatalogView {
             .into_iter()
             .map(|e| (e.site, e.exports))
             .collect();
+        self.policies = snap
+            .policies
+            .into_iter()
+            .map(|p| (policy_key(&p.kind, &p.namespace, &p.name), p))
+            .collect();
     }
 
     fn apply_change(&mut self, change: pb::Change) {
@@ -103,6 +115,14 @@ impl CatalogView {
                 } else {
                     self.exports.insert(se.site, se.exports);
                 }
+            }
+            Some(Kind::PolicyUpserted(p)) => {
+                self.policies
+                    .insert(policy_key(&p.kind, &p.namespace, &p.name), p);
+            }
+            Some(Kind::PolicyRemoved(r)) => {
+                self.policies
+                    .remove(&policy_key(&r.kind, &r.namespace, &r.name));
             }
             None => {}
         }
@@ -205,6 +225,7 @@ mod tests {
                 site: "east".into(),
                 exports: vec![export("shop/payments", 1, 2)],
             }],
+            ..Default::default()
         };
         view.apply(pb::WatchEvent {
             revision: 5,

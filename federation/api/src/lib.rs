@@ -16,6 +16,7 @@ pub mod catalog;
 pub mod client;
 pub mod identity;
 pub mod model;
+pub mod policy;
 pub mod token;
 pub mod trust;
 

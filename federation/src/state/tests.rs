@@ -202,3 +202,67 @@ fn availability_changes_bump_only_when_they_change_something() {
         }
     ));
 }
+
+fn policy(name: &str, doc: &str) -> PolicyRecord {
+    PolicyRecord {
+        kind: "TimeoutPolicy".into(),
+        namespace: "shop".into(),
+        name: name.into(),
+        document_json: doc.into(),
+        revision: 0,
+    }
+}
+
+#[test]
+fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
+    let mut s = CatalogState::default();
+    let (o, ch) = s.apply(Command::ApplyPolicies {
+        policies: vec![policy("a", "{1}"), policy("b", "{2}")],
+    });
+    assert_eq!(o, Outcome::Applied { revision: 1 });
+    assert_eq!(ch.len(), 2, "one change per policy, one revision");
+    assert!(s.policies.values().all(|p| p.revision == 1));
+
+    // The same documents again: nothing happens.
+    let (o, ch) = s.apply(Command::ApplyPolicies {
+        policies: vec![policy("a", "{1}"), policy("b", "{2}")],
+    });
+    assert_eq!((o, ch.len()), (Outcome::Unchanged { revision: 1 }, 0));
+
+    // One changed: only it is streamed, with the new revision.
+    let (o, ch) = s.apply(Command::ApplyPolicies {
+        policies: vec![policy("a", "{1}"), policy("b", "{3}")],
+    });
+    assert_eq!(o, Outcome::Applied { revision: 2 });
+    assert_eq!(ch.len(), 1);
+    assert_eq!(s.policies["TimeoutPolicy/shop/a"].revision, 1);
+    assert_eq!(s.policies["TimeoutPolicy/shop/b"].revision, 2);
+    assert_eq!(s.snapshot_pb().policies.len(), 2);
+
+    let (o, _) = s.apply(Command::DeletePolicy {
+        kind: "TimeoutPolicy".into(),
+        namespace: "shop".into(),
+        name: "zzz".into(),
+    });
+    assert!(
+        matches!(
+            o,
+            Outcome::Rejected {
+                code: RejectCode::NotFound,
+                ..
+            }
+        ),
+        "{o:?}"
+    );
+    let (o, ch) = s.apply(Command::DeletePolicy {
+        kind: "TimeoutPolicy".into(),
+        namespace: "shop".into(),
+        name: "a".into(),
+    });
+    assert_eq!((o, ch.len()), (Outcome::Applied { revision: 3 }, 1));
+    assert_eq!(s.policies.len(), 1);
+
+    // Policies survive a snapshot.
+    let back: CatalogState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(back, s);
+}
