@@ -2574,10 +2574,16 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
     assert!(out.contains("TrafficSplit shop/canary created"), "{out}");
     assert!(out.contains("RetryPolicy shop/retry created"), "{out}");
     let out = fed.ctl(&["policy", "apply", "-f", path]).await.unwrap();
-    assert!(out.contains("canary unchanged") && out.contains("retry unchanged"), "{out}");
+    assert!(
+        out.contains("canary unchanged") && out.contains("retry unchanged"),
+        "{out}"
+    );
     std::fs::write(&file, policies(5)).unwrap();
     let out = fed.ctl(&["policy", "apply", "-f", path]).await.unwrap();
-    assert!(out.contains("canary configured") && out.contains("retry unchanged"), "{out}");
+    assert!(
+        out.contains("canary configured") && out.contains("retry unchanged"),
+        "{out}"
+    );
 
     tracing::info!("phase: an invalid file is refused whole, every mistake named");
     let bad = tmp.path().join("bad.yaml");
@@ -2596,7 +2602,10 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("nothing was applied"), "{err}");
-    assert!(err.contains("spec.perTryMs: 500 exceeds requestMs 100"), "{err}");
+    assert!(
+        err.contains("spec.perTryMs: 500 exceeds requestMs 100"),
+        "{err}"
+    );
     assert!(err.contains("spec.jitter: unknown field"), "{err}");
     let got = list(&fed).await;
     assert_eq!(got.len(), 2, "{got:?}");
