@@ -2661,3 +2661,111 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
     assert!(err.contains("no TrafficSplit shop/canary"), "{err}");
     fed.shutdown().await;
 }
+
+/// Which banner answers `n` calls, as (east, west) counts.
+async fn banner_counts(target: SocketAddr, n: usize) -> (usize, usize) {
+    let (mut east, mut west) = (0, 0);
+    for _ in 0..n {
+        match call_banner(target, "x").await.as_deref() {
+            Ok("east") => east += 1,
+            Ok("west") => west += 1,
+            other => panic!("call failed: {other:?}"),
+        }
+    }
+    (east, west)
+}
+
+async fn wait_all_to(target: SocketAddr, site: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (e, w) = banner_counts(target, 10).await;
+        let got = if site == "east" { e } else { w };
+        if got == 10 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still east {e} / west {w} of 10"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_follow_failover_and_split_policies() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (east_echo, _t1) = echo_server(Some("east".into())).await.unwrap();
+    let (west_echo, west_task) = echo_server(Some("west".into())).await.unwrap();
+    let svc = |a| Export {
+        service: "shop/echo".into(),
+        port: 7000,
+        endpoints: vec![a],
+    };
+    fed.add_site("east", &vip_range(), &[svc(east_echo)])
+        .await
+        .unwrap();
+    fed.add_site("west", &vip_range(), &[svc(west_echo)])
+        .await
+        .unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let vip = fed
+        .wait_resolvable(
+            "central",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    wait_all_to(target, "east", "no policy: the first healthy site by name").await;
+
+    let apply = |yaml: String| {
+        let file = tmp.path().join(format!("p-{}.yaml", rand::random::<u32>()));
+        std::fs::write(&file, yaml).unwrap();
+        file
+    };
+    let head = |kind: &str, name: &str| {
+        format!("apiVersion: causeway.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\n")
+    };
+
+    tracing::info!("phase: an ordered FailoverPolicy sends everything to west");
+    let f = apply(format!(
+        "{}spec: {{service: echo, mode: ordered, sites: [west, east]}}\n",
+        head("FailoverPolicy", "west-first")
+    ));
+    fed.ctl(&["policy", "apply", "-f", f.to_str().unwrap()])
+        .await
+        .unwrap();
+    wait_all_to(target, "west", "ordered [west, east]").await;
+
+    tracing::info!("phase: a TrafficSplit of 80/20");
+    let f = apply(format!(
+        "{}spec: {{service: echo, weights: {{east: 80, west: 20}}}}\n",
+        head("TrafficSplit", "split")
+    ));
+    fed.ctl(&["policy", "apply", "-f", f.to_str().unwrap()])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while banner_counts(target, 10).await.0 == 0 {
+        assert!(Instant::now() < deadline, "the split never took effect");
+    }
+    let (east, west) = banner_counts(target, 400).await;
+    let share = west as f64 / 400.0;
+    // 20% of 400: standard deviation 2 points; allow 5 deviations.
+    assert!(
+        (0.10..=0.30).contains(&share),
+        "west got {west} of 400 (east {east})"
+    );
+
+    tracing::info!("phase: without the split, west's endpoints stop: traffic fails over to east");
+    fed.ctl(&["policy", "delete", "TrafficSplit", "shop/split"])
+        .await
+        .unwrap();
+    wait_all_to(target, "west", "split deleted: back to ordered").await;
+    west_task.abort();
+    wait_all_to(target, "east", "west's endpoints down: the next tier").await;
+    fed.shutdown().await;
+}

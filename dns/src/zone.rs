@@ -453,6 +453,7 @@ mod tests {
             vip_index: 8,
             headless: true,
             endpoints,
+            ..Default::default()
         };
         v.sites.insert(
             "west".into(),

@@ -626,6 +626,7 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
             vip_index: 0,
             headless: e.headless,
             endpoints,
+            total_endpoints: e.total_endpoints.max(e.healthy_endpoints),
         });
     }
     Ok(out)

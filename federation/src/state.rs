@@ -65,6 +65,8 @@ pub struct ExportRecord {
     /// Ready endpoints of a headless export (empty otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointRecord>,
+    #[serde(default)]
+    pub total_endpoints: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -596,6 +598,7 @@ pub fn export_to_pb(e: &ExportRecord) -> pb::Export {
         healthy_endpoints: e.healthy_endpoints,
         vip_index: e.vip_index,
         headless: e.headless,
+        total_endpoints: e.total_endpoints,
         endpoints: e
             .endpoints
             .iter()

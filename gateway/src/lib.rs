@@ -104,6 +104,7 @@ pub async fn run(
         routes: routes_rx.clone(),
         local_exports: settings.exports.clone(),
         drain: drain.clone(),
+        outliers: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let outbound_task = tokio::spawn(outbound.run(routes_rx, stop_rx));

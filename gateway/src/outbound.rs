@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use causeway_api::model::{ServiceKey, SiteName};
 use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
+use causeway_gateway_core::traffic::{choose_site, Ejection, Outliers, SiteView, Tiering};
 use causeway_gateway_core::{order_sites, Candidate};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -29,6 +30,15 @@ pub struct Outbound {
     pub routes: watch::Receiver<Arc<Routes>>,
     pub local_exports: Vec<LocalExport>,
     pub drain: Arc<crate::drain::Drain>,
+    /// Passive health per service (only for services with an
+    /// OutlierDetection policy).
+    pub outliers: std::sync::Mutex<BTreeMap<ServiceKey, Outliers>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Why one attempt at one site failed.
@@ -106,20 +116,12 @@ impl Outbound {
 
     async fn handle(&self, tcp: TcpStream, service: ServiceKey, port: u16) {
         let routes = self.routes.borrow().clone();
-        let Some(svc) = routes.services.get(&service) else {
+        if !routes.services.contains_key(&service) {
             metrics::counter!("causeway_outbound_failures_total", "reason" => "unknown_service")
                 .increment(1);
             return;
-        };
-        let candidates: Vec<Candidate<'_>> = svc
-            .exporters
-            .iter()
-            .map(|(s, h)| Candidate {
-                site: s.as_str(),
-                healthy_endpoints: *h,
-            })
-            .collect();
-        let order = order_sites(self.local_site.as_str(), &candidates);
+        }
+        let order = self.order(&routes, &service);
         let mut tried = Vec::new();
         for site in order {
             let Ok(site) = site.parse::<SiteName>() else {
@@ -132,6 +134,7 @@ impl Outbound {
                     .await
                     .map(|(s, r)| Stream::Remote(s, r))
             };
+            self.observe(&routes, &service, &site, &attempt);
             match attempt {
                 Ok(stream) => {
                     metrics::counter!("causeway_tunnel_streams_total", "direction" => "out", "status" => "opened").increment(1);
@@ -168,6 +171,142 @@ impl Outbound {
         }
         metrics::counter!("causeway_outbound_failures_total", "reason" => "no_site").increment(1);
         tracing::warn!(%service, attempts = ?tried, "no site could serve the connection; closing it");
+    }
+
+    /// The sites to try for one connection, in order. Without a
+    /// FailoverPolicy or TrafficSplit: the local site, then sites with
+    /// healthy endpoints by name, then the rest. With one: each next site
+    /// as the policy would choose it among those not tried yet (tiers by
+    /// order, locality or RTT, spilling below the healthy threshold; split
+    /// weights), ejected sites last.
+    fn order(&self, routes: &Routes, service: &ServiceKey) -> Vec<String> {
+        let Some(svc) = routes.services.get(service) else {
+            return Vec::new();
+        };
+        let now = now_ms();
+        let ejected: Vec<String> = match (&svc.policy.outlier, self.outliers.lock()) {
+            (Some(_), Ok(o)) => o
+                .get(service)
+                .map(|o| o.ejected(now).into_iter().map(str::to_string).collect())
+                .unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        if !svc.policy.steers() {
+            let candidates: Vec<Candidate<'_>> = svc
+                .exporters
+                .iter()
+                .map(|(s, h)| Candidate {
+                    site: s.as_str(),
+                    healthy_endpoints: if ejected.iter().any(|e| e == s.as_str()) {
+                        0
+                    } else {
+                        *h
+                    },
+                })
+                .collect();
+            return order_sites(self.local_site.as_str(), &candidates)
+                .into_iter()
+                .map(str::to_string)
+                .collect();
+        }
+        let labels: Vec<Vec<(&str, &str)>> = svc
+            .exporters
+            .iter()
+            .map(|(s, _)| {
+                routes
+                    .sites
+                    .get(s)
+                    .map(|r| {
+                        r.labels
+                            .iter()
+                            .map(|(k, v)| (k.as_str(), v.as_str()))
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect();
+        let views: Vec<SiteView<'_>> = svc
+            .exporters
+            .iter()
+            .zip(&labels)
+            .map(|((s, h), l)| SiteView {
+                site: s.as_str(),
+                healthy: *h,
+                total: svc.totals.get(s).copied().unwrap_or(*h).max(*h),
+                labels: l,
+                rtt_us: if *s == self.local_site {
+                    Some(0)
+                } else {
+                    self.pool.rtt(s).map(|d| d.as_micros() as u64)
+                },
+                ejected: ejected.iter().any(|e| e == s.as_str()),
+            })
+            .collect();
+        let keys: Vec<&str>;
+        let sites: Vec<&str>;
+        let (tiering, threshold) = match &svc.policy.failover {
+            Some(f) => match f.mode {
+                causeway_api::policy::FailoverMode::Ordered => {
+                    sites = f.sites.iter().map(String::as_str).collect();
+                    (Tiering::Ordered(&sites), f.healthy_threshold)
+                }
+                causeway_api::policy::FailoverMode::Locality => {
+                    keys = f.locality_labels.iter().map(String::as_str).collect();
+                    (Tiering::Locality(&keys), f.healthy_threshold)
+                }
+                causeway_api::policy::FailoverMode::Nearest => {
+                    (Tiering::Nearest, f.healthy_threshold)
+                }
+            },
+            None => (Tiering::Ordered(&[]), 0.7),
+        };
+        let mut order: Vec<&str> = Vec::new();
+        while let Some(next) = choose_site(
+            self.local_site.as_str(),
+            &views,
+            &tiering,
+            threshold,
+            svc.policy.split.as_ref(),
+            &order,
+            rand::random::<f64>(),
+            rand::random::<f64>(),
+        ) {
+            order.push(next);
+        }
+        order.into_iter().map(str::to_string).collect()
+    }
+
+    /// Feeds one attempt's result to outlier detection.
+    fn observe(
+        &self,
+        routes: &Routes,
+        service: &ServiceKey,
+        site: &SiteName,
+        attempt: &Result<Stream, Attempt>,
+    ) {
+        let Some(params) = routes.services.get(service).and_then(|s| s.policy.outlier) else {
+            return;
+        };
+        let count = routes
+            .services
+            .get(service)
+            .map_or(1, |s| s.exporters.len());
+        let Ok(mut all) = self.outliers.lock() else {
+            return;
+        };
+        let o = all.entry(service.clone()).or_default();
+        match attempt {
+            Ok(_) => o.on_success(site.as_str()),
+            Err(Attempt::Fatal(_)) => {}
+            Err(Attempt::Retry(_)) => {
+                if let Ejection::Ejected(until) =
+                    o.on_failure(site.as_str(), count, &params, now_ms())
+                {
+                    metrics::counter!("causeway_outlier_ejections_total", "service" => service.to_string(), "site" => site.to_string()).increment(1);
+                    tracing::warn!(%service, %site, until_ms = until, "site ejected after consecutive failures");
+                }
+            }
+        }
     }
 
     async fn try_local(&self, service: &ServiceKey, port: u16) -> Result<TcpStream, Attempt> {

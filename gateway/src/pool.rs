@@ -121,6 +121,7 @@ impl Pool {
             let sp = sites.entry(site.clone()).or_insert_with(|| SitePool {
                 // No replicas yet: `sync` below adds them.
                 route: SiteRoute {
+                    labels: Vec::new(),
                     trust_domain: route.trust_domain.clone(),
                     tunnel_addrs: Vec::new(),
                 },
@@ -335,6 +336,17 @@ impl Pool {
     /// picks another replica, and this one is redialed after a backoff.
     pub fn evict(&self, conn: &quinn::Connection) {
         conn.close(quinn::VarInt::from_u32(3), b"stream open failed");
+    }
+
+    /// The smallest smoothed round-trip time among the site's live
+    /// connections (QUIC measures it continuously), if any is up.
+    pub fn rtt(&self, site: &SiteName) -> Option<Duration> {
+        self.lock()
+            .get(site)?
+            .replicas
+            .iter()
+            .filter_map(|r| r.live().map(|c| c.rtt()))
+            .min()
     }
 
     /// Live connections per replica address of `site` (for tests and status).

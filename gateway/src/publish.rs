@@ -104,10 +104,15 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
             metrics::gauge!("causeway_export_healthy_endpoints", "service" => service.clone())
                 .set(healthy.len() as f64);
             let headless = entries.iter().any(|e| e.headless);
+            let total: BTreeSet<SocketAddr> = entries
+                .iter()
+                .flat_map(|e| e.endpoints.iter().copied())
+                .collect();
             pb::Export {
                 service,
                 ports,
                 healthy_endpoints: healthy.len() as u32,
+                total_endpoints: total.len() as u32,
                 vip_index: 0,
                 headless,
                 endpoints: if headless {

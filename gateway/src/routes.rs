@@ -6,25 +6,88 @@ use std::net::{IpAddr, SocketAddr};
 
 use causeway_api::catalog::CatalogView;
 use causeway_api::model::{vip_for, ServiceKey, SiteName, TrustDomain, TunnelAddr};
+use causeway_api::policy::{parse_document, FailoverSpec, Spec};
+use causeway_gateway_core::traffic::OutlierParams;
 
 /// How to reach one remote site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteRoute {
     pub trust_domain: TrustDomain,
+    /// The site's labels (locality: zone, region).
+    pub labels: Vec<(String, String)>,
     /// One per gateway replica of the site, with its weight.
     pub tunnel_addrs: Vec<TunnelAddr>,
 }
 
 /// One imported (or local) service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ServiceRoute {
     pub vip: IpAddr,
     pub ports: Vec<u16>,
     /// Exporting sites and their healthy endpoint counts.
     pub exporters: Vec<(SiteName, u32)>,
+    /// Each exporter's endpoints, healthy or not.
+    pub totals: BTreeMap<SiteName, u32>,
+    pub policy: ServicePolicy,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// The traffic policies that apply to one service (from the catalog).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServicePolicy {
+    pub failover: Option<FailoverSpec>,
+    pub split: Option<BTreeMap<String, u32>>,
+    pub outlier: Option<OutlierParams>,
+}
+
+impl ServicePolicy {
+    /// Whether anything overrides the default order (local, then healthy
+    /// sites by name).
+    pub fn steers(&self) -> bool {
+        self.failover.is_some() || self.split.is_some()
+    }
+}
+
+/// Policies by target service. Of several policies of one kind for one
+/// service, the first by name applies (a warning names the others).
+fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy> {
+    let mut out: BTreeMap<ServiceKey, ServicePolicy> = BTreeMap::new();
+    for p in view.policies.values() {
+        let parsed = serde_json::from_str::<serde_json::Value>(&p.document_json)
+            .map_err(|e| vec![e.to_string()])
+            .and_then(|v| parse_document(&v));
+        let policy = match parsed {
+            Ok(policy) => policy,
+            Err(errs) => {
+                tracing::warn!(kind = %p.kind, namespace = %p.namespace, name = %p.name, errors = ?errs, "ignoring a policy this gateway cannot read");
+                continue;
+            }
+        };
+        let entry = out.entry(policy.target()).or_default();
+        let dup = |what: &str| {
+            tracing::warn!(service = %policy.target(), kind = what, ignored = %policy.name, "more than one policy of this kind; the first by name applies");
+        };
+        match policy.spec {
+            Spec::FailoverPolicy(f) if entry.failover.is_none() => entry.failover = Some(f),
+            Spec::TrafficSplit(t) if entry.split.is_none() => entry.split = Some(t.weights),
+            Spec::OutlierDetection(o) if entry.outlier.is_none() => {
+                entry.outlier = Some(OutlierParams {
+                    consecutive_failures: o.consecutive_failures,
+                    ejection_ms: u64::from(o.ejection_ms),
+                    max_ejected_percent: o.max_ejected_percent,
+                })
+            }
+            Spec::FailoverPolicy(_) => dup("FailoverPolicy"),
+            Spec::TrafficSplit(_) => dup("TrafficSplit"),
+            Spec::OutlierDetection(_) => dup("OutlierDetection"),
+            // Applied per request by the HTTP path (not yet) or by the
+            // exporting gateway (authorization): not part of L4 routing.
+            _ => {}
+        }
+    }
+    out
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Routes {
     pub revision: u64,
     pub services: BTreeMap<ServiceKey, ServiceRoute>,
@@ -34,6 +97,7 @@ pub struct Routes {
 impl Routes {
     pub fn build(view: &CatalogView, vip_base: IpAddr, vip_prefix: u8) -> Self {
         let mut services = BTreeMap::new();
+        let mut policies = policies_by_service(view);
         for (key, svc) in view.services() {
             if svc.headless {
                 // No ClusterSetIP: callers reach the endpoints directly.
@@ -48,12 +112,15 @@ impl Routes {
                 .iter()
                 .filter_map(|p| u16::try_from(p.port).ok())
                 .collect();
+            let policy = policies.remove(&key).unwrap_or_default();
             services.insert(
                 key,
                 ServiceRoute {
                     vip,
                     ports,
                     exporters: svc.exporters,
+                    totals: svc.totals,
+                    policy,
                 },
             );
         }
@@ -74,6 +141,11 @@ impl Routes {
                 name,
                 SiteRoute {
                     trust_domain: td,
+                    labels: s
+                        .labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
                     tunnel_addrs,
                 },
             );

@@ -29,6 +29,8 @@ pub struct ServiceView {
     pub headless: bool,
     /// Ready endpoints of the headless exports, by site.
     pub endpoints: Vec<(SiteName, pb::Endpoint)>,
+    /// Each exporter's endpoint count, healthy or not.
+    pub totals: BTreeMap<SiteName, u32>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -150,7 +152,12 @@ impl CatalogView {
                     exporters: Vec::new(),
                     headless: true,
                     endpoints: Vec::new(),
+                    totals: BTreeMap::new(),
                 });
+                view.totals.insert(
+                    site_name.clone(),
+                    e.total_endpoints.max(e.healthy_endpoints),
+                );
                 view.headless &= e.headless;
                 if e.headless {
                     view.endpoints

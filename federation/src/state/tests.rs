@@ -43,6 +43,7 @@ fn export(svc: &str, healthy: u32) -> ExportRecord {
         vip_index: 0,
         headless: false,
         endpoints: vec![],
+        total_endpoints: healthy,
     }
 }
 
