@@ -49,6 +49,19 @@ pub enum CtlCommand {
     Status,
     /// Exported services and the sites that export them.
     Services,
+    /// How a name or service resolves, which sites could serve it, their
+    /// health, and the order traffic takes now from a site — and why.
+    Explain {
+        /// `<svc>.<ns>.svc.clusterset.local` or `<ns>/<svc>`.
+        target: String,
+        /// The calling site (traffic order is per caller); default: none.
+        #[arg(long)]
+        from: Option<String>,
+        /// Admin address of the calling site's gateway: adds what only it
+        /// knows (round-trip times, outlier ejections).
+        #[arg(long)]
+        gateway: Option<String>,
+    },
     /// Traffic policies: apply from YAML, list, delete.
     Policy {
         #[command(subcommand)]
@@ -370,6 +383,32 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             print_status(&s, args.output);
+        }
+        CtlCommand::Explain {
+            target,
+            from,
+            gateway,
+        } => {
+            let cat = fed
+                .catalog(pb::CatalogRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            let mut view = causeway_api::catalog::CatalogView::default();
+            view.apply(pb::WatchEvent {
+                revision: cat.revision,
+                kind: Some(pb::watch_event::Kind::Snapshot(cat)),
+            })?;
+            let local = match gateway {
+                Some(addr) => crate::explain::scrape_gateway(addr).await?,
+                None => Default::default(),
+            };
+            let e = crate::explain::explain(&view, target, from.as_deref(), &local)?;
+            if args.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&e.json)?);
+            } else {
+                print!("{}", e.text);
+            }
         }
         CtlCommand::Services => {
             let cat = fed

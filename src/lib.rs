@@ -6,4 +6,5 @@ pub mod admin;
 pub mod cli;
 pub mod ctl;
 pub mod demo;
+pub mod explain;
 pub mod local;

@@ -2739,6 +2739,37 @@ async fn connections_follow_failover_and_split_policies() {
         .await
         .unwrap();
     wait_all_to(target, "west", "ordered [west, east]").await;
+    let gw = fed.sites["central"].gateway_admin.to_string();
+    let explain_args = [
+        "explain",
+        "echo.shop.svc.clusterset.local",
+        "--from",
+        "central",
+        "--gateway",
+        gw.as_str(),
+    ];
+    let explain = || fed.ctl(&explain_args);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = explain().await.unwrap();
+        // The gateway reports RTTs once a second.
+        if !out.contains("rtt unknown") {
+            break out;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no RTTs from the gateway:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    assert!(out.contains("-> shop/echo: ClusterSetIP"), "{out}");
+    assert!(
+        out.contains("policies: FailoverPolicy shop/west-first"),
+        "{out}"
+    );
+    assert!(out.contains("tier 1: west"), "{out}");
+    let tier1 = out.lines().find(|l| l.contains("tier 1:")).unwrap();
+    assert!(tier1.contains("share 100.0%"), "{out}");
 
     tracing::info!("phase: a TrafficSplit of 80/20");
     let f = apply(format!(
@@ -2767,5 +2798,28 @@ async fn connections_follow_failover_and_split_policies() {
     wait_all_to(target, "west", "split deleted: back to ordered").await;
     west_task.abort();
     wait_all_to(target, "east", "west's endpoints down: the next tier").await;
+    // Connections fail over at once; the health the tiers rest on follows
+    // with west's next health report.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let out = loop {
+        let out = explain().await.unwrap();
+        if out.contains("healthy 0/1") {
+            break out;
+        }
+        assert!(Instant::now() < deadline, "west still healthy:\n{out}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let tier1 = out.lines().find(|l| l.contains("tier 1:")).unwrap();
+    let tier2 = out.lines().find(|l| l.contains("tier 2:")).unwrap();
+    assert!(
+        tier1.contains("west") && tier1.contains("share   0.0%"),
+        "{out}"
+    );
+    assert!(
+        tier2.contains("east") && tier2.contains("share 100.0%"),
+        "{out}"
+    );
+    let nope = fed.ctl(&["explain", "shop/nothing"]).await.unwrap();
+    assert!(nope.contains("no site exports it"), "{nope}");
     fed.shutdown().await;
 }

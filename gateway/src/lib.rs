@@ -107,6 +107,7 @@ pub async fn run(
         outliers: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let report_task = tokio::spawn(outbound.clone().report(stop_rx.clone()));
     let outbound_task = tokio::spawn(outbound.run(routes_rx, stop_rx));
     let heartbeat_task = tokio::spawn(publish::heartbeat(
         client.clone(),
@@ -133,6 +134,7 @@ pub async fn run(
     tracing::info!(deadline = ?settings.drain_timeout, active = drain.active(), "gateway draining: no new connections or streams");
     let _ = stop_tx.send(true);
     let _ = outbound_task.await;
+    report_task.abort();
     let left = drain.drain(settings.drain_timeout).await;
     if left > 0 {
         tracing::warn!(

@@ -276,6 +276,47 @@ impl Outbound {
         order.into_iter().map(str::to_string).collect()
     }
 
+    /// Every second, publishes what routing decisions rest on and only this
+    /// gateway knows: `causeway_peer_rtt_seconds{site}` (QUIC's smoothed
+    /// RTT) and `causeway_outlier_ejected{service,site}` (1 while ejected).
+    /// `causeway ctl explain --gateway` reads them.
+    pub async fn report(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut shown: std::collections::BTreeSet<(String, String)> = Default::default();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.changed() => return,
+            }
+            let routes = self.routes.borrow().clone();
+            for site in routes.sites.keys() {
+                if let Some(rtt) = self.pool.rtt(site) {
+                    metrics::gauge!("causeway_peer_rtt_seconds", "site" => site.to_string())
+                        .set(rtt.as_secs_f64());
+                }
+            }
+            let now = now_ms();
+            let ejected: std::collections::BTreeSet<(String, String)> = match self.outliers.lock() {
+                Ok(all) => all
+                    .iter()
+                    .flat_map(|(svc, o)| {
+                        o.ejected(now)
+                            .into_iter()
+                            .map(|site| (svc.to_string(), site.to_string()))
+                            .collect::<Vec<_>>()
+                    })
+                    .collect(),
+                Err(_) => continue,
+            };
+            for (svc, site) in shown.difference(&ejected) {
+                metrics::gauge!("causeway_outlier_ejected", "service" => svc.clone(), "site" => site.clone()).set(0.0);
+            }
+            for (svc, site) in &ejected {
+                metrics::gauge!("causeway_outlier_ejected", "service" => svc.clone(), "site" => site.clone()).set(1.0);
+            }
+            shown.extend(ejected);
+        }
+    }
+
     /// Feeds one attempt's result to outlier detection.
     fn observe(
         &self,

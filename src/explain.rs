@@ -1,0 +1,359 @@
+//! `causeway ctl explain`: how a name resolves and where its traffic goes,
+//! computed from the controller's catalog and policies with the same
+//! decision functions the gateways use (`causeway_gateway_core::traffic`),
+//! plus, from a gateway's metrics, what only that gateway measures.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use anyhow::Context;
+use causeway_api::catalog::CatalogView;
+use causeway_api::model::ServiceKey;
+use causeway_api::policy::{parse_document, FailoverMode, Spec};
+use causeway_gateway_core::traffic::{tier_health, tier_loads, tiers, SiteView, Tiering};
+
+/// What one gateway knows that the controller does not.
+#[derive(Debug, Default)]
+pub struct GatewayView {
+    /// Smoothed QUIC round-trip time per site, µs.
+    pub rtt_us: BTreeMap<String, u64>,
+    /// `(service, site)` pairs ejected by outlier detection.
+    pub ejected: Vec<(String, String)>,
+}
+
+/// Reads a gateway's `/metrics` for RTTs and ejections.
+pub async fn scrape_gateway(addr: &str) -> anyhow::Result<GatewayView> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to the gateway admin port {addr}"))?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: ctl\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).await?;
+    Ok(parse_gateway_metrics(&text))
+}
+
+fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}=\""))? + key.len() + 2;
+    let end = line[start..].find('"')? + start;
+    Some(&line[start..end])
+}
+
+pub fn parse_gateway_metrics(text: &str) -> GatewayView {
+    let mut v = GatewayView::default();
+    for line in text.lines() {
+        let value = line.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok());
+        if line.starts_with("causeway_peer_rtt_seconds{") {
+            if let (Some(site), Some(x)) = (label(line, "site"), value) {
+                v.rtt_us.insert(site.to_string(), (x * 1e6) as u64);
+            }
+        } else if line.starts_with("causeway_outlier_ejected{") && value == Some(1.0) {
+            if let (Some(svc), Some(site)) = (label(line, "service"), label(line, "site")) {
+                v.ejected.push((svc.to_string(), site.to_string()));
+            }
+        }
+    }
+    v
+}
+
+pub struct Explanation {
+    pub text: String,
+    pub json: serde_json::Value,
+}
+
+/// `<svc>.<ns>.svc.<zone>` or `<ns>/<svc>` to a service key.
+fn service_key(target: &str) -> anyhow::Result<ServiceKey> {
+    if target.contains('/') {
+        return target
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{target:?}: {e}"));
+    }
+    let labels: Vec<&str> = target.trim_end_matches('.').split('.').collect();
+    match labels.as_slice() {
+        [svc, ns, "svc", ..] => format!("{ns}/{svc}")
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{target:?}: {e}")),
+        _ => anyhow::bail!("{target:?}: give <svc>.<ns>.svc.clusterset.local or <ns>/<svc>"),
+    }
+}
+
+pub fn explain(
+    view: &CatalogView,
+    target: &str,
+    from: Option<&str>,
+    gw: &GatewayView,
+) -> anyhow::Result<Explanation> {
+    let key = service_key(target)?;
+    let mut t = String::new();
+    let name = format!("{}.{}.svc.clusterset.local", key.name(), key.namespace());
+    let services = view.services();
+    let Some(svc) = services.get(&key) else {
+        let exported_somewhere = view
+            .exports
+            .values()
+            .flatten()
+            .any(|e| e.service == key.to_string());
+        let why = if exported_somewhere {
+            "every site exporting it is unavailable (lease lapsed): the name is NXDOMAIN until one returns"
+        } else {
+            "no site exports it: the name is NXDOMAIN"
+        };
+        writeln!(t, "{name} -> {key}: {why}")?;
+        return Ok(Explanation {
+            text: t,
+            json: serde_json::json!({"name": name, "service": key.to_string(), "exported": false, "why": why}),
+        });
+    };
+    if svc.headless {
+        writeln!(
+            t,
+            "{name} -> {key}: headless; DNS answers with {} ready endpoint address(es) of every site, callers connect directly",
+            svc.endpoints.len()
+        )?;
+    } else {
+        writeln!(
+            t,
+            "{name} -> {key}: ClusterSetIP; each site's DNS answers with address #{} of its gateway's vip_range, where the gateway listens on ports {:?}",
+            svc.vip_index,
+            svc.ports.iter().map(|p| p.port).collect::<Vec<_>>()
+        )?;
+    }
+
+    // Policies that apply.
+    let mut failover = None;
+    let mut split = None;
+    let mut names = Vec::new();
+    for p in view.policies.values() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&p.document_json) else {
+            continue;
+        };
+        let Ok(policy) = parse_document(&v) else {
+            continue;
+        };
+        if policy.target() != key {
+            continue;
+        }
+        names.push(format!("{} {}/{}", p.kind, p.namespace, p.name));
+        match policy.spec {
+            Spec::FailoverPolicy(f) if failover.is_none() => {
+                failover = Some((format!("{}/{}", p.namespace, p.name), f))
+            }
+            Spec::TrafficSplit(s) if split.is_none() => {
+                split = Some((format!("{}/{}", p.namespace, p.name), s.weights))
+            }
+            _ => {}
+        }
+    }
+    writeln!(
+        t,
+        "policies: {}",
+        if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        }
+    )?;
+
+    // The exporting sites, as the caller's gateway sees them.
+    let local = from.unwrap_or("");
+    let labels: Vec<Vec<(String, String)>> = svc
+        .exporters
+        .iter()
+        .map(|(s, _)| {
+            view.sites
+                .get(s.as_str())
+                .map(|site| {
+                    site.labels
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect()
+                })
+                .unwrap_or_default()
+        })
+        .collect();
+    let label_refs: Vec<Vec<(&str, &str)>> = labels
+        .iter()
+        .map(|l| l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
+        .collect();
+    let key_str = key.to_string();
+    let sites: Vec<SiteView<'_>> = svc
+        .exporters
+        .iter()
+        .zip(&label_refs)
+        .map(|((s, h), l)| SiteView {
+            site: s.as_str(),
+            healthy: *h,
+            total: svc.totals.get(s).copied().unwrap_or(*h).max(*h),
+            labels: l,
+            rtt_us: if s.as_str() == local {
+                Some(0)
+            } else {
+                gw.rtt_us.get(s.as_str()).copied()
+            },
+            ejected: gw
+                .ejected
+                .iter()
+                .any(|(svc, site)| *svc == key_str && site == s.as_str()),
+        })
+        .collect();
+    writeln!(t, "sites that export it (available ones only):")?;
+    let mut site_json = Vec::new();
+    for s in &sites {
+        let rtt = s
+            .rtt_us
+            .map(|r| format!("{:.2} ms", r as f64 / 1000.0))
+            .unwrap_or_else(|| "unknown".into());
+        let lbl: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        writeln!(
+            t,
+            "  {:<16} healthy {}/{}  rtt {rtt}  ejected {}  labels [{}]",
+            s.site,
+            s.healthy,
+            s.total,
+            if s.ejected { "yes" } else { "no" },
+            lbl.join(", ")
+        )?;
+        site_json.push(
+            serde_json::json!({"site": s.site, "healthy": s.healthy, "total": s.total,
+            "rtt_us": s.rtt_us, "ejected": s.ejected, "labels": lbl}),
+        );
+    }
+    let unavailable: Vec<&String> = view
+        .exports
+        .iter()
+        .filter(|(site, ex)| {
+            ex.iter().any(|e| e.service == key_str)
+                && !view.sites.get(*site).is_some_and(|s| s.available)
+        })
+        .map(|(s, _)| s)
+        .collect();
+    if !unavailable.is_empty() {
+        writeln!(
+            t,
+            "  (also exported by {}, unavailable: lease lapsed, no traffic)",
+            unavailable
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )?;
+    }
+
+    // The order traffic takes now.
+    let keys: Vec<&str>;
+    let ordered: Vec<&str>;
+    let (tiering, threshold, how) = match &failover {
+        Some((n, f)) => match f.mode {
+            FailoverMode::Ordered => {
+                ordered = f.sites.iter().map(String::as_str).collect();
+                (
+                    Tiering::Ordered(&ordered),
+                    f.healthy_threshold,
+                    format!("FailoverPolicy {n}: the calling site, then {} in order", ordered.join(", ")),
+                )
+            }
+            FailoverMode::Locality => {
+                keys = f.locality_labels.iter().map(String::as_str).collect();
+                (
+                    Tiering::Locality(&keys),
+                    f.healthy_threshold,
+                    format!("FailoverPolicy {n}: sites sharing the caller's {}, in that order, then the rest", keys.join(", then ")),
+                )
+            }
+            FailoverMode::Nearest => (
+                Tiering::Nearest,
+                f.healthy_threshold,
+                format!("FailoverPolicy {n}: nearest first by measured round-trip time"),
+            ),
+        },
+        None => (
+            Tiering::Ordered(&[]),
+            0.7,
+            "no FailoverPolicy: the calling site first, then the others (each connection tries the next on failure)".to_string(),
+        ),
+    };
+    let tier_list = tiers(local, &sites, &tiering);
+    let health: Vec<f64> = tier_list.iter().map(|t| tier_health(t, &sites)).collect();
+    let loads = tier_loads(&health, threshold);
+    writeln!(
+        t,
+        "traffic from {} now ({how}; a tier below {:.0}% healthy spills to the next):",
+        from.unwrap_or("a site that does not export it"),
+        threshold * 100.0
+    )?;
+    let mut tier_json = Vec::new();
+    for (i, tier) in tier_list.iter().enumerate() {
+        writeln!(
+            t,
+            "  tier {}: {:<24} health {:>5.1}%  share {:>5.1}%",
+            i + 1,
+            tier.join(", "),
+            health[i] * 100.0,
+            loads[i] * 100.0
+        )?;
+        tier_json.push(serde_json::json!({"sites": tier, "health": health[i], "share": loads[i]}));
+    }
+    if let Some((n, w)) = &split {
+        let can: Vec<(&str, u32)> = sites
+            .iter()
+            .filter(|s| !s.ejected && s.healthy > 0)
+            .filter_map(|s| w.get(s.site).map(|x| (s.site, *x)))
+            .collect();
+        let total: u32 = can.iter().map(|(_, x)| x).sum();
+        if total > 0 {
+            let shares: Vec<String> = can
+                .iter()
+                .map(|(s, x)| format!("{s} {:.1}%", f64::from(*x) * 100.0 / f64::from(total)))
+                .collect();
+            writeln!(
+                t,
+                "TrafficSplit {n} overrides the tiers: {} (among its sites that can serve)",
+                shares.join(", ")
+            )?;
+        } else {
+            writeln!(
+                t,
+                "TrafficSplit {n} applies, but none of its sites can serve now: the tiers above decide"
+            )?;
+        }
+    }
+    Ok(Explanation {
+        text: t,
+        json: serde_json::json!({
+            "name": name, "service": key_str, "headless": svc.headless, "vip_index": svc.vip_index,
+            "policies": names, "sites": site_json, "tiers": tier_json,
+            "split": split.map(|(n, w)| serde_json::json!({"policy": n, "weights": w})),
+        }),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_keys_map_to_the_service() {
+        assert_eq!(
+            service_key("payments.shop.svc.clusterset.local")
+                .unwrap()
+                .to_string(),
+            "shop/payments"
+        );
+        assert_eq!(
+            service_key("shop/payments").unwrap().to_string(),
+            "shop/payments"
+        );
+        assert!(service_key("example.com").is_err());
+    }
+
+    #[test]
+    fn gateway_metrics_give_rtts_and_ejections() {
+        let text = "causeway_peer_rtt_seconds{site=\"east\"} 0.00042\n\
+                    causeway_outlier_ejected{service=\"shop/p\",site=\"west\"} 1\n\
+                    causeway_outlier_ejected{service=\"shop/p\",site=\"east\"} 0\n";
+        let v = parse_gateway_metrics(text);
+        assert_eq!(v.rtt_us["east"], 420);
+        assert_eq!(v.ejected, [("shop/p".to_string(), "west".to_string())]);
+    }
+}
