@@ -2823,3 +2823,290 @@ async fn connections_follow_failover_and_split_policies() {
     assert!(nope.contains("no site exports it"), "{nope}");
     fed.shutdown().await;
 }
+
+/// A tiny HTTP/1.1 backend answering its `name` (keep-alive); `/slow`
+/// waits 300 ms first. Bound to `addr` (port 0 picks one).
+async fn http_backend(addr: &str, name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let at = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            conns.spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let slow = line.contains("/slow");
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                    }
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                        name.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (at, task)
+}
+
+/// One keep-alive HTTP/1.1 client connection.
+struct HttpClient {
+    r: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    w: tokio::net::tcp::OwnedWriteHalf,
+}
+
+impl HttpClient {
+    async fn connect(addr: SocketAddr) -> Self {
+        let s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (r, w) = s.into_split();
+        Self {
+            r: tokio::io::BufReader::new(r),
+            w,
+        }
+    }
+
+    /// `(status, x-causeway-error header, body)`.
+    async fn get(&mut self, path: &str) -> (u16, String, String) {
+        use tokio::io::AsyncBufReadExt;
+        self.w
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: web\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut status = String::new();
+        self.r.read_line(&mut status).await.unwrap();
+        let code: u16 = status
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let (mut len, mut err) = (0usize, String::new());
+        loop {
+            let mut h = String::new();
+            self.r.read_line(&mut h).await.unwrap();
+            if h == "\r\n" || h.is_empty() {
+                break;
+            }
+            let lower = h.to_ascii_lowercase();
+            if let Some(v) = lower.strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap();
+            }
+            if let Some(v) = lower.strip_prefix("x-causeway-error:") {
+                err = v.trim().to_string();
+            }
+        }
+        let mut body = vec![0u8; len];
+        self.r.read_exact(&mut body).await.unwrap();
+        (code, err, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_requests_are_routed_one_by_one_with_splits_faults_breakers_and_failover() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (east_addr, east_task) = http_backend("127.0.0.1:0", "east").await;
+    let (west_addr, _west_task) = http_backend("127.0.0.1:0", "west").await;
+    fed.add_site("east", &vip_range(), &[]).await.unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let export = |a: SocketAddr| {
+        format!("\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{a}\"]\n")
+    };
+    add_exports_and_restart(&mut fed, "east", &export(east_addr)).await;
+    add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
+    let vip = fed
+        .wait_resolvable(
+            "central",
+            "web.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 8080);
+    wait_listening(target).await;
+    let apply = |yaml: String| {
+        let file = tmp.path().join(format!("p-{}.yaml", rand::random::<u32>()));
+        std::fs::write(&file, yaml).unwrap();
+        file
+    };
+    let doc = |kind: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: causeway.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n")
+    };
+    let f = apply(
+        doc("FailoverPolicy", "order", "{service: web, mode: ordered, sites: [east, west]}")
+            + &doc("TrafficSplit", "canary", "{service: web, weights: {east: 99, west: 1}}")
+            + &doc("FaultInjection", "chaos", "{service: web, abort: {percent: 10, status: 503}}")
+            + &doc("RetryPolicy", "retry", "{service: web, attempts: 2, on: [connect-failure, reset, 5xx], budget: {ratio: 0.5, minPerSecond: 100}}"),
+    );
+    fed.ctl(&["policy", "apply", "-f", f.to_str().unwrap()])
+        .await
+        .unwrap();
+
+    tracing::info!("phase: 20,000 requests: a 1% split and 10% injected aborts");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = HttpClient::connect(target).await;
+        let mut seen_fault = false;
+        for _ in 0..100 {
+            seen_fault |= c.get("/").await.1 == "fault-injected";
+        }
+        if seen_fault {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the policies never reached the gateway"
+        );
+    }
+    let n = 20_000;
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        workers.push(tokio::spawn(async move {
+            let mut c = HttpClient::connect(target).await;
+            let (mut east, mut west, mut aborted, mut other) = (0, 0, 0, Vec::new());
+            for _ in 0..n / 8 {
+                match c.get("/").await {
+                    (200, _, b) if b == "east" => east += 1,
+                    (200, _, b) if b == "west" => west += 1,
+                    (503, e, _) if e == "fault-injected" => aborted += 1,
+                    x => other.push(x),
+                }
+            }
+            (east, west, aborted, other)
+        }));
+    }
+    let (mut east, mut west, mut aborted) = (0, 0, 0);
+    for w in workers {
+        let (e, wv, a, other) = w.await.unwrap();
+        assert!(other.is_empty(), "unexpected answers: {other:?}");
+        east += e;
+        west += wv;
+        aborted += a;
+    }
+    let abort_pct = aborted as f64 * 100.0 / n as f64;
+    let west_pct = west as f64 * 100.0 / (east + west) as f64;
+    tracing::info!(east, west, aborted, abort_pct, west_pct, "split and faults");
+    assert!(
+        (9.0..=11.0).contains(&abort_pct),
+        "aborts {abort_pct:.2}% of {n}"
+    );
+    assert!(
+        (0.7..=1.3).contains(&west_pct),
+        "west got {west_pct:.2}% ({west} of {})",
+        east + west
+    );
+
+    tracing::info!("phase: a circuit breaker sheds load beyond its limit, then recovers");
+    fed.ctl(&["policy", "delete", "FaultInjection", "shop/chaos"])
+        .await
+        .unwrap();
+    fed.ctl(&["policy", "delete", "TrafficSplit", "shop/canary"])
+        .await
+        .unwrap();
+    let f = apply(doc(
+        "CircuitBreaker",
+        "cb",
+        "{service: web, maxRequests: 2}",
+    ));
+    fed.ctl(&["policy", "apply", "-f", f.to_str().unwrap()])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let burst: Vec<_> = (0..12)
+            .map(|_| {
+                tokio::spawn(async move { HttpClient::connect(target).await.get("/slow").await })
+            })
+            .collect();
+        let mut shed = 0;
+        let mut ok = 0;
+        for b in burst {
+            match b.await.unwrap() {
+                (200, _, _) => ok += 1,
+                (503, e, _) if e == "circuit-open" => shed += 1,
+                x => panic!("unexpected {x:?}"),
+            }
+        }
+        if shed > 0 {
+            assert!(ok >= 2, "the breaker let through only {ok}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the breaker never opened");
+    }
+    let mut c = HttpClient::connect(target).await;
+    for _ in 0..5 {
+        assert_eq!(c.get("/slow").await.0, 200, "recovered after the burst");
+    }
+    fed.ctl(&["policy", "delete", "CircuitBreaker", "shop/cb"])
+        .await
+        .unwrap();
+
+    tracing::info!("phase: under steady load east's endpoints stop: no request fails");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut c = HttpClient::connect(target).await;
+            let (mut ok, mut bad, mut west_seen) = (0, Vec::new(), 0);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                match c.get("/").await {
+                    (200, _, b) => {
+                        ok += 1;
+                        if b == "west" {
+                            west_seen += 1;
+                        }
+                    }
+                    x => bad.push(x),
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            (ok, bad, west_seen)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    east_task.abort();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        let (ok, bad, west_seen) = l.await.unwrap();
+        assert!(
+            bad.is_empty(),
+            "failed requests while east went down: {bad:?}"
+        );
+        assert!(ok > 50 && west_seen > 0, "ok {ok}, west {west_seen}");
+    }
+    let m = http_get(fed.sites["central"].gateway_admin, "/metrics").await;
+    assert!(
+        m.contains("causeway_http_requests_total{service=\"shop/web\",code=\"200\"}"),
+        "no HTTP metrics"
+    );
+    assert!(
+        m.contains("causeway_http_request_duration_seconds"),
+        "no latency histogram"
+    );
+    fed.shutdown().await;
+}

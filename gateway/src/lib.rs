@@ -16,6 +16,7 @@
 pub mod config;
 pub mod drain;
 pub mod endpoints;
+pub mod http;
 pub mod inbound;
 pub mod outbound;
 pub mod pool;
@@ -105,6 +106,7 @@ pub async fn run(
         local_exports: settings.exports.clone(),
         drain: drain.clone(),
         outliers: Default::default(),
+        http: Default::default(),
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let report_task = tokio::spawn(outbound.clone().report(stop_rx.clone()));

@@ -33,6 +33,8 @@ pub struct Outbound {
     /// Passive health per service (only for services with an
     /// OutlierDetection policy).
     pub outliers: std::sync::Mutex<BTreeMap<ServiceKey, Outliers>>,
+    /// State of the per-request HTTP path.
+    pub http: crate::http::HttpState,
 }
 
 fn now_ms() -> u64 {
@@ -43,7 +45,7 @@ fn now_ms() -> u64 {
 
 /// Why one attempt at one site failed.
 #[derive(Debug)]
-enum Attempt {
+pub(crate) enum Attempt {
     /// Try the next site.
     Retry(String),
     /// Stop: the answer would be the same everywhere (e.g. forbidden).
@@ -104,7 +106,17 @@ impl Outbound {
                 Ok((tcp, _)) => {
                     let this = self.clone();
                     let service = service.clone();
-                    tokio::spawn(async move { this.handle(tcp, service, port).await });
+                    let http = this
+                        .routes
+                        .borrow()
+                        .services
+                        .get(&service)
+                        .is_some_and(|s| s.http_ports.contains(&port));
+                    if http {
+                        tokio::spawn(crate::http::serve_connection(this, tcp, service, port));
+                    } else {
+                        tokio::spawn(async move { this.handle(tcp, service, port).await });
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -179,7 +191,7 @@ impl Outbound {
     /// as the policy would choose it among those not tried yet (tiers by
     /// order, locality or RTT, spilling below the healthy threshold; split
     /// weights), ejected sites last.
-    fn order(&self, routes: &Routes, service: &ServiceKey) -> Vec<String> {
+    pub(crate) fn order(&self, routes: &Routes, service: &ServiceKey) -> Vec<String> {
         let Some(svc) = routes.services.get(service) else {
             return Vec::new();
         };
@@ -317,6 +329,42 @@ impl Outbound {
         }
     }
 
+    /// A connection to a local endpoint of the service (HTTP path).
+    pub(crate) async fn connect_local(
+        &self,
+        service: &ServiceKey,
+        port: u16,
+    ) -> Result<TcpStream, Attempt> {
+        self.try_local(service, port).await
+    }
+
+    /// An opened tunnel stream to `site` for the service (HTTP path).
+    pub(crate) async fn open_remote(
+        &self,
+        routes: &Routes,
+        site: &SiteName,
+        service: &ServiceKey,
+        port: u16,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), Attempt> {
+        self.try_remote(routes, site, service, port).await
+    }
+
+    /// Feeds one HTTP try's result to outlier detection.
+    pub(crate) fn observe_http(
+        &self,
+        routes: &Routes,
+        service: &ServiceKey,
+        site: &SiteName,
+        ok: bool,
+    ) {
+        let attempt: Result<(), Attempt> = if ok {
+            Ok(())
+        } else {
+            Err(Attempt::Retry(String::new()))
+        };
+        self.observe_result(routes, service, site, attempt.as_ref().map(|_| ()));
+    }
+
     /// Feeds one attempt's result to outlier detection.
     fn observe(
         &self,
@@ -324,6 +372,16 @@ impl Outbound {
         service: &ServiceKey,
         site: &SiteName,
         attempt: &Result<Stream, Attempt>,
+    ) {
+        self.observe_result(routes, service, site, attempt.as_ref().map(|_| ()));
+    }
+
+    fn observe_result(
+        &self,
+        routes: &Routes,
+        service: &ServiceKey,
+        site: &SiteName,
+        attempt: Result<(), &Attempt>,
     ) {
         let Some(params) = routes.services.get(service).and_then(|s| s.policy.outlier) else {
             return;

@@ -6,8 +6,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use causeway_api::catalog::CatalogView;
 use causeway_api::model::{vip_for, ServiceKey, SiteName, TrustDomain, TunnelAddr};
-use causeway_api::policy::{parse_document, FailoverSpec, Spec};
-use causeway_gateway_core::traffic::OutlierParams;
+use causeway_api::policy::{parse_document, FailoverSpec, FaultSpec, RetrySpec, Spec, TimeoutSpec};
+use causeway_gateway_core::traffic::{Limits, OutlierParams};
 
 /// How to reach one remote site.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +26,8 @@ pub struct ServiceRoute {
     pub ports: Vec<u16>,
     /// Exporting sites and their healthy endpoint counts.
     pub exporters: Vec<(SiteName, u32)>,
+    /// Ports whose protocol is `http`: proxied per request.
+    pub http_ports: Vec<u16>,
     /// Each exporter's endpoints, healthy or not.
     pub totals: BTreeMap<SiteName, u32>,
     pub policy: ServicePolicy,
@@ -37,6 +39,10 @@ pub struct ServicePolicy {
     pub failover: Option<FailoverSpec>,
     pub split: Option<BTreeMap<String, u32>>,
     pub outlier: Option<OutlierParams>,
+    pub retry: Option<RetrySpec>,
+    pub timeout: Option<TimeoutSpec>,
+    pub breaker: Option<Limits>,
+    pub fault: Option<FaultSpec>,
 }
 
 impl ServicePolicy {
@@ -76,12 +82,25 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
                     max_ejected_percent: o.max_ejected_percent,
                 })
             }
+            Spec::RetryPolicy(r) if entry.retry.is_none() => entry.retry = Some(r),
+            Spec::TimeoutPolicy(t) if entry.timeout.is_none() => entry.timeout = Some(t),
+            Spec::CircuitBreaker(c) if entry.breaker.is_none() => {
+                entry.breaker = Some(Limits {
+                    max_connections: c.max_connections,
+                    max_pending: c.max_pending,
+                    max_requests: c.max_requests,
+                })
+            }
+            Spec::FaultInjection(f) if entry.fault.is_none() => entry.fault = Some(f),
             Spec::FailoverPolicy(_) => dup("FailoverPolicy"),
             Spec::TrafficSplit(_) => dup("TrafficSplit"),
             Spec::OutlierDetection(_) => dup("OutlierDetection"),
-            // Applied per request by the HTTP path (not yet) or by the
-            // exporting gateway (authorization): not part of L4 routing.
-            _ => {}
+            Spec::RetryPolicy(_) => dup("RetryPolicy"),
+            Spec::TimeoutPolicy(_) => dup("TimeoutPolicy"),
+            Spec::CircuitBreaker(_) => dup("CircuitBreaker"),
+            Spec::FaultInjection(_) => dup("FaultInjection"),
+            // Authorization is enforced by gateway configuration today.
+            Spec::AuthorizationPolicy(_) => {}
         }
     }
     out
@@ -113,12 +132,19 @@ impl Routes {
                 .filter_map(|p| u16::try_from(p.port).ok())
                 .collect();
             let policy = policies.remove(&key).unwrap_or_default();
+            let http_ports = svc
+                .ports
+                .iter()
+                .filter(|p| p.protocol.eq_ignore_ascii_case("http"))
+                .filter_map(|p| u16::try_from(p.port).ok())
+                .collect();
             services.insert(
                 key,
                 ServiceRoute {
                     vip,
                     ports,
                     exporters: svc.exporters,
+                    http_ports,
                     totals: svc.totals,
                     policy,
                 },

@@ -1,0 +1,424 @@
+//! Per-request HTTP for services exported with protocol `http`: the
+//! outbound listener speaks HTTP/1.1 and HTTP/2 (hyper) to callers, and
+//! each request is routed on its own — site choice with tiers and splits,
+//! fault injection, circuit breaking, timeouts and retries within a budget
+//! — then sent as HTTP/1.1 over a fresh tunnel stream (or a connection to a
+//! local endpoint). The exporting gateway needs nothing new: to it the
+//! stream is an ordinary L4 stream to an endpoint.
+//!
+//! Request bodies are buffered (up to 1 MiB) so that a retry can resend
+//! them; responses stream through.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use causeway_api::model::{ServiceKey, SiteName};
+use causeway_api::policy::RetryOn;
+use causeway_gateway_core::traffic::{breaker, faults, InFlight, RetryBudget};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::outbound::{Attempt, Outbound};
+use crate::routes::{Routes, ServicePolicy};
+
+/// Largest request body buffered for retries.
+pub const MAX_BODY: usize = 1024 * 1024;
+/// Default time for one request when no TimeoutPolicy says otherwise.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Per-service state of the HTTP path.
+#[derive(Default)]
+pub struct HttpState {
+    budgets: Mutex<BTreeMap<ServiceKey, RetryBudget>>,
+    inflight: Mutex<BTreeMap<(ServiceKey, String), InFlight>>,
+}
+
+fn full(status: StatusCode, why: &str, reason: &'static str) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(format!("{why}\n")))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    if let Ok(v) = hyper::header::HeaderValue::from_str(reason) {
+        r.headers_mut().insert("x-causeway-error", v);
+    }
+    r
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Why one try failed, for the retry decision.
+enum TryError {
+    /// The request never reached an endpoint (safe to retry any method).
+    Connect(String),
+    /// The connection broke after the request was sent.
+    Reset(String),
+    /// The per-try timeout passed.
+    Timeout,
+}
+
+/// Counts one request in flight to a site until dropped.
+struct InFlightGuard<'a> {
+    state: &'a HttpState,
+    key: (ServiceKey, String),
+}
+
+impl Drop for InFlightGuard<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.state.inflight.lock() {
+            if let Some(f) = m.get_mut(&self.key) {
+                f.requests = f.requests.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Serves one caller connection (HTTP/1.1 or HTTP/2, detected).
+pub async fn serve_connection(out: Arc<Outbound>, tcp: TcpStream, service: ServiceKey, port: u16) {
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let out = out.clone();
+        let service = service.clone();
+        async move { Ok::<_, Infallible>(proxy(&out, req, &service, port).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
+        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    }
+}
+
+async fn proxy(
+    out: &Outbound,
+    req: Request<Incoming>,
+    service: &ServiceKey,
+    port: u16,
+) -> Response<Body> {
+    let start = Instant::now();
+    let resp = route(out, req, service, port, start).await;
+    let code = resp.status().as_u16().to_string();
+    metrics::counter!("causeway_http_requests_total", "service" => service.to_string(), "code" => code)
+        .increment(1);
+    metrics::histogram!("causeway_http_request_duration_seconds", "service" => service.to_string())
+        .record(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn route(
+    out: &Outbound,
+    req: Request<Incoming>,
+    service: &ServiceKey,
+    port: u16,
+    start: Instant,
+) -> Response<Body> {
+    let routes = out.routes.borrow().clone();
+    let policy = routes
+        .services
+        .get(service)
+        .map(|s| s.policy.clone())
+        .unwrap_or_default();
+
+    // Faults first: they stand for a sick upstream.
+    if let Some(f) = &policy.fault {
+        let decided = faults(
+            f.delay.as_ref().map(|d| (d.percent, d.ms)),
+            f.abort.as_ref().map(|a| (a.percent, a.status)),
+            rand::random::<f64>(),
+            rand::random::<f64>(),
+        );
+        if let Some(ms) = decided.delay_ms {
+            metrics::counter!("causeway_http_faults_total", "service" => service.to_string(), "fault" => "delay").increment(1);
+            tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+        }
+        if let Some(status) = decided.abort_status {
+            metrics::counter!("causeway_http_faults_total", "service" => service.to_string(), "fault" => "abort").increment(1);
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return full(
+                status,
+                "fault injected by FaultInjection policy",
+                "fault-injected",
+            );
+        }
+    }
+
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return full(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("request body not readable or over {MAX_BODY} bytes: {e}"),
+                "body-too-large",
+            )
+        }
+    };
+    let request_timeout = policy
+        .timeout
+        .as_ref()
+        .map_or(DEFAULT_REQUEST_TIMEOUT, |t| {
+            Duration::from_millis(u64::from(t.request_ms))
+        });
+    let per_try = policy
+        .timeout
+        .as_ref()
+        .and_then(|t| t.per_try_ms)
+        .map(|ms| Duration::from_millis(u64::from(ms)));
+    let deadline = start + request_timeout;
+    let retries = policy.retry.as_ref().map_or(0, |r| r.attempts);
+    {
+        let mut b = out.http.budgets.lock().expect("budget lock");
+        let budget = policy
+            .retry
+            .as_ref()
+            .map(|r| (r.budget.ratio, r.budget.min_per_second));
+        if let Some((ratio, min)) = budget {
+            b.entry(service.clone())
+                .or_insert_with(|| RetryBudget::new(ratio, min))
+                .on_request(now_ms());
+        }
+    }
+
+    let order = out.order(&routes, service);
+    let mut tried: Vec<String> = Vec::new();
+    let mut last: Option<Response<Body>> = None;
+    let mut tries = 0u32;
+    for site in order {
+        if tries > retries {
+            break;
+        }
+        let Ok(site) = site.parse::<SiteName>() else {
+            continue;
+        };
+        if tries > 0 {
+            // A retry: allowed by the policy's conditions (checked by the
+            // caller below) and by the budget.
+            let ok = out
+                .http
+                .budgets
+                .lock()
+                .expect("budget lock")
+                .get_mut(service)
+                .is_some_and(|b| b.try_retry(now_ms()));
+            if !ok {
+                metrics::counter!("causeway_http_retries_total", "service" => service.to_string(), "result" => "over_budget").increment(1);
+                break;
+            }
+            metrics::counter!("causeway_http_retries_total", "service" => service.to_string(), "result" => "sent").increment(1);
+        }
+        tries += 1;
+
+        // Circuit breaker for this site.
+        let key = (service.clone(), site.to_string());
+        let _guard = {
+            let mut m = out.http.inflight.lock().expect("inflight lock");
+            let f = m.entry(key.clone()).or_default();
+            if let Some(limits) = &policy.breaker {
+                if let Some(which) = breaker(limits, f) {
+                    metrics::counter!("causeway_http_circuit_open_total", "service" => service.to_string(), "site" => site.to_string(), "limit" => which).increment(1);
+                    last = Some(full(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("circuit breaker: {which} reached for {service} at site {site}"),
+                        "circuit-open",
+                    ));
+                    tried.push(site.to_string());
+                    continue;
+                }
+            }
+            f.requests += 1;
+            InFlightGuard {
+                state: &out.http,
+                key,
+            }
+        };
+
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            break;
+        }
+        let budget_for_try = per_try.map_or(remaining, |t| t.min(remaining));
+        let req = rebuild(&parts, body.clone());
+        let result = match tokio::time::timeout(
+            budget_for_try,
+            send_once(out, &routes, &site, service, port, req),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => Err(TryError::Timeout),
+        };
+        let retryable = |on: RetryOn| policy.retry.as_ref().is_some_and(|r| r.on.contains(&on));
+        match result {
+            Ok(resp) => {
+                let s = resp.status();
+                let gateway_error = matches!(s.as_u16(), 502..=504);
+                let again = idempotent(&parts.method)
+                    && ((s.is_server_error() && retryable(RetryOn::ServerError))
+                        || (gateway_error && retryable(RetryOn::GatewayError)));
+                out.observe_http(&routes, service, &site, !s.is_server_error());
+                if !again {
+                    return resp.map(|b| b.boxed());
+                }
+                tried.push(format!("{site}: {s}"));
+                last = Some(resp.map(|b| b.boxed()));
+            }
+            Err(TryError::Connect(why)) => {
+                out.observe_http(&routes, service, &site, false);
+                tried.push(format!("{site}: {why}"));
+                last = Some(full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no site could take the request: {}", tried.join("; ")),
+                    "no-upstream",
+                ));
+                // Never reached an endpoint: always safe to try the next
+                // site when the policy retries connect failures, and when
+                // there is no retry policy at all (as L4 does).
+                if policy.retry.is_some() && !retryable(RetryOn::ConnectFailure) {
+                    break;
+                }
+                if policy.retry.is_none() {
+                    tries = 0; // connection-level failover, not a retry
+                }
+            }
+            Err(TryError::Reset(why)) => {
+                out.observe_http(&routes, service, &site, false);
+                tried.push(format!("{site}: {why}"));
+                last = Some(full(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("the upstream connection failed: {why}"),
+                    "upstream-reset",
+                ));
+                if !(idempotent(&parts.method) && retryable(RetryOn::Reset)) {
+                    break;
+                }
+            }
+            Err(TryError::Timeout) => {
+                out.observe_http(&routes, service, &site, false);
+                tried.push(format!("{site}: timed out"));
+                last = Some(full(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "the upstream did not answer in time (TimeoutPolicy)",
+                    "timeout",
+                ));
+                if !(idempotent(&parts.method) && retryable(RetryOn::GatewayError)) {
+                    break;
+                }
+            }
+        }
+    }
+    if Instant::now() >= deadline && last.is_none() {
+        return full(
+            StatusCode::GATEWAY_TIMEOUT,
+            "request timeout (TimeoutPolicy)",
+            "timeout",
+        );
+    }
+    last.unwrap_or_else(|| {
+        full(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &format!("no site exports {service} or can take the request"),
+            "no-upstream",
+        )
+    })
+}
+
+/// A copy of the request for one try, as HTTP/1.1 with a Host header.
+fn rebuild(parts: &hyper::http::request::Parts, body: Bytes) -> Request<Full<Bytes>> {
+    let mut b = Request::builder()
+        .method(parts.method.clone())
+        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
+        .version(hyper::Version::HTTP_11);
+    for (k, v) in &parts.headers {
+        if k == hyper::header::CONNECTION
+            || k == "keep-alive"
+            || k == hyper::header::TRANSFER_ENCODING
+        {
+            continue;
+        }
+        b = b.header(k, v);
+    }
+    if !parts.headers.contains_key(hyper::header::HOST) {
+        if let Some(a) = parts.uri.authority() {
+            b = b.header(hyper::header::HOST, a.as_str());
+        }
+    }
+    b.body(Full::new(body)).expect("parts of a valid request")
+}
+
+async fn send_once(
+    out: &Outbound,
+    routes: &Routes,
+    site: &SiteName,
+    service: &ServiceKey,
+    port: u16,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, TryError> {
+    let mut sender = if *site == out.local_site {
+        let tcp = out
+            .connect_local(service, port)
+            .await
+            .map_err(|a| TryError::Connect(attempt_text(a)))?;
+        handshake(TokioIo::new(tcp)).await?
+    } else {
+        let (send, recv) = out
+            .open_remote(routes, site, service, port)
+            .await
+            .map_err(|a| TryError::Connect(attempt_text(a)))?;
+        handshake(TokioIo::new(tokio::io::join(recv, send))).await?
+    };
+    sender
+        .send_request(req)
+        .await
+        .map_err(|e| TryError::Reset(e.to_string()))
+}
+
+fn attempt_text(a: Attempt) -> String {
+    match a {
+        Attempt::Retry(s) | Attempt::Fatal(s) => s,
+    }
+}
+
+async fn handshake<T>(
+    io: TokioIo<T>,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, TryError>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(|e| TryError::Connect(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
+        }
+    });
+    Ok(sender)
+}
+
+impl ServicePolicy {
+    /// Whether the service has per-request behaviour configured.
+    pub fn per_request(&self) -> bool {
+        self.retry.is_some()
+            || self.timeout.is_some()
+            || self.breaker.is_some()
+            || self.fault.is_some()
+    }
+}
