@@ -4,6 +4,7 @@
 mod controller;
 mod dns;
 mod etcd;
+mod failover;
 mod pki;
 mod report;
 mod tunnel;
@@ -27,7 +28,9 @@ fn main() -> anyhow::Result<()> {
     }
     let quick = args.iter().any(|a| a == "--quick");
     let Some(suite) = args.iter().find(|a| !a.starts_with("--")) else {
-        anyhow::bail!("usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, dns)");
+        anyhow::bail!(
+            "usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, dns, failover)"
+        );
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -49,7 +52,12 @@ fn main() -> anyhow::Result<()> {
             }
             "tunnel" => tunnel::run(&mut report, tmp.path(), &tunnel::Params::new(quick)).await?,
             "dns" => dns::run(&mut report, tmp.path(), &dns::Params::new(quick)).await?,
-            other => anyhow::bail!("unknown suite {other:?} (suites: controller, tunnel, dns)"),
+            "failover" => {
+                failover::run(&mut report, tmp.path(), &failover::Params::new(quick)).await?
+            }
+            other => {
+                anyhow::bail!("unknown suite {other:?} (suites: controller, tunnel, dns, failover)")
+            }
         }
         report.finish(&results)
     })

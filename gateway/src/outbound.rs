@@ -300,6 +300,18 @@ impl Outbound {
                 _ = stop.changed() => return,
             }
             let routes = self.routes.borrow().clone();
+            // Keep a tunnel up to every site exporting something we import.
+            let exporters: std::collections::BTreeSet<&SiteName> = routes
+                .services
+                .values()
+                .flat_map(|s| s.exporters.iter().map(|(site, _)| site))
+                .filter(|s| **s != self.local_site)
+                .collect();
+            for site in exporters {
+                if let Some(route) = routes.sites.get(site) {
+                    self.pool.warm(site, route);
+                }
+            }
             for site in routes.sites.keys() {
                 if let Some(rtt) = self.pool.rtt(site) {
                     metrics::gauge!("causeway_peer_rtt_seconds", "site" => site.to_string())

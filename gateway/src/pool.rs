@@ -158,7 +158,43 @@ impl Pool {
                 }
                 return Ok(conn);
             }
-            idle
+            // A first dial already under way (not a redial in backoff):
+            // wait for it below rather than fail.
+            let first_dial = idle.is_empty()
+                && sp
+                    .replicas
+                    .iter()
+                    .any(|r| r.dialing && r.failures == 0 && r.live().is_none());
+            if first_dial {
+                None
+            } else {
+                Some(idle)
+            }
+        };
+        let Some(candidates) = candidates else {
+            let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                let live = self.lock().get(site).and_then(|sp| {
+                    let up: Vec<&Replica> =
+                        sp.replicas.iter().filter(|r| r.live().is_some()).collect();
+                    let dialing = sp.replicas.iter().any(|r| r.dialing && r.failures == 0);
+                    match up.first() {
+                        Some(r) => Some(r.live().cloned()),
+                        None if dialing => None,
+                        None => Some(None),
+                    }
+                });
+                match live {
+                    Some(Some(conn)) => return Ok(conn),
+                    Some(None) => break,
+                    None => continue,
+                }
+            }
+            return Err(DialError::Unreachable {
+                site: site.clone(),
+                last: "the first dial did not finish in time".into(),
+            });
         };
         // Nothing is up: dial now, heaviest replica first.
         let mut order = candidates;
@@ -347,6 +383,39 @@ impl Pool {
             .iter()
             .filter_map(|r| r.live().map(|c| c.rtt()))
             .min()
+    }
+
+    /// Dials the replicas of `site` that have no connection and are not
+    /// being dialed, in the background: failover then finds a warm tunnel
+    /// instead of paying a handshake on the first request.
+    pub fn warm(&self, site: &SiteName, route: &SiteRoute) {
+        if route.tunnel_addrs.is_empty() {
+            return;
+        }
+        let idle: Vec<TunnelAddr> = {
+            let mut sites = self.lock();
+            let sp = sites.entry(site.clone()).or_insert_with(|| SitePool {
+                route: SiteRoute {
+                    labels: Vec::new(),
+                    trust_domain: route.trust_domain.clone(),
+                    tunnel_addrs: Vec::new(),
+                },
+                replicas: Vec::new(),
+                balancer: Balancer::new(Strategy::Weighted),
+            });
+            sp.sync(route);
+            sp.replicas
+                .iter_mut()
+                .filter(|r| r.live().is_none() && !r.dialing)
+                .map(|r| {
+                    r.dialing = true;
+                    r.at
+                })
+                .collect()
+        };
+        for at in idle {
+            self.spawn_dial(site.clone(), at, Duration::ZERO);
+        }
     }
 
     /// Live connections per replica address of `site` (for tests and status).

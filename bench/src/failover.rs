@@ -1,0 +1,338 @@
+//! `bench/run failover`: steady HTTP load through a caller site's gateway
+//! to a service exported by two sites, while the preferred site's
+//! endpoints stop, its gateway is killed, and it comes back. Per event:
+//! the failed requests and the time until 99% of traffic has moved.
+//!
+//! Policies in force (the ones a platform team would set): FailoverPolicy
+//! ordered [east, west]; RetryPolicy (2 attempts on connect-failure, reset,
+//! 5xx, gateway-error); TimeoutPolicy (per try 250 ms); OutlierDetection
+//! (3 consecutive failures).
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use causeway::local::{free_port, LocalFederation};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::report::Report;
+
+pub struct Params {
+    rate: u32,
+    settle: Duration,
+    after: Duration,
+}
+
+impl Params {
+    pub fn new(quick: bool) -> Self {
+        Self {
+            rate: 500,
+            settle: Duration::from_secs(if quick { 3 } else { 5 }),
+            after: Duration::from_secs(if quick { 6 } else { 10 }),
+        }
+    }
+}
+
+/// An HTTP/1.1 backend answering its name, keep-alive.
+async fn backend(
+    addr: SocketAddr,
+    name: &'static str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let l = tokio::net::TcpListener::bind(addr).await?;
+    Ok(tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            conns.spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                        name.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }))
+}
+
+/// One finished request: when it was due, how it ended.
+#[derive(Clone)]
+struct Sample {
+    due: Instant,
+    /// The answering site, or `None` for a failure.
+    site: Option<String>,
+}
+
+async fn get(
+    conn: &mut Option<(
+        tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+        tokio::net::tcp::OwnedWriteHalf,
+    )>,
+    target: SocketAddr,
+) -> Option<String> {
+    if conn.is_none() {
+        let s = tokio::net::TcpStream::connect(target).await.ok()?;
+        let (r, w) = s.into_split();
+        *conn = Some((tokio::io::BufReader::new(r), w));
+    }
+    let (r, w) = conn.as_mut()?;
+    let result = async {
+        w.write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+            .await
+            .ok()?;
+        let mut status = String::new();
+        r.read_line(&mut status).await.ok()?;
+        let code = status.split_whitespace().nth(1).unwrap_or("").to_string();
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if r.read_line(&mut h).await.ok()? == 0 {
+                return None;
+            }
+            if h == "\r\n" {
+                break;
+            }
+            if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().ok()?;
+            }
+            if h.to_ascii_lowercase().starts_with("x-causeway-error") {
+                tracing_note(&format!("{code} {}", h.trim()));
+            }
+        }
+        let mut body = vec![0u8; len];
+        r.read_exact(&mut body).await.ok()?;
+        if code != "200" {
+            tracing_note(&format!(
+                "{code}: {}",
+                String::from_utf8_lossy(&body).trim()
+            ));
+        }
+        (code == "200").then(|| String::from_utf8_lossy(&body).into_owned())
+    }
+    .await;
+    if result.is_none() {
+        *conn = None;
+    }
+    result
+}
+
+/// Prints why a request failed (the first few), so a failure count comes
+/// with its cause.
+fn tracing_note(what: &str) {
+    static SHOWN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    if SHOWN.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < 10 {
+        println!("    failed request: {what}");
+    }
+}
+
+/// Open-loop load: a request due every 1/rate s, each on a free client
+/// connection (new ones opened as needed), until `stop`.
+fn start_load(
+    target: SocketAddr,
+    rate: u32,
+    samples: Arc<Mutex<Vec<Sample>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..32 {
+            tx.send(None).ok();
+        }
+        let start = Instant::now();
+        let mut k: u64 = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let due = start + Duration::from_secs_f64(k as f64 / f64::from(rate));
+            k += 1;
+            tokio::time::sleep_until(due.into()).await;
+            let conn = rx.lock().await.try_recv().ok().flatten();
+            let (tx, samples) = (tx.clone(), samples.clone());
+            tokio::spawn(async move {
+                let mut conn = conn;
+                let site = get(&mut conn, target).await;
+                samples.lock().expect("samples").push(Sample { due, site });
+                let _ = tx.send(conn);
+            });
+        }
+    })
+}
+
+/// Failures among requests due in `[from, to)`, and the time from `from`
+/// until 99% of 200 consecutive requests (by due time) go to `to_site`.
+fn measure(samples: &[Sample], from: Instant, to: Instant, to_site: &str) -> (usize, f64) {
+    let mut window: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.due >= from && s.due < to)
+        .collect();
+    window.sort_by_key(|s| s.due);
+    let failed = window.iter().filter(|s| s.site.is_none()).count();
+    let n = 200;
+    let mut shift = f64::NAN;
+    for i in 0..window.len().saturating_sub(n) {
+        let moved = window[i..i + n]
+            .iter()
+            .filter(|s| s.site.as_deref() == Some(to_site))
+            .count();
+        if moved * 100 >= n * 99 {
+            shift = window[i].due.saturating_duration_since(from).as_secs_f64() * 1e3;
+            break;
+        }
+    }
+    (failed, shift)
+}
+
+pub async fn run(
+    report: &mut Report,
+    root: &std::path::Path,
+    params: &Params,
+) -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?.with_file_name("causeway");
+    let mut fed = LocalFederation::new(bin.clone(), root.join("causeway"))?;
+    fed.start_controllers(3)?;
+    fed.wait_for_leader(Duration::from_secs(30)).await?;
+    let east_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let west_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut east = backend(east_addr, "east").await?;
+    let _west = backend(west_addr, "west").await?;
+    fed.add_site("east", "127.61.0.0/24", &[]).await?;
+    fed.add_site("west", "127.62.0.0/24", &[]).await?;
+    fed.add_site("central", "127.63.0.0/24", &[]).await?;
+    for (site, addr) in [("east", east_addr), ("west", west_addr)] {
+        let cfg = fed.sites[site].config.clone();
+        let mut text = std::fs::read_to_string(&cfg)?;
+        text.push_str(&format!(
+            "\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{addr}\"]\n"
+        ));
+        std::fs::write(&cfg, text)?;
+        let gw = &mut fed.sites.get_mut(site).expect("site").gateway;
+        gw.kill().await;
+        gw.start(&bin)?;
+    }
+    let doc = |kind: &str, name: &str, spec: &str| {
+        format!("---\napiVersion: causeway.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n")
+    };
+    let policies = root.join("policies.yaml");
+    std::fs::write(
+        &policies,
+        doc("FailoverPolicy", "order", "{service: web, mode: ordered, sites: [east, west]}")
+            + &doc("RetryPolicy", "retry", "{service: web, attempts: 2, on: [connect-failure, reset, 5xx, gateway-error], budget: {ratio: 0.5, minPerSecond: 100}}")
+            + &doc("TimeoutPolicy", "timeout", "{service: web, requestMs: 5000, perTryMs: 250}")
+            + &doc("OutlierDetection", "outliers", "{service: web, consecutiveFailures: 3, ejectionMs: 3000}"),
+    )?;
+    fed.ctl(&["policy", "apply", "-f", &policies.display().to_string()])
+        .await?;
+    let vip = fed
+        .wait_resolvable(
+            "central",
+            "web.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await?;
+    let target = SocketAddr::new(vip, 8080);
+    // Warm: everything answers from east.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = None;
+        if get(&mut c, target).await.as_deref() == Some("east") {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the service never answered from east"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = start_load(target, params.rate, samples.clone(), stop.clone());
+    println!(
+        "failover: {} req/s of HTTP through central's gateway; east preferred, west next",
+        params.rate
+    );
+    tokio::time::sleep(params.settle).await;
+
+    // 1. East's endpoints stop.
+    let t1 = Instant::now();
+    east.abort();
+    tokio::time::sleep(params.after).await;
+    // East's endpoints return (traffic goes back to east before event 2).
+    east = backend(east_addr, "east").await?;
+    let t1b = Instant::now();
+    tokio::time::sleep(params.after).await;
+    // 2. East's gateway is killed.
+    let t2 = Instant::now();
+    fed.sites
+        .get_mut("east")
+        .expect("east")
+        .gateway
+        .kill()
+        .await;
+    tokio::time::sleep(params.after).await;
+    // 3. East's gateway comes back.
+    let t3 = Instant::now();
+    fed.sites
+        .get_mut("east")
+        .expect("east")
+        .gateway
+        .start(&bin)?;
+    tokio::time::sleep(params.after * 2).await;
+    let t_end = Instant::now();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = load.await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let samples = samples.lock().expect("samples").clone();
+
+    let in_flight_at_kill = samples
+        .iter()
+        .filter(|s| s.due < t2 && s.due + Duration::from_millis(5) > t2)
+        .count();
+    for (case, from, to, site) in [
+        ("endpoints-down", t1, t1b, "west"),
+        ("endpoints-restore", t1b, t2, "east"),
+        ("gateway-down", t2, t3, "west"),
+        ("restore", t3, t_end, "east"),
+    ] {
+        let (failed, shift) = measure(&samples, from, to, site);
+        report.add(case, "causeway", "failed_count", failed as f64);
+        report.add(case, "causeway", "shift_ms", shift);
+    }
+    report.add(
+        "gateway-down",
+        "causeway",
+        "in_flight_count",
+        in_flight_at_kill as f64,
+    );
+    let get = |r: &Report, case: &str, m: &str| r.get(case, "causeway", m).unwrap_or(f64::NAN);
+    let ed_failed = get(report, "endpoints-down", "failed_count");
+    let re_failed = get(report, "restore", "failed_count");
+    let gd_extra = get(report, "gateway-down", "failed_count")
+        - get(report, "gateway-down", "in_flight_count");
+    let ed_shift = get(report, "endpoints-down", "shift_ms");
+    let gd_shift = get(report, "gateway-down", "shift_ms");
+    report.check("endpoints-down failed requests", ed_failed, "<= 0");
+    report.check("restore failed requests", re_failed, "<= 0");
+    report.check("gateway-down failed beyond in-flight", gd_extra, "<= 0");
+    report.check("endpoints-down shift ms", ed_shift, "< 1000");
+    report.check("gateway-down shift ms", gd_shift, "< 2000");
+    drop(east);
+    fed.shutdown().await;
+    Ok(())
+}
