@@ -2643,8 +2643,17 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
         fed.restart(id).unwrap();
     }
     fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
-    let again = list(&fed).await;
-    assert_eq!(again, got);
+    // Reads are served from each node's applied state: a node that just
+    // restarted catches up once the new leader commits (docs/architecture.md).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let again = list(&fed).await;
+        if again == got {
+            break;
+        }
+        assert!(Instant::now() < deadline, "after the restart: {again:?}, want {got:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     tracing::info!("phase: delete");
     let out = fed
