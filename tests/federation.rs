@@ -2651,7 +2651,10 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
         if again == got {
             break;
         }
-        assert!(Instant::now() < deadline, "after the restart: {again:?}, want {got:?}");
+        assert!(
+            Instant::now() < deadline,
+            "after the restart: {again:?}, want {got:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -2830,6 +2833,33 @@ async fn connections_follow_failover_and_split_policies() {
     );
     let nope = fed.ctl(&["explain", "shop/nothing"]).await.unwrap();
     assert!(nope.contains("no site exports it"), "{nope}");
+
+    tracing::info!("phase: an AuthorizationPolicy that does not name central refuses its calls");
+    let authz = |sites: &str| {
+        apply(format!(
+            "{}spec: {{service: echo, allow: [{{sites: [{sites}]}}]}}\n",
+            head("AuthorizationPolicy", "who")
+        ))
+    };
+    let f = authz("west");
+    fed.ctl(&["policy", "apply", "-f", f.to_str().unwrap()])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while call_banner(target, "x").await.is_ok() {
+        assert!(Instant::now() < deadline, "calls still allowed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = http_get(fed.sites["east"].gateway_admin, "/metrics").await;
+    assert!(
+        m.contains("status=\"forbidden\""),
+        "east counted no forbidden stream"
+    );
+    let f = authz("west, central");
+    fed.ctl(&["policy", "apply", "-f", f.to_str().unwrap()])
+        .await
+        .unwrap();
+    wait_all_to(target, "east", "central allowed again").await;
     fed.shutdown().await;
 }
 

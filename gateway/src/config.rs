@@ -184,6 +184,11 @@ pub struct ExportConfig {
     /// without one are named after their address.
     #[serde(default)]
     pub hostnames: std::collections::BTreeMap<String, String>,
+    /// Health check: with a path (e.g. "/healthz") an endpoint is healthy
+    /// when `GET <path>` answers 2xx; without, when it accepts a TCP
+    /// connection.
+    #[serde(default)]
+    pub health_path: Option<String>,
 }
 
 /// Endpoints one headless export may list (the controller's bound).
@@ -229,6 +234,8 @@ pub struct LocalExport {
     pub headless: bool,
     /// Hostnames of (some of) the endpoints of a headless export.
     pub hostnames: std::collections::BTreeMap<SocketAddr, String>,
+    /// HTTP health check path, if any.
+    pub health_path: Option<String>,
 }
 
 /// Validated gateway settings.
@@ -419,6 +426,16 @@ impl GatewayConfig {
                      set headless = true or remove hostnames"
                 ));
             }
+            if let Some(p) = &e.health_path {
+                let ok = p.starts_with('/')
+                    && p.len() <= 1024
+                    && p.bytes().all(|b| b.is_ascii_graphic());
+                if !ok {
+                    errs.push(format!(
+                        "exports[{i}].health_path: {p:?} must start with / and hold no spaces (e.g. \"/healthz\")"
+                    ));
+                }
+            }
             let mut hostnames = std::collections::BTreeMap::new();
             for (ep, host) in &e.hostnames {
                 let Some(addr) = ep
@@ -466,6 +483,7 @@ impl GatewayConfig {
                     endpoints,
                     headless: e.headless,
                     hostnames,
+                    health_path: e.health_path.clone(),
                 });
             }
         }

@@ -27,9 +27,33 @@ pub struct Inbound {
     endpoints: Vec<crate::endpoints::EndpointSet>,
     /// Live inbound connections per peer site, to tear down on removal.
     conns: Mutex<HashMap<SiteName, Vec<quinn::Connection>>>,
+    /// The routing table, for AuthorizationPolicy (set once running).
+    routes: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<crate::routes::Routes>>>,
 }
 
 impl Inbound {
+    /// Follows the catalog's AuthorizationPolicies from now on.
+    pub fn set_routes(&self, routes: tokio::sync::watch::Receiver<Arc<crate::routes::Routes>>) {
+        let _ = self.routes.set(routes);
+    }
+
+    /// An AuthorizationPolicy for the service, if one exists, decides: the
+    /// caller's site or its SPIFFE ID must match a rule. `None`: no policy.
+    fn policy_allows(
+        &self,
+        peer: &causeway_api::trust::Peer,
+        service: &causeway_api::model::ServiceKey,
+    ) -> Option<bool> {
+        let routes = self.routes.get()?.borrow().clone();
+        let authz = routes.services.get(service)?.policy.authz.as_ref()?;
+        let id = peer.id.to_string();
+        Some(
+            authz.allow.iter().any(|r| {
+                r.sites.iter().any(|s| s == peer.site.as_str()) || r.identities.contains(&id)
+            }),
+        )
+    }
+
     pub fn new(
         store: Arc<TrustStore>,
         exports: Vec<LocalExport>,
@@ -56,6 +80,7 @@ impl Inbound {
         header_timeout: Duration,
     ) -> Self {
         Self {
+            routes: std::sync::OnceLock::new(),
             authorization,
             header_timeout,
             store,
@@ -175,9 +200,11 @@ impl Inbound {
             .await;
             return;
         };
-        if !self
-            .authorization
-            .allows(&peer.site, &self.exports[export_index].service)
+        let service = &self.exports[export_index].service;
+        // Both must allow: the gateway's own [[allow]] rules and, when one
+        // exists, the federation's AuthorizationPolicy for the service.
+        if !self.authorization.allows(&peer.site, service)
+            || self.policy_allows(&peer, service) == Some(false)
         {
             metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "forbidden").increment(1);
             tracing::info!(site = %peer.site, service = %req.service, "stream refused by authorization");

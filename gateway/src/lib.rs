@@ -97,6 +97,7 @@ pub async fn run(
         state.site.clone(),
         settings.clone(),
     ));
+    inbound.set_routes(routes_rx.clone());
     let inbound_task = tokio::spawn(inbound.clone().run(endpoint.clone()));
     let outbound = Arc::new(Outbound {
         local_site: state.site.clone(),

@@ -73,10 +73,16 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
         .flat_map(|e| e.endpoints.iter().map(move |a| (e, *a)));
     let probes: Vec<_> = probes
         .map(|(e, a)| async move {
-            let ok = matches!(
-                tokio::time::timeout(timeout, TcpStream::connect(a)).await,
-                Ok(Ok(_))
-            );
+            let ok = match &e.health_path {
+                None => matches!(
+                    tokio::time::timeout(timeout, TcpStream::connect(a)).await,
+                    Ok(Ok(_))
+                ),
+                Some(path) => matches!(
+                    tokio::time::timeout(timeout, http_check(a, path)).await,
+                    Ok(true)
+                ),
+            };
             (e, a, ok)
         })
         .collect();
@@ -143,6 +149,33 @@ fn ready_endpoints(entries: &[&LocalExport], healthy: &BTreeSet<SocketAddr>) -> 
         .collect()
 }
 
+/// `GET path` over HTTP/1.1: healthy on a 2xx status line.
+async fn http_check(addr: SocketAddr, path: &str) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = TcpStream::connect(addr).await else {
+        return false;
+    };
+    let req = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nuser-agent: causeway-health\r\nconnection: close\r\n\r\n");
+    if s.write_all(req.as_bytes()).await.is_err() {
+        return false;
+    }
+    // The status line is all we need: at most 64 bytes of it.
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 12 {
+        match s.read(&mut buf[n..]).await {
+            Ok(0) | Err(_) => return false,
+            Ok(m) => n += m,
+        }
+    }
+    let line = String::from_utf8_lossy(&buf[..n]);
+    let mut parts = line.split_whitespace();
+    matches!(
+        (parts.next(), parts.next()),
+        (Some(v), Some(code)) if v.starts_with("HTTP/1.") && code.len() == 3 && code.starts_with('2')
+    )
+}
+
 /// Tells the controllers this site is alive, every `every`.
 pub async fn heartbeat(client: Arc<ControllerClient>, site: SiteName, every: Duration) {
     let mut tick = tokio::time::interval(every);
@@ -168,5 +201,39 @@ pub async fn heartbeat(client: Arc<ControllerClient>, site: SiteName, every: Dur
                 client.rotate();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A server answering every connection with `reply`.
+    async fn server(reply: &'static str) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(reply.as_bytes()).await;
+            }
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn http_health_checks_want_a_2xx_status() {
+        let ok = server("HTTP/1.1 204 No Content\r\n\r\n").await;
+        let sick = server("HTTP/1.1 503 Service Unavailable\r\n\r\n").await;
+        let junk = server("SSH-2.0-OpenSSH\r\n").await;
+        assert!(http_check(ok, "/healthz").await);
+        assert!(!http_check(sick, "/healthz").await);
+        assert!(!http_check(junk, "/healthz").await);
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        assert!(!http_check(gone, "/healthz").await);
     }
 }

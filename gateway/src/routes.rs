@@ -6,7 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 
 use causeway_api::catalog::CatalogView;
 use causeway_api::model::{vip_for, ServiceKey, SiteName, TrustDomain, TunnelAddr};
-use causeway_api::policy::{parse_document, FailoverSpec, FaultSpec, RetrySpec, Spec, TimeoutSpec};
+use causeway_api::policy::{
+    parse_document, AuthzSpec, FailoverSpec, FaultSpec, RetrySpec, Spec, TimeoutSpec,
+};
 use causeway_gateway_core::traffic::{Limits, OutlierParams};
 
 /// How to reach one remote site.
@@ -43,6 +45,7 @@ pub struct ServicePolicy {
     pub timeout: Option<TimeoutSpec>,
     pub breaker: Option<Limits>,
     pub fault: Option<FaultSpec>,
+    pub authz: Option<AuthzSpec>,
 }
 
 impl ServicePolicy {
@@ -99,8 +102,8 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
             Spec::TimeoutPolicy(_) => dup("TimeoutPolicy"),
             Spec::CircuitBreaker(_) => dup("CircuitBreaker"),
             Spec::FaultInjection(_) => dup("FaultInjection"),
-            // Authorization is enforced by gateway configuration today.
-            Spec::AuthorizationPolicy(_) => {}
+            Spec::AuthorizationPolicy(a) if entry.authz.is_none() => entry.authz = Some(a),
+            Spec::AuthorizationPolicy(_) => dup("AuthorizationPolicy"),
         }
     }
     out

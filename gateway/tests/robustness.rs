@@ -62,6 +62,7 @@ async fn setup(quic: QuicConfig) -> Setup {
         endpoints: vec![echo_addr],
         headless: false,
         hostnames: Default::default(),
+        health_path: None,
     }];
     let inbound = Arc::new(Inbound::with_header_timeout(
         store.clone(),
