@@ -108,12 +108,7 @@ pub fn read_policy_documents(text: &str) -> Result<Vec<String>, Vec<String>> {
         match causeway_api::policy::parse_document(&value) {
             Ok(p) => docs.push(p.to_json()),
             Err(errs) => {
-                let who = value
-                    .get("metadata")
-                    .and_then(|m| m.get("name"))
-                    .and_then(|n| n.as_str())
-                    .map(|n| format!(" ({n})"))
-                    .unwrap_or_default();
+                let who = causeway_api::policy::document_label(&value);
                 errors.extend(
                     errs.into_iter()
                         .map(|e| format!("document {}{who}: {e}", i + 1)),

@@ -1468,29 +1468,7 @@ async fn sigterm_drains_streams_in_flight_and_new_connections_fail_over() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
-    let (east_echo, _t1) = echo_server(Some("east".into())).await.unwrap();
-    let (west_echo, _t2) = echo_server(Some("west".into())).await.unwrap();
-    let svc = |a| Export {
-        service: "shop/echo".into(),
-        port: 7000,
-        endpoints: vec![a],
-    };
-    fed.add_site("east", &vip_range(), &[svc(east_echo)])
-        .await
-        .unwrap();
-    fed.add_site("west", &vip_range(), &[svc(west_echo)])
-        .await
-        .unwrap();
-    fed.add_site("central", &vip_range(), &[]).await.unwrap();
-    let vip = fed
-        .wait_resolvable(
-            "central",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    let target = SocketAddr::new(vip, 7000);
+    let (target, _t1, _t2) = banner_sites(&mut fed).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while causeway::local::call_banner(target, "x")
         .await
@@ -2674,41 +2652,16 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
     fed.shutdown().await;
 }
 
-/// Which banner answers `n` calls, as (east, west) counts.
-async fn banner_counts(target: SocketAddr, n: usize) -> (usize, usize) {
-    let (mut east, mut west) = (0, 0);
-    for _ in 0..n {
-        match call_banner(target, "x").await.as_deref() {
-            Ok("east") => east += 1,
-            Ok("west") => west += 1,
-            other => panic!("call failed: {other:?}"),
-        }
-    }
-    (east, west)
-}
-
-async fn wait_all_to(target: SocketAddr, site: &str, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let (e, w) = banner_counts(target, 10).await;
-        let got = if site == "east" { e } else { w };
-        if got == 10 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: still east {e} / west {w} of 10"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_follow_failover_and_split_policies() {
-    init_tracing();
-    let tmp = tempfile::tempdir().unwrap();
-    let mut fed = federation(&tmp).await;
-    let (east_echo, _t1) = echo_server(Some("east".into())).await.unwrap();
+/// East and west export `shop/echo` (answering with their names), central
+/// imports it: the VIP target at central and both echo servers' tasks.
+async fn banner_sites(
+    fed: &mut LocalFederation,
+) -> (
+    SocketAddr,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (east_echo, east_task) = echo_server(Some("east".into())).await.unwrap();
     let (west_echo, west_task) = echo_server(Some("west".into())).await.unwrap();
     let svc = |a| Export {
         service: "shop/echo".into(),
@@ -2730,7 +2683,46 @@ async fn connections_follow_failover_and_split_policies() {
         )
         .await
         .unwrap();
-    let target = SocketAddr::new(vip, 7000);
+    (SocketAddr::new(vip, 7000), east_task, west_task)
+}
+
+/// Which banner answers `n` calls, as (east, west, failed) counts.
+async fn banner_counts(target: SocketAddr, n: usize) -> (usize, usize, usize) {
+    let (mut east, mut west, mut failed) = (0, 0, 0);
+    for _ in 0..n {
+        match call_banner(target, "x").await.as_deref() {
+            Ok("east") => east += 1,
+            Ok("west") => west += 1,
+            _ => failed += 1,
+        }
+    }
+    (east, west, failed)
+}
+
+async fn wait_all_to(target: SocketAddr, site: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        // Calls may fail while a policy change propagates (e.g. a widened
+        // AuthorizationPolicy): wait for all ten to land on `site`.
+        let (e, w, f) = banner_counts(target, 10).await;
+        let got = if site == "east" { e } else { w };
+        if got == 10 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: still east {e} / west {w} / failed {f} of 10"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_follow_failover_and_split_policies() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (target, _t1, west_task) = banner_sites(&mut fed).await;
     wait_all_to(target, "east", "no policy: the first healthy site by name").await;
 
     let apply = |yaml: String| {
@@ -2795,7 +2787,8 @@ async fn connections_follow_failover_and_split_policies() {
     while banner_counts(target, 10).await.0 == 0 {
         assert!(Instant::now() < deadline, "the split never took effect");
     }
-    let (east, west) = banner_counts(target, 400).await;
+    let (east, west, failed) = banner_counts(target, 400).await;
+    assert_eq!(failed, 0, "calls failed under the split");
     let share = west as f64 / 400.0;
     // 20% of 400: standard deviation 2 points; allow 5 deviations.
     assert!(

@@ -61,7 +61,7 @@ fn export_set(n: usize, tag: u32) -> Vec<pb::Export> {
         .collect()
 }
 
-async fn join(fed: &LocalFederation, name: &str) -> anyhow::Result<SiteState> {
+pub(crate) async fn join(fed: &LocalFederation, name: &str) -> anyhow::Result<SiteState> {
     let token = {
         let mut c = fed.admin_client(None)?.federation().await?;
         c.create_join_token(pb::CreateJoinTokenRequest {

@@ -18,9 +18,9 @@ use causeway::local::{free_port, LocalFederation};
 use causeway_api::catalog::CatalogView;
 use causeway_api::client::ControllerClient;
 use causeway_api::pb;
-use causeway_gateway::site::SiteState;
 use tokio::process::{Child, Command};
 
+use crate::controller::join;
 use crate::report::{percentile, Report};
 
 pub struct Params {
@@ -182,23 +182,6 @@ async fn wait_answering(addr: SocketAddr, name: &str, what: &str) -> anyhow::Res
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn join(fed: &LocalFederation, name: &str) -> anyhow::Result<SiteState> {
-    let token = {
-        let mut c = fed.admin_client(None)?.federation().await?;
-        c.create_join_token(pb::CreateJoinTokenRequest {
-            site: name.into(),
-            labels: Default::default(),
-            ttl_seconds: 600,
-        })
-        .await?
-        .into_inner()
-        .token
-    };
-    let dir = fed.root.join(format!("site-{name}"));
-    let ca = SiteState::site_ca(&dir, None)?;
-    SiteState::join(&dir, &token, &ca, vec!["127.0.0.1:9".into()]).await
 }
 
 fn export(i: usize) -> pb::Export {

@@ -683,12 +683,7 @@ pub fn parse_policy_documents(docs: &[String]) -> Result<Vec<PolicyRecord>, Stat
                 out.push(rec);
             }
             Err(errs) => {
-                let who = value
-                    .get("metadata")
-                    .and_then(|m| m.get("name"))
-                    .and_then(|n| n.as_str())
-                    .map(|n| format!(" ({n})"))
-                    .unwrap_or_default();
+                let who = causeway_api::policy::document_label(&value);
                 errors.extend(
                     errs.into_iter()
                         .map(|e| format!("documents[{i}]{who}: {e}")),

@@ -118,17 +118,7 @@ impl Pool {
         }
         let candidates = {
             let mut sites = self.lock();
-            let sp = sites.entry(site.clone()).or_insert_with(|| SitePool {
-                // No replicas yet: `sync` below adds them.
-                route: SiteRoute {
-                    labels: Vec::new(),
-                    trust_domain: route.trust_domain.clone(),
-                    tunnel_addrs: Vec::new(),
-                },
-                replicas: Vec::new(),
-                balancer: Balancer::new(Strategy::Weighted),
-            });
-            sp.sync(route);
+            let sp = synced(&mut sites, site, route);
             let stats: Vec<EndpointStats> = sp
                 .replicas
                 .iter()
@@ -394,16 +384,7 @@ impl Pool {
         }
         let idle: Vec<TunnelAddr> = {
             let mut sites = self.lock();
-            let sp = sites.entry(site.clone()).or_insert_with(|| SitePool {
-                route: SiteRoute {
-                    labels: Vec::new(),
-                    trust_domain: route.trust_domain.clone(),
-                    tunnel_addrs: Vec::new(),
-                },
-                replicas: Vec::new(),
-                balancer: Balancer::new(Strategy::Weighted),
-            });
-            sp.sync(route);
+            let sp = synced(&mut sites, site, route);
             sp.replicas
                 .iter_mut()
                 .filter(|r| r.live().is_none() && !r.dialing)
@@ -430,6 +411,26 @@ impl Pool {
             })
             .unwrap_or_default()
     }
+}
+
+/// The pool of `site`, created if new, following `route`.
+fn synced<'a>(
+    sites: &'a mut HashMap<SiteName, SitePool>,
+    site: &SiteName,
+    route: &SiteRoute,
+) -> &'a mut SitePool {
+    let sp = sites.entry(site.clone()).or_insert_with(|| SitePool {
+        // No replicas yet: `sync` below adds them.
+        route: SiteRoute {
+            labels: Vec::new(),
+            trust_domain: route.trust_domain.clone(),
+            tunnel_addrs: Vec::new(),
+        },
+        replicas: Vec::new(),
+        balancer: Balancer::new(Strategy::Weighted),
+    });
+    sp.sync(route);
+    sp
 }
 
 impl SitePool {

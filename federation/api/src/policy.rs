@@ -491,6 +491,16 @@ fn site_name(s: &str) -> Result<(), String> {
     s.parse::<SiteName>().map(|_| ()).map_err(|e| e.to_string())
 }
 
+/// ` (<metadata.name>)` of a document, or nothing: names a document in
+/// error messages even when it is invalid.
+pub fn document_label(doc: &Value) -> String {
+    doc.get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .map(|n| format!(" ({n})"))
+        .unwrap_or_default()
+}
+
 /// Validates one document (already decoded from YAML or JSON), reporting
 /// every problem at once.
 pub fn parse_document(doc: &Value) -> Result<Policy, Vec<String>> {
