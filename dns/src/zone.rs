@@ -149,9 +149,15 @@ impl Zone {
                 }
                 // Names were checked as DNS labels by the controller; skip
                 // rather than fail the zone if one is not.
-                let Ok(srv_owner) =
-                    Name::from_str(&format!("_{}._{}", p.name, p.protocol.to_ascii_lowercase()))
-                        .and_then(|n| n.append_domain(&owner))
+                // The spec's <proto> is the transport: HTTP services are
+                // `_<name>._tcp` too.
+                let transport = if p.protocol.eq_ignore_ascii_case("udp") {
+                    "udp"
+                } else {
+                    "tcp"
+                };
+                let Ok(srv_owner) = Name::from_str(&format!("_{}._{transport}", p.name))
+                    .and_then(|n| n.append_domain(&owner))
                 else {
                     continue;
                 };
@@ -328,6 +334,11 @@ mod tests {
                                 protocol: "tcp".into(),
                                 name: "https".into(),
                             },
+                            pb::ServicePort {
+                                port: 8080,
+                                protocol: "http".into(),
+                                name: "web".into(),
+                            },
                         ],
                         healthy_endpoints: 1,
                         vip_index: 7,
@@ -411,6 +422,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        // An HTTP port's transport is TCP.
+        assert!(matches!(
+            z.answer(
+                &name("_web._tcp.payments.shop.svc.clusterset.local."),
+                RecordType::SRV
+            ),
+            Answer::Records(_)
+        ));
         // The SRV owner's parents exist (empty non-terminals), unnamed
         // ports have no SRV, and the A record still answers.
         assert_eq!(
