@@ -389,11 +389,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            let mut view = causeway_api::catalog::CatalogView::default();
-            view.apply(pb::WatchEvent {
-                revision: cat.revision,
-                kind: Some(pb::watch_event::Kind::Snapshot(cat)),
-            })?;
+            let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
             let local = match gateway {
                 Some(addr) => crate::explain::scrape_gateway(addr).await?,
                 None => Default::default(),
@@ -411,11 +407,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await
                 .map_err(status_err)?
                 .into_inner();
-            let mut view = causeway_api::catalog::CatalogView::default();
-            view.apply(pb::WatchEvent {
-                revision: cat.revision,
-                kind: Some(pb::watch_event::Kind::Snapshot(cat)),
-            })?;
+            let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
             let svcs = view.services();
             if args.output == Output::Json {
                 let list: Vec<_> = svcs

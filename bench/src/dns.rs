@@ -222,11 +222,7 @@ async fn records(client: &ControllerClient) -> anyhow::Result<Vec<(String, std::
         .catalog(pb::CatalogRequest {})
         .await?
         .into_inner();
-    let mut view = CatalogView::default();
-    view.apply(pb::WatchEvent {
-        revision: snap.revision,
-        kind: Some(pb::watch_event::Kind::Snapshot(snap)),
-    })?;
+    let view = CatalogView::from_snapshot(snap);
     let (base, prefix) = causeway_api::model::parse_cidr("vip_range", VIP_RANGE)?;
     let mut out = Vec::new();
     for (key, svc) in view.services() {

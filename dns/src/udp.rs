@@ -179,16 +179,31 @@ impl ResponseHandler for UdpReply {
             impl Iterator<Item = &'a Record> + Send + 'a,
         >,
     ) -> Result<ResponseInfo, NetError> {
-        // RFC 1035: 512 bytes without EDNS0; else the OPT's size (which
-        // the handler already bounded). Beyond it hickory truncates (TC).
-        let max = response.edns().map_or(512, |e| e.max_payload().max(512));
-        let mut buf = Vec::with_capacity(512);
-        let mut enc = BinEncoder::new(&mut buf);
-        enc.set_max_size(max);
-        let info = response.destructive_emit(&mut enc)?;
+        let (info, buf) = encode_udp(response)?;
         self.sock.send_to(&buf, self.dst)?;
         Ok(info)
     }
+}
+
+/// Encodes an answer for UDP: at most 512 bytes without EDNS0, else the
+/// OPT's size (which the handler already bounded); beyond it hickory
+/// truncates and sets TC.
+fn encode_udp<'a>(
+    response: MessageResponse<
+        '_,
+        'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+        impl Iterator<Item = &'a Record> + Send + 'a,
+    >,
+) -> Result<(ResponseInfo, Vec<u8>), NetError> {
+    let max = response.edns().map_or(512, |e| e.max_payload().max(512));
+    let mut buf = Vec::with_capacity(512);
+    let mut enc = BinEncoder::new(&mut buf);
+    enc.set_max_size(max);
+    let info = response.destructive_emit(&mut enc)?;
+    Ok((info, buf))
 }
 
 #[cfg(test)]
@@ -222,11 +237,7 @@ mod tests {
                 impl Iterator<Item = &'a Record> + Send + 'a,
             >,
         ) -> Result<ResponseInfo, NetError> {
-            let max = response.edns().map_or(512, |e| e.max_payload().max(512));
-            let mut buf = Vec::new();
-            let mut enc = BinEncoder::new(&mut buf);
-            enc.set_max_size(max);
-            let info = response.destructive_emit(&mut enc)?;
+            let (info, buf) = encode_udp(response)?;
             *self.0.lock().unwrap() = buf;
             Ok(info)
         }
@@ -259,24 +270,19 @@ mod tests {
                 ..Default::default()
             }])
             .collect();
-        let mut v = CatalogView::default();
-        v.apply(pb::WatchEvent {
+        let v = CatalogView::from_snapshot(pb::CatalogSnapshot {
             revision: 1,
-            kind: Some(pb::watch_event::Kind::Snapshot(pb::CatalogSnapshot {
-                revision: 1,
-                sites: vec![pb::Site {
-                    name: "east".into(),
-                    available: true,
-                    ..Default::default()
-                }],
-                exports: vec![pb::SiteExports {
-                    site: "east".into(),
-                    exports,
-                }],
+            sites: vec![pb::Site {
+                name: "east".into(),
+                available: true,
                 ..Default::default()
-            })),
-        })
-        .unwrap();
+            }],
+            exports: vec![pb::SiteExports {
+                site: "east".into(),
+                exports,
+            }],
+            ..Default::default()
+        });
         let opts = ZoneOptions {
             origin: "clusterset.local".into(),
             ttl: 5,

@@ -309,47 +309,41 @@ mod tests {
     }
 
     fn view() -> CatalogView {
-        let mut v = CatalogView::default();
-        v.apply(pb::WatchEvent {
+        CatalogView::from_snapshot(pb::CatalogSnapshot {
             revision: 3,
-            kind: Some(pb::watch_event::Kind::Snapshot(pb::CatalogSnapshot {
-                revision: 3,
-                sites: vec![pb::Site {
-                    name: "east".into(),
-                    available: true,
+            sites: vec![pb::Site {
+                name: "east".into(),
+                available: true,
+                ..Default::default()
+            }],
+            exports: vec![pb::SiteExports {
+                site: "east".into(),
+                exports: vec![pb::Export {
+                    service: "shop/payments".into(),
+                    ports: vec![
+                        pb::ServicePort {
+                            port: 9001,
+                            protocol: "tcp".into(),
+                            name: String::new(),
+                        },
+                        pb::ServicePort {
+                            port: 8443,
+                            protocol: "tcp".into(),
+                            name: "https".into(),
+                        },
+                        pb::ServicePort {
+                            port: 8080,
+                            protocol: "http".into(),
+                            name: "web".into(),
+                        },
+                    ],
+                    healthy_endpoints: 1,
+                    vip_index: 7,
                     ..Default::default()
                 }],
-                exports: vec![pb::SiteExports {
-                    site: "east".into(),
-                    exports: vec![pb::Export {
-                        service: "shop/payments".into(),
-                        ports: vec![
-                            pb::ServicePort {
-                                port: 9001,
-                                protocol: "tcp".into(),
-                                name: String::new(),
-                            },
-                            pb::ServicePort {
-                                port: 8443,
-                                protocol: "tcp".into(),
-                                name: "https".into(),
-                            },
-                            pb::ServicePort {
-                                port: 8080,
-                                protocol: "http".into(),
-                                name: "web".into(),
-                            },
-                        ],
-                        healthy_endpoints: 1,
-                        vip_index: 7,
-                        ..Default::default()
-                    }],
-                }],
-                ..Default::default()
-            })),
+            }],
+            ..Default::default()
         })
-        .unwrap();
-        v
     }
 
     fn name(s: &str) -> LowerName {

@@ -65,35 +65,29 @@ fn server() -> SocketAddr {
 }
 
 fn view() -> CatalogView {
-    let mut v = CatalogView::default();
-    v.apply(pb::WatchEvent {
+    CatalogView::from_snapshot(pb::CatalogSnapshot {
         revision: 1,
-        kind: Some(pb::watch_event::Kind::Snapshot(pb::CatalogSnapshot {
-            revision: 1,
-            sites: vec![pb::Site {
-                name: "east".into(),
-                available: true,
+        sites: vec![pb::Site {
+            name: "east".into(),
+            available: true,
+            ..Default::default()
+        }],
+        exports: vec![pb::SiteExports {
+            site: "east".into(),
+            exports: vec![pb::Export {
+                service: "shop/payments".into(),
+                ports: vec![pb::ServicePort {
+                    port: 443,
+                    protocol: "tcp".into(),
+                    name: "https".into(),
+                }],
+                healthy_endpoints: 1,
+                vip_index: 3,
                 ..Default::default()
             }],
-            exports: vec![pb::SiteExports {
-                site: "east".into(),
-                exports: vec![pb::Export {
-                    service: "shop/payments".into(),
-                    ports: vec![pb::ServicePort {
-                        port: 443,
-                        protocol: "tcp".into(),
-                        name: "https".into(),
-                    }],
-                    healthy_endpoints: 1,
-                    vip_index: 3,
-                    ..Default::default()
-                }],
-            }],
-            ..Default::default()
-        })),
+        }],
+        ..Default::default()
     })
-    .unwrap();
-    v
 }
 
 fn query(id: u16, name: &str, qtype: RecordType, edns: bool) -> Vec<u8> {

@@ -50,6 +50,13 @@ pub fn policy_key(kind: &str, namespace: &str, name: &str) -> String {
 }
 
 impl CatalogView {
+    /// The view a snapshot describes (e.g. a `Catalog` RPC's answer).
+    pub fn from_snapshot(snap: pb::CatalogSnapshot) -> Self {
+        let mut v = Self::default();
+        v.replace(snap);
+        v
+    }
+
     /// Applies one event. A snapshot replaces everything; a delta must be
     /// newer than the view (older or equal ones are ignored, so a watcher
     /// never goes backwards).
