@@ -1300,8 +1300,20 @@ async fn a_full_disk_gives_a_clear_error_and_loses_nothing_acknowledged() {
     mount("remount,size=64m");
     fed.restart(1).unwrap();
     fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
-    let got = catalog_services(&fed, 1).await.len();
-    assert!(got >= acked, "acknowledged {acked} exports, found {got}");
+    // Reads come from the node's applied state, which replays the log
+    // after the election: wait for it (a loss would never get there).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = catalog_services(&fed, 1).await.len();
+        if got >= acked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "acknowledged {acked} exports, found {got}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     publish(&client, "alpha", 5).await.unwrap();
     fed.shutdown().await;
 }
