@@ -3154,3 +3154,124 @@ async fn http_requests_are_routed_one_by_one_with_splits_faults_breakers_and_fai
     );
     fed.shutdown().await;
 }
+
+/// An HTTP/2-only (prior knowledge, no TLS) backend, as gRPC servers are:
+/// it answers `<name> <version of the request>` and counts requests.
+async fn h2_backend(
+    name: &'static str,
+) -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicU64>,
+    tokio::task::JoinHandle<()>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = l.local_addr().unwrap();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = count.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let body = format!("{name} {:?} {}", req.version(), req.uri().path());
+                    async move {
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
+                let _ = hyper::server::conn::http2::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                .await;
+            });
+        }
+    });
+    (at, count, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_services_reach_http2_endpoints_request_by_request() {
+    use http_body_util::BodyExt;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (east_addr, east_count, _e) = h2_backend("east").await;
+    let (west_addr, west_count, _w) = h2_backend("west").await;
+    fed.add_site("east", &vip_range(), &[]).await.unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let export = |a: SocketAddr| {
+        format!("\n[[exports]]\nservice = \"shop/grpc\"\nport = 9090\nprotocol = \"http2\"\nendpoints = [\"{a}\"]\n")
+    };
+    add_exports_and_restart(&mut fed, "east", &export(east_addr)).await;
+    add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
+    let vip = fed
+        .wait_resolvable(
+            "central",
+            "grpc.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 9090);
+    wait_listening(target).await;
+    let file = tmp.path().join("split.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: causeway.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: half, namespace: shop}\nspec: {service: grpc, weights: {east: 50, west: 50}}\n",
+    )
+    .unwrap();
+    fed.ctl(&["policy", "apply", "-f", file.to_str().unwrap()])
+        .await
+        .unwrap();
+
+    // One HTTP/2 connection from the caller: its requests still spread over
+    // both sites, and each reaches an endpoint as HTTP/2.
+    let tcp = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut east, mut west) = (0, 0);
+    while east < 20 || west < 20 {
+        assert!(
+            Instant::now() < deadline,
+            "one HTTP/2 connection did not spread: east {east}, west {west}"
+        );
+        let req = hyper::Request::builder()
+            .uri(format!("http://grpc.shop.svc.clusterset.local:9090/pkg.Svc/Call"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let body = String::from_utf8_lossy(&body).into_owned();
+        match body.as_str() {
+            "east HTTP/2.0 /pkg.Svc/Call" => east += 1,
+            "west HTTP/2.0 /pkg.Svc/Call" => west += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    // An HTTP/1.1 caller is translated to HTTP/2 towards the endpoints.
+    let mut c = HttpClient::connect(target).await;
+    let (code, err, body) = c.get("/plain").await;
+    assert_eq!((code, err.as_str()), (200, ""), "{body}");
+    assert!(
+        body == "east HTTP/2.0 /plain" || body == "west HTTP/2.0 /plain",
+        "{body}"
+    );
+    let served = east_count.load(std::sync::atomic::Ordering::Relaxed)
+        + west_count.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(served >= 41, "the endpoints saw {served} requests");
+    fed.shutdown().await;
+}

@@ -169,6 +169,9 @@ pub struct ExportConfig {
     /// SRV record `_<name>._<protocol>.<svc>.<ns>.svc.clusterset.local`.
     #[serde(default)]
     pub port_name: Option<String>,
+    /// "tcp" (default: forwarded per connection), "http" (HTTP/1.1
+    /// endpoints) or "http2" (HTTP/2 endpoints without TLS, e.g. gRPC):
+    /// both HTTP kinds are routed per request.
     #[serde(default = "default_protocol")]
     pub protocol: String,
     /// Local endpoints (`ip:port`) that serve it.

@@ -1,10 +1,12 @@
-//! Per-request HTTP for services exported with protocol `http`: the
-//! outbound listener speaks HTTP/1.1 and HTTP/2 (hyper) to callers, and
+//! Per-request HTTP for services exported with protocol `http` or `http2`:
+//! the outbound listener speaks HTTP/1.1 and HTTP/2 (hyper) to callers, and
 //! each request is routed on its own — site choice with tiers and splits,
 //! fault injection, circuit breaking, timeouts and retries within a budget
-//! — then sent as HTTP/1.1 over a fresh tunnel stream (or a connection to a
-//! local endpoint). The exporting gateway needs nothing new: to it the
-//! stream is an ordinary L4 stream to an endpoint.
+//! — then sent over a fresh tunnel stream (or a connection to a local
+//! endpoint) in the endpoints' protocol: HTTP/1.1 for `http`, HTTP/2
+//! without TLS (prior knowledge, as gRPC servers expect) for `http2`. The
+//! exporting gateway needs nothing new: to it the stream is an ordinary L4
+//! stream to an endpoint.
 //!
 //! Request bodies are buffered (up to 1 MiB) so that a retry can resend
 //! them; responses stream through.
@@ -15,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use causeway_api::model::{ServiceKey, SiteName};
+use causeway_api::model::{Protocol, ServiceKey, SiteName};
 use causeway_api::policy::RetryOn;
 use causeway_gateway_core::traffic::{breaker, faults, InFlight, RetryBudget};
 use http_body_util::combinators::BoxBody;
@@ -94,12 +96,19 @@ impl Drop for InFlightGuard<'_> {
     }
 }
 
-/// Serves one caller connection (HTTP/1.1 or HTTP/2, detected).
-pub async fn serve_connection(out: Arc<Outbound>, tcp: TcpStream, service: ServiceKey, port: u16) {
+/// Serves one caller connection (HTTP/1.1 or HTTP/2, detected); requests
+/// go to the endpoints in `upstream` (`http` or `http2`).
+pub async fn serve_connection(
+    out: Arc<Outbound>,
+    tcp: TcpStream,
+    service: ServiceKey,
+    port: u16,
+    upstream: Protocol,
+) {
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let out = out.clone();
         let service = service.clone();
-        async move { Ok::<_, Infallible>(proxy(&out, req, &service, port).await) }
+        async move { Ok::<_, Infallible>(proxy(&out, req, &service, port, upstream).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
@@ -112,9 +121,10 @@ async fn proxy(
     req: Request<Incoming>,
     service: &ServiceKey,
     port: u16,
+    upstream: Protocol,
 ) -> Response<Body> {
     let start = Instant::now();
-    let resp = route(out, req, service, port, start).await;
+    let resp = route(out, req, service, port, upstream, start).await;
     let code = resp.status().as_u16().to_string();
     metrics::counter!("causeway_http_requests_total", "service" => service.to_string(), "code" => code)
         .increment(1);
@@ -128,6 +138,7 @@ async fn route(
     req: Request<Incoming>,
     service: &ServiceKey,
     port: u16,
+    upstream: Protocol,
     start: Instant,
 ) -> Response<Body> {
     let routes = out.routes.borrow().clone();
@@ -255,10 +266,19 @@ async fn route(
             break;
         }
         let budget_for_try = per_try.map_or(remaining, |t| t.min(remaining));
-        let req = rebuild(&parts, body.clone());
+        let req = match rebuild(&parts, body.clone(), upstream, service) {
+            Ok(r) => r,
+            Err(e) => {
+                return full(
+                    StatusCode::BAD_REQUEST,
+                    &format!("the request cannot be forwarded: {e} (check the Host header)"),
+                    "bad-request",
+                )
+            }
+        };
         let result = match tokio::time::timeout(
             budget_for_try,
-            send_once(out, &routes, &site, service, port, req),
+            send_once(out, &routes, &site, service, port, upstream, req),
         )
         .await
         {
@@ -340,27 +360,65 @@ async fn route(
     })
 }
 
-/// A copy of the request for one try, as HTTP/1.1 with a Host header.
-fn rebuild(parts: &hyper::http::request::Parts, body: Bytes) -> Request<Full<Bytes>> {
+/// A copy of the request for one try: HTTP/1.1 with a Host header, or
+/// HTTP/2 with the authority in the URI (and no connection-specific
+/// headers, which HTTP/2 forbids).
+/// `service` names the authority when the caller gave none (HTTP/1.0).
+fn rebuild(
+    parts: &hyper::http::request::Parts,
+    body: Bytes,
+    upstream: Protocol,
+    service: &ServiceKey,
+) -> Result<Request<Full<Bytes>>, hyper::http::Error> {
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let authority = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            parts
+                .headers
+                .get(hyper::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| {
+            format!(
+                "{}.{}.svc.clusterset.local",
+                service.name(),
+                service.namespace()
+            )
+        });
+    let h2 = upstream == Protocol::Http2;
+    let uri = if h2 {
+        format!("http://{authority}{path}")
+    } else {
+        path.to_string()
+    };
     let mut b = Request::builder()
         .method(parts.method.clone())
-        .uri(parts.uri.path_and_query().map_or("/", |p| p.as_str()))
-        .version(hyper::Version::HTTP_11);
+        .uri(uri)
+        .version(if h2 {
+            hyper::Version::HTTP_2
+        } else {
+            hyper::Version::HTTP_11
+        });
     for (k, v) in &parts.headers {
         if k == hyper::header::CONNECTION
             || k == "keep-alive"
+            || k == "proxy-connection"
             || k == hyper::header::TRANSFER_ENCODING
+            || k == hyper::header::UPGRADE
+            || (h2 && k == hyper::header::HOST)
         {
             continue;
         }
         b = b.header(k, v);
     }
-    if !parts.headers.contains_key(hyper::header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            b = b.header(hyper::header::HOST, a.as_str());
-        }
+    if !h2 && !parts.headers.contains_key(hyper::header::HOST) {
+        b = b.header(hyper::header::HOST, authority.as_str());
     }
-    b.body(Full::new(body)).expect("parts of a valid request")
+    b.body(Full::new(body))
 }
 
 async fn send_once(
@@ -369,25 +427,22 @@ async fn send_once(
     site: &SiteName,
     service: &ServiceKey,
     port: u16,
+    upstream: Protocol,
     req: Request<Full<Bytes>>,
 ) -> Result<Response<Incoming>, TryError> {
-    let mut sender = if *site == out.local_site {
+    if *site == out.local_site {
         let tcp = out
             .connect_local(service, port)
             .await
             .map_err(|a| TryError::Connect(attempt_text(a)))?;
-        handshake(TokioIo::new(tcp)).await?
+        send_over(TokioIo::new(tcp), upstream, req).await
     } else {
         let (send, recv) = out
             .open_remote(routes, site, service, port)
             .await
             .map_err(|a| TryError::Connect(attempt_text(a)))?;
-        handshake(TokioIo::new(tokio::io::join(recv, send))).await?
-    };
-    sender
-        .send_request(req)
-        .await
-        .map_err(|e| TryError::Reset(e.to_string()))
+        send_over(TokioIo::new(tokio::io::join(recv, send)), upstream, req).await
+    }
 }
 
 fn attempt_text(a: Attempt) -> String {
@@ -396,21 +451,39 @@ fn attempt_text(a: Attempt) -> String {
     }
 }
 
-async fn handshake<T>(
+/// Sends one request over a fresh connection `io`, in the endpoints'
+/// protocol.
+async fn send_over<T>(
     io: TokioIo<T>,
-) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, TryError>
+    upstream: Protocol,
+    req: Request<Full<Bytes>>,
+) -> Result<Response<Incoming>, TryError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| TryError::Connect(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
-        }
-    });
-    Ok(sender)
+    let reset = |e: hyper::Error| TryError::Reset(e.to_string());
+    if upstream == Protocol::Http2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(|e| TryError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        sender.send_request(req).await.map_err(reset)
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| TryError::Connect(e.to_string()))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
+            }
+        });
+        sender.send_request(req).await.map_err(reset)
+    }
 }
 
 impl ServicePolicy {
@@ -420,5 +493,57 @@ impl ServicePolicy {
             || self.timeout.is_some()
             || self.breaker.is_some()
             || self.fault.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(req: Request<()>) -> hyper::http::request::Parts {
+        req.into_parts().0
+    }
+
+    #[test]
+    fn requests_are_rebuilt_for_the_endpoints_protocol() {
+        let svc: ServiceKey = "shop/web".parse().unwrap();
+        let from_h1 = parts(
+            Request::builder()
+                .uri("/a?b=1")
+                .header("host", "web.example:8080")
+                .header("connection", "keep-alive")
+                .header("x-keep", "yes")
+                .body(())
+                .unwrap(),
+        );
+        let h1 = rebuild(&from_h1, Bytes::new(), Protocol::Http, &svc).unwrap();
+        assert_eq!(h1.version(), hyper::Version::HTTP_11);
+        assert_eq!(h1.uri(), "/a?b=1");
+        assert_eq!(h1.headers()["host"], "web.example:8080");
+        assert!(h1.headers().get("connection").is_none());
+        assert_eq!(h1.headers()["x-keep"], "yes");
+
+        let h2 = rebuild(&from_h1, Bytes::new(), Protocol::Http2, &svc).unwrap();
+        assert_eq!(h2.version(), hyper::Version::HTTP_2);
+        assert_eq!(h2.uri(), "http://web.example:8080/a?b=1");
+        assert!(h2.headers().get("host").is_none(), "HTTP/2 carries :authority");
+        assert!(h2.headers().get("connection").is_none());
+
+        // No authority at all (HTTP/1.0): the service's mesh name.
+        let bare = parts(Request::builder().uri("/x").body(()).unwrap());
+        let h2 = rebuild(&bare, Bytes::new(), Protocol::Http2, &svc).unwrap();
+        assert_eq!(h2.uri(), "http://web.shop.svc.clusterset.local/x");
+        let h1 = rebuild(&bare, Bytes::new(), Protocol::Http, &svc).unwrap();
+        assert_eq!(h1.headers()["host"], "web.shop.svc.clusterset.local");
+
+        // A Host header that is no authority is refused, not a panic.
+        let bad = parts(
+            Request::builder()
+                .uri("/x")
+                .header("host", "a b")
+                .body(())
+                .unwrap(),
+        );
+        assert!(rebuild(&bad, Bytes::new(), Protocol::Http2, &svc).is_err());
     }
 }

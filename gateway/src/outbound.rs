@@ -111,9 +111,11 @@ impl Outbound {
                         .borrow()
                         .services
                         .get(&service)
-                        .is_some_and(|s| s.http_ports.contains(&port));
-                    if http {
-                        tokio::spawn(crate::http::serve_connection(this, tcp, service, port));
+                        .and_then(|s| s.http_ports.get(&port).copied());
+                    if let Some(upstream) = http {
+                        tokio::spawn(crate::http::serve_connection(
+                            this, tcp, service, port, upstream,
+                        ));
                     } else {
                         tokio::spawn(async move { this.handle(tcp, service, port).await });
                     }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use causeway_api::catalog::CatalogView;
-use causeway_api::model::{vip_for, ServiceKey, SiteName, TrustDomain, TunnelAddr};
+use causeway_api::model::{vip_for, Protocol, ServiceKey, SiteName, TrustDomain, TunnelAddr};
 use causeway_api::policy::{
     parse_document, AuthzSpec, FailoverSpec, FaultSpec, RetrySpec, Spec, TimeoutSpec,
 };
@@ -28,8 +28,9 @@ pub struct ServiceRoute {
     pub ports: Vec<u16>,
     /// Exporting sites and their healthy endpoint counts.
     pub exporters: Vec<(SiteName, u32)>,
-    /// Ports whose protocol is `http`: proxied per request.
-    pub http_ports: Vec<u16>,
+    /// Ports whose protocol is `http` or `http2`: proxied per request,
+    /// speaking that protocol to the endpoints.
+    pub http_ports: BTreeMap<u16, Protocol>,
     /// Each exporter's endpoints, healthy or not.
     pub totals: BTreeMap<SiteName, u32>,
     pub policy: ServicePolicy,
@@ -138,8 +139,11 @@ impl Routes {
             let http_ports = svc
                 .ports
                 .iter()
-                .filter(|p| p.protocol.eq_ignore_ascii_case("http"))
-                .filter_map(|p| u16::try_from(p.port).ok())
+                .filter_map(|p| {
+                    let proto = p.protocol.parse::<Protocol>().ok()?;
+                    Some((u16::try_from(p.port).ok()?, proto))
+                })
+                .filter(|(_, proto)| proto.is_http())
                 .collect();
             services.insert(
                 key,

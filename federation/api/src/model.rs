@@ -246,14 +246,18 @@ impl fmt::Display for Revision {
     }
 }
 
-/// Service protocol. HTTP services are forwarded per connection for now;
-/// per-request handling comes with the policy engine.
+/// Service protocol: `tcp` ports are forwarded per connection, `http` and
+/// `http2` ports per request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     #[default]
     Tcp,
+    /// HTTP/1.1 towards the endpoints; routed per request.
     Http,
+    /// HTTP/2 without TLS towards the endpoints (prior knowledge, as gRPC
+    /// servers speak it); routed per request.
+    Http2,
 }
 
 impl Protocol {
@@ -261,7 +265,13 @@ impl Protocol {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Http => "http",
+            Protocol::Http2 => "http2",
         }
+    }
+
+    /// Whether the gateways route this port per request.
+    pub fn is_http(self) -> bool {
+        matches!(self, Protocol::Http | Protocol::Http2)
     }
 }
 
@@ -271,7 +281,12 @@ impl FromStr for Protocol {
         match s {
             "tcp" => Ok(Protocol::Tcp),
             "http" => Ok(Protocol::Http),
-            _ => Err(invalid("protocol", s, "must be 'tcp' or 'http'")),
+            "http2" => Ok(Protocol::Http2),
+            _ => Err(invalid(
+                "protocol",
+                s,
+                "must be 'tcp', 'http' (HTTP/1.1 endpoints) or 'http2' (HTTP/2 endpoints without TLS, e.g. gRPC)",
+            )),
         }
     }
 }
