@@ -414,7 +414,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     .values()
                     .map(|s| serde_json::json!({"service": s.key.to_string(), "vip_index": s.vip_index,
                         "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
-                        "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h})).collect::<Vec<_>>(),
+                        "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h,
+                            "total_endpoints": s.totals.get(n).copied().unwrap_or(*h),
+                            "zones": s.zones.get(n).map(|zs| zs.iter().map(|z| serde_json::json!({"zone": z.zone, "healthy": z.healthy, "total": z.total})).collect::<Vec<_>>()).unwrap_or_default()})).collect::<Vec<_>>(),
                         "headless": s.headless,
                         "endpoints": s.endpoints.iter().map(|(n, e)| serde_json::json!({"site": n.to_string(), "address": e.address, "hostname": e.hostname})).collect::<Vec<_>>()}))
                     .collect();
@@ -436,7 +438,10 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                     let sites: Vec<String> = s
                         .exporters
                         .iter()
-                        .map(|(n, h)| format!("{n}({h})"))
+                        .map(|(n, h)| match s.zones.get(n) {
+                            Some(zs) => format!("{n}({h}: {})", zone_summary(zs)),
+                            None => format!("{n}({h})"),
+                        })
                         .collect();
                     println!("{:<28} {:<12} {}", s.key, ports.join(","), sites.join(" "));
                 }
@@ -444,6 +449,18 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `zone healthy/total` per zone, the site's own zone shown as `-`.
+pub fn zone_summary(zones: &[pb::ZoneHealth]) -> String {
+    zones
+        .iter()
+        .map(|z| {
+            let name = if z.zone.is_empty() { "-" } else { &z.zone };
+            format!("{name} {}/{}", z.healthy, z.total)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn print_status(s: &pb::StatusResponse, output: Output) {

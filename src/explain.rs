@@ -205,18 +205,28 @@ pub fn explain(
             .map(|r| format!("{:.2} ms", r as f64 / 1000.0))
             .unwrap_or_else(|| "unknown".into());
         let lbl: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let zones = s.site.parse().ok().and_then(|n| svc.zones.get(&n));
         writeln!(
             t,
-            "  {:<16} healthy {}/{}  rtt {rtt}  ejected {}  labels [{}]",
+            "  {:<16} healthy {}/{}  rtt {rtt}  ejected {}  labels [{}]{}",
             s.site,
             s.healthy,
             s.total,
             if s.ejected { "yes" } else { "no" },
-            lbl.join(", ")
+            lbl.join(", "),
+            zones.map_or(String::new(), |z| format!(
+                "  zones [{}]",
+                crate::ctl::zone_summary(z)
+            ))
         )?;
+        let zone_json: Vec<_> = zones
+            .into_iter()
+            .flatten()
+            .map(|z| serde_json::json!({"zone": z.zone, "healthy": z.healthy, "total": z.total}))
+            .collect();
         site_json.push(
             serde_json::json!({"site": s.site, "healthy": s.healthy, "total": s.total,
-            "rtt_us": s.rtt_us, "ejected": s.ejected, "labels": lbl}),
+            "rtt_us": s.rtt_us, "ejected": s.ejected, "labels": lbl, "zones": zone_json}),
         );
     }
     let unavailable: Vec<&String> = view

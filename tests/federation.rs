@@ -3175,20 +3175,21 @@ async fn h2_backend(
             };
             let seen = seen.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let body = format!("{name} {:?} {}", req.version(), req.uri().path());
-                    async move {
-                        Ok::<_, std::convert::Infallible>(hyper::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(body)),
-                        ))
-                    }
-                });
-                let _ = hyper::server::conn::http2::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
-                .await;
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let body = format!("{name} {:?} {}", req.version(), req.uri().path());
+                        async move {
+                            Ok::<_, std::convert::Infallible>(hyper::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from(body)),
+                            ))
+                        }
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
+                        .await;
             });
         }
     });
@@ -3196,7 +3197,7 @@ async fn h2_backend(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_services_reach_http2_endpoints_request_by_request() {
+async fn http2_services_reach_http2_endpoints_and_health_is_reported_per_zone() {
     use http_body_util::BodyExt;
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
@@ -3209,7 +3210,17 @@ async fn http2_services_reach_http2_endpoints_request_by_request() {
     let export = |a: SocketAddr| {
         format!("\n[[exports]]\nservice = \"shop/grpc\"\nport = 9090\nprotocol = \"http2\"\nendpoints = [\"{a}\"]\n")
     };
-    add_exports_and_restart(&mut fed, "east", &export(east_addr)).await;
+    // East's endpoints are in two zones; the one in zone-b is down.
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    add_exports_and_restart(
+        &mut fed,
+        "east",
+        &format!("\n[[exports]]\nservice = \"shop/grpc\"\nport = 9090\nprotocol = \"http2\"\nendpoints = [\"{east_addr}\", \"{dead}\"]\nzones = {{ \"{east_addr}\" = \"zone-a\", \"{dead}\" = \"zone-b\" }}\n"),
+    )
+    .await;
     add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
     let vip = fed
         .wait_resolvable(
@@ -3249,7 +3260,7 @@ async fn http2_services_reach_http2_endpoints_request_by_request() {
             "one HTTP/2 connection did not spread: east {east}, west {west}"
         );
         let req = hyper::Request::builder()
-            .uri(format!("http://grpc.shop.svc.clusterset.local:9090/pkg.Svc/Call"))
+            .uri("http://grpc.shop.svc.clusterset.local:9090/pkg.Svc/Call")
             .body(http_body_util::Empty::<bytes::Bytes>::new())
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
@@ -3273,5 +3284,43 @@ async fn http2_services_reach_http2_endpoints_request_by_request() {
     let served = east_count.load(std::sync::atomic::Ordering::Relaxed)
         + west_count.load(std::sync::atomic::Ordering::Relaxed);
     assert!(served >= 41, "the endpoints saw {served} requests");
+
+    // Health per zone reaches the catalog, `ctl services` and `ctl explain`.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = fed.ctl(&["--output", "json", "services"]).await.unwrap();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let east = v["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["service"] == "shop/grpc")
+            .flat_map(|s| s["exporters"].as_array().unwrap().clone())
+            .find(|e| e["site"] == "east");
+        let zones = east.as_ref().map(|e| e["zones"].clone());
+        let want = serde_json::json!([
+            {"zone": "zone-a", "healthy": 1, "total": 1},
+            {"zone": "zone-b", "healthy": 0, "total": 1}
+        ]);
+        if zones.as_ref() == Some(&want) {
+            assert_eq!(east.unwrap()["total_endpoints"], 2);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east's zones never showed: {zones:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = fed.ctl(&["services"]).await.unwrap();
+    assert!(text.contains("east(1: zone-a 1/1, zone-b 0/1)"), "{text}");
+    let explain = fed
+        .ctl(&["explain", "shop/grpc", "--from", "central"])
+        .await
+        .unwrap();
+    assert!(
+        explain.contains("healthy 1/2") && explain.contains("zones [zone-a 1/1, zone-b 0/1]"),
+        "{explain}"
+    );
     fed.shutdown().await;
 }

@@ -513,12 +513,8 @@ fn parse_labels(
                 format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"),
             ));
         }
-        let val_ok = v.len() <= 63
-            && v.bytes()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'));
-        if !val_ok {
-            return Err(invalid("labels", format!("value of {k:?} must be at most 63 characters of letters, digits, '-', '_', '.'")));
-        }
+        causeway_api::model::check_label_value("label value", v)
+            .map_err(|e| invalid(&format!("labels[{k}]"), e))?;
         out.insert(k.clone(), v.clone());
     }
     Ok(out)
@@ -619,6 +615,7 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
             }
             endpoints.push(record);
         }
+        let zones = parse_zones(i, e)?;
         out.push(ExportRecord {
             service,
             ports,
@@ -627,7 +624,60 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
             headless: e.headless,
             endpoints,
             total_endpoints: e.total_endpoints.max(e.healthy_endpoints),
+            zones,
         });
+    }
+    Ok(out)
+}
+
+/// Per-zone health of export `i`: valid zone labels, each once, healthy
+/// within total, adding up to the export's own counts.
+fn parse_zones(i: usize, e: &pb::Export) -> Result<Vec<crate::state::ZoneRecord>, Status> {
+    let field = format!("exports[{i}].zones");
+    if e.zones.len() > crate::state::MAX_ZONES_PER_EXPORT {
+        return Err(invalid(
+            &field,
+            format!(
+                "{} zones; an export may report at most {}",
+                e.zones.len(),
+                crate::state::MAX_ZONES_PER_EXPORT
+            ),
+        ));
+    }
+    let mut out: Vec<crate::state::ZoneRecord> = Vec::with_capacity(e.zones.len());
+    let (mut healthy, mut total) = (0u64, 0u64);
+    for (j, z) in e.zones.iter().enumerate() {
+        let f = format!("{field}[{j}]");
+        causeway_api::model::check_label_value("zone", &z.zone)
+            .map_err(|err| invalid(&format!("{f}.zone"), err))?;
+        if out.iter().any(|o| o.zone == z.zone) {
+            return Err(invalid(&f, format!("zone {:?} listed twice", z.zone)));
+        }
+        if z.healthy > z.total {
+            return Err(invalid(
+                &f,
+                format!("{} healthy of {} endpoints", z.healthy, z.total),
+            ));
+        }
+        healthy += u64::from(z.healthy);
+        total += u64::from(z.total);
+        out.push(crate::state::ZoneRecord {
+            zone: z.zone.clone(),
+            healthy: z.healthy,
+            total: z.total,
+        });
+    }
+    if !out.is_empty()
+        && (healthy != u64::from(e.healthy_endpoints)
+            || total != u64::from(e.total_endpoints.max(e.healthy_endpoints)))
+    {
+        return Err(invalid(
+            &field,
+            format!(
+                "zones add up to {healthy} healthy of {total}, but the export says {} of {}",
+                e.healthy_endpoints, e.total_endpoints
+            ),
+        ));
     }
     Ok(out)
 }
@@ -1217,5 +1267,72 @@ impl RaftRpc for RaftService {
             Ok(outcome) => encode(&outcome),
             Err(e) => Err(Status::unavailable(format!("not committed here: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn export(healthy: u32, total: u32, zones: &[(&str, u32, u32)]) -> pb::Export {
+        pb::Export {
+            service: "shop/web".into(),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: "http2".into(),
+                name: String::new(),
+            }],
+            healthy_endpoints: healthy,
+            total_endpoints: total,
+            zones: zones
+                .iter()
+                .map(|(z, h, t)| pb::ZoneHealth {
+                    zone: z.to_string(),
+                    healthy: *h,
+                    total: *t,
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn zone_health_is_checked_and_kept() {
+        let ok = parse_exports(&[export(3, 4, &[("", 1, 1), ("us-east-1a", 2, 3)])]).unwrap();
+        assert_eq!(ok[0].zones.len(), 2);
+        assert_eq!(ok[0].zones[1].zone, "us-east-1a");
+        assert_eq!(ok[0].ports[0].protocol, Protocol::Http2);
+        assert!(parse_exports(&[export(1, 1, &[])]).unwrap()[0]
+            .zones
+            .is_empty());
+
+        let err = |e: pb::Export| parse_exports(&[e]).unwrap_err().message().to_string();
+        let m = err(export(3, 4, &[("a", 1, 1), ("b", 1, 3)]));
+        assert!(
+            m.contains("exports[0].zones") && m.contains("add up to 2 healthy of 4"),
+            "{m}"
+        );
+        let m = err(export(1, 1, &[("a", 1, 1), ("a", 0, 0)]));
+        assert!(
+            m.contains("exports[0].zones[1]") && m.contains("twice"),
+            "{m}"
+        );
+        let m = err(export(2, 1, &[("a", 2, 1)]));
+        assert!(
+            m.contains("exports[0].zones[0]") && m.contains("2 healthy of 1"),
+            "{m}"
+        );
+        let m = err(export(1, 1, &[("-bad", 1, 1)]));
+        assert!(
+            m.contains("exports[0].zones[0].zone") && m.contains("label value"),
+            "{m}"
+        );
+        let many: Vec<(String, u32, u32)> = (0..=crate::state::MAX_ZONES_PER_EXPORT)
+            .map(|i| (format!("z{i}"), 0, 0))
+            .collect();
+        let many: Vec<(&str, u32, u32)> =
+            many.iter().map(|(z, h, t)| (z.as_str(), *h, *t)).collect();
+        let m = err(export(0, 0, &many));
+        assert!(m.contains("at most 64"), "{m}");
     }
 }

@@ -17,6 +17,8 @@ pub const MAX_EXPORTS_PER_SITE: usize = 1000;
 pub const MAX_PORTS_PER_EXPORT: usize = 32;
 /// Ready endpoints a headless export may publish.
 pub const MAX_ENDPOINTS_PER_EXPORT: usize = 256;
+/// Most zones one export may report health for.
+pub const MAX_ZONES_PER_EXPORT: usize = 64;
 /// Most labels on a site.
 pub const MAX_LABELS: usize = 64;
 /// Most tunnel addresses a site may register.
@@ -67,6 +69,17 @@ pub struct ExportRecord {
     pub endpoints: Vec<EndpointRecord>,
     #[serde(default)]
     pub total_endpoints: u32,
+    /// Healthy and total endpoints per zone ("" = the site's own zone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zones: Vec<ZoneRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ZoneRecord {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    pub healthy: u32,
+    pub total: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -599,6 +612,15 @@ pub fn export_to_pb(e: &ExportRecord) -> pb::Export {
         vip_index: e.vip_index,
         headless: e.headless,
         total_endpoints: e.total_endpoints,
+        zones: e
+            .zones
+            .iter()
+            .map(|z| pb::ZoneHealth {
+                zone: z.zone.clone(),
+                healthy: z.healthy,
+                total: z.total,
+            })
+            .collect(),
         endpoints: e
             .endpoints
             .iter()

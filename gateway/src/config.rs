@@ -192,6 +192,11 @@ pub struct ExportConfig {
     /// connection.
     #[serde(default)]
     pub health_path: Option<String>,
+    /// Optional zones of the endpoints, keyed by endpoint
+    /// (`"10.0.1.5:8080" = "us-east-1a"`): healthy counts are published per
+    /// zone. Endpoints without one count in the site's own zone.
+    #[serde(default)]
+    pub zones: std::collections::BTreeMap<String, String>,
 }
 
 /// Endpoints one headless export may list (the controller's bound).
@@ -239,6 +244,8 @@ pub struct LocalExport {
     pub hostnames: std::collections::BTreeMap<SocketAddr, String>,
     /// HTTP health check path, if any.
     pub health_path: Option<String>,
+    /// Zones of (some of) the endpoints; the others are in the site's zone.
+    pub zones: std::collections::BTreeMap<SocketAddr, String>,
 }
 
 /// Validated gateway settings.
@@ -458,6 +465,28 @@ impl GatewayConfig {
                     Err(err) => errs.push(format!("exports[{i}].hostnames[{ep:?}]: {err}")),
                 }
             }
+            let mut zones = std::collections::BTreeMap::new();
+            for (ep, zone) in &e.zones {
+                let Some(addr) = ep
+                    .parse::<SocketAddr>()
+                    .ok()
+                    .filter(|a| endpoints.contains(a))
+                else {
+                    errs.push(format!(
+                        "exports[{i}].zones: {ep:?} is not one of this export's endpoints"
+                    ));
+                    continue;
+                };
+                match causeway_api::model::check_label_value("zone", zone) {
+                    Ok(()) if !zone.is_empty() => {
+                        zones.insert(addr, zone.clone());
+                    }
+                    Ok(()) => errs.push(format!(
+                        "exports[{i}].zones[{ep:?}]: empty; leave the endpoint out to mean the site's own zone"
+                    )),
+                    Err(err) => errs.push(format!("exports[{i}].zones[{ep:?}]: {err}")),
+                }
+            }
             if let (Some(service), Some(protocol)) = (service, protocol) {
                 if let Some(other) = exports
                     .iter()
@@ -487,6 +516,7 @@ impl GatewayConfig {
                     headless: e.headless,
                     hostnames,
                     health_path: e.health_path.clone(),
+                    zones,
                 });
             }
         }

@@ -463,10 +463,9 @@ where
 {
     let reset = |e: hyper::Error| TryError::Reset(e.to_string());
     if upstream == Protocol::Http2 {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
-                .await
-                .map_err(|e| TryError::Connect(e.to_string()))?;
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .map_err(|e| TryError::Connect(e.to_string()))?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
@@ -526,7 +525,10 @@ mod tests {
         let h2 = rebuild(&from_h1, Bytes::new(), Protocol::Http2, &svc).unwrap();
         assert_eq!(h2.version(), hyper::Version::HTTP_2);
         assert_eq!(h2.uri(), "http://web.example:8080/a?b=1");
-        assert!(h2.headers().get("host").is_none(), "HTTP/2 carries :authority");
+        assert!(
+            h2.headers().get("host").is_none(),
+            "HTTP/2 carries :authority"
+        );
         assert!(h2.headers().get("connection").is_none());
 
         // No authority at all (HTTP/1.0): the service's mesh name.

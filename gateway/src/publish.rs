@@ -114,11 +114,17 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
                 .iter()
                 .flat_map(|e| e.endpoints.iter().copied())
                 .collect();
+            let zones = zone_health(&entries, &total, &healthy);
+            for z in &zones {
+                metrics::gauge!("causeway_export_zone_healthy_endpoints", "service" => service.clone(), "zone" => z.zone.clone())
+                    .set(f64::from(z.healthy));
+            }
             pb::Export {
                 service,
                 ports,
                 healthy_endpoints: healthy.len() as u32,
                 total_endpoints: total.len() as u32,
+                zones,
                 vip_index: 0,
                 headless,
                 endpoints: if headless {
@@ -127,6 +133,41 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
                     Vec::new()
                 },
             }
+        })
+        .collect()
+}
+
+/// Healthy and total endpoints per zone; none when no endpoint of the
+/// service names a zone (all are in the site's own zone).
+fn zone_health(
+    entries: &[&LocalExport],
+    total: &BTreeSet<SocketAddr>,
+    healthy: &BTreeSet<SocketAddr>,
+) -> Vec<pb::ZoneHealth> {
+    if entries.iter().all(|e| e.zones.is_empty()) {
+        return Vec::new();
+    }
+    let zone_of = |a: &SocketAddr| {
+        entries
+            .iter()
+            .find_map(|e| e.zones.get(a))
+            .cloned()
+            .unwrap_or_default()
+    };
+    let mut by_zone: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    for a in total {
+        let z = by_zone.entry(zone_of(a)).or_default();
+        z.1 += 1;
+        if healthy.contains(a) {
+            z.0 += 1;
+        }
+    }
+    by_zone
+        .into_iter()
+        .map(|(zone, (healthy, total))| pb::ZoneHealth {
+            zone,
+            healthy,
+            total,
         })
         .collect()
 }
@@ -235,5 +276,47 @@ mod tests {
         let gone = closed.local_addr().unwrap();
         drop(closed);
         assert!(!http_check(gone, "/healthz").await);
+    }
+
+    #[tokio::test]
+    async fn healthy_endpoints_are_counted_per_zone() {
+        let up_a = server("HTTP/1.1 200 OK\r\n\r\n").await;
+        let up_b = server("HTTP/1.1 200 OK\r\n\r\n").await;
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let down_b = closed.local_addr().unwrap();
+        drop(closed);
+        let own = server("HTTP/1.1 200 OK\r\n\r\n").await;
+        let export = LocalExport {
+            service: "shop/web".parse().unwrap(),
+            port: 80,
+            port_name: String::new(),
+            protocol: causeway_api::model::Protocol::Tcp,
+            endpoints: vec![up_a, up_b, down_b, own],
+            headless: false,
+            hostnames: Default::default(),
+            health_path: None,
+            zones: [(up_a, "zone-a"), (up_b, "zone-b"), (down_b, "zone-b")]
+                .into_iter()
+                .map(|(a, z)| (a, z.to_string()))
+                .collect(),
+        };
+        let out = check(std::slice::from_ref(&export), Duration::from_secs(1)).await;
+        let e = &out[0];
+        assert_eq!((e.healthy_endpoints, e.total_endpoints), (3, 4));
+        let zones: Vec<(&str, u32, u32)> = e
+            .zones
+            .iter()
+            .map(|z| (z.zone.as_str(), z.healthy, z.total))
+            .collect();
+        assert_eq!(zones, vec![("", 1, 1), ("zone-a", 1, 1), ("zone-b", 1, 2)]);
+
+        // No zones configured: nothing per zone is published.
+        let plain = LocalExport {
+            zones: Default::default(),
+            ..export
+        };
+        assert!(check(&[plain], Duration::from_secs(1)).await[0]
+            .zones
+            .is_empty());
     }
 }

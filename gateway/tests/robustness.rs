@@ -63,6 +63,7 @@ async fn setup(quic: QuicConfig) -> Setup {
         headless: false,
         hostnames: Default::default(),
         health_path: None,
+        zones: Default::default(),
     }];
     let inbound = Arc::new(Inbound::with_header_timeout(
         store.clone(),

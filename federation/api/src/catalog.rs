@@ -31,6 +31,9 @@ pub struct ServiceView {
     pub endpoints: Vec<(SiteName, pb::Endpoint)>,
     /// Each exporter's endpoint count, healthy or not.
     pub totals: BTreeMap<SiteName, u32>,
+    /// Each exporter's healthy and total endpoints per zone, when it
+    /// reports them ("" is the site's own zone).
+    pub zones: BTreeMap<SiteName, Vec<pb::ZoneHealth>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -160,7 +163,11 @@ impl CatalogView {
                     headless: true,
                     endpoints: Vec::new(),
                     totals: BTreeMap::new(),
+                    zones: BTreeMap::new(),
                 });
+                if !e.zones.is_empty() {
+                    view.zones.insert(site_name.clone(), e.zones.clone());
+                }
                 view.totals.insert(
                     site_name.clone(),
                     e.total_endpoints.max(e.healthy_endpoints),

@@ -25,6 +25,27 @@ fn invalid(field: &'static str, value: &str, rule: &'static str) -> InvalidName 
     InvalidName { field, value, rule }
 }
 
+/// Checks a label value (Kubernetes rules, e.g. a zone such as
+/// `us-east-1a`): at most 63 characters of letters, digits, '-', '_' and
+/// '.', starting and ending with a letter or digit; empty is allowed.
+pub fn check_label_value(field: &'static str, s: &str) -> Result<(), InvalidName> {
+    const RULE: &str = "must be a label value: at most 63 characters of letters, digits, '-', '_' and '.', starting and ending with a letter or digit";
+    if s.is_empty() {
+        return Ok(());
+    }
+    let b = s.as_bytes();
+    let ok = s.len() <= MAX_LABEL_LEN
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        && b[0].is_ascii_alphanumeric()
+        && b[b.len() - 1].is_ascii_alphanumeric();
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(field, s, RULE))
+    }
+}
+
 /// Checks an RFC 1123 DNS label: 1-63 chars of `[a-z0-9-]`, starting and
 /// ending with an alphanumeric. This is also what Kubernetes requires of
 /// namespace and service names.

@@ -44,6 +44,7 @@ fn export(svc: &str, healthy: u32) -> ExportRecord {
         headless: false,
         endpoints: vec![],
         total_endpoints: healthy,
+        zones: vec![],
     }
 }
 
