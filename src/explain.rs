@@ -19,6 +19,9 @@ pub struct GatewayView {
     pub rtt_us: BTreeMap<String, u64>,
     /// `(service, site)` pairs ejected by outlier detection.
     pub ejected: Vec<(String, String)>,
+    /// Sites whose tunnels are all down, waiting for a redial: they take
+    /// traffic only when no other site can.
+    pub unreachable: Vec<String>,
 }
 
 /// Reads a gateway's `/metrics` for RTTs and ejections.
@@ -47,6 +50,10 @@ pub fn parse_gateway_metrics(text: &str) -> GatewayView {
         if line.starts_with("causeway_peer_rtt_seconds{") {
             if let (Some(site), Some(x)) = (label(line, "site"), value) {
                 v.rtt_us.insert(site.to_string(), (x * 1e6) as u64);
+            }
+        } else if line.starts_with("causeway_peer_unreachable{") && value == Some(1.0) {
+            if let Some(site) = label(line, "site") {
+                v.unreachable.push(site.to_string());
             }
         } else if line.starts_with("causeway_outlier_ejected{") && value == Some(1.0) {
             if let (Some(svc), Some(site)) = (label(line, "service"), label(line, "site")) {
@@ -191,10 +198,13 @@ pub fn explain(
             } else {
                 gw.rtt_us.get(s.as_str()).copied()
             },
+            // The gateway's own order treats a site it cannot reach as
+            // ejected; so does this explanation.
             ejected: gw
                 .ejected
                 .iter()
-                .any(|(svc, site)| *svc == key_str && site == s.as_str()),
+                .any(|(svc, site)| *svc == key_str && site == s.as_str())
+                || gw.unreachable.iter().any(|u| u == s.as_str()),
         })
         .collect();
     writeln!(t, "sites that export it (available ones only):")?;
@@ -206,13 +216,20 @@ pub fn explain(
             .unwrap_or_else(|| "unknown".into());
         let lbl: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let zones = s.site.parse().ok().and_then(|n| svc.zones.get(&n));
+        let unreachable = gw.unreachable.iter().any(|u| u == s.site);
         writeln!(
             t,
             "  {:<16} healthy {}/{}  rtt {rtt}  ejected {}  labels [{}]{}",
             s.site,
             s.healthy,
             s.total,
-            if s.ejected { "yes" } else { "no" },
+            if unreachable {
+                "yes (tunnel down, redialing)"
+            } else if s.ejected {
+                "yes"
+            } else {
+                "no"
+            },
             lbl.join(", "),
             zones.map_or(String::new(), |z| format!(
                 "  zones [{}]",
@@ -361,9 +378,12 @@ mod tests {
     fn gateway_metrics_give_rtts_and_ejections() {
         let text = "causeway_peer_rtt_seconds{site=\"east\"} 0.00042\n\
                     causeway_outlier_ejected{service=\"shop/p\",site=\"west\"} 1\n\
-                    causeway_outlier_ejected{service=\"shop/p\",site=\"east\"} 0\n";
+                    causeway_outlier_ejected{service=\"shop/p\",site=\"east\"} 0\n\
+                    causeway_peer_unreachable{site=\"north\"} 1\n\
+                    causeway_peer_unreachable{site=\"east\"} 0\n";
         let v = parse_gateway_metrics(text);
         assert_eq!(v.rtt_us["east"], 420);
         assert_eq!(v.ejected, [("shop/p".to_string(), "west".to_string())]);
+        assert_eq!(v.unreachable, ["north".to_string()]);
     }
 }

@@ -3324,3 +3324,169 @@ async fn http2_services_reach_http2_endpoints_and_health_is_reported_per_zone() 
     );
     fed.shutdown().await;
 }
+
+/// What one request of the steady load got: the site that answered, or why
+/// it failed.
+#[derive(Debug, Clone, PartialEq)]
+enum Got {
+    Site(String),
+    Failed(u16, String, String),
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_gateway_sends_traffic_to_the_next_site_and_its_return_brings_it_back_without_flapping(
+) {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (east_addr, _e) = http_backend("127.0.0.1:0", "east").await;
+    let (west_addr, _w) = http_backend("127.0.0.1:0", "west").await;
+    for site in ["east", "west", "central"] {
+        fed.add_site(site, &vip_range(), &[]).await.unwrap();
+    }
+    let export = |a: SocketAddr| {
+        format!("\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{a}\"]\n")
+    };
+    add_exports_and_restart(&mut fed, "east", &export(east_addr)).await;
+    add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
+    let vip = fed
+        .wait_resolvable(
+            "central",
+            "web.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 8080);
+    wait_listening(target).await;
+    let file = tmp.path().join("failover.yaml");
+    std::fs::write(
+        &file,
+        "apiVersion: causeway.dev/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: order, namespace: shop}\nspec: {service: web, mode: ordered, sites: [east, west]}\n---\napiVersion: causeway.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {name: retry, namespace: shop}\nspec: {service: web, attempts: 2, on: [connect-failure, reset, gateway-error], budget: {ratio: 0.5, minPerSecond: 50}}\n",
+    )
+    .unwrap();
+    fed.ctl(&["policy", "apply", "-f", file.to_str().unwrap()])
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = HttpClient::connect(target).await;
+        let mut all_east = true;
+        for _ in 0..20 {
+            all_east &= c.get("/").await.2 == "east";
+        }
+        if all_east {
+            break;
+        }
+        assert!(Instant::now() < deadline, "traffic never settled on east");
+    }
+
+    // Steady load: 4 keep-alive clients, a request every ~5 ms each.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(Instant, Got)>::new()));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (log, stop) = (log.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut c = HttpClient::connect(target).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let got = match c.get("/").await {
+                    (200, _, body) => Got::Site(body),
+                    (code, err, body) => Got::Failed(code, err, body),
+                };
+                log.lock().unwrap().push((Instant::now(), got));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }));
+    }
+    let since = |t: Instant| -> Vec<Got> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter(|(at, _)| *at >= t)
+            .map(|(_, g)| g.clone())
+            .collect()
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    tracing::info!("phase: east's gateway is killed under load");
+    let killed = Instant::now();
+    fed.sites.get_mut("east").unwrap().gateway.kill().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after_kill = since(killed);
+    let failed: Vec<&Got> = after_kill
+        .iter()
+        .filter(|g| matches!(g, Got::Failed(..)))
+        .collect();
+    // At most the requests in flight at the kill (one per client) may fail.
+    assert!(
+        failed.len() <= 4,
+        "{} failed after the kill: {failed:?}",
+        failed.len()
+    );
+    let settled = since(killed + Duration::from_secs(2));
+    assert!(settled.len() > 100, "only {} requests", settled.len());
+    assert!(
+        settled.iter().all(|g| *g == Got::Site("west".into())),
+        "not all traffic moved to west: {:?}",
+        settled
+            .iter()
+            .filter(|g| **g != Got::Site("west".into()))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+
+    tracing::info!("phase: east's gateway comes back; traffic returns to it");
+    let restored = Instant::now();
+    let bin = fed.bin.clone();
+    fed.sites
+        .get_mut("east")
+        .unwrap()
+        .gateway
+        .start(&bin)
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(45);
+    let back = loop {
+        let at = log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(at, g)| *at >= restored && *g == Got::Site("east".into()))
+            .map(|(at, _)| *at);
+        if let Some(at) = at {
+            break at;
+        }
+        assert!(Instant::now() < deadline, "traffic never returned to east");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let during_restore = since(restored);
+    let failed: Vec<&Got> = during_restore
+        .iter()
+        .filter(|g| matches!(g, Got::Failed(..)))
+        .collect();
+    assert!(failed.is_empty(), "failed while east came back: {failed:?}");
+    // No flapping: once east answers again, it keeps the traffic.
+    let after_back = since(back + Duration::from_secs(2));
+    assert!(after_back.len() > 100, "only {} requests", after_back.len());
+    let strays = after_back
+        .iter()
+        .filter(|g| **g != Got::Site("east".into()))
+        .count();
+    assert_eq!(
+        strays,
+        0,
+        "traffic went back and forth after east returned ({} of {})",
+        strays,
+        after_back.len()
+    );
+    tracing::info!(
+        back_after_ms = (back - restored).as_millis() as u64,
+        "east took the traffic back"
+    );
+    fed.shutdown().await;
+}

@@ -212,14 +212,17 @@ async fn route(
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<Response<Body>> = None;
     let mut tries = 0u32;
+    // The last try never reached an endpoint: the next site is failover,
+    // as for an L4 connection, not a retry (no attempt, no budget).
+    let mut failing_over = false;
     for site in order {
-        if tries > retries {
+        if tries > retries && !failing_over {
             break;
         }
         let Ok(site) = site.parse::<SiteName>() else {
             continue;
         };
-        if tries > 0 {
+        if tries > 0 && !failing_over {
             // A retry: allowed by the policy's conditions (checked by the
             // caller below) and by the budget.
             let ok = out
@@ -235,7 +238,10 @@ async fn route(
             }
             metrics::counter!("causeway_http_retries_total", "service" => service.to_string(), "result" => "sent").increment(1);
         }
-        tries += 1;
+        if !failing_over {
+            tries += 1;
+        }
+        failing_over = false;
 
         // Circuit breaker for this site.
         let key = (service.clone(), site.to_string());
@@ -310,13 +316,12 @@ async fn route(
                 ));
                 // Never reached an endpoint: always safe to try the next
                 // site when the policy retries connect failures, and when
-                // there is no retry policy at all (as L4 does).
+                // there is no retry policy at all (as L4 does). Each site is
+                // tried once, so this ends with the order.
                 if policy.retry.is_some() && !retryable(RetryOn::ConnectFailure) {
                     break;
                 }
-                if policy.retry.is_none() {
-                    tries = 0; // connection-level failover, not a retry
-                }
+                failing_over = true;
             }
             Err(TryError::Reset(why)) => {
                 out.observe_http(&routes, service, &site, false);

@@ -198,13 +198,22 @@ impl Outbound {
             return Vec::new();
         };
         let now = now_ms();
-        let ejected: Vec<String> = match (&svc.policy.outlier, self.outliers.lock()) {
+        let mut ejected: Vec<String> = match (&svc.policy.outlier, self.outliers.lock()) {
             (Some(_), Ok(o)) => o
                 .get(service)
                 .map(|o| o.ejected(now).into_iter().map(str::to_string).collect())
                 .unwrap_or_default(),
             _ => Vec::new(),
         };
+        // A site whose tunnels are all down and waiting for a redial takes
+        // no traffic while another can: its first request would only fail
+        // over. It comes back once a redial (or the warm-up below) works.
+        ejected.extend(
+            svc.exporters
+                .iter()
+                .filter(|(s, _)| *s != self.local_site && self.pool.down(s))
+                .map(|(s, _)| s.to_string()),
+        );
         if !svc.policy.steers() {
             let candidates: Vec<Candidate<'_>> = svc
                 .exporters
@@ -319,6 +328,8 @@ impl Outbound {
                     metrics::gauge!("causeway_peer_rtt_seconds", "site" => site.to_string())
                         .set(rtt.as_secs_f64());
                 }
+                let down = if self.pool.down(site) { 1.0 } else { 0.0 };
+                metrics::gauge!("causeway_peer_unreachable", "site" => site.to_string()).set(down);
             }
             let now = now_ms();
             let ejected: std::collections::BTreeSet<(String, String)> = match self.outliers.lock() {

@@ -375,6 +375,19 @@ impl Pool {
             .min()
     }
 
+    /// Whether `site` is unreachable from here for now: every replica lost
+    /// its connection or failed its last dial and waits for a redial. A
+    /// site not dialed yet, or whose first dial is under way, is not down.
+    pub fn down(&self, site: &SiteName) -> bool {
+        self.lock().get(site).is_some_and(|sp| {
+            !sp.replicas.is_empty()
+                && sp
+                    .replicas
+                    .iter()
+                    .all(|r| r.live().is_none() && r.failures > 0)
+        })
+    }
+
     /// Dials the replicas of `site` that have no connection and are not
     /// being dialed, in the background: failover then finds a warm tunnel
     /// instead of paying a handshake on the first request.
