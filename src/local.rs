@@ -43,7 +43,13 @@ impl Proc {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        // CAUSEWAY_CHILD_THREADS sets the runtime threads of every child
+        // (tokio's TOKIO_WORKER_THREADS), for experiments.
+        if let Ok(n) = std::env::var("CAUSEWAY_CHILD_THREADS") {
+            cmd.env("TOKIO_WORKER_THREADS", n);
+        }
+        let child = cmd
             .args(&self.args)
             .env(
                 "RUST_LOG",

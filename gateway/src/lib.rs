@@ -66,6 +66,7 @@ pub async fn run(
     let endpoint = tunnel::endpoint(
         udp,
         tunnel::server_config(&cred, store.clone(), &settings.quic)?,
+        &settings.quic,
     )?;
     tracing::info!(site = %state.site, addr = %endpoint.local_addr()?, id = %cred.spiffe_id()?, "gateway tunnel endpoint up");
 

@@ -81,14 +81,21 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// A QUIC endpoint on an already-bound UDP socket.
+/// A QUIC endpoint on an already-bound UDP socket. It accepts datagrams
+/// up to `max_udp_payload` and tells peers so (the transport parameter
+/// caps what path-MTU discovery on the peer's side may reach).
 pub fn endpoint(
     socket: std::net::UdpSocket,
     server: quinn::ServerConfig,
+    q: &QuicConfig,
 ) -> anyhow::Result<quinn::Endpoint> {
     socket.set_nonblocking(true)?;
+    let mut config = EndpointConfig::default();
+    config
+        .max_udp_payload_size(q.max_udp_payload)
+        .map_err(|e| anyhow::anyhow!("quic.max_udp_payload: {e}"))?;
     Ok(quinn::Endpoint::new(
-        EndpointConfig::default(),
+        config,
         Some(server),
         socket,
         Arc::new(quinn::TokioRuntime),

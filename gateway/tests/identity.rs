@@ -38,6 +38,7 @@ fn server(a: &CertificateAuthority, b: &CertificateAuthority) -> (Server, Arc<Tr
     let endpoint = tunnel::endpoint(
         tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
         cfg,
+        &Default::default(),
     )
     .unwrap();
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();

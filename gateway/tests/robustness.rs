@@ -76,6 +76,7 @@ async fn setup(quic: QuicConfig) -> Setup {
     let server = tunnel::endpoint(
         tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
         tunnel::server_config(&server_cred, store.clone(), &quic).unwrap(),
+        &quic,
     )
     .unwrap();
     tokio::spawn(inbound.run(server.clone()));
