@@ -365,13 +365,16 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let cfg = GatewayConfig::from_toml(&text).map_err(|e| ConfigError(e.0))?;
     let settings = cfg.validate().map_err(|e| ConfigError(e.0))?;
     let metrics = admin::install_metrics()?;
+    let ready = std::sync::Arc::new(causeway_gateway::Readiness::default());
     if let Some(a) = &args.admin_listen {
         let a: SocketAddr = a.parse().map_err(|_| {
             ConfigError(vec![format!(
                 "admin_listen: {a:?} is not an ip:port address"
             )])
         })?;
-        admin::serve(a, metrics, "gateway", None).await?;
+        let probe_ready = ready.clone();
+        let probe: admin::Readiness = std::sync::Arc::new(move || probe_ready.not_ready());
+        admin::serve(a, metrics, "gateway", Some(probe)).await?;
     }
     let udp = causeway_gateway::tunnel::bind_udp(settings.tunnel_listen)?;
     let state = match SiteState::load(&settings.state_dir)? {
@@ -399,7 +402,7 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             s
         }
     };
-    causeway_gateway::run(settings, state, udp, shutdown_signal()).await
+    causeway_gateway::run(settings, state, udp, ready, shutdown_signal()).await
 }
 
 pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {

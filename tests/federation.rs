@@ -3490,3 +3490,79 @@ async fn a_killed_gateway_sends_traffic_to_the_next_site_and_its_return_brings_i
     );
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_that_cannot_bind_a_listener_says_so_on_ready_and_retries() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let admin = fed.sites["west"].gateway_admin;
+    let ready = http_get_any(admin, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+
+    // Something else on west's host holds the address the next service
+    // will get (VIPs are handed out in order).
+    let IpAddr::V4(v4) = vip else {
+        panic!("an IPv4 VIP range")
+    };
+    let next = SocketAddr::new(IpAddr::V4((u32::from(v4) + 1).into()), 7100);
+    let squatter = std::net::TcpListener::bind(next).unwrap();
+    let (echo2, _e2) = echo_server(Some("second".into())).await.unwrap();
+    add_exports_and_restart(
+        &mut fed,
+        "east",
+        &format!(
+            "\n[[exports]]\nservice = \"shop/second\"\nport = 7100\nendpoints = [\"{echo2}\"]\n"
+        ),
+    )
+    .await;
+    let got = fed
+        .wait_resolvable(
+            "west",
+            "second.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    assert_eq!(got, next.ip(), "VIPs are no longer handed out in order");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        let r = http_get_any(admin, "/ready").await;
+        if r.starts_with("HTTP/1.1 503") {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "still ready: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        ready.contains(&next.to_string()) && ready.contains("shop/second"),
+        "{ready}"
+    );
+
+    // Once the address is free the gateway binds it on its own.
+    drop(squatter);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = http_get_any(admin, "/ready").await;
+        if r.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never recovered: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // East's gateway restarted for the new export: west may still be
+    // waiting out the redial backoff of its tunnel to east.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match call_banner(next, "hi").await {
+            Ok(b) => {
+                assert_eq!(b, "second");
+                break;
+            }
+            Err(e) => assert!(Instant::now() < deadline, "no call got through: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fed.shutdown().await;
+}

@@ -9,9 +9,9 @@
 //!   feeds the per-site trust bundles.
 //!
 //! Remote sites are reached through [`pool`]: a QUIC connection per gateway
-//! replica of each site, streams spread by weight.
-//!
-//! Not yet: per-request HTTP handling, policies, hot credential reload.
+//! replica of each site, streams spread by weight. Services with protocol
+//! `http`/`http2` are proxied per request ([`http`]); traffic policies from
+//! the catalog steer both paths ([`routes`]).
 
 pub mod config;
 pub mod drain;
@@ -44,11 +44,70 @@ use crate::pool::Pool;
 use crate::routes::Routes;
 use crate::site::SiteState;
 
+/// Whether the gateway can do its job, for `/ready`: it has routes from a
+/// first catalog snapshot, and every outbound listener is bound.
+#[derive(Default)]
+pub struct Readiness {
+    synced: std::sync::atomic::AtomicBool,
+    /// Outbound listeners that failed to bind, with why.
+    unbound: std::sync::Mutex<std::collections::BTreeMap<std::net::SocketAddr, String>>,
+}
+
+impl Readiness {
+    /// Why the gateway is not ready, or `None` when it is.
+    pub fn not_ready(&self) -> Option<String> {
+        if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
+            return Some("no catalog snapshot from the controllers yet".into());
+        }
+        let unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
+        if unbound.is_empty() {
+            return None;
+        }
+        let list: Vec<String> = unbound
+            .iter()
+            .map(|(addr, why)| format!("{addr} ({why})"))
+            .collect();
+        Some(format!(
+            "outbound listeners not bound, retried every 2 s: {}",
+            list.join("; ")
+        ))
+    }
+
+    pub(crate) fn set_unbound(&self, addr: std::net::SocketAddr, why: Option<String>) {
+        let mut unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
+        match why {
+            Some(w) => {
+                unbound.insert(addr, w);
+            }
+            None => {
+                unbound.remove(&addr);
+            }
+        }
+    }
+
+    pub(crate) fn unbound_any(&self) -> bool {
+        !self
+            .unbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    pub(crate) fn keep_unbound(&self, keep: impl Fn(&std::net::SocketAddr) -> bool) {
+        self.unbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, _| keep(a));
+    }
+}
+
 /// Runs a gateway until `shutdown` resolves, then closes its tunnels.
+/// `ready` tracks what `/ready` reports.
 pub async fn run(
     settings: Settings,
     state: SiteState,
     udp: std::net::UdpSocket,
+    ready: Arc<Readiness>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let site_ca = Arc::new(SiteState::site_ca(
@@ -97,6 +156,7 @@ pub async fn run(
         inbound.clone(),
         state.site.clone(),
         settings.clone(),
+        ready.clone(),
     ));
     inbound.set_routes(routes_rx.clone());
     let inbound_task = tokio::spawn(inbound.clone().run(endpoint.clone()));
@@ -109,6 +169,7 @@ pub async fn run(
         drain: drain.clone(),
         outliers: Default::default(),
         http: Default::default(),
+        ready,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
     let report_task = tokio::spawn(outbound.clone().report(stop_rx.clone()));
@@ -209,6 +270,7 @@ async fn renew_credential(
 
 /// On every catalog change: refresh trust bundles, tear down tunnels of
 /// removed sites, and publish a new routing table.
+#[allow(clippy::too_many_arguments)]
 async fn sync_catalog(
     mut cat: watch::Receiver<Arc<CatalogView>>,
     routes_tx: watch::Sender<Arc<Routes>>,
@@ -217,6 +279,7 @@ async fn sync_catalog(
     inbound: Arc<Inbound>,
     own_site: SiteName,
     settings: Settings,
+    ready: Arc<Readiness>,
 ) {
     loop {
         let view = cat.borrow_and_update().clone();
@@ -248,6 +311,9 @@ async fn sync_catalog(
             let routes = Routes::build(&view, settings.vip_base, settings.vip_prefix);
             metrics::gauge!("causeway_imported_services").set(routes.services.len() as f64);
             routes_tx.send_replace(Arc::new(routes));
+            ready
+                .synced
+                .store(true, std::sync::atomic::Ordering::Release);
         }
         if cat.changed().await.is_err() {
             return;

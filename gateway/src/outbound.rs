@@ -35,6 +35,8 @@ pub struct Outbound {
     pub outliers: std::sync::Mutex<BTreeMap<ServiceKey, Outliers>>,
     /// State of the per-request HTTP path.
     pub http: crate::http::HttpState,
+    /// What `/ready` reports (listeners that could not bind).
+    pub ready: Arc<crate::Readiness>,
 }
 
 fn now_ms() -> u64 {
@@ -70,12 +72,14 @@ impl Outbound {
                 }
                 keep
             });
+            self.ready.keep_unbound(|a| want.contains_key(a));
             for (addr, svc) in want {
                 if running.contains_key(&addr) {
                     continue;
                 }
                 match TcpListener::bind(addr).await {
                     Ok(l) => {
+                        self.ready.set_unbound(addr, None);
                         tracing::info!(%addr, service = %svc.0, "outbound listener up");
                         let this = self.clone();
                         let task = tokio::spawn(this.clone().accept_loop(l, svc.0.clone(), svc.1));
@@ -83,14 +87,18 @@ impl Outbound {
                     }
                     Err(e) => {
                         metrics::counter!("causeway_outbound_listener_errors_total").increment(1);
-                        tracing::error!(%addr, service = %svc.0, error = %e, "cannot bind outbound listener; will retry on the next catalog change");
+                        tracing::error!(%addr, service = %svc.0, error = %e, "cannot bind outbound listener (is another process using this VIP range?); retrying in 2 s");
+                        self.ready
+                            .set_unbound(addr, Some(format!("{}: {e}", svc.0)));
                     }
                 }
             }
             metrics::gauge!("causeway_outbound_listeners").set(running.len() as f64);
+            let retry = self.ready.unbound_any();
             tokio::select! {
                 r = routes.changed() => if r.is_err() { break },
                 _ = stop.changed() => break,
+                _ = tokio::time::sleep(Duration::from_secs(2)), if retry => {}
             }
         }
         // Draining: stop accepting; connections already accepted go on.
