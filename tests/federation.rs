@@ -3155,6 +3155,27 @@ async fn http_requests_are_routed_one_by_one_with_splits_faults_breakers_and_fai
     fed.shutdown().await;
 }
 
+/// Waits until `site` resolves `name` and its gateway listens for it on
+/// `port`; returns that address.
+async fn imported(fed: &LocalFederation, site: &str, name: &str, port: u16) -> SocketAddr {
+    let vip = fed
+        .wait_resolvable(site, name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, port);
+    wait_listening(target).await;
+    target
+}
+
+/// Writes `yaml` to a file under `dir` and applies it with `ctl policy apply`.
+async fn apply_policies(fed: &LocalFederation, dir: &std::path::Path, yaml: &str) {
+    let file = dir.join(format!("p-{}.yaml", rand::random::<u32>()));
+    std::fs::write(&file, yaml).unwrap();
+    fed.ctl(&["policy", "apply", "-f", file.to_str().unwrap()])
+        .await
+        .unwrap();
+}
+
 /// An HTTP/2-only (prior knowledge, no TLS) backend, as gRPC servers are:
 /// it answers `<name> <version of the request>` and counts requests.
 async fn h2_backend(
@@ -3222,25 +3243,13 @@ async fn http2_services_reach_http2_endpoints_and_health_is_reported_per_zone() 
     )
     .await;
     add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
-    let vip = fed
-        .wait_resolvable(
-            "central",
-            "grpc.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    let target = SocketAddr::new(vip, 9090);
-    wait_listening(target).await;
-    let file = tmp.path().join("split.yaml");
-    std::fs::write(
-        &file,
+    let target = imported(&fed, "central", "grpc.shop.svc.clusterset.local", 9090).await;
+    apply_policies(
+        &fed,
+        tmp.path(),
         "apiVersion: causeway.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: half, namespace: shop}\nspec: {service: grpc, weights: {east: 50, west: 50}}\n",
     )
-    .unwrap();
-    fed.ctl(&["policy", "apply", "-f", file.to_str().unwrap()])
-        .await
-        .unwrap();
+    .await;
 
     // One HTTP/2 connection from the caller: its requests still spread over
     // both sites, and each reaches an endpoint as HTTP/2.
@@ -3349,25 +3358,13 @@ async fn a_killed_gateway_sends_traffic_to_the_next_site_and_its_return_brings_i
     };
     add_exports_and_restart(&mut fed, "east", &export(east_addr)).await;
     add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
-    let vip = fed
-        .wait_resolvable(
-            "central",
-            "web.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    let target = SocketAddr::new(vip, 8080);
-    wait_listening(target).await;
-    let file = tmp.path().join("failover.yaml");
-    std::fs::write(
-        &file,
+    let target = imported(&fed, "central", "web.shop.svc.clusterset.local", 8080).await;
+    apply_policies(
+        &fed,
+        tmp.path(),
         "apiVersion: causeway.dev/v1alpha1\nkind: FailoverPolicy\nmetadata: {name: order, namespace: shop}\nspec: {service: web, mode: ordered, sites: [east, west]}\n---\napiVersion: causeway.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {name: retry, namespace: shop}\nspec: {service: web, attempts: 2, on: [connect-failure, reset, gateway-error], budget: {ratio: 0.5, minPerSecond: 50}}\n",
     )
-    .unwrap();
-    fed.ctl(&["policy", "apply", "-f", file.to_str().unwrap()])
-        .await
-        .unwrap();
+    .await;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut c = HttpClient::connect(target).await;

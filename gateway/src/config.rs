@@ -199,6 +199,38 @@ pub struct ExportConfig {
     pub zones: std::collections::BTreeMap<String, String>,
 }
 
+/// A per-endpoint table of export `i` (`hostnames`, `zones`): keys must be
+/// the export's own endpoints, values pass `check`; problems go to `errs`.
+fn per_endpoint(
+    i: usize,
+    field: &str,
+    table: &std::collections::BTreeMap<String, String>,
+    endpoints: &[SocketAddr],
+    errs: &mut Vec<String>,
+    check: impl Fn(&str) -> Result<(), String>,
+) -> std::collections::BTreeMap<SocketAddr, String> {
+    let mut out = std::collections::BTreeMap::new();
+    for (ep, value) in table {
+        let Some(addr) = ep
+            .parse::<SocketAddr>()
+            .ok()
+            .filter(|a| endpoints.contains(a))
+        else {
+            errs.push(format!(
+                "exports[{i}].{field}: {ep:?} is not one of this export's endpoints"
+            ));
+            continue;
+        };
+        match check(value) {
+            Ok(()) => {
+                out.insert(addr, value.clone());
+            }
+            Err(err) => errs.push(format!("exports[{i}].{field}[{ep:?}]: {err}")),
+        }
+    }
+    out
+}
+
 /// Endpoints one headless export may list (the controller's bound).
 pub const MAX_HEADLESS_ENDPOINTS: usize = 256;
 
@@ -446,47 +478,16 @@ impl GatewayConfig {
                     ));
                 }
             }
-            let mut hostnames = std::collections::BTreeMap::new();
-            for (ep, host) in &e.hostnames {
-                let Some(addr) = ep
-                    .parse::<SocketAddr>()
-                    .ok()
-                    .filter(|a| endpoints.contains(a))
-                else {
-                    errs.push(format!(
-                        "exports[{i}].hostnames: {ep:?} is not one of this export's endpoints"
-                    ));
-                    continue;
-                };
-                match causeway_api::model::check_dns_label("hostname", host) {
-                    Ok(()) => {
-                        hostnames.insert(addr, host.clone());
-                    }
-                    Err(err) => errs.push(format!("exports[{i}].hostnames[{ep:?}]: {err}")),
+            let hostnames =
+                per_endpoint(i, "hostnames", &e.hostnames, &endpoints, &mut errs, |h| {
+                    causeway_api::model::check_dns_label("hostname", h).map_err(|e| e.to_string())
+                });
+            let zones = per_endpoint(i, "zones", &e.zones, &endpoints, &mut errs, |z| {
+                if z.is_empty() {
+                    return Err("empty; leave the endpoint out to mean the site's own zone".into());
                 }
-            }
-            let mut zones = std::collections::BTreeMap::new();
-            for (ep, zone) in &e.zones {
-                let Some(addr) = ep
-                    .parse::<SocketAddr>()
-                    .ok()
-                    .filter(|a| endpoints.contains(a))
-                else {
-                    errs.push(format!(
-                        "exports[{i}].zones: {ep:?} is not one of this export's endpoints"
-                    ));
-                    continue;
-                };
-                match causeway_api::model::check_label_value("zone", zone) {
-                    Ok(()) if !zone.is_empty() => {
-                        zones.insert(addr, zone.clone());
-                    }
-                    Ok(()) => errs.push(format!(
-                        "exports[{i}].zones[{ep:?}]: empty; leave the endpoint out to mean the site's own zone"
-                    )),
-                    Err(err) => errs.push(format!("exports[{i}].zones[{ep:?}]: {err}")),
-                }
-            }
+                causeway_api::model::check_label_value("zone", z).map_err(|e| e.to_string())
+            });
             if let (Some(service), Some(protocol)) = (service, protocol) {
                 if let Some(other) = exports
                     .iter()
