@@ -3563,3 +3563,73 @@ async fn a_gateway_that_cannot_bind_a_listener_says_so_on_ready_and_retries() {
     }
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_peer_is_redialed_at_once_when_no_other_site_can_serve() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let target = SocketAddr::new(vip, 7000);
+    let west_admin = fed.sites["west"].gateway_admin;
+
+    tracing::info!("phase: east's gateway dies; west's redials back off");
+    fed.sites.get_mut("east").unwrap().gateway.kill().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = http_get(west_admin, "/metrics").await;
+        if m.contains("causeway_peer_unreachable{site=\"east\"} 1") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west never saw east's tunnel down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Long enough for the backoff to grow past a few seconds.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    tracing::info!("phase: east's gateway is back; the first call from west gets through");
+    let bin = fed.bin.clone();
+    fed.sites
+        .get_mut("east")
+        .unwrap()
+        .gateway
+        .start(&bin)
+        .unwrap();
+    let east_admin = fed.sites["east"].gateway_admin;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(east_admin).await {
+            let _ = s.write_all(b"GET /ready HTTP/1.1\r\nhost: x\r\n\r\n").await;
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            if out.starts_with("HTTP/1.1 200") {
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "east never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // East's lease lapsed during the outage: the controller lists it again
+    // after its heartbeats resume, and west routes to it again.
+    let back = imported(&fed, "west", "echo.shop.svc.clusterset.local", 7000).await;
+    assert_eq!(back, target, "the VIP is stable across the outage");
+    let got = try_echo_roundtrip(target, b"back").await;
+    assert_eq!(
+        got.as_deref().ok(),
+        Some(&b"back"[..]),
+        "the first call after east came back failed: {got:?}"
+    );
+    let m = http_get(west_admin, "/metrics").await;
+    tracing::info!(
+        early = m
+            .lines()
+            .filter(|l| l.starts_with("causeway_tunnel_early_dials_total"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        "early dials"
+    );
+    fed.shutdown().await;
+}

@@ -22,6 +22,9 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// First redial delay after a failure; doubles up to `BACKOFF_MAX`.
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// While a replica waits out its backoff, a stream that needs it may dial
+/// it early, at most this often.
+const EARLY_DIAL_EVERY: Duration = Duration::from_millis(250);
 
 pub struct Pool {
     quic: crate::config::QuicConfig,
@@ -45,6 +48,10 @@ struct Replica {
     /// A background dial is under way.
     dialing: bool,
     failures: u32,
+    /// When a stream last dialed this replica ahead of its backoff.
+    early_at: Option<std::time::Instant>,
+    /// That early dial is under way: other streams wait for it.
+    early_dialing: bool,
 }
 
 impl Replica {
@@ -157,18 +164,45 @@ impl Pool {
                     .any(|r| r.dialing && r.failures == 0 && r.live().is_none());
             if first_dial {
                 None
+            } else if idle.is_empty() {
+                // Every replica waits out a backoff. Streams come here only
+                // when no other site could take them (a site with its
+                // tunnels down is tried last), so dial early rather than
+                // fail: a peer that just restarted is back at once. One
+                // early dial per replica per EARLY_DIAL_EVERY; the others
+                // fail fast as before.
+                let now = std::time::Instant::now();
+                if sp.replicas.iter().any(|r| r.early_dialing) {
+                    None // wait for the early dial under way
+                } else {
+                    let early: Vec<TunnelAddr> = sp
+                        .replicas
+                        .iter_mut()
+                        .filter(|r| r.live().is_none())
+                        .filter(|r| r.early_at.is_none_or(|t| now - t >= EARLY_DIAL_EVERY))
+                        .map(|r| {
+                            r.early_at = Some(now);
+                            r.early_dialing = true;
+                            r.at
+                        })
+                        .collect();
+                    Some((early, true))
+                }
             } else {
-                Some(idle)
+                Some((idle, false))
             }
         };
-        let Some(candidates) = candidates else {
+        let Some((candidates, early)) = candidates else {
             let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
             while tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(5)).await;
                 let live = self.lock().get(site).and_then(|sp| {
                     let up: Vec<&Replica> =
                         sp.replicas.iter().filter(|r| r.live().is_some()).collect();
-                    let dialing = sp.replicas.iter().any(|r| r.dialing && r.failures == 0);
+                    let dialing = sp
+                        .replicas
+                        .iter()
+                        .any(|r| (r.dialing && r.failures == 0) || r.early_dialing);
                     match up.first() {
                         Some(r) => Some(r.live().cloned()),
                         None if dialing => None,
@@ -191,18 +225,50 @@ impl Pool {
         order.sort_by_key(|a| std::cmp::Reverse(a.weight));
         let mut last = String::from("every replica is being redialed; retry shortly");
         for (k, at) in order.iter().enumerate() {
-            match self.dial(site, at.addr).await {
+            let dialed = self.dial(site, at.addr).await;
+            // Settled first (below), then the waiters may look again.
+            let clear_early = || {
+                if let Some(r) = self
+                    .lock()
+                    .get_mut(site)
+                    .and_then(|sp| sp.replicas.iter_mut().find(|r| r.at.addr == at.addr))
+                {
+                    r.early_dialing = false;
+                }
+            };
+            match dialed {
                 Ok(conn) => {
-                    self.settle(site, *at, Ok(conn.clone()));
-                    // The rest come up in the background.
-                    for other in &order[k + 1..] {
-                        self.spawn_dial(site.clone(), *other, Duration::ZERO);
+                    if early {
+                        metrics::counter!("causeway_tunnel_early_dials_total", "result" => "ok")
+                            .increment(1);
+                    }
+                    let settled = self.settle(site, *at, Ok(conn));
+                    if early {
+                        clear_early();
+                    }
+                    let Some(conn) = settled else {
+                        last = format!("{}: the site left the pool", at.addr);
+                        continue;
+                    };
+                    // The rest come up in the background (an early dial
+                    // leaves them to their own backoff).
+                    if !early {
+                        for other in &order[k + 1..] {
+                            self.spawn_dial(site.clone(), *other, Duration::ZERO);
+                        }
                     }
                     return Ok(conn);
                 }
                 Err(e) => {
                     last = format!("{}: {e}", at.addr);
-                    self.settle(site, *at, Err(()));
+                    if early {
+                        // Its backoff redial is still scheduled: no second one.
+                        clear_early();
+                        metrics::counter!("causeway_tunnel_early_dials_total", "result" => "error")
+                            .increment(1);
+                    } else {
+                        self.settle(site, *at, Err(()));
+                    }
                 }
             }
         }
@@ -251,7 +317,14 @@ impl Pool {
     /// Records a dial's outcome. On success the connection is watched: when
     /// it closes, the replica is redialed after a backoff. On failure the
     /// next attempt is scheduled with backoff and jitter.
-    fn settle(&self, site: &SiteName, at: TunnelAddr, result: Result<quinn::Connection, ()>) {
+    /// Returns the replica's connection after a successful dial (an
+    /// existing one wins a race between two dials).
+    fn settle(
+        &self,
+        site: &SiteName,
+        at: TunnelAddr,
+        result: Result<quinn::Connection, ()>,
+    ) -> Option<quinn::Connection> {
         let mut sites = self.lock();
         let Some(r) = sites
             .get_mut(site)
@@ -261,21 +334,30 @@ impl Pool {
             if let Ok(c) = result {
                 c.close(quinn::VarInt::from_u32(2), b"replica removed");
             }
-            return;
+            return None;
         };
         match result {
+            Ok(conn) if r.live().is_some_and(|c| c.stable_id() != conn.stable_id()) => {
+                // Two dials raced (an early one and the backoff redial):
+                // keep the connection already in use.
+                conn.close(quinn::VarInt::from_u32(4), b"duplicate connection");
+                r.live().cloned()
+            }
             Ok(conn) => {
                 r.failures = 0;
                 r.dialing = true; // until the watcher below sees it close
                 r.conn = Some(conn.clone());
                 let pool = self.me.clone();
                 let site = site.clone();
+                let watched = conn.clone();
                 tokio::spawn(async move {
-                    let why = conn.closed().await;
+                    let why = watched.closed().await;
                     let Some(pool) = pool.upgrade() else { return };
                     tracing::info!(%site, addr = %at.addr, reason = %why, "tunnel closed; redialing with backoff");
-                    pool.after_close(&site, at, conn.stable_id());
+                    pool.after_close(&site, at, watched.stable_id());
                 });
+                Self::publish_gauge(&sites);
+                Some(conn)
             }
             Err(()) => {
                 r.failures += 1;
@@ -283,10 +365,9 @@ impl Pool {
                 r.dialing = true;
                 drop(sites);
                 self.spawn_dial(site.clone(), at, delay);
-                return;
+                None
             }
         }
-        Self::publish_gauge(&sites);
     }
 
     fn after_close(&self, site: &SiteName, at: TunnelAddr, id: usize) {
@@ -326,10 +407,12 @@ impl Pool {
             }
             let result = pool.dial(&site, at.addr).await;
             match result {
-                Ok(conn) => pool.settle(&site, at, Ok(conn)),
+                Ok(conn) => {
+                    pool.settle(&site, at, Ok(conn));
+                }
                 Err(e) => {
                     tracing::debug!(%site, addr = %at.addr, error = %e, "redial failed");
-                    pool.settle(&site, at, Err(()))
+                    pool.settle(&site, at, Err(()));
                 }
             }
         });
@@ -471,6 +554,8 @@ impl SitePool {
                     conn: None,
                     dialing: false,
                     failures: 0,
+                    early_at: None,
+                    early_dialing: false,
                 }),
             }
         }
