@@ -4,7 +4,10 @@
 //! robin from the sans-IO core). A replica whose connection closes — the
 //! peer went away, or keepalives stopped and the idle timeout fired (see
 //! `[quic]`) — is redialed in the background with exponential backoff and
-//! jitter; until it is back, its share goes to the others.
+//! jitter; until it is back, its share goes to the others. A stream that
+//! needs a site whose every replica waits out a backoff (nothing else could
+//! serve it) dials early, at most once per replica per 250 ms, so a peer
+//! that restarted is back at once rather than after the backoff.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
