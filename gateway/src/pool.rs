@@ -223,33 +223,25 @@ impl Pool {
                 last: "the first dial did not finish in time".into(),
             });
         };
+        // Early dials end with this call, however it ends (a caller's
+        // timeout may drop it mid-dial): then the waiters look again.
+        let _early = early.then(|| EarlyDials {
+            pool: self,
+            site,
+            addrs: candidates.iter().map(|a| a.addr).collect(),
+        });
         // Nothing is up: dial now, heaviest replica first.
         let mut order = candidates;
         order.sort_by_key(|a| std::cmp::Reverse(a.weight));
         let mut last = String::from("every replica is being redialed; retry shortly");
         for (k, at) in order.iter().enumerate() {
-            let dialed = self.dial(site, at.addr).await;
-            // Settled first (below), then the waiters may look again.
-            let clear_early = || {
-                if let Some(r) = self
-                    .lock()
-                    .get_mut(site)
-                    .and_then(|sp| sp.replicas.iter_mut().find(|r| r.at.addr == at.addr))
-                {
-                    r.early_dialing = false;
-                }
-            };
-            match dialed {
+            match self.dial(site, at.addr).await {
                 Ok(conn) => {
                     if early {
                         metrics::counter!("causeway_tunnel_early_dials_total", "result" => "ok")
                             .increment(1);
                     }
-                    let settled = self.settle(site, *at, Ok(conn));
-                    if early {
-                        clear_early();
-                    }
-                    let Some(conn) = settled else {
+                    let Some(conn) = self.settle(site, *at, Ok(conn)) else {
                         last = format!("{}: the site left the pool", at.addr);
                         continue;
                     };
@@ -266,7 +258,6 @@ impl Pool {
                     last = format!("{}: {e}", at.addr);
                     if early {
                         // Its backoff redial is still scheduled: no second one.
-                        clear_early();
                         metrics::counter!("causeway_tunnel_early_dials_total", "result" => "error")
                             .increment(1);
                     } else {
@@ -509,6 +500,27 @@ impl Pool {
                     .collect()
             })
             .unwrap_or_default()
+    }
+}
+
+/// Clears the early-dial marks of `addrs` when dropped.
+struct EarlyDials<'a> {
+    pool: &'a Pool,
+    site: &'a SiteName,
+    addrs: Vec<std::net::SocketAddr>,
+}
+
+impl Drop for EarlyDials<'_> {
+    fn drop(&mut self) {
+        if let Some(sp) = self.pool.lock().get_mut(self.site) {
+            for r in sp
+                .replicas
+                .iter_mut()
+                .filter(|r| self.addrs.contains(&r.at.addr))
+            {
+                r.early_dialing = false;
+            }
+        }
     }
 }
 
