@@ -568,6 +568,57 @@ pub async fn echo_server(
     Ok((addr, task))
 }
 
+/// A tiny HTTP/1.1 backend on `addr` (port 0 picks one) answering every
+/// request with `name`, keep-alive; a path containing `/slow` waits 300 ms
+/// first. Returns the bound address and the task (abort it to stop).
+pub async fn http_backend(
+    addr: SocketAddr,
+    name: &'static str,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let l = tokio::net::TcpListener::bind(addr).await?;
+    let at = l.local_addr()?;
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
+            conns.spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let slow = line.contains("/slow");
+                    loop {
+                        let mut h = String::new();
+                        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if h == "\r\n" {
+                            break;
+                        }
+                    }
+                    if slow {
+                        tokio::time::sleep(Duration::from_millis(300)).await;
+                    }
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
+                        name.len()
+                    );
+                    if w.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    Ok((at, task))
+}
+
 /// Connects to `addr`, reads the banner line, sends `msg` and reads it back.
 pub async fn call_banner(addr: SocketAddr, msg: &str) -> anyhow::Result<String> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};

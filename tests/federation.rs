@@ -2868,51 +2868,11 @@ async fn connections_follow_failover_and_split_policies() {
     fed.shutdown().await;
 }
 
-/// A tiny HTTP/1.1 backend answering its `name` (keep-alive); `/slow`
-/// waits 300 ms first. Bound to `addr` (port 0 picks one).
+/// `causeway::local::http_backend` on `addr` (port 0 picks one).
 async fn http_backend(addr: &str, name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let l = tokio::net::TcpListener::bind(addr).await.unwrap();
-    let at = l.local_addr().unwrap();
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            conns.spawn(async move {
-                use tokio::io::AsyncBufReadExt;
-                let (r, mut w) = s.into_split();
-                let mut r = tokio::io::BufReader::new(r);
-                loop {
-                    let mut line = String::new();
-                    if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let slow = line.contains("/slow");
-                    loop {
-                        let mut h = String::new();
-                        if r.read_line(&mut h).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if h == "\r\n" {
-                            break;
-                        }
-                    }
-                    if slow {
-                        tokio::time::sleep(Duration::from_millis(300)).await;
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
-                        name.len()
-                    );
-                    if w.write_all(resp.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (at, task)
+    causeway::local::http_backend(addr.parse().unwrap(), name)
+        .await
+        .unwrap()
 }
 
 /// One keep-alive HTTP/1.1 client connection.

@@ -33,43 +33,12 @@ impl Params {
     }
 }
 
-/// An HTTP/1.1 backend answering its name, keep-alive.
+/// An HTTP/1.1 backend on `addr` answering its name, keep-alive.
 async fn backend(
     addr: SocketAddr,
     name: &'static str,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let l = tokio::net::TcpListener::bind(addr).await?;
-    Ok(tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let Ok((s, _)) = l.accept().await else {
-                continue;
-            };
-            conns.spawn(async move {
-                let (r, mut w) = s.into_split();
-                let mut r = tokio::io::BufReader::new(r);
-                loop {
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    let resp = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{name}",
-                        name.len()
-                    );
-                    if w.write_all(resp.as_bytes()).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    }))
+    Ok(causeway::local::http_backend(addr, name).await?.1)
 }
 
 /// One finished request: when it was due, how it ended.
