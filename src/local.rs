@@ -140,6 +140,23 @@ pub struct LocalFederation {
 
 /// A loopback port free for both TCP and UDP right now.
 pub fn free_port() -> anyhow::Result<u16> {
+    // Below the kernel's ephemeral range when we can: a port handed out by
+    // bind(0) is from that range, and any outgoing connection of a test
+    // running alongside may take it before our process binds it.
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    if ephemeral_start > 20_000 {
+        for _ in 0..200 {
+            let port = rand::random_range(20_000..ephemeral_start);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            {
+                return Ok(port);
+            }
+        }
+    }
     for _ in 0..50 {
         let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
         let port = tcp.local_addr()?.port();
