@@ -359,6 +359,17 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .await
 }
 
+/// `worker_threads` from the gateway config, read before the runtime is
+/// built; 0 (one per CPU) when the file cannot be read or parsed — the
+/// gateway then reports that error itself.
+pub fn gateway_worker_threads(args: &GatewayArgs) -> usize {
+    std::fs::read_to_string(&args.config)
+        .ok()
+        .and_then(|t| GatewayConfig::from_toml(&t).ok())
+        .map(|c| c.worker_threads.min(1024))
+        .unwrap_or(0)
+}
+
 pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;

@@ -15,10 +15,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .with_ansi(std::env::var_os("NO_COLOR").is_none())
         .init();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("building the tokio runtime");
+    let rt = runtime(&cli.command);
     let result = rt.block_on(async move {
         match cli.command {
             Command::Demo(a) => causeway::demo::run(a).await,
@@ -48,6 +45,24 @@ fn main() {
         };
         std::process::exit(code);
     }
+}
+
+/// The tokio runtime: one per CPU by default (or `TOKIO_WORKER_THREADS`);
+/// a gateway config's `worker_threads` overrides it, and 1 gives a
+/// single-threaded runtime, as linkerd2-proxy does for one core.
+fn runtime(cmd: &Command) -> tokio::runtime::Runtime {
+    let threads = match cmd {
+        Command::Gateway(a) => cli::gateway_worker_threads(a),
+        _ => 0,
+    };
+    let mut b = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all().build().expect("building the tokio runtime")
 }
 
 fn default_filter(cmd: &Command) -> &'static str {

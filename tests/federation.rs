@@ -1624,7 +1624,8 @@ async fn streams_spread_over_a_sites_endpoints_and_skip_dead_ones() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
-    fed.gateway_extra = "balancer = \"round_robin\"\n".into();
+    // These gateways also run single-threaded (worker_threads = 1).
+    fed.gateway_extra = "balancer = \"round_robin\"\nworker_threads = 1\n".into();
     let (e1, _t1) = echo_server(Some("e1".into())).await.unwrap();
     let (e2, t2) = echo_server(Some("e2".into())).await.unwrap();
     fed.add_site(

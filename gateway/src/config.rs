@@ -53,6 +53,11 @@ pub struct GatewayConfig {
     /// what an `allow` rule lists).
     #[serde(default = "default_authorization")]
     pub authorization: String,
+    /// Runtime threads: 0 (default) is one per CPU the process may use;
+    /// 1 runs everything on one thread (no cross-thread wake-ups: less CPU
+    /// per request where the gateway shares a core or two with others).
+    #[serde(default)]
+    pub worker_threads: usize,
     #[serde(default)]
     pub allow: Vec<AllowConfig>,
     #[serde(default)]
@@ -383,6 +388,9 @@ impl GatewayConfig {
         if !(self.drain_secs >= 0.0 && self.drain_secs <= 3600.0) {
             errs.push("drain_secs: must be between 0 and 3600".into());
         }
+        if self.worker_threads > 1024 {
+            errs.push("worker_threads: must be between 0 (one per CPU) and 1024".into());
+        }
         self.quic.validate(&mut errs);
         let mut authorization = Authorization {
             deny_by_default: match self.authorization.as_str() {
@@ -600,6 +608,22 @@ mod tests {
             err.contains("quic.congestion") && err.contains("quic.rtt_ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn worker_threads_are_bounded() {
+        for (n, ok) in [(0, true), (1, true), (64, true), (1025, false)] {
+            let cfg =
+                GatewayConfig::from_toml(&format!("state_dir = \"/x\"\nworker_threads = {n}\n"))
+                    .unwrap();
+            match cfg.validate() {
+                Ok(_) => assert!(ok, "{n} accepted"),
+                Err(e) => {
+                    assert!(!ok, "{n} refused: {e}");
+                    assert!(e.to_string().contains("worker_threads"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

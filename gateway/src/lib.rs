@@ -121,7 +121,6 @@ pub async fn run(
         state.trust_domain.clone(),
         vec![site_ca.cert_der.clone()],
     );
-    tunnel::size_udp_buffers(&udp, settings.quic.udp_buffer_bytes);
     let endpoint = tunnel::endpoint(
         udp,
         tunnel::server_config(&cred, store.clone(), &settings.quic)?,

@@ -336,6 +336,15 @@ impl Outbound {
                     metrics::gauge!("causeway_peer_rtt_seconds", "site" => site.to_string())
                         .set(rtt.as_secs_f64());
                 }
+                if let Some(path) = self.pool.path(site) {
+                    let site = site.to_string();
+                    metrics::gauge!("causeway_peer_packets_sent", "site" => site.clone())
+                        .set(path.sent as f64);
+                    metrics::gauge!("causeway_peer_packets_lost", "site" => site.clone())
+                        .set(path.lost as f64);
+                    metrics::gauge!("causeway_peer_path_mtu_bytes", "site" => site)
+                        .set(f64::from(path.mtu));
+                }
                 let down = if self.pool.down(site) { 1.0 } else { 0.0 };
                 metrics::gauge!("causeway_peer_unreachable", "site" => site.to_string()).set(down);
             }

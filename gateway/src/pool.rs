@@ -452,6 +452,21 @@ impl Pool {
             .min()
     }
 
+    /// Path statistics summed over the site's live connections: packets
+    /// sent and declared lost, and the largest path MTU discovered.
+    pub fn path(&self, site: &SiteName) -> Option<PathStats> {
+        let pools = self.lock();
+        let mut out: Option<PathStats> = None;
+        for c in pools.get(site)?.replicas.iter().filter_map(|r| r.live()) {
+            let s = c.stats();
+            let o = out.get_or_insert_with(PathStats::default);
+            o.sent += s.path.sent_packets;
+            o.lost += s.path.lost_packets;
+            o.mtu = o.mtu.max(s.path.current_mtu);
+        }
+        out
+    }
+
     /// Whether `site` is unreachable from here for now: every replica lost
     /// its connection or failed its last dial and waits for a redial. A
     /// site not dialed yet, or whose first dial is under way, is not down.
@@ -577,6 +592,14 @@ impl SitePool {
         // Weights or members changed: start the rotation afresh.
         self.balancer = Balancer::new(Strategy::Weighted);
     }
+}
+
+/// See [`Pool::path`]. Counts restart with each new connection.
+#[derive(Debug, Default, Clone, Copy, PartialEq)]
+pub struct PathStats {
+    pub sent: u64,
+    pub lost: u64,
+    pub mtu: u16,
 }
 
 #[cfg(test)]

@@ -60,17 +60,45 @@ async fn tcp_to_quic(tr: &OwnedReadHalf, send: &mut quinn::SendStream) -> std::i
     let mut total = 0u64;
     loop {
         tr.readable().await?;
-        let mut buf = BytesMut::with_capacity(CHUNK);
-        match tr.try_read_buf(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => {
-                total += n as u64;
-                send.write_chunk(buf.freeze()).await?;
+        match read_chunk(tr.as_ref()) {
+            Ok(None) => return Ok(total),
+            Ok(Some(chunk)) => {
+                total += chunk.len() as u64;
+                send.write_chunk(chunk).await?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Reads what the socket holds, up to one chunk; `None` at end of stream.
+///
+/// A short read means the socket was drained at that moment, so the
+/// readiness is cleared with it (tokio clears it only on `WouldBlock`):
+/// otherwise every message would cost a second `recv` that finds nothing.
+/// Clearing is safe against a race: tokio keeps readiness that arrived
+/// after it was sampled, before the read.
+fn read_chunk(tcp: &TcpStream) -> std::io::Result<Option<bytes::Bytes>> {
+    use std::io::Read;
+    let mut buf = BytesMut::zeroed(CHUNK);
+    let mut short = 0;
+    let read = tcp.try_io(tokio::io::Interest::READABLE, || {
+        let n = (&*socket2::SockRef::from(tcp)).read(&mut buf)?;
+        if n > 0 && n < CHUNK {
+            short = n;
+            return Err(std::io::ErrorKind::WouldBlock.into());
+        }
+        Ok(n)
+    });
+    let n = match read {
+        Ok(0) => return Ok(None),
+        Ok(n) => n,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && short > 0 => short,
+        Err(e) => return Err(e),
+    };
+    buf.truncate(n);
+    Ok(Some(buf.freeze()))
 }
 
 async fn quic_to_tcp(

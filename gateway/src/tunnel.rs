@@ -81,25 +81,89 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// A QUIC endpoint on an already-bound UDP socket. It accepts datagrams
-/// up to `max_udp_payload` and tells peers so (the transport parameter
-/// caps what path-MTU discovery on the peer's side may reach).
+/// A QUIC endpoint on an already-bound UDP socket, with its buffers sized
+/// from `udp_buffer_bytes`. It accepts datagrams up to `max_udp_payload`
+/// and tells peers so (the transport parameter caps what path-MTU
+/// discovery on the peer's side may reach).
 pub fn endpoint(
     socket: std::net::UdpSocket,
     server: quinn::ServerConfig,
     q: &QuicConfig,
 ) -> anyhow::Result<quinn::Endpoint> {
     socket.set_nonblocking(true)?;
+    size_udp_buffers(&socket, q.udp_buffer_bytes);
     let mut config = EndpointConfig::default();
     config
         .max_udp_payload_size(q.max_udp_payload)
         .map_err(|e| anyhow::anyhow!("quic.max_udp_payload: {e}"))?;
-    Ok(quinn::Endpoint::new(
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let inner = quinn::Runtime::wrap_udp_socket(&*runtime, socket)?;
+    let socket = Arc::new(GsoCapped {
+        max_segments: gso_segments(q.max_udp_payload),
+        inner,
+    });
+    Ok(quinn::Endpoint::new_with_abstract_socket(
         config,
         Some(server),
         socket,
-        Arc::new(quinn::TokioRuntime),
+        runtime,
     )?)
+}
+
+/// Largest UDP payload one segmentation-offload send may carry: Linux
+/// refuses a `UDP_SEGMENT` send whose total exceeds one IP datagram
+/// (EMSGSIZE, which the UDP layer treats as a lost packet).
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// How many datagrams of `max_udp_payload` bytes fit one offloaded send.
+pub fn gso_segments(max_udp_payload: u16) -> usize {
+    (GSO_MAX_BYTES / usize::from(max_udp_payload.max(1200))).max(1)
+}
+
+/// The tokio UDP socket, with segmentation offload batches capped so that
+/// a batch of full-size datagrams stays under [`GSO_MAX_BYTES`]. quinn
+/// batches up to 10 datagrams of the current path MTU; with jumbo or
+/// loopback MTUs (above ~6.5 kB) that would exceed the kernel's limit and
+/// every full batch would be dropped on the floor.
+#[derive(Debug)]
+struct GsoCapped {
+    max_segments: usize,
+    inner: Arc<dyn quinn::AsyncUdpSocket>,
+}
+
+impl quinn::AsyncUdpSocket for GsoCapped {
+    fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut std::task::Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [quinn::udp::RecvMeta],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.inner.poll_recv(cx, bufs, meta)
+    }
+
+    fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments().min(self.max_segments)
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
 }
 
 pub fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
@@ -107,7 +171,7 @@ pub fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
 }
 
 /// Sets the UDP socket's buffers (the kernel may cap them at net.core.*mem_max).
-pub fn size_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+fn size_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
     if bytes == 0 {
         return;
     }
@@ -117,5 +181,24 @@ pub fn size_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
         .and_then(|_| s.set_send_buffer_size(bytes))
     {
         tracing::warn!(error = %e, bytes, "could not size the UDP buffers");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_offloaded_batch_of_full_datagrams_fits_one_ip_datagram() {
+        assert_eq!(gso_segments(1452), 44);
+        assert_eq!(gso_segments(8952), 7);
+        assert_eq!(gso_segments(16_000), 4);
+        assert_eq!(gso_segments(65_000), 1);
+        for payload in [
+            1200u16, 1452, 6000, 6501, 8952, 9000, 32_500, 32_501, 65_000,
+        ] {
+            assert!(gso_segments(payload) * usize::from(payload) <= 65_000);
+            assert!(gso_segments(payload) >= 1);
+        }
     }
 }

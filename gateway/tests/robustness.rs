@@ -1,6 +1,7 @@
 //! Inbound stream robustness over real QUIC on loopback: a peer that never
-//! sends its header is cut off, a garbage header gets BadRequest, and a
-//! peer cannot hold more streams open than the cap.
+//! sends its header is cut off, a garbage header gets BadRequest, a peer
+//! cannot hold more streams open than the cap, and jumbo datagrams carry
+//! bulk data without loss.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,7 +81,13 @@ async fn setup(quic: QuicConfig) -> Setup {
     )
     .unwrap();
     tokio::spawn(inbound.run(server.clone()));
-    let client = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    // The dialing side is a gateway endpoint too (same socket settings).
+    let client = tunnel::endpoint(
+        tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
+        tunnel::server_config(&client_cred, store.clone(), &quic).unwrap(),
+        &quic,
+    )
+    .unwrap();
     let client_cfg = tunnel::client_config(&client_cred, store, td("a"), &quic).unwrap();
     Setup {
         server,
@@ -184,5 +191,64 @@ async fn a_peer_cannot_open_more_streams_than_the_cap() {
     assert!(
         fourth.is_ok(),
         "no stream credit came back after one stream ended"
+    );
+}
+
+/// With a path MTU above ~6.5 kB, ten full datagrams (quinn's batch) no
+/// longer fit one segmentation-offload send; the kernel refused such sends
+/// and every batch was lost. Loopback carries 64 kB datagrams, so a bulk
+/// echo over it must reach a large MTU and lose (almost) nothing.
+#[tokio::test]
+async fn jumbo_datagrams_carry_bulk_data_without_loss() {
+    let quic = QuicConfig {
+        max_udp_payload: 16_000,
+        ..Default::default()
+    };
+    let s = setup(quic).await;
+    let conn = s
+        .client
+        .connect_with(
+            s.client_cfg.clone(),
+            s.server.local_addr().unwrap(),
+            "gateway",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open_request()).await.unwrap();
+    assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+    const TOTAL: usize = 48 << 20;
+    let writer = tokio::spawn(async move {
+        let chunk = vec![0x5au8; 64 * 1024];
+        for _ in 0..TOTAL / chunk.len() {
+            send.write_all(&chunk).await.unwrap();
+        }
+        send.finish().unwrap();
+    });
+    let mut got = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    let read = async {
+        while let Some(n) = recv.read(&mut buf).await.unwrap() {
+            assert!(buf[..n].iter().all(|b| *b == 0x5a));
+            got += n;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), read)
+        .await
+        .expect("bulk echo did not finish in 60 s");
+    writer.await.unwrap();
+    assert_eq!(got, TOTAL);
+    let path = conn.stats().path;
+    assert!(
+        path.current_mtu > 1452,
+        "path-MTU discovery stayed at {}",
+        path.current_mtu
+    );
+    assert!(
+        path.lost_packets * 100 <= path.sent_packets,
+        "{} of {} packets lost on loopback",
+        path.lost_packets,
+        path.sent_packets
     );
 }
