@@ -19,6 +19,12 @@ use tokio::net::TcpStream;
 const CHUNK: usize = 16 * 1024;
 
 /// Copies until both directions are done; returns (tcp→quic, quic→tcp) bytes.
+///
+/// A clean end travels as a clean end (TCP FIN <-> QUIC FIN). An error in
+/// either direction aborts both, so the far side never mistakes a cut for
+/// a complete transfer: a TCP read error resets the QUIC stream, and a
+/// QUIC stream reset (or lost connection) resets the TCP connection
+/// (RST, not FIN) and stops the other direction.
 pub async fn splice(
     tcp: TcpStream,
     mut send: quinn::SendStream,
@@ -26,44 +32,93 @@ pub async fn splice(
 ) -> (u64, u64) {
     let _ = tcp.set_nodelay(true);
     let (tr, mut tw) = tcp.into_split();
-    let up = async {
-        let n = tcp_to_quic(&tr, &mut send).await;
-        match n {
-            Ok(_) => {
-                let _ = send.finish();
-                // Wait until the peer has everything, so closing the
-                // connection afterwards (drain, shutdown) loses nothing.
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_secs(10), send.stopped()).await;
+    let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
+    let aborted = {
+        let up = async {
+            let r = tcp_to_quic(&tr, &mut send, &mut up_bytes).await;
+            match &r {
+                Ok(()) => {
+                    let _ = send.finish();
+                    // Wait until the peer has everything, so closing the
+                    // connection afterwards (drain, shutdown) loses nothing.
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(10), send.stopped())
+                            .await;
+                }
+                Err(_) => {
+                    let _ = send.reset(quinn::VarInt::from_u32(1));
+                }
             }
-            Err(_) => {
-                let _ = send.reset(quinn::VarInt::from_u32(1));
+            r
+        };
+        let down = async {
+            let r = quic_to_tcp(&mut recv, &mut tw, &mut down_bytes).await;
+            match &r {
+                Ok(()) => {
+                    let _ = tw.shutdown().await;
+                }
+                Err(_) => {
+                    let _ = recv.stop(quinn::VarInt::from_u32(1));
+                }
+            }
+            r
+        };
+        let (mut up, mut down) = (std::pin::pin!(up), std::pin::pin!(down));
+        let (mut up_done, mut down_done) = (false, false);
+        loop {
+            tokio::select! {
+                r = &mut up, if !up_done => {
+                    up_done = true;
+                    if r.is_err() {
+                        break true;
+                    }
+                }
+                r = &mut down, if !down_done => {
+                    down_done = true;
+                    if r.is_err() {
+                        break true;
+                    }
+                }
+            }
+            if up_done && down_done {
+                break false;
             }
         }
-        n.unwrap_or(0)
     };
-    let down = async {
-        let n = quic_to_tcp(&mut recv, &mut tw).await;
-        if n.is_err() {
-            let _ = recv.stop(quinn::VarInt::from_u32(1));
-        }
-        let _ = tw.shutdown().await;
-        n.unwrap_or(0)
-    };
-    let (a, b) = tokio::join!(up, down);
-    metrics::counter!("causeway_tunnel_bytes_total", "direction" => "tcp_to_quic").increment(a);
-    metrics::counter!("causeway_tunnel_bytes_total", "direction" => "quic_to_tcp").increment(b);
-    (a, b)
+    if aborted {
+        // Whatever is still running was dropped. A dropped SendStream would
+        // finish (clean FIN), so reset both QUIC halves explicitly (no-ops
+        // for a half already done); closing with a zero linger sends RST
+        // to the TCP peer.
+        let _ = send.reset(quinn::VarInt::from_u32(1));
+        let _ = recv.stop(quinn::VarInt::from_u32(1));
+        let _ = socket2::SockRef::from(tw.as_ref()).set_linger(Some(std::time::Duration::ZERO));
+        metrics::counter!("causeway_tunnel_streams_aborted_total").increment(1);
+    }
+    // Reunited, so that dropping does not shut the write half down first
+    // (an OwnedWriteHalf sends FIN on drop, ahead of the RST).
+    match tr.reunite(tw) {
+        Ok(tcp) => drop(tcp),
+        Err(e) => drop(e),
+    }
+    metrics::counter!("causeway_tunnel_bytes_total", "direction" => "tcp_to_quic")
+        .increment(up_bytes);
+    metrics::counter!("causeway_tunnel_bytes_total", "direction" => "quic_to_tcp")
+        .increment(down_bytes);
+    (up_bytes, down_bytes)
 }
 
-async fn tcp_to_quic(tr: &OwnedReadHalf, send: &mut quinn::SendStream) -> std::io::Result<u64> {
-    let mut total = 0u64;
+async fn tcp_to_quic(
+    tr: &OwnedReadHalf,
+    send: &mut quinn::SendStream,
+    total: &mut u64,
+) -> std::io::Result<()> {
     loop {
         tr.readable().await?;
         match read_chunk(tr.as_ref()) {
-            Ok(None) => return Ok(total),
+            Ok(None) => return Ok(()),
             Ok(Some(chunk)) => {
-                total += chunk.len() as u64;
+                *total += chunk.len() as u64;
                 send.write_chunk(chunk).await?;
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -104,15 +159,15 @@ fn read_chunk(tcp: &TcpStream) -> std::io::Result<Option<bytes::Bytes>> {
 async fn quic_to_tcp(
     recv: &mut quinn::RecvStream,
     tw: &mut OwnedWriteHalf,
-) -> std::io::Result<u64> {
-    let mut total = 0u64;
+    total: &mut u64,
+) -> std::io::Result<()> {
     while let Some(chunk) = recv
         .read_chunk(CHUNK, true)
         .await
         .map_err(std::io::Error::from)?
     {
-        total += chunk.bytes.len() as u64;
         tw.write_all(&chunk.bytes).await?;
+        *total += chunk.bytes.len() as u64;
     }
-    Ok(total)
+    Ok(())
 }

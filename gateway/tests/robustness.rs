@@ -23,6 +23,11 @@ struct Setup {
 }
 
 async fn setup(quic: QuicConfig) -> Setup {
+    setup_with(quic, None).await
+}
+
+/// `endpoint` replaces the echo endpoint of `shop/echo` when given.
+async fn setup_with(quic: QuicConfig, endpoint: Option<std::net::SocketAddr>) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let a = CertificateAuthority::generate("a").unwrap();
     let b = CertificateAuthority::generate("b").unwrap();
@@ -60,7 +65,7 @@ async fn setup(quic: QuicConfig) -> Setup {
         port: 7000,
         port_name: String::new(),
         protocol: Default::default(),
-        endpoints: vec![echo_addr],
+        endpoints: vec![endpoint.unwrap_or(echo_addr)],
         headless: false,
         hostnames: Default::default(),
         health_path: None,
@@ -251,4 +256,62 @@ async fn jumbo_datagrams_carry_bulk_data_without_loss() {
         path.lost_packets,
         path.sent_packets
     );
+}
+
+/// An endpoint that dies mid-response (RST) must reach the calling client
+/// as a reset too — a clean FIN would pass a cut-off response for a whole
+/// one. The exporting side turns the TCP error into a QUIC stream reset;
+/// the calling side (the `splice` the outbound listener runs) turns that
+/// into a TCP RST.
+#[tokio::test]
+async fn a_reset_endpoint_reaches_the_caller_as_a_reset_not_an_end() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dying = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let dying_addr = dying.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = dying.accept().await {
+            let _ = s.write_all(&[b'r'; 1000]).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let s = setup_with(QuicConfig::default(), Some(dying_addr)).await;
+    let conn = s
+        .client
+        .connect_with(
+            s.client_cfg.clone(),
+            s.server.local_addr().unwrap(),
+            "gateway",
+        )
+        .unwrap()
+        .await
+        .unwrap();
+    // The calling gateway's side: a local listener spliced onto a stream.
+    let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local_addr = local.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (tcp, _) = local.accept().await.unwrap();
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(&open_request()).await.unwrap();
+        assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+        causeway_gateway::splice::splice(tcp, send, recv).await;
+    });
+    let mut client = tokio::net::TcpStream::connect(local_addr).await.unwrap();
+    let mut got = 0usize;
+    let mut buf = [0u8; 4096];
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match client.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => got += n,
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await
+    .expect("the client saw neither an end nor a reset in 10 s");
+    assert!(got <= 1000, "{got} bytes from a 1000-byte endpoint");
+    let err = end.expect_err("a reset endpoint reached the client as a clean end of stream");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
 }
