@@ -22,15 +22,29 @@ use tokio::process::{Child, Command};
 pub struct Proc {
     pub name: String,
     pub args: Vec<String>,
+    /// Environment for the child on top of ours (secrets go here, not in
+    /// the arguments other users can read from the process list).
+    pub env: Vec<(String, String)>,
     pub log: PathBuf,
     child: Option<Child>,
 }
 
 impl Proc {
     fn spawn(bin: &Path, root: &Path, name: &str, args: Vec<String>) -> anyhow::Result<Self> {
+        Self::spawn_with_env(bin, root, name, args, Vec::new())
+    }
+
+    fn spawn_with_env(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let mut p = Self {
             name: name.to_string(),
             args,
+            env,
             log: root.join(format!("{name}.log")),
             child: None,
         };
@@ -51,6 +65,7 @@ impl Proc {
         }
         let child = cmd
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env(
                 "RUST_LOG",
                 std::env::var("CAUSEWAY_CHILD_LOG").unwrap_or_else(|_| "info".into()),
@@ -356,7 +371,7 @@ impl LocalFederation {
         }
         let config = self.root.join(format!("gateway-{name}.toml"));
         std::fs::write(&config, cfg)?;
-        let mut gateway = Proc::spawn(
+        let mut gateway = Proc::spawn_with_env(
             &self.bin,
             &self.root,
             &format!("gateway-{name}"),
@@ -366,9 +381,8 @@ impl LocalFederation {
                 config.display().to_string(),
                 "--admin-listen".into(),
                 gateway_admin.to_string(),
-                "--join-token".into(),
-                token,
             ],
+            vec![("CAUSEWAY_JOIN_TOKEN".into(), token)],
         )?;
         // The DNS server reads the credential the gateway stores on joining.
         let deadline = Instant::now() + Duration::from_secs(20);
