@@ -480,7 +480,9 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     }
     for (s, lat) in systems.iter().zip(&mut lat).filter(|_| wanted("rate")) {
         report.add("echo-1k-1000rps", s.name, "p50_us", percentile(lat, 50.0));
+        report.add("echo-1k-1000rps", s.name, "p90_us", percentile(lat, 90.0));
         report.add("echo-1k-1000rps", s.name, "p99_us", percentile(lat, 99.0));
+        report.add("echo-1k-1000rps", s.name, "p999_us", percentile(lat, 99.9));
     }
     println!(
         "echo-1k-max: {} s each, in {} interleaved rounds",
