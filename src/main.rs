@@ -47,12 +47,19 @@ fn main() {
     }
 }
 
-/// The tokio runtime: one per CPU by default (or `TOKIO_WORKER_THREADS`);
-/// a gateway config's `worker_threads` overrides it, and 1 gives a
-/// single-threaded runtime, as linkerd2-proxy does for one core.
+/// The tokio runtime: one worker per CPU by default (or
+/// `TOKIO_WORKER_THREADS`). A gateway config's `worker_threads` overrides
+/// it; a gateway with one thread, asked for or because it may use only one
+/// CPU (a pod limited to one core), gets a current-thread runtime, as
+/// linkerd2-proxy does for one core.
 fn runtime(cmd: &Command) -> tokio::runtime::Runtime {
     let threads = match cmd {
-        Command::Gateway(a) => cli::gateway_worker_threads(a),
+        Command::Gateway(a) => match cli::gateway_worker_threads(a) {
+            0 if std::env::var_os("TOKIO_WORKER_THREADS").is_none() => {
+                std::thread::available_parallelism().map_or(0, |n| usize::from(n).min(1024))
+            }
+            n => n,
+        },
         _ => 0,
     };
     let mut b = match threads {

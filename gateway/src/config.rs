@@ -53,9 +53,10 @@ pub struct GatewayConfig {
     /// what an `allow` rule lists).
     #[serde(default = "default_authorization")]
     pub authorization: String,
-    /// Runtime threads: 0 (default) is one per CPU the process may use;
-    /// 1 runs everything on one thread (no cross-thread wake-ups: less CPU
-    /// per request where the gateway shares a core or two with others).
+    /// Runtime threads: 0 (default) is one per CPU the process may use (a
+    /// CPU quota counts); 1 runs everything on one thread (no cross-thread
+    /// wake-ups: less CPU per request where the gateway has about one CPU),
+    /// which is also what the default gives a process limited to one CPU.
     #[serde(default)]
     pub worker_threads: usize,
     #[serde(default)]
