@@ -111,6 +111,51 @@ fn spawn(bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("starting {bin}"))
 }
 
+/// Sites `east{suffix}` (exporting the echo server as
+/// `bench/echo{-suffix}`) and `west{suffix}`, with their gateways; the
+/// system enters at west's VIP for the service.
+async fn gateway_pair(
+    fed: &mut LocalFederation,
+    suffix: &str,
+    echo: SocketAddr,
+    east_range: &str,
+    west_range: &str,
+) -> anyhow::Result<System> {
+    let (east, west) = (format!("east{suffix}"), format!("west{suffix}"));
+    let service = match suffix {
+        "" => "echo".to_string(),
+        s => format!("echo-{s}"),
+    };
+    fed.add_site(
+        &east,
+        east_range,
+        &[Export {
+            service: format!("bench/{service}"),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await?;
+    fed.add_site(&west, west_range, &[]).await?;
+    let vip = fed
+        .wait_resolvable(
+            &west,
+            &format!("{service}.bench.svc.clusterset.local"),
+            Duration::from_secs(30),
+        )
+        .await?;
+    let entry = SocketAddr::new(vip, 7000);
+    wait_echo(entry).await?;
+    Ok(System {
+        name: "causeway",
+        entry,
+        pids: [&west, &east]
+            .iter()
+            .filter_map(|s| fed.sites[s.as_str()].gateway.pid())
+            .collect(),
+    })
+}
+
 /// Opens `n` connections through `entry`, each carrying one echo so the
 /// whole path (both gateways, the stream, the backend) is up, and keeps them.
 async fn hold_streams(entry: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
@@ -314,71 +359,27 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     fed.gateway_extra = std::env::var("CAUSEWAY_BENCH_GW")
         .unwrap_or_else(|_| GATEWAY_TUNING.into())
         .replace("\\n", "\n");
-    fed.add_site(
-        "east",
-        "127.201.0.0/16",
-        &[Export {
-            service: "bench/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-    )
-    .await?;
-    fed.add_site("west", "127.202.0.0/16", &[]).await?;
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.bench.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await?;
-    let entry = SocketAddr::new(vip, 7000);
-    wait_echo(entry).await?;
-    let gw_pids: Vec<u32> = ["west", "east"]
-        .iter()
-        .filter_map(|s| fed.sites[*s].gateway.pid())
-        .collect();
+    let causeway = gateway_pair(&mut fed, "", echo, "127.201.0.0/16", "127.202.0.0/16").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_idle = gw_pids
+    let rss_idle = causeway
+        .pids
         .iter()
         .map(|p| rss_mb(*p).unwrap_or(0.0))
         .fold(0.0, f64::max);
-    systems.push(System {
-        name: "causeway",
-        entry,
-        pids: gw_pids,
-    });
+    systems.push(causeway);
     // The same pair at the gateway's defaults (a thread per core, 1452-byte
     // datagrams), for reference; the checks use the tuned pair above.
     fed.gateway_extra.clear();
-    fed.add_site(
-        "eastdefault",
+    let mut defaults = gateway_pair(
+        &mut fed,
+        "default",
+        echo,
         "127.203.0.0/16",
-        &[Export {
-            service: "bench/echo-default".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
+        "127.204.0.0/16",
     )
     .await?;
-    fed.add_site("westdefault", "127.204.0.0/16", &[]).await?;
-    let vip = fed
-        .wait_resolvable(
-            "westdefault",
-            "echo-default.bench.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await?;
-    let entry = SocketAddr::new(vip, 7000);
-    wait_echo(entry).await?;
-    systems.push(System {
-        name: "causeway-default",
-        entry,
-        pids: ["westdefault", "eastdefault"]
-            .iter()
-            .filter_map(|s| fed.sites[*s].gateway.pid())
-            .collect(),
-    });
+    defaults.name = "causeway-default";
+    systems.push(defaults);
 
     // haproxy pair.
     // haproxy keeps its own default (a thread per core) unless

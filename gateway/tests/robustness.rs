@@ -101,6 +101,21 @@ async fn setup_with(quic: QuicConfig, endpoint: Option<std::net::SocketAddr>) ->
     }
 }
 
+impl Setup {
+    /// A tunnel connection from the client endpoint to the server's.
+    async fn connect(&self) -> quinn::Connection {
+        self.client
+            .connect_with(
+                self.client_cfg.clone(),
+                self.server.local_addr().unwrap(),
+                "gateway",
+            )
+            .unwrap()
+            .await
+            .unwrap()
+    }
+}
+
 async fn read_status(recv: &mut quinn::RecvStream) -> Result<Status, String> {
     let mut p = [0u8; PREFIX_LEN];
     recv.read_exact(&mut p).await.map_err(|e| e.to_string())?;
@@ -124,16 +139,7 @@ fn open_request() -> Vec<u8> {
 #[tokio::test]
 async fn silent_streams_time_out_and_garbage_headers_get_bad_request() {
     let s = setup(QuicConfig::default()).await;
-    let conn = s
-        .client
-        .connect_with(
-            s.client_cfg.clone(),
-            s.server.local_addr().unwrap(),
-            "gateway",
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = s.connect().await;
 
     // Opened, never a header: reset after the header timeout.
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -167,16 +173,7 @@ async fn a_peer_cannot_open_more_streams_than_the_cap() {
         ..Default::default()
     };
     let s = setup(quic).await;
-    let conn = s
-        .client
-        .connect_with(
-            s.client_cfg.clone(),
-            s.server.local_addr().unwrap(),
-            "gateway",
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = s.connect().await;
     let mut held = Vec::new();
     for _ in 0..2 {
         let (mut send, mut recv) = conn.open_bi().await.unwrap();
@@ -210,16 +207,7 @@ async fn jumbo_datagrams_carry_bulk_data_without_loss() {
         ..Default::default()
     };
     let s = setup(quic).await;
-    let conn = s
-        .client
-        .connect_with(
-            s.client_cfg.clone(),
-            s.server.local_addr().unwrap(),
-            "gateway",
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = s.connect().await;
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(&open_request()).await.unwrap();
     assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
@@ -277,16 +265,7 @@ async fn a_reset_endpoint_reaches_the_caller_as_a_reset_not_an_end() {
         }
     });
     let s = setup_with(QuicConfig::default(), Some(dying_addr)).await;
-    let conn = s
-        .client
-        .connect_with(
-            s.client_cfg.clone(),
-            s.server.local_addr().unwrap(),
-            "gateway",
-        )
-        .unwrap()
-        .await
-        .unwrap();
+    let conn = s.connect().await;
     // The calling gateway's side: a local listener spliced onto a stream.
     let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let local_addr = local.local_addr().unwrap();
