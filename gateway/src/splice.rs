@@ -135,25 +135,23 @@ async fn tcp_to_quic(
 /// Clearing is safe against a race: tokio keeps readiness that arrived
 /// after it was sampled, before the read.
 fn read_chunk(tcp: &TcpStream) -> std::io::Result<Option<bytes::Bytes>> {
-    use std::io::Read;
-    let mut buf = BytesMut::zeroed(CHUNK);
+    // Not zeroed: tokio reads into the spare capacity.
+    let mut buf = BytesMut::with_capacity(CHUNK);
     let mut short = 0;
     let read = tcp.try_io(tokio::io::Interest::READABLE, || {
-        let n = (&*socket2::SockRef::from(tcp)).read(&mut buf)?;
+        let n = tcp.try_read_buf(&mut buf)?;
         if n > 0 && n < CHUNK {
             short = n;
             return Err(std::io::ErrorKind::WouldBlock.into());
         }
         Ok(n)
     });
-    let n = match read {
-        Ok(0) => return Ok(None),
-        Ok(n) => n,
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && short > 0 => short,
-        Err(e) => return Err(e),
-    };
-    buf.truncate(n);
-    Ok(Some(buf.freeze()))
+    match read {
+        Ok(0) => Ok(None),
+        Ok(_) => Ok(Some(buf.freeze())),
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && short > 0 => Ok(Some(buf.freeze())),
+        Err(e) => Err(e),
+    }
 }
 
 async fn quic_to_tcp(
