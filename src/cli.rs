@@ -354,9 +354,11 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", plan.listen))?;
     let (controller, identity) = Controller::start(&plan.opts).await?;
     tracing::info!(id = plan.opts.node_id, listen = %plan.listen, "controller serving");
-    controller
-        .serve(identity, listener, shutdown_signal())
+    // On a worker thread, not the main thread's `block_on`: the accept
+    // loop and the stop watch then never need a cross-thread wake-up.
+    tokio::spawn(controller.serve(identity, listener, shutdown_signal()))
         .await
+        .context("controller server task")?
 }
 
 /// `worker_threads` from the gateway config, read before the runtime is

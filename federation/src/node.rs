@@ -223,15 +223,17 @@ impl Controller {
         );
         // If Raft stops on a storage error, stop serving rather than answer
         // from a node that can no longer keep its promises.
-        let mut metrics_rx = self.shared.raft.metrics();
+        // Watched through the server metrics, which change only with the
+        // vote, role, leader or membership (the full metrics change with
+        // every write, and would wake this task each time); the Raft core
+        // drops their sender when it stops, with the reason in `metrics()`.
+        let raft = self.shared.raft.clone();
         let fatal = async move {
-            loop {
-                if let Err(e) = &metrics_rx.borrow_and_update().running_state {
-                    return e.to_string();
-                }
-                if metrics_rx.changed().await.is_err() {
-                    return "raft stopped".to_string();
-                }
+            let mut server_rx = raft.server_metrics();
+            while server_rx.changed().await.is_ok() {}
+            match &raft.metrics().borrow().running_state {
+                Err(e) => e.to_string(),
+                Ok(()) => "raft stopped".to_string(),
             }
         };
         let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
@@ -357,12 +359,17 @@ async fn rejoin_cluster(
     tracing::info!("rebuilt from peers: caught up and a voter again");
 }
 
+/// Raft gauges, refreshed once a second and on every change of role or
+/// leader — not on every write, which would wake this task per commit.
 async fn export_raft_metrics(raft: Raft) {
-    let mut rx = raft.metrics();
+    let rx = raft.metrics();
+    let mut server_rx = raft.server_metrics();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_leader = None;
     loop {
         {
-            let m = rx.borrow_and_update();
+            let m = rx.borrow();
             metrics::gauge!("causeway_raft_term").set(m.current_term as f64);
             metrics::gauge!("causeway_raft_last_log_index")
                 .set(m.last_log_index.unwrap_or(0) as f64);
@@ -385,8 +392,9 @@ async fn export_raft_metrics(raft: Raft) {
                 last_leader = m.current_leader;
             }
         }
-        if rx.changed().await.is_err() {
-            return;
+        tokio::select! {
+            changed = server_rx.changed() => if changed.is_err() { return },
+            _ = tick.tick() => {}
         }
     }
 }
@@ -425,5 +433,56 @@ async fn run_leases(shared: Arc<Shared>) {
                 tracing::info!(error = %e, "could not commit a lease change (leadership moved?)");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// When the Raft core stops (here: shut down; in production: a storage
+    /// error), the node stops serving and says why. The watch behind this
+    /// listens to the rarely changing server metrics, not to every write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_raft_stops_stops_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let opts = ControllerOptions {
+            node_id: 1,
+            advertise: addr.clone(),
+            peers: BTreeMap::from([(1, addr)]),
+            data_dir: dir.path().to_path_buf(),
+            ca: Arc::new(CertificateAuthority::generate("test controller CA").unwrap()),
+            timing: RaftTiming::default(),
+            leases: LeaseConfig::default(),
+            watch_stall: Duration::from_secs(5),
+            join_existing: false,
+        };
+        let (controller, identity) = Controller::start(&opts).await.unwrap();
+        let raft = controller.shared.raft.clone();
+        let serving = tokio::spawn(controller.serve(identity, listener, std::future::pending()));
+        raft.wait(Some(Duration::from_secs(10)))
+            .state(ServerState::Leader, "single node leads")
+            .await
+            .unwrap();
+        // Writes change the full metrics many times; serving goes on.
+        for i in 0..20 {
+            raft.client_write(Command::DeletePolicy {
+                kind: "ServiceAccess".into(),
+                namespace: "shop".into(),
+                name: format!("p{i}"),
+            })
+            .await
+            .expect("a write commits on a single node");
+        }
+        assert!(!serving.is_finished(), "serving stopped while Raft runs");
+        raft.shutdown().await.unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(10), serving)
+            .await
+            .expect("serving did not stop within 10 s of Raft stopping")
+            .unwrap();
+        let err = res.expect_err("serving ended without an error").to_string();
+        assert!(err.contains("raft stopped"), "{err}");
     }
 }
