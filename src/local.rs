@@ -413,7 +413,26 @@ impl LocalFederation {
             dns_admin.to_string(),
         ];
         dns_args.extend(self.dns_flags.iter().cloned());
-        let dns_proc = Proc::spawn(&self.bin, &self.root, &format!("dns-{name}"), dns_args)?;
+        let mut dns_proc = Proc::spawn(&self.bin, &self.root, &format!("dns-{name}"), dns_args)?;
+        // Callers query it right away: wait until it has bound its sockets
+        // and holds the first catalog snapshot (its /ready says so).
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = dns_proc.exited() {
+                bail!(
+                    "DNS server of {name} exited ({status}) at start:\n{}",
+                    dns_proc.log_tail(20)
+                );
+            }
+            match admin_get(dns_admin, "/ready").await {
+                Ok(r) if r.starts_with("HTTP/1.1 200") => break,
+                _ if Instant::now() > deadline => bail!(
+                    "DNS server of {name} not ready within 20 s:\n{}",
+                    dns_proc.log_tail(20)
+                ),
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
         self.sites.insert(
             name.to_string(),
             Site {
@@ -543,6 +562,19 @@ impl LocalFederation {
             c.kill().await;
         }
     }
+}
+
+/// The raw response to `GET path` on an admin port.
+async fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut out))
+        .await
+        .map_err(|_| std::io::Error::other("no answer within 2 s"))??;
+    Ok(String::from_utf8_lossy(&out).into_owned())
 }
 
 /// One A query over UDP; the addresses answered, or the response code.

@@ -87,6 +87,12 @@ async fn resolve_with_hickory(server: SocketAddr, name: &str) -> Vec<IpAddr> {
 }
 
 fn dig(server: SocketAddr, args: &[&str]) -> String {
+    try_dig(server, args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `dig @server args`: its output, or why it failed (a timeout, a refused
+/// port) — dig reports most failures on stdout.
+fn try_dig(server: SocketAddr, args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new("dig")
         .arg(format!("@{}", server.ip()))
         .arg("-p")
@@ -94,12 +100,15 @@ fn dig(server: SocketAddr, args: &[&str]) -> String {
         .args(args)
         .output()
         .expect("`dig` is needed by this test: install it (Debian: apt-get install bind9-dnsutils); .ci/run does");
-    assert!(
-        out.status.success(),
-        "dig failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    if !out.status.success() {
+        return Err(format!(
+            "dig {args:?} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8(out.stdout).unwrap())
 }
 
 /// Sends `data`, half-closes, and reads everything back.
@@ -2502,7 +2511,8 @@ async fn a_dns_server_without_a_first_snapshot_says_servfail_and_why() {
     wait_listening(admin).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     let out = loop {
-        let out = dig(dns, &[name, "A"]);
+        // The admin port comes up before the DNS sockets are bound.
+        let out = try_dig(dns, &[name, "A"]).unwrap_or_else(|e| e);
         if out.contains("status:") {
             break out;
         }
