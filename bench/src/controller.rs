@@ -35,7 +35,7 @@ impl Params {
             }
         } else {
             Self {
-                seq_writes: 2000,
+                seq_writes: 5000,
                 concurrent_secs: 15,
                 fanout_rounds: 30,
                 sites: 1000,
@@ -142,6 +142,12 @@ pub async fn run(
             }
         }
     }
+    // How much of the p99 ratio is this run's luck: pairs resampled
+    // together (before the sorting below breaks the pairing).
+    let (lo, hi) = crate::report::paired_ratio_interval(&cw, &ew, 99.0, 200);
+    println!("    p99 causeway/etcd: 90% of resampled runs read {lo:.2}..{hi:.2}");
+    report.add("write-1client", "causeway", "p99_vs_etcd_p05_ratio", lo);
+    report.add("write-1client", "causeway", "p99_vs_etcd_p95_ratio", hi);
     for (sys, s) in [("causeway", &mut cw), ("etcd", &mut ew)] {
         report.add("write-1client", sys, "p50_us", percentile(s, 50.0));
         report.add("write-1client", sys, "p99_us", percentile(s, 99.0));

@@ -110,6 +110,38 @@ pub fn percentile(samples: &mut [f64], p: f64) -> f64 {
     samples[rank.clamp(1, samples.len()) - 1]
 }
 
+/// How far the ratio `percentile(a, p) / percentile(b, p)` moves when the
+/// run is resampled: a paired bootstrap (sample `i` of `a` and of `b` were
+/// taken one right after the other, so they are drawn together and a slow
+/// spell of the machine stays shared). Returns the 5th and 95th percentile
+/// of the ratio over `rounds` resamples; the generator is seeded, so the
+/// same samples give the same interval.
+pub fn paired_ratio_interval(a: &[f64], b: &[f64], p: f64, rounds: usize) -> (f64, f64) {
+    let n = a.len().min(b.len());
+    if n == 0 || rounds == 0 {
+        return (f64::NAN, f64::NAN);
+    }
+    let mut state: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut next = move || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    let (mut ra, mut rb) = (vec![0.0; n], vec![0.0; n]);
+    let mut ratios = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        for k in 0..n {
+            let i = (next() % n as u64) as usize;
+            ra[k] = a[i];
+            rb[k] = b[i];
+        }
+        ratios.push(percentile(&mut ra, p) / percentile(&mut rb, p));
+    }
+    (percentile(&mut ratios, 5.0), percentile(&mut ratios, 95.0))
+}
+
 /// Resident set size of a process, MiB.
 pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -120,4 +152,47 @@ pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| anyhow::anyhow!("no VmRSS for {pid}"))?;
     Ok(kb / 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bootstrap_interval_brackets_the_ratio_and_narrows_with_more_samples() {
+        // b is a shifted copy of a: the true p99 ratio is known.
+        let a: Vec<f64> = (0..2000)
+            .map(|i| 100.0 + (i * 7919 % 2000) as f64)
+            .collect();
+        let b: Vec<f64> = a.iter().map(|x| x * 2.0).collect();
+        let (lo, hi) = paired_ratio_interval(&a, &b, 99.0, 200);
+        assert!(lo <= 0.5 && 0.5 <= hi, "{lo}..{hi}");
+        assert!(
+            hi - lo < 1e-9,
+            "paired samples keep the exact ratio: {lo}..{hi}"
+        );
+        // Independent noise: the interval is wider with fewer samples.
+        let noisy = |n: usize, seed: u64| -> Vec<f64> {
+            let mut x = seed;
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    1000.0 + (x % 1000) as f64
+                })
+                .collect()
+        };
+        let (a_s, b_s) = (noisy(300, 1), noisy(300, 2));
+        let (lo_s, hi_s) = paired_ratio_interval(&a_s, &b_s, 99.0, 200);
+        let (lo_l, hi_l) = paired_ratio_interval(&noisy(5000, 1), &noisy(5000, 2), 99.0, 200);
+        // The run's own ratio lies inside its interval.
+        let own = percentile(&mut a_s.clone(), 99.0) / percentile(&mut b_s.clone(), 99.0);
+        assert!(lo_s <= own && own <= hi_s, "{own} outside {lo_s}..{hi_s}");
+        assert!(lo_s < hi_s, "resampling noisy samples moves the ratio");
+        assert!(
+            hi_l - lo_l < hi_s - lo_s,
+            "{lo_l}..{hi_l} vs {lo_s}..{hi_s}"
+        );
+    }
 }
