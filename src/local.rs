@@ -401,38 +401,42 @@ impl LocalFederation {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let mut dns_args: Vec<String> = vec![
-            "dns".into(),
-            "--state-dir".into(),
-            state_dir.display().to_string(),
-            "--listen".into(),
-            dns.to_string(),
-            "--vip-range".into(),
-            vip_range.to_string(),
-            "--admin-listen".into(),
-            dns_admin.to_string(),
-        ];
-        dns_args.extend(self.dns_flags.iter().cloned());
-        let mut dns_proc = Proc::spawn(&self.bin, &self.root, &format!("dns-{name}"), dns_args)?;
-        // Callers query it right away: wait until it has bound its sockets
-        // and holds the first catalog snapshot (its /ready says so).
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = dns_proc.exited() {
-                bail!(
-                    "DNS server of {name} exited ({status}) at start:\n{}",
-                    dns_proc.log_tail(20)
-                );
+        // Another test may take a port between `free_port` and the bind: a
+        // DNS server that cannot bind gets fresh ports, up to three tries.
+        let (mut dns, mut dns_admin) = (dns, dns_admin);
+        let mut tries = 0;
+        let dns_proc = loop {
+            tries += 1;
+            let mut dns_args: Vec<String> = vec![
+                "dns".into(),
+                "--state-dir".into(),
+                state_dir.display().to_string(),
+                "--listen".into(),
+                dns.to_string(),
+                "--vip-range".into(),
+                vip_range.to_string(),
+                "--admin-listen".into(),
+                dns_admin.to_string(),
+            ];
+            dns_args.extend(self.dns_flags.iter().cloned());
+            let mut dns_proc =
+                Proc::spawn(&self.bin, &self.root, &format!("dns-{name}"), dns_args)?;
+            match wait_dns_ready(&mut dns_proc, dns_admin).await {
+                Ok(()) => break dns_proc,
+                Err(why) if tries < 3 && why.contains("Address already in use") => {
+                    tracing::warn!(
+                        site = name,
+                        "DNS server lost a port race; retrying on new ports"
+                    );
+                    dns = format!("127.0.0.1:{}", free_port()?).parse()?;
+                    dns_admin = format!("127.0.0.1:{}", free_port()?).parse()?;
+                }
+                Err(why) => {
+                    dns_proc.kill().await;
+                    bail!("DNS server of {name}: {why}");
+                }
             }
-            match admin_get(dns_admin, "/ready").await {
-                Ok(r) if r.starts_with("HTTP/1.1 200") => break,
-                _ if Instant::now() > deadline => bail!(
-                    "DNS server of {name} not ready within 20 s:\n{}",
-                    dns_proc.log_tail(20)
-                ),
-                _ => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
+        };
         self.sites.insert(
             name.to_string(),
             Site {
@@ -560,6 +564,24 @@ impl LocalFederation {
         }
         for c in self.controllers.values_mut() {
             c.kill().await;
+        }
+    }
+}
+
+/// Waits until a just-started DNS server has bound its sockets and holds
+/// the first catalog snapshot (its /ready says so); why not, with its log.
+async fn wait_dns_ready(dns: &mut Proc, admin: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(status) = dns.exited() {
+            return Err(format!("exited ({status}) at start:\n{}", dns.log_tail(20)));
+        }
+        match admin_get(admin, "/ready").await {
+            Ok(r) if r.starts_with("HTTP/1.1 200") => return Ok(()),
+            _ if Instant::now() > deadline => {
+                return Err(format!("not ready within 20 s:\n{}", dns.log_tail(20)))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }
 }
