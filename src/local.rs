@@ -351,56 +351,75 @@ impl LocalFederation {
         let token = self.create_token(name).await?;
         let state_dir = self.root.join(format!("site-{name}"));
         std::fs::create_dir_all(&state_dir)?;
-        let tunnel: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut tunnel: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let dns: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let gateway_admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+        let mut gateway_admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
         let dns_admin: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-        let mut cfg = format!(
-            "state_dir = {:?}\ntunnel_listen = \"{tunnel}\"\nvip_range = \"{vip_range}\"\nreplica = \"gw-0\"\nhealth_interval_secs = 0.5\n",
-            state_dir.display().to_string()
-        );
-        cfg.push_str(&self.gateway_extra);
-        for e in exports {
-            let eps: Vec<String> = e.endpoints.iter().map(|a| format!("\"{a}\"")).collect();
-            cfg.push_str(&format!(
-                "\n[[exports]]\nservice = \"{}\"\nport = {}\nendpoints = [{}]\n",
-                e.service,
-                e.port,
-                eps.join(", ")
-            ));
-        }
         let config = self.root.join(format!("gateway-{name}.toml"));
-        std::fs::write(&config, cfg)?;
-        let mut gateway = Proc::spawn_with_env(
-            &self.bin,
-            &self.root,
-            &format!("gateway-{name}"),
-            vec![
-                "gateway".into(),
-                "--config".into(),
-                config.display().to_string(),
-                "--admin-listen".into(),
-                gateway_admin.to_string(),
-            ],
-            vec![("CAUSEWAY_JOIN_TOKEN".into(), token)],
-        )?;
-        // The DNS server reads the credential the gateway stores on joining.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !state_dir.join("site.json").exists() {
-            if let Some(status) = gateway.exited() {
-                bail!(
-                    "gateway {name} exited ({status}) before joining:\n{}",
-                    gateway.log_tail(20)
-                );
+        // The gateway binds its ports before it joins, so one that lost a
+        // port race to another test exits with its token unused: it gets
+        // fresh ports and the same token, up to three tries.
+        let mut tries = 0;
+        let gateway = loop {
+            tries += 1;
+            let mut cfg = format!(
+                "state_dir = {:?}\ntunnel_listen = \"{tunnel}\"\nvip_range = \"{vip_range}\"\nreplica = \"gw-0\"\nhealth_interval_secs = 0.5\n",
+                state_dir.display().to_string()
+            );
+            cfg.push_str(&self.gateway_extra);
+            for e in exports {
+                let eps: Vec<String> = e.endpoints.iter().map(|a| format!("\"{a}\"")).collect();
+                cfg.push_str(&format!(
+                    "\n[[exports]]\nservice = \"{}\"\nport = {}\nendpoints = [{}]\n",
+                    e.service,
+                    e.port,
+                    eps.join(", ")
+                ));
             }
-            if Instant::now() > deadline {
-                bail!(
-                    "gateway {name} did not join within 20 s:\n{}",
-                    gateway.log_tail(20)
-                );
+            std::fs::write(&config, cfg)?;
+            let mut gateway = Proc::spawn_with_env(
+                &self.bin,
+                &self.root,
+                &format!("gateway-{name}"),
+                vec![
+                    "gateway".into(),
+                    "--config".into(),
+                    config.display().to_string(),
+                    "--admin-listen".into(),
+                    gateway_admin.to_string(),
+                ],
+                vec![("CAUSEWAY_JOIN_TOKEN".into(), token.clone())],
+            )?;
+            // The DNS server reads the credential the gateway stores on joining.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut lost_race = false;
+            while !state_dir.join("site.json").exists() {
+                if let Some(status) = gateway.exited() {
+                    let log = gateway.log_tail(20);
+                    if tries < 3 && log.contains("Address already in use") {
+                        lost_race = true;
+                        break;
+                    }
+                    bail!("gateway {name} exited ({status}) before joining:\n{log}");
+                }
+                if Instant::now() > deadline {
+                    bail!(
+                        "gateway {name} did not join within 20 s:\n{}",
+                        gateway.log_tail(20)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            if !lost_race {
+                break gateway;
+            }
+            tracing::warn!(
+                site = name,
+                "gateway lost a port race; retrying on new ports"
+            );
+            tunnel = format!("127.0.0.1:{}", free_port()?).parse()?;
+            gateway_admin = format!("127.0.0.1:{}", free_port()?).parse()?;
+        };
         // Another test may take a port between `free_port` and the bind: a
         // DNS server that cannot bind gets fresh ports, up to three tries.
         let (mut dns, mut dns_admin) = (dns, dns_admin);
