@@ -125,6 +125,14 @@ async fn read_status(recv: &mut quinn::RecvStream) -> Result<Status, String> {
     Ok(status)
 }
 
+/// Opens a stream to `shop/echo` and expects the gateway to accept it.
+async fn open_stream(conn: &quinn::Connection) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&open_request()).await.unwrap();
+    assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+    (send, recv)
+}
+
 fn open_request() -> Vec<u8> {
     OpenRequest {
         service: "shop/echo".into(),
@@ -157,9 +165,7 @@ async fn silent_streams_time_out_and_garbage_headers_get_bad_request() {
     assert_eq!(read_status(&mut recv).await.unwrap(), Status::BadRequest);
 
     // The connection still serves a proper stream.
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_request()).await.unwrap();
-    assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+    let (mut send, mut recv) = open_stream(&conn).await;
     send.write_all(b"ping").await.unwrap();
     send.finish().unwrap();
     let got = recv.read_to_end(64).await.unwrap();
@@ -176,9 +182,7 @@ async fn a_peer_cannot_open_more_streams_than_the_cap() {
     let conn = s.connect().await;
     let mut held = Vec::new();
     for _ in 0..2 {
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&open_request()).await.unwrap();
-        assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+        let (send, recv) = open_stream(&conn).await;
         held.push((send, recv));
     }
     // The third waits for credit.
@@ -208,9 +212,7 @@ async fn jumbo_datagrams_carry_bulk_data_without_loss() {
     };
     let s = setup(quic).await;
     let conn = s.connect().await;
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&open_request()).await.unwrap();
-    assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+    let (mut send, mut recv) = open_stream(&conn).await;
     const TOTAL: usize = 48 << 20;
     let writer = tokio::spawn(async move {
         let chunk = vec![0x5au8; 64 * 1024];
@@ -271,9 +273,7 @@ async fn a_reset_endpoint_reaches_the_caller_as_a_reset_not_an_end() {
     let local_addr = local.local_addr().unwrap();
     tokio::spawn(async move {
         let (tcp, _) = local.accept().await.unwrap();
-        let (mut send, mut recv) = conn.open_bi().await.unwrap();
-        send.write_all(&open_request()).await.unwrap();
-        assert_eq!(read_status(&mut recv).await.unwrap(), Status::Opened);
+        let (send, recv) = open_stream(&conn).await;
         causeway_gateway::splice::splice(tcp, send, recv).await;
     });
     let mut client = tokio::net::TcpStream::connect(local_addr).await.unwrap();
