@@ -345,9 +345,18 @@ async fn publish(
     site: &str,
     n: usize,
 ) -> Result<u64, String> {
+    publish_within(client, site, n, Duration::from_secs(10)).await
+}
+
+async fn publish_within(
+    client: &causeway_api::client::ControllerClient,
+    site: &str,
+    n: usize,
+    limit: Duration,
+) -> Result<u64, String> {
     let mut fed = client.federation().await.map_err(|e| e.to_string())?;
     let r = tokio::time::timeout(
-        Duration::from_secs(10),
+        limit,
         fed.publish_exports(causeway_api::pb::PublishExportsRequest {
             site: site.into(),
             exports: exports(n),
@@ -1962,9 +1971,15 @@ async fn a_stalled_watcher_is_cut_off_and_never_slows_the_others() {
     let mut revision = 0;
     // Alternate between 1000 services and 1: each delta is ~1000 changes,
     // tens of MB in all (loopback socket buffers alone can hold 32 MB).
+    // 800 writes of up to 1000 services while other end-to-end tests share
+    // the machine: one write was seen to take over 10 s (in CI, and under
+    // extra load), cause not yet found; a write that never commits still
+    // fails here.
     for round in 0..800 {
         let n = if round % 2 == 0 { 1000 } else { 1 };
-        revision = publish(&client, "alpha", n).await.unwrap();
+        revision = publish_within(&client, "alpha", n, Duration::from_secs(30))
+            .await
+            .unwrap();
     }
 
     tracing::info!("phase: the healthy watcher is fully caught up");
