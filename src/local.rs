@@ -567,6 +567,27 @@ impl LocalFederation {
         }
     }
 
+    /// What a failing test should print: each controller's view (leader,
+    /// term, indexes) and the tail of its log.
+    pub async fn diagnose(&self, log_lines: usize) -> String {
+        let mut out = String::new();
+        for (id, proc) in &self.controllers {
+            let view = match tokio::time::timeout(Duration::from_secs(2), self.status(*id)).await {
+                Ok(Ok(s)) => format!(
+                    "{} leader {} term {} last log {} applied {} revision {}",
+                    s.role, s.leader_id, s.term, s.last_log_index, s.applied_index, s.revision
+                ),
+                Ok(Err(e)) => format!("status failed: {e:#}"),
+                Err(_) => "status: no answer within 2 s".into(),
+            };
+            out += &format!(
+                "--- controller {id}: {view}\n{}\n",
+                proc.log_tail(log_lines)
+            );
+        }
+        out
+    }
+
     pub fn controller(&mut self, id: u64) -> &mut Proc {
         self.controllers.get_mut(&id).expect("known controller id")
     }

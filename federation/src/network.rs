@@ -19,6 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, ClientTlsConfig};
 
+use crate::store::MAX_APPEND_BYTES;
 use crate::{NodeId, TypeConfig};
 
 /// Builds channels to peer nodes with this node's credential.
@@ -69,6 +70,8 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             channels: self.channels.clone(),
             client: None,
+            append_budget: MAX_APPEND_BYTES,
+            append_in_flight: false,
         }
     }
 }
@@ -78,6 +81,43 @@ pub struct Connection {
     addr: String,
     channels: PeerChannels,
     client: Option<RaftClient<Channel>>,
+    /// Most entry bytes in the next `AppendEntries` to this peer. openraft
+    /// 0.9 gives each one a heartbeat interval to finish; when one does not
+    /// (a slow or busy peer, large entries), the next carries a quarter as
+    /// much, and each success doubles it again, so a follower far behind
+    /// still gains ground instead of being resent the same backlog forever.
+    append_budget: usize,
+    /// An `AppendEntries` was started and never returned: openraft's
+    /// timeout dropped it.
+    append_in_flight: bool,
+}
+
+/// Never less than one entry per `AppendEntries`, whatever the budget.
+const MIN_APPEND_BUDGET: usize = 16 * 1024;
+
+/// Keeps the first entries of `req` that fit in `budget` bytes (at least
+/// one); the last one kept, if any were left out.
+fn trim_to_budget(
+    req: &mut AppendEntriesRequest<TypeConfig>,
+    budget: usize,
+) -> Option<openraft::LogId<NodeId>> {
+    if req.entries.len() < 2 || budget >= MAX_APPEND_BYTES {
+        return None;
+    }
+    let mut bytes = 0;
+    let mut keep = 0;
+    for e in &req.entries {
+        bytes += crate::json_len(e);
+        if bytes > budget && keep > 0 {
+            break;
+        }
+        keep += 1;
+    }
+    if keep == req.entries.len() {
+        return None;
+    }
+    req.entries.truncate(keep);
+    req.entries.last().map(|e| e.log_id)
 }
 
 #[derive(Clone, Copy)]
@@ -150,13 +190,48 @@ impl Connection {
     }
 }
 
+impl Connection {
+    fn shrink_append_budget(&mut self) {
+        self.append_budget = (self.append_budget / 4).max(MIN_APPEND_BUDGET);
+        metrics::counter!("causeway_raft_append_timeouts_total").increment(1);
+        tracing::debug!(
+            target = self.target,
+            budget = self.append_budget,
+            "AppendEntries did not finish in time; sending less per request"
+        );
+    }
+}
+
 impl RaftNetwork<TypeConfig> for Connection {
     async fn append_entries(
         &mut self,
-        req: AppendEntriesRequest<TypeConfig>,
+        mut req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, openraft::error::Infallible> {
-        self.call(Method::Append, &req, option.hard_ttl()).await
+        if self.append_in_flight {
+            self.shrink_append_budget();
+        }
+        let sent_up_to = trim_to_budget(&mut req, self.append_budget);
+        self.append_in_flight = true;
+        let resp = self.call(Method::Append, &req, option.hard_ttl()).await;
+        self.append_in_flight = false;
+        match resp {
+            Err(RPCError::Network(e)) => {
+                // Our own deadline (or an undecodable answer).
+                self.shrink_append_budget();
+                Err(RPCError::Network(e))
+            }
+            Ok(AppendEntriesResponse::Success) => {
+                self.append_budget = (self.append_budget * 2).min(MAX_APPEND_BYTES);
+                Ok(match sent_up_to {
+                    // The follower matches the leader up to the last entry
+                    // it was sent; openraft sends the rest next.
+                    Some(last) => AppendEntriesResponse::PartialSuccess(Some(last)),
+                    None => AppendEntriesResponse::Success,
+                })
+            }
+            other => other,
+        }
     }
 
     async fn install_snapshot(
@@ -173,5 +248,55 @@ impl RaftNetwork<TypeConfig> for Connection {
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, openraft::error::Infallible> {
         self.call(Method::Vote, &req, option.hard_ttl()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{CommittedLeaderId, Entry, EntryPayload, LogId, Vote};
+
+    fn request(sizes: &[usize]) -> AppendEntriesRequest<TypeConfig> {
+        let entries = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Entry {
+                log_id: LogId::new(CommittedLeaderId::new(1, 1), i as u64 + 1),
+                payload: EntryPayload::Normal(crate::state::Command::PublishExports {
+                    site: "a".parse().unwrap(),
+                    exports: vec![],
+                    tunnel_addrs: vec!["x".repeat(*n)],
+                }),
+            })
+            .collect();
+        AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries,
+        }
+    }
+
+    #[test]
+    fn a_shrunk_budget_sends_a_prefix_of_at_least_one_entry() {
+        // A full budget never trims (the log reader already bounds it).
+        let mut r = request(&[600_000, 600_000]);
+        assert_eq!(trim_to_budget(&mut r, MAX_APPEND_BYTES), None);
+        assert_eq!(r.entries.len(), 2);
+
+        let mut r = request(&[100_000, 100_000, 100_000, 10]);
+        let last = trim_to_budget(&mut r, 250_000).expect("trimmed");
+        assert_eq!(last.index, 2);
+        assert_eq!(r.entries.len(), 2);
+
+        // One entry over the budget still goes.
+        let mut r = request(&[300_000, 10]);
+        assert_eq!(trim_to_budget(&mut r, MIN_APPEND_BUDGET).unwrap().index, 1);
+        assert_eq!(r.entries.len(), 1);
+
+        // Everything fits: nothing to report.
+        let mut r = request(&[10, 10]);
+        assert_eq!(trim_to_budget(&mut r, MIN_APPEND_BUDGET), None);
+        assert_eq!(r.entries.len(), 2);
     }
 }

@@ -209,15 +209,19 @@ impl LogStore {
 
     fn entry(&self, wal: &Wal, index: u64) -> Result<Option<Entry<TypeConfig>>> {
         match wal.read(index).map_err(wal_err)? {
-            Some(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|_| {
-                StorageIOError::read(&Corrupt {
-                    what: format!("log entry {index}"),
-                })
-                .into()
-            }),
+            Some(bytes) => decode_entry(index, &bytes).map(Some),
             None => Ok(None),
         }
     }
+}
+
+fn decode_entry(index: u64, bytes: &[u8]) -> Result<Entry<TypeConfig>> {
+    serde_json::from_slice(bytes).map_err(|_| {
+        StorageIOError::read(&Corrupt {
+            what: format!("log entry {index}"),
+        })
+        .into()
+    })
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -250,7 +254,42 @@ impl RaftLogReader<TypeConfig> for LogStore {
         }
         Ok(out)
     }
+
+    /// What replication sends in one `AppendEntries`: entries from `start`
+    /// up to about [`MAX_APPEND_BYTES`] (always at least one). openraft 0.9
+    /// gives each `AppendEntries` one heartbeat interval to complete; a
+    /// follower that fell behind by many large entries would otherwise be
+    /// sent the whole backlog at once, time out, and be sent it again
+    /// forever, never catching up.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry<TypeConfig>>> {
+        let wal = self.wal();
+        let (Some(first), Some(last)) = (wal.first_index(), wal.last_index()) else {
+            return Ok(Vec::new());
+        };
+        let end = end.min(last + 1);
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for index in start.max(first)..end {
+            let Some(raw) = wal.read(index).map_err(wal_err)? else {
+                continue;
+            };
+            bytes += raw.len();
+            if bytes > MAX_APPEND_BYTES && !out.is_empty() {
+                break;
+            }
+            out.push(decode_entry(index, &raw)?);
+        }
+        Ok(out)
+    }
 }
+
+/// About the most log bytes sent to a follower in one `AppendEntries`
+/// (etcd's default `max-size-per-msg` is the same 1 MiB).
+pub const MAX_APPEND_BYTES: usize = 1024 * 1024;
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = Self;
@@ -500,6 +539,60 @@ mod tests {
             Err(e) => panic!("expected corruption, got {e}"),
             Ok(_) => panic!("a corrupt log opened"),
         }
+    }
+
+    fn padded(index: u64, bytes: usize) -> (u64, Vec<u8>) {
+        let e = Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(crate::state::Command::RemoveSite {
+                site: "a".parse().unwrap(),
+            }),
+        };
+        let mut raw = serde_json::to_vec(&e).unwrap();
+        // Pad with JSON whitespace up to the size wanted.
+        raw.resize(raw.len().max(bytes), b' ');
+        (index, raw)
+    }
+
+    #[tokio::test]
+    async fn replication_reads_at_most_about_a_megabyte_but_always_one_entry() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = open(dir.path()).unwrap().log;
+        // Ten 300 kB entries, then one of 3 MB, then a small one.
+        let mut records: Vec<(u64, Vec<u8>)> = (1..=10).map(|i| padded(i, 300_000)).collect();
+        records.push(padded(11, 3_000_000));
+        records.push(padded(12, 100));
+        log.wal().append(&records).unwrap();
+
+        let ids = |v: Vec<Entry<TypeConfig>>| v.iter().map(|e| e.log_id.index).collect::<Vec<_>>();
+        // Three fit under 1 MiB, a fourth would not.
+        assert_eq!(
+            ids(log.limited_get_log_entries(1, 13).await.unwrap()),
+            [1, 2, 3]
+        );
+        assert_eq!(
+            ids(log.limited_get_log_entries(9, 13).await.unwrap()),
+            [9, 10]
+        );
+        // An entry larger than the limit still goes, alone.
+        assert_eq!(
+            ids(log.limited_get_log_entries(11, 13).await.unwrap()),
+            [11]
+        );
+        assert_eq!(
+            ids(log.limited_get_log_entries(12, 13).await.unwrap()),
+            [12]
+        );
+        // The end is exclusive and clamped to the log.
+        assert_eq!(
+            ids(log.limited_get_log_entries(12, 99).await.unwrap()),
+            [12]
+        );
+        assert!(log
+            .limited_get_log_entries(13, 20)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     #[tokio::test]
