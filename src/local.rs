@@ -323,8 +323,8 @@ impl LocalFederation {
             }
             if Instant::now() > deadline {
                 bail!(
-                    "no controller leader within {timeout:?}; see {}/controller-*.log",
-                    self.root.display()
+                    "no controller leader within {timeout:?}:\n{}",
+                    self.diagnose(20).await
                 );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -580,8 +580,16 @@ impl LocalFederation {
                 Ok(Err(e)) => format!("status failed: {e:#}"),
                 Err(_) => "status: no answer within 2 s".into(),
             };
+            // An exited child stays a zombie until reaped: its state says so.
+            let state = match proc.pid() {
+                None => "stopped",
+                Some(pid) => match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+                    Ok(stat) if !stat.contains(") Z ") => "running",
+                    _ => "exited",
+                },
+            };
             out += &format!(
-                "--- controller {id}: {view}\n{}\n",
+                "--- controller {id} ({state}): {view}\n{}\n",
                 proc.log_tail(log_lines)
             );
         }

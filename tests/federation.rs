@@ -1648,8 +1648,39 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
     r.read_line(&mut line).await.unwrap();
     assert_eq!(line.trim(), "east");
 
+    tracing::info!("phase: a watch open with west's credential");
+    let state = causeway_gateway::site::SiteState::load(&fed.sites["west"].state_dir)
+        .unwrap()
+        .unwrap();
+    let mut c = state.controller_client().federation().await.unwrap();
+    let mut watch = c
+        .watch(causeway_api::pb::WatchRequest { from_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("a first snapshot");
+
     tracing::info!("phase: remove west");
     fed.ctl(&["cluster", "remove", "west"]).await.unwrap();
+
+    tracing::info!("phase: west's open watch ends with a permission error");
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("a removed site's watch kept streaming");
+    match end {
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+            assert!(s.message().contains("removed"), "{s:?}");
+        }
+        Ok(other) => panic!("watch ended without saying why: {other:?}"),
+    }
 
     tracing::info!("phase: east tears the tunnel down; the connection ends");
     let mut rest = Vec::new();
@@ -1662,10 +1693,6 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
     assert!(log.contains("site left the federation"), "{log}");
 
     tracing::info!("phase: west's credential is refused by the controllers");
-    let state = causeway_gateway::site::SiteState::load(&fed.sites["west"].state_dir)
-        .unwrap()
-        .unwrap();
-    let mut c = state.controller_client().federation().await.unwrap();
     denied(
         c.catalog(causeway_api::pb::CatalogRequest {}).await,
         "catalog by a removed site",

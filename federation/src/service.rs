@@ -1017,14 +1017,17 @@ impl Federation for FederationService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        require_site_or_admin("Watch", &req, &self.shared.hub)?;
+        let site = match require_site_or_admin("Watch", &req, &self.shared.hub)? {
+            Caller::Site(s) => Some(s),
+            _ => None,
+        };
         let from = req.into_inner().from_revision;
         let hub = self.shared.hub.clone();
         let stall = self.shared.watch_stall;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(WATCH_QUEUE);
         tokio::spawn(async move {
             metrics::gauge!("causeway_watchers").increment(1.0);
-            serve_watch(hub, from, tx, stall).await;
+            serve_watch(hub, from, tx, stall, site).await;
             metrics::gauge!("causeway_watchers").decrement(1.0);
         });
         Ok(Response::new(Box::pin(
@@ -1159,15 +1162,32 @@ const WATCH_QUEUE: usize = 64;
 /// snapshot; one whose stream accepts nothing for `stall` is cut off, and
 /// its client resumes (getting a snapshot if the history no longer reaches
 /// back). Either way it never slows the hub or other watchers.
+/// Streams catalog changes to one watcher from revision `from`. A site's
+/// watch lasts only while the site is a member: once it is removed, the
+/// stream ends with a permission error instead of the next change.
 async fn serve_watch(
     hub: Arc<Hub>,
     from: u64,
     tx: tokio::sync::mpsc::Sender<Result<pb::WatchEvent, Status>>,
     stall: Duration,
+    site: Option<SiteName>,
 ) {
     let send = |ev: pb::WatchEvent| {
         let tx = tx.clone();
+        let hub = hub.clone();
+        let site = site.clone();
         async move {
+            if let Some(site) = site {
+                if !hub.read(|st| st.sites.contains_key(&site)) {
+                    tracing::info!(%site, "site removed; ending its watch");
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "site {site} was removed from the federation; its credential no longer grants Watch"
+                        ))))
+                        .await;
+                    return false;
+                }
+            }
             match tokio::time::timeout(stall, tx.send(Ok(ev))).await {
                 Ok(Ok(())) => true,
                 Ok(Err(_)) => false,
