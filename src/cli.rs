@@ -58,6 +58,17 @@ pub enum CaCommand {
         #[arg(long, default_value = "admin")]
         admin: String,
     },
+    /// Rotate a site's CA without dropping tunnels, in three steps run
+    /// one after the other: start (publish old + new CA), finish (switch
+    /// to the new CA; then SIGHUP each gateway replica), prune (publish the
+    /// new CA alone).
+    RotateSite {
+        /// The site gateway's state directory.
+        #[arg(long)]
+        state_dir: PathBuf,
+        #[arg(value_enum)]
+        step: crate::rotate::Step,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -8,3 +8,4 @@ pub mod ctl;
 pub mod demo;
 pub mod explain;
 pub mod local;
+pub mod rotate;

@@ -32,6 +32,10 @@ fn main() {
                     );
                     Ok(())
                 }
+                cli::CaCommand::RotateSite { state_dir, step } => {
+                    println!("{}", causeway::rotate::run(&state_dir, step).await?);
+                    Ok(())
+                }
             },
         }
     });

@@ -1459,6 +1459,14 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
             .await,
         "remove controller",
     );
+    denied(
+        site.update_trust_bundle(pb::UpdateTrustBundleRequest {
+            site: "beta".into(),
+            trust_bundle_pem: some_ca_pem(),
+        })
+        .await,
+        "trust bundle for beta",
+    );
 
     tracing::info!("phase: only controller nodes speak Raft");
     let mut raft_as_site = RaftClient::new(site_ch);
@@ -1499,6 +1507,37 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
         RaftClient::new(anon_ch).append_entries(payload()).await,
         "anonymous append",
     );
+    denied(
+        anon.update_trust_bundle(pb::UpdateTrustBundleRequest {
+            site: "alpha".into(),
+            trust_bundle_pem: some_ca_pem(),
+        })
+        .await,
+        "anonymous trust bundle",
+    );
+
+    tracing::info!("phase: a bundle must be CA certificates");
+    let leaf = alpha.api.cert_pem.clone();
+    for (bundle, why) in [
+        (String::new(), "no CERTIFICATE block"),
+        (
+            "-----BEGIN CERTIFICATE-----\nnope\n".to_string(),
+            "trust_bundle_pem",
+        ),
+        (leaf, "must be a CA certificate"),
+        ("x".repeat(70_000), "64 KiB"),
+    ] {
+        let e = site
+            .update_trust_bundle(pb::UpdateTrustBundleRequest {
+                site: "alpha".into(),
+                trust_bundle_pem: bundle,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("trust_bundle_pem"), "{}", e.message());
+        assert!(e.message().contains(why), "{}", e.message());
+    }
 
     tracing::info!("phase: limits");
     let too_many: Vec<pb::Export> = (0..1001)
@@ -1525,6 +1564,14 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
     let long = "a".repeat(64);
     let e = fed.create_token(&long).await.unwrap_err();
     assert!(e.to_string().contains("1-63 characters"), "{e}");
+}
+
+/// A CA certificate that is a valid bundle (the forbidden calls must be
+/// refused for who calls, not for what they send).
+fn some_ca_pem() -> String {
+    causeway_api::identity::CertificateAuthority::generate("test CA")
+        .unwrap()
+        .cert_pem
 }
 
 fn denied<T>(r: Result<tonic::Response<T>, tonic::Status>, what: &str) {
@@ -1708,6 +1755,115 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
     tracing::info!("phase: new connections from west no longer reach east");
     let r = causeway::local::call_banner(target, "y").await;
     assert!(r.is_err(), "a removed site still reached east: {r:?}");
+    fed.shutdown().await;
+}
+
+/// `causeway ARGS`: exit code and stdout + stderr.
+fn run_bin_all(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(bin())
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The CA certificates the controllers hold for `site`.
+async fn published_bundle(fed: &LocalFederation, site: &str) -> Vec<String> {
+    let mut c = fed.admin_client(None).unwrap().federation().await.unwrap();
+    let cat = c
+        .catalog(causeway_api::pb::CatalogRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let pem = &cat
+        .sites
+        .iter()
+        .find(|s| s.name == site)
+        .unwrap()
+        .trust_bundle_pem;
+    pem.split_inclusive("-----END CERTIFICATE-----")
+        .map(|c| c.trim().to_string())
+        .filter(|c| !c.is_empty())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_ca_rotates_in_three_steps_without_dropping_tunnels() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let target = SocketAddr::new(vip, 7000);
+    let east_dir = fed.sites["east"].state_dir.clone();
+    let dir = east_dir.to_str().unwrap();
+    let old_ca = std::fs::read_to_string(east_dir.join("site-ca.pem")).unwrap();
+    assert_eq!(published_bundle(&fed, "east").await, [old_ca.trim()]);
+
+    tracing::info!("phase: a connection from west through east, held open");
+    let mut held = tokio::net::TcpStream::connect(target).await.unwrap();
+    held.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"before");
+
+    tracing::info!("phase: start: peers trust the old and the new CA");
+    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "start"]);
+    assert_eq!(code, 0, "{out}");
+    let new_ca = std::fs::read_to_string(east_dir.join("site-ca-next.pem")).unwrap();
+    assert_eq!(
+        published_bundle(&fed, "east").await,
+        [old_ca.trim(), new_ca.trim()]
+    );
+    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "start"]);
+    assert_ne!(code, 0, "a second start was accepted: {out}");
+    assert!(out.contains("already under way"), "{out}");
+
+    tracing::info!("phase: finish, and SIGHUP east: it issues from the new CA");
+    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "finish"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("SIGHUP"), "{out}");
+    let pid = fed.sites["east"].gateway.pid().unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fed.sites["east"].gateway.log_tail(20);
+        if log.contains("tunnel certificate renewed") {
+            assert!(log.contains("site CA on disk changed"), "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "east never renewed:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!("phase: prune: the new CA alone");
+    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "prune"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(published_bundle(&fed, "east").await, [new_ca.trim()]);
+    assert!(!east_dir.join("site-ca-prev.pem").exists());
+
+    tracing::info!("phase: the held connection still works");
+    held.write_all(b"after!").await.unwrap();
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!");
+
+    tracing::info!("phase: a restarted west makes a new tunnel, trusting only the new CA");
+    let bin = fed.bin.clone();
+    let west = &mut fed.sites.get_mut("west").unwrap().gateway;
+    west.kill().await;
+    west.start(&bin).unwrap();
+    wait_tunnel(target).await;
     fed.shutdown().await;
 }
 

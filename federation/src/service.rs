@@ -576,8 +576,9 @@ fn parse_bundle(pem: &str) -> Result<(), Status> {
     if pem.len() > crate::state::MAX_BUNDLE_BYTES {
         return Err(invalid("trust_bundle_pem", "larger than 64 KiB"));
     }
-    let certs =
-        parse_certs_pem("trust_bundle_pem", pem).map_err(|e| invalid("trust_bundle_pem", e))?;
+    // The parser's message already starts with the field name.
+    let certs = parse_certs_pem("trust_bundle_pem", pem)
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
     if !certs.iter().all(causeway_api::identity::is_ca_cert) {
         return Err(invalid(
             "trust_bundle_pem",
@@ -964,6 +965,35 @@ impl Federation for FederationService {
                 .await?,
         )?;
         Ok(Response::new(pb::DeletePolicyResponse { revision }))
+    }
+
+    async fn update_trust_bundle(
+        &self,
+        req: Request<pb::UpdateTrustBundleRequest>,
+    ) -> Result<Response<pb::UpdateTrustBundleResponse>, Status> {
+        let who = require_site_or_admin("UpdateTrustBundle", &req, &self.shared.hub)?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        match &who {
+            Caller::Site(own) if *own != site => {
+                return Err(denied(
+                    "UpdateTrustBundle",
+                    &who,
+                    &format!("the credential of site {site} or an admin credential; site {own} may only change its own bundle"),
+                ))
+            }
+            _ => {}
+        }
+        parse_bundle(&r.trust_bundle_pem)?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::SetTrustBundle {
+                    site,
+                    trust_bundle_pem: r.trust_bundle_pem,
+                })
+                .await?,
+        )?;
+        Ok(Response::new(pb::UpdateTrustBundleResponse { revision }))
     }
 
     async fn publish_exports(

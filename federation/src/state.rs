@@ -126,6 +126,12 @@ pub enum Command {
     RemoveSite {
         site: SiteName,
     },
+    /// Replace a member site's trust bundle (CA rotation: old and new CA
+    /// together first, then the new one alone). Validated by the proposer.
+    SetTrustBundle {
+        site: SiteName,
+        trust_bundle_pem: String,
+    },
     /// Proposed by the leader when a site's lease lapses or recovers.
     SetSiteAvailability {
         site: SiteName,
@@ -430,6 +436,40 @@ impl CatalogState {
                 } else {
                     self.bump(changes)
                 }
+            }
+            Command::SetTrustBundle {
+                site,
+                trust_bundle_pem,
+            } => {
+                let Some(rec) = self.sites.get_mut(&site) else {
+                    return (
+                        reject(
+                            RejectCode::SiteUnknown,
+                            format!("site {site:?} is not a member"),
+                        ),
+                        vec![],
+                    );
+                };
+                if trust_bundle_pem.is_empty() || trust_bundle_pem.len() > MAX_BUNDLE_BYTES {
+                    return (
+                        reject(
+                            RejectCode::LimitExceeded,
+                            format!("a trust bundle must hold 1 to {MAX_BUNDLE_BYTES} bytes"),
+                        ),
+                        vec![],
+                    );
+                }
+                if rec.trust_bundle_pem == trust_bundle_pem {
+                    return (
+                        Outcome::Unchanged {
+                            revision: self.revision,
+                        },
+                        vec![],
+                    );
+                }
+                rec.trust_bundle_pem = trust_bundle_pem;
+                let pb = site_to_pb(rec);
+                self.bump(vec![pb::change::Kind::SiteUpserted(pb)])
             }
             Command::SetSiteAvailability { site, available } => {
                 let Some(rec) = self.sites.get_mut(&site) else {

@@ -222,10 +222,12 @@ pub async fn run(
 /// Renews this replica's tunnel certificate at two thirds of its lifetime,
 /// and at once on SIGHUP. The new certificate serves handshakes from then
 /// on (`set_server_config`, and the pool's dials); tunnels already up keep
-/// running — TLS authenticated them when they were made.
+/// running — TLS authenticated them when they were made. Each renewal
+/// reads the site CA from disk again, so after a CA rotation (`causeway ca
+/// rotate-site`) a SIGHUP moves the replica to the new CA.
 async fn renew_credential(
     td: TrustDomain,
-    site_ca: Arc<causeway_api::identity::CertificateAuthority>,
+    mut site_ca: Arc<causeway_api::identity::CertificateAuthority>,
     settings: Settings,
     endpoint: quinn::Endpoint,
     pool: Arc<Pool>,
@@ -244,6 +246,19 @@ async fn renew_credential(
                 }
             } => "SIGHUP",
         };
+        match SiteState::reload_site_ca(&settings.state_dir, settings.site_ca.as_ref()) {
+            Ok(ca) if ca.cert_der != site_ca.cert_der => {
+                tracing::info!("the site CA on disk changed; issuing from the new one");
+                site_ca = Arc::new(ca);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "keeping the site CA loaded at start"
+                )
+            }
+        }
         let renewed = site::gateway_credential(&td, &site_ca, &settings.replica, settings.cert_ttl)
             .and_then(|cred| {
                 let server = tunnel::server_config(&cred, store.clone(), &settings.quic)?;

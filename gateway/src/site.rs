@@ -57,6 +57,20 @@ impl SiteState {
         }))
     }
 
+    /// Loads the site CA as it is now on disk (after a rotation, the new
+    /// one); unlike [`Self::site_ca`] never creates one.
+    pub fn reload_site_ca(
+        dir: &Path,
+        given: Option<&(PathBuf, PathBuf)>,
+    ) -> anyhow::Result<CertificateAuthority> {
+        let (c, k) = match given {
+            Some((c, k)) => (c.clone(), k.clone()),
+            None => (dir.join("site-ca.pem"), dir.join("site-ca-key.pem")),
+        };
+        CertificateAuthority::load(&c, &k)
+            .with_context(|| format!("reloading the site CA from {}", c.display()))
+    }
+
     /// Loads the site CA, creating and saving one if there is none.
     pub fn site_ca(
         dir: &Path,
