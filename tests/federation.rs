@@ -1795,7 +1795,7 @@ async fn published_bundle(fed: &LocalFederation, site: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_site_ca_rotates_in_three_steps_without_dropping_tunnels() {
+async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
@@ -1847,16 +1847,27 @@ async fn a_site_ca_rotates_in_three_steps_without_dropping_tunnels() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    tracing::info!("phase: the held connection is still up");
+    held.write_all(b"after!").await.unwrap();
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!");
+
     tracing::info!("phase: prune: the new CA alone");
     let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "prune"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(published_bundle(&fed, "east").await, [new_ca.trim()]);
     assert!(!east_dir.join("site-ca-prev.pem").exists());
 
-    tracing::info!("phase: the held connection still works");
-    held.write_all(b"after!").await.unwrap();
-    held.read_exact(&mut buf).await.unwrap();
-    assert_eq!(&buf, b"after!");
+    tracing::info!("phase: new streams take a fresh tunnel; the one made with the old CA is cut after its grace");
+    wait_tunnel(target).await;
+    let cut = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut rest = Vec::new();
+        let _ = held.read_to_end(&mut rest).await;
+    })
+    .await;
+    assert!(cut.is_ok(), "a tunnel made with the pruned CA stayed up");
+    let log = fed.sites["west"].gateway.log_tail(40);
+    assert!(log.contains("retiring tunnels"), "{log}");
 
     tracing::info!("phase: a restarted west makes a new tunnel, trusting only the new CA");
     let bin = fed.bin.clone();

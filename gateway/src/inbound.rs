@@ -238,6 +238,27 @@ impl Inbound {
     }
 
     /// Tears down inbound tunnels from sites no longer trusted.
+    /// Closes the connections from `site` that `reject` picks after
+    /// [`crate::pool::RETIRE_GRACE`] (the peer redials when they close);
+    /// how many.
+    pub fn retire_where(
+        &self,
+        site: &SiteName,
+        reject: impl Fn(&quinn::Connection) -> bool,
+        reason: &'static [u8],
+    ) -> usize {
+        let m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(conns) = m.get(site) else { return 0 };
+        let mut retired = 0;
+        for c in conns {
+            if c.close_reason().is_none() && reject(c) {
+                crate::pool::close_after(c.clone(), crate::pool::RETIRE_GRACE, reason);
+                retired += 1;
+            }
+        }
+        retired
+    }
+
     pub fn retain(&self, keep: impl Fn(&SiteName) -> bool) {
         let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         m.retain(|site, conns| {

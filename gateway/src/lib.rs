@@ -282,6 +282,28 @@ async fn renew_credential(
     }
 }
 
+/// After `site`'s bundle changed: retires the tunnels with it whose peer
+/// certificate no longer chains to the bundle (a CA was pruned from it):
+/// new streams take fresh tunnels at once, the old ones close after
+/// [`pool::RETIRE_GRACE`].
+fn retire_untrusted(site: &SiteName, store: &TrustStore, pool: &Pool, inbound: &Inbound) {
+    let untrusted = |conn: &quinn::Connection, client: bool| {
+        conn.peer_identity()
+            .and_then(|i| {
+                i.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                    .ok()
+            })
+            .is_some_and(|chain| !store.still_trusted(&chain, client))
+    };
+    let reason = b"peer certificate no longer trusted";
+    let retired = pool.retire_where(site, |c| untrusted(c, false), reason)
+        + inbound.retire_where(site, |c| untrusted(c, true), reason);
+    if retired > 0 {
+        metrics::counter!("causeway_tunnels_untrusted_retired_total").increment(retired as u64);
+        tracing::warn!(%site, retired, grace = ?pool::RETIRE_GRACE, "retiring tunnels whose peer certificate no longer chains to the site's trust bundle");
+    }
+}
+
 /// On every catalog change: refresh trust bundles, tear down tunnels of
 /// removed sites, and publish a new routing table.
 #[allow(clippy::too_many_arguments)]
@@ -295,6 +317,9 @@ async fn sync_catalog(
     settings: Settings,
     ready: Arc<Readiness>,
 ) {
+    // The bundle last applied per site: a change may drop a CA that live
+    // tunnels were authenticated with.
+    let mut applied: std::collections::HashMap<SiteName, String> = Default::default();
     loop {
         let view = cat.borrow_and_update().clone();
         if view.synced {
@@ -307,13 +332,20 @@ async fn sync_catalog(
                     continue;
                 };
                 match parse_certs_pem("trust bundle", &site.trust_bundle_pem) {
-                    Ok(roots) => store.set_site(n.clone(), td, roots),
+                    Ok(roots) => {
+                        store.set_site(n.clone(), td, roots);
+                        let before = applied.insert(n.clone(), site.trust_bundle_pem.clone());
+                        if before.is_some_and(|b| b != site.trust_bundle_pem) {
+                            retire_untrusted(&n, &store, &pool, &inbound);
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle")
                     }
                 }
                 members.push(n);
             }
+            applied.retain(|s, _| members.contains(s));
             for s in store.sites() {
                 if !members.contains(&s) && s != own_site {
                     tracing::info!(site = %s, "site left the federation; removing its trust bundle");

@@ -435,6 +435,39 @@ impl Pool {
         Self::publish_gauge(&sites);
     }
 
+    /// Retires the connections to `site` that `reject` picks (their peer's
+    /// certificate no longer chains to the site's bundle): new streams go
+    /// over a fresh connection, dialed at once; the old one is closed after
+    /// [`RETIRE_GRACE`], so streams in flight get that long. How many.
+    pub fn retire_where(
+        &self,
+        site: &SiteName,
+        reject: impl Fn(&quinn::Connection) -> bool,
+        reason: &'static [u8],
+    ) -> usize {
+        let mut redial = Vec::new();
+        {
+            let mut sites = self.lock();
+            let Some(sp) = sites.get_mut(site) else {
+                return 0;
+            };
+            for r in &mut sp.replicas {
+                let Some(c) = r.live().cloned() else { continue };
+                if reject(&c) {
+                    r.conn = None;
+                    r.dialing = true;
+                    redial.push(r.at);
+                    close_after(c, RETIRE_GRACE, reason);
+                }
+            }
+            Self::publish_gauge(&sites);
+        }
+        for at in &redial {
+            self.spawn_dial(site.clone(), *at, Duration::ZERO);
+        }
+        redial.len()
+    }
+
     /// Closes a connection that failed to open a stream: the next stream
     /// picks another replica, and this one is redialed after a backoff.
     pub fn evict(&self, conn: &quinn::Connection) {
@@ -516,6 +549,20 @@ impl Pool {
             })
             .unwrap_or_default()
     }
+}
+
+/// How long a retired connection (see [`Pool::retire_where`]) carries the
+/// streams it has before it is closed.
+pub const RETIRE_GRACE: Duration = Duration::from_secs(10);
+
+/// Closes `conn` after `grace`, from a task of its own.
+pub fn close_after(conn: quinn::Connection, grace: Duration, reason: &'static [u8]) {
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(grace) => conn.close(quinn::VarInt::from_u32(4), reason),
+            _ = conn.closed() => {}
+        }
+    });
 }
 
 /// Clears the early-dial marks of `addrs` when dropped.

@@ -236,6 +236,16 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError
     Ok(uris[0].parse()?)
 }
 
+/// The middle of a certificate's validity period, in seconds since the
+/// Unix epoch: a time at which only its chain, not its age, decides.
+pub fn validity_midpoint(cert: &CertificateDer<'_>) -> Option<u64> {
+    use x509_parser::prelude::*;
+    let (_, c) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let from = c.validity().not_before.timestamp();
+    let to = c.validity().not_after.timestamp();
+    u64::try_from(from + (to - from) / 2).ok()
+}
+
 /// Whether the certificate says it is a CA (basicConstraints cA=true).
 pub fn is_ca_cert(cert: &CertificateDer<'_>) -> bool {
     use x509_parser::prelude::*;

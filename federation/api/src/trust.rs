@@ -149,6 +149,24 @@ impl TrustStore {
     }
 }
 
+impl TrustStore {
+    /// Whether a chain a live connection was authenticated with still
+    /// chains to its site's current bundle — after a CA was pruned from it,
+    /// connections made with that CA's certificates must close. Judged at
+    /// the middle of the leaf's validity: expiry was checked when the
+    /// connection was made, and a tunnel is not cut for aging since.
+    pub fn still_trusted(&self, chain: &[CertificateDer<'_>], client: bool) -> bool {
+        let Some((ee, inter)) = chain.split_first() else {
+            return false;
+        };
+        let Some(at) = crate::identity::validity_midpoint(ee) else {
+            return false;
+        };
+        let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(at));
+        self.verify(ee, inter, at, client, None).is_ok()
+    }
+}
+
 fn algorithms() -> WebPkiSupportedAlgorithms {
     rustls::crypto::ring::default_provider().signature_verification_algorithms
 }
@@ -270,6 +288,47 @@ mod tests {
 
     fn now() -> UnixTime {
         UnixTime::now()
+    }
+
+    #[test]
+    fn a_live_chain_stops_being_trusted_when_its_ca_is_pruned() {
+        let old = CertificateAuthority::generate("old").unwrap();
+        let new = CertificateAuthority::generate("new").unwrap();
+        let store = TrustStore::new();
+        let site: SiteName = "a".parse().unwrap();
+        let td: TrustDomain = "a.causeway".parse().unwrap();
+        let id = "spiffe://a.causeway/gateway/0".parse().unwrap();
+        let from_old = old.issue(&id, &[], Duration::from_secs(60)).unwrap();
+        let from_new = new.issue(&id, &[], Duration::from_secs(60)).unwrap();
+
+        store.set_site(
+            site.clone(),
+            td.clone(),
+            vec![old.cert_der.clone(), new.cert_der.clone()],
+        );
+        assert!(store.still_trusted(&from_old.chain, true));
+        assert!(store.still_trusted(&from_new.chain, true));
+
+        store.set_site(site.clone(), td.clone(), vec![new.cert_der.clone()]);
+        assert!(!store.still_trusted(&from_old.chain, true));
+        assert!(store.still_trusted(&from_new.chain, true));
+        assert!(!store.still_trusted(&[], true));
+
+        // Aging is not a reason: a chain already past its end still passes.
+        let short = new.issue(&id, &[], Duration::from_secs(0)).unwrap();
+        let later = UnixTime::since_unix_epoch(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                + Duration::from_secs(60),
+        );
+        assert!(store
+            .verify(&short.chain[0], &[], later, true, None)
+            .is_err());
+        assert!(store.still_trusted(&short.chain, true));
+
+        store.remove_site(&site);
+        assert!(!store.still_trusted(&from_new.chain, true));
     }
 
     #[test]
