@@ -441,15 +441,6 @@ impl CatalogState {
                 site,
                 trust_bundle_pem,
             } => {
-                let Some(rec) = self.sites.get_mut(&site) else {
-                    return (
-                        reject(
-                            RejectCode::SiteUnknown,
-                            format!("site {site:?} is not a member"),
-                        ),
-                        vec![],
-                    );
-                };
                 if trust_bundle_pem.is_empty() || trust_bundle_pem.len() > MAX_BUNDLE_BYTES {
                     return (
                         reject(
@@ -459,40 +450,17 @@ impl CatalogState {
                         vec![],
                     );
                 }
-                if rec.trust_bundle_pem == trust_bundle_pem {
-                    return (
-                        Outcome::Unchanged {
-                            revision: self.revision,
-                        },
-                        vec![],
-                    );
-                }
-                rec.trust_bundle_pem = trust_bundle_pem;
-                let pb = site_to_pb(rec);
-                self.bump(vec![pb::change::Kind::SiteUpserted(pb)])
+                self.update_site(&site, |rec| {
+                    let changed = rec.trust_bundle_pem != trust_bundle_pem;
+                    rec.trust_bundle_pem = trust_bundle_pem;
+                    changed
+                })
             }
-            Command::SetSiteAvailability { site, available } => {
-                let Some(rec) = self.sites.get_mut(&site) else {
-                    return (
-                        reject(
-                            RejectCode::SiteUnknown,
-                            format!("site {site:?} is not a member"),
-                        ),
-                        vec![],
-                    );
-                };
-                if rec.available == available {
-                    return (
-                        Outcome::Unchanged {
-                            revision: self.revision,
-                        },
-                        vec![],
-                    );
-                }
+            Command::SetSiteAvailability { site, available } => self.update_site(&site, |rec| {
+                let changed = rec.available != available;
                 rec.available = available;
-                let pb = site_to_pb(rec);
-                self.bump(vec![pb::change::Kind::SiteUpserted(pb)])
-            }
+                changed
+            }),
             Command::Batch(_) => (
                 reject(
                     RejectCode::Invalid,
@@ -577,6 +545,34 @@ impl CatalogState {
                 self.bump(vec![pb::change::Kind::SiteRemoved(site.to_string())])
             }
         }
+    }
+
+    /// Changes one member site's record; `change` says whether anything
+    /// changed. One `SiteUpserted`, or `Unchanged`.
+    fn update_site(
+        &mut self,
+        site: &SiteName,
+        change: impl FnOnce(&mut SiteRecord) -> bool,
+    ) -> (Outcome, Vec<pb::Change>) {
+        let Some(rec) = self.sites.get_mut(site) else {
+            return (
+                reject(
+                    RejectCode::SiteUnknown,
+                    format!("site {site:?} is not a member"),
+                ),
+                vec![],
+            );
+        };
+        if !change(rec) {
+            return (
+                Outcome::Unchanged {
+                    revision: self.revision,
+                },
+                vec![],
+            );
+        }
+        let pb = site_to_pb(rec);
+        self.bump(vec![pb::change::Kind::SiteUpserted(pb)])
     }
 
     fn bump(&mut self, kinds: Vec<pb::change::Kind>) -> (Outcome, Vec<pb::Change>) {

@@ -205,6 +205,50 @@ fn availability_changes_bump_only_when_they_change_something() {
     ));
 }
 
+#[test]
+fn a_trust_bundle_changes_only_for_a_member_and_only_when_it_differs() {
+    let mut s = CatalogState::default();
+    token(&mut s, "a", "east", 100);
+    join(&mut s, "a", "east", 1);
+    let set = |s: &mut CatalogState, name: &str, pem: &str| {
+        s.apply(Command::SetTrustBundle {
+            site: site(name),
+            trust_bundle_pem: pem.into(),
+        })
+    };
+    let (o, ch) = set(&mut s, "east", "old+new");
+    assert_eq!(o, Outcome::Applied { revision: 2 });
+    assert!(matches!(
+        &ch[0].kind,
+        Some(pb::change::Kind::SiteUpserted(site)) if site.trust_bundle_pem == "old+new"
+    ));
+    assert_eq!(s.snapshot_pb().sites[0].trust_bundle_pem, "old+new");
+    assert_eq!(
+        set(&mut s, "east", "old+new").0,
+        Outcome::Unchanged { revision: 2 }
+    );
+    for (name, pem, code) in [
+        ("west", "x", RejectCode::SiteUnknown),
+        ("east", "", RejectCode::LimitExceeded),
+    ] {
+        let (o, ch) = set(&mut s, name, pem);
+        assert!(
+            matches!(&o, Outcome::Rejected { code: c, .. } if *c == code),
+            "{o:?}"
+        );
+        assert!(ch.is_empty());
+    }
+    let big = "x".repeat(MAX_BUNDLE_BYTES + 1);
+    assert!(matches!(
+        set(&mut s, "east", &big).0,
+        Outcome::Rejected {
+            code: RejectCode::LimitExceeded,
+            ..
+        }
+    ));
+    assert_eq!(s.revision, 2);
+}
+
 fn policy(name: &str, doc: &str) -> PolicyRecord {
     PolicyRecord {
         kind: "TimeoutPolicy".into(),
