@@ -23,8 +23,36 @@ pub struct CtlArgs {
     pub creds: PathBuf,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
+    /// Catalog reads (cluster list, services, explain) show every write
+    /// acknowledged before them: served by the leader after it confirms its
+    /// leadership. Default: the answering node's applied state, which can
+    /// lag briefly (e.g. right after the controllers restart).
+    #[arg(long)]
+    pub linearizable: bool,
     #[command(subcommand)]
     pub command: CtlCommand,
+}
+
+/// The catalog, from whichever endpoint can serve it: with
+/// `linearizable`, nodes that are not the leader refuse and the next
+/// endpoint is tried.
+async fn read_catalog(
+    c: &ControllerClient,
+    linearizable: bool,
+) -> anyhow::Result<pb::CatalogSnapshot> {
+    let mut last = None;
+    for _ in 0..c.endpoints().len().max(1) {
+        let mut fed = c.federation().await?;
+        match fed.catalog(pb::CatalogRequest { linearizable }).await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if linearizable && s.code() == tonic::Code::FailedPrecondition => {
+                last = Some(s);
+                c.rotate();
+            }
+            Err(s) => return Err(status_err(s)),
+        }
+    }
+    Err(status_err(last.expect("at least one endpoint was asked")))
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -304,11 +332,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Cluster {
             command: ClusterCommand::List,
         } => {
-            let cat = fed
-                .catalog(pb::CatalogRequest {})
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let cat = read_catalog(&c, args.linearizable).await?;
             if args.output == Output::Json {
                 let sites: Vec<_> = cat
                     .sites
@@ -384,11 +408,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             from,
             gateway,
         } => {
-            let cat = fed
-                .catalog(pb::CatalogRequest {})
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let cat = read_catalog(&c, args.linearizable).await?;
             let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
             let local = match gateway {
                 Some(addr) => crate::explain::scrape_gateway(addr).await?,
@@ -402,11 +422,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Services => {
-            let cat = fed
-                .catalog(pb::CatalogRequest {})
-                .await
-                .map_err(status_err)?
-                .into_inner();
+            let cat = read_catalog(&c, args.linearizable).await?;
             let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
             let svcs = view.services();
             if args.output == Output::Json {

@@ -382,7 +382,7 @@ async fn catalog_services(fed: &LocalFederation, node: u64) -> Vec<String> {
         .await
         .unwrap();
     let cat = c
-        .catalog(causeway_api::pb::CatalogRequest {})
+        .catalog(causeway_api::pb::CatalogRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -393,6 +393,91 @@ async fn catalog_services(fed: &LocalFederation, node: u64) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// The catalog as node `id` serves it to an admin.
+async fn read(
+    fed: &LocalFederation,
+    id: u64,
+    linearizable: bool,
+) -> Result<tonic::Response<causeway_api::pb::CatalogSnapshot>, tonic::Status> {
+    let c = fed.admin_client(Some(id)).unwrap();
+    let mut f = c.federation().await.unwrap();
+    f.catalog(causeway_api::pb::CatalogRequest { linearizable })
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linearizable_reads_come_from_a_confirmed_leader() {
+    init_tracing();
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    fed.start_controllers(3).unwrap();
+    let leader = fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let site = join_in_process(&fed, "alpha").await;
+    publish(&site.controller_client(), "alpha", 4)
+        .await
+        .unwrap();
+
+    tracing::info!("phase: the leader serves it, with every acknowledged write");
+    let cat = read(&fed, leader, true).await.unwrap().into_inner();
+    assert_eq!(
+        cat.exports.iter().map(|e| e.exports.len()).sum::<usize>(),
+        4
+    );
+
+    tracing::info!("phase: a follower refuses and names the leader");
+    let e = read(&fed, follower, true).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&format!("leader: node {leader} at")),
+        "{}",
+        e.message()
+    );
+    assert!(read(&fed, follower, false).await.is_ok());
+
+    tracing::info!("phase: ctl --linearizable finds the leader from any endpoint list");
+    let order = [
+        fed.controller_addrs[&follower].clone(),
+        fed.controller_addrs[&leader].clone(),
+    ];
+    let out = tokio::process::Command::new(bin())
+        .args(["ctl", "--creds"])
+        .arg(&fed.creds)
+        .args([
+            "--controller",
+            &order.join(","),
+            "--linearizable",
+            "--output",
+            "json",
+            "services",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.matches("bench/svc-").count(), 4, "{text}");
+
+    tracing::info!("phase: without a quorum it fails clearly; a local read still answers");
+    for id in (1..=3).filter(|id| *id != leader) {
+        fed.controller(id).kill().await;
+    }
+    let e = read(&fed, leader, true).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("majority"), "{}", e.message());
+    let cat = read(&fed, leader, false).await.unwrap().into_inner();
+    assert_eq!(
+        cat.exports.iter().map(|e| e.exports.len()).sum::<usize>(),
+        4
+    );
+    fed.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -659,7 +744,7 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_lost() {
     );
     assert!(err.message().contains("admin"), "{}", err.message());
     let err = anon
-        .catalog(causeway_api::pb::CatalogRequest {})
+        .catalog(causeway_api::pb::CatalogRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
@@ -820,7 +905,7 @@ async fn a_site_whose_gateway_dies_leaves_routing_and_dns_then_returns() {
     }
     let mut admin = fed.admin_client(None).unwrap().federation().await.unwrap();
     let cat = admin
-        .catalog(causeway_api::pb::CatalogRequest {})
+        .catalog(causeway_api::pb::CatalogRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -1495,7 +1580,7 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
 
     tracing::info!("phase: without a certificate only Join is open");
     denied(
-        anon.catalog(pb::CatalogRequest {}).await,
+        anon.catalog(pb::CatalogRequest::default()).await,
         "anonymous catalog",
     );
     denied(anon.status(pb::StatusRequest {}).await, "anonymous status");
@@ -1741,7 +1826,7 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
 
     tracing::info!("phase: west's credential is refused by the controllers");
     denied(
-        c.catalog(causeway_api::pb::CatalogRequest {}).await,
+        c.catalog(causeway_api::pb::CatalogRequest::default()).await,
         "catalog by a removed site",
     );
     denied(
@@ -1778,7 +1863,7 @@ fn run_bin_all(args: &[&str]) -> (i32, String) {
 async fn published_bundle(fed: &LocalFederation, site: &str) -> Vec<String> {
     let mut c = fed.admin_client(None).unwrap().federation().await.unwrap();
     let cat = c
-        .catalog(causeway_api::pb::CatalogRequest {})
+        .catalog(causeway_api::pb::CatalogRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -2878,7 +2963,7 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
         .into_inner();
     assert_eq!(listed.policies.len(), 2);
     let snap = fed_site
-        .catalog(pb::CatalogRequest {})
+        .catalog(pb::CatalogRequest::default())
         .await
         .unwrap()
         .into_inner();

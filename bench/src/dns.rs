@@ -219,7 +219,7 @@ async fn records(client: &ControllerClient) -> anyhow::Result<Vec<(String, std::
     let snap = client
         .federation()
         .await?
-        .catalog(pb::CatalogRequest {})
+        .catalog(pb::CatalogRequest::default())
         .await?
         .into_inner();
     let view = CatalogView::from_snapshot(snap);

@@ -375,6 +375,34 @@ impl Shared {
         }
     }
 
+    /// Returns once this node's applied state holds every write
+    /// acknowledged before the call: only the leader can say so (it
+    /// confirms its leadership with a quorum first); any other node refuses
+    /// and names the leader.
+    pub async fn linearizable_barrier(&self) -> Result<(), Status> {
+        use openraft::error::CheckIsLeaderError;
+        let read = tokio::time::timeout(Duration::from_secs(5), self.raft.ensure_linearizable());
+        match read.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                let leader = match (f.leader_id, f.leader_node) {
+                    (Some(id), Some(n)) => format!("node {id} at {}", n.addr),
+                    _ => "none elected yet".into(),
+                };
+                Err(Status::failed_precondition(format!(
+                    "linearizable: node {} is not the leader (leader: {leader}); ask the leader, or read without linearizable",
+                    self.node_id
+                )))
+            }
+            Ok(Err(e)) => Err(Status::unavailable(format!(
+                "linearizable: could not confirm leadership with a quorum ({e}); check that a majority of controller nodes is up"
+            ))),
+            Err(_) => Err(Status::unavailable(
+                "linearizable: no quorum confirmed this node's leadership within 5 s; check that a majority of controller nodes is up",
+            )),
+        }
+    }
+
     /// Runs a membership change here if this node leads, else on the leader.
     pub async fn change_membership(&self, op: MembershipOp) -> Result<(), Status> {
         let (leader, addr) = {
@@ -1041,6 +1069,9 @@ impl Federation for FederationService {
         req: Request<pb::CatalogRequest>,
     ) -> Result<Response<pb::CatalogSnapshot>, Status> {
         require_site_or_admin("Catalog", &req, &self.shared.hub)?;
+        if req.get_ref().linearizable {
+            self.shared.linearizable_barrier().await?;
+        }
         Ok(Response::new(self.shared.hub.read(|s| s.snapshot_pb())))
     }
 
