@@ -222,7 +222,10 @@ impl RaftNetwork<TypeConfig> for Connection {
                 Err(RPCError::Network(e))
             }
             Ok(AppendEntriesResponse::Success) => {
-                self.append_budget = (self.append_budget * 2).min(MAX_APPEND_BYTES);
+                // Only a request that carried entries says the link keeps up.
+                if !req.entries.is_empty() {
+                    self.append_budget = (self.append_budget * 2).min(MAX_APPEND_BYTES);
+                }
                 Ok(match sent_up_to {
                     // The follower matches the leader up to the last entry
                     // it was sent; openraft sends the rest next.
