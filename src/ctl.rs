@@ -181,6 +181,12 @@ pub enum ClusterCommand {
     List,
     /// Remove a site: its bundle, exports and tunnels go away.
     Remove { name: String },
+    /// Replace a site's trust bundle with the CA certificates in FILE (PEM):
+    /// for a site CA kept outside the gateway's state directory. Rotate by
+    /// publishing old + new, moving the gateways, then the new one alone;
+    /// peers retire tunnels a dropped CA authenticated. (Sites with the CA in
+    /// their state directory: `causeway ca rotate-site`.)
+    SetBundle { name: String, file: PathBuf },
 }
 
 pub fn client(args: &CtlArgs) -> anyhow::Result<ControllerClient> {
@@ -375,6 +381,26 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .map_err(status_err)?
                 .into_inner();
             println!("removed site {name} (revision {})", r.revision);
+        }
+        CtlCommand::Cluster {
+            command: ClusterCommand::SetBundle { name, file },
+        } => {
+            let pem = std::fs::read_to_string(file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let certs = pem.matches("-----BEGIN CERTIFICATE-----").count();
+            let r = fed
+                .update_trust_bundle(pb::UpdateTrustBundleRequest {
+                    site: name.clone(),
+                    trust_bundle_pem: pem,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "site {name} now trusts the {certs} CA certificate(s) in {} (revision {})",
+                file.display(),
+                r.revision
+            );
         }
         CtlCommand::Controller { command } => {
             let s = match command {

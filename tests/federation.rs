@@ -1960,6 +1960,25 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     west.kill().await;
     west.start(&bin).unwrap();
     wait_tunnel(target).await;
+
+    tracing::info!("phase: an admin sets a bundle from a file (a CA kept elsewhere)");
+    let file = tmp.path().join("bundle.pem");
+    std::fs::write(&file, format!("{old_ca}{new_ca}")).unwrap();
+    let out = fed
+        .ctl(&["cluster", "set-bundle", "east", file.to_str().unwrap()])
+        .await
+        .unwrap();
+    assert!(out.contains("now trusts the 2 CA certificate(s)"), "{out}");
+    assert_eq!(
+        published_bundle(&fed, "east").await,
+        [old_ca.trim(), new_ca.trim()]
+    );
+    std::fs::write(&file, "not a certificate").unwrap();
+    let e = fed
+        .ctl(&["cluster", "set-bundle", "east", file.to_str().unwrap()])
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("trust_bundle_pem"), "{e}");
     fed.shutdown().await;
 }
 
