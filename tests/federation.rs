@@ -601,17 +601,6 @@ async fn http_get(addr: SocketAddr, path: &str) -> String {
     out
 }
 
-fn run_bin(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(bin())
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_a_clear_error_and_nothing_is_lost() {
     init_tracing();
@@ -1844,7 +1833,7 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
 }
 
 /// `causeway ARGS`: exit code and stdout + stderr.
-fn run_bin_all(args: &[&str]) -> (i32, String) {
+fn run_bin(args: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(bin())
         .args(args)
         .output()
@@ -1900,19 +1889,19 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     assert_eq!(&buf, b"before");
 
     tracing::info!("phase: start: peers trust the old and the new CA");
-    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "start"]);
+    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", dir, "start"]);
     assert_eq!(code, 0, "{out}");
     let new_ca = std::fs::read_to_string(east_dir.join("site-ca-next.pem")).unwrap();
     assert_eq!(
         published_bundle(&fed, "east").await,
         [old_ca.trim(), new_ca.trim()]
     );
-    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "start"]);
+    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", dir, "start"]);
     assert_ne!(code, 0, "a second start was accepted: {out}");
     assert!(out.contains("already under way"), "{out}");
 
     tracing::info!("phase: finish, and SIGHUP east: it issues from the new CA");
-    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "finish"]);
+    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", dir, "finish"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("SIGHUP"), "{out}");
     let pid = fed.sites["east"].gateway.pid().unwrap();
@@ -1938,7 +1927,7 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     assert_eq!(&buf, b"after!");
 
     tracing::info!("phase: prune: the new CA alone");
-    let (code, out) = run_bin_all(&["ca", "rotate-site", "--state-dir", dir, "prune"]);
+    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", dir, "prune"]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(published_bundle(&fed, "east").await, [new_ca.trim()]);
     assert!(!east_dir.join("site-ca-prev.pem").exists());

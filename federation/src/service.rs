@@ -1233,13 +1233,13 @@ async fn serve_watch(
     stall: Duration,
     site: Option<SiteName>,
 ) {
+    let (hub_ref, site) = (&hub, site.as_ref());
     let send = |ev: pb::WatchEvent| {
         let tx = tx.clone();
-        let hub = hub.clone();
-        let site = site.clone();
+        let hub = hub_ref;
         async move {
             if let Some(site) = site {
-                if !hub.read(|st| st.sites.contains_key(&site)) {
+                if !hub.read(|st| st.sites.contains_key(site)) {
                     tracing::info!(%site, "site removed; ending its watch");
                     let _ = tx
                         .send(Err(Status::permission_denied(format!(

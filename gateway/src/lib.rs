@@ -331,16 +331,22 @@ async fn sync_catalog(
                 ) else {
                     continue;
                 };
-                match parse_certs_pem("trust bundle", &site.trust_bundle_pem) {
-                    Ok(roots) => {
-                        store.set_site(n.clone(), td, roots);
-                        let before = applied.insert(n.clone(), site.trust_bundle_pem.clone());
-                        if before.is_some_and(|b| b != site.trust_bundle_pem) {
-                            retire_untrusted(&n, &store, &pool, &inbound);
+                // Parse and apply a bundle only when it changed: catalog
+                // changes are mostly exports, and bundles are up to 64 KiB.
+                if applied.get(&n) != Some(&site.trust_bundle_pem) {
+                    match parse_certs_pem("trust bundle", &site.trust_bundle_pem) {
+                        Ok(roots) => {
+                            store.set_site(n.clone(), td, roots);
+                            let had = applied
+                                .insert(n.clone(), site.trust_bundle_pem.clone())
+                                .is_some();
+                            if had {
+                                retire_untrusted(&n, &store, &pool, &inbound);
+                            }
                         }
-                    }
-                    Err(e) => {
-                        tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle")
+                        Err(e) => {
+                            tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle")
+                        }
                     }
                 }
                 members.push(n);
