@@ -89,6 +89,17 @@ impl Proc {
         }
     }
 
+    /// SIGKILL, and wait (blocking, up to 5 s) until it is gone.
+    fn kill_blocking(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
     /// SIGTERM: ask for a graceful stop.
     pub fn terminate(&self) {
         if let Some(pid) = self.pid() {
@@ -202,15 +213,74 @@ impl LocalFederation {
     }
 
     /// Starts `n` controller nodes forming one cluster.
+    /// Starts `n` controllers as one new cluster. Their ports are picked
+    /// free, but another test can take one before a controller binds it;
+    /// then every controller is stopped, its data wiped (a node may have
+    /// formed the cluster with the old addresses) and all start again on
+    /// fresh ports, up to three times.
     pub fn start_controllers(&mut self, n: u64) -> anyhow::Result<()> {
-        for id in 1..=n {
-            self.reserve_controller(id)?;
-        }
         let peers: Vec<u64> = (1..=n).collect();
-        for id in 1..=n {
-            self.spawn_controller(id, &peers, false)?;
+        for attempt in 1.. {
+            for id in 1..=n {
+                self.reserve_controller(id)?;
+            }
+            for id in 1..=n {
+                self.spawn_controller(id, &peers, false)?;
+            }
+            let Some(lost) = self.controller_lost_port_race(&peers) else {
+                return Ok(());
+            };
+            if attempt == 3 {
+                bail!("controller {lost} could not bind its ports three times");
+            }
+            tracing::warn!(
+                controller = lost,
+                "a controller lost a port race at start; restarting all on fresh ports"
+            );
+            for id in &peers {
+                if let Some(c) = self.controllers.get_mut(id) {
+                    c.kill_blocking();
+                }
+                let _ = std::fs::remove_dir_all(self.root.join(format!("controller-{id}")));
+            }
         }
-        Ok(())
+        unreachable!("the loop returns or bails by the third attempt")
+    }
+
+    /// Waits (blocking, up to 20 s) until each of `ids` accepts on its API
+    /// port; the first that exited saying its address was in use, if any.
+    /// Any other exit is left for the caller's checks to report.
+    fn controller_lost_port_race(&mut self, ids: &[u64]) -> Option<u64> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut waiting: Vec<u64> = ids.to_vec();
+        while !waiting.is_empty() && Instant::now() < deadline {
+            let mut still = Vec::new();
+            for id in waiting {
+                let proc = self.controllers.get_mut(&id).expect("just spawned");
+                if proc.exited().is_some() {
+                    if proc.log_tail(20).contains("Address already in use") {
+                        return Some(id);
+                    }
+                    continue;
+                }
+                let addr: SocketAddr = self.controller_addrs[&id].parse().expect("ip:port");
+                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
+                {
+                    still.push(id);
+                }
+            }
+            waiting = still;
+            if !waiting.is_empty() {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        // A port held by another process also accepts: a controller that
+        // failed to bind it exits at once, so look once more.
+        std::thread::sleep(Duration::from_millis(100));
+        ids.iter().copied().find(|id| {
+            let proc = self.controllers.get_mut(id).expect("just spawned");
+            proc.exited().is_some() && proc.log_tail(20).contains("Address already in use")
+        })
     }
 
     /// Picks a listen address for controller `id`.
