@@ -42,7 +42,28 @@ impl Params {
                 services: 300,
             }
         }
+        .with_env()
     }
+
+    /// `CAUSEWAY_BENCH_SEQ_WRITES=N` sets the single-client writes per
+    /// system (a longer run narrows the p99 interval).
+    fn with_env(mut self) -> Self {
+        if let Some(n) = std::env::var("CAUSEWAY_BENCH_SEQ_WRITES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            self.seq_writes = n;
+        }
+        self
+    }
+}
+
+/// `CAUSEWAY_BENCH_CASES=write-1client,fanout-100,...` runs only those
+/// cases (for experiments; checks whose inputs were skipped read NaN).
+fn wanted(case: &str) -> bool {
+    std::env::var("CAUSEWAY_BENCH_CASES")
+        .map(|o| o.split(',').any(|c| c == case))
+        .unwrap_or(true)
 }
 
 fn export_set(n: usize, tag: u32) -> Vec<pb::Export> {
@@ -101,12 +122,14 @@ pub async fn run(
     let etcd_kv = etcd.kv(etcd_leader).await?;
     let value = vec![b'x'; 100];
 
-    println!(
-        "write-1client: {} sequential writes each, interleaved",
+    let seq_writes = if wanted("write-1client") {
         params.seq_writes
-    );
+    } else {
+        0
+    };
+    println!("write-1client: {seq_writes} sequential writes each, interleaved");
     let (mut cw, mut ew) = (Vec::new(), Vec::new());
-    for i in 0..params.seq_writes {
+    for i in 0..seq_writes {
         let mut c = fed_client.clone();
         let t = Instant::now();
         c.publish_exports(pb::PublishExportsRequest {
@@ -142,80 +165,92 @@ pub async fn run(
             }
         }
     }
-    // How much of the p99 ratio is this run's luck: pairs resampled
-    // together (before the sorting below breaks the pairing).
-    let (lo, hi) = crate::report::paired_ratio_interval(&cw, &ew, 99.0, 200);
-    println!("    p99 causeway/etcd: 90% of resampled runs read {lo:.2}..{hi:.2}");
-    report.add("write-1client", "causeway", "p99_vs_etcd_p05_ratio", lo);
-    report.add("write-1client", "causeway", "p99_vs_etcd_p95_ratio", hi);
-    for (sys, s) in [("causeway", &mut cw), ("etcd", &mut ew)] {
-        report.add("write-1client", sys, "p50_us", percentile(s, 50.0));
-        report.add("write-1client", sys, "p99_us", percentile(s, 99.0));
+    if seq_writes > 0 {
+        // How much of the p99 ratio is this run's luck: pairs resampled
+        // together (before the sorting below breaks the pairing).
+        let (lo, hi) = crate::report::paired_ratio_interval(&cw, &ew, 99.0, 200);
+        println!("    p99 causeway/etcd: 90% of resampled runs read {lo:.2}..{hi:.2}");
+        report.add("write-1client", "causeway", "p99_vs_etcd_p05_ratio", lo);
+        report.add("write-1client", "causeway", "p99_vs_etcd_p95_ratio", hi);
+        for (sys, s) in [("causeway", &mut cw), ("etcd", &mut ew)] {
+            report.add("write-1client", sys, "p50_us", percentile(s, 50.0));
+            report.add("write-1client", sys, "p99_us", percentile(s, 99.0));
+        }
     }
 
-    println!("write-64clients: {} s each", params.concurrent_secs);
-    let dur = Duration::from_secs(params.concurrent_secs);
-    // 64 clients over 8 connections, for both systems.
-    let mut conns = Vec::new();
-    for _ in 0..8 {
-        let cc = ControllerClient::new(
-            vec![fed.controller_addrs[&leader].clone()],
-            &site.controller_ca_pem,
-            Some(&site.api),
-        );
-        conns.push(cc.federation().await?);
-    }
-    let mut econns = Vec::new();
-    for _ in 0..8 {
-        econns.push(etcd.kv(etcd_leader).await?);
-    }
-    let causeway_rate = saturate(64, dur, {
-        let conns = conns.clone();
-        move |i| {
-            let mut c = conns[i as usize % conns.len()].clone();
-            async move {
-                c.publish_exports(pb::PublishExportsRequest {
-                    site: "bench".into(),
-                    exports: export_set(1, i),
-                    tunnel_addrs: vec![],
-                })
-                .await
-                .is_ok()
-            }
+    let (mut causeway_rate, mut etcd_rate) = (f64::NAN, f64::NAN);
+    if wanted("write-64clients") {
+        println!("write-64clients: {} s each", params.concurrent_secs);
+        let dur = Duration::from_secs(params.concurrent_secs);
+        // 64 clients over 8 connections, for both systems.
+        let mut conns = Vec::new();
+        for _ in 0..8 {
+            let cc = ControllerClient::new(
+                vec![fed.controller_addrs[&leader].clone()],
+                &site.controller_ca_pem,
+                Some(&site.api),
+            );
+            conns.push(cc.federation().await?);
         }
-    })
-    .await;
-    let etcd_rate = saturate(64, dur, {
-        let econns = econns.clone();
-        let value = value.clone();
-        move |i| {
-            let mut e = econns[i as usize % econns.len()].clone();
+        let mut econns = Vec::new();
+        for _ in 0..8 {
+            econns.push(etcd.kv(etcd_leader).await?);
+        }
+        causeway_rate = saturate(64, dur, {
+            let conns = conns.clone();
+            move |i| {
+                let mut c = conns[i as usize % conns.len()].clone();
+                async move {
+                    c.publish_exports(pb::PublishExportsRequest {
+                        site: "bench".into(),
+                        exports: export_set(1, i),
+                        tunnel_addrs: vec![],
+                    })
+                    .await
+                    .is_ok()
+                }
+            }
+        })
+        .await;
+        etcd_rate = saturate(64, dur, {
+            let econns = econns.clone();
             let value = value.clone();
-            async move {
-                e.put(PutRequest {
-                    key: format!("k{}", i % 64).into_bytes(),
-                    value,
-                    ..Default::default()
-                })
-                .await
-                .is_ok()
+            move |i| {
+                let mut e = econns[i as usize % econns.len()].clone();
+                let value = value.clone();
+                async move {
+                    e.put(PutRequest {
+                        key: format!("k{}", i % 64).into_bytes(),
+                        value,
+                        ..Default::default()
+                    })
+                    .await
+                    .is_ok()
+                }
             }
-        }
-    })
-    .await;
-    report.add("write-64clients", "causeway", "writes_per_s", causeway_rate);
-    report.add("write-64clients", "etcd", "writes_per_s", etcd_rate);
+        })
+        .await;
+        report.add("write-64clients", "causeway", "writes_per_s", causeway_rate);
+        report.add("write-64clients", "etcd", "writes_per_s", etcd_rate);
+    }
 
-    println!(
-        "fanout-100: {} changes, 100 watchers each",
-        params.fanout_rounds
-    );
     let admin = fed.admin_client(Some(leader))?;
-    let c_fan = fanout_causeway(&admin, &fed_client, params.fanout_rounds).await?;
-    let e_fan = fanout_etcd(&etcd, etcd_leader, &etcd_kv, params.fanout_rounds).await?;
-    report.add("fanout-100", "causeway", "p99_ms", c_fan);
-    report.add("fanout-100", "etcd", "p99_ms", e_fan);
+    let mut c_fan = f64::NAN;
+    if wanted("fanout-100") {
+        println!(
+            "fanout-100: {} changes, 100 watchers each",
+            params.fanout_rounds
+        );
+        c_fan = fanout_causeway(&admin, &fed_client, params.fanout_rounds).await?;
+        let e_fan = fanout_etcd(&etcd, etcd_leader, &etcd_kv, params.fanout_rounds).await?;
+        report.add("fanout-100", "causeway", "p99_ms", c_fan);
+        report.add("fanout-100", "etcd", "p99_ms", e_fan);
+    }
     etcd.stop().await;
+    if !wanted("scale-1000sites") {
+        fed.shutdown().await;
+        return finish(report, causeway_rate, etcd_rate, c_fan, f64::NAN);
+    }
 
     println!(
         "scale: {} sites x {} services",
@@ -265,7 +300,17 @@ pub async fn run(
         catchup,
     );
     fed.shutdown().await;
+    finish(report, causeway_rate, etcd_rate, c_fan, per_site)
+}
 
+/// The suite's checks (an input from a skipped case reads NaN).
+fn finish(
+    report: &mut Report,
+    causeway_rate: f64,
+    etcd_rate: f64,
+    c_fan: f64,
+    per_site: f64,
+) -> anyhow::Result<()> {
     let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { f64::NAN };
     report.check(
         "p99 commit causeway/etcd",
