@@ -1868,6 +1868,31 @@ async fn published_bundle(fed: &LocalFederation, site: &str) -> Vec<String> {
         .collect()
 }
 
+/// `ca rotate-site finish` for `site`, then SIGHUP its gateway and wait
+/// until it issues its tunnel certificate from the new CA.
+async fn finish_rotation(fed: &LocalFederation, site: &str) {
+    let dir = fed.sites[site].state_dir.to_str().unwrap().to_string();
+    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", &dir, "finish"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("SIGHUP"), "{out}");
+    let pid = fed.sites[site].gateway.pid().unwrap();
+    let st = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fed.sites[site].gateway.log_tail(20);
+        if log.contains("tunnel certificate renewed") {
+            assert!(log.contains("site CA on disk changed"), "{log}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "{site} never renewed:\n{log}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1901,25 +1926,7 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     assert!(out.contains("already under way"), "{out}");
 
     tracing::info!("phase: finish, and SIGHUP east: it issues from the new CA");
-    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", dir, "finish"]);
-    assert_eq!(code, 0, "{out}");
-    assert!(out.contains("SIGHUP"), "{out}");
-    let pid = fed.sites["east"].gateway.pid().unwrap();
-    let st = std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = fed.sites["east"].gateway.log_tail(20);
-        if log.contains("tunnel certificate renewed") {
-            assert!(log.contains("site CA on disk changed"), "{log}");
-            break;
-        }
-        assert!(Instant::now() < deadline, "east never renewed:\n{log}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    finish_rotation(&fed, "east").await;
 
     tracing::info!("phase: the held connection is still up");
     held.write_all(b"after!").await.unwrap();
@@ -1968,6 +1975,79 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
         .await
         .unwrap_err();
     assert!(e.to_string().contains("trust_bundle_pem"), "{e}");
+    fed.shutdown().await;
+}
+
+/// The calling site rotates its CA and prunes the old one. The exporting
+/// site retires the tunnel the caller made with its old certificate: that
+/// tunnel takes no new stream from then on (they are refused as
+/// `Retired`), and the caller, told so, asks again over a fresh tunnel, so
+/// no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_caller_prunes_its_old_ca_no_new_stream_rides_its_old_tunnel() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let target = SocketAddr::new(vip, 7000);
+    let west_dir = fed.sites["west"].state_dir.clone();
+    let dir = west_dir.to_str().unwrap().to_string();
+
+    tracing::info!("phase: west rotates to a new CA; its tunnel to east stays up");
+    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", &dir, "start"]);
+    assert_eq!(code, 0, "{out}");
+    finish_rotation(&fed, "west").await;
+    wait_tunnel(target).await;
+    let east_admin = fed.sites["east"].gateway_admin;
+    let refused = r#"causeway_tunnel_streams_total{direction="in",status="retired"}"#;
+    assert_eq!(
+        metric(&http_get(east_admin, "/metrics").await, refused),
+        0.0
+    );
+
+    tracing::info!("phase: west prunes the old CA; east retires the old tunnel");
+    let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", &dir, "prune"]);
+    assert_eq!(code, 0, "{out}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fed.sites["east"].gateway.log_tail(40);
+        if log.contains("retiring tunnels") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "east never retired west's old tunnel:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    tracing::info!("phase: within the grace, every call gets through, none over the old tunnel");
+    for i in 0..5u8 {
+        let msg = [b'a' + i; 8];
+        let got = tokio::time::timeout(Duration::from_secs(5), try_echo_roundtrip(target, &msg))
+            .await
+            .expect("a call hung")
+            .expect("a call failed");
+        assert_eq!(got, msg);
+    }
+    let east = http_get(east_admin, "/metrics").await;
+    assert_eq!(
+        metric(&east, refused),
+        1.0,
+        "exactly the first new stream should have met the retired tunnel"
+    );
+    let west = http_get(fed.sites["west"].gateway_admin, "/metrics").await;
+    assert_eq!(
+        metric(&west, r#"causeway_tunnel_status_total{status="retired"}"#),
+        1.0
+    );
+    assert!(
+        fed.sites["west"]
+            .gateway
+            .log_tail(40)
+            .contains("peer retired the tunnel"),
+        "west never said why it redialed"
+    );
     fed.shutdown().await;
 }
 

@@ -2,6 +2,7 @@
 //! header, connect to a local endpoint, answer with a status, splice.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -17,6 +18,9 @@ use crate::splice::splice;
 /// A peer must send its header within this time after opening a stream.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An inbound connection and its retired flag.
+type InboundConn = (quinn::Connection, Arc<AtomicBool>);
+
 pub struct Inbound {
     pub store: Arc<TrustStore>,
     pub exports: Vec<LocalExport>,
@@ -25,8 +29,9 @@ pub struct Inbound {
     /// How long a peer has to send the stream header.
     pub header_timeout: Duration,
     endpoints: Vec<crate::endpoints::EndpointSet>,
-    /// Live inbound connections per peer site, to tear down on removal.
-    conns: Mutex<HashMap<SiteName, Vec<quinn::Connection>>>,
+    /// Live inbound connections per peer site, to tear down on removal,
+    /// each with its retired flag (set: it takes no new streams).
+    conns: Mutex<HashMap<SiteName, Vec<InboundConn>>>,
     /// The routing table, for AuthorizationPolicy (set once running).
     routes: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<crate::routes::Routes>>>,
 }
@@ -132,18 +137,22 @@ impl Inbound {
         metrics::counter!("causeway_tunnel_connections_total", "direction" => "in", "result" => "ok").increment(1);
         metrics::gauge!("causeway_tunnel_connections", "direction" => "in").increment(1.0);
         tracing::info!(site = %peer.site, id = %peer.id, remote = %conn.remote_address(), "tunnel accepted");
+        let retired = Arc::new(AtomicBool::new(false));
         {
             let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
             let v = m.entry(peer.site.clone()).or_default();
-            v.retain(|c| c.close_reason().is_none());
-            v.push(conn.clone());
+            v.retain(|(c, _)| c.close_reason().is_none());
+            v.push((conn.clone(), retired.clone()));
         }
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
                     let this = self.clone();
                     let peer = peer.clone();
-                    tokio::spawn(async move { this.serve_stream(peer, send, recv).await });
+                    let retired = retired.clone();
+                    tokio::spawn(
+                        async move { this.serve_stream(peer, &retired, send, recv).await },
+                    );
                 }
                 Err(e) => {
                     tracing::debug!(site = %peer.site, error = %e, "tunnel closed");
@@ -157,6 +166,7 @@ impl Inbound {
     async fn serve_stream(
         &self,
         peer: Peer,
+        retired: &AtomicBool,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
@@ -173,6 +183,19 @@ impl Inbound {
                 return;
             }
         };
+        if retired.load(Ordering::Relaxed) {
+            // The peer's certificate no longer chains to its site's bundle:
+            // streams in flight finish within the grace, new ones are
+            // refused: the caller opens a fresh tunnel and tries again.
+            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "retired").increment(1);
+            let _ = respond(
+                &mut send,
+                Status::Retired,
+                "this tunnel is retired (its certificate is no longer trusted); open a new one",
+            )
+            .await;
+            return;
+        }
         if self.drain.is_draining() {
             metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "draining").increment(1);
             let _ = respond(
@@ -237,10 +260,12 @@ impl Inbound {
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").decrement(1.0);
     }
 
-    /// Tears down inbound tunnels from sites no longer trusted.
-    /// Closes the connections from `site` that `reject` picks after
-    /// [`crate::pool::RETIRE_GRACE`] (the peer redials when they close);
-    /// how many.
+    /// Retires the connections from `site` that `reject` picks (their
+    /// peer's certificate no longer chains to the site's bundle): from now
+    /// on they refuse new streams with `Retired`, which makes the caller
+    /// open a fresh tunnel, and they close after
+    /// [`crate::pool::RETIRE_GRACE`], so streams in flight get that long.
+    /// How many.
     pub fn retire_where(
         &self,
         site: &SiteName,
@@ -250,8 +275,9 @@ impl Inbound {
         let m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let Some(conns) = m.get(site) else { return 0 };
         let mut retired = 0;
-        for c in conns {
-            if c.close_reason().is_none() && reject(c) {
+        for (c, flag) in conns {
+            if c.close_reason().is_none() && !flag.load(Ordering::Relaxed) && reject(c) {
+                flag.store(true, Ordering::Relaxed);
                 crate::pool::close_after(c.clone(), crate::pool::RETIRE_GRACE, reason);
                 retired += 1;
             }
@@ -264,7 +290,7 @@ impl Inbound {
         m.retain(|site, conns| {
             let k = keep(site);
             if !k {
-                for c in conns.iter() {
+                for (c, _) in conns.iter() {
                     c.close(quinn::VarInt::from_u32(2), b"site removed");
                 }
             }

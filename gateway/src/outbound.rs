@@ -479,17 +479,48 @@ impl Outbound {
             .sites
             .get(site)
             .ok_or_else(|| Attempt::Retry("site unknown".into()))?;
-        let conn = self
-            .pool
-            .connection(site, route)
-            .await
-            .map_err(|e| Attempt::Retry(e.to_string()))?;
+        // A peer that retired the tunnel (it no longer trusts the
+        // certificate this gateway made it with) answers Retired: the
+        // stream is asked again once, over a fresh tunnel.
+        let mut fresh = false;
+        loop {
+            let conn = self
+                .pool
+                .connection(site, route)
+                .await
+                .map_err(|e| Attempt::Retry(e.to_string()))?;
+            let (send, recv, resp) = self.open_on(&conn, service, port).await?;
+            metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str())
+                .increment(1);
+            return match resp.status {
+                Status::Opened => Ok((send, recv)),
+                Status::Retired if !fresh => {
+                    tracing::info!(%site, reason = %resp.message, "peer retired the tunnel; asking again over a fresh one");
+                    self.pool.retire(site, &conn);
+                    fresh = true;
+                    continue;
+                }
+                s if s.is_retryable() => {
+                    Err(Attempt::Retry(format!("{}: {}", s.as_str(), resp.message)))
+                }
+                s => Err(Attempt::Fatal(format!("{}: {}", s.as_str(), resp.message))),
+            };
+        }
+    }
+
+    /// Opens a stream on `conn`, sends the header and reads the status.
+    async fn open_on(
+        &self,
+        conn: &quinn::Connection,
+        service: &ServiceKey,
+        port: u16,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, OpenResponse), Attempt> {
         // At the peer's stream cap, open_bi waits for a stream to end.
         let (mut send, mut recv) = match tokio::time::timeout(STATUS_TIMEOUT, conn.open_bi()).await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
-                self.pool.evict(&conn);
+                self.pool.evict(conn);
                 return Err(Attempt::Retry(format!("open stream: {e}")));
             }
             Err(_) => {
@@ -515,15 +546,7 @@ impl Outbound {
             .await
             .map_err(|_| Attempt::Retry("no status within the deadline".into()))?
             .map_err(Attempt::Retry)?;
-        metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str())
-            .increment(1);
-        match resp.status {
-            Status::Opened => Ok((send, recv)),
-            s if s.is_retryable() => {
-                Err(Attempt::Retry(format!("{}: {}", s.as_str(), resp.message)))
-            }
-            s => Err(Attempt::Fatal(format!("{}: {}", s.as_str(), resp.message))),
-        }
+        Ok((send, recv, resp))
     }
 }
 

@@ -468,6 +468,15 @@ impl Pool {
         redial.len()
     }
 
+    /// Retires one connection to `site` whose peer refused a new stream
+    /// with `Draining` (the peer retired its end, or is shutting down):
+    /// like [`Self::retire_where`] for that connection alone. Whether it
+    /// was still in the pool (a concurrent stream may have retired it).
+    pub fn retire(&self, site: &SiteName, conn: &quinn::Connection) -> bool {
+        let id = conn.stable_id();
+        self.retire_where(site, |c| c.stable_id() == id, b"peer refused new streams") > 0
+    }
+
     /// Closes a connection that failed to open a stream: the next stream
     /// picks another replica, and this one is redialed after a backoff.
     pub fn evict(&self, conn: &quinn::Connection) {

@@ -75,6 +75,10 @@ pub enum Status {
     BadRequest = 4,
     /// The gateway is draining. Retryable.
     Draining = 5,
+    /// This tunnel takes no new streams (the answering gateway retired it:
+    /// the caller's certificate no longer chains to its site's bundle).
+    /// Retryable over a fresh tunnel to the same site.
+    Retired = 6,
 }
 
 impl Status {
@@ -86,6 +90,7 @@ impl Status {
             3 => Status::Forbidden,
             4 => Status::BadRequest,
             5 => Status::Draining,
+            6 => Status::Retired,
             other => return Err(HeaderError::Status(other)),
         })
     }
@@ -94,7 +99,7 @@ impl Status {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Status::NoEndpoints | Status::UnknownService | Status::Draining
+            Status::NoEndpoints | Status::UnknownService | Status::Draining | Status::Retired
         )
     }
 
@@ -107,6 +112,7 @@ impl Status {
             Status::Forbidden => "forbidden",
             Status::BadRequest => "bad_request",
             Status::Draining => "draining",
+            Status::Retired => "retired",
         }
     }
 }
@@ -371,6 +377,7 @@ mod tests {
     fn retryable_statuses() {
         assert!(Status::NoEndpoints.is_retryable());
         assert!(Status::Draining.is_retryable());
+        assert!(Status::Retired.is_retryable());
         assert!(!Status::Forbidden.is_retryable());
         assert!(!Status::Opened.is_retryable());
     }
