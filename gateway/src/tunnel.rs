@@ -97,11 +97,7 @@ pub fn endpoint(
         .max_udp_payload_size(q.max_udp_payload)
         .map_err(|e| anyhow::anyhow!("quic.max_udp_payload: {e}"))?;
     let runtime = Arc::new(quinn::TokioRuntime);
-    let inner = quinn::Runtime::wrap_udp_socket(&*runtime, socket)?;
-    let socket = Arc::new(GsoCapped {
-        max_segments: gso_segments(q.max_udp_payload),
-        inner,
-    });
+    let socket = Arc::new(TunnelSocket::new(socket, gso_segments(q.max_udp_payload))?);
     Ok(quinn::Endpoint::new_with_abstract_socket(
         config,
         Some(server),
@@ -120,24 +116,61 @@ pub fn gso_segments(max_udp_payload: u16) -> usize {
     (GSO_MAX_BYTES / usize::from(max_udp_payload.max(1200))).max(1)
 }
 
-/// The tokio UDP socket, with segmentation offload batches capped so that
-/// a batch of full-size datagrams stays under [`GSO_MAX_BYTES`]. quinn
-/// batches up to 10 datagrams of the current path MTU; with jumbo or
-/// loopback MTUs (above ~6.5 kB) that would exceed the kernel's limit and
-/// every full batch would be dropped on the floor.
+/// The tunnel's UDP socket as quinn sees it, tuned for latency:
+///
+/// - it is registered with the runtime for reads only. A socket registered
+///   for writes too gets a write-readiness event after nearly every send
+///   (the kernel frees the datagram at once on a fast path), and each one
+///   wakes the runtime for nothing. Writes are tried directly; only a send
+///   that would block registers a second handle of the socket for write
+///   readiness, until it is writable again.
+/// - a receive batch that came back short of the buffers offered drained
+///   the socket, so read readiness is cleared then and there instead of by
+///   one more `recvmmsg` that would only say `EAGAIN`. (A datagram that
+///   lands in between raises readiness again: the runtime keeps readiness
+///   newer than what it cleared.)
+/// - segmentation-offload batches are capped so a batch of full-size
+///   datagrams stays under [`GSO_MAX_BYTES`]: quinn batches up to 10
+///   datagrams of the current path MTU, and with jumbo or loopback MTUs
+///   (above ~6.5 kB) the kernel would refuse every full batch.
 #[derive(Debug)]
-struct GsoCapped {
+struct TunnelSocket {
+    io: tokio::io::unix::AsyncFd<std::net::UdpSocket>,
+    state: quinn::udp::UdpSocketState,
     max_segments: usize,
-    inner: Arc<dyn quinn::AsyncUdpSocket>,
+    /// The last send found the socket's buffer full: wait for write
+    /// readiness before the next (until then quinn may just send).
+    blocked: std::sync::atomic::AtomicBool,
 }
 
-impl quinn::AsyncUdpSocket for GsoCapped {
+impl TunnelSocket {
+    fn new(socket: std::net::UdpSocket, max_segments: usize) -> std::io::Result<Self> {
+        let state = quinn::udp::UdpSocketState::new((&socket).into())?;
+        let io = register(socket, tokio::io::Interest::READABLE)?;
+        Ok(Self {
+            io,
+            state,
+            max_segments,
+            blocked: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+}
+
+impl quinn::AsyncUdpSocket for TunnelSocket {
     fn create_io_poller(self: Arc<Self>) -> std::pin::Pin<Box<dyn quinn::UdpPoller>> {
-        self.inner.clone().create_io_poller()
+        Box::pin(WritablePoller {
+            socket: self,
+            wait: None,
+        })
     }
 
     fn try_send(&self, transmit: &quinn::udp::Transmit) -> std::io::Result<()> {
-        self.inner.try_send(transmit)
+        let sent = self.state.send(self.io.get_ref().into(), transmit);
+        if matches!(&sent, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock) {
+            self.blocked
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
+        sent
     }
 
     fn poll_recv(
@@ -146,23 +179,101 @@ impl quinn::AsyncUdpSocket for GsoCapped {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [quinn::udp::RecvMeta],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        self.inner.poll_recv(cx, bufs, meta)
+        use std::task::{ready, Poll};
+        let offered = bufs.len().min(meta.len());
+        loop {
+            let mut guard = ready!(self.io.poll_read_ready(cx))?;
+            let mut short = 0;
+            let got = guard.try_io(|io| {
+                let n = self.state.recv(io.get_ref().into(), bufs, meta)?;
+                if n > 0 && n < offered {
+                    // Drained: clear readiness now (see the type's docs).
+                    short = n;
+                    return Err(std::io::ErrorKind::WouldBlock.into());
+                }
+                Ok(n)
+            });
+            match got {
+                Ok(result) => return Poll::Ready(result),
+                Err(_would_block) if short > 0 => return Poll::Ready(Ok(short)),
+                Err(_would_block) => continue,
+            }
+        }
     }
 
     fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.inner.local_addr()
+        self.io.get_ref().local_addr()
     }
 
     fn max_transmit_segments(&self) -> usize {
-        self.inner.max_transmit_segments().min(self.max_segments)
+        self.state.max_gso_segments().min(self.max_segments)
     }
 
     fn max_receive_segments(&self) -> usize {
-        self.inner.max_receive_segments()
+        self.state.gro_segments()
     }
 
     fn may_fragment(&self) -> bool {
-        self.inner.may_fragment()
+        self.state.may_fragment()
+    }
+}
+
+/// Registers `socket` with the runtime for `interest` only.
+///
+/// tokio deprecated this safe constructor for types whose `as_raw_fd` may
+/// change or close under it (its replacement is `unsafe`, which this
+/// workspace forbids). A `std::net::UdpSocket` owns its descriptor, and
+/// the `AsyncFd` owns the socket until both are dropped, so here it is sound.
+#[allow(deprecated)]
+fn register(
+    socket: std::net::UdpSocket,
+    interest: tokio::io::Interest,
+) -> std::io::Result<tokio::io::unix::AsyncFd<std::net::UdpSocket>> {
+    tokio::io::unix::AsyncFd::with_interest(socket, interest)
+}
+
+type WaitWritable =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<()>> + Send + Sync>>;
+
+/// Waits until the socket can take a send again, through a second handle
+/// registered for write readiness only while someone waits.
+struct WritablePoller {
+    socket: Arc<TunnelSocket>,
+    wait: Option<WaitWritable>,
+}
+
+impl std::fmt::Debug for WritablePoller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WritablePoller").finish_non_exhaustive()
+    }
+}
+
+impl quinn::UdpPoller for WritablePoller {
+    fn poll_writable(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::sync::atomic::Ordering;
+        let this = self.get_mut();
+        if this.wait.is_none() && !this.socket.blocked.load(Ordering::Acquire) {
+            // quinn asks before every send; only a full buffer makes it wait.
+            return std::task::Poll::Ready(Ok(()));
+        }
+        let wait = this.wait.get_or_insert_with(|| {
+            let dup = this.socket.io.get_ref().try_clone();
+            Box::pin(async move {
+                let fd = register(dup?, tokio::io::Interest::WRITABLE)?;
+                // Registering reports a socket that is writable already.
+                let _ready = fd.writable().await?;
+                Ok(())
+            })
+        });
+        let result = wait.as_mut().poll(cx);
+        if result.is_ready() {
+            this.wait = None;
+            this.socket.blocked.store(false, Ordering::Release);
+        }
+        result
     }
 }
 
@@ -187,6 +298,64 @@ fn size_udp_buffers(socket: &std::net::UdpSocket, bytes: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Receives until `bytes` have arrived (GRO may coalesce datagrams).
+    async fn recv_bytes(sock: &TunnelSocket, bytes: usize) -> usize {
+        use quinn::AsyncUdpSocket;
+        let mut got = 0;
+        let mut storage = vec![vec![0u8; 65_536]; 8];
+        while got < bytes {
+            let mut bufs: Vec<std::io::IoSliceMut<'_>> = storage
+                .iter_mut()
+                .map(|b| std::io::IoSliceMut::new(b))
+                .collect();
+            let mut meta = vec![quinn::udp::RecvMeta::default(); bufs.len()];
+            let n = tokio::time::timeout(
+                Duration::from_secs(2),
+                std::future::poll_fn(|cx| sock.poll_recv(cx, &mut bufs, &mut meta)),
+            )
+            .await
+            .expect("a datagram that arrived never woke the receiver")
+            .unwrap();
+            got += meta[..n].iter().map(|m| m.len).sum::<usize>();
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_drained_socket_still_wakes_for_the_next_datagram() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let to = rx.local_addr().unwrap();
+        let sock = TunnelSocket::new(rx, 4).unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for round in 0..60usize {
+            // Short batches (readiness cleared without a last recvmmsg),
+            // then datagrams that land after the drain, sent from another
+            // thread while the receiver waits.
+            let n = round % 5 + 1;
+            let late = round % 3 == 0;
+            let tx2 = tx.try_clone().unwrap();
+            let send = move || {
+                for i in 0..n {
+                    tx2.send_to(&[i as u8; 100], to).unwrap();
+                }
+            };
+            let sender = if late {
+                Some(std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(2));
+                    send()
+                }))
+            } else {
+                send();
+                None
+            };
+            assert_eq!(recv_bytes(&sock, n * 100).await, n * 100, "round {round}");
+            if let Some(t) = sender {
+                t.join().unwrap();
+            }
+        }
+    }
 
     #[test]
     fn an_offloaded_batch_of_full_datagrams_fits_one_ip_datagram() {
