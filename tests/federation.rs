@@ -1899,6 +1899,8 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
+    // A retired tunnel keeps its streams this long (default 10 s).
+    fed.gateway_extra = "retire_grace_secs = 3\n".into();
     let (vip, _echo) = echo_sites_ready(&mut fed).await;
     let target = SocketAddr::new(vip, 7000);
     let east_dir = fed.sites["east"].state_dir.clone();
@@ -1941,6 +1943,10 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
 
     tracing::info!("phase: new streams take a fresh tunnel; the one made with the old CA is cut after its grace");
     wait_tunnel(target).await;
+    // Still within the grace: the stream in flight carries on.
+    held.write_all(b"grace!").await.unwrap();
+    held.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"grace!");
     let cut = tokio::time::timeout(Duration::from_secs(30), async {
         let mut rest = Vec::new();
         let _ = held.read_to_end(&mut rest).await;

@@ -43,6 +43,11 @@ pub struct GatewayConfig {
     /// On SIGTERM, how long streams in flight may take to finish.
     #[serde(default = "default_drain")]
     pub drain_secs: f64,
+    /// When a peer site's bundle drops the CA a live tunnel was
+    /// authenticated with, how long that tunnel keeps carrying the streams
+    /// it has (it takes no new ones) before it is closed. Default 10 s.
+    #[serde(default = "default_retire_grace")]
+    pub retire_grace_secs: f64,
     /// Lifetime of this replica's tunnel certificate (issued by the site
     /// CA at start); it is renewed in place at two thirds of it, and on
     /// SIGHUP, without dropping tunnels. Default one day.
@@ -258,6 +263,10 @@ fn default_authorization() -> String {
 fn default_balancer() -> String {
     "p2c_ewma".into()
 }
+fn default_retire_grace() -> f64 {
+    10.0
+}
+
 fn default_drain() -> f64 {
     10.0
 }
@@ -298,6 +307,7 @@ pub struct Settings {
     pub site_ca: Option<(PathBuf, PathBuf)>,
     pub health_interval: Duration,
     pub drain_timeout: Duration,
+    pub retire_grace: Duration,
     pub cert_ttl: Duration,
     pub balancer: causeway_gateway_core::balance::Strategy,
     pub quic: QuicConfig,
@@ -388,6 +398,9 @@ impl GatewayConfig {
         }
         if !(self.drain_secs >= 0.0 && self.drain_secs <= 3600.0) {
             errs.push("drain_secs: must be between 0 and 3600".into());
+        }
+        if !(self.retire_grace_secs >= 0.0 && self.retire_grace_secs <= 86400.0) {
+            errs.push("retire_grace_secs: must be between 0 and 86400 (a day)".into());
         }
         if self.worker_threads > 1024 {
             errs.push("worker_threads: must be between 0 (one per CPU) and 1024".into());
@@ -544,6 +557,7 @@ impl GatewayConfig {
             site_ca,
             health_interval: Duration::from_secs_f64(self.health_interval_secs),
             drain_timeout: Duration::from_secs_f64(self.drain_secs),
+            retire_grace: Duration::from_secs_f64(self.retire_grace_secs),
             cert_ttl: Duration::from_secs_f64(self.cert_ttl_secs),
             balancer: balancer.expect("checked above"),
             quic: self.quic.clone(),
@@ -609,6 +623,36 @@ mod tests {
             err.contains("quic.congestion") && err.contains("quic.rtt_ms"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn retire_grace_is_bounded_and_defaults_to_ten_seconds() {
+        let cfg = GatewayConfig::from_toml("state_dir = \"/x\"\n").unwrap();
+        assert_eq!(
+            cfg.validate().unwrap().retire_grace,
+            Duration::from_secs(10)
+        );
+        for (v, ok) in [
+            ("0", true),
+            ("2.5", true),
+            ("86400", true),
+            ("-1", false),
+            ("86401", false),
+        ] {
+            let cfg =
+                GatewayConfig::from_toml(&format!("state_dir = \"/x\"\nretire_grace_secs = {v}\n"))
+                    .unwrap();
+            match cfg.validate() {
+                Ok(s) => {
+                    assert!(ok, "{v} accepted");
+                    assert_eq!(s.retire_grace.as_secs_f64(), v.parse::<f64>().unwrap());
+                }
+                Err(e) => {
+                    assert!(!ok, "{v} refused: {e}");
+                    assert!(e.to_string().contains("retire_grace_secs"), "{e}");
+                }
+            }
+        }
     }
 
     #[test]

@@ -264,13 +264,14 @@ impl Inbound {
     /// peer's certificate no longer chains to the site's bundle): from now
     /// on they refuse new streams with `Retired`, which makes the caller
     /// open a fresh tunnel, and they close after
-    /// [`crate::pool::RETIRE_GRACE`], so streams in flight get that long.
+    /// `grace`, so streams in flight get that long.
     /// How many.
     pub fn retire_where(
         &self,
         site: &SiteName,
         reject: impl Fn(&quinn::Connection) -> bool,
         reason: &'static [u8],
+        grace: Duration,
     ) -> usize {
         let m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let Some(conns) = m.get(site) else { return 0 };
@@ -278,7 +279,7 @@ impl Inbound {
         for (c, flag) in conns {
             if c.close_reason().is_none() && !flag.load(Ordering::Relaxed) && reject(c) {
                 flag.store(true, Ordering::Relaxed);
-                crate::pool::close_after(c.clone(), crate::pool::RETIRE_GRACE, reason);
+                crate::pool::close_after(c.clone(), grace, reason);
                 retired += 1;
             }
         }

@@ -146,6 +146,7 @@ pub async fn run(
         cred.clone(),
         store.clone(),
         settings.quic.clone(),
+        settings.retire_grace,
     );
     let sync_task = tokio::spawn(sync_catalog(
         cat_rx,
@@ -285,8 +286,14 @@ async fn renew_credential(
 /// After `site`'s bundle changed: retires the tunnels with it whose peer
 /// certificate no longer chains to the bundle (a CA was pruned from it):
 /// new streams take fresh tunnels at once, the old ones close after
-/// [`pool::RETIRE_GRACE`].
-fn retire_untrusted(site: &SiteName, store: &TrustStore, pool: &Pool, inbound: &Inbound) {
+/// `retire_grace_secs`.
+fn retire_untrusted(
+    site: &SiteName,
+    store: &TrustStore,
+    pool: &Pool,
+    inbound: &Inbound,
+    grace: Duration,
+) {
     let untrusted = |conn: &quinn::Connection, client: bool| {
         conn.peer_identity()
             .and_then(|i| {
@@ -297,10 +304,10 @@ fn retire_untrusted(site: &SiteName, store: &TrustStore, pool: &Pool, inbound: &
     };
     let reason = b"peer certificate no longer trusted";
     let retired = pool.retire_where(site, |c| untrusted(c, false), reason)
-        + inbound.retire_where(site, |c| untrusted(c, true), reason);
+        + inbound.retire_where(site, |c| untrusted(c, true), reason, grace);
     if retired > 0 {
         metrics::counter!("causeway_tunnels_untrusted_retired_total").increment(retired as u64);
-        tracing::warn!(%site, retired, grace = ?pool::RETIRE_GRACE, "retiring tunnels whose peer certificate no longer chains to the site's trust bundle");
+        tracing::warn!(%site, retired, ?grace, "retiring tunnels whose peer certificate no longer chains to the site's trust bundle");
     }
 }
 
@@ -341,7 +348,13 @@ async fn sync_catalog(
                                 .insert(n.clone(), site.trust_bundle_pem.clone())
                                 .is_some();
                             if had {
-                                retire_untrusted(&n, &store, &pool, &inbound);
+                                retire_untrusted(
+                                    &n,
+                                    &store,
+                                    &pool,
+                                    &inbound,
+                                    settings.retire_grace,
+                                );
                             }
                         }
                         Err(e) => {

@@ -31,6 +31,8 @@ const EARLY_DIAL_EVERY: Duration = Duration::from_millis(250);
 
 pub struct Pool {
     quic: crate::config::QuicConfig,
+    /// How long a retired connection keeps its streams before it closes.
+    retire_grace: Duration,
     endpoint: quinn::Endpoint,
     /// This replica's certificate for new dials; replaced on renewal.
     cred: Mutex<Credential>,
@@ -91,9 +93,11 @@ impl Pool {
         cred: Credential,
         store: Arc<TrustStore>,
         quic: crate::config::QuicConfig,
+        retire_grace: Duration,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
             quic,
+            retire_grace,
             endpoint,
             cred: Mutex::new(cred),
             store,
@@ -438,7 +442,7 @@ impl Pool {
     /// Retires the connections to `site` that `reject` picks (their peer's
     /// certificate no longer chains to the site's bundle): new streams go
     /// over a fresh connection, dialed at once; the old one is closed after
-    /// [`RETIRE_GRACE`], so streams in flight get that long. How many.
+    /// `retire_grace_secs`, so streams in flight get that long. How many.
     pub fn retire_where(
         &self,
         site: &SiteName,
@@ -457,7 +461,7 @@ impl Pool {
                     r.conn = None;
                     r.dialing = true;
                     redial.push(r.at);
-                    close_after(c, RETIRE_GRACE, reason);
+                    close_after(c, self.retire_grace, reason);
                 }
             }
             Self::publish_gauge(&sites);
@@ -559,10 +563,6 @@ impl Pool {
             .unwrap_or_default()
     }
 }
-
-/// How long a retired connection (see [`Pool::retire_where`]) carries the
-/// streams it has before it is closed.
-pub const RETIRE_GRACE: Duration = Duration::from_secs(10);
 
 /// Closes `conn` after `grace`, from a task of its own.
 pub fn close_after(conn: quinn::Connection, grace: Duration, reason: &'static [u8]) {
