@@ -1900,7 +1900,7 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
     // A retired tunnel keeps its streams this long (default 10 s).
-    fed.gateway_extra = "retire_grace_secs = 3\n".into();
+    fed.gateway_extra = "retire_grace_secs = 5\n".into();
     let (vip, _echo) = echo_sites_ready(&mut fed).await;
     let target = SocketAddr::new(vip, 7000);
     let east_dir = fed.sites["east"].state_dir.clone();
@@ -1941,20 +1941,29 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
     assert_eq!(published_bundle(&fed, "east").await, [new_ca.trim()]);
     assert!(!east_dir.join("site-ca-prev.pem").exists());
 
-    tracing::info!("phase: new streams take a fresh tunnel; the one made with the old CA is cut after its grace");
-    wait_tunnel(target).await;
-    // Still within the grace: the stream in flight carries on.
+    // Once west has retired the tunnel, within the grace, the stream in
+    // flight carries on.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !fed.sites["west"]
+        .gateway
+        .log_tail(40)
+        .contains("retiring tunnels")
+    {
+        assert!(Instant::now() < deadline, "west never retired the tunnel");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     held.write_all(b"grace!").await.unwrap();
     held.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"grace!");
+
+    tracing::info!("phase: new streams take a fresh tunnel; the one made with the old CA is cut after its grace");
+    wait_tunnel(target).await;
     let cut = tokio::time::timeout(Duration::from_secs(30), async {
         let mut rest = Vec::new();
         let _ = held.read_to_end(&mut rest).await;
     })
     .await;
     assert!(cut.is_ok(), "a tunnel made with the pruned CA stayed up");
-    let log = fed.sites["west"].gateway.log_tail(40);
-    assert!(log.contains("retiring tunnels"), "{log}");
 
     tracing::info!("phase: a restarted west makes a new tunnel, trusting only the new CA");
     let bin = fed.bin.clone();
