@@ -778,15 +778,31 @@ pub async fn http_backend(
     addr: SocketAddr,
     name: &'static str,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let (at, task, _) = http_backend_counting(addr, name).await?;
+    Ok((at, task))
+}
+
+/// [`http_backend`], also counting the connections it accepted.
+pub async fn http_backend_counting(
+    addr: SocketAddr,
+    name: &'static str,
+) -> anyhow::Result<(
+    SocketAddr,
+    tokio::task::JoinHandle<()>,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+)> {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
     let l = tokio::net::TcpListener::bind(addr).await?;
     let at = l.local_addr()?;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
     let task = tokio::spawn(async move {
         let mut conns = tokio::task::JoinSet::new();
         loop {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             conns.spawn(async move {
                 let (r, mut w) = s.into_split();
                 let mut r = tokio::io::BufReader::new(r);
@@ -819,7 +835,7 @@ pub async fn http_backend(
             });
         }
     });
-    Ok((at, task))
+    Ok((at, task, accepted))
 }
 
 /// Connects to `addr`, reads the banner line, sends `msg` and reads it back.

@@ -3380,6 +3380,76 @@ impl HttpClient {
     }
 }
 
+/// The HTTP path keeps upstream connections: a run of requests reuses a
+/// few tunnel streams (and endpoint connections) instead of one per
+/// request, and when the endpoint goes away and comes back, the dead
+/// connections are dropped and no request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_upstream_connections_are_reused_and_dead_ones_dropped() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (east_addr, east_task, accepted) =
+        causeway::local::http_backend_counting("127.0.0.1:0".parse().unwrap(), "east")
+            .await
+            .unwrap();
+    fed.add_site("east", &vip_range(), &[]).await.unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let export = format!(
+        "\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{east_addr}\"]\n"
+    );
+    add_exports_and_restart(&mut fed, "east", &export).await;
+    let vip = fed
+        .wait_resolvable(
+            "central",
+            "web.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 8080);
+    wait_listening(target).await;
+    let mut c = HttpClient::connect(target).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while c.get("/").await.0 != 200 {
+        assert!(Instant::now() < deadline, "web never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    tracing::info!("phase: 200 requests over a handful of upstream connections");
+    let before = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..200 {
+        assert_eq!(c.get("/").await, (200, String::new(), "east".to_string()));
+    }
+    let opened = accepted.load(std::sync::atomic::Ordering::Relaxed) - before;
+    // Health checks connect too (one every few seconds); without reuse
+    // this would be 200.
+    assert!(
+        opened <= 10,
+        "{opened} endpoint connections for 200 requests"
+    );
+    let m = http_get(fed.sites["central"].gateway_admin, "/metrics").await;
+    let reused = metric(
+        &m,
+        r#"causeway_http_upstream_connections_total{use="reused"}"#,
+    );
+    assert!(reused >= 190.0, "{reused} requests reused a connection");
+
+    tracing::info!("phase: the endpoint restarts; pooled connections to it are dead");
+    east_task.abort();
+    let _ = east_task.await;
+    let (_again, _task) = http_backend(&east_addr.to_string(), "east").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for i in 0..20 {
+        assert_eq!(
+            c.get("/").await,
+            (200, String::new(), "east".to_string()),
+            "request {i} after the restart"
+        );
+    }
+    fed.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_requests_are_routed_one_by_one_with_splits_faults_breakers_and_failover() {
     init_tracing();

@@ -2,14 +2,15 @@
 //! the outbound listener speaks HTTP/1.1 and HTTP/2 (hyper) to callers, and
 //! each request is routed on its own — site choice with tiers and splits,
 //! fault injection, circuit breaking, timeouts and retries within a budget
-//! — then sent over a fresh tunnel stream (or a connection to a local
+//! — then sent over a tunnel stream (or a connection to a local
 //! endpoint) in the endpoints' protocol: HTTP/1.1 for `http`, HTTP/2
 //! without TLS (prior knowledge, as gRPC servers expect) for `http2`. The
 //! exporting gateway needs nothing new: to it the stream is an ordinary L4
 //! stream to an endpoint.
 //!
 //! Request bodies are buffered (up to 1 MiB) so that a retry can resend
-//! them; responses stream through.
+//! them; responses stream through. Upstream connections are kept for reuse
+//! (see [`Upstreams`]).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -42,6 +43,156 @@ type Body = BoxBody<Bytes, hyper::Error>;
 pub struct HttpState {
     budgets: Mutex<BTreeMap<ServiceKey, RetryBudget>>,
     inflight: Mutex<BTreeMap<(ServiceKey, String), InFlight>>,
+    upstreams: Arc<Upstreams>,
+}
+
+/// Idle HTTP/1.1 connections kept per site, service and port.
+const MAX_IDLE: usize = 16;
+/// An upstream connection unused this long is closed: servers close idle
+/// keep-alive connections too, and a request must not race that; and an
+/// idle connection holds a stream that a draining gateway waits for.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Where an upstream connection leads: site, service, port, and whether
+/// it speaks HTTP/2.
+type UpstreamKey = (SiteName, ServiceKey, u16, bool);
+
+/// A connection to a service's endpoints (over a tunnel stream, or to a
+/// local endpoint) that can carry another request.
+enum Upstream {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Upstream {
+    fn is_closed(&self) -> bool {
+        match self {
+            Upstream::H1(s) => s.is_closed(),
+            Upstream::H2(s) => s.is_closed(),
+        }
+    }
+}
+
+/// Upstream connections of the HTTP path, kept for reuse instead of a new
+/// tunnel stream (and a new connection to an endpoint) per request:
+/// HTTP/1.1 connections while idle, at most [`MAX_IDLE`] per key and none
+/// older than [`IDLE_TIMEOUT`]; one HTTP/2 connection per key, shared by
+/// concurrent requests while it stays open. A connection whose far end
+/// closed (the endpoint, its gateway, the tunnel) is dropped, and a request
+/// a reused connection could not send goes out on another one.
+#[derive(Default)]
+struct Upstreams {
+    idle: Mutex<BTreeMap<UpstreamKey, Vec<(Upstream, Instant)>>>,
+    /// A task closes expired idle connections while any are kept.
+    sweeping: std::sync::atomic::AtomicBool,
+}
+
+impl Upstreams {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<UpstreamKey, Vec<(Upstream, Instant)>>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A live connection for `key`, the most recently used first.
+    fn take(&self, key: &UpstreamKey) -> Option<Upstream> {
+        let mut all = self.lock();
+        let kept = all.get_mut(key)?;
+        let now = Instant::now();
+        let mut found = None;
+        while let Some((up, since)) = kept.pop() {
+            if up.is_closed() || now.duration_since(since) > IDLE_TIMEOUT {
+                continue;
+            }
+            found = Some(match up {
+                // Shared: it stays in the pool.
+                Upstream::H2(s) => {
+                    kept.push((Upstream::H2(s.clone()), now));
+                    Upstream::H2(s)
+                }
+                h1 => h1,
+            });
+            break;
+        }
+        if kept.is_empty() {
+            all.remove(key);
+        }
+        found
+    }
+
+    /// Keeps `up` for the next request to `key`.
+    fn put(self: &Arc<Self>, key: UpstreamKey, up: Upstream) {
+        let mut all = self.lock();
+        let kept = all.entry(key).or_default();
+        let now = Instant::now();
+        kept.retain(|(u, since)| !u.is_closed() && now.duration_since(*since) <= IDLE_TIMEOUT);
+        if let Upstream::H2(_) = up {
+            kept.retain(|(u, _)| !matches!(u, Upstream::H2(_)));
+        }
+        if kept.len() < MAX_IDLE {
+            kept.push((up, now));
+        }
+        drop(all);
+        self.sweep_soon();
+    }
+
+    /// Starts the sweeper unless it runs: once a second it drops (and so
+    /// closes) idle connections past [`IDLE_TIMEOUT`], until none are kept.
+    fn sweep_soon(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.sweeping.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let pool = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(pool) = pool.upgrade() else { return };
+                let mut all = pool.lock();
+                let now = Instant::now();
+                all.retain(|_, kept| {
+                    kept.retain(|(u, since)| {
+                        !u.is_closed() && now.duration_since(*since) <= IDLE_TIMEOUT
+                    });
+                    !kept.is_empty()
+                });
+                if all.is_empty() {
+                    pool.sweeping.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Sends `req` over `up`; an HTTP/1.1 connection goes back to the pool
+    /// once its response has been read to the end (if it is still open).
+    /// On failure, the request comes back when it was never sent.
+    async fn send(
+        self: &Arc<Self>,
+        key: &UpstreamKey,
+        up: Upstream,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Full<Bytes>>>)> {
+        let sent = match up {
+            Upstream::H1(mut s) => {
+                let sent = s.try_send_request(req).await;
+                if sent.is_ok() {
+                    let (pool, key) = (self.clone(), key.clone());
+                    tokio::spawn(async move {
+                        // Ready again = the response was read to its end
+                        // and the connection stays open.
+                        if s.ready().await.is_ok() {
+                            pool.put(key, Upstream::H1(s));
+                        }
+                    });
+                }
+                sent
+            }
+            Upstream::H2(mut s) => s.try_send_request(req).await,
+        };
+        sent.map_err(|mut e| {
+            let unsent = e.take_message();
+            (e.into_error(), unsent)
+        })
+    }
 }
 
 fn full(status: StatusCode, why: &str, reason: &'static str) -> Response<Body> {
@@ -435,19 +586,42 @@ async fn send_once(
     upstream: Protocol,
     req: Request<Full<Bytes>>,
 ) -> Result<Response<Incoming>, TryError> {
-    if *site == out.local_site {
+    let h2 = upstream == Protocol::Http2;
+    let key = (site.clone(), service.clone(), port, h2);
+    let pool = &out.http.upstreams;
+    let mut req = req;
+    while let Some(up) = pool.take(&key) {
+        match pool.send(&key, up, req).await {
+            Ok(resp) => {
+                metrics::counter!("causeway_http_upstream_connections_total", "use" => "reused")
+                    .increment(1);
+                return Ok(resp);
+            }
+            // Never sent (the connection closed first): the next one.
+            Err((_, Some(unsent))) => req = unsent,
+            Err((e, None)) => return Err(TryError::Reset(e.to_string())),
+        }
+    }
+    let up = if *site == out.local_site {
         let tcp = out
             .connect_local(service, port)
             .await
             .map_err(|a| TryError::Connect(attempt_text(a)))?;
-        send_over(TokioIo::new(tcp), upstream, req).await
+        handshake(TokioIo::new(tcp), h2).await?
     } else {
         let (send, recv) = out
             .open_remote(routes, site, service, port)
             .await
             .map_err(|a| TryError::Connect(attempt_text(a)))?;
-        send_over(TokioIo::new(tokio::io::join(recv, send)), upstream, req).await
+        handshake(TokioIo::new(tokio::io::join(recv, send)), h2).await?
+    };
+    metrics::counter!("causeway_http_upstream_connections_total", "use" => "new").increment(1);
+    if let Upstream::H2(s) = &up {
+        pool.put(key.clone(), Upstream::H2(s.clone()));
     }
+    pool.send(&key, up, req)
+        .await
+        .map_err(|(e, _)| TryError::Reset(e.to_string()))
 }
 
 fn attempt_text(a: Attempt) -> String {
@@ -456,37 +630,32 @@ fn attempt_text(a: Attempt) -> String {
     }
 }
 
-/// Sends one request over a fresh connection `io`, in the endpoints'
-/// protocol.
-async fn send_over<T>(
-    io: TokioIo<T>,
-    upstream: Protocol,
-    req: Request<Full<Bytes>>,
-) -> Result<Response<Incoming>, TryError>
+/// A new upstream connection over `io`, in the endpoints' protocol.
+async fn handshake<T>(io: TokioIo<T>, h2: bool) -> Result<Upstream, TryError>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let reset = |e: hyper::Error| TryError::Reset(e.to_string());
-    if upstream == Protocol::Http2 {
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+    let failed = |e: hyper::Error| TryError::Connect(e.to_string());
+    if h2 {
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
             .await
-            .map_err(|e| TryError::Connect(e.to_string()))?;
+            .map_err(failed)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
             }
         });
-        sender.send_request(req).await.map_err(reset)
+        Ok(Upstream::H2(sender))
     } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(io)
+        let (sender, conn) = hyper::client::conn::http1::handshake(io)
             .await
-            .map_err(|e| TryError::Connect(e.to_string()))?;
+            .map_err(failed)?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP connection ended with an error");
             }
         });
-        sender.send_request(req).await.map_err(reset)
+        Ok(Upstream::H1(sender))
     }
 }
 
