@@ -1868,6 +1868,22 @@ async fn published_bundle(fed: &LocalFederation, site: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits (up to 10 s) until `site`'s gateway has logged `needle`.
+async fn wait_gateway_log(fed: &LocalFederation, site: &str, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = fed.sites[site].gateway.log_tail(40);
+        if log.contains(needle) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{site}'s gateway never logged {needle:?}:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// `ca rotate-site finish` for `site`, then SIGHUP its gateway and wait
 /// until it issues its tunnel certificate from the new CA.
 async fn finish_rotation(fed: &LocalFederation, site: &str) {
@@ -1943,15 +1959,7 @@ async fn a_site_ca_rotates_in_three_steps_and_prune_retires_old_tunnels() {
 
     // Once west has retired the tunnel, within the grace, the stream in
     // flight carries on.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !fed.sites["west"]
-        .gateway
-        .log_tail(40)
-        .contains("retiring tunnels")
-    {
-        assert!(Instant::now() < deadline, "west never retired the tunnel");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_gateway_log(&fed, "west", "retiring tunnels").await;
     held.write_all(b"grace!").await.unwrap();
     held.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"grace!");
@@ -2023,18 +2031,7 @@ async fn after_a_caller_prunes_its_old_ca_no_new_stream_rides_its_old_tunnel() {
     tracing::info!("phase: west prunes the old CA; east retires the old tunnel");
     let (code, out) = run_bin(&["ca", "rotate-site", "--state-dir", &dir, "prune"]);
     assert_eq!(code, 0, "{out}");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let log = fed.sites["east"].gateway.log_tail(40);
-        if log.contains("retiring tunnels") {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "east never retired west's old tunnel:\n{log}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_gateway_log(&fed, "east", "retiring tunnels").await;
 
     tracing::info!("phase: within the grace, every call gets through, none over the old tunnel");
     for i in 0..5u8 {
@@ -3322,6 +3319,11 @@ async fn connections_follow_failover_and_split_policies() {
     fed.shutdown().await;
 }
 
+/// Gateway TOML exporting `shop/web` port 8080 as HTTP/1.1 at `endpoint`.
+fn web_http_export(endpoint: SocketAddr) -> String {
+    format!("\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{endpoint}\"]\n")
+}
+
 /// `causeway::local::http_backend` on `addr` (port 0 picks one).
 async fn http_backend(addr: &str, name: &'static str) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     causeway::local::http_backend(addr.parse().unwrap(), name)
@@ -3395,20 +3397,8 @@ async fn http_upstream_connections_are_reused_and_dead_ones_dropped() {
             .unwrap();
     fed.add_site("east", &vip_range(), &[]).await.unwrap();
     fed.add_site("central", &vip_range(), &[]).await.unwrap();
-    let export = format!(
-        "\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{east_addr}\"]\n"
-    );
-    add_exports_and_restart(&mut fed, "east", &export).await;
-    let vip = fed
-        .wait_resolvable(
-            "central",
-            "web.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    let target = SocketAddr::new(vip, 8080);
-    wait_listening(target).await;
+    add_exports_and_restart(&mut fed, "east", &web_http_export(east_addr)).await;
+    let target = imported(&fed, "central", "web.shop.svc.clusterset.local", 8080).await;
     let mut c = HttpClient::connect(target).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while c.get("/").await.0 != 200 {
@@ -3460,11 +3450,8 @@ async fn http_requests_are_routed_one_by_one_with_splits_faults_breakers_and_fai
     fed.add_site("east", &vip_range(), &[]).await.unwrap();
     fed.add_site("west", &vip_range(), &[]).await.unwrap();
     fed.add_site("central", &vip_range(), &[]).await.unwrap();
-    let export = |a: SocketAddr| {
-        format!("\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{a}\"]\n")
-    };
-    add_exports_and_restart(&mut fed, "east", &export(east_addr)).await;
-    add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
+    add_exports_and_restart(&mut fed, "east", &web_http_export(east_addr)).await;
+    add_exports_and_restart(&mut fed, "west", &web_http_export(west_addr)).await;
     let vip = fed
         .wait_resolvable(
             "central",
@@ -3837,11 +3824,8 @@ async fn a_killed_gateway_sends_traffic_to_the_next_site_and_its_return_brings_i
     for site in ["east", "west", "central"] {
         fed.add_site(site, &vip_range(), &[]).await.unwrap();
     }
-    let export = |a: SocketAddr| {
-        format!("\n[[exports]]\nservice = \"shop/web\"\nport = 8080\nprotocol = \"http\"\nendpoints = [\"{a}\"]\n")
-    };
-    add_exports_and_restart(&mut fed, "east", &export(east_addr)).await;
-    add_exports_and_restart(&mut fed, "west", &export(west_addr)).await;
+    add_exports_and_restart(&mut fed, "east", &web_http_export(east_addr)).await;
+    add_exports_and_restart(&mut fed, "west", &web_http_export(west_addr)).await;
     let target = imported(&fed, "central", "web.shop.svc.clusterset.local", 8080).await;
     apply_policies(
         &fed,
