@@ -348,6 +348,26 @@ async fn publish(
     publish_within(client, site, n, Duration::from_secs(10)).await
 }
 
+/// `rounds` publishes by site alpha alternating between 1000 exports and
+/// one (each a delta of ~1000 changes), each within
+/// `limit`; the last revision. A failure panics with the controllers' state.
+async fn publish_large_deltas(
+    fed: &LocalFederation,
+    client: &causeway_api::client::ControllerClient,
+    rounds: usize,
+    limit: Duration,
+) -> u64 {
+    let mut revision = 0;
+    for round in 0..rounds {
+        let n = if round % 2 == 0 { 1000 } else { 1 };
+        revision = match publish_within(client, "alpha", n, limit).await {
+            Ok(r) => r,
+            Err(e) => panic!("write {round}: {e}\n{}", fed.diagnose(60).await),
+        };
+    }
+    revision
+}
+
 async fn publish_within(
     client: &causeway_api::client::ControllerClient,
     site: &str,
@@ -1344,14 +1364,7 @@ async fn a_follower_far_behind_on_large_entries_catches_up() {
         "phase: one follower down while ~10 MB of log is written"
     );
     fed.controller(behind).kill().await;
-    let mut revision = 0;
-    for round in 0..80 {
-        let n = if round % 2 == 0 { 1000 } else { 1 };
-        revision = match publish_within(&client, "alpha", n, Duration::from_secs(30)).await {
-            Ok(r) => r,
-            Err(e) => panic!("write {round}: {e}\n{}", fed.diagnose(40).await),
-        };
-    }
+    let revision = publish_large_deltas(&fed, &client, 80, Duration::from_secs(30)).await;
 
     tracing::info!("phase: it comes back and catches up on the whole backlog");
     fed.restart(behind).unwrap();
@@ -2394,16 +2407,8 @@ async fn a_stalled_watcher_is_cut_off_and_never_slows_the_others() {
 
     tracing::info!("phase: large deltas, far more than the stalled stream can buffer");
     let client = site.controller_client();
-    let mut revision = 0;
-    // Alternate between 1000 services and 1: each delta is ~1000 changes,
-    // tens of MB in all (loopback socket buffers alone can hold 32 MB).
-    for round in 0..800 {
-        let n = if round % 2 == 0 { 1000 } else { 1 };
-        revision = match publish_within(&client, "alpha", n, Duration::from_secs(10)).await {
-            Ok(r) => r,
-            Err(e) => panic!("write {round}: {e}\n{}", fed.diagnose(60).await),
-        };
-    }
+    // Tens of MB in all (loopback socket buffers alone can hold 32 MB).
+    let revision = publish_large_deltas(&fed, &client, 800, Duration::from_secs(10)).await;
 
     tracing::info!("phase: the healthy watcher is fully caught up");
     // A watcher held up by the stalled one would never catch up; the bound

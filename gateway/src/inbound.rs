@@ -173,8 +173,7 @@ impl Inbound {
         let req = match tokio::time::timeout(self.header_timeout, read_request(&mut recv)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "bad_request").increment(1);
-                let _ = respond(&mut send, Status::BadRequest, &e).await;
+                refuse(&mut send, Status::BadRequest, &e).await;
                 return;
             }
             Err(_) => {
@@ -187,8 +186,7 @@ impl Inbound {
             // The peer's certificate no longer chains to its site's bundle:
             // streams in flight finish within the grace, new ones are
             // refused: the caller opens a fresh tunnel and tries again.
-            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "retired").increment(1);
-            let _ = respond(
+            refuse(
                 &mut send,
                 Status::Retired,
                 "this tunnel is retired (its certificate is no longer trusted); open a new one",
@@ -197,8 +195,7 @@ impl Inbound {
             return;
         }
         if self.drain.is_draining() {
-            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "draining").increment(1);
-            let _ = respond(
+            refuse(
                 &mut send,
                 Status::Draining,
                 "this gateway is draining; try another site",
@@ -211,8 +208,7 @@ impl Inbound {
             .iter()
             .position(|e| e.service.as_str() == req.service && e.port == req.port)
         else {
-            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "unknown_service").increment(1);
-            let _ = respond(
+            refuse(
                 &mut send,
                 Status::UnknownService,
                 &format!(
@@ -229,9 +225,8 @@ impl Inbound {
         if !self.authorization.allows(&peer.site, service)
             || self.policy_allows(&peer, service) == Some(false)
         {
-            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "forbidden").increment(1);
             tracing::info!(site = %peer.site, service = %req.service, "stream refused by authorization");
-            let _ = respond(
+            refuse(
                 &mut send,
                 Status::Forbidden,
                 &format!("site {} may not call {} here", peer.site, req.service),
@@ -240,8 +235,7 @@ impl Inbound {
             return;
         }
         let Some((tcp, _in_flight)) = self.endpoints[export_index].connect().await else {
-            metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "no_endpoints").increment(1);
-            let _ = respond(
+            refuse(
                 &mut send,
                 Status::NoEndpoints,
                 &format!("no endpoint of {} accepted a connection", req.service),
@@ -311,6 +305,12 @@ async fn read_request(recv: &mut quinn::RecvStream) -> Result<OpenRequest, Strin
         .await
         .map_err(|e| e.to_string())?;
     OpenRequest::decode_body(&body).map_err(|e| e.to_string())
+}
+
+/// Answers a stream with a refusal `status` (why in `msg`) and counts it.
+async fn refuse(send: &mut quinn::SendStream, status: Status, msg: &str) {
+    metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => status.as_str()).increment(1);
+    let _ = respond(send, status, msg).await;
 }
 
 async fn respond(send: &mut quinn::SendStream, status: Status, msg: &str) -> std::io::Result<()> {
