@@ -33,28 +33,6 @@ pub struct CtlArgs {
     pub command: CtlCommand,
 }
 
-/// The catalog, from whichever endpoint can serve it: with
-/// `linearizable`, nodes that are not the leader refuse and the next
-/// endpoint is tried.
-async fn read_catalog(
-    c: &ControllerClient,
-    linearizable: bool,
-) -> anyhow::Result<pb::CatalogSnapshot> {
-    let mut last = None;
-    for _ in 0..c.endpoints().len().max(1) {
-        let mut fed = c.federation().await?;
-        match fed.catalog(pb::CatalogRequest { linearizable }).await {
-            Ok(r) => return Ok(r.into_inner()),
-            Err(s) if linearizable && s.code() == tonic::Code::FailedPrecondition => {
-                last = Some(s);
-                c.rotate();
-            }
-            Err(s) => return Err(status_err(s)),
-        }
-    }
-    Err(status_err(last.expect("at least one endpoint was asked")))
-}
-
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {
     Text,
@@ -113,45 +91,6 @@ pub enum PolicyCommand {
     },
     /// Delete the policy KIND NAMESPACE/NAME.
     Delete { kind: String, name: String },
-}
-
-/// Reads YAML (or JSON) policy documents and validates each: JSON texts
-/// ready to send, or every problem found, each with its document and path.
-pub fn read_policy_documents(text: &str) -> Result<Vec<String>, Vec<String>> {
-    use serde::Deserialize;
-    let mut docs = Vec::new();
-    let mut errors = Vec::new();
-    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let value = match serde_json::Value::deserialize(de) {
-            Ok(v) => v,
-            Err(e) => {
-                // The parser cannot resynchronise after a syntax error.
-                errors.push(format!("document {}: not valid YAML: {e}", i + 1));
-                break;
-            }
-        };
-        if value.is_null() {
-            continue; // an empty document (e.g. a trailing `---`)
-        }
-        match causeway_api::policy::parse_document(&value) {
-            Ok(p) => docs.push(p.to_json()),
-            Err(errs) => {
-                let who = causeway_api::policy::document_label(&value);
-                errors.extend(
-                    errs.into_iter()
-                        .map(|e| format!("document {}{who}: {e}", i + 1)),
-                );
-            }
-        }
-    }
-    if docs.is_empty() && errors.is_empty() {
-        errors.push("no policy documents found".into());
-    }
-    if errors.is_empty() {
-        Ok(docs)
-    } else {
-        Err(errors)
-    }
 }
 
 #[derive(Subcommand)]
@@ -223,7 +162,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 std::fs::read_to_string(file)
                     .with_context(|| format!("reading {}", file.display()))?
             };
-            match read_policy_documents(&text) {
+            match causeway_api::policy::read_documents(&text) {
                 Ok(d) => d,
                 Err(errs) => anyhow::bail!(
                     "{} is invalid; nothing was applied:\n  {}",
@@ -338,7 +277,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Cluster {
             command: ClusterCommand::List,
         } => {
-            let cat = read_catalog(&c, args.linearizable).await?;
+            let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
             if args.output == Output::Json {
                 let sites: Vec<_> = cat
                     .sites
@@ -434,7 +373,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             from,
             gateway,
         } => {
-            let cat = read_catalog(&c, args.linearizable).await?;
+            let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
             let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
             let local = match gateway {
                 Some(addr) => crate::explain::scrape_gateway(addr).await?,
@@ -448,7 +387,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             }
         }
         CtlCommand::Services => {
-            let cat = read_catalog(&c, args.linearizable).await?;
+            let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
             let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
             let svcs = view.services();
             if args.output == Output::Json {
@@ -547,36 +486,5 @@ fn print_status(s: &pb::StatusResponse, output: Output) {
             "{:<6} {:<24} {:<8} {:<8} {}",
             n.id, n.addr, role, matched, lag
         );
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_policy_file_is_checked_whole_and_every_problem_named() {
-        let good = "apiVersion: causeway.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: canary, namespace: shop}\nspec:\n  service: payments\n  weights: {east: 99, west: 1}\n";
-        let docs = read_policy_documents(&format!("{good}---\n{good}")).unwrap();
-        assert_eq!(docs.len(), 2);
-        let bad = format!(
-            "{good}---\napiVersion: causeway.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {{name: r, namespace: shop}}\nspec: {{service: payments, attempts: 0}}\n---\nkind: CircuitBreaker\nmetadata: {{name: cb, namespace: shop}}\nspec: {{service: payments}}\n---\n: : :\n"
-        );
-        let errs = read_policy_documents(&bad).unwrap_err();
-        let text = errs.join("\n");
-        assert!(
-            text.contains("document 2 (r): spec.attempts: 0 is not an integer from 1 to 10"),
-            "{text}"
-        );
-        assert!(
-            text.contains("document 3 (cb): apiVersion: required"),
-            "{text}"
-        );
-        assert!(
-            text.contains("document 3 (cb): spec: set at least one of maxConnections"),
-            "{text}"
-        );
-        assert!(text.contains("document 4: not valid YAML"), "{text}");
-        assert!(read_policy_documents("").is_err());
     }
 }

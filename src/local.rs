@@ -419,6 +419,18 @@ impl LocalFederation {
         exports: &[Export],
     ) -> anyhow::Result<()> {
         let token = self.create_token(name).await?;
+        self.add_site_with_token(name, vip_range, exports, token)
+            .await
+    }
+
+    /// Joins a site with a join token minted elsewhere (e.g. by Terraform).
+    pub async fn add_site_with_token(
+        &mut self,
+        name: &str,
+        vip_range: &str,
+        exports: &[Export],
+        token: String,
+    ) -> anyhow::Result<()> {
         let state_dir = self.root.join(format!("site-{name}"));
         std::fs::create_dir_all(&state_dir)?;
         let mut tunnel: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;

@@ -11,7 +11,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use crate::catalog::CatalogView;
 use crate::identity::{Credential, CONTROLLER_SERVER_NAME};
 use crate::pb::federation_client::FederationClient;
-use crate::pb::WatchRequest;
+use crate::pb::{self, WatchRequest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -96,6 +96,28 @@ impl ControllerClient {
 
     pub async fn federation(&self) -> Result<FederationClient<Channel>, ClientError> {
         Ok(FederationClient::new(self.channel().await?))
+    }
+
+    /// The catalog, from whichever endpoint can serve it: with
+    /// `linearizable`, nodes that are not the leader refuse and the next
+    /// endpoint is tried.
+    pub async fn catalog(&self, linearizable: bool) -> Result<pb::CatalogSnapshot, tonic::Status> {
+        let mut last = None;
+        for _ in 0..self.endpoints.len().max(1) {
+            let mut fed = self
+                .federation()
+                .await
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            match fed.catalog(pb::CatalogRequest { linearizable }).await {
+                Ok(r) => return Ok(r.into_inner()),
+                Err(s) if linearizable && s.code() == tonic::Code::FailedPrecondition => {
+                    last = Some(s);
+                    self.rotate();
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last.expect("at least one endpoint was asked"))
     }
 
     /// Moves on to the next endpoint (after an RPC failure).

@@ -66,10 +66,32 @@ impl Credential {
     }
 
     pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
-        let cert_pem = read(cert)?;
-        let key_pem = read(key)?;
-        let chain = parse_certs_pem(&cert.display().to_string(), &cert_pem)?;
-        parse_key_pem(&key.display().to_string(), &key_pem)?;
+        Self::parse(
+            &cert.display().to_string(),
+            read(cert)?,
+            &key.display().to_string(),
+            read(key)?,
+        )
+    }
+
+    /// From PEM texts (e.g. handed over as configuration, not files).
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
+        Self::parse(
+            "certificate",
+            cert_pem.to_string(),
+            "private key",
+            key_pem.to_string(),
+        )
+    }
+
+    fn parse(
+        cert_what: &str,
+        cert_pem: String,
+        key_what: &str,
+        key_pem: String,
+    ) -> Result<Self, IdentityError> {
+        let chain = parse_certs_pem(cert_what, &cert_pem)?;
+        parse_key_pem(key_what, &key_pem)?;
         Ok(Self {
             cert_pem,
             key_pem,

@@ -884,6 +884,45 @@ fn parse_spec(kind: Kind, v: Option<&Value>, errs: &mut Errors) -> Option<Spec> 
     (errs.0.len() == before).then_some(spec).flatten()
 }
 
+/// Reads YAML (or JSON) policy documents and validates each: JSON texts
+/// ready to send, or every problem found, each with its document and path.
+pub fn read_documents(text: &str) -> Result<Vec<String>, Vec<String>> {
+    use serde::Deserialize;
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let value = match serde_json::Value::deserialize(de) {
+            Ok(v) => v,
+            Err(e) => {
+                // The parser cannot resynchronise after a syntax error.
+                errors.push(format!("document {}: not valid YAML: {e}", i + 1));
+                break;
+            }
+        };
+        if value.is_null() {
+            continue; // an empty document (e.g. a trailing `---`)
+        }
+        match parse_document(&value) {
+            Ok(p) => docs.push(p.to_json()),
+            Err(errs) => {
+                let who = document_label(&value);
+                errors.extend(
+                    errs.into_iter()
+                        .map(|e| format!("document {}{who}: {e}", i + 1)),
+                );
+            }
+        }
+    }
+    if docs.is_empty() && errors.is_empty() {
+        errors.push("no policy documents found".into());
+    }
+    if errors.is_empty() {
+        Ok(docs)
+    } else {
+        Err(errors)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1018,5 +1057,31 @@ mod tests {
             errs[0].starts_with("spec.allow[0].identities[0]:"),
             "{errs:?}"
         );
+    }
+
+    #[test]
+    fn a_policy_file_is_checked_whole_and_every_problem_named() {
+        let good = "apiVersion: causeway.dev/v1alpha1\nkind: TrafficSplit\nmetadata: {name: canary, namespace: shop}\nspec:\n  service: payments\n  weights: {east: 99, west: 1}\n";
+        let docs = read_documents(&format!("{good}---\n{good}")).unwrap();
+        assert_eq!(docs.len(), 2);
+        let bad = format!(
+            "{good}---\napiVersion: causeway.dev/v1alpha1\nkind: RetryPolicy\nmetadata: {{name: r, namespace: shop}}\nspec: {{service: payments, attempts: 0}}\n---\nkind: CircuitBreaker\nmetadata: {{name: cb, namespace: shop}}\nspec: {{service: payments}}\n---\n: : :\n"
+        );
+        let errs = read_documents(&bad).unwrap_err();
+        let text = errs.join("\n");
+        assert!(
+            text.contains("document 2 (r): spec.attempts: 0 is not an integer from 1 to 10"),
+            "{text}"
+        );
+        assert!(
+            text.contains("document 3 (cb): apiVersion: required"),
+            "{text}"
+        );
+        assert!(
+            text.contains("document 3 (cb): spec: set at least one of maxConnections"),
+            "{text}"
+        );
+        assert!(text.contains("document 4: not valid YAML"), "{text}");
+        assert!(read_documents("").is_err());
     }
 }

