@@ -148,14 +148,98 @@ fn verify_p521(
     cert: &CertificateDer<'_>,
     signature: &[u8],
 ) -> Result<HandshakeSignatureValid, rustls::Error> {
-    use p521::ecdsa::signature::Verifier;
-    let bad = |_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature);
     let (_, x509) = x509_parser::parse_x509_certificate(cert.as_ref())
         .map_err(|_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding))?;
-    let key =
-        p521::ecdsa::VerifyingKey::from_sec1_bytes(&x509.public_key().subject_public_key.data)
-            .map_err(bad)?;
+    verify_p521_key(
+        message,
+        &x509.public_key().subject_public_key.data,
+        signature,
+    )
+}
+
+/// The same, by a SEC1-encoded public key.
+fn verify_p521_key(
+    message: &[u8],
+    public_key: &[u8],
+    signature: &[u8],
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    use p521::ecdsa::signature::Verifier;
+    let bad = |_| rustls::Error::InvalidCertificate(rustls::CertificateError::BadSignature);
+    let key = p521::ecdsa::VerifyingKey::from_sec1_bytes(public_key).map_err(bad)?;
     let sig = p521::ecdsa::Signature::from_der(signature).map_err(bad)?;
     key.verify(message, &sig).map_err(bad)?;
     Ok(HandshakeSignatureValid::assertion())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A TLS handshake against the plugin's server configuration, as a
+    /// client with `cert` (or none); whether the server let it in.
+    async fn server_accepts(
+        tls: &PluginTls,
+        cert: Option<&rcgen::CertifiedKey<rcgen::KeyPair>>,
+    ) -> bool {
+        let server_der = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&tls.cert_line)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from(server_der)).unwrap();
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+        let config = match cert {
+            Some(c) => builder
+                .with_client_auth_cert(
+                    vec![c.cert.der().clone()],
+                    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(c.signing_key.serialize_der())),
+                )
+                .unwrap(),
+            None => builder.with_no_client_auth(),
+        };
+        let (a, b) = tokio::io::duplex(64 << 10);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+        let server = tokio::spawn(async move { acceptor.accept(b).await.is_ok() });
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        // The client may finish its side before the server has judged its
+        // certificate: the server's verdict is what counts.
+        let _client = connector.connect("localhost".try_into().unwrap(), a).await;
+        server.await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn only_the_certificate_terraform_named_gets_in() {
+        let pinned = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let other = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let tls = server(&pinned.cert.pem()).unwrap();
+        assert!(server_accepts(&tls, Some(&pinned)).await);
+        assert!(!server_accepts(&tls, Some(&other)).await);
+        assert!(!server_accepts(&tls, None).await);
+    }
+
+    #[test]
+    fn a_p521_signature_is_checked_against_the_key() {
+        use p521::ecdsa::signature::Signer;
+        let mut scalar = [7u8; 66];
+        scalar[0] = 1; // below the group order (a 521-bit number)
+        let secret = p521::ecdsa::SigningKey::from_slice(&scalar).unwrap();
+        let public = p521::ecdsa::VerifyingKey::from(&secret).to_encoded_point(false);
+        let message = b"the handshake transcript";
+        let sig: p521::ecdsa::Signature = secret.sign(message);
+        let der = sig.to_der();
+        assert!(verify_p521_key(message, public.as_bytes(), der.as_bytes()).is_ok());
+        assert!(verify_p521_key(b"another transcript", public.as_bytes(), der.as_bytes()).is_err());
+        assert!(verify_p521_key(message, public.as_bytes(), b"not DER").is_err());
+        // A certificate that is not one is refused, not a panic.
+        assert!(verify_p521(
+            message,
+            &CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]),
+            der.as_bytes()
+        )
+        .is_err());
+    }
 }
