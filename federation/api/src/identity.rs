@@ -277,6 +277,25 @@ pub fn is_ca_cert(cert: &CertificateDer<'_>) -> bool {
         .unwrap_or(false)
 }
 
+/// The most PEM text a site trust bundle may hold.
+pub const MAX_TRUST_BUNDLE_BYTES: usize = 64 * 1024;
+
+/// Checks a site trust bundle (`what` names the field in messages): at most
+/// [`MAX_TRUST_BUNDLE_BYTES`] of PEM, at least one certificate, each a CA.
+pub fn check_trust_bundle(what: &str, pem: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+    if pem.len() > MAX_TRUST_BUNDLE_BYTES {
+        return Err(format!("{what}: larger than 64 KiB"));
+    }
+    // The parser's message already starts with the field name.
+    let certs = parse_certs_pem(what, pem).map_err(|e| e.to_string())?;
+    if !certs.iter().all(is_ca_cert) {
+        return Err(format!(
+            "{what}: every certificate in a trust bundle must be a CA certificate"
+        ));
+    }
+    Ok(certs)
+}
+
 pub fn parse_certs_pem(
     what: &str,
     pem: &str,
