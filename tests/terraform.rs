@@ -79,6 +79,19 @@ impl Tf {
         r.stdout
     }
 
+    /// `terraform plan -detailed-exitcode`: no changes (`summary` None,
+    /// exit 0), or changes whose summary line contains `summary` (exit 2).
+    async fn expect_plan(&self, summary: Option<&str>) {
+        let plan = self
+            .run(&["plan", "-detailed-exitcode", "-input=false"])
+            .await;
+        let code = if summary.is_some() { 2 } else { 0 };
+        assert_eq!(plan.code, code, "{}\n{}", plan.stdout, plan.stderr);
+        if let Some(s) = summary {
+            assert!(plan.stdout.contains(s), "{}", plan.stdout);
+        }
+    }
+
     fn write_main(&self, body: &str) {
         std::fs::write(self.dir.join("main.tf"), body).unwrap();
     }
@@ -273,10 +286,7 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
     let all = tf.resource("data.causeway_sites.all").await.unwrap();
     assert_eq!(all["sites"][0]["name"], "east", "{all}");
     // Nothing to do once applied and joined.
-    let plan = tf
-        .run(&["plan", "-detailed-exitcode", "-input=false"])
-        .await;
-    assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+    tf.expect_plan(None).await;
 
     // A change to the document is an update in place.
     tf.write_main(&config(&fed, &format!("{SITE}{}", split(50, 50))));
@@ -294,11 +304,7 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
     fed.ctl(&["policy", "delete", "TrafficSplit", "shop/canary"])
         .await
         .unwrap();
-    let plan = tf
-        .run(&["plan", "-detailed-exitcode", "-input=false"])
-        .await;
-    assert_eq!(plan.code, 2, "{}\n{}", plan.stdout, plan.stderr);
-    assert!(plan.stdout.contains("1 to add"), "{}", plan.stdout);
+    tf.expect_plan(Some("1 to add")).await;
     tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
     assert!(stored_policy(&fed).await.is_some());
 
@@ -326,10 +332,7 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
         .await;
     let site = tf.resource("causeway_site.east").await.unwrap();
     assert_eq!(site["joined"], true);
-    let plan = tf
-        .run(&["plan", "-detailed-exitcode", "-input=false"])
-        .await;
-    assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+    tf.expect_plan(None).await;
 
     // The site's trust bundle: start a CA rotation (old and new CA).
     let admin = fed.admin_client(None).unwrap();
@@ -357,21 +360,14 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
         .await
         .unwrap();
     assert_eq!(state["fingerprints"].as_array().unwrap().len(), 2);
-    let plan = tf
-        .run(&["plan", "-detailed-exitcode", "-input=false"])
-        .await;
-    assert_eq!(plan.code, 0, "{}\n{}", plan.stdout, plan.stderr);
+    tf.expect_plan(None).await;
     // Someone puts the old bundle back by hand: Terraform sees and undoes it.
     let file = root.path().join("old-ca.pem");
     std::fs::write(&file, &old_ca).unwrap();
     fed.ctl(&["cluster", "set-bundle", "east", file.to_str().unwrap()])
         .await
         .unwrap();
-    let plan = tf
-        .run(&["plan", "-detailed-exitcode", "-input=false"])
-        .await;
-    assert_eq!(plan.code, 2, "{}\n{}", plan.stdout, plan.stderr);
-    assert!(plan.stdout.contains("1 to change"), "{}", plan.stdout);
+    tf.expect_plan(Some("1 to change")).await;
     tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
     let stored = bundle_of(&admin.catalog(true).await.unwrap());
     assert_eq!(stored.matches("BEGIN CERTIFICATE").count(), 2);
