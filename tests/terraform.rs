@@ -428,3 +428,59 @@ async fn a_provider_that_cannot_reach_or_authenticate_says_what_to_fix() {
         plan.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_controller_down_the_provider_uses_the_others_and_inline_credentials_work() {
+    let root = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_causeway")),
+        root.path().to_path_buf(),
+    )
+    .unwrap();
+    fed.start_controllers(3).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    // Node 1, first in the provider's list, is down.
+    let endpoints = fed.endpoints();
+    fed.controller(1).kill().await;
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let tf = setup(root.path());
+    let pem = |f: &str| {
+        serde_json::to_string(&std::fs::read_to_string(fed.creds.join(f)).unwrap()).unwrap()
+    };
+    let main = format!(
+        r#"terraform {{
+  required_providers {{
+    causeway = {{
+      source  = "{SOURCE}"
+      version = "{VERSION}"
+    }}
+  }}
+}}
+
+provider "causeway" {{
+  controllers = {controllers}
+  ca_pem      = {ca}
+  cert_pem    = {cert}
+  key_pem     = {key}
+}}
+{policy}"#,
+        controllers = serde_json::to_string(&endpoints).unwrap(),
+        ca = pem("ca.pem"),
+        cert = pem("admin.pem"),
+        key = pem("admin-key.pem"),
+        policy = split(70, 30),
+    );
+    tf.write_main(&main);
+    tf.ok(&["init", "-input=false"]).await;
+    tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+    let p = stored_policy(&fed)
+        .await
+        .expect("applied through a live controller");
+    assert!(
+        p.document_json.contains("\"east\":70"),
+        "{}",
+        p.document_json
+    );
+    tf.expect_plan(None).await;
+    fed.shutdown().await;
+}

@@ -62,7 +62,7 @@ pub async fn serve() -> anyhow::Result<()> {
         UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
 
     let shutdown = Arc::new(tokio::sync::Notify::new());
-    let provider = Provider::new(shutdown.clone());
+    let provider = Provider::new();
     let host = HostController {
         shutdown: shutdown.clone(),
     };

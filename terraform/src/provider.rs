@@ -287,13 +287,19 @@ fn path(attr: &str) -> pb::AttributePath {
 /// A controller refusal or failure, with what the controller said (its
 /// messages name the field and the fix).
 fn api_error(action: &str, s: &Status) -> pb::Diagnostic {
-    error(
-        format!("{action}: {}", s.message()),
-        format!(
-            "The controller answered {:?}. Check the provider's `controllers` and credentials if it could not be reached.",
-            s.code()
-        ),
-    )
+    let detail = match s.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => {
+            "No controller answered. Set the provider's `controllers` (or CAUSEWAY_CONTROLLERS) to reachable controller API addresses, and check that a majority of the controllers is up.".to_string()
+        }
+        tonic::Code::Unauthenticated | tonic::Code::PermissionDenied => {
+            "The controller refused the provider's credential: use the admin certificate from `causeway ca init` for this federation.".to_string()
+        }
+        tonic::Code::Cancelled => {
+            "A change sent before the interruption may have taken effect: the next plan refreshes and shows it.".to_string()
+        }
+        code => format!("The controller answered {code:?}."),
+    };
+    error(format!("{action}: {}", s.message()), detail)
 }
 
 fn unknown_type(type_name: &str) -> pb::Diagnostic {
@@ -417,17 +423,29 @@ fn now_ms() -> u64 {
 
 // ---- the provider ----
 
+type FedClient = api::federation_client::FederationClient<tonic::transport::Channel>;
+
+/// The longest one controller call may take, endpoints tried included.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 pub struct Provider {
     client: RwLock<Option<Arc<ControllerClient>>>,
-    /// Woken when Terraform asks the provider to stop.
-    stop: Arc<tokio::sync::Notify>,
+    /// Set when Terraform asks the provider to stop (an interrupted run):
+    /// calls in flight and later ones return at once.
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Provider {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Provider {
-    pub fn new(stop: Arc<tokio::sync::Notify>) -> Self {
+    pub fn new() -> Self {
         Self {
             client: RwLock::new(None),
-            stop,
+            stop: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -440,27 +458,70 @@ impl Provider {
         })
     }
 
-    async fn federation(
-        &self,
-    ) -> Result<api::federation_client::FederationClient<tonic::transport::Channel>, pb::Diagnostic>
+    /// Runs `op` against a controller: an endpoint that cannot be reached
+    /// (or, with `leader_only`, one that is not the leader) passes the call
+    /// to the next; the whole call is bounded by [`CALL_TIMEOUT`] and ends
+    /// at once if Terraform asks the provider to stop.
+    async fn call<T, F, Fut>(&self, leader_only: bool, op: F) -> Result<T, Status>
+    where
+        F: Fn(FedClient) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<T>, Status>>,
     {
-        let c = self.client().await?;
-        c.federation().await.map_err(|e| {
-            error(
-                "cannot reach a causeway controller",
-                format!(
-                    "{e}. Set the provider's `controllers` (or CAUSEWAY_CONTROLLERS) to reachable controller API addresses."
-                ),
-            )
-        })
+        let c = self
+            .client()
+            .await
+            .map_err(|d| Status::failed_precondition(d.summary))?;
+        let attempts = async {
+            let mut last = Status::unavailable("no controller endpoints");
+            for _ in 0..c.endpoints().len().max(1) {
+                let fed = match c.federation().await {
+                    Ok(f) => f,
+                    // Every endpoint was tried already.
+                    Err(e) => return Err(Status::unavailable(e.to_string())),
+                };
+                match op(fed).await {
+                    Ok(r) => return Ok(r.into_inner()),
+                    Err(s)
+                        if s.code() == tonic::Code::Unavailable
+                            || (leader_only && s.code() == tonic::Code::FailedPrecondition) =>
+                    {
+                        c.rotate();
+                        last = s;
+                    }
+                    Err(s) => return Err(s),
+                }
+            }
+            Err(last)
+        };
+        self.guard(attempts).await
+    }
+
+    /// `fut`, unless it outlasts [`CALL_TIMEOUT`] or the provider is told
+    /// to stop first.
+    async fn guard<T>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let mut stop = self.stop.subscribe();
+        tokio::select! {
+            r = fut => r,
+            _ = tokio::time::sleep(CALL_TIMEOUT) => Err(Status::deadline_exceeded(format!(
+                "no answer from the controllers within {} s",
+                CALL_TIMEOUT.as_secs()
+            ))),
+            _ = stop.wait_for(|s| *s) => Err(Status::cancelled(
+                "interrupted: Terraform asked the provider to stop",
+            )),
+        }
     }
 
     async fn catalog(&self) -> Result<api::CatalogSnapshot, pb::Diagnostic> {
-        let c = self.client().await?;
         // Linearizable: a refresh right after an apply sees it.
-        c.catalog(true)
-            .await
-            .map_err(|s| api_error("reading the catalog", &s))
+        self.call(true, |mut f| async move {
+            f.catalog(api::CatalogRequest { linearizable: true }).await
+        })
+        .await
+        .map_err(|s| api_error("reading the catalog", &s))
     }
 
     async fn find_policy(
@@ -470,12 +531,12 @@ impl Provider {
         name: &str,
     ) -> Result<Option<api::Policy>, pb::Diagnostic> {
         let r = self
-            .federation()
-            .await?
-            .list_policies(api::ListPoliciesRequest { kind: kind.into() })
+            .call(false, |mut f| {
+                let req = api::ListPoliciesRequest { kind: kind.into() };
+                async move { f.list_policies(req).await }
+            })
             .await
-            .map_err(|s| api_error("listing policies", &s))?
-            .into_inner();
+            .map_err(|s| api_error("listing policies", &s))?;
         Ok(r.policies
             .into_iter()
             .find(|p| p.kind == kind && p.namespace == namespace && p.name == name))
@@ -705,9 +766,10 @@ impl Provider {
             .to_string();
         if planned.is_null() {
             let r = self
-                .federation()
-                .await?
-                .remove_site(api::RemoveSiteRequest { site: name.clone() })
+                .call(false, |mut f| {
+                    let req = api::RemoveSiteRequest { site: name.clone() };
+                    async move { f.remove_site(req).await }
+                })
                 .await;
             return match r {
                 // Not joined yet (the token just expires), or already gone.
@@ -727,13 +789,15 @@ impl Provider {
             .get("token_ttl_seconds")
             .as_f64()
             .unwrap_or(DEFAULT_TOKEN_TTL as f64) as u64;
+        let req = api::CreateJoinTokenRequest {
+            site: name.clone(),
+            labels: labels.into_iter().collect(),
+            ttl_seconds: ttl,
+        };
         let r = self
-            .federation()
-            .await?
-            .create_join_token(api::CreateJoinTokenRequest {
-                site: name.clone(),
-                labels: labels.into_iter().collect(),
-                ttl_seconds: ttl,
+            .call(false, |mut f| {
+                let req = req.clone();
+                async move { f.create_join_token(req).await }
             })
             .await
             .map_err(|s| {
@@ -744,8 +808,7 @@ impl Provider {
                     );
                 }
                 d
-            })?
-            .into_inner();
+            })?;
         f.insert("id".into(), Value::string(&name));
         f.insert("join_token".into(), Value::string(r.token));
         f.insert(
@@ -766,14 +829,15 @@ impl Provider {
         }
         let site = planned.get("site").as_str().unwrap_or_default();
         let pem = planned.get("ca_pem").as_str().unwrap_or_default();
-        self.federation()
-            .await?
-            .update_trust_bundle(api::UpdateTrustBundleRequest {
+        self.call(false, |mut f| {
+            let req = api::UpdateTrustBundleRequest {
                 site: site.into(),
                 trust_bundle_pem: pem.into(),
-            })
-            .await
-            .map_err(|s| {
+            };
+            async move { f.update_trust_bundle(req).await }
+        })
+        .await
+        .map_err(|s| {
                 let mut d = api_error(&format!("setting the trust bundle of site {site}"), &s);
                 if s.code() == tonic::Code::NotFound {
                     d.detail = format!(
@@ -825,12 +889,13 @@ impl Provider {
                 prior.get("name").as_str().unwrap_or_default(),
             );
             let r = self
-                .federation()
-                .await?
-                .delete_policy(api::DeletePolicyRequest {
-                    kind: k.into(),
-                    namespace: ns.into(),
-                    name: n.into(),
+                .call(false, |mut f| {
+                    let req = api::DeletePolicyRequest {
+                        kind: k.into(),
+                        namespace: ns.into(),
+                        name: n.into(),
+                    };
+                    async move { f.delete_policy(req).await }
                 })
                 .await;
             return match r {
@@ -847,13 +912,14 @@ impl Provider {
                 errs.join("\n"),
             )
         })?;
-        self.federation()
-            .await?
-            .apply_policies(api::ApplyPoliciesRequest {
+        self.call(false, |mut f| {
+            let req = api::ApplyPoliciesRequest {
                 documents_json: vec![doc.json.to_string()],
-            })
-            .await
-            .map_err(|s| api_error(&format!("applying policy {}", doc.id()), &s))?;
+            };
+            async move { f.apply_policies(req).await }
+        })
+        .await
+        .map_err(|s| api_error(&format!("applying policy {}", doc.id()), &s))?;
         let stored = self
             .find_policy(&doc.kind, &doc.namespace, &doc.name)
             .await?
@@ -1336,7 +1402,7 @@ impl provider_server::Provider for Provider {
         &self,
         _: Request<pb::stop_provider::Request>,
     ) -> Rpc<pb::stop_provider::Response> {
-        self.stop.notify_one();
+        self.stop.send_replace(true);
         Ok(Response::new(pb::stop_provider::Response::default()))
     }
 }
@@ -1504,6 +1570,23 @@ mod tests {
         ]);
         let (_, replace) = Provider::plan_bundle(&planned, &bundle_schema().object(fields(&moved)));
         assert_eq!(replace, vec![path("site")]);
+    }
+
+    #[tokio::test]
+    async fn a_stop_ends_a_call_in_flight_and_the_ones_after_it() {
+        let p = Provider::new();
+        let hung = p.guard(std::future::pending::<Result<(), Status>>());
+        let stop = async {
+            tokio::task::yield_now().await;
+            p.stop.send_replace(true);
+        };
+        let (r, ()) = tokio::join!(hung, stop);
+        assert_eq!(r.unwrap_err().code(), tonic::Code::Cancelled);
+        let r = p.guard(std::future::pending::<Result<(), Status>>()).await;
+        assert_eq!(r.unwrap_err().code(), tonic::Code::Cancelled);
+        // Before any stop, a call's own answer comes through.
+        let q = Provider::new();
+        assert_eq!(q.guard(async { Ok::<_, Status>(7) }).await.unwrap(), 7);
     }
 
     #[test]
