@@ -861,6 +861,18 @@ async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
     fed.shutdown().await;
 }
 
+/// The README's first command is `cargo run --release -- demo`: with more
+/// than one binary in the package, cargo needs to be told which one runs.
+#[test]
+fn cargo_run_picks_the_causeway_binary() {
+    let manifest = include_str!("../Cargo.toml");
+    let bins = manifest.matches("[[bin]]").count();
+    assert!(
+        bins < 2 || manifest.contains("default-run = \"causeway\""),
+        "Cargo.toml has {bins} binaries and no default-run = \"causeway\": `cargo run -- demo` fails"
+    );
+}
+
 #[test]
 fn the_demo_runs_end_to_end() {
     let out = std::process::Command::new(bin())
