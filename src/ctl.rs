@@ -126,6 +126,26 @@ pub enum ClusterCommand {
     /// peers retire tunnels a dropped CA authenticated. (Sites with the CA in
     /// their state directory: `causeway ca rotate-site`.)
     SetBundle { name: String, file: PathBuf },
+    /// Replace a member site's labels with the given set (e.g. its region
+    /// or zone, which locality failover reads); no --label clears them.
+    SetLabels {
+        name: String,
+        /// Label KEY=VALUE; repeatable.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+    },
+}
+
+/// `--label KEY=VALUE` arguments as a map.
+fn label_args(labels: &[String]) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("--label {l:?}: expected KEY=VALUE"))
+        })
+        .collect()
 }
 
 pub fn client(args: &CtlArgs) -> anyhow::Result<ControllerClient> {
@@ -248,17 +268,10 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Cluster {
             command: ClusterCommand::Add { name, labels, ttl },
         } => {
-            let mut map = std::collections::HashMap::new();
-            for l in labels {
-                let (k, v) = l
-                    .split_once('=')
-                    .ok_or_else(|| anyhow::anyhow!("--label {l:?}: expected KEY=VALUE"))?;
-                map.insert(k.to_string(), v.to_string());
-            }
             let r = fed
                 .create_join_token(pb::CreateJoinTokenRequest {
                     site: name.clone(),
-                    labels: map,
+                    labels: label_args(labels)?,
                     ttl_seconds: *ttl,
                 })
                 .await
@@ -338,6 +351,23 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             println!(
                 "site {name} now trusts the {certs} CA certificate(s) in {} (revision {})",
                 file.display(),
+                r.revision
+            );
+        }
+        CtlCommand::Cluster {
+            command: ClusterCommand::SetLabels { name, labels },
+        } => {
+            let r = fed
+                .set_site_labels(pb::SetSiteLabelsRequest {
+                    site: name.clone(),
+                    labels: label_args(labels)?,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "site {name} now has {} label(s) (revision {})",
+                labels.len(),
                 r.revision
             );
         }

@@ -1567,6 +1567,15 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
         "trust bundle for beta",
     );
 
+    denied(
+        site.set_site_labels(pb::SetSiteLabelsRequest {
+            site: "alpha".into(),
+            labels: [("region".to_string(), "eu".to_string())].into(),
+        })
+        .await,
+        "labels of its own site",
+    );
+
     tracing::info!("phase: only controller nodes speak Raft");
     let mut raft_as_site = RaftClient::new(site_ch);
     let payload = || pb::RaftPayload {

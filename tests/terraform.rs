@@ -288,6 +288,26 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
     // Nothing to do once applied and joined.
     tf.expect_plan(None).await;
 
+    // New labels on the joined site: an update in place.
+    tf.write_main(&config(
+        &fed,
+        &format!(
+            "{}{}",
+            SITE.replace(
+                "{ region = \"eu\" }",
+                "{ region = \"eu\", zone = \"eu-1a\" }"
+            ),
+            split(90, 10)
+        ),
+    ));
+    let out = tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+    assert!(out.contains("0 added, 1 changed, 0 destroyed"), "{out}");
+    let cat = fed.admin_client(None).unwrap().catalog(true).await.unwrap();
+    let east = cat.sites.iter().find(|s| s.name == "east").unwrap();
+    assert_eq!(east.labels.get("zone").map(String::as_str), Some("eu-1a"));
+    tf.write_main(&config(&fed, &format!("{SITE}{}", split(90, 10))));
+    tf.ok(&["apply", "-auto-approve", "-input=false"]).await;
+
     // A change to the document is an update in place.
     tf.write_main(&config(&fed, &format!("{SITE}{}", split(50, 50))));
     let out = tf.ok(&["apply", "-auto-approve", "-input=false"]).await;

@@ -905,6 +905,22 @@ impl Federation for FederationService {
         Ok(Response::new(pb::RemoveSiteResponse { revision }))
     }
 
+    async fn set_site_labels(
+        &self,
+        req: Request<pb::SetSiteLabelsRequest>,
+    ) -> Result<Response<pb::SetSiteLabelsResponse>, Status> {
+        require_admin("SetSiteLabels", &req)?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        let labels = parse_labels(&r.labels)?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::SetSiteLabels { site, labels })
+                .await?,
+        )?;
+        Ok(Response::new(pb::SetSiteLabelsResponse { revision }))
+    }
+
     async fn apply_policies(
         &self,
         req: Request<pb::ApplyPoliciesRequest>,

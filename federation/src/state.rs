@@ -132,6 +132,11 @@ pub enum Command {
         site: SiteName,
         trust_bundle_pem: String,
     },
+    /// Replace a member site's labels. Validated by the proposer.
+    SetSiteLabels {
+        site: SiteName,
+        labels: BTreeMap<String, String>,
+    },
     /// Proposed by the leader when a site's lease lapses or recovers.
     SetSiteAvailability {
         site: SiteName,
@@ -453,6 +458,22 @@ impl CatalogState {
                 self.update_site(&site, |rec| {
                     let changed = rec.trust_bundle_pem != trust_bundle_pem;
                     rec.trust_bundle_pem = trust_bundle_pem;
+                    changed
+                })
+            }
+            Command::SetSiteLabels { site, labels } => {
+                if labels.len() > MAX_LABELS {
+                    return (
+                        reject(
+                            RejectCode::LimitExceeded,
+                            format!("at most {MAX_LABELS} labels"),
+                        ),
+                        vec![],
+                    );
+                }
+                self.update_site(&site, |rec| {
+                    let changed = rec.labels != labels;
+                    rec.labels = labels;
                     changed
                 })
             }

@@ -94,7 +94,7 @@ pub fn site_schema() -> Block {
                 "labels",
                 Ty::Map(Box::new(Ty::String)),
                 Mode::Optional,
-                "Labels the site joins with (e.g. `region`). They are fixed at join: changing them replaces the site.",
+                "Labels of the site (e.g. `region`, `zone`: locality failover reads them). Changing them updates a joined site in place; a site not joined yet gets a new invitation, whose token carries them.",
             ),
             Attr::new(
                 "token_ttl_seconds",
@@ -698,10 +698,14 @@ impl Provider {
             }
             f.insert("joined".into(), Value::Bool(false));
         } else {
-            for a in ["name", "labels"] {
-                if proposed.get(a) != prior.get(a) {
-                    replace.push(path(a));
-                }
+            if proposed.get("name") != prior.get("name") {
+                replace.push(path("name"));
+            }
+            // A joined site's labels change in place; an invitation's are
+            // in its token, so a new one is minted.
+            let joined = prior.get("joined").as_bool() == Some(true);
+            if proposed.get("labels") != prior.get("labels") && !joined {
+                replace.push(path("labels"));
             }
         }
         (site_schema().object(f), replace)
@@ -780,8 +784,21 @@ impl Provider {
         }
         let mut f = fields(planned);
         if !prior.is_null() {
-            // Only token_ttl_seconds can change in place: it applies to the
-            // next token (a replacement), so there is nothing to call.
+            // In place: the labels of a joined site (the plan replaces an
+            // invitation whose labels change), and token_ttl_seconds, which
+            // only a new invitation would use.
+            if planned.get("labels") != prior.get("labels") {
+                let labels = planned.get("labels").to_string_map().unwrap_or_default();
+                self.call(false, |mut f| {
+                    let req = api::SetSiteLabelsRequest {
+                        site: name.clone(),
+                        labels: labels.clone().into_iter().collect(),
+                    };
+                    async move { f.set_site_labels(req).await }
+                })
+                .await
+                .map_err(|s| api_error(&format!("setting the labels of site {name}"), &s))?;
+            }
             return Ok(site_schema().object(f));
         }
         let labels = planned.get("labels").to_string_map().unwrap_or_default();
@@ -1434,7 +1451,8 @@ mod tests {
     }
 
     #[test]
-    fn renaming_a_site_or_changing_its_labels_replaces_it_and_a_new_lifetime_does_not() {
+    fn renaming_a_site_replaces_it_new_labels_replace_only_an_invitation_and_a_new_lifetime_neither(
+    ) {
         let prior = site_schema().object(fields(&obj(&[
             ("name", Value::string("east")),
             ("token_ttl_seconds", Value::Number(3600.0)),
@@ -1450,8 +1468,15 @@ mod tests {
         assert_eq!(replace, vec![path("name")]);
         f.insert("name".into(), Value::string("east"));
         f.insert("labels".into(), obj(&[("region", Value::string("eu"))]));
-        let (_, replace) = Provider::plan_site(&prior, &Value::Map(f));
+        let (_, replace) = Provider::plan_site(&prior, &Value::Map(f.clone()));
         assert_eq!(replace, vec![path("labels")]);
+        // Once the site has joined, new labels are an update in place.
+        let mut joined = fields(&prior);
+        joined.insert("joined".into(), Value::Bool(true));
+        let mut g = f.clone();
+        g.insert("joined".into(), Value::Bool(true));
+        let (_, replace) = Provider::plan_site(&Value::Map(joined), &Value::Map(g));
+        assert!(replace.is_empty());
     }
 
     #[test]

@@ -249,6 +249,65 @@ fn a_trust_bundle_changes_only_for_a_member_and_only_when_it_differs() {
     assert_eq!(s.revision, 2);
 }
 
+#[test]
+fn site_labels_are_replaced_whole_only_for_a_member_and_within_the_limit() {
+    let mut s = CatalogState::default();
+    token(&mut s, "a", "east", 100);
+    join(&mut s, "a", "east", 1);
+    let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let set = |s: &mut CatalogState, name: &str, l: BTreeMap<String, String>| {
+        s.apply(Command::SetSiteLabels {
+            site: site(name),
+            labels: l,
+        })
+    };
+    let (o, ch) = set(
+        &mut s,
+        "east",
+        labels(&[("region", "eu"), ("zone", "eu-1a")]),
+    );
+    assert_eq!(o, Outcome::Applied { revision: 2 });
+    assert!(matches!(
+        &ch[0].kind,
+        Some(pb::change::Kind::SiteUpserted(site)) if site.labels.get("zone").map(String::as_str) == Some("eu-1a")
+    ));
+    assert_eq!(
+        set(
+            &mut s,
+            "east",
+            labels(&[("region", "eu"), ("zone", "eu-1a")])
+        )
+        .0,
+        Outcome::Unchanged { revision: 2 }
+    );
+    // The whole set: a label left out goes.
+    set(&mut s, "east", labels(&[("region", "eu")]));
+    assert_eq!(s.snapshot_pb().sites[0].labels.len(), 1);
+    assert!(matches!(
+        set(&mut s, "west", labels(&[])).0,
+        Outcome::Rejected {
+            code: RejectCode::SiteUnknown,
+            ..
+        }
+    ));
+    let many: BTreeMap<String, String> = (0..=MAX_LABELS)
+        .map(|i| (format!("k{i}"), "v".to_string()))
+        .collect();
+    assert!(matches!(
+        set(&mut s, "east", many).0,
+        Outcome::Rejected {
+            code: RejectCode::LimitExceeded,
+            ..
+        }
+    ));
+    assert_eq!(s.revision, 3);
+}
+
 fn policy(name: &str, doc: &str) -> PolicyRecord {
     PolicyRecord {
         kind: "TimeoutPolicy".into(),
