@@ -1614,6 +1614,32 @@ mod tests {
         assert_eq!(q.guard(async { Ok::<_, Status>(7) }).await.unwrap(), 7);
     }
 
+    proptest::proptest! {
+        /// Whatever shape of value arrives (wrong types, unknowns, extra or
+        /// missing attributes), validation and planning answer without
+        /// panicking, and a plan has exactly the schema's attributes.
+        #[test]
+        fn validation_and_plans_take_any_value(
+            prior in crate::value::tests::value(),
+            proposed in crate::value::tests::value(),
+        ) {
+            let _ = Provider::validate_site(&proposed);
+            let _ = Provider::validate_policy(&proposed);
+            let _ = Provider::validate_bundle(&proposed);
+            let _ = Provider::configure(&proposed);
+            for (planned, block) in [
+                (Provider::plan_site(&prior, &proposed).0, site_schema()),
+                (Provider::plan_policy(&prior, &proposed).0, policy_schema()),
+                (Provider::plan_bundle(&prior, &proposed).0, bundle_schema()),
+            ] {
+                let Value::Map(m) = planned else { panic!("a plan is an object") };
+                let names: Vec<&str> = block.attrs.iter().map(|a| a.name).collect();
+                proptest::prop_assert_eq!(m.keys().map(String::as_str).collect::<Vec<_>>().len(), names.len());
+                proptest::prop_assert!(names.iter().all(|n| m.contains_key(*n)));
+            }
+        }
+    }
+
     #[test]
     fn policy_ids_are_kind_namespace_name() {
         assert_eq!(
