@@ -225,6 +225,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 let r = fed
                     .list_policies(pb::ListPoliciesRequest {
                         kind: kind.clone().unwrap_or_default(),
+                        ..Default::default()
                     })
                     .await
                     .map_err(status_err)?

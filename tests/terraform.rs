@@ -209,18 +209,16 @@ data "causeway_sites" "all" {
 }
 "#;
 
+/// The stored policy, read linearizably (from the leader): every write
+/// acknowledged before is seen.
 async fn stored_policy(fed: &LocalFederation) -> Option<pb::Policy> {
     let c = fed.admin_client(None).unwrap();
-    let mut f = c.federation().await.unwrap();
-    f.list_policies(pb::ListPoliciesRequest {
-        kind: "TrafficSplit".into(),
-    })
-    .await
-    .unwrap()
-    .into_inner()
-    .policies
-    .into_iter()
-    .find(|p| p.namespace == "shop" && p.name == "canary")
+    c.catalog(true)
+        .await
+        .unwrap()
+        .policies
+        .into_iter()
+        .find(|p| p.kind == "TrafficSplit" && p.namespace == "shop" && p.name == "canary")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

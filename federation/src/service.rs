@@ -954,6 +954,9 @@ impl Federation for FederationService {
         req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
         require_site_or_admin("ListPolicies", &req, &self.shared.hub)?;
+        if req.get_ref().linearizable {
+            self.shared.linearizable_barrier().await?;
+        }
         let kind = req.into_inner().kind;
         let kind = if kind.is_empty() {
             None

@@ -530,9 +530,13 @@ impl Provider {
         namespace: &str,
         name: &str,
     ) -> Result<Option<api::Policy>, pb::Diagnostic> {
+        // Linearizable: the policy just applied (through any node) is seen.
         let r = self
-            .call(false, |mut f| {
-                let req = api::ListPoliciesRequest { kind: kind.into() };
+            .call(true, |mut f| {
+                let req = api::ListPoliciesRequest {
+                    kind: kind.into(),
+                    linearizable: true,
+                };
                 async move { f.list_policies(req).await }
             })
             .await
