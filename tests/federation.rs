@@ -457,6 +457,21 @@ async fn linearizable_reads_come_from_a_confirmed_leader() {
         e.message()
     );
     assert!(read(&fed, follower, false).await.is_ok());
+    // Policies too.
+    let policies = |id: u64| {
+        let c = fed.admin_client(Some(id)).unwrap();
+        async move {
+            let mut f = c.federation().await.unwrap();
+            f.list_policies(causeway_api::pb::ListPoliciesRequest {
+                kind: String::new(),
+                linearizable: true,
+            })
+            .await
+        }
+    };
+    assert!(policies(leader).await.is_ok());
+    let e = policies(follower).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
 
     tracing::info!("phase: ctl --linearizable finds the leader from any endpoint list");
     let order = [
