@@ -23,7 +23,7 @@ pub struct CtlArgs {
     pub creds: PathBuf,
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
-    /// Catalog reads (cluster list, services, explain) show every write
+    /// Reads (cluster list, services, explain, policy list) show every write
     /// acknowledged before them: served by the leader after it confirms its
     /// leadership. Default: the answering node's applied state, which can
     /// lag briefly (e.g. right after the controllers restart).
@@ -222,14 +222,17 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 }
             }
             PolicyCommand::List { kind } => {
-                let r = fed
-                    .list_policies(pb::ListPoliciesRequest {
-                        kind: kind.clone().unwrap_or_default(),
-                        ..Default::default()
+                let linearizable = args.linearizable;
+                let r = c
+                    .call(linearizable, |mut f| {
+                        let req = pb::ListPoliciesRequest {
+                            kind: kind.clone().unwrap_or_default(),
+                            linearizable,
+                        };
+                        async move { f.list_policies(req).await }
                     })
                     .await
-                    .map_err(status_err)?
-                    .into_inner();
+                    .map_err(status_err)?;
                 if args.output == Output::Json {
                     let list: Vec<serde_json::Value> = r
                         .policies

@@ -499,6 +499,24 @@ async fn linearizable_reads_come_from_a_confirmed_leader() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(text.matches("bench/svc-").count(), 4, "{text}");
+    let out = tokio::process::Command::new(bin())
+        .args(["ctl", "--creds"])
+        .arg(&fed.creds)
+        .args([
+            "--controller",
+            &order.join(","),
+            "--linearizable",
+            "policy",
+            "list",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "policy list: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     tracing::info!("phase: without a quorum it fails clearly; a local read still answers");
     for id in (1..=3).filter(|id| *id != leader) {

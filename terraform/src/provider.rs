@@ -458,9 +458,8 @@ impl Provider {
         })
     }
 
-    /// Runs `op` against a controller: an endpoint that cannot be reached
-    /// (or, with `leader_only`, one that is not the leader) passes the call
-    /// to the next; the whole call is bounded by [`CALL_TIMEOUT`] and ends
+    /// Runs `op` against whichever controller answers (see
+    /// [`ControllerClient::call`]), bounded by [`CALL_TIMEOUT`] and ended
     /// at once if Terraform asks the provider to stop.
     async fn call<T, F, Fut>(&self, leader_only: bool, op: F) -> Result<T, Status>
     where
@@ -471,29 +470,7 @@ impl Provider {
             .client()
             .await
             .map_err(|d| Status::failed_precondition(d.summary))?;
-        let attempts = async {
-            let mut last = Status::unavailable("no controller endpoints");
-            for _ in 0..c.endpoints().len().max(1) {
-                let fed = match c.federation().await {
-                    Ok(f) => f,
-                    // Every endpoint was tried already.
-                    Err(e) => return Err(Status::unavailable(e.to_string())),
-                };
-                match op(fed).await {
-                    Ok(r) => return Ok(r.into_inner()),
-                    Err(s)
-                        if s.code() == tonic::Code::Unavailable
-                            || (leader_only && s.code() == tonic::Code::FailedPrecondition) =>
-                    {
-                        c.rotate();
-                        last = s;
-                    }
-                    Err(s) => return Err(s),
-                }
-            }
-            Err(last)
-        };
-        self.guard(attempts).await
+        self.guard(c.call(leader_only, op)).await
     }
 
     /// `fut`, unless it outlasts [`CALL_TIMEOUT`] or the provider is told

@@ -98,26 +98,44 @@ impl ControllerClient {
         Ok(FederationClient::new(self.channel().await?))
     }
 
-    /// The catalog, from whichever endpoint can serve it: with
-    /// `linearizable`, nodes that are not the leader refuse and the next
-    /// endpoint is tried.
-    pub async fn catalog(&self, linearizable: bool) -> Result<pb::CatalogSnapshot, tonic::Status> {
-        let mut last = None;
+    /// Runs `op` against a controller: an endpoint that cannot be reached
+    /// (or, with `leader_only`, one that refuses because it is not the
+    /// leader) passes the call to the next, each endpoint once.
+    pub async fn call<T, F, Fut>(&self, leader_only: bool, op: F) -> Result<T, tonic::Status>
+    where
+        F: Fn(FederationClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let mut last = tonic::Status::unavailable("no controller endpoints configured");
         for _ in 0..self.endpoints.len().max(1) {
-            let mut fed = self
-                .federation()
-                .await
-                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-            match fed.catalog(pb::CatalogRequest { linearizable }).await {
+            let fed = match self.federation().await {
+                Ok(f) => f,
+                // `channel` has tried every endpoint already.
+                Err(e) => return Err(tonic::Status::unavailable(e.to_string())),
+            };
+            match op(fed).await {
                 Ok(r) => return Ok(r.into_inner()),
-                Err(s) if linearizable && s.code() == tonic::Code::FailedPrecondition => {
-                    last = Some(s);
+                Err(s)
+                    if s.code() == tonic::Code::Unavailable
+                        || (leader_only && s.code() == tonic::Code::FailedPrecondition) =>
+                {
                     self.rotate();
+                    last = s;
                 }
                 Err(s) => return Err(s),
             }
         }
-        Err(last.expect("at least one endpoint was asked"))
+        Err(last)
+    }
+
+    /// The catalog, from whichever endpoint can serve it: with
+    /// `linearizable`, nodes that are not the leader refuse and the next
+    /// endpoint is tried.
+    pub async fn catalog(&self, linearizable: bool) -> Result<pb::CatalogSnapshot, tonic::Status> {
+        self.call(linearizable, |mut f| async move {
+            f.catalog(pb::CatalogRequest { linearizable }).await
+        })
+        .await
     }
 
     /// Moves on to the next endpoint (after an RPC failure).
