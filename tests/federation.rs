@@ -478,20 +478,15 @@ async fn linearizable_reads_come_from_a_confirmed_leader() {
         fed.controller_addrs[&follower].clone(),
         fed.controller_addrs[&leader].clone(),
     ];
-    let out = tokio::process::Command::new(bin())
-        .args(["ctl", "--creds"])
-        .arg(&fed.creds)
-        .args([
-            "--controller",
-            &order.join(","),
-            "--linearizable",
-            "--output",
-            "json",
-            "services",
-        ])
-        .output()
-        .await
-        .unwrap();
+    let ctl = |args: &'static [&'static str]| {
+        tokio::process::Command::new(bin())
+            .args(["ctl", "--creds"])
+            .arg(&fed.creds)
+            .args(["--controller", &order.join(","), "--linearizable"])
+            .args(args)
+            .output()
+    };
+    let out = ctl(&["--output", "json", "services"]).await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -499,19 +494,7 @@ async fn linearizable_reads_come_from_a_confirmed_leader() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(text.matches("bench/svc-").count(), 4, "{text}");
-    let out = tokio::process::Command::new(bin())
-        .args(["ctl", "--creds"])
-        .arg(&fed.creds)
-        .args([
-            "--controller",
-            &order.join(","),
-            "--linearizable",
-            "policy",
-            "list",
-        ])
-        .output()
-        .await
-        .unwrap();
+    let out = ctl(&["policy", "list"]).await.unwrap();
     assert!(
         out.status.success(),
         "policy list: {}",
