@@ -207,6 +207,11 @@ output "east_token" {
 data "causeway_sites" "all" {
   depends_on = [causeway_site.east]
 }
+
+data "causeway_services" "shop" {
+  namespace  = "shop"
+  depends_on = [causeway_site.east]
+}
 "#;
 
 /// The stored policy, read linearizably (from the leader): every write
@@ -283,6 +288,13 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
     assert!(!site["tunnel_addrs"].as_array().unwrap().is_empty());
     let all = tf.resource("data.causeway_sites.all").await.unwrap();
     assert_eq!(all["sites"][0]["name"], "east", "{all}");
+    let services = tf.resource("data.causeway_services.shop").await.unwrap();
+    assert_eq!(
+        services["services"][0]["service"], "shop/echo",
+        "{services}"
+    );
+    assert_eq!(services["services"][0]["sites"][0], "east", "{services}");
+    assert_eq!(services["services"][0]["ports"][0], 7000, "{services}");
     // Nothing to do once applied and joined.
     tf.expect_plan(None).await;
 

@@ -14,7 +14,8 @@
 //!   gateways are trusted through, for sites whose CA lives outside the
 //!   gateway (rotate by listing old and new, then the new one alone).
 //!
-//! Data source `causeway_sites`: the member sites.
+//! Data sources: `causeway_sites` (the member sites) and `causeway_services`
+//! (the exported services, each with the sites exporting it).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +34,7 @@ use crate::value::Value;
 pub const SITE: &str = "causeway_site";
 pub const POLICY: &str = "causeway_policy";
 pub const SITES: &str = "causeway_sites";
+pub const SERVICES: &str = "causeway_services";
 pub const BUNDLE: &str = "causeway_site_trust_bundle";
 
 /// Join tokens live an hour unless the configuration says otherwise.
@@ -247,6 +249,103 @@ pub fn sites_schema() -> Block {
     }
 }
 
+fn service_entry_ty() -> Ty {
+    Ty::Object(vec![
+        ("service", Ty::String),
+        ("namespace", Ty::String),
+        ("name", Ty::String),
+        ("sites", Ty::List(Box::new(Ty::String))),
+        ("ports", Ty::List(Box::new(Ty::Number))),
+        ("healthy_endpoints", Ty::Number),
+        ("total_endpoints", Ty::Number),
+    ])
+}
+
+pub fn services_schema() -> Block {
+    Block {
+        description: "The services member sites export, each once with every site exporting it (e.g. to declare a FailoverPolicy per service with for_each).",
+        attrs: vec![
+            Attr::new(
+                "id",
+                Ty::String,
+                Mode::Computed,
+                "The catalog revision read.",
+            ),
+            Attr::new(
+                "namespace",
+                Ty::String,
+                Mode::Optional,
+                "Only services in this namespace.",
+            ),
+            Attr::new(
+                "services",
+                Ty::List(Box::new(service_entry_ty())),
+                Mode::Computed,
+                "Sorted by service: `service` (`NAMESPACE/NAME`), `namespace`, `name`, `sites` exporting it (sorted), `ports` (the union, sorted), and healthy and total endpoints summed over the sites.",
+            ),
+            Attr::new(
+                "revision",
+                Ty::Number,
+                Mode::Computed,
+                "The catalog revision read.",
+            ),
+        ],
+    }
+}
+
+/// The catalog's exports grouped by service (optionally one namespace).
+fn services_of(cat: &api::CatalogSnapshot, namespace: Option<&str>) -> Value {
+    #[derive(Default)]
+    struct Entry {
+        sites: std::collections::BTreeSet<String>,
+        ports: std::collections::BTreeSet<u32>,
+        healthy: u64,
+        total: u64,
+    }
+    let mut by_service: BTreeMap<&str, Entry> = BTreeMap::new();
+    for site in &cat.exports {
+        for e in &site.exports {
+            let ns = e.service.split_once('/').map_or("", |(ns, _)| ns);
+            if namespace.is_some_and(|want| want != ns) {
+                continue;
+            }
+            let entry = by_service.entry(&e.service).or_default();
+            entry.sites.insert(site.site.clone());
+            entry.ports.extend(e.ports.iter().map(|p| p.port));
+            entry.healthy += u64::from(e.healthy_endpoints);
+            entry.total += u64::from(e.total_endpoints.max(e.healthy_endpoints));
+        }
+    }
+    Value::List(
+        by_service
+            .into_iter()
+            .map(|(service, e)| {
+                let (ns, name) = service.split_once('/').unwrap_or(("", service));
+                let mut m = BTreeMap::new();
+                m.insert("service".to_string(), Value::string(service));
+                m.insert("namespace".into(), Value::string(ns));
+                m.insert("name".into(), Value::string(name));
+                m.insert(
+                    "sites".into(),
+                    Value::List(e.sites.into_iter().map(Value::String).collect()),
+                );
+                m.insert(
+                    "ports".into(),
+                    Value::List(
+                        e.ports
+                            .into_iter()
+                            .map(|p| Value::Number(f64::from(p)))
+                            .collect(),
+                    ),
+                );
+                m.insert("healthy_endpoints".into(), Value::Number(e.healthy as f64));
+                m.insert("total_endpoints".into(), Value::Number(e.total as f64));
+                Value::Map(m)
+            })
+            .collect(),
+    )
+}
+
 fn resource_schema(type_name: &str) -> Option<Block> {
     match type_name {
         SITE => Some(site_schema()),
@@ -306,7 +405,7 @@ fn unknown_type(type_name: &str) -> pb::Diagnostic {
     error(
         format!("unknown type {type_name:?}"),
         format!(
-            "This provider has resources {SITE}, {POLICY} and {BUNDLE}, and data source {SITES}."
+            "This provider has resources {SITE}, {POLICY} and {BUNDLE}, and data sources {SITES} and {SERVICES}."
         ),
     )
 }
@@ -1067,6 +1166,19 @@ impl Provider {
         }
     }
 
+    async fn read_services(&self, config: &Value) -> Result<Value, pb::Diagnostic> {
+        let cat = self.catalog().await?;
+        let namespace = config.get("namespace").as_str();
+        let mut f = BTreeMap::new();
+        f.insert("id".into(), Value::string(cat.revision.to_string()));
+        if let Some(ns) = namespace {
+            f.insert("namespace".into(), Value::string(ns));
+        }
+        f.insert("services".into(), services_of(&cat, namespace));
+        f.insert("revision".into(), Value::Number(cat.revision as f64));
+        Ok(services_schema().object(f))
+    }
+
     async fn read_sites(&self) -> Result<Value, pb::Diagnostic> {
         let cat = self.catalog().await?;
         let entry = match site_entry_ty() {
@@ -1112,9 +1224,12 @@ impl provider_server::Provider for Provider {
         Ok(Response::new(pb::get_metadata::Response {
             server_capabilities: Some(pb::ServerCapabilities::default()),
             diagnostics: Vec::new(),
-            data_sources: vec![pb::get_metadata::DataSourceMetadata {
-                type_name: SITES.into(),
-            }],
+            data_sources: [SITES, SERVICES]
+                .iter()
+                .map(|t| pb::get_metadata::DataSourceMetadata {
+                    type_name: t.to_string(),
+                })
+                .collect(),
             resources: [SITE, POLICY, BUNDLE]
                 .iter()
                 .map(|t| pb::get_metadata::ResourceMetadata {
@@ -1137,9 +1252,12 @@ impl provider_server::Provider for Provider {
             ]
             .into_iter()
             .collect(),
-            data_source_schemas: [(SITES.to_string(), sites_schema().to_proto())]
-                .into_iter()
-                .collect(),
+            data_source_schemas: [
+                (SITES.to_string(), sites_schema().to_proto()),
+                (SERVICES.to_string(), services_schema().to_proto()),
+            ]
+            .into_iter()
+            .collect(),
             diagnostics: Vec::new(),
             server_capabilities: Some(pb::ServerCapabilities::default()),
         }))
@@ -1188,7 +1306,7 @@ impl provider_server::Provider for Provider {
         req: Request<pb::validate_data_resource_config::Request>,
     ) -> Rpc<pb::validate_data_resource_config::Response> {
         let r = req.into_inner();
-        let diagnostics = if r.type_name == SITES {
+        let diagnostics = if r.type_name == SITES || r.type_name == SERVICES {
             Vec::new()
         } else {
             vec![unknown_type(&r.type_name)]
@@ -1372,10 +1490,13 @@ impl provider_server::Provider for Provider {
         req: Request<pb::read_data_source::Request>,
     ) -> Rpc<pb::read_data_source::Response> {
         let r = req.into_inner();
-        let result = if r.type_name == SITES {
-            self.read_sites().await
-        } else {
-            Err(unknown_type(&r.type_name))
+        let result = match r.type_name.as_str() {
+            SITES => self.read_sites().await,
+            SERVICES => match decode(&r.config, "configuration") {
+                Ok(config) => self.read_services(&config).await,
+                Err(d) => Err(d),
+            },
+            other => Err(unknown_type(other)),
         };
         Ok(Response::new(match result {
             Ok(v) => pb::read_data_source::Response {
@@ -1619,6 +1740,51 @@ mod tests {
                 proptest::prop_assert!(names.iter().all(|n| m.contains_key(*n)));
             }
         }
+    }
+
+    #[test]
+    fn services_are_grouped_across_sites_with_ports_and_endpoints_summed() {
+        let export = |svc: &str, port: u32, healthy: u32, total: u32| api::Export {
+            service: svc.into(),
+            ports: vec![api::ServicePort {
+                port,
+                protocol: "tcp".into(),
+                name: String::new(),
+            }],
+            healthy_endpoints: healthy,
+            total_endpoints: total,
+            ..Default::default()
+        };
+        let cat = api::CatalogSnapshot {
+            exports: vec![
+                api::SiteExports {
+                    site: "west".into(),
+                    exports: vec![export("shop/pay", 443, 1, 3), export("ops/log", 9000, 2, 2)],
+                },
+                api::SiteExports {
+                    site: "east".into(),
+                    exports: vec![export("shop/pay", 8443, 2, 2)],
+                },
+            ],
+            ..Default::default()
+        };
+        let all = services_of(&cat, None);
+        let Value::List(list) = &all else { panic!() };
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].get("service").as_str(), Some("ops/log"));
+        let pay = &list[1];
+        assert_eq!(pay.get("name").as_str(), Some("pay"));
+        assert_eq!(pay.get("sites").to_string_list().unwrap(), ["east", "west"]);
+        assert_eq!(
+            pay.get("ports"),
+            &Value::List(vec![Value::Number(443.0), Value::Number(8443.0)])
+        );
+        assert_eq!(pay.get("healthy_endpoints").as_f64(), Some(3.0));
+        assert_eq!(pay.get("total_endpoints").as_f64(), Some(5.0));
+        let Value::List(shop) = services_of(&cat, Some("shop")) else {
+            panic!()
+        };
+        assert_eq!(shop.len(), 1);
     }
 
     #[test]
