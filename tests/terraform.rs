@@ -514,3 +514,91 @@ provider "causeway" {{
     tf.expect_plan(None).await;
     fed.shutdown().await;
 }
+
+/// terraform/examples/federation as a user would run it: three sites
+/// invited, one joins with its token and exports shop/echo, and the next
+/// apply gives that service its FailoverPolicy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_federation_example_invites_sites_and_adds_failover_for_what_they_export() {
+    let root = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_causeway")),
+        root.path().to_path_buf(),
+    )
+    .unwrap();
+    fed.start_controllers(1).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let tf = setup(root.path());
+    std::fs::copy(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/terraform/examples/federation/main.tf"
+        ),
+        tf.dir.join("main.tf"),
+    )
+    .unwrap();
+    let controllers = format!(
+        "controllers={}",
+        serde_json::to_string(&fed.endpoints()).unwrap()
+    );
+    let creds = format!("credentials_dir={}", fed.creds.display());
+    let vars = ["-var", controllers.as_str(), "-var", creds.as_str()];
+    let with_vars = |args: &[&'static str]| -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string())
+            .chain(vars.iter().map(|v| v.to_string()))
+            .collect()
+    };
+    let run = |args: Vec<String>| {
+        let tf = &tf;
+        async move {
+            let a: Vec<&str> = args.iter().map(String::as_str).collect();
+            tf.ok(&a).await
+        }
+    };
+    tf.ok(&["init", "-input=false"]).await;
+    tf.ok(&["validate"]).await;
+    run(with_vars(&["apply", "-auto-approve", "-input=false"])).await;
+    let tokens: serde_json::Value =
+        serde_json::from_str(&tf.ok(&["output", "-json", "join_tokens"]).await).unwrap();
+    assert_eq!(tokens.as_object().unwrap().len(), 3, "{tokens}");
+
+    // One site joins and exports shop/echo.
+    let token = tokens["eu-west-1"].as_str().unwrap().to_string();
+    let echo = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    fed.add_site_with_token(
+        "eu-west-1",
+        "127.72.9.0/24",
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+        token,
+    )
+    .await
+    .unwrap();
+    run(with_vars(&["apply", "-auto-approve", "-input=false"])).await;
+    let cat = fed.admin_client(None).unwrap().catalog(true).await.unwrap();
+    let policy = cat
+        .policies
+        .iter()
+        .find(|p| p.kind == "FailoverPolicy" && p.name == "echo-locality")
+        .expect("a FailoverPolicy for the exported service");
+    assert_eq!(policy.namespace, "shop");
+    let site = cat.sites.iter().find(|s| s.name == "eu-west-1").unwrap();
+    assert_eq!(
+        site.labels.get("zone").map(String::as_str),
+        Some("eu-west-1a")
+    );
+    let tokens: serde_json::Value =
+        serde_json::from_str(&tf.ok(&["output", "-json", "join_tokens"]).await).unwrap();
+    assert_eq!(
+        tokens.as_object().unwrap().len(),
+        2,
+        "the joined site's token is gone: {tokens}"
+    );
+    fed.shutdown().await;
+}
