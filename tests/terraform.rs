@@ -149,8 +149,9 @@ fn setup(root: &Path) -> Tf {
     }
 }
 
-/// A configuration using the provider with these settings.
-fn config_with(controllers: &[String], creds: &Path, resources: &str) -> String {
+/// A configuration: the provider (with `settings` in its block) and
+/// `resources`.
+fn config_text(settings: &str, resources: &str) -> String {
     format!(
         r#"terraform {{
   required_providers {{
@@ -162,12 +163,21 @@ fn config_with(controllers: &[String], creds: &Path, resources: &str) -> String 
 }}
 
 provider "causeway" {{
-  controllers     = {controllers}
-  credentials_dir = {creds:?}
+{settings}
 }}
-{resources}"#,
-        controllers = serde_json::to_string(controllers).unwrap(),
-        creds = creds.display().to_string(),
+{resources}"#
+    )
+}
+
+/// A configuration using the provider with these endpoints and credentials.
+fn config_with(controllers: &[String], creds: &Path, resources: &str) -> String {
+    config_text(
+        &format!(
+            "  controllers     = {}\n  credentials_dir = {:?}",
+            serde_json::to_string(controllers).unwrap(),
+            creds.display().to_string()
+        ),
+        resources,
     )
 }
 
@@ -477,28 +487,15 @@ async fn with_a_controller_down_the_provider_uses_the_others_and_inline_credenti
     let pem = |f: &str| {
         serde_json::to_string(&std::fs::read_to_string(fed.creds.join(f)).unwrap()).unwrap()
     };
-    let main = format!(
-        r#"terraform {{
-  required_providers {{
-    causeway = {{
-      source  = "{SOURCE}"
-      version = "{VERSION}"
-    }}
-  }}
-}}
-
-provider "causeway" {{
-  controllers = {controllers}
-  ca_pem      = {ca}
-  cert_pem    = {cert}
-  key_pem     = {key}
-}}
-{policy}"#,
-        controllers = serde_json::to_string(&endpoints).unwrap(),
-        ca = pem("ca.pem"),
-        cert = pem("admin.pem"),
-        key = pem("admin-key.pem"),
-        policy = split(70, 30),
+    let main = config_text(
+        &format!(
+            "  controllers = {}\n  ca_pem      = {}\n  cert_pem    = {}\n  key_pem     = {}",
+            serde_json::to_string(&endpoints).unwrap(),
+            pem("ca.pem"),
+            pem("admin.pem"),
+            pem("admin-key.pem"),
+        ),
+        &split(70, 30),
     );
     tf.write_main(&main);
     tf.ok(&["init", "-input=false"]).await;

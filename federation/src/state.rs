@@ -186,6 +186,11 @@ pub enum Outcome {
     Batch(Vec<Outcome>),
 }
 
+/// A refused command: its outcome, and no change for watchers.
+fn refused(code: RejectCode, message: impl Into<String>) -> (Outcome, Vec<pb::Change>) {
+    (reject(code, message), vec![])
+}
+
 fn reject(code: RejectCode, message: impl Into<String>) -> Outcome {
     Outcome::Rejected {
         code,
@@ -249,21 +254,12 @@ impl CatalogState {
             } => {
                 self.forget_old_tokens(now_ms);
                 if self.sites.contains_key(&site) {
-                    return (
-                        reject(
-                            RejectCode::SiteExists,
-                            format!("site {site:?} is already a member; choose another name, or remove it first with `causeway ctl cluster remove {site}`"),
-                        ),
-                        vec![],
-                    );
+                    return refused(RejectCode::SiteExists, format!("site {site:?} is already a member; choose another name, or remove it first with `causeway ctl cluster remove {site}`"));
                 }
                 if labels.len() > MAX_LABELS {
-                    return (
-                        reject(
-                            RejectCode::LimitExceeded,
-                            format!("at most {MAX_LABELS} labels"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("at most {MAX_LABELS} labels"),
                     );
                 }
                 self.tokens.insert(
@@ -294,51 +290,45 @@ impl CatalogState {
                 tunnel_addrs,
             } => {
                 let Some(tok) = self.tokens.get(&token_id) else {
-                    return (reject(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`"), vec![]);
+                    return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
                 };
                 if tok.secret_sha256 != secret_sha256 {
-                    return (reject(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`"), vec![]);
+                    return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
                 }
                 if tok.used {
-                    return (reject(RejectCode::TokenUsed, "join token was already used; tokens are single-use, ask for a new one with `causeway ctl cluster add`"), vec![]);
+                    return refused(RejectCode::TokenUsed, "join token was already used; tokens are single-use, ask for a new one with `causeway ctl cluster add`");
                 }
                 if tok.expires_at_ms <= now_ms {
-                    return (reject(RejectCode::TokenExpired, "join token has expired; ask for a new one with `causeway ctl cluster add`"), vec![]);
+                    return refused(
+                        RejectCode::TokenExpired,
+                        "join token has expired; ask for a new one with `causeway ctl cluster add`",
+                    );
                 }
                 if tok.site != site {
-                    return (
-                        reject(
-                            RejectCode::TokenWrongSite,
-                            format!(
-                                "join token was issued for site {:?}, not {site:?}",
-                                tok.site.as_str()
-                            ),
+                    return refused(
+                        RejectCode::TokenWrongSite,
+                        format!(
+                            "join token was issued for site {:?}, not {site:?}",
+                            tok.site.as_str()
                         ),
-                        vec![],
                     );
                 }
                 if self.sites.contains_key(&site) {
-                    return (
-                        reject(
-                            RejectCode::SiteExists,
-                            format!("site {site:?} is already a member"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::SiteExists,
+                        format!("site {site:?} is already a member"),
                     );
                 }
                 if self.sites.values().any(|s| s.trust_domain == trust_domain) {
-                    return (
-                        reject(
-                            RejectCode::SiteExists,
-                            format!("trust domain {trust_domain} already belongs to another site"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::SiteExists,
+                        format!("trust domain {trust_domain} already belongs to another site"),
                     );
                 }
                 if trust_bundle_pem.len() > MAX_BUNDLE_BYTES
                     || tunnel_addrs.len() > MAX_TUNNEL_ADDRS
                 {
-                    return (reject(RejectCode::LimitExceeded, format!("trust bundle is limited to {MAX_BUNDLE_BYTES} bytes and tunnel addresses to {MAX_TUNNEL_ADDRS}")), vec![]);
+                    return refused(RejectCode::LimitExceeded, format!("trust bundle is limited to {MAX_BUNDLE_BYTES} bytes and tunnel addresses to {MAX_TUNNEL_ADDRS}"));
                 }
                 let labels = tok.labels.clone();
                 if let Some(t) = self.tokens.get_mut(&token_id) {
@@ -362,51 +352,39 @@ impl CatalogState {
                 tunnel_addrs,
             } => {
                 let Some(rec) = self.sites.get(&site) else {
-                    return (
-                        reject(
-                            RejectCode::SiteUnknown,
-                            format!("site {site:?} is not a member"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::SiteUnknown,
+                        format!("site {site:?} is not a member"),
                     );
                 };
                 if exports.len() > MAX_EXPORTS_PER_SITE {
-                    return (
-                        reject(
-                            RejectCode::LimitExceeded,
-                            format!("a site may export at most {MAX_EXPORTS_PER_SITE} services"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("a site may export at most {MAX_EXPORTS_PER_SITE} services"),
                     );
                 }
                 if tunnel_addrs.len() > MAX_TUNNEL_ADDRS {
-                    return (
-                        reject(
-                            RejectCode::LimitExceeded,
-                            format!("at most {MAX_TUNNEL_ADDRS} tunnel addresses"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("at most {MAX_TUNNEL_ADDRS} tunnel addresses"),
                     );
                 }
                 exports.sort_by(|a, b| a.service.cmp(&b.service));
                 for w in exports.windows(2) {
                     if w[0].service == w[1].service {
-                        return (reject(RejectCode::Invalid, format!("service {} is listed twice; list each service once with all its ports", w[0].service)), vec![]);
+                        return refused(RejectCode::Invalid, format!("service {} is listed twice; list each service once with all its ports", w[0].service));
                     }
                 }
                 if let Some(e) = exports
                     .iter()
                     .find(|e| e.ports.is_empty() || e.ports.len() > MAX_PORTS_PER_EXPORT)
                 {
-                    return (
-                        reject(
-                            RejectCode::Invalid,
-                            format!(
-                                "service {} must list 1 to {MAX_PORTS_PER_EXPORT} ports",
-                                e.service
-                            ),
+                    return refused(
+                        RejectCode::Invalid,
+                        format!(
+                            "service {} must list 1 to {MAX_PORTS_PER_EXPORT} ports",
+                            e.service
                         ),
-                        vec![],
                     );
                 }
                 let mut changes = Vec::new();
@@ -447,12 +425,9 @@ impl CatalogState {
                 trust_bundle_pem,
             } => {
                 if trust_bundle_pem.is_empty() || trust_bundle_pem.len() > MAX_BUNDLE_BYTES {
-                    return (
-                        reject(
-                            RejectCode::LimitExceeded,
-                            format!("a trust bundle must hold 1 to {MAX_BUNDLE_BYTES} bytes"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("a trust bundle must hold 1 to {MAX_BUNDLE_BYTES} bytes"),
                     );
                 }
                 self.update_site(&site, |rec| {
@@ -463,12 +438,9 @@ impl CatalogState {
             }
             Command::SetSiteLabels { site, labels } => {
                 if labels.len() > MAX_LABELS {
-                    return (
-                        reject(
-                            RejectCode::LimitExceeded,
-                            format!("at most {MAX_LABELS} labels"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("at most {MAX_LABELS} labels"),
                     );
                 }
                 self.update_site(&site, |rec| {
@@ -482,12 +454,9 @@ impl CatalogState {
                 rec.available = available;
                 changed
             }),
-            Command::Batch(_) => (
-                reject(
-                    RejectCode::Invalid,
-                    "a batch is applied by the hub, one command at a time",
-                ),
-                vec![],
+            Command::Batch(_) => refused(
+                RejectCode::Invalid,
+                "a batch is applied by the hub, one command at a time",
             ),
             Command::ApplyPolicies { policies } => {
                 let new = policies
@@ -495,15 +464,12 @@ impl CatalogState {
                     .filter(|p| !self.policies.contains_key(&p.key()))
                     .count();
                 if self.policies.len() + new > causeway_api::policy::MAX_POLICIES {
-                    return (
-                        reject(
-                            RejectCode::LimitExceeded,
-                            format!(
-                                "the federation holds at most {} policies",
-                                causeway_api::policy::MAX_POLICIES
-                            ),
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!(
+                            "the federation holds at most {} policies",
+                            causeway_api::policy::MAX_POLICIES
                         ),
-                        vec![],
                     );
                 }
                 let changed: Vec<PolicyRecord> = policies
@@ -538,12 +504,9 @@ impl CatalogState {
             } => {
                 let key = causeway_api::catalog::policy_key(&kind, &namespace, &name);
                 if self.policies.remove(&key).is_none() {
-                    return (
-                        reject(
-                            RejectCode::NotFound,
-                            format!("no {kind} {namespace}/{name}"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::NotFound,
+                        format!("no {kind} {namespace}/{name}"),
                     );
                 }
                 self.bump(vec![pb::change::Kind::PolicyRemoved(pb::PolicyRef {
@@ -554,12 +517,9 @@ impl CatalogState {
             }
             Command::RemoveSite { site } => {
                 if self.sites.remove(&site).is_none() {
-                    return (
-                        reject(
-                            RejectCode::SiteUnknown,
-                            format!("site {site:?} is not a member"),
-                        ),
-                        vec![],
+                    return refused(
+                        RejectCode::SiteUnknown,
+                        format!("site {site:?} is not a member"),
                     );
                 }
                 self.exports.remove(&site);
@@ -576,12 +536,9 @@ impl CatalogState {
         change: impl FnOnce(&mut SiteRecord) -> bool,
     ) -> (Outcome, Vec<pb::Change>) {
         let Some(rec) = self.sites.get_mut(site) else {
-            return (
-                reject(
-                    RejectCode::SiteUnknown,
-                    format!("site {site:?} is not a member"),
-                ),
-                vec![],
+            return refused(
+                RejectCode::SiteUnknown,
+                format!("site {site:?} is not a member"),
             );
         };
         if !change(rec) {
