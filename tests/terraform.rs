@@ -149,6 +149,21 @@ fn setup(root: &Path) -> Tf {
     }
 }
 
+/// `n` controllers on loopback (a leader elected), their admin
+/// credentials, and a Terraform work directory using the provider.
+async fn federation(n: u64) -> (tempfile::TempDir, LocalFederation, Tf) {
+    let root = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(
+        PathBuf::from(env!("CARGO_BIN_EXE_causeway")),
+        root.path().to_path_buf(),
+    )
+    .unwrap();
+    fed.start_controllers(n).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let tf = setup(root.path());
+    (root, fed, tf)
+}
+
 /// A configuration: the provider (with `settings` in its block) and
 /// `resources`.
 fn config_text(settings: &str, resources: &str) -> String {
@@ -238,15 +253,7 @@ async fn stored_policy(fed: &LocalFederation) -> Option<pb::Policy> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_life() {
-    let root = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(
-        PathBuf::from(env!("CARGO_BIN_EXE_causeway")),
-        root.path().to_path_buf(),
-    )
-    .unwrap();
-    fed.start_controllers(1).unwrap();
-    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
-    let tf = setup(root.path());
+    let (root, mut fed, tf) = federation(1).await;
 
     tf.write_main(&config(&fed, &format!("{SITE}{}", split(90, 10))));
     tf.ok(&["init", "-input=false"]).await;
@@ -471,19 +478,11 @@ async fn a_provider_that_cannot_reach_or_authenticate_says_what_to_fix() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_controller_down_the_provider_uses_the_others_and_inline_credentials_work() {
-    let root = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(
-        PathBuf::from(env!("CARGO_BIN_EXE_causeway")),
-        root.path().to_path_buf(),
-    )
-    .unwrap();
-    fed.start_controllers(3).unwrap();
-    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let (_root, mut fed, tf) = federation(3).await;
     // Node 1, first in the provider's list, is down.
     let endpoints = fed.endpoints();
     fed.controller(1).kill().await;
     fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
-    let tf = setup(root.path());
     let pem = |f: &str| {
         serde_json::to_string(&std::fs::read_to_string(fed.creds.join(f)).unwrap()).unwrap()
     };
@@ -517,15 +516,7 @@ async fn with_a_controller_down_the_provider_uses_the_others_and_inline_credenti
 /// apply gives that service its FailoverPolicy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_federation_example_invites_sites_and_adds_failover_for_what_they_export() {
-    let root = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(
-        PathBuf::from(env!("CARGO_BIN_EXE_causeway")),
-        root.path().to_path_buf(),
-    )
-    .unwrap();
-    fed.start_controllers(1).unwrap();
-    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
-    let tf = setup(root.path());
+    let (_root, mut fed, tf) = federation(1).await;
     std::fs::copy(
         concat!(
             env!("CARGO_MANIFEST_DIR"),
