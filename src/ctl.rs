@@ -307,8 +307,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 );
             } else {
                 println!(
-                    "{:<16} {:<28} {:<10} {:<8} TUNNELS",
-                    "SITE", "TRUST DOMAIN", "AVAILABLE", "EXPORTS"
+                    "{:<16} {:<28} {:<10} {:<8} {:<28} TUNNELS",
+                    "SITE", "TRUST DOMAIN", "AVAILABLE", "EXPORTS", "LABELS"
                 );
                 for s in &cat.sites {
                     let n = cat
@@ -317,12 +317,21 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                         .find(|e| e.site == s.name)
                         .map(|e| e.exports.len())
                         .unwrap_or(0);
+                    let mut labels: Vec<String> =
+                        s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    labels.sort();
+                    let labels = if labels.is_empty() {
+                        "-".to_string()
+                    } else {
+                        labels.join(",")
+                    };
                     println!(
-                        "{:<16} {:<28} {:<10} {:<8} {}",
+                        "{:<16} {:<28} {:<10} {:<8} {:<28} {}",
                         s.name,
                         s.trust_domain,
                         s.available,
                         n,
+                        labels,
                         s.tunnel_addrs.join(",")
                     );
                 }

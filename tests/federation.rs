@@ -324,6 +324,57 @@ async fn join_in_process(fed: &LocalFederation, name: &str) -> causeway_gateway:
         .unwrap()
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_relabels_a_site_with_ctl() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    fed.start_controllers(1).unwrap();
+    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let _site = join_in_process(&fed, "alpha").await;
+
+    tracing::info!("phase: the whole set is replaced, and cluster list shows it");
+    let out = fed
+        .ctl(&[
+            "cluster",
+            "set-labels",
+            "alpha",
+            "--label",
+            "zone=eu-1a",
+            "--label",
+            "region=eu",
+        ])
+        .await
+        .unwrap();
+    assert!(out.contains("2 label(s)"), "{out}");
+    let list = fed.ctl(&["cluster", "list"]).await.unwrap();
+    assert!(list.contains("region=eu,zone=eu-1a"), "{list}");
+    assert!(
+        !list.contains("env=demo"),
+        "the token's label is replaced: {list}"
+    );
+
+    tracing::info!("phase: bad input is refused, naming the label");
+    let e = fed
+        .ctl(&["cluster", "set-labels", "alpha", "--label", "Bad Key=x"])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("labels") && e.contains("Bad Key"), "{e}");
+    let e = fed
+        .ctl(&["cluster", "set-labels", "nobody", "--label", "a=b"])
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a member"), "{e}");
+
+    tracing::info!("phase: no --label clears them");
+    fed.ctl(&["cluster", "set-labels", "alpha"]).await.unwrap();
+    let list = fed.ctl(&["cluster", "list"]).await.unwrap();
+    assert!(!list.contains("region=eu"), "{list}");
+    fed.shutdown().await;
+}
+
 fn exports(n: usize) -> Vec<causeway_api::pb::Export> {
     (0..n)
         .map(|i| causeway_api::pb::Export {
