@@ -164,6 +164,27 @@ async fn federation(n: u64) -> (tempfile::TempDir, LocalFederation, Tf) {
     (root, fed, tf)
 }
 
+/// Site `name`'s gateway joins with `token` and exports shop/echo port 7000
+/// (its endpoint need not answer: these tests read the catalog).
+async fn join_exporting_echo(
+    fed: &mut LocalFederation,
+    name: &str,
+    vip_range: &str,
+    token: String,
+) {
+    let echo = format!("127.0.0.1:{}", free_port().unwrap())
+        .parse()
+        .unwrap();
+    let export = Export {
+        service: "shop/echo".into(),
+        port: 7000,
+        endpoints: vec![echo],
+    };
+    fed.add_site_with_token(name, vip_range, &[export], token)
+        .await
+        .unwrap();
+}
+
 /// A configuration: the provider (with `settings` in its block) and
 /// `resources`.
 fn config_text(settings: &str, resources: &str) -> String {
@@ -278,21 +299,7 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
     assert!(!token.is_empty());
 
     // Its gateway joins with the token Terraform minted.
-    let echo = format!("127.0.0.1:{}", free_port().unwrap())
-        .parse()
-        .unwrap();
-    fed.add_site_with_token(
-        "east",
-        "127.71.3.0/24",
-        &[Export {
-            service: "shop/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-        token,
-    )
-    .await
-    .unwrap();
+    join_exporting_echo(&mut fed, "east", "127.71.3.0/24", token).await;
     tf.ok(&["apply", "-refresh-only", "-auto-approve", "-input=false"])
         .await;
     let site = tf.resource("causeway_site.east").await.unwrap();
@@ -553,21 +560,7 @@ async fn the_federation_example_invites_sites_and_adds_failover_for_what_they_ex
 
     // One site joins and exports shop/echo.
     let token = tokens["eu-west-1"].as_str().unwrap().to_string();
-    let echo = format!("127.0.0.1:{}", free_port().unwrap())
-        .parse()
-        .unwrap();
-    fed.add_site_with_token(
-        "eu-west-1",
-        "127.72.9.0/24",
-        &[Export {
-            service: "shop/echo".into(),
-            port: 7000,
-            endpoints: vec![echo],
-        }],
-        token,
-    )
-    .await
-    .unwrap();
+    join_exporting_echo(&mut fed, "eu-west-1", "127.72.9.0/24", token).await;
     run(with_vars(&["apply", "-auto-approve", "-input=false"])).await;
     let cat = fed.admin_client(None).unwrap().catalog(true).await.unwrap();
     let policy = cat

@@ -281,11 +281,8 @@ impl Provider {
         let name = state.get("name").as_str().unwrap_or_default();
         let cat = self.catalog().await?;
         if let Some(s) = cat.sites.iter().find(|s| s.name == name) {
-            let mut f = fields(state);
-            if f.get("labels").is_some_and(|l| l.is_null()) && s.labels.is_empty() {
-                f.remove("labels");
-            }
-            return Ok(Self::site_from_catalog(f, s));
+            // The catalog's labels replace the state's (Null when none).
+            return Ok(Self::site_from_catalog(fields(state), s));
         }
         if state.get("joined").as_bool() == Some(true) {
             // Removed outside Terraform.
@@ -305,10 +302,7 @@ impl Provider {
 
     pub(super) async fn read_sites(&self) -> Result<Value, pb::Diagnostic> {
         let cat = self.catalog().await?;
-        let entry = match site_entry_ty() {
-            Ty::Object(fields) => fields,
-            _ => unreachable!("an object type"),
-        };
+        // Each entry has exactly the attributes of `site_entry_ty`.
         let sites = cat
             .sites
             .iter()
@@ -325,7 +319,6 @@ impl Provider {
                 m.insert("tunnel_addrs".into(), Value::string_list(&s.tunnel_addrs));
                 m.insert("labels".into(), Value::string_map(s.labels.iter()));
                 m.insert("exports".into(), Value::Number(exports as f64));
-                debug_assert!(entry.iter().all(|(n, _)| m.contains_key(*n)));
                 Value::Map(m)
             })
             .collect();
