@@ -105,6 +105,11 @@ impl Hub {
         f(&g.state)
     }
 
+    /// Every change applied from now on (for waiting on one).
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<pb::WatchEvent>> {
+        self.tx.subscribe()
+    }
+
     pub fn revision(&self) -> u64 {
         self.read(|s| s.revision)
     }

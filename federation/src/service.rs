@@ -277,13 +277,22 @@ fn require_admin<T>(rpc: &str, req: &Request<T>) -> Result<Caller, Status> {
     }
 }
 
-fn require_site_or_admin<T>(rpc: &str, req: &Request<T>, hub: &Hub) -> Result<Caller, Status> {
+/// How long a node waits for its own state to show a site as a member
+/// before refusing the site's credential: a follower can be a moment behind
+/// the join that issued the credential.
+const MEMBERSHIP_CATCH_UP: Duration = Duration::from_secs(2);
+
+async fn require_site_or_admin<T>(
+    rpc: &str,
+    req: &Request<T>,
+    hub: &Hub,
+) -> Result<Caller, Status> {
     match caller(req) {
         c @ Caller::Admin(_) => Ok(c),
         Caller::Site(s) => {
             // A removed site's credential is still a valid certificate until
             // it expires; membership is what makes it worth anything.
-            if hub.read(|st| st.sites.contains_key(&s)) {
+            if is_member_soon(hub, &s).await {
                 Ok(Caller::Site(s))
             } else {
                 let c = Caller::Site(s);
@@ -295,6 +304,32 @@ fn require_site_or_admin<T>(rpc: &str, req: &Request<T>, hub: &Hub) -> Result<Ca
             }
         }
         c => Err(denied(rpc, &c, "a site or admin credential")),
+    }
+}
+
+/// Whether `site` is a member here, now or once this node has applied the
+/// changes arriving within [`MEMBERSHIP_CATCH_UP`].
+async fn is_member_soon(hub: &Hub, site: &SiteName) -> bool {
+    // Subscribed before the first look, so no change falls in between.
+    let mut changes = hub.subscribe();
+    let member = || hub.read(|st| st.sites.contains_key(site));
+    if member() {
+        return true;
+    }
+    let give_up = tokio::time::sleep(MEMBERSHIP_CATCH_UP);
+    tokio::pin!(give_up);
+    loop {
+        tokio::select! {
+            _ = &mut give_up => return false,
+            change = changes.recv() => match change {
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    if member() {
+                        return true;
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return false,
+            },
+        }
     }
 }
 
@@ -953,7 +988,7 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
-        require_site_or_admin("ListPolicies", &req, &self.shared.hub)?;
+        require_site_or_admin("ListPolicies", &req, &self.shared.hub).await?;
         if req.get_ref().linearizable {
             self.shared.linearizable_barrier().await?;
         }
@@ -1007,7 +1042,7 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::UpdateTrustBundleRequest>,
     ) -> Result<Response<pb::UpdateTrustBundleResponse>, Status> {
-        let who = require_site_or_admin("UpdateTrustBundle", &req, &self.shared.hub)?;
+        let who = require_site_or_admin("UpdateTrustBundle", &req, &self.shared.hub).await?;
         let r = req.into_inner();
         let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
         match &who {
@@ -1036,7 +1071,7 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::PublishExportsRequest>,
     ) -> Result<Response<pb::PublishExportsResponse>, Status> {
-        let who = require_site_or_admin("PublishExports", &req, &self.shared.hub)?;
+        let who = require_site_or_admin("PublishExports", &req, &self.shared.hub).await?;
         let r = req.into_inner();
         let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
         match &who {
@@ -1076,7 +1111,7 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::CatalogRequest>,
     ) -> Result<Response<pb::CatalogSnapshot>, Status> {
-        require_site_or_admin("Catalog", &req, &self.shared.hub)?;
+        require_site_or_admin("Catalog", &req, &self.shared.hub).await?;
         if req.get_ref().linearizable {
             self.shared.linearizable_barrier().await?;
         }
@@ -1086,7 +1121,7 @@ impl Federation for FederationService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let site = match require_site_or_admin("Watch", &req, &self.shared.hub)? {
+        let site = match require_site_or_admin("Watch", &req, &self.shared.hub).await? {
             Caller::Site(s) => Some(s),
             _ => None,
         };
@@ -1397,6 +1432,37 @@ impl RaftRpc for RaftService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_site_joining_while_its_first_call_waits_is_let_in_and_an_unknown_one_is_not() {
+        let hub = Hub::new();
+        let site: SiteName = "alpha".parse().unwrap();
+        hub.apply(Command::CreateJoinToken {
+            token_id: "t".into(),
+            secret_sha256: "h".into(),
+            site: site.clone(),
+            labels: BTreeMap::new(),
+            expires_at_ms: u64::MAX,
+            now_ms: 0,
+        });
+        // This node applies the join 100 ms into the call.
+        let later = hub.clone();
+        let joiner = site.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            later.apply(Command::JoinSite {
+                token_id: "t".into(),
+                secret_sha256: "h".into(),
+                now_ms: 1,
+                site: joiner,
+                trust_domain: "alpha.causeway".parse().unwrap(),
+                trust_bundle_pem: "pem".into(),
+                tunnel_addrs: vec!["127.0.0.1:1".into()],
+            });
+        });
+        assert!(is_member_soon(&hub, &site).await);
+        assert!(!is_member_soon(&hub, &"beta".parse().unwrap()).await);
+    }
 
     fn queued(site: &str, padding: usize) -> (Queued, tokio::sync::oneshot::Receiver<WriteResult>) {
         let (reply, rx) = tokio::sync::oneshot::channel();
