@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
+use crate::local::wait::until;
 use crate::local::{call_banner, echo_server, Export, LocalFederation};
 
 #[derive(Args)]
@@ -151,14 +152,9 @@ async fn retry_call(
     msg: &str,
     timeout: Duration,
 ) -> anyhow::Result<String> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match call_banner(addr, msg).await {
-            Ok(b) => return Ok(b),
-            Err(e) if Instant::now() > deadline => {
-                return Err(e.context(format!("calling {addr}")));
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
-        }
-    }
+    let banner = until(timeout, format_args!("an answer from {addr}"), async || {
+        call_banner(addr, msg).await.map_err(|e| format!("{e:#}"))
+    })
+    .await?;
+    Ok(banner)
 }

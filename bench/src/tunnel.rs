@@ -356,9 +356,11 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     // stunnel, the client and the server share two cores), and the tunnel
     // may use datagrams as large as a jumbo-frame link carries (loopback
     // carries 64 kB; see docs/benchmarks.md).
-    fed.gateway_extra = std::env::var("CAUSEWAY_BENCH_GW")
-        .unwrap_or_else(|_| GATEWAY_TUNING.into())
-        .replace("\\n", "\n");
+    fed.gateway_base = LocalFederation::gateway_config_with(
+        &std::env::var("CAUSEWAY_BENCH_GW")
+            .unwrap_or_else(|_| GATEWAY_TUNING.into())
+            .replace("\\n", "\n"),
+    )?;
     let causeway = gateway_pair(&mut fed, "", echo, "127.201.0.0/16", "127.202.0.0/16").await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = causeway
@@ -369,7 +371,7 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     systems.push(causeway);
     // The same pair at the gateway's defaults (a thread per core, 1452-byte
     // datagrams), for reference; the checks use the tuned pair above.
-    fed.gateway_extra.clear();
+    fed.gateway_base = LocalFederation::default_gateway_config();
     let mut defaults = gateway_pair(
         &mut fed,
         "default",

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use causeway_api::model::{parse_cidr, Protocol, ServiceKey, TunnelAddr};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
     /// Where the site's keys and credentials live.
@@ -20,7 +20,7 @@ pub struct GatewayConfig {
     /// Addresses other sites dial, one per gateway replica of this site:
     /// `ip:port` or `ip:port;weight=N` (streams are spread by weight).
     /// Defaults to `tunnel_listen`. Every replica lists all of them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tunnel_advertise: Vec<String>,
     /// Range for outbound listeners of imported services.
     #[serde(default = "default_vip_range")]
@@ -29,9 +29,9 @@ pub struct GatewayConfig {
     #[serde(default = "default_replica")]
     pub replica: String,
     /// Optional existing site CA (PEM files); generated when absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_ca_cert: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_ca_key: Option<PathBuf>,
     /// Seconds between local health checks and export publications.
     #[serde(default = "default_health_interval")]
@@ -64,15 +64,15 @@ pub struct GatewayConfig {
     /// which is also what the default gives a process limited to one CPU.
     #[serde(default)]
     pub worker_threads: usize,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<AllowConfig>,
     #[serde(default)]
     pub quic: QuicConfig,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportConfig>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowConfig {
     /// `<namespace>/<name>` of a local export.
@@ -100,7 +100,7 @@ impl Authorization {
 /// QUIC tuning for the links between sites. The defaults suit a
 /// cross-region link of about 1 Gbit/s and 50 ms round trip; see
 /// docs/tuning.md for which knob to turn for which link.
-#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct QuicConfig {
     /// Bottleneck bandwidth of the path, Mbit/s (sizes flow-control windows).
@@ -169,7 +169,7 @@ impl QuicConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
     /// `<namespace>/<name>`.
@@ -178,7 +178,7 @@ pub struct ExportConfig {
     pub port: u16,
     /// Optional port name (a DNS label, e.g. "http"): named ports get an
     /// SRV record `_<name>._<protocol>.<svc>.<ns>.svc.clusterset.local`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_name: Option<String>,
     /// "tcp" (default: forwarded per connection), "http" (HTTP/1.1
     /// endpoints) or "http2" (HTTP/2 endpoints without TLS, e.g. gRPC):
@@ -196,18 +196,36 @@ pub struct ExportConfig {
     /// endpoint (`"10.0.0.5:5432" = "pg-0"`): DNS serves
     /// `<hostname>.<site>.<svc>.<ns>.svc.clusterset.local`. Endpoints
     /// without one are named after their address.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub hostnames: std::collections::BTreeMap<String, String>,
     /// Health check: with a path (e.g. "/healthz") an endpoint is healthy
     /// when `GET <path>` answers 2xx; without, when it accepts a TCP
     /// connection.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_path: Option<String>,
     /// Optional zones of the endpoints, keyed by endpoint
     /// (`"10.0.1.5:8080" = "us-east-1a"`): healthy counts are published per
     /// zone. Endpoints without one count in the site's own zone.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub zones: std::collections::BTreeMap<String, String>,
+}
+
+impl ExportConfig {
+    /// A TCP export of `service` (`<namespace>/<name>`) on `port`, served by
+    /// `endpoints`; every other field at its default.
+    pub fn tcp(service: &str, port: u16, endpoints: &[SocketAddr]) -> Self {
+        Self {
+            service: service.into(),
+            port,
+            port_name: None,
+            protocol: default_protocol(),
+            endpoints: endpoints.iter().map(|e| e.to_string()).collect(),
+            headless: false,
+            hostnames: Default::default(),
+            health_path: None,
+            zones: Default::default(),
+        }
+    }
 }
 
 /// A per-endpoint table of export `i` (`hostnames`, `zones`): keys must be
@@ -321,8 +339,37 @@ pub struct Settings {
 pub struct ConfigErrors(pub Vec<String>);
 
 impl GatewayConfig {
+    /// The defaults every field takes when the TOML leaves it out, for a
+    /// site whose state lives in `state_dir`.
+    pub fn new(state_dir: PathBuf) -> Self {
+        Self {
+            state_dir,
+            tunnel_listen: default_tunnel_listen(),
+            tunnel_advertise: Vec::new(),
+            vip_range: default_vip_range(),
+            replica: default_replica(),
+            site_ca_cert: None,
+            site_ca_key: None,
+            health_interval_secs: default_health_interval(),
+            balancer: default_balancer(),
+            drain_secs: default_drain(),
+            retire_grace_secs: default_retire_grace(),
+            cert_ttl_secs: default_cert_ttl(),
+            authorization: default_authorization(),
+            worker_threads: 0,
+            allow: Vec::new(),
+            quic: QuicConfig::default(),
+            exports: Vec::new(),
+        }
+    }
+
     pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
         toml_parse(text)
+    }
+
+    /// The TOML a gateway reads back as this value.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a gateway config is plain TOML data")
     }
 
     pub fn validate(&self) -> Result<Settings, ConfigErrors> {
@@ -575,6 +622,25 @@ fn toml_parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_written_config_reads_back_as_the_same_settings() {
+        let mut cfg = GatewayConfig::new("/var/lib/causeway/east".into());
+        cfg.exports.push(ExportConfig::tcp(
+            "shop/echo",
+            7000,
+            &["127.0.0.1:9001".parse().unwrap()],
+        ));
+        cfg.exports[0].port_name = Some("echo".into());
+        cfg.retire_grace_secs = 3.0;
+        let text = cfg.to_toml();
+        let back = GatewayConfig::from_toml(&text).unwrap();
+        assert_eq!(
+            format!("{:?}", back.validate().unwrap()),
+            format!("{:?}", cfg.validate().unwrap())
+        );
+        assert!(text.contains("port = 7000\n"), "{text}");
+    }
 
     #[test]
     fn unknown_fields_and_bad_values_are_all_reported() {

@@ -208,12 +208,6 @@ fn full(status: StatusCode, why: &str, reason: &'static str) -> Response<Body> {
     r
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 fn idempotent(m: &Method) -> bool {
     matches!(
         *m,
@@ -355,7 +349,7 @@ async fn route(
         if let Some((ratio, min)) = budget {
             b.entry(service.clone())
                 .or_insert_with(|| RetryBudget::new(ratio, min))
-                .on_request(now_ms());
+                .on_request(causeway_api::clock::unix_ms());
         }
     }
 
@@ -382,7 +376,7 @@ async fn route(
                 .lock()
                 .expect("budget lock")
                 .get_mut(service)
-                .is_some_and(|b| b.try_retry(now_ms()));
+                .is_some_and(|b| b.try_retry(causeway_api::clock::unix_ms()));
             if !ok {
                 metrics::counter!("causeway_http_retries_total", "service" => service.to_string(), "result" => "over_budget").increment(1);
                 break;

@@ -39,12 +39,6 @@ pub struct Outbound {
     pub ready: Arc<crate::Readiness>,
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Why one attempt at one site failed.
 #[derive(Debug)]
 pub(crate) enum Attempt {
@@ -205,7 +199,7 @@ impl Outbound {
         let Some(svc) = routes.services.get(service) else {
             return Vec::new();
         };
-        let now = now_ms();
+        let now = causeway_api::clock::unix_ms();
         let mut ejected: Vec<String> = match (&svc.policy.outlier, self.outliers.lock()) {
             (Some(_), Ok(o)) => o
                 .get(service)
@@ -348,7 +342,7 @@ impl Outbound {
                 let down = if self.pool.down(site) { 1.0 } else { 0.0 };
                 metrics::gauge!("causeway_peer_unreachable", "site" => site.to_string()).set(down);
             }
-            let now = now_ms();
+            let now = causeway_api::clock::unix_ms();
             let ejected: std::collections::BTreeSet<(String, String)> = match self.outliers.lock() {
                 Ok(all) => all
                     .iter()
@@ -440,9 +434,12 @@ impl Outbound {
             Ok(_) => o.on_success(site.as_str()),
             Err(Attempt::Fatal(_)) => {}
             Err(Attempt::Retry(_)) => {
-                if let Ejection::Ejected(until) =
-                    o.on_failure(site.as_str(), count, &params, now_ms())
-                {
+                if let Ejection::Ejected(until) = o.on_failure(
+                    site.as_str(),
+                    count,
+                    &params,
+                    causeway_api::clock::unix_ms(),
+                ) {
                     metrics::counter!("causeway_outlier_ejections_total", "service" => service.to_string(), "site" => site.to_string()).increment(1);
                     tracing::warn!(%service, %site, until_ms = until, "site ejected after consecutive failures");
                 }

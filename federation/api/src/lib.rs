@@ -14,6 +14,7 @@
 
 pub mod catalog;
 pub mod client;
+pub mod clock;
 pub mod identity;
 pub mod model;
 pub mod policy;

@@ -211,13 +211,6 @@ fn check_controllers(controllers: &[String]) -> Vec<pb::Diagnostic> {
     diags
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 // ---- the provider ----
 
 type FedClient = api::federation_client::FederationClient<tonic::transport::Channel>;

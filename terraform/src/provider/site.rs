@@ -292,7 +292,7 @@ impl Provider {
             .get("join_token_expires_at")
             .as_str()
             .and_then(crate::time::parse_rfc3339)
-            .is_some_and(|at| at <= now_ms());
+            .is_some_and(|at| at <= causeway_api::clock::unix_ms());
         if expired {
             // The invitation lapsed unused: plan a new one.
             return Ok(Value::Null);

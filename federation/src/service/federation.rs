@@ -1,0 +1,417 @@
+//! The `Federation` service: joins, tokens, sites, policies, exports,
+//! catalog reads and watches, heartbeats, status and controller membership.
+//!
+//! Trust boundary: `Join` is the one RPC open without a client certificate
+//! (the join token authorizes it); every other RPC first checks the caller
+//! with [`super::authz`], and a site may act only for itself.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::identity::{controller_trust_domain, SITE_TRUST_DOMAIN_SUFFIX};
+use causeway_api::model::{check_dns_label, SiteName, SpiffeId};
+use causeway_api::pb::{self, federation_server::Federation};
+use causeway_api::token::{hash_secret, JoinToken, TokenError};
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use super::authz::{caller, denied, require_admin, require_site_or_admin, Caller};
+use super::propose::{outcome_status, MembershipOp};
+use super::validate::{
+    invalid, parse_bundle, parse_exports, parse_labels, parse_policy_documents, parse_tunnel_addrs,
+};
+use super::watch::{serve_watch, WATCH_QUEUE};
+use super::Shared;
+use crate::state::Command;
+
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86400);
+const SITE_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(365 * 86400);
+
+/// The `Federation` gRPC service. Trust boundary: anyone may call `Join`
+/// (the one-time token is the credential); admins may call everything;
+/// a member site may publish, heartbeat and update the bundle for itself
+/// only and read the catalog, policies and status; controller nodes may
+/// read status. See the table in [`super`].
+pub struct FederationService {
+    /// What every service of this node shares.
+    pub shared: Arc<Shared>,
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Federation for FederationService {
+    async fn join(
+        &self,
+        req: Request<pb::JoinRequest>,
+    ) -> Result<Response<pb::JoinResponse>, Status> {
+        let r = req.into_inner();
+        let token = JoinToken::decode(&r.token).map_err(|e: TokenError| invalid("token", e))?;
+        parse_bundle(&r.trust_bundle_pem)?;
+        let tunnel_addrs = parse_tunnel_addrs(&r.tunnel_addrs)?;
+        let site = token.site.clone();
+        let trust_domain = site.trust_domain(SITE_TRUST_DOMAIN_SUFFIX);
+        let api_id = SpiffeId::new(controller_trust_domain(), &format!("/site/{site}"))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        // Sign first: a bad CSR must not burn the token.
+        let api_cert_pem = self
+            .shared
+            .ca
+            .sign_csr(&r.csr_pem, &api_id, SITE_CREDENTIAL_LIFETIME)
+            .map_err(|e| invalid("csr_pem", e))?;
+        let outcome = self
+            .shared
+            .propose(Command::JoinSite {
+                token_id: token.id.clone(),
+                secret_sha256: hash_secret(&token.secret),
+                now_ms: causeway_api::clock::unix_ms(),
+                site: site.clone(),
+                trust_domain: trust_domain.clone(),
+                trust_bundle_pem: r.trust_bundle_pem,
+                tunnel_addrs,
+            })
+            .await?;
+        let revision = outcome_status(outcome)?;
+        tracing::info!(%site, "site joined");
+        Ok(Response::new(pb::JoinResponse {
+            site: site.to_string(),
+            trust_domain: trust_domain.to_string(),
+            api_cert_pem,
+            controller_ca_pem: self.shared.ca.cert_pem.clone(),
+            controller_endpoints: self.shared.controller_endpoints(),
+            revision,
+        }))
+    }
+
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        require_admin("CreateJoinToken", &req)?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        let labels = parse_labels(&r.labels)?;
+        let ttl = if r.ttl_seconds == 0 {
+            DEFAULT_TOKEN_TTL
+        } else {
+            Duration::from_secs(r.ttl_seconds)
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(invalid("ttl_seconds", "at most 7 days"));
+        }
+        let token = JoinToken::generate(
+            site.clone(),
+            self.shared.controller_endpoints(),
+            self.shared.ca.cert_pem.clone(),
+        );
+        let now = causeway_api::clock::unix_ms();
+        let expires_at_ms = now + ttl.as_millis() as u64;
+        let outcome = self
+            .shared
+            .propose(Command::CreateJoinToken {
+                token_id: token.id.clone(),
+                secret_sha256: token.secret_hash(),
+                site,
+                labels,
+                expires_at_ms,
+                now_ms: now,
+            })
+            .await?;
+        outcome_status(outcome)?;
+        Ok(Response::new(pb::CreateJoinTokenResponse {
+            token: token.encode(),
+            expires_at_unix_ms: expires_at_ms,
+        }))
+    }
+
+    async fn remove_site(
+        &self,
+        req: Request<pb::RemoveSiteRequest>,
+    ) -> Result<Response<pb::RemoveSiteResponse>, Status> {
+        require_admin("RemoveSite", &req)?;
+        let site: SiteName = req
+            .into_inner()
+            .site
+            .parse()
+            .map_err(|e| invalid("site", e))?;
+        let revision = outcome_status(self.shared.propose(Command::RemoveSite { site }).await?)?;
+        Ok(Response::new(pb::RemoveSiteResponse { revision }))
+    }
+
+    async fn set_site_labels(
+        &self,
+        req: Request<pb::SetSiteLabelsRequest>,
+    ) -> Result<Response<pb::SetSiteLabelsResponse>, Status> {
+        require_admin("SetSiteLabels", &req)?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        let labels = parse_labels(&r.labels)?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::SetSiteLabels { site, labels })
+                .await?,
+        )?;
+        Ok(Response::new(pb::SetSiteLabelsResponse { revision }))
+    }
+
+    async fn apply_policies(
+        &self,
+        req: Request<pb::ApplyPoliciesRequest>,
+    ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
+        require_admin("ApplyPolicies", &req)?;
+        let docs = req.into_inner().documents_json;
+        let policies = parse_policy_documents(&docs)?;
+        let results: Vec<String> = self.shared.hub.read(|s| {
+            policies
+                .iter()
+                .map(|p| match s.policies.get(&p.key()) {
+                    None => "created".to_string(),
+                    Some(old) if old.document_json == p.document_json => "unchanged".into(),
+                    Some(_) => "configured".into(),
+                })
+                .collect()
+        });
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::ApplyPolicies { policies })
+                .await?,
+        )?;
+        Ok(Response::new(pb::ApplyPoliciesResponse {
+            revision,
+            results,
+        }))
+    }
+
+    async fn list_policies(
+        &self,
+        req: Request<pb::ListPoliciesRequest>,
+    ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        require_site_or_admin("ListPolicies", &req, &self.shared.hub).await?;
+        if req.get_ref().linearizable {
+            self.shared.linearizable_barrier().await?;
+        }
+        let kind = req.into_inner().kind;
+        let kind = if kind.is_empty() {
+            None
+        } else {
+            Some(
+                kind.parse::<causeway_api::policy::Kind>()
+                    .map_err(|e| invalid("kind", e))?,
+            )
+        };
+        Ok(Response::new(self.shared.hub.read(|s| {
+            pb::ListPoliciesResponse {
+                revision: s.revision,
+                policies: s
+                    .policies
+                    .values()
+                    .filter(|p| kind.is_none_or(|k| p.kind == k.as_str()))
+                    .map(crate::state::PolicyRecord::to_pb)
+                    .collect(),
+            }
+        })))
+    }
+
+    async fn delete_policy(
+        &self,
+        req: Request<pb::DeletePolicyRequest>,
+    ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
+        require_admin("DeletePolicy", &req)?;
+        let r = req.into_inner();
+        let kind = r
+            .kind
+            .parse::<causeway_api::policy::Kind>()
+            .map_err(|e| invalid("kind", e))?;
+        check_dns_label("namespace", &r.namespace).map_err(|e| invalid("namespace", e))?;
+        check_dns_label("name", &r.name).map_err(|e| invalid("name", e))?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::DeletePolicy {
+                    kind: kind.as_str().to_string(),
+                    namespace: r.namespace,
+                    name: r.name,
+                })
+                .await?,
+        )?;
+        Ok(Response::new(pb::DeletePolicyResponse { revision }))
+    }
+
+    async fn update_trust_bundle(
+        &self,
+        req: Request<pb::UpdateTrustBundleRequest>,
+    ) -> Result<Response<pb::UpdateTrustBundleResponse>, Status> {
+        let who = require_site_or_admin("UpdateTrustBundle", &req, &self.shared.hub).await?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        match &who {
+            Caller::Site(own) if *own != site => {
+                return Err(denied(
+                    "UpdateTrustBundle",
+                    &who,
+                    &format!("the credential of site {site} or an admin credential; site {own} may only change its own bundle"),
+                ))
+            }
+            _ => {}
+        }
+        parse_bundle(&r.trust_bundle_pem)?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::SetTrustBundle {
+                    site,
+                    trust_bundle_pem: r.trust_bundle_pem,
+                })
+                .await?,
+        )?;
+        Ok(Response::new(pb::UpdateTrustBundleResponse { revision }))
+    }
+
+    async fn publish_exports(
+        &self,
+        req: Request<pb::PublishExportsRequest>,
+    ) -> Result<Response<pb::PublishExportsResponse>, Status> {
+        let who = require_site_or_admin("PublishExports", &req, &self.shared.hub).await?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        match &who {
+            Caller::Site(own) if *own == site => {}
+            Caller::Site(own) => {
+                return Err(denied(
+                    "PublishExports",
+                    &who,
+                    &format!(
+                    "the credential of site {site}; site {own} may only publish its own exports"
+                ),
+                ))
+            }
+            _ => return Err(denied("PublishExports", &who, "a site credential")),
+        }
+        if r.exports.len() > crate::state::MAX_EXPORTS_PER_SITE {
+            return Err(Status::resource_exhausted(format!(
+                "exports: a site may export at most {} services",
+                crate::state::MAX_EXPORTS_PER_SITE
+            )));
+        }
+        let exports = parse_exports(&r.exports)?;
+        let tunnel_addrs = parse_tunnel_addrs(&r.tunnel_addrs)?;
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::PublishExports {
+                    site,
+                    exports,
+                    tunnel_addrs,
+                })
+                .await?,
+        )?;
+        Ok(Response::new(pb::PublishExportsResponse { revision }))
+    }
+
+    async fn catalog(
+        &self,
+        req: Request<pb::CatalogRequest>,
+    ) -> Result<Response<pb::CatalogSnapshot>, Status> {
+        require_site_or_admin("Catalog", &req, &self.shared.hub).await?;
+        if req.get_ref().linearizable {
+            self.shared.linearizable_barrier().await?;
+        }
+        Ok(Response::new(self.shared.hub.read(|s| s.snapshot_pb())))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let site = match require_site_or_admin("Watch", &req, &self.shared.hub).await? {
+            Caller::Site(s) => Some(s),
+            _ => None,
+        };
+        let from = req.into_inner().from_revision;
+        let hub = self.shared.hub.clone();
+        let stall = self.shared.watch_stall;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(WATCH_QUEUE);
+        tokio::spawn(async move {
+            metrics::gauge!("causeway_watchers").increment(1.0);
+            serve_watch(hub, from, tx, stall, site).await;
+            metrics::gauge!("causeway_watchers").decrement(1.0);
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let who = caller(&req);
+        let site: SiteName = req.get_ref().site.parse().map_err(|e| invalid("site", e))?;
+        let member = self.shared.hub.read(|st| st.sites.contains_key(&site));
+        match &who {
+            Caller::Site(own) if *own == site && member => {}
+            _ => {
+                return Err(denied(
+                    "Heartbeat",
+                    &who,
+                    &format!("the credential of site {site}"),
+                ))
+            }
+        }
+        self.shared.record_heartbeat(site).await?;
+        let lease_ms = self
+            .shared
+            .leases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .config()
+            .lease
+            .as_millis() as u64;
+        Ok(Response::new(pb::HeartbeatResponse { lease_ms }))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        match caller(&req) {
+            Caller::Anonymous | Caller::Other(_) => {
+                return Err(denied("Status", &caller(&req), "any causeway credential"))
+            }
+            _ => {}
+        }
+        Ok(Response::new(self.shared.status()))
+    }
+
+    async fn add_controller(
+        &self,
+        req: Request<pb::AddControllerRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        require_admin("AddController", &req)?;
+        let r = req.into_inner();
+        if r.id == 0 {
+            return Err(invalid("id", "must be a positive integer"));
+        }
+        r.addr
+            .parse::<SocketAddr>()
+            .map_err(|_| invalid("addr", format!("{:?} is not an ip:port address", r.addr)))?;
+        self.shared
+            .change_membership(MembershipOp::Add {
+                id: r.id,
+                addr: r.addr,
+            })
+            .await?;
+        Ok(Response::new(self.shared.status()))
+    }
+
+    async fn remove_controller(
+        &self,
+        req: Request<pb::RemoveControllerRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        require_admin("RemoveController", &req)?;
+        let id = req.into_inner().id;
+        self.shared
+            .change_membership(MembershipOp::Remove { id })
+            .await?;
+        Ok(Response::new(self.shared.status()))
+    }
+}

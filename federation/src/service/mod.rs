@@ -1,0 +1,69 @@
+//! The controller's gRPC services, one per file, and what they share.
+//!
+//! - [`federation`]: the `Federation` service that sites, DNS servers and
+//!   operators call;
+//! - [`raft`]: the `Raft` service, between controller nodes only;
+//! - [`authz`]: who the caller is and what it may call (the trust boundary);
+//! - [`validate`]: request fields checked before anything is proposed;
+//! - [`propose`]: committing through Raft, forwarding to the leader;
+//! - [`batcher`]: group commit of concurrent writes;
+//! - [`watch`]: status and the catalog watch stream.
+//!
+//! Every RPC checks the caller's SPIFFE ID first:
+//!
+//! | caller                                   | may call                      |
+//! |------------------------------------------|-------------------------------|
+//! | no certificate                           | `Join` (the token authorizes) |
+//! | `spiffe://controller.causeway/admin/*`   | all `Federation` RPCs         |
+//! | `spiffe://controller.causeway/site/<s>`  | `PublishExports`, `Heartbeat` and `UpdateTrustBundle` for `<s>`, `Catalog`, `Watch`, `ListPolicies`, `Status` |
+//! | `spiffe://controller.causeway/node/<id>` | `Raft` RPCs, `Status`         |
+//!
+//! Rejections from the state machine map to gRPC codes in [`outcome_status`].
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::identity::CertificateAuthority;
+use causeway_api::pb::raft_client::RaftClient;
+use tonic::transport::Channel;
+
+use crate::hub::Hub;
+use crate::network::PeerChannels;
+use crate::{NodeId, Raft};
+
+pub mod authz;
+pub mod batcher;
+pub mod federation;
+pub mod propose;
+pub mod raft;
+pub mod validate;
+pub mod watch;
+
+pub use authz::{caller, classify, Caller};
+pub use batcher::Batcher;
+pub use federation::FederationService;
+pub use propose::{outcome_status, MembershipOp};
+pub use raft::RaftService;
+pub use validate::{parse_exports, parse_policy_documents};
+
+/// What the services share.
+pub struct Shared {
+    /// This node's Raft id.
+    pub node_id: NodeId,
+    /// This node's openraft handle.
+    pub raft: Raft,
+    /// The applied catalog and its change feed.
+    pub hub: Arc<Hub>,
+    /// The controller CA (signs site credentials at join).
+    pub ca: Arc<CertificateAuthority>,
+    /// mTLS settings for channels to peer nodes.
+    pub peers: PeerChannels,
+    /// Site leases (meaningful on the leader only).
+    pub leases: std::sync::Mutex<crate::lease::Leases>,
+    /// Group commit of this node's writes.
+    pub batcher: Batcher,
+    /// A watcher whose stream accepts nothing for this long is cut off.
+    pub watch_stall: Duration,
+    /// Channels to peer nodes for forwarding, by address.
+    pub peer_clients: std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>,
+}

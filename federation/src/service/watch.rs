@@ -1,0 +1,144 @@
+//! Status of this node, and the catalog watch stream: a snapshot, then one
+//! message per revision, bounded per watcher.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::model::SiteName;
+use causeway_api::pb;
+use tokio::sync::broadcast::error::RecvError;
+use tonic::Status;
+
+use super::Shared;
+use crate::hub::Hub;
+use crate::NodeId;
+
+impl Shared {
+    pub fn status(&self) -> pb::StatusResponse {
+        let m = self.raft.metrics().borrow().clone();
+        let role = format!("{:?}", m.state).to_lowercase();
+        let matched: BTreeMap<NodeId, u64> = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .map(|(id, l)| (*id, l.map(|l| l.index).unwrap_or(0)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        let nodes = m
+            .membership_config
+            .nodes()
+            .map(|(id, n)| pb::NodeStatus {
+                id: *id,
+                addr: n.addr.clone(),
+                voter: voters.contains(id),
+                matched_index: matched.get(id).copied().unwrap_or(0),
+            })
+            .collect();
+        pb::StatusResponse {
+            node_id: self.node_id,
+            role,
+            term: m.current_term,
+            leader_id: m.current_leader.unwrap_or(0),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
+            revision: self.hub.revision(),
+            nodes,
+            sites: self.hub.read(|s| s.sites.len() as u32),
+            snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+            purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+        }
+    }
+}
+
+/// Streams a starting point, then every later revision in order. A watcher
+/// that falls behind the broadcast buffer is resynced with a snapshot.
+/// Events queued per watcher beyond what HTTP/2 flow control holds.
+pub(super) const WATCH_QUEUE: usize = 64;
+
+/// Follows the hub for one watcher. What a watcher can hold is bounded: its
+/// queue of `WATCH_QUEUE` events plus the HTTP/2 window; the broadcast ring
+/// is shared. A watcher that falls behind the ring is resynced with a
+/// snapshot; one whose stream accepts nothing for `stall` is cut off, and
+/// its client resumes (getting a snapshot if the history no longer reaches
+/// back). Either way it never slows the hub or other watchers.
+/// Streams catalog changes to one watcher from revision `from`. A site's
+/// watch lasts only while the site is a member: once it is removed, the
+/// stream ends with a permission error instead of the next change.
+pub(super) async fn serve_watch(
+    hub: Arc<Hub>,
+    from: u64,
+    tx: tokio::sync::mpsc::Sender<Result<pb::WatchEvent, Status>>,
+    stall: Duration,
+    site: Option<SiteName>,
+) {
+    let (hub_ref, site) = (&hub, site.as_ref());
+    let send = |ev: pb::WatchEvent| {
+        let tx = tx.clone();
+        let hub = hub_ref;
+        async move {
+            if let Some(site) = site {
+                if !hub.read(|st| st.sites.contains_key(site)) {
+                    tracing::info!(%site, "site removed; ending its watch");
+                    let _ = tx
+                        .send(Err(Status::permission_denied(format!(
+                            "site {site} was removed from the federation; its credential no longer grants Watch"
+                        ))))
+                        .await;
+                    return false;
+                }
+            }
+            match tokio::time::timeout(stall, tx.send(Ok(ev))).await {
+                Ok(Ok(())) => true,
+                Ok(Err(_)) => false,
+                Err(_) => {
+                    tracing::info!(
+                        stall_ms = stall.as_millis() as u64,
+                        "watcher read nothing for too long; cutting it off (it resumes and resyncs)"
+                    );
+                    metrics::counter!("causeway_watch_cutoffs_total").increment(1);
+                    false
+                }
+            }
+        }
+    };
+    let mut last = from;
+    'outer: loop {
+        let start = hub.start(last);
+        let mut rx = start.rx;
+        for ev in start.events {
+            last = ev.revision;
+            if !send((*ev).clone()).await {
+                return;
+            }
+        }
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(ev) => {
+                        let snapshot = matches!(ev.kind, Some(pb::watch_event::Kind::Snapshot(_)));
+                        if ev.revision <= last && !snapshot {
+                            continue;
+                        }
+                        last = ev.revision;
+                        if !send((*ev).clone()).await {
+                            return;
+                        }
+                    }
+                    Err(RecvError::Lagged(n)) => {
+                        tracing::info!(skipped = n, "slow watcher resynced");
+                        metrics::counter!("causeway_watch_resyncs_total").increment(1);
+                        // Force a snapshot: history may not reach back.
+                        last = 0;
+                        continue 'outer;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}

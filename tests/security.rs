@@ -1,0 +1,368 @@
+//! Security end to end: least privilege per RPC, removed sites, deny-by-default
+//! authorization and garbage on the public ports.
+
+mod common;
+
+use common::*;
+
+/// Makes each call (`"what" => client.method(request)`) and asserts it is
+/// refused with a permission error that says what the call needs.
+macro_rules! refused {
+    ($($what:expr => $client:ident . $method:ident ($req:expr)),+ $(,)?) => {
+        $( denied($client.$method($req).await, $what); )+
+    };
+}
+
+fn denied<T>(r: Result<tonic::Response<T>, tonic::Status>, what: &str) {
+    let Err(e) = r else {
+        panic!("{what}: allowed, expected a permission error")
+    };
+    assert_eq!(
+        e.code(),
+        tonic::Code::PermissionDenied,
+        "{what}: {}",
+        e.message()
+    );
+    assert!(e.message().contains("needs"), "{what}: {}", e.message());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_on_the_tunnel_and_dns_ports_is_survived() {
+    use rand::Rng;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let name = "echo.shop.svc.clusterset.local";
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let target = SocketAddr::new(vip, 7000);
+
+    tracing::info!("phase: random datagrams at both tunnel ports and the DNS port");
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let targets = [
+        fed.sites["east"].tunnel,
+        fed.sites["west"].tunnel,
+        fed.sites["west"].dns,
+    ];
+    let mut rng = rand::rng();
+    for i in 0..600 {
+        let len = rng.random_range(1..1500);
+        let mut buf: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        if i % 3 == 0 {
+            // Looks like a QUIC long-header Initial.
+            buf[0] = 0xc3;
+            if buf.len() > 5 {
+                buf[1..5].copy_from_slice(&1u32.to_be_bytes());
+            }
+        }
+        sock.send_to(&buf, targets[i % targets.len()])
+            .await
+            .unwrap();
+    }
+
+    tracing::info!("phase: garbage over DNS TCP, including a huge length prefix");
+    for i in 0..20 {
+        if let Ok(mut s) = tokio::net::TcpStream::connect(fed.sites["west"].dns).await {
+            let garbage: Vec<u8> = if i == 0 {
+                vec![0xff, 0xff, 1, 2, 3]
+            } else {
+                (0..rng.random_range(1..600))
+                    .map(|_| rng.random())
+                    .collect()
+            };
+            let _ = s.write_all(&garbage).await;
+            let _ = s.shutdown().await;
+        }
+    }
+
+    tracing::info!("phase: everything still works");
+    let got = echo_roundtrip(target, b"still here").await;
+    assert_eq!(got, b"still here");
+    let short = dig(fed.sites["west"].dns, &["+short", name, "A"]);
+    assert_eq!(short.trim(), vip.to_string());
+    for s in fed.sites.values_mut() {
+        assert!(s.gateway.exited().is_none(), "gateway {} died", s.name);
+        assert!(s.dns_proc.exited().is_none(), "dns {} died", s.name);
+    }
+    fed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_forbidden_call_gets_a_clear_permission_error() {
+    use causeway_api::pb;
+    use causeway_api::pb::raft_client::RaftClient;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let fed = federation(&tmp).await;
+    let alpha = join_in_process(&fed, "alpha").await;
+    let _beta = join_in_process(&fed, "beta").await;
+    let site_ch = alpha.controller_client().channel().await.unwrap();
+    let mut site = pb::federation_client::FederationClient::new(site_ch.clone());
+    let anon_ch = causeway_api::client::ControllerClient::new(
+        fed.endpoints(),
+        &alpha.controller_ca_pem,
+        None,
+    )
+    .channel()
+    .await
+    .unwrap();
+    let mut anon = pb::federation_client::FederationClient::new(anon_ch.clone());
+
+    let mut raft_as_site = RaftClient::new(site_ch);
+    let mut raft_as_admin =
+        RaftClient::new(fed.admin_client(None).unwrap().channel().await.unwrap());
+    let mut raft_anon = RaftClient::new(anon_ch);
+    let payload = || pb::RaftPayload {
+        data: b"{}".to_vec(),
+    };
+    tracing::info!("phase: a site may not act for another site or as an admin");
+    refused! {
+        "publish for beta" => site.publish_exports(pb::PublishExportsRequest {
+            site: "beta".into(),
+            ..Default::default()
+        }),
+        "heartbeat for beta" => site.heartbeat(pb::HeartbeatRequest { site: "beta".into() }),
+        "token" => site.create_join_token(pb::CreateJoinTokenRequest {
+            site: "gamma".into(),
+            ..Default::default()
+        }),
+        "remove site" => site.remove_site(pb::RemoveSiteRequest { site: "beta".into() }),
+        "add controller" => site.add_controller(pb::AddControllerRequest {
+            id: 9,
+            addr: "127.0.0.1:1".into(),
+        }),
+        "remove controller" => site.remove_controller(pb::RemoveControllerRequest { id: 1 }),
+        "trust bundle for beta" => site.update_trust_bundle(pb::UpdateTrustBundleRequest {
+            site: "beta".into(),
+            trust_bundle_pem: some_ca_pem(),
+        }),
+        "labels of its own site" => site.set_site_labels(pb::SetSiteLabelsRequest {
+            site: "alpha".into(),
+            labels: [("region".to_string(), "eu".to_string())].into(),
+        }),
+    }
+
+    tracing::info!("phase: only controller nodes speak Raft");
+    refused! {
+        "append as site" => raft_as_site.append_entries(payload()),
+        "vote as site" => raft_as_site.vote(payload()),
+        "snapshot as site" => raft_as_site.install_snapshot(payload()),
+        "propose as site" => raft_as_site.propose(payload()),
+        "membership as site" => raft_as_site.change_membership(payload()),
+        "vote as admin" => raft_as_admin.vote(payload()),
+    }
+
+    tracing::info!("phase: without a certificate only Join is open");
+    refused! {
+        "anonymous catalog" => anon.catalog(pb::CatalogRequest::default()),
+        "anonymous status" => anon.status(pb::StatusRequest {}),
+        "anonymous watch" => anon.watch(pb::WatchRequest { from_revision: 0 }),
+        "anonymous append" => raft_anon.append_entries(payload()),
+        "anonymous trust bundle" => anon.update_trust_bundle(pb::UpdateTrustBundleRequest {
+            site: "alpha".into(),
+            trust_bundle_pem: some_ca_pem(),
+        }),
+    }
+
+    tracing::info!("phase: a bundle must be CA certificates");
+    let leaf = alpha.api.cert_pem.clone();
+    for (bundle, why) in [
+        (String::new(), "no CERTIFICATE block"),
+        (
+            "-----BEGIN CERTIFICATE-----\nnope\n".to_string(),
+            "trust_bundle_pem",
+        ),
+        (leaf, "must be a CA certificate"),
+        ("x".repeat(70_000), "64 KiB"),
+    ] {
+        let e = site
+            .update_trust_bundle(pb::UpdateTrustBundleRequest {
+                site: "alpha".into(),
+                trust_bundle_pem: bundle,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("trust_bundle_pem"), "{}", e.message());
+        assert!(e.message().contains(why), "{}", e.message());
+    }
+
+    tracing::info!("phase: limits");
+    let too_many: Vec<pb::Export> = (0..1001)
+        .map(|i| pb::Export {
+            service: format!("ns/s{i}"),
+            ports: vec![pb::ServicePort {
+                port: 80,
+                protocol: "tcp".into(),
+                name: String::new(),
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let e = site
+        .publish_exports(pb::PublishExportsRequest {
+            site: "alpha".into(),
+            exports: too_many,
+            tunnel_addrs: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("at most 1000"), "{}", e.message());
+    let long = "a".repeat(64);
+    let e = fed.create_token(&long).await.unwrap_err();
+    assert!(e.to_string().contains("1-63 characters"), "{e}");
+}
+
+/// A CA certificate that is a valid bundle (the forbidden calls must be
+/// refused for who calls, not for what they send).
+fn some_ca_pem() -> String {
+    causeway_api::identity::CertificateAuthority::generate("test CA")
+        .unwrap()
+        .cert_pem
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _task) = echo_server(Some("east".into())).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let vip = fed
+        .wait_resolvable(
+            "west",
+            "echo.shop.svc.clusterset.local",
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let target = SocketAddr::new(vip, 7000);
+    wait_call(target).await;
+
+    tracing::info!("phase: a long-lived connection from west through east");
+    let sock = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (r, _w) = sock.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "east");
+
+    tracing::info!("phase: a watch open with west's credential");
+    let state = causeway_gateway::site::SiteState::load(&fed.sites["west"].state_dir)
+        .unwrap()
+        .unwrap();
+    let mut c = state.controller_client().federation().await.unwrap();
+    let mut watch = c
+        .watch(causeway_api::pb::WatchRequest { from_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("a first snapshot");
+
+    tracing::info!("phase: remove west");
+    fed.ctl(&["cluster", "remove", "west"]).await.unwrap();
+
+    tracing::info!("phase: west's open watch ends with a permission error");
+    let end = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match watch.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("a removed site's watch kept streaming");
+    match end {
+        Err(s) => {
+            assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+            assert!(s.message().contains("removed"), "{s:?}");
+        }
+        Ok(other) => panic!("watch ended without saying why: {other:?}"),
+    }
+
+    tracing::info!("phase: east tears the tunnel down; the connection ends");
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(15), r.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "west's connection through east was not torn down"
+    );
+    let log = fed.sites["east"].gateway.log_tail(20);
+    assert!(log.contains("site left the federation"), "{log}");
+
+    tracing::info!("phase: west's credential is refused by the controllers");
+    denied(
+        c.catalog(causeway_api::pb::CatalogRequest::default()).await,
+        "catalog by a removed site",
+    );
+    denied(
+        c.heartbeat(causeway_api::pb::HeartbeatRequest {
+            site: "west".into(),
+        })
+        .await,
+        "heartbeat by a removed site",
+    );
+
+    tracing::info!("phase: new connections from west no longer reach east");
+    let r = causeway::local::call_banner(target, "y").await;
+    assert!(r.is_err(), "a removed site still reached east: {r:?}");
+    fed.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deny_by_default_lets_only_allowed_sites_call_and_says_why() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _t) = echo_server(Some("east".into())).await.unwrap();
+    fed.gateway_base.authorization = "deny".into();
+    fed.gateway_base.allow = vec![causeway_gateway::config::AllowConfig {
+        service: "shop/echo".into(),
+        sites: vec!["west".into()],
+    }];
+    fed.add_site(
+        "east",
+        &vip_range(),
+        &[Export {
+            service: "shop/echo".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await
+    .unwrap();
+    fed.gateway_base = LocalFederation::default_gateway_config();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let name = "echo.shop.svc.clusterset.local";
+    let west_vip = fed
+        .wait_resolvable("west", name, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let central_vip = fed
+        .wait_resolvable("central", name, Duration::from_secs(30))
+        .await
+        .unwrap();
+
+    tracing::info!("phase: west is allowed");
+    wait_call(SocketAddr::new(west_vip, 7000)).await;
+
+    tracing::info!(
+        "phase: central is refused, with a reason in its gateway's log and a metric at east"
+    );
+    let r = causeway::local::call_banner(SocketAddr::new(central_vip, 7000), "y").await;
+    assert!(r.is_err(), "central must be refused: {r:?}");
+    let log = fed.sites["central"].gateway.log_tail(10);
+    assert!(
+        log.contains("forbidden: site central may not call shop/echo here"),
+        "{log}"
+    );
+    let m = http_get(fed.sites["east"].gateway_admin, "/metrics").await;
+    assert!(
+        m.contains("status=\"forbidden\""),
+        "no forbidden metric at east"
+    );
+    fed.shutdown().await;
+}
