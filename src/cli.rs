@@ -2,11 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::Context;
-use causeway_api::identity::{CertificateAuthority, Credential};
+use causeway_api::identity::CertificateAuthority;
 use causeway_federation::node::{Controller, ControllerOptions, RaftTiming};
 use causeway_gateway::config::GatewayConfig;
 use causeway_gateway::site::SiteState;
@@ -14,6 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::admin;
+use crate::signal::shutdown_signal;
 
 #[derive(Parser)]
 #[command(
@@ -181,7 +182,7 @@ pub struct DnsArgs {
     pub upstream: Vec<String>,
     /// Largest UDP answer to an EDNS0 query, bytes (512-4096). Larger
     /// answers are truncated and clients retry over TCP.
-    #[arg(long, default_value_t = causeway_dns::server::DEFAULT_EDNS_UDP_SIZE)]
+    #[arg(long, default_value_t = causeway_dns::handler::DEFAULT_EDNS_UDP_SIZE)]
     pub edns_udp_size: u16,
 }
 
@@ -501,7 +502,7 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         state.controller_client(),
         udp,
         tcp,
-        causeway_dns::server::ServeOptions {
+        causeway_dns::handler::ServeOptions {
             upstreams,
             edns_udp_size: args.edns_udp_size,
         },
@@ -509,45 +510,4 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         shutdown_signal(),
     )
     .await
-}
-
-pub fn ca_init(dir: &Path, admin_name: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    if dir.join("ca-key.pem").exists() {
-        anyhow::bail!(
-            "{} already holds a CA; refusing to overwrite it",
-            dir.display()
-        );
-    }
-    let ca = CertificateAuthority::generate("causeway controller CA")?;
-    ca.save(&dir.join("ca.pem"), &dir.join("ca-key.pem"))?;
-    let admin = issue_admin(&ca, admin_name)?;
-    admin.save(&dir.join("admin.pem"), &dir.join("admin-key.pem"))?;
-    Ok(())
-}
-
-pub fn issue_admin(ca: &CertificateAuthority, name: &str) -> anyhow::Result<Credential> {
-    let id = causeway_api::model::SpiffeId::new(
-        causeway_api::identity::controller_trust_domain(),
-        &format!("/admin/{name}"),
-    )?;
-    Ok(ca.issue(&id, &[], std::time::Duration::from_secs(365 * 86400))?)
-}
-
-/// Resolves on Ctrl-C or SIGTERM.
-pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
-    tracing::info!("shutdown requested");
 }

@@ -463,7 +463,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                         .exporters
                         .iter()
                         .map(|(n, h)| match s.zones.get(n) {
-                            Some(zs) => format!("{n}({h}: {})", zone_summary(zs)),
+                            Some(zs) => format!("{n}({h}: {})", crate::explain::zone_summary(zs)),
                             None => format!("{n}({h})"),
                         })
                         .collect();
@@ -473,18 +473,6 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-/// `zone healthy/total` per zone, the site's own zone shown as `-`.
-pub fn zone_summary(zones: &[pb::ZoneHealth]) -> String {
-    zones
-        .iter()
-        .map(|z| {
-            let name = if z.zone.is_empty() { "-" } else { &z.zone };
-            format!("{name} {}/{}", z.healthy, z.total)
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 fn print_status(s: &pb::StatusResponse, output: Output) {

@@ -142,7 +142,7 @@ async fn walkthrough(fed: &mut LocalFederation, keep_running: bool) -> anyhow::R
             c.gateway_admin
         );
         println!("logs: {}/*.log", fed.root.display());
-        crate::cli::shutdown_signal().await;
+        crate::signal::shutdown_signal().await;
     }
     Ok(())
 }

@@ -10,7 +10,8 @@ use anyhow::Context;
 use causeway_api::catalog::CatalogView;
 use causeway_api::model::ServiceKey;
 use causeway_api::policy::{parse_document, FailoverMode, Spec};
-use causeway_gateway_core::traffic::{tier_health, tier_loads, tiers, SiteView, Tiering};
+use causeway_gateway::steer::{site_labels, site_views, FailoverPlan};
+use causeway_gateway_core::traffic::{tier_health, tier_loads, tiers};
 
 /// What one gateway knows that the controller does not.
 #[derive(Debug, Default)]
@@ -164,49 +165,33 @@ pub fn explain(
 
     // The exporting sites, as the caller's gateway sees them.
     let local = from.unwrap_or("");
-    let labels: Vec<Vec<(String, String)>> = svc
-        .exporters
-        .iter()
-        .map(|(s, _)| {
-            view.sites
-                .get(s.as_str())
-                .map(|site| {
-                    site.labels
-                        .iter()
-                        .map(|(k, v)| (k.clone(), v.clone()))
-                        .collect()
-                })
-                .unwrap_or_default()
-        })
-        .collect();
-    let label_refs: Vec<Vec<(&str, &str)>> = labels
-        .iter()
-        .map(|l| l.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect())
-        .collect();
+    let labels = site_labels(&svc.exporters, |s| {
+        view.sites
+            .get(s.as_str())
+            .map(|site| {
+                site.labels
+                    .iter()
+                    .map(|(k, v)| (k.as_str(), v.as_str()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    });
     let key_str = key.to_string();
-    let sites: Vec<SiteView<'_>> = svc
-        .exporters
-        .iter()
-        .zip(&label_refs)
-        .map(|((s, h), l)| SiteView {
-            site: s.as_str(),
-            healthy: *h,
-            total: svc.totals.get(s).copied().unwrap_or(*h).max(*h),
-            labels: l,
-            rtt_us: if s.as_str() == local {
-                Some(0)
-            } else {
-                gw.rtt_us.get(s.as_str()).copied()
-            },
-            // The gateway's own order treats a site it cannot reach as
-            // ejected; so does this explanation.
-            ejected: gw
-                .ejected
+    let sites = site_views(
+        local,
+        &svc.exporters,
+        &svc.totals,
+        &labels,
+        |s| gw.rtt_us.get(s.as_str()).copied(),
+        // The gateway's own order treats a site it cannot reach as
+        // ejected; so does this explanation.
+        |s| {
+            gw.ejected
                 .iter()
-                .any(|(svc, site)| *svc == key_str && site == s.as_str())
-                || gw.unreachable.iter().any(|u| u == s.as_str()),
-        })
-        .collect();
+                .any(|(svc, site)| *svc == key_str && site == s)
+                || gw.unreachable.iter().any(|u| u == s)
+        },
+    );
     writeln!(t, "sites that export it (available ones only):")?;
     let mut site_json = Vec::new();
     for s in &sites {
@@ -231,10 +216,7 @@ pub fn explain(
                 "no"
             },
             lbl.join(", "),
-            zones.map_or(String::new(), |z| format!(
-                "  zones [{}]",
-                crate::ctl::zone_summary(z)
-            ))
+            zones.map_or(String::new(), |z| format!("  zones [{}]", zone_summary(z)))
         )?;
         let zone_json: Vec<_> = zones
             .into_iter()
@@ -268,38 +250,23 @@ pub fn explain(
     }
 
     // The order traffic takes now.
-    let keys: Vec<&str>;
-    let ordered: Vec<&str>;
-    let (tiering, threshold, how) = match &failover {
-        Some((n, f)) => match f.mode {
-            FailoverMode::Ordered => {
-                ordered = f.sites.iter().map(String::as_str).collect();
-                (
-                    Tiering::Ordered(&ordered),
-                    f.healthy_threshold,
-                    format!("FailoverPolicy {n}: the calling site, then {} in order", ordered.join(", ")),
-                )
-            }
-            FailoverMode::Locality => {
-                keys = f.locality_labels.iter().map(String::as_str).collect();
-                (
-                    Tiering::Locality(&keys),
-                    f.healthy_threshold,
-                    format!("FailoverPolicy {n}: sites sharing the caller's {}, in that order, then the rest", keys.join(", then ")),
-                )
-            }
-            FailoverMode::Nearest => (
-                Tiering::Nearest,
-                f.healthy_threshold,
-                format!("FailoverPolicy {n}: nearest first by measured round-trip time"),
-            ),
-        },
-        None => (
-            Tiering::Ordered(&[]),
-            0.7,
-            "no FailoverPolicy: the calling site first, then the others (each connection tries the next on failure)".to_string(),
+    let plan = FailoverPlan::new(failover.as_ref().map(|(_, f)| f));
+    let how = match (&failover, plan.mode) {
+        (Some((n, _)), Some(FailoverMode::Ordered)) => format!(
+            "FailoverPolicy {n}: the calling site, then {} in order",
+            plan.keys.join(", ")
         ),
+        (Some((n, _)), Some(FailoverMode::Locality)) => format!(
+            "FailoverPolicy {n}: sites sharing the caller's {}, in that order, then the rest",
+            plan.keys.join(", then ")
+        ),
+        (Some((n, _)), Some(FailoverMode::Nearest)) => {
+            format!("FailoverPolicy {n}: nearest first by measured round-trip time")
+        }
+        _ => "no FailoverPolicy: the calling site first, then the others (each connection tries the next on failure)".to_string(),
     };
+    let threshold = plan.threshold;
+    let tiering = plan.tiering();
     let tier_list = tiers(local, &sites, &tiering);
     let health: Vec<f64> = tier_list.iter().map(|t| tier_health(t, &sites)).collect();
     let loads = tier_loads(&health, threshold);
@@ -353,6 +320,18 @@ pub fn explain(
             "split": split.map(|(n, w)| serde_json::json!({"policy": n, "weights": w})),
         }),
     })
+}
+
+/// `zone healthy/total` per zone, the site's own zone shown as `-`.
+pub fn zone_summary(zones: &[causeway_api::pb::ZoneHealth]) -> String {
+    zones
+        .iter()
+        .map(|z| {
+            let name = if z.zone.is_empty() { "-" } else { &z.zone };
+            format!("{name} {}/{}", z.healthy, z.total)
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]

@@ -4,8 +4,10 @@
 
 pub mod admin;
 pub mod cli;
+pub mod creds;
 pub mod ctl;
 pub mod demo;
 pub mod explain;
 pub mod local;
 pub mod rotate;
+pub mod signal;

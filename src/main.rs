@@ -25,7 +25,7 @@ fn main() {
             Command::Ctl(a) => causeway::ctl::run(a).await,
             Command::Ca(a) => match a.command {
                 cli::CaCommand::Init { dir, admin } => {
-                    cli::ca_init(&dir, &admin)?;
+                    causeway::creds::ca_init(&dir, &admin)?;
                     println!(
                         "wrote ca.pem, ca-key.pem, admin.pem, admin-key.pem to {}",
                         dir.display()

@@ -1,21 +1,25 @@
 //! causeway-dns: the mesh DNS server.
 //!
-//! [`zone`] builds the records from the catalog (pure); [`server`] answers
-//! them with hickory-server on UDP and TCP; [`run`] keeps the zone current
-//! from the controller's Watch stream.
+//! [`zone`] builds the records from the catalog (pure); [`handler`]
+//! answers one query from the zone (a leaf: it knows no sockets); [`serve`]
+//! runs it on UDP (a thread per socket with the precomputed fast path,
+//! [`fast`]) and TCP (hickory-server); [`run`] keeps the zone current from
+//! the controller's Watch stream and serves it.
 
 pub mod fast;
-pub mod server;
+pub mod handler;
 mod udp;
 pub mod zone;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use causeway_api::catalog::CatalogView;
 use causeway_api::client::{run_watch, ControllerClient};
 use tokio::net::{TcpListener, UdpSocket};
 use tokio::sync::watch;
 
+use crate::handler::{Handler, ServeOptions};
 use crate::zone::{Zone, ZoneOptions};
 
 /// Binds `n` UDP sockets to `addr` with SO_REUSEPORT (the kernel hashes
@@ -41,7 +45,7 @@ pub async fn run(
     client: Arc<ControllerClient>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
-    serve: server::ServeOptions,
+    serve_opts: ServeOptions,
     ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
@@ -64,8 +68,46 @@ pub async fn run(
             }
         }
     });
-    let r = server::serve(zone_rx, udp, tcp, serve, shutdown).await;
+    let r = serve(zone_rx, udp, tcp, serve_opts, shutdown).await;
     watch_task.abort();
     build_task.abort();
     r
+}
+
+/// Serves DNS on the given sockets until `shutdown` resolves: UDP on a
+/// thread per socket with the precomputed fast path ([`fast`]), TCP
+/// with hickory-server.
+pub async fn serve(
+    zone: watch::Receiver<Arc<Zone>>,
+    udp: Vec<UdpSocket>,
+    tcp: TcpListener,
+    opts: ServeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let edns_udp_size = opts.edns_udp_size;
+    let handler = Arc::new(Handler::new(zone.clone(), opts.clone()));
+    metrics::gauge!("causeway_dns_udp_sockets").set(udp.len() as f64);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let udp = udp
+        .into_iter()
+        .map(|s| s.into_std())
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let threads = crate::udp::spawn(udp, zone.clone(), handler, edns_udp_size, stop.clone())?;
+    let mut server = hickory_server::Server::new(Handler::new(zone, opts));
+    server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
+    let result = tokio::select! {
+        r = server.block_until_done() => r.map_err(|e| anyhow::anyhow!("dns server: {e}")),
+        _ = shutdown => {
+            let _ = server.shutdown_gracefully().await;
+            Ok(())
+        }
+    };
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || {
+        for t in threads {
+            let _ = t.join();
+        }
+    })
+    .await;
+    result
 }

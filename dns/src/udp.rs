@@ -22,7 +22,7 @@ use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseI
 use hickory_server::zone_handler::MessageResponse;
 use tokio::sync::watch;
 
-use crate::server::Handler;
+use crate::handler::Handler;
 use crate::zone::Zone;
 
 /// How often a serving thread wakes to see whether it should stop.
@@ -218,7 +218,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::server::ServeOptions;
+    use crate::handler::ServeOptions;
     use crate::zone::ZoneOptions;
 
     #[derive(Clone, Default)]

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use causeway_api::catalog::CatalogView;
 use causeway_api::pb;
-use causeway_dns::server::{serve, ServeOptions};
+use causeway_dns::handler::ServeOptions;
+use causeway_dns::serve;
 use causeway_dns::zone::{Zone, ZoneOptions};
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RecordType};

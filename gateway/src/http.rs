@@ -28,8 +28,9 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
-use crate::outbound::{Attempt, Outbound};
+use crate::forward::Forward;
 use crate::routes::{Routes, ServicePolicy};
+use crate::steer::Tried;
 
 /// Largest request body buffered for retries.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -37,6 +38,14 @@ pub const MAX_BODY: usize = 1024 * 1024;
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 type Body = BoxBody<Bytes, hyper::Error>;
+
+/// The HTTP path: what forwarding shares, and this path's own state.
+pub struct HttpForward {
+    /// Routing, steering and dialing.
+    pub fwd: Arc<Forward>,
+    /// Retry budgets, in-flight counts and kept upstream connections.
+    pub state: HttpState,
+}
 
 /// Per-service state of the HTTP path.
 #[derive(Default)]
@@ -244,7 +253,7 @@ impl Drop for InFlightGuard<'_> {
 /// Serves one caller connection (HTTP/1.1 or HTTP/2, detected); requests
 /// go to the endpoints in `upstream` (`http` or `http2`).
 pub async fn serve_connection(
-    out: Arc<Outbound>,
+    out: Arc<HttpForward>,
     tcp: TcpStream,
     service: ServiceKey,
     port: u16,
@@ -262,7 +271,7 @@ pub async fn serve_connection(
 }
 
 async fn proxy(
-    out: &Outbound,
+    out: &HttpForward,
     req: Request<Incoming>,
     service: &ServiceKey,
     port: u16,
@@ -279,14 +288,14 @@ async fn proxy(
 }
 
 async fn route(
-    out: &Outbound,
+    out: &HttpForward,
     req: Request<Incoming>,
     service: &ServiceKey,
     port: u16,
     upstream: Protocol,
     start: Instant,
 ) -> Response<Body> {
-    let routes = out.routes.borrow().clone();
+    let routes = out.fwd.routes.borrow().clone();
     let policy = routes
         .services
         .get(service)
@@ -341,7 +350,7 @@ async fn route(
     let deadline = start + request_timeout;
     let retries = policy.retry.as_ref().map_or(0, |r| r.attempts);
     {
-        let mut b = out.http.budgets.lock().expect("budget lock");
+        let mut b = out.state.budgets.lock().expect("budget lock");
         let budget = policy
             .retry
             .as_ref()
@@ -353,7 +362,7 @@ async fn route(
         }
     }
 
-    let order = out.order(&routes, service);
+    let order = out.fwd.steer.order(&routes, service);
     let mut tried: Vec<String> = Vec::new();
     let mut last: Option<Response<Body>> = None;
     let mut tries = 0u32;
@@ -371,7 +380,7 @@ async fn route(
             // A retry: allowed by the policy's conditions (checked by the
             // caller below) and by the budget.
             let ok = out
-                .http
+                .state
                 .budgets
                 .lock()
                 .expect("budget lock")
@@ -391,7 +400,7 @@ async fn route(
         // Circuit breaker for this site.
         let key = (service.clone(), site.to_string());
         let _guard = {
-            let mut m = out.http.inflight.lock().expect("inflight lock");
+            let mut m = out.state.inflight.lock().expect("inflight lock");
             let f = m.entry(key.clone()).or_default();
             if let Some(limits) = &policy.breaker {
                 if let Some(which) = breaker(limits, f) {
@@ -407,7 +416,7 @@ async fn route(
             }
             f.requests += 1;
             InFlightGuard {
-                state: &out.http,
+                state: &out.state,
                 key,
             }
         };
@@ -444,7 +453,16 @@ async fn route(
                 let again = idempotent(&parts.method)
                     && ((s.is_server_error() && retryable(RetryOn::ServerError))
                         || (gateway_error && retryable(RetryOn::GatewayError)));
-                out.observe_http(&routes, service, &site, !s.is_server_error());
+                out.fwd.steer.observe(
+                    &routes,
+                    service,
+                    &site,
+                    if s.is_server_error() {
+                        Tried::Failed
+                    } else {
+                        Tried::Served
+                    },
+                );
                 if !again {
                     return resp.map(|b| b.boxed());
                 }
@@ -452,7 +470,9 @@ async fn route(
                 last = Some(resp.map(|b| b.boxed()));
             }
             Err(TryError::Connect(why)) => {
-                out.observe_http(&routes, service, &site, false);
+                out.fwd
+                    .steer
+                    .observe(&routes, service, &site, Tried::Failed);
                 tried.push(format!("{site}: {why}"));
                 last = Some(full(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -469,7 +489,9 @@ async fn route(
                 failing_over = true;
             }
             Err(TryError::Reset(why)) => {
-                out.observe_http(&routes, service, &site, false);
+                out.fwd
+                    .steer
+                    .observe(&routes, service, &site, Tried::Failed);
                 tried.push(format!("{site}: {why}"));
                 last = Some(full(
                     StatusCode::BAD_GATEWAY,
@@ -481,7 +503,9 @@ async fn route(
                 }
             }
             Err(TryError::Timeout) => {
-                out.observe_http(&routes, service, &site, false);
+                out.fwd
+                    .steer
+                    .observe(&routes, service, &site, Tried::Failed);
                 tried.push(format!("{site}: timed out"));
                 last = Some(full(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -572,7 +596,7 @@ fn rebuild(
 }
 
 async fn send_once(
-    out: &Outbound,
+    out: &HttpForward,
     routes: &Routes,
     site: &SiteName,
     service: &ServiceKey,
@@ -582,7 +606,7 @@ async fn send_once(
 ) -> Result<Response<Incoming>, TryError> {
     let h2 = upstream == Protocol::Http2;
     let key = (site.clone(), service.clone(), port, h2);
-    let pool = &out.http.upstreams;
+    let pool = &out.state.upstreams;
     let mut req = req;
     while let Some(up) = pool.take(&key) {
         match pool.send(&key, up, req).await {
@@ -596,17 +620,21 @@ async fn send_once(
             Err((e, None)) => return Err(TryError::Reset(e.to_string())),
         }
     }
-    let up = if *site == out.local_site {
+    let up = if *site == out.fwd.steer.local_site {
         let tcp = out
-            .connect_local(service, port)
+            .fwd
+            .dial
+            .local(service, port)
             .await
-            .map_err(|a| TryError::Connect(attempt_text(a)))?;
+            .map_err(|a| TryError::Connect(a.reason().to_string()))?;
         handshake(TokioIo::new(tcp), h2).await?
     } else {
         let (send, recv) = out
-            .open_remote(routes, site, service, port)
+            .fwd
+            .dial
+            .remote(routes, site, service, port)
             .await
-            .map_err(|a| TryError::Connect(attempt_text(a)))?;
+            .map_err(|a| TryError::Connect(a.reason().to_string()))?;
         handshake(TokioIo::new(tokio::io::join(recv, send)), h2).await?
     };
     metrics::counter!("causeway_http_upstream_connections_total", "use" => "new").increment(1);
@@ -616,12 +644,6 @@ async fn send_once(
     pool.send(&key, up, req)
         .await
         .map_err(|(e, _)| TryError::Reset(e.to_string()))
-}
-
-fn attempt_text(a: Attempt) -> String {
-    match a {
-        Attempt::Retry(s) | Attempt::Fatal(s) => s,
-    }
 }
 
 /// A new upstream connection over `io`, in the endpoints' protocol.

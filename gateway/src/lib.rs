@@ -14,16 +14,20 @@
 //! the catalog steer both paths ([`routes`]).
 
 pub mod config;
+pub mod dial;
 pub mod drain;
 pub mod endpoints;
+pub mod forward;
 pub mod http;
 pub mod inbound;
+pub mod l4;
 pub mod outbound;
 pub mod pool;
 pub mod publish;
 pub mod routes;
 pub mod site;
 pub mod splice;
+pub mod steer;
 pub mod tunnel;
 
 use std::future::Future;
@@ -38,11 +42,15 @@ use causeway_api::trust::TrustStore;
 use tokio::sync::watch;
 
 use crate::config::Settings;
+use crate::dial::Dialer;
+use crate::forward::Forward;
+use crate::http::HttpForward;
 use crate::inbound::Inbound;
 use crate::outbound::Outbound;
 use crate::pool::Pool;
 use crate::routes::Routes;
 use crate::site::SiteState;
+use crate::steer::Steering;
 
 /// Whether the gateway can do its job, for `/ready`: it has routes from a
 /// first catalog snapshot, and every outbound listener is bound.
@@ -160,19 +168,26 @@ pub async fn run(
     ));
     inbound.set_routes(routes_rx.clone());
     let inbound_task = tokio::spawn(inbound.clone().run(endpoint.clone()));
-    let outbound = Arc::new(Outbound {
-        local_site: state.site.clone(),
-        caller_id: cred.spiffe_id()?.to_string(),
-        pool: pool.clone(),
+    let steer = Arc::new(Steering::new(state.site.clone(), pool.clone()));
+    let fwd = Arc::new(Forward {
         routes: routes_rx.clone(),
-        local_exports: settings.exports.clone(),
-        drain: drain.clone(),
-        outliers: Default::default(),
-        http: Default::default(),
+        steer: steer.clone(),
+        dial: Dialer {
+            caller_id: cred.spiffe_id()?.to_string(),
+            pool: pool.clone(),
+            local_exports: settings.exports.clone(),
+        },
+    });
+    let outbound = Arc::new(Outbound {
+        fwd: fwd.clone(),
+        http: Arc::new(HttpForward {
+            fwd,
+            state: Default::default(),
+        }),
         ready,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
-    let report_task = tokio::spawn(outbound.clone().report(stop_rx.clone()));
+    let report_task = tokio::spawn(steer.report(routes_rx.clone(), stop_rx.clone()));
     let outbound_task = tokio::spawn(outbound.run(routes_rx, stop_rx));
     let heartbeat_task = tokio::spawn(publish::heartbeat(
         client.clone(),

@@ -50,7 +50,7 @@ impl LocalFederation {
     /// Creates the controller CA and admin credential under `root`.
     pub fn new(bin: PathBuf, root: PathBuf) -> anyhow::Result<Self> {
         let creds = root.join("creds");
-        crate::cli::ca_init(&creds, "demo")?;
+        crate::creds::ca_init(&creds, "demo")?;
         Ok(Self {
             controller_flags: Vec::new(),
             dns_flags: Vec::new(),

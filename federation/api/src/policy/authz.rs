@@ -59,8 +59,5 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
             }
         }
     }
-    Spec::AuthorizationPolicy(AuthzSpec {
-        service: service,
-        allow,
-    })
+    Spec::AuthorizationPolicy(AuthzSpec { service, allow })
 }

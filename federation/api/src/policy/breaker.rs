@@ -46,7 +46,7 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
         );
     }
     Spec::CircuitBreaker(CircuitBreakerSpec {
-        service: service,
+        service,
         max_connections: c,
         max_pending: pe,
         max_requests: r,

@@ -111,7 +111,7 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
         errs,
     );
     Spec::FailoverPolicy(FailoverSpec {
-        service: service,
+        service,
         mode: mode.unwrap_or(FailoverMode::Ordered),
         sites,
         locality_labels: if mode == Some(FailoverMode::Locality) && labels.is_empty() {

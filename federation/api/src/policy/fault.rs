@@ -52,7 +52,7 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
         errs.push("spec", "set delay, abort or both");
     }
     Spec::FaultInjection(FaultSpec {
-        service: service,
+        service,
         delay: delay.flatten(),
         abort: abort.flatten(),
     })

@@ -30,7 +30,7 @@ pub(super) const KEYS: &[&str] = &[
 pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) -> Spec {
     let p = "spec";
     Spec::OutlierDetection(OutlierSpec {
-        service: service,
+        service,
         consecutive_failures: bounded(m, "consecutiveFailures", p, 1..=1000, Some(5), errs)
             .unwrap_or(5) as u32,
         interval_ms: bounded(m, "intervalMs", p, 100..=600_000, Some(1000), errs).unwrap_or(1000)

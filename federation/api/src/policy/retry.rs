@@ -100,7 +100,7 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
         }),
     };
     Spec::RetryPolicy(RetrySpec {
-        service: service,
+        service,
         attempts: attempts.unwrap_or(2) as u32,
         on,
         budget: budget.unwrap_or(RetryBudget {

@@ -48,8 +48,5 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
             }
         }
     }
-    Spec::TrafficSplit(TrafficSplitSpec {
-        service: service,
-        weights,
-    })
+    Spec::TrafficSplit(TrafficSplitSpec { service, weights })
 }

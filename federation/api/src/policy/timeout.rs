@@ -36,7 +36,7 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
         }
     }
     Spec::TimeoutPolicy(TimeoutSpec {
-        service: service,
+        service,
         request_ms: request.unwrap_or(1) as u32,
         per_try_ms: per_try.map(|t| t as u32),
     })

@@ -1,14 +1,17 @@
-//! Which site to try, in which order, for a connection to a service.
-//!
-//! The walking skeleton's rule (the full policy engine comes later): the
+//! The default site order, for a service with no FailoverPolicy and no
+//! TrafficSplit (with either, [`crate::traffic::choose_site`] decides): the
 //! local site first when it exports the service, then sites with healthy
 //! endpoints by name, then sites that report none (their count may be
-//! stale, and trying costs one round trip). Unavailable sites never appear.
+//! stale, and trying costs one round trip). Unavailable sites never appear;
+//! the gateway passes an ejected or unreachable site with no healthy
+//! endpoints, so it goes last.
 
 /// One site that exports the service.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate<'a> {
+    /// The site's name.
     pub site: &'a str,
+    /// Its endpoints passing health checks (0 when ejected or unreachable).
     pub healthy_endpoints: u32,
 }
 

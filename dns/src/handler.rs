@@ -12,8 +12,7 @@ use hickory_proto::rr::{Record, RecordType};
 use hickory_server::net::runtime::Time;
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
-use hickory_server::Server;
-use tokio::net::{TcpListener, UdpSocket};
+use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::zone::{Answer, Zone};
@@ -242,42 +241,4 @@ impl RequestHandler for Handler {
             .await
             .unwrap_or(fallback)
     }
-}
-
-/// Serves DNS on the given sockets until `shutdown` resolves: UDP on a
-/// thread per socket with the precomputed fast path ([`crate::udp`]), TCP
-/// with hickory-server.
-pub async fn serve(
-    zone: watch::Receiver<Arc<Zone>>,
-    udp: Vec<UdpSocket>,
-    tcp: TcpListener,
-    opts: ServeOptions,
-    shutdown: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
-    let edns_udp_size = opts.edns_udp_size;
-    let handler = Arc::new(Handler::new(zone.clone(), opts.clone()));
-    metrics::gauge!("causeway_dns_udp_sockets").set(udp.len() as f64);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let udp = udp
-        .into_iter()
-        .map(|s| s.into_std())
-        .collect::<std::io::Result<Vec<_>>>()?;
-    let threads = crate::udp::spawn(udp, zone.clone(), handler, edns_udp_size, stop.clone())?;
-    let mut server = Server::new(Handler::new(zone, opts));
-    server.register_listener(tcp, Duration::from_secs(5), 64 * 1024);
-    let result = tokio::select! {
-        r = server.block_until_done() => r.map_err(|e| anyhow::anyhow!("dns server: {e}")),
-        _ = shutdown => {
-            let _ = server.shutdown_gracefully().await;
-            Ok(())
-        }
-    };
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || {
-        for t in threads {
-            let _ = t.join();
-        }
-    })
-    .await;
-    result
 }

@@ -1,0 +1,166 @@
+//! Dialing for one attempt at one site: a connection to a local endpoint,
+//! or a stream through a pooled tunnel to the site's gateway, opened with
+//! the stream header and answered with a status before any payload. L4 and
+//! HTTP forwarding both dial through here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use causeway_api::model::{ServiceKey, SiteName};
+use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
+use tokio::net::TcpStream;
+
+use crate::config::LocalExport;
+use crate::pool::Pool;
+use crate::routes::Routes;
+
+/// How long the caller waits for the remote gateway's status.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why one attempt at one site failed.
+#[derive(Debug)]
+pub enum Attempt {
+    /// Try the next site.
+    Retry(String),
+    /// Stop: the answer would be the same everywhere (e.g. forbidden).
+    Fatal(String),
+}
+
+impl Attempt {
+    /// What went wrong, for logs and error bodies.
+    pub fn reason(&self) -> &str {
+        match self {
+            Attempt::Retry(s) | Attempt::Fatal(s) => s,
+        }
+    }
+}
+
+/// Opens connections and tunnel streams for this gateway.
+pub struct Dialer {
+    /// This gateway's SPIFFE ID, sent in every stream header.
+    pub caller_id: String,
+    /// Tunnels to the other sites' gateways.
+    pub pool: Arc<Pool>,
+    /// Services this site exports, with their endpoints.
+    pub local_exports: Vec<LocalExport>,
+}
+
+impl Dialer {
+    /// A connection to a local endpoint of the service.
+    pub async fn local(&self, service: &ServiceKey, port: u16) -> Result<TcpStream, Attempt> {
+        let Some(export) = self
+            .local_exports
+            .iter()
+            .find(|e| &e.service == service && e.port == port)
+        else {
+            return Err(Attempt::Retry("not exported on this port here".into()));
+        };
+        for addr in &export.endpoints {
+            if let Ok(Ok(s)) =
+                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
+            {
+                return Ok(s);
+            }
+        }
+        Err(Attempt::Retry("no local endpoint accepted".into()))
+    }
+
+    /// An opened tunnel stream to `site` for the service: the remote
+    /// gateway has answered `Opened`.
+    pub async fn remote(
+        &self,
+        routes: &Routes,
+        site: &SiteName,
+        service: &ServiceKey,
+        port: u16,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream), Attempt> {
+        let route = routes
+            .sites
+            .get(site)
+            .ok_or_else(|| Attempt::Retry("site unknown".into()))?;
+        // A peer that retired the tunnel (it no longer trusts the
+        // certificate this gateway made it with) answers Retired: the
+        // stream is asked again once, over a fresh tunnel.
+        let mut fresh = false;
+        loop {
+            let conn = self
+                .pool
+                .connection(site, route)
+                .await
+                .map_err(|e| Attempt::Retry(e.to_string()))?;
+            let (send, recv, resp) = self.open_on(&conn, service, port).await?;
+            metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str())
+                .increment(1);
+            return match resp.status {
+                Status::Opened => Ok((send, recv)),
+                Status::Retired if !fresh => {
+                    tracing::info!(%site, reason = %resp.message, "peer retired the tunnel; asking again over a fresh one");
+                    self.pool.retire(site, &conn);
+                    fresh = true;
+                    continue;
+                }
+                s if s.is_retryable() => {
+                    Err(Attempt::Retry(format!("{}: {}", s.as_str(), resp.message)))
+                }
+                s => Err(Attempt::Fatal(format!("{}: {}", s.as_str(), resp.message))),
+            };
+        }
+    }
+
+    /// Opens a stream on `conn`, sends the header and reads the status.
+    async fn open_on(
+        &self,
+        conn: &quinn::Connection,
+        service: &ServiceKey,
+        port: u16,
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, OpenResponse), Attempt> {
+        // At the peer's stream cap, open_bi waits for a stream to end.
+        let (mut send, mut recv) = match tokio::time::timeout(STATUS_TIMEOUT, conn.open_bi()).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                self.pool.evict(conn);
+                return Err(Attempt::Retry(format!("open stream: {e}")));
+            }
+            Err(_) => {
+                metrics::counter!("causeway_outbound_failures_total", "reason" => "stream_cap")
+                    .increment(1);
+                return Err(Attempt::Retry(
+                    "the peer's concurrent stream cap (quic.max_streams_per_peer) stayed full"
+                        .into(),
+                ));
+            }
+        };
+        let header = OpenRequest {
+            service: service.to_string(),
+            port,
+            deadline_ms: STATUS_TIMEOUT.as_millis() as u32,
+            trace: Vec::new(),
+            caller: self.caller_id.clone(),
+        };
+        send.write_all(&header.encode())
+            .await
+            .map_err(|e| Attempt::Retry(format!("send header: {e}")))?;
+        let resp = tokio::time::timeout(STATUS_TIMEOUT, read_response(&mut recv))
+            .await
+            .map_err(|_| Attempt::Retry("no status within the deadline".into()))?
+            .map_err(Attempt::Retry)?;
+        Ok((send, recv, resp))
+    }
+}
+
+async fn read_response(recv: &mut quinn::RecvStream) -> Result<OpenResponse, String> {
+    let mut prefix = [0u8; PREFIX_LEN];
+    recv.read_exact(&mut prefix)
+        .await
+        .map_err(|e| format!("read status: {e}"))?;
+    let (status, len) = OpenResponse::decode_prefix(&prefix).map_err(|e| e.to_string())?;
+    let mut msg = vec![0u8; len];
+    recv.read_exact(&mut msg)
+        .await
+        .map_err(|e| format!("read status: {e}"))?;
+    Ok(OpenResponse {
+        status,
+        message: String::from_utf8_lossy(&msg).into_owned(),
+    })
+}

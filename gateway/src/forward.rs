@@ -1,0 +1,20 @@
+//! What L4 and HTTP forwarding share: the live routing table, steering
+//! (which sites, in which order) and dialing (how to reach one).
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::dial::Dialer;
+use crate::routes::Routes;
+use crate::steer::Steering;
+
+/// The parts every forwarded connection or request uses.
+pub struct Forward {
+    /// The routing table, rebuilt on every catalog change.
+    pub routes: watch::Receiver<Arc<Routes>>,
+    /// Site order and passive health.
+    pub steer: Arc<Steering>,
+    /// Local endpoints and tunnel streams.
+    pub dial: Dialer,
+}

@@ -1,0 +1,89 @@
+//! L4 forwarding: one caller TCP connection becomes one stream to the
+//! first site that takes it (or a local endpoint), spliced both ways with
+//! backpressure and half-close. Built beside the HTTP path, never on it.
+
+use causeway_api::model::{ServiceKey, SiteName};
+use tokio::net::TcpStream;
+
+use crate::dial::Attempt;
+use crate::forward::Forward;
+use crate::splice::splice;
+use crate::steer::Tried;
+
+enum Stream {
+    Remote(quinn::SendStream, quinn::RecvStream),
+    Local(TcpStream),
+}
+
+/// What outlier detection makes of one attempt.
+fn outcome(attempt: &Result<Stream, Attempt>) -> Tried {
+    match attempt {
+        Ok(_) => Tried::Served,
+        Err(Attempt::Retry(_)) => Tried::Failed,
+        Err(Attempt::Fatal(_)) => Tried::Refused,
+    }
+}
+
+/// Forwards one caller connection of `service` on `port`: each site in the
+/// steering order is tried until one opens a stream (or a local endpoint
+/// connection); then bytes flow both ways until both sides close.
+pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16) {
+    let routes = fwd.routes.borrow().clone();
+    if !routes.services.contains_key(&service) {
+        metrics::counter!("causeway_outbound_failures_total", "reason" => "unknown_service")
+            .increment(1);
+        return;
+    }
+    let order = fwd.steer.order(&routes, &service);
+    let mut tried = Vec::new();
+    for site in order {
+        let Ok(site) = site.parse::<SiteName>() else {
+            continue;
+        };
+        let attempt = if site == fwd.steer.local_site {
+            fwd.dial.local(&service, port).await.map(Stream::Local)
+        } else {
+            fwd.dial
+                .remote(&routes, &site, &service, port)
+                .await
+                .map(|(s, r)| Stream::Remote(s, r))
+        };
+        fwd.steer
+            .observe(&routes, &service, &site, outcome(&attempt));
+        match attempt {
+            Ok(stream) => {
+                metrics::counter!("causeway_tunnel_streams_total", "direction" => "out", "status" => "opened").increment(1);
+                if !tried.is_empty() {
+                    metrics::counter!("causeway_failovers_total").increment(1);
+                    tracing::info!(%service, %site, skipped = ?tried, "failed over");
+                }
+                metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out")
+                    .increment(1.0);
+                match stream {
+                    Stream::Remote(send, recv) => {
+                        splice(tcp, send, recv).await;
+                    }
+                    Stream::Local(local) => {
+                        let mut a = tcp;
+                        let mut b = local;
+                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                    }
+                }
+                metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out")
+                    .decrement(1.0);
+                return;
+            }
+            Err(Attempt::Retry(why)) => {
+                tracing::debug!(%service, %site, %why, "site did not take the stream; trying the next");
+                tried.push(format!("{site}: {why}"));
+            }
+            Err(Attempt::Fatal(why)) => {
+                tracing::info!(%service, %site, %why, "stream refused");
+                tried.push(format!("{site}: {why}"));
+                break;
+            }
+        }
+    }
+    metrics::counter!("causeway_outbound_failures_total", "reason" => "no_site").increment(1);
+    tracing::warn!(%service, attempts = ?tried, "no site could serve the connection; closing it");
+}
