@@ -1,17 +1,16 @@
 //! Command-line interface: flags, config files, and what each subcommand runs.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use anyhow::Context;
 use causeway_api::identity::CertificateAuthority;
-use causeway_federation::node::{Controller, ControllerOptions, RaftTiming};
+use causeway_dns::config::DnsConfig;
+use causeway_federation::config::ControllerConfig;
+use causeway_federation::node::Controller;
 use causeway_gateway::config::GatewayConfig;
 use causeway_gateway::site::SiteState;
 use clap::{Args, Parser, Subcommand};
-use serde::Deserialize;
 
 use crate::admin;
 use crate::signal::shutdown_signal;
@@ -113,28 +112,6 @@ pub struct ControllerArgs {
     pub join: bool,
 }
 
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-pub struct ControllerFile {
-    pub id: Option<u64>,
-    pub listen: Option<String>,
-    pub advertise: Option<String>,
-    #[serde(default)]
-    pub peers: BTreeMap<String, String>,
-    pub data_dir: Option<PathBuf>,
-    pub ca_dir: Option<PathBuf>,
-    pub admin_listen: Option<String>,
-    pub heartbeat_ms: Option<u64>,
-    pub election_timeout_min_ms: Option<u64>,
-    pub election_timeout_max_ms: Option<u64>,
-    pub site_lease_ms: Option<u64>,
-    pub site_recover_ms: Option<u64>,
-    pub snapshot_every: Option<u64>,
-    pub watch_stall_ms: Option<u64>,
-    #[serde(default)]
-    pub join: bool,
-}
-
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
     /// Gateway config file (TOML).
@@ -189,54 +166,25 @@ pub struct DnsArgs {
 /// Exit code for configuration errors (EX_USAGE).
 pub const EXIT_CONFIG: i32 = 64;
 
-#[derive(Debug)]
-pub struct ConfigError(pub Vec<String>);
+/// Every problem found in a configuration (the exit code is [`EXIT_CONFIG`]).
+pub use causeway_api::config::ConfigErrors;
 
-impl std::fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "invalid configuration:")?;
-        for e in &self.0 {
-            write!(f, "\n  - {e}")?;
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ConfigError {}
-
-fn parse_addr(errs: &mut Vec<String>, field: &str, v: Option<&str>) -> Option<SocketAddr> {
-    match v {
-        None => {
-            errs.push(format!("{field}: required"));
-            None
-        }
-        Some(s) => s
-            .parse()
-            .map_err(|_| errs.push(format!("{field}: {s:?} is not an ip:port address")))
-            .ok(),
-    }
-}
-
-pub struct ControllerPlan {
-    pub opts: ControllerOptions,
-    pub listen: SocketAddr,
-    pub admin_listen: Option<SocketAddr>,
-}
-
-pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
-    let file = match &args.config {
-        Some(p) => {
+impl ControllerArgs {
+    /// The config these flags (or the `--config` file) describe.
+    pub fn config(&self) -> anyhow::Result<ControllerConfig> {
+        if let Some(p) = &self.config {
             let text =
                 std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-            toml::from_str::<ControllerFile>(&text).map_err(|e| {
-                ConfigError(vec![format!("{}: {}", p.display(), e.to_string().trim())])
-            })?
+            return Ok(ControllerConfig::from_toml(
+                &p.display().to_string(),
+                &text,
+            )?);
         }
-        None => ControllerFile {
-            id: args.id,
-            listen: args.listen.clone(),
-            advertise: args.advertise.clone(),
-            peers: args
+        Ok(ControllerConfig {
+            id: self.id,
+            listen: self.listen.clone(),
+            advertise: self.advertise.clone(),
+            peers: self
                 .peer
                 .iter()
                 .map(|p| match p.split_once('=') {
@@ -244,128 +192,60 @@ pub fn controller_plan(args: ControllerArgs) -> anyhow::Result<ControllerPlan> {
                     None => (p.clone(), String::new()),
                 })
                 .collect(),
-            data_dir: args.data_dir.clone(),
-            ca_dir: args.ca_dir.clone(),
-            admin_listen: args.admin_listen.clone(),
-            site_lease_ms: args.site_lease_ms,
-            snapshot_every: args.snapshot_every,
-            watch_stall_ms: args.watch_stall_ms,
-            join: args.join,
+            data_dir: self.data_dir.clone(),
+            ca_dir: self.ca_dir.clone(),
+            admin_listen: self.admin_listen.clone(),
+            site_lease_ms: self.site_lease_ms,
+            snapshot_every: self.snapshot_every,
+            watch_stall_ms: self.watch_stall_ms,
+            join: self.join,
             ..Default::default()
-        },
-    };
-    let mut errs = Vec::new();
-    let id = match file.id {
-        Some(0) | None => {
-            errs.push("id: required, a positive integer".into());
-            0
-        }
-        Some(i) => i,
-    };
-    let listen = parse_addr(&mut errs, "listen", file.listen.as_deref());
-    let advertise = file
-        .advertise
-        .clone()
-        .or_else(|| file.listen.clone())
-        .unwrap_or_default();
-    let mut peers = BTreeMap::new();
-    for (k, v) in &file.peers {
-        match (k.parse::<u64>(), v.parse::<SocketAddr>()) {
-            (Ok(pid), Ok(_)) if pid > 0 => {
-                peers.insert(pid, v.clone());
-            }
-            _ => errs.push(format!(
-                "peer {k}={v}: expected ID=HOST:PORT with a positive ID, e.g. 1=127.0.0.1:7001"
-            )),
+        })
+    }
+}
+
+impl DnsArgs {
+    /// The config these flags describe.
+    pub fn config(&self) -> DnsConfig {
+        DnsConfig {
+            state_dir: self.state_dir.clone(),
+            listen: self.listen.clone(),
+            zone: self.zone.clone(),
+            vip_range: self.vip_range.clone(),
+            ttl: self.ttl,
+            negative_ttl: self.negative_ttl,
+            admin_listen: self.admin_listen.clone(),
+            udp_sockets: self.udp_sockets,
+            upstream: self.upstream.clone(),
+            edns_udp_size: self.edns_udp_size,
         }
     }
-    if peers.is_empty() {
-        peers.insert(id, advertise.clone());
-    }
-    if !peers.contains_key(&id) {
-        errs.push(format!("peer: the peers must include this node (id {id})"));
-    }
-    let data_dir = file.data_dir.clone().unwrap_or_else(|| {
-        errs.push("data_dir: required".into());
-        PathBuf::new()
-    });
-    let ca_dir = file.ca_dir.clone().unwrap_or_else(|| {
-        errs.push("ca_dir: required (create one with `causeway ca init --dir DIR`)".into());
-        PathBuf::new()
-    });
-    let admin_listen = file
-        .admin_listen
-        .as_deref()
-        .and_then(|a| parse_addr(&mut errs, "admin_listen", Some(a)));
-    let mut timing = RaftTiming::default();
-    if let Some(h) = file.heartbeat_ms {
-        timing.heartbeat_ms = h;
-    }
-    if let Some(m) = file.election_timeout_min_ms {
-        timing.election_min_ms = m;
-    }
-    if let Some(m) = file.election_timeout_max_ms {
-        timing.election_max_ms = m;
-    }
-    if let Some(n) = file.snapshot_every {
-        if n < 10 {
-            errs.push("snapshot_every: at least 10".into());
-        }
-        timing.snapshot_every = n;
-    }
-    if timing.election_min_ms <= timing.heartbeat_ms
-        || timing.election_max_ms <= timing.election_min_ms
-    {
-        errs.push("election timeouts: need heartbeat_ms < election_timeout_min_ms < election_timeout_max_ms".into());
-    }
-    let mut leases = causeway_federation::lease::LeaseConfig::default();
-    if let Some(ms) = file.site_lease_ms {
-        leases.lease = std::time::Duration::from_millis(ms);
-    }
-    if let Some(ms) = file.site_recover_ms {
-        leases.recover_after = std::time::Duration::from_millis(ms);
-    }
-    if leases.lease < std::time::Duration::from_millis(500) {
-        errs.push("site_lease_ms: at least 500".into());
-    }
-    let watch_stall = std::time::Duration::from_millis(file.watch_stall_ms.unwrap_or(10_000));
-    if watch_stall < std::time::Duration::from_millis(100) {
-        errs.push("watch_stall_ms: at least 100".into());
-    }
-    if !errs.is_empty() {
-        return Err(ConfigError(errs).into());
-    }
-    let ca = CertificateAuthority::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca-key.pem"))
-        .context("loading the controller CA")?;
-    Ok(ControllerPlan {
-        opts: ControllerOptions {
-            node_id: id,
-            advertise,
-            peers,
-            data_dir,
-            ca: Arc::new(ca),
-            timing,
-            leases,
-            watch_stall,
-            join_existing: file.join,
-        },
-        listen: listen.expect("checked"),
-        admin_listen,
-    })
+}
+
+/// An `--admin-listen` flag as an address.
+fn admin_addr(flag: &str) -> Result<SocketAddr, ConfigErrors> {
+    let mut errs = ConfigErrors::new();
+    let addr = errs.addr("admin_listen", flag);
+    errs.into_result(|| addr.expect("checked"))
 }
 
 pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
-    let plan = controller_plan(args)?;
+    let settings = args.config()?.validate()?;
+    let ca_dir = &settings.ca_dir;
+    let ca = CertificateAuthority::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca-key.pem"))
+        .context("loading the controller CA")?;
+    let plan = (settings.options(ca), settings.listen, settings.admin_listen);
+    let (opts, listen, admin_listen) = plan;
     let metrics = admin::install_metrics()?;
-    if let Some(a) = plan.admin_listen {
+    if let Some(a) = admin_listen {
         let bound = admin::serve(a, metrics, "controller", None).await?;
         tracing::info!(addr = %bound, "admin port up");
     }
-    let listener = tokio::net::TcpListener::bind(plan.listen)
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", plan.listen))?;
-    let (controller, identity) = Controller::start(&plan.opts).await?;
-    tracing::info!(id = plan.opts.node_id, listen = %plan.listen, "controller serving");
+        .with_context(|| format!("binding {listen}"))?;
+    let (controller, identity) = Controller::start(&opts).await?;
+    tracing::info!(id = opts.node_id, %listen, "controller serving");
     // On a worker thread, not the main thread's `block_on`: the accept
     // loop and the stop watch then never need a cross-thread wake-up.
     tokio::spawn(controller.serve(identity, listener, shutdown_signal()))
@@ -387,16 +267,11 @@ pub fn gateway_worker_threads(args: &GatewayArgs) -> usize {
 pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let cfg = GatewayConfig::from_toml(&text).map_err(|e| ConfigError(e.0))?;
-    let settings = cfg.validate().map_err(|e| ConfigError(e.0))?;
+    let settings = GatewayConfig::from_toml(&text)?.validate()?;
     let metrics = admin::install_metrics()?;
     let ready = std::sync::Arc::new(causeway_gateway::Readiness::default());
     if let Some(a) = &args.admin_listen {
-        let a: SocketAddr = a.parse().map_err(|_| {
-            ConfigError(vec![format!(
-                "admin_listen: {a:?} is not an ip:port address"
-            )])
-        })?;
+        let a = admin_addr(a)?;
         let probe_ready = ready.clone();
         let probe: admin::Readiness = std::sync::Arc::new(move || probe_ready.not_ready());
         admin::serve(a, metrics, "gateway", Some(probe)).await?;
@@ -431,42 +306,10 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
 }
 
 pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
-    let mut errs = Vec::new();
-    let listen: Option<SocketAddr> = parse_addr(&mut errs, "listen", Some(&args.listen));
-    let vip = causeway_api::model::parse_cidr("vip_range", &args.vip_range)
-        .map_err(|e| errs.push(format!("vip_range: {e}")))
-        .ok();
-    if hickory_proto::rr::Name::from_ascii(&args.zone).is_err() || args.zone.is_empty() {
-        errs.push(format!("zone: {:?} is not a DNS name", args.zone));
-    }
-    let mut upstreams = Vec::new();
-    for (i, u) in args.upstream.iter().enumerate() {
-        match u.parse::<SocketAddr>() {
-            Ok(a) => upstreams.push(a),
-            Err(_) => errs.push(format!(
-                "upstream[{i}]: {u:?} is not an ip:port address (e.g. 10.96.0.10:53)"
-            )),
-        }
-    }
-    if !(512..=4096).contains(&args.edns_udp_size) {
-        errs.push(format!(
-            "edns_udp_size: {} is outside 512-4096 (1232 avoids IP fragmentation)",
-            args.edns_udp_size
-        ));
-    }
-    if !errs.is_empty() {
-        return Err(ConfigError(errs).into());
-    }
-    let listen = listen.expect("checked");
-    let (vip_base, vip_prefix) = vip.expect("checked");
+    let settings = args.config().validate()?;
     let metrics = admin::install_metrics()?;
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Some(a) = &args.admin_listen {
-        let a: SocketAddr = a.parse().map_err(|_| {
-            ConfigError(vec![format!(
-                "admin_listen: {a:?} is not an ip:port address"
-            )])
-        })?;
+    if let Some(a) = settings.admin_listen {
         let flag = ready.clone();
         let probe: admin::Readiness = std::sync::Arc::new(move || {
             (!flag.load(std::sync::atomic::Ordering::Acquire)).then(|| {
@@ -475,37 +318,25 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         });
         admin::serve(a, metrics, "dns", Some(probe)).await?;
     }
-    let state = SiteState::load(&args.state_dir)?.ok_or_else(|| {
+    let state = SiteState::load(&settings.state_dir)?.ok_or_else(|| {
         anyhow::anyhow!(
             "{} holds no joined site; start the site's gateway with --join-token first",
-            args.state_dir.display()
+            settings.state_dir.display()
         )
     })?;
-    let n = match args.udp_sockets {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n.min(64),
-    };
-    let udp = causeway_dns::bind_udp(listen, n).with_context(|| format!("binding UDP {listen}"))?;
+    let listen = settings.listen;
+    let udp = causeway_dns::bind_udp(listen, settings.udp_sockets)
+        .with_context(|| format!("binding UDP {listen}"))?;
     let tcp = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("binding TCP {listen}"))?;
-    tracing::info!(%listen, zone = %args.zone, site = %state.site, "dns serving");
-    let opts = causeway_dns::zone::ZoneOptions {
-        origin: args.zone,
-        ttl: args.ttl,
-        negative_ttl: args.negative_ttl,
-        vip_base,
-        vip_prefix,
-    };
+    tracing::info!(%listen, zone = %settings.zone.origin, site = %state.site, "dns serving");
     causeway_dns::run(
-        opts,
+        settings.zone,
         state.controller_client(),
         udp,
         tcp,
-        causeway_dns::handler::ServeOptions {
-            upstreams,
-            edns_udp_size: args.edns_udp_size,
-        },
+        settings.serve,
         ready,
         shutdown_signal(),
     )

@@ -1,6 +1,6 @@
 //! `causeway`: parse, build, run, drain. Everything else lives in the crates.
 
-use causeway::cli::{self, Cli, Command, ConfigError, EXIT_CONFIG};
+use causeway::cli::{self, Cli, Command, ConfigErrors, EXIT_CONFIG};
 use clap::Parser;
 
 fn main() {
@@ -42,7 +42,7 @@ fn main() {
     rt.shutdown_timeout(std::time::Duration::from_secs(2));
     if let Err(e) = result {
         eprintln!("error: {e:#}");
-        let code = if e.downcast_ref::<ConfigError>().is_some() {
+        let code = if e.downcast_ref::<ConfigErrors>().is_some() {
             EXIT_CONFIG
         } else {
             1

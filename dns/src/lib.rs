@@ -6,6 +6,7 @@
 //! [`fast`]) and TCP (hickory-server); [`run`] keeps the zone current from
 //! the controller's Watch stream and serves it.
 
+pub mod config;
 pub mod fast;
 pub mod handler;
 mod udp;

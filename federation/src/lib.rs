@@ -8,6 +8,7 @@
 
 use std::io::Cursor;
 
+pub mod config;
 pub mod hub;
 pub mod lease;
 pub mod network;

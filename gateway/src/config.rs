@@ -333,10 +333,7 @@ pub struct Settings {
     pub exports: Vec<LocalExport>,
 }
 
-/// Every problem found, one line each.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid gateway configuration:\n  - {}", .0.join("\n  - "))]
-pub struct ConfigErrors(pub Vec<String>);
+pub use causeway_api::config::ConfigErrors;
 
 impl GatewayConfig {
     /// The defaults every field takes when the TOML leaves it out, for a
@@ -372,8 +369,51 @@ impl GatewayConfig {
         toml::to_string(self).expect("a gateway config is plain TOML data")
     }
 
+    /// Checks every field; all problems at once, each naming its field.
     pub fn validate(&self) -> Result<Settings, ConfigErrors> {
         let mut errs = Vec::new();
+        let (tunnel_listen, tunnel_advertise) = self.tunnel(&mut errs);
+        let vip = parse_cidr("vip_range", &self.vip_range)
+            .map_err(|e| errs.push(format!("vip_range: {e}")))
+            .ok();
+        self.check_replica(&mut errs);
+        let site_ca = self.site_ca(&mut errs);
+        self.check_timings(&mut errs);
+        let balancer = causeway_gateway_core::balance::Strategy::parse(&self.balancer);
+        if balancer.is_none() {
+            errs.push(format!(
+                "balancer: {:?} is not one of p2c_ewma, round_robin, least_request, weighted",
+                self.balancer
+            ));
+        }
+        self.quic.validate(&mut errs);
+        let authorization = self.authorization(&mut errs);
+        let exports = self.exports(&mut errs);
+        if !errs.is_empty() {
+            return Err(ConfigErrors(errs));
+        }
+        let (vip_base, vip_prefix) = vip.expect("checked above");
+        Ok(Settings {
+            state_dir: self.state_dir.clone(),
+            tunnel_listen: tunnel_listen.expect("checked above"),
+            tunnel_advertise,
+            vip_base,
+            vip_prefix,
+            replica: self.replica.clone(),
+            site_ca,
+            health_interval: Duration::from_secs_f64(self.health_interval_secs),
+            drain_timeout: Duration::from_secs_f64(self.drain_secs),
+            retire_grace: Duration::from_secs_f64(self.retire_grace_secs),
+            cert_ttl: Duration::from_secs_f64(self.cert_ttl_secs),
+            balancer: balancer.expect("checked above"),
+            quic: self.quic.clone(),
+            authorization,
+            exports,
+        })
+    }
+
+    /// The tunnel's listen address and the addresses other sites dial.
+    fn tunnel(&self, errs: &mut Vec<String>) -> (Option<SocketAddr>, Vec<TunnelAddr>) {
         let tunnel_listen = self
             .tunnel_listen
             .parse::<SocketAddr>()
@@ -407,9 +447,10 @@ impl GatewayConfig {
                 }
             }
         }
-        let vip = parse_cidr("vip_range", &self.vip_range)
-            .map_err(|e| errs.push(format!("vip_range: {e}")))
-            .ok();
+        (tunnel_listen, tunnel_advertise)
+    }
+
+    fn check_replica(&self, errs: &mut Vec<String>) {
         if self.replica.is_empty()
             || self.replica.len() > 63
             || !self
@@ -422,23 +463,22 @@ impl GatewayConfig {
                 self.replica
             ));
         }
-        let site_ca = match (&self.site_ca_cert, &self.site_ca_key) {
+    }
+
+    fn site_ca(&self, errs: &mut Vec<String>) -> Option<(PathBuf, PathBuf)> {
+        match (&self.site_ca_cert, &self.site_ca_key) {
             (Some(c), Some(k)) => Some((c.clone(), k.clone())),
             (None, None) => None,
             _ => {
                 errs.push("site_ca_cert and site_ca_key: give both or neither".into());
                 None
             }
-        };
+        }
+    }
+
+    fn check_timings(&self, errs: &mut Vec<String>) {
         if !(self.health_interval_secs >= 0.1 && self.health_interval_secs <= 300.0) {
             errs.push("health_interval_secs: must be between 0.1 and 300".into());
-        }
-        let balancer = causeway_gateway_core::balance::Strategy::parse(&self.balancer);
-        if balancer.is_none() {
-            errs.push(format!(
-                "balancer: {:?} is not one of p2c_ewma, round_robin, least_request, weighted",
-                self.balancer
-            ));
         }
         if !(self.cert_ttl_secs >= 3.0 && self.cert_ttl_secs <= 90.0 * 86400.0) {
             errs.push("cert_ttl_secs: must be between 3 and 7776000 (90 days)".into());
@@ -452,7 +492,10 @@ impl GatewayConfig {
         if self.worker_threads > 1024 {
             errs.push("worker_threads: must be between 0 (one per CPU) and 1024".into());
         }
-        self.quic.validate(&mut errs);
+    }
+
+    /// Who may call this site's exports.
+    fn authorization(&self, errs: &mut Vec<String>) -> Authorization {
         let mut authorization = Authorization {
             deny_by_default: match self.authorization.as_str() {
                 "allow_members" => false,
@@ -483,140 +526,132 @@ impl GatewayConfig {
                 authorization.rules.entry(k).or_default().extend(sites);
             }
         }
-        let mut exports = Vec::new();
+        authorization
+    }
+
+    /// The exports, each checked alone, then against the ones before it.
+    fn exports(&self, errs: &mut Vec<String>) -> Vec<LocalExport> {
+        let mut exports: Vec<LocalExport> = Vec::new();
         for (i, e) in self.exports.iter().enumerate() {
-            let service = e
-                .service
-                .parse::<ServiceKey>()
-                .map_err(|err| errs.push(format!("exports[{i}].service: {err}")))
-                .ok();
-            let protocol = e
-                .protocol
-                .parse::<Protocol>()
-                .map_err(|err| errs.push(format!("exports[{i}].protocol: {err}")))
-                .ok();
-            if e.port == 0 {
-                errs.push(format!("exports[{i}].port: must be 1-65535"));
-            }
-            if e.endpoints.is_empty() {
-                errs.push(format!("exports[{i}].endpoints: list at least one ip:port"));
-            }
-            let port_name = match &e.port_name {
-                None => String::new(),
-                Some(n) => match causeway_api::model::check_dns_label("port name", n) {
-                    Ok(()) => n.clone(),
-                    Err(err) => {
-                        errs.push(format!("exports[{i}].port_name: {err}"));
-                        String::new()
-                    }
-                },
+            let Some(export) = e.validate(i, errs) else {
+                continue;
             };
-            let mut endpoints = Vec::new();
-            for (j, ep) in e.endpoints.iter().enumerate() {
-                match ep.parse::<SocketAddr>() {
-                    Ok(a) if e.headless && a.port() != e.port => errs.push(format!(
-                        "exports[{i}].endpoints[{j}]: {ep:?}: callers reach the endpoints of a \
-                         headless export directly, so they must listen on its port {}",
-                        e.port
-                    )),
-                    Ok(a) => endpoints.push(a),
-                    Err(_) => errs.push(format!(
-                        "exports[{i}].endpoints[{j}]: {ep:?} is not an ip:port address"
-                    )),
-                }
-            }
-            if e.headless && e.endpoints.len() > MAX_HEADLESS_ENDPOINTS {
+            if let Some(other) = exports
+                .iter()
+                .find(|x| x.service == export.service && x.headless != export.headless)
+            {
                 errs.push(format!(
-                    "exports[{i}].endpoints: a headless export may list at most \
-                     {MAX_HEADLESS_ENDPOINTS} endpoints"
+                    "exports[{i}].headless: {} port {} says {}, port {} says {}; \
+                     every entry of one service must agree",
+                    export.service, e.port, e.headless, other.port, other.headless
                 ));
             }
-            if !e.headless && !e.hostnames.is_empty() {
+            if exports
+                .iter()
+                .any(|x| x.service == export.service && x.port == e.port)
+            {
                 errs.push(format!(
-                    "exports[{i}].hostnames: only headless exports name their endpoints; \
-                     set headless = true or remove hostnames"
+                    "exports[{i}]: {} port {} is listed twice",
+                    export.service, e.port
                 ));
             }
-            if let Some(p) = &e.health_path {
-                let ok = p.starts_with('/')
-                    && p.len() <= 1024
-                    && p.bytes().all(|b| b.is_ascii_graphic());
-                if !ok {
-                    errs.push(format!(
-                        "exports[{i}].health_path: {p:?} must start with / and hold no spaces (e.g. \"/healthz\")"
-                    ));
+            exports.push(export);
+        }
+        exports
+    }
+}
+
+impl ExportConfig {
+    /// Export `i` checked on its own; `None` when its service or protocol
+    /// is unusable (the problems are in `errs`).
+    fn validate(&self, i: usize, errs: &mut Vec<String>) -> Option<LocalExport> {
+        let e = self;
+        let service = e
+            .service
+            .parse::<ServiceKey>()
+            .map_err(|err| errs.push(format!("exports[{i}].service: {err}")))
+            .ok();
+        let protocol = e
+            .protocol
+            .parse::<Protocol>()
+            .map_err(|err| errs.push(format!("exports[{i}].protocol: {err}")))
+            .ok();
+        if e.port == 0 {
+            errs.push(format!("exports[{i}].port: must be 1-65535"));
+        }
+        if e.endpoints.is_empty() {
+            errs.push(format!("exports[{i}].endpoints: list at least one ip:port"));
+        }
+        let port_name = match &e.port_name {
+            None => String::new(),
+            Some(n) => match causeway_api::model::check_dns_label("port name", n) {
+                Ok(()) => n.clone(),
+                Err(err) => {
+                    errs.push(format!("exports[{i}].port_name: {err}"));
+                    String::new()
                 }
-            }
-            let hostnames =
-                per_endpoint(i, "hostnames", &e.hostnames, &endpoints, &mut errs, |h| {
-                    causeway_api::model::check_dns_label("hostname", h).map_err(|e| e.to_string())
-                });
-            let zones = per_endpoint(i, "zones", &e.zones, &endpoints, &mut errs, |z| {
-                if z.is_empty() {
-                    return Err("empty; leave the endpoint out to mean the site's own zone".into());
-                }
-                causeway_api::model::check_label_value("zone", z).map_err(|e| e.to_string())
-            });
-            if let (Some(service), Some(protocol)) = (service, protocol) {
-                if let Some(other) = exports
-                    .iter()
-                    .find(|x: &&LocalExport| x.service == service && x.headless != e.headless)
-                {
-                    errs.push(format!(
-                        "exports[{i}].headless: {service} port {} says {}, port {} says {}; \
-                         every entry of one service must agree",
-                        e.port, e.headless, other.port, other.headless
-                    ));
-                }
-                if exports
-                    .iter()
-                    .any(|x: &LocalExport| x.service == service && x.port == e.port)
-                {
-                    errs.push(format!(
-                        "exports[{i}]: {service} port {} is listed twice",
-                        e.port
-                    ));
-                }
-                exports.push(LocalExport {
-                    service,
-                    port: e.port,
-                    port_name,
-                    protocol,
-                    endpoints,
-                    headless: e.headless,
-                    hostnames,
-                    health_path: e.health_path.clone(),
-                    zones,
-                });
+            },
+        };
+        let mut endpoints = Vec::new();
+        for (j, ep) in e.endpoints.iter().enumerate() {
+            match ep.parse::<SocketAddr>() {
+                Ok(a) if e.headless && a.port() != e.port => errs.push(format!(
+                    "exports[{i}].endpoints[{j}]: {ep:?}: callers reach the endpoints of a \
+                     headless export directly, so they must listen on its port {}",
+                    e.port
+                )),
+                Ok(a) => endpoints.push(a),
+                Err(_) => errs.push(format!(
+                    "exports[{i}].endpoints[{j}]: {ep:?} is not an ip:port address"
+                )),
             }
         }
-        if !errs.is_empty() {
-            return Err(ConfigErrors(errs));
+        if e.headless && e.endpoints.len() > MAX_HEADLESS_ENDPOINTS {
+            errs.push(format!(
+                "exports[{i}].endpoints: a headless export may list at most \
+                 {MAX_HEADLESS_ENDPOINTS} endpoints"
+            ));
         }
-        let (vip_base, vip_prefix) = vip.expect("checked above");
-        Ok(Settings {
-            state_dir: self.state_dir.clone(),
-            tunnel_listen: tunnel_listen.expect("checked above"),
-            tunnel_advertise,
-            vip_base,
-            vip_prefix,
-            replica: self.replica.clone(),
-            site_ca,
-            health_interval: Duration::from_secs_f64(self.health_interval_secs),
-            drain_timeout: Duration::from_secs_f64(self.drain_secs),
-            retire_grace: Duration::from_secs_f64(self.retire_grace_secs),
-            cert_ttl: Duration::from_secs_f64(self.cert_ttl_secs),
-            balancer: balancer.expect("checked above"),
-            quic: self.quic.clone(),
-            authorization,
-            exports,
+        if !e.headless && !e.hostnames.is_empty() {
+            errs.push(format!(
+                "exports[{i}].hostnames: only headless exports name their endpoints; \
+                 set headless = true or remove hostnames"
+            ));
+        }
+        if let Some(p) = &e.health_path {
+            let ok =
+                p.starts_with('/') && p.len() <= 1024 && p.bytes().all(|b| b.is_ascii_graphic());
+            if !ok {
+                errs.push(format!(
+                    "exports[{i}].health_path: {p:?} must start with / and hold no spaces (e.g. \"/healthz\")"
+                ));
+            }
+        }
+        let hostnames = per_endpoint(i, "hostnames", &e.hostnames, &endpoints, errs, |h| {
+            causeway_api::model::check_dns_label("hostname", h).map_err(|e| e.to_string())
+        });
+        let zones = per_endpoint(i, "zones", &e.zones, &endpoints, errs, |z| {
+            if z.is_empty() {
+                return Err("empty; leave the endpoint out to mean the site's own zone".into());
+            }
+            causeway_api::model::check_label_value("zone", z).map_err(|e| e.to_string())
+        });
+        Some(LocalExport {
+            service: service?,
+            port: e.port,
+            port_name,
+            protocol: protocol?,
+            endpoints,
+            headless: e.headless,
+            hostnames,
+            health_path: e.health_path.clone(),
+            zones,
         })
     }
 }
 
 fn toml_parse(text: &str) -> Result<GatewayConfig, ConfigErrors> {
-    toml::from_str(text)
-        .map_err(|e| ConfigErrors(vec![e.to_string().trim().replace('\n', "\n    ")]))
+    toml::from_str(text).map_err(|e| ConfigErrors::toml("", e))
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@
 pub mod catalog;
 pub mod client;
 pub mod clock;
+pub mod config;
 pub mod identity;
 pub mod model;
 pub mod policy;

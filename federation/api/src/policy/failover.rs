@@ -115,10 +115,7 @@ pub(super) fn parse(m: &Map<String, Value>, service: String, errs: &mut Errors) 
         mode: mode.unwrap_or(FailoverMode::Ordered),
         sites,
         locality_labels: if mode == Some(FailoverMode::Locality) && labels.is_empty() {
-            vec![
-                "topology.kubernetes.io/zone".into(),
-                "topology.kubernetes.io/region".into(),
-            ]
+            DEFAULT_LOCALITY_LABELS.map(String::from).to_vec()
         } else {
             labels
         },
