@@ -175,103 +175,145 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     let policy_docs = match &args.command {
         CtlCommand::Policy {
             command: PolicyCommand::Apply { file },
-        } => {
-            let text = if file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())?
-            } else {
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("reading {}", file.display()))?
-            };
-            match causeway_api::policy::read_documents(&text) {
-                Ok(d) => d,
-                Err(errs) => anyhow::bail!(
-                    "{} is invalid; nothing was applied:\n  {}",
-                    file.display(),
-                    errs.join("\n  ")
-                ),
-            }
-        }
+        } => read_policy_file(file)?,
         _ => Vec::new(),
     };
     let c = client(&args)?;
     let mut fed = c.federation().await?;
     match &args.command {
-        CtlCommand::Policy { command } => match command {
-            PolicyCommand::Apply { .. } => {
-                let r = fed
-                    .apply_policies(pb::ApplyPoliciesRequest {
-                        documents_json: policy_docs.clone(),
-                    })
-                    .await
-                    .map_err(status_err)?
-                    .into_inner();
-                for (doc, result) in policy_docs.iter().zip(&r.results) {
-                    let v: serde_json::Value = serde_json::from_str(doc)?;
-                    println!(
-                        "{} {}/{} {result}",
-                        v["kind"].as_str().unwrap_or("?"),
-                        v["metadata"]["namespace"].as_str().unwrap_or("?"),
-                        v["metadata"]["name"].as_str().unwrap_or("?"),
-                    );
-                }
-                if args.output == Output::Json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"revision": r.revision, "results": r.results})
-                    );
-                }
+        CtlCommand::Policy { command } => policy(&args, &c, &mut fed, command, policy_docs).await,
+        CtlCommand::Cluster { command } => cluster(&args, &c, &mut fed, command).await,
+        CtlCommand::Controller { command } => controller(&args, &mut fed, command).await,
+        CtlCommand::Status => {
+            let s = fed
+                .status(pb::StatusRequest {})
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            print_status(&s, args.output);
+            Ok(())
+        }
+        CtlCommand::Explain {
+            target,
+            from,
+            gateway,
+        } => explain(&args, &c, target, from.as_deref(), gateway.as_deref()).await,
+        CtlCommand::Services => services(&args, &c).await,
+    }
+}
+
+type Federation = pb::federation_client::FederationClient<tonic::transport::Channel>;
+
+/// A policy file (or `-` for stdin) read and validated: the documents as
+/// JSON, or every problem.
+fn read_policy_file(file: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let text = if file.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin())?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?
+    };
+    causeway_api::policy::read_documents(&text).map_err(|errs| {
+        anyhow::anyhow!(
+            "{} is invalid; nothing was applied:\n  {}",
+            file.display(),
+            errs.join("\n  ")
+        )
+    })
+}
+
+/// `ctl policy apply|list|delete`.
+async fn policy(
+    args: &CtlArgs,
+    c: &ControllerClient,
+    fed: &mut Federation,
+    command: &PolicyCommand,
+    policy_docs: Vec<String>,
+) -> anyhow::Result<()> {
+    match command {
+        PolicyCommand::Apply { .. } => {
+            let r = fed
+                .apply_policies(pb::ApplyPoliciesRequest {
+                    documents_json: policy_docs.clone(),
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            for (doc, result) in policy_docs.iter().zip(&r.results) {
+                let v: serde_json::Value = serde_json::from_str(doc)?;
+                println!(
+                    "{} {}/{} {result}",
+                    v["kind"].as_str().unwrap_or("?"),
+                    v["metadata"]["namespace"].as_str().unwrap_or("?"),
+                    v["metadata"]["name"].as_str().unwrap_or("?"),
+                );
             }
-            PolicyCommand::List { kind } => {
-                let linearizable = args.linearizable;
-                let r = c
-                    .call(linearizable, |mut f| {
-                        let req = pb::ListPoliciesRequest {
-                            kind: kind.clone().unwrap_or_default(),
-                            linearizable,
-                        };
-                        async move { f.list_policies(req).await }
-                    })
-                    .await
-                    .map_err(status_err)?;
-                if args.output == Output::Json {
-                    let list: Vec<serde_json::Value> = r
-                        .policies
-                        .iter()
-                        .filter_map(|p| serde_json::from_str(&p.document_json).ok())
-                        .collect();
-                    println!(
-                        "{}",
-                        serde_json::json!({"revision": r.revision, "policies": list})
-                    );
-                } else {
-                    println!("{:<20} {:<32} {:>8}", "KIND", "NAMESPACE/NAME", "REVISION");
-                    for p in &r.policies {
-                        println!(
-                            "{:<20} {:<32} {:>8}",
-                            p.kind,
-                            format!("{}/{}", p.namespace, p.name),
-                            p.revision
-                        );
-                    }
-                }
+            if args.output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({"revision": r.revision, "results": r.results})
+                );
             }
-            PolicyCommand::Delete { kind, name } => {
-                let (namespace, name) = name.split_once('/').ok_or_else(|| {
-                    anyhow::anyhow!("{name:?}: write the policy as NAMESPACE/NAME")
-                })?;
-                fed.delete_policy(pb::DeletePolicyRequest {
-                    kind: kind.clone(),
-                    namespace: namespace.into(),
-                    name: name.into(),
+        }
+        PolicyCommand::List { kind } => {
+            let linearizable = args.linearizable;
+            let r = c
+                .call(linearizable, |mut f| {
+                    let req = pb::ListPoliciesRequest {
+                        kind: kind.clone().unwrap_or_default(),
+                        linearizable,
+                    };
+                    async move { f.list_policies(req).await }
                 })
                 .await
                 .map_err(status_err)?;
-                println!("{kind} {namespace}/{name} deleted");
+            if args.output == Output::Json {
+                let list: Vec<serde_json::Value> = r
+                    .policies
+                    .iter()
+                    .filter_map(|p| serde_json::from_str(&p.document_json).ok())
+                    .collect();
+                println!(
+                    "{}",
+                    serde_json::json!({"revision": r.revision, "policies": list})
+                );
+            } else {
+                println!("{:<20} {:<32} {:>8}", "KIND", "NAMESPACE/NAME", "REVISION");
+                for p in &r.policies {
+                    println!(
+                        "{:<20} {:<32} {:>8}",
+                        p.kind,
+                        format!("{}/{}", p.namespace, p.name),
+                        p.revision
+                    );
+                }
             }
-        },
-        CtlCommand::Cluster {
-            command: ClusterCommand::Add { name, labels, ttl },
-        } => {
+        }
+        PolicyCommand::Delete { kind, name } => {
+            let (namespace, name) = name
+                .split_once('/')
+                .ok_or_else(|| anyhow::anyhow!("{name:?}: write the policy as NAMESPACE/NAME"))?;
+            fed.delete_policy(pb::DeletePolicyRequest {
+                kind: kind.clone(),
+                namespace: namespace.into(),
+                name: name.into(),
+            })
+            .await
+            .map_err(status_err)?;
+            println!("{kind} {namespace}/{name} deleted");
+        }
+    }
+    Ok(())
+}
+
+/// `ctl cluster add|list|remove|set-bundle|set-labels`.
+async fn cluster(
+    args: &CtlArgs,
+    c: &ControllerClient,
+    fed: &mut Federation,
+    command: &ClusterCommand,
+) -> anyhow::Result<()> {
+    match command {
+        ClusterCommand::Add { name, labels, ttl } => {
             let r = fed
                 .create_join_token(pb::CreateJoinTokenRequest {
                     site: name.clone(),
@@ -291,9 +333,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 println!("{}", r.token);
             }
         }
-        CtlCommand::Cluster {
-            command: ClusterCommand::List,
-        } => {
+        ClusterCommand::List => {
             let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
             if args.output == Output::Json {
                 let sites: Vec<_> = cat
@@ -337,9 +377,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 }
             }
         }
-        CtlCommand::Cluster {
-            command: ClusterCommand::Remove { name },
-        } => {
+        ClusterCommand::Remove { name } => {
             let r = fed
                 .remove_site(pb::RemoveSiteRequest { site: name.clone() })
                 .await
@@ -347,9 +385,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .into_inner();
             println!("removed site {name} (revision {})", r.revision);
         }
-        CtlCommand::Cluster {
-            command: ClusterCommand::SetBundle { name, file },
-        } => {
+        ClusterCommand::SetBundle { name, file } => {
             let pem = std::fs::read_to_string(file)
                 .with_context(|| format!("reading {}", file.display()))?;
             let certs = pem.matches("-----BEGIN CERTIFICATE-----").count();
@@ -367,9 +403,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 r.revision
             );
         }
-        CtlCommand::Cluster {
-            command: ClusterCommand::SetLabels { name, labels },
-        } => {
+        ClusterCommand::SetLabels { name, labels } => {
             let r = fed
                 .set_site_labels(pb::SetSiteLabelsRequest {
                     site: name.clone(),
@@ -384,92 +418,99 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 r.revision
             );
         }
-        CtlCommand::Controller { command } => {
-            let s = match command {
-                ControllerCommand::List => fed.status(pb::StatusRequest {}).await,
-                ControllerCommand::Add { id, addr } => {
-                    fed.add_controller(pb::AddControllerRequest {
-                        id: *id,
-                        addr: addr.clone(),
-                    })
-                    .await
-                }
-                ControllerCommand::Remove { id } => {
-                    fed.remove_controller(pb::RemoveControllerRequest { id: *id })
-                        .await
-                }
-            }
-            .map_err(status_err)?
-            .into_inner();
-            print_status(&s, args.output);
+    }
+    Ok(())
+}
+
+/// `ctl controller list|add|remove`.
+async fn controller(
+    args: &CtlArgs,
+    fed: &mut Federation,
+    command: &ControllerCommand,
+) -> anyhow::Result<()> {
+    let s = match command {
+        ControllerCommand::List => fed.status(pb::StatusRequest {}).await,
+        ControllerCommand::Add { id, addr } => {
+            fed.add_controller(pb::AddControllerRequest {
+                id: *id,
+                addr: addr.clone(),
+            })
+            .await
         }
-        CtlCommand::Status => {
-            let s = fed
-                .status(pb::StatusRequest {})
+        ControllerCommand::Remove { id } => {
+            fed.remove_controller(pb::RemoveControllerRequest { id: *id })
                 .await
-                .map_err(status_err)?
-                .into_inner();
-            print_status(&s, args.output);
         }
-        CtlCommand::Explain {
-            target,
-            from,
-            gateway,
-        } => {
-            let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
-            let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
-            let local = match gateway {
-                Some(addr) => crate::explain::scrape_gateway(addr).await?,
-                None => Default::default(),
-            };
-            let e = crate::explain::explain(&view, target, from.as_deref(), &local)?;
-            if args.output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&e.json)?);
-            } else {
-                print!("{}", e.text);
-            }
-        }
-        CtlCommand::Services => {
-            let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
-            let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
-            let svcs = view.services();
-            if args.output == Output::Json {
-                let list: Vec<_> = svcs
-                    .values()
-                    .map(|s| serde_json::json!({"service": s.key.to_string(), "vip_index": s.vip_index,
-                        "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
-                        "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h,
-                            "total_endpoints": s.totals.get(n).copied().unwrap_or(*h),
-                            "zones": s.zones.get(n).map(|zs| zs.iter().map(|z| serde_json::json!({"zone": z.zone, "healthy": z.healthy, "total": z.total})).collect::<Vec<_>>()).unwrap_or_default()})).collect::<Vec<_>>(),
-                        "headless": s.headless,
-                        "endpoints": s.endpoints.iter().map(|(n, e)| serde_json::json!({"site": n.to_string(), "address": e.address, "hostname": e.hostname})).collect::<Vec<_>>()}))
-                    .collect();
-                println!(
-                    "{}",
-                    serde_json::json!({"revision": view.revision.0, "services": list})
-                );
-            } else {
-                println!(
-                    "{:<28} {:<12} SITES (healthy endpoints)",
-                    "SERVICE", "PORTS"
-                );
-                for s in svcs.values() {
-                    let ports: Vec<String> = s
-                        .ports
-                        .iter()
-                        .map(|p| format!("{}/{}", p.port, p.protocol))
-                        .collect();
-                    let sites: Vec<String> = s
-                        .exporters
-                        .iter()
-                        .map(|(n, h)| match s.zones.get(n) {
-                            Some(zs) => format!("{n}({h}: {})", crate::explain::zone_summary(zs)),
-                            None => format!("{n}({h})"),
-                        })
-                        .collect();
-                    println!("{:<28} {:<12} {}", s.key, ports.join(","), sites.join(" "));
-                }
-            }
+    }
+    .map_err(status_err)?
+    .into_inner();
+    print_status(&s, args.output);
+    Ok(())
+}
+
+/// `ctl explain NAME [--from SITE] [--gateway ADMIN]`.
+async fn explain(
+    args: &CtlArgs,
+    c: &ControllerClient,
+    target: &str,
+    from: Option<&str>,
+    gateway: Option<&str>,
+) -> anyhow::Result<()> {
+    let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
+    let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
+    let local = match gateway {
+        Some(addr) => crate::explain::scrape_gateway(addr).await?,
+        None => Default::default(),
+    };
+    let e = crate::explain::explain(&view, target, from, &local)?;
+    if args.output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&e.json)?);
+    } else {
+        print!("{}", e.text);
+    }
+    Ok(())
+}
+
+/// `ctl services`.
+async fn services(args: &CtlArgs, c: &ControllerClient) -> anyhow::Result<()> {
+    let cat = c.catalog(args.linearizable).await.map_err(status_err)?;
+    let view = causeway_api::catalog::CatalogView::from_snapshot(cat);
+    let svcs = view.services();
+    if args.output == Output::Json {
+        let list: Vec<_> = svcs
+                .values()
+                .map(|s| serde_json::json!({"service": s.key.to_string(), "vip_index": s.vip_index,
+                    "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
+                    "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h,
+                        "total_endpoints": s.totals.get(n).copied().unwrap_or(*h),
+                        "zones": s.zones.get(n).map(|zs| zs.iter().map(|z| serde_json::json!({"zone": z.zone, "healthy": z.healthy, "total": z.total})).collect::<Vec<_>>()).unwrap_or_default()})).collect::<Vec<_>>(),
+                    "headless": s.headless,
+                    "endpoints": s.endpoints.iter().map(|(n, e)| serde_json::json!({"site": n.to_string(), "address": e.address, "hostname": e.hostname})).collect::<Vec<_>>()}))
+                .collect();
+        println!(
+            "{}",
+            serde_json::json!({"revision": view.revision.0, "services": list})
+        );
+    } else {
+        println!(
+            "{:<28} {:<12} SITES (healthy endpoints)",
+            "SERVICE", "PORTS"
+        );
+        for s in svcs.values() {
+            let ports: Vec<String> = s
+                .ports
+                .iter()
+                .map(|p| format!("{}/{}", p.port, p.protocol))
+                .collect();
+            let sites: Vec<String> = s
+                .exporters
+                .iter()
+                .map(|(n, h)| match s.zones.get(n) {
+                    Some(zs) => format!("{n}({h}: {})", crate::explain::zone_summary(zs)),
+                    None => format!("{n}({h})"),
+                })
+                .collect();
+            println!("{:<28} {:<12} {}", s.key, ports.join(","), sites.join(" "));
         }
     }
     Ok(())

@@ -23,6 +23,7 @@ use crate::service::{FederationService, RaftService, Shared};
 use crate::state::Command;
 use crate::store::{self, StateMachine};
 use crate::{NodeId, Raft};
+use causeway_api::sync::LockExt;
 
 /// Raft timing. Defaults suit a LAN or loopback; raise them for WANs.
 #[derive(Debug, Clone)]
@@ -407,7 +408,7 @@ async fn run_leases(shared: Arc<Shared>) {
         let now = std::time::Instant::now();
         let leader = shared.raft.metrics().borrow().current_leader == Some(shared.node_id);
         let changes = {
-            let mut l = shared.leases.lock().unwrap_or_else(|e| e.into_inner());
+            let mut l = shared.leases.locked();
             l.handle_leadership(leader, now);
             let sites: Vec<_> = shared.hub.read(|s| {
                 s.sites

@@ -251,35 +251,17 @@ impl CatalogState {
                 labels,
                 expires_at_ms,
                 now_ms,
-            } => {
-                self.forget_old_tokens(now_ms);
-                if self.sites.contains_key(&site) {
-                    return refused(RejectCode::SiteExists, format!("site {site:?} is already a member; choose another name, or remove it first with `causeway ctl cluster remove {site}`"));
-                }
-                if labels.len() > MAX_LABELS {
-                    return refused(
-                        RejectCode::LimitExceeded,
-                        format!("at most {MAX_LABELS} labels"),
-                    );
-                }
-                self.tokens.insert(
-                    token_id,
-                    TokenRecord {
-                        secret_sha256,
-                        site,
-                        labels,
-                        expires_at_ms,
-                        used: false,
-                    },
-                );
-                // Tokens are not part of the watched catalog.
-                (
-                    Outcome::Unchanged {
-                        revision: self.revision,
-                    },
-                    vec![],
-                )
-            }
+            } => self.create_join_token(
+                token_id,
+                TokenRecord {
+                    secret_sha256,
+                    site,
+                    labels,
+                    expires_at_ms,
+                    used: false,
+                },
+                now_ms,
+            ),
             Command::JoinSite {
                 token_id,
                 secret_sha256,
@@ -288,138 +270,24 @@ impl CatalogState {
                 trust_domain,
                 trust_bundle_pem,
                 tunnel_addrs,
-            } => {
-                let Some(tok) = self.tokens.get(&token_id) else {
-                    return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
-                };
-                if tok.secret_sha256 != secret_sha256 {
-                    return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
-                }
-                if tok.used {
-                    return refused(RejectCode::TokenUsed, "join token was already used; tokens are single-use, ask for a new one with `causeway ctl cluster add`");
-                }
-                if tok.expires_at_ms <= now_ms {
-                    return refused(
-                        RejectCode::TokenExpired,
-                        "join token has expired; ask for a new one with `causeway ctl cluster add`",
-                    );
-                }
-                if tok.site != site {
-                    return refused(
-                        RejectCode::TokenWrongSite,
-                        format!(
-                            "join token was issued for site {:?}, not {site:?}",
-                            tok.site.as_str()
-                        ),
-                    );
-                }
-                if self.sites.contains_key(&site) {
-                    return refused(
-                        RejectCode::SiteExists,
-                        format!("site {site:?} is already a member"),
-                    );
-                }
-                if self.sites.values().any(|s| s.trust_domain == trust_domain) {
-                    return refused(
-                        RejectCode::SiteExists,
-                        format!("trust domain {trust_domain} already belongs to another site"),
-                    );
-                }
-                if trust_bundle_pem.len() > MAX_BUNDLE_BYTES
-                    || tunnel_addrs.len() > MAX_TUNNEL_ADDRS
-                {
-                    return refused(RejectCode::LimitExceeded, format!("trust bundle is limited to {MAX_BUNDLE_BYTES} bytes and tunnel addresses to {MAX_TUNNEL_ADDRS}"));
-                }
-                let labels = tok.labels.clone();
-                if let Some(t) = self.tokens.get_mut(&token_id) {
-                    t.used = true;
-                }
-                let rec = SiteRecord {
-                    name: site.clone(),
-                    labels,
+            } => self.join_site(
+                &token_id,
+                &secret_sha256,
+                SiteRecord {
+                    name: site,
+                    labels: BTreeMap::new(),
                     trust_domain,
                     trust_bundle_pem,
                     tunnel_addrs,
                     joined_at_ms: now_ms,
                     available: true,
-                };
-                self.sites.insert(site, rec.clone());
-                self.bump(vec![pb::change::Kind::SiteUpserted(site_to_pb(&rec))])
-            }
+                },
+            ),
             Command::PublishExports {
                 site,
-                mut exports,
+                exports,
                 tunnel_addrs,
-            } => {
-                let Some(rec) = self.sites.get(&site) else {
-                    return refused(
-                        RejectCode::SiteUnknown,
-                        format!("site {site:?} is not a member"),
-                    );
-                };
-                if exports.len() > MAX_EXPORTS_PER_SITE {
-                    return refused(
-                        RejectCode::LimitExceeded,
-                        format!("a site may export at most {MAX_EXPORTS_PER_SITE} services"),
-                    );
-                }
-                if tunnel_addrs.len() > MAX_TUNNEL_ADDRS {
-                    return refused(
-                        RejectCode::LimitExceeded,
-                        format!("at most {MAX_TUNNEL_ADDRS} tunnel addresses"),
-                    );
-                }
-                exports.sort_by(|a, b| a.service.cmp(&b.service));
-                for w in exports.windows(2) {
-                    if w[0].service == w[1].service {
-                        return refused(RejectCode::Invalid, format!("service {} is listed twice; list each service once with all its ports", w[0].service));
-                    }
-                }
-                if let Some(e) = exports
-                    .iter()
-                    .find(|e| e.ports.is_empty() || e.ports.len() > MAX_PORTS_PER_EXPORT)
-                {
-                    return refused(
-                        RejectCode::Invalid,
-                        format!(
-                            "service {} must list 1 to {MAX_PORTS_PER_EXPORT} ports",
-                            e.service
-                        ),
-                    );
-                }
-                let mut changes = Vec::new();
-                if !tunnel_addrs.is_empty() && rec.tunnel_addrs != tunnel_addrs {
-                    let mut rec = rec.clone();
-                    rec.tunnel_addrs = tunnel_addrs;
-                    changes.push(pb::change::Kind::SiteUpserted(site_to_pb(&rec)));
-                    self.sites.insert(site.clone(), rec);
-                }
-                for e in &mut exports {
-                    e.vip_index = self.vip(&e.service);
-                }
-                let current = self.exports.get(&site).cloned().unwrap_or_default();
-                if current != exports {
-                    changes.push(pb::change::Kind::ExportsReplaced(pb::SiteExports {
-                        site: site.to_string(),
-                        exports: exports.iter().map(export_to_pb).collect(),
-                    }));
-                    if exports.is_empty() {
-                        self.exports.remove(&site);
-                    } else {
-                        self.exports.insert(site, exports);
-                    }
-                }
-                if changes.is_empty() {
-                    (
-                        Outcome::Unchanged {
-                            revision: self.revision,
-                        },
-                        vec![],
-                    )
-                } else {
-                    self.bump(changes)
-                }
-            }
+            } => self.publish_exports(site, exports, tunnel_addrs),
             Command::SetTrustBundle {
                 site,
                 trust_bundle_pem,
@@ -458,45 +326,7 @@ impl CatalogState {
                 RejectCode::Invalid,
                 "a batch is applied by the hub, one command at a time",
             ),
-            Command::ApplyPolicies { policies } => {
-                let new = policies
-                    .iter()
-                    .filter(|p| !self.policies.contains_key(&p.key()))
-                    .count();
-                if self.policies.len() + new > causeway_api::policy::MAX_POLICIES {
-                    return refused(
-                        RejectCode::LimitExceeded,
-                        format!(
-                            "the federation holds at most {} policies",
-                            causeway_api::policy::MAX_POLICIES
-                        ),
-                    );
-                }
-                let changed: Vec<PolicyRecord> = policies
-                    .into_iter()
-                    .filter(|p| {
-                        self.policies
-                            .get(&p.key())
-                            .is_none_or(|old| old.document_json != p.document_json)
-                    })
-                    .collect();
-                if changed.is_empty() {
-                    return (
-                        Outcome::Unchanged {
-                            revision: self.revision,
-                        },
-                        vec![],
-                    );
-                }
-                let revision = self.revision + 1;
-                let mut kinds = Vec::with_capacity(changed.len());
-                for mut p in changed {
-                    p.revision = revision;
-                    kinds.push(pb::change::Kind::PolicyUpserted(p.to_pb()));
-                    self.policies.insert(p.key(), p);
-                }
-                self.bump(kinds)
-            }
+            Command::ApplyPolicies { policies } => self.apply_policies(policies),
             Command::DeletePolicy {
                 kind,
                 namespace,
@@ -526,6 +356,228 @@ impl CatalogState {
                 self.bump(vec![pb::change::Kind::SiteRemoved(site.to_string())])
             }
         }
+    }
+
+    /// Records a join token (not part of the watched catalog).
+    fn create_join_token(
+        &mut self,
+        token_id: String,
+        token: TokenRecord,
+        now_ms: u64,
+    ) -> (Outcome, Vec<pb::Change>) {
+        self.forget_old_tokens(now_ms);
+        let site = &token.site;
+        if self.sites.contains_key(site) {
+            return refused(RejectCode::SiteExists, format!("site {site:?} is already a member; choose another name, or remove it first with `causeway ctl cluster remove {site}`"));
+        }
+        if token.labels.len() > MAX_LABELS {
+            return refused(
+                RejectCode::LimitExceeded,
+                format!("at most {MAX_LABELS} labels"),
+            );
+        }
+        self.tokens.insert(token_id, token);
+        // Tokens are not part of the watched catalog.
+        (
+            Outcome::Unchanged {
+                revision: self.revision,
+            },
+            vec![],
+        )
+    }
+
+    /// Admits `new` (labels come from its token) if the token is known,
+    /// unused, unexpired and for this site, and the site and its trust
+    /// domain are new.
+    fn join_site(
+        &mut self,
+        token_id: &str,
+        secret_sha256: &str,
+        new: SiteRecord,
+    ) -> (Outcome, Vec<pb::Change>) {
+        let Some(tok) = self.tokens.get(token_id) else {
+            return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
+        };
+        if tok.secret_sha256 != secret_sha256 {
+            return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
+        }
+        if tok.used {
+            return refused(RejectCode::TokenUsed, "join token was already used; tokens are single-use, ask for a new one with `causeway ctl cluster add`");
+        }
+        if tok.expires_at_ms <= new.joined_at_ms {
+            return refused(
+                RejectCode::TokenExpired,
+                "join token has expired; ask for a new one with `causeway ctl cluster add`",
+            );
+        }
+        if tok.site != new.name {
+            return refused(
+                RejectCode::TokenWrongSite,
+                format!(
+                    "join token was issued for site {:?}, not {:?}",
+                    tok.site.as_str(),
+                    new.name.as_str()
+                ),
+            );
+        }
+        let site = new.name.clone();
+        if self.sites.contains_key(&site) {
+            return refused(
+                RejectCode::SiteExists,
+                format!("site {site:?} is already a member"),
+            );
+        }
+        if self
+            .sites
+            .values()
+            .any(|s| s.trust_domain == new.trust_domain)
+        {
+            return refused(
+                RejectCode::SiteExists,
+                format!(
+                    "trust domain {} already belongs to another site",
+                    new.trust_domain
+                ),
+            );
+        }
+        if new.trust_bundle_pem.len() > MAX_BUNDLE_BYTES
+            || new.tunnel_addrs.len() > MAX_TUNNEL_ADDRS
+        {
+            return refused(RejectCode::LimitExceeded, format!("trust bundle is limited to {MAX_BUNDLE_BYTES} bytes and tunnel addresses to {MAX_TUNNEL_ADDRS}"));
+        }
+        let rec = SiteRecord {
+            labels: tok.labels.clone(),
+            ..new
+        };
+        if let Some(t) = self.tokens.get_mut(token_id) {
+            t.used = true;
+        }
+        self.sites.insert(site, rec.clone());
+        self.bump(vec![pb::change::Kind::SiteUpserted(site_to_pb(&rec))])
+    }
+
+    /// Replaces what `site` exports (and its tunnel addresses, if given).
+    fn publish_exports(
+        &mut self,
+        site: SiteName,
+        mut exports: Vec<ExportRecord>,
+        tunnel_addrs: Vec<String>,
+    ) -> (Outcome, Vec<pb::Change>) {
+        let Some(rec) = self.sites.get(&site) else {
+            return refused(
+                RejectCode::SiteUnknown,
+                format!("site {site:?} is not a member"),
+            );
+        };
+        if exports.len() > MAX_EXPORTS_PER_SITE {
+            return refused(
+                RejectCode::LimitExceeded,
+                format!("a site may export at most {MAX_EXPORTS_PER_SITE} services"),
+            );
+        }
+        if tunnel_addrs.len() > MAX_TUNNEL_ADDRS {
+            return refused(
+                RejectCode::LimitExceeded,
+                format!("at most {MAX_TUNNEL_ADDRS} tunnel addresses"),
+            );
+        }
+        exports.sort_by(|a, b| a.service.cmp(&b.service));
+        for w in exports.windows(2) {
+            if w[0].service == w[1].service {
+                return refused(
+                    RejectCode::Invalid,
+                    format!(
+                        "service {} is listed twice; list each service once with all its ports",
+                        w[0].service
+                    ),
+                );
+            }
+        }
+        if let Some(e) = exports
+            .iter()
+            .find(|e| e.ports.is_empty() || e.ports.len() > MAX_PORTS_PER_EXPORT)
+        {
+            return refused(
+                RejectCode::Invalid,
+                format!(
+                    "service {} must list 1 to {MAX_PORTS_PER_EXPORT} ports",
+                    e.service
+                ),
+            );
+        }
+        let mut changes = Vec::new();
+        if !tunnel_addrs.is_empty() && rec.tunnel_addrs != tunnel_addrs {
+            let mut rec = rec.clone();
+            rec.tunnel_addrs = tunnel_addrs;
+            changes.push(pb::change::Kind::SiteUpserted(site_to_pb(&rec)));
+            self.sites.insert(site.clone(), rec);
+        }
+        for e in &mut exports {
+            e.vip_index = self.vip(&e.service);
+        }
+        let current = self.exports.get(&site).cloned().unwrap_or_default();
+        if current != exports {
+            changes.push(pb::change::Kind::ExportsReplaced(pb::SiteExports {
+                site: site.to_string(),
+                exports: exports.iter().map(export_to_pb).collect(),
+            }));
+            if exports.is_empty() {
+                self.exports.remove(&site);
+            } else {
+                self.exports.insert(site, exports);
+            }
+        }
+        if changes.is_empty() {
+            (
+                Outcome::Unchanged {
+                    revision: self.revision,
+                },
+                vec![],
+            )
+        } else {
+            self.bump(changes)
+        }
+    }
+
+    /// Creates or updates policies; unchanged documents change nothing.
+    fn apply_policies(&mut self, policies: Vec<PolicyRecord>) -> (Outcome, Vec<pb::Change>) {
+        let new = policies
+            .iter()
+            .filter(|p| !self.policies.contains_key(&p.key()))
+            .count();
+        if self.policies.len() + new > causeway_api::policy::MAX_POLICIES {
+            return refused(
+                RejectCode::LimitExceeded,
+                format!(
+                    "the federation holds at most {} policies",
+                    causeway_api::policy::MAX_POLICIES
+                ),
+            );
+        }
+        let changed: Vec<PolicyRecord> = policies
+            .into_iter()
+            .filter(|p| {
+                self.policies
+                    .get(&p.key())
+                    .is_none_or(|old| old.document_json != p.document_json)
+            })
+            .collect();
+        if changed.is_empty() {
+            return (
+                Outcome::Unchanged {
+                    revision: self.revision,
+                },
+                vec![],
+            );
+        }
+        let revision = self.revision + 1;
+        let mut kinds = Vec::with_capacity(changed.len());
+        for mut p in changed {
+            p.revision = revision;
+            kinds.push(pb::change::Kind::PolicyUpserted(p.to_pb()));
+            self.policies.insert(p.key(), p);
+        }
+        self.bump(kinds)
     }
 
     /// Changes one member site's record; `change` says whether anything

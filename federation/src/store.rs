@@ -29,6 +29,7 @@ use crate::hub::Hub;
 use crate::state::{CatalogState, Outcome};
 use crate::wal::{Wal, WalError};
 use crate::{NodeId, TypeConfig};
+use causeway_api::sync::LockExt;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
@@ -197,7 +198,7 @@ impl LogStore {
     fn wal(&self) -> std::sync::MutexGuard<'_, Wal> {
         // A panic while holding the lock leaves the log as it was on disk
         // at worst; the data is still checked on every read.
-        self.wal.lock().unwrap_or_else(|p| p.into_inner())
+        self.wal.locked()
     }
 
     /// Whether this node has never voted nor logged anything.

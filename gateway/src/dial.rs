@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use causeway_api::model::{ServiceKey, SiteName};
-use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
+use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status};
 use tokio::net::TcpStream;
 
 use crate::config::LocalExport;
@@ -141,26 +141,10 @@ impl Dialer {
         send.write_all(&header.encode())
             .await
             .map_err(|e| Attempt::Retry(format!("send header: {e}")))?;
-        let resp = tokio::time::timeout(STATUS_TIMEOUT, read_response(&mut recv))
+        let resp = tokio::time::timeout(STATUS_TIMEOUT, crate::stream::read_response(&mut recv))
             .await
             .map_err(|_| Attempt::Retry("no status within the deadline".into()))?
-            .map_err(Attempt::Retry)?;
+            .map_err(|e| Attempt::Retry(e.to_string()))?;
         Ok((send, recv, resp))
     }
-}
-
-async fn read_response(recv: &mut quinn::RecvStream) -> Result<OpenResponse, String> {
-    let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| format!("read status: {e}"))?;
-    let (status, len) = OpenResponse::decode_prefix(&prefix).map_err(|e| e.to_string())?;
-    let mut msg = vec![0u8; len];
-    recv.read_exact(&mut msg)
-        .await
-        .map_err(|e| format!("read status: {e}"))?;
-    Ok(OpenResponse {
-        status,
-        message: String::from_utf8_lossy(&msg).into_owned(),
-    })
 }

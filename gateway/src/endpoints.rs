@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use causeway_api::sync::LockExt;
 use causeway_gateway_core::balance::{ewma, Balancer, EndpointStats, Strategy};
 use tokio::net::TcpStream;
 
@@ -32,7 +33,7 @@ pub struct InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = self.state.locked();
         if let Some(e) = s.stats.get_mut(self.index) {
             e.in_flight = e.in_flight.saturating_sub(1);
         }
@@ -62,7 +63,7 @@ impl EndpointSet {
         let mut tried = vec![false; self.addrs.len()];
         for _ in 0..self.addrs.len() {
             let index = {
-                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = self.state.locked();
                 let mut view = s.stats.clone();
                 for (v, t) in view.iter_mut().zip(&tried) {
                     if *t {
@@ -82,7 +83,7 @@ impl EndpointSet {
                 tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(self.addrs[index])).await;
             let took = started.elapsed();
             {
-                let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let mut s = self.state.locked();
                 let now = Instant::now();
                 let elapsed = s.updated[index]
                     .map(|t| now.duration_since(t))

@@ -31,6 +31,7 @@ use tokio::net::TcpStream;
 use crate::forward::Forward;
 use crate::routes::{Routes, ServicePolicy};
 use crate::steer::Tried;
+use causeway_api::sync::LockExt;
 
 /// Largest request body buffered for retries.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -98,7 +99,7 @@ struct Upstreams {
 
 impl Upstreams {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<UpstreamKey, Vec<(Upstream, Instant)>>> {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+        self.idle.locked()
     }
 
     /// A live connection for `key`, the most recently used first.
@@ -242,10 +243,8 @@ struct InFlightGuard<'a> {
 
 impl Drop for InFlightGuard<'_> {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.state.inflight.lock() {
-            if let Some(f) = m.get_mut(&self.key) {
-                f.requests = f.requests.saturating_sub(1);
-            }
+        if let Some(f) = self.state.inflight.locked().get_mut(&self.key) {
+            f.requests = f.requests.saturating_sub(1);
         }
     }
 }
@@ -301,66 +300,17 @@ async fn route(
         .get(service)
         .map(|s| s.policy.clone())
         .unwrap_or_default();
-
     // Faults first: they stand for a sick upstream.
-    if let Some(f) = &policy.fault {
-        let decided = faults(
-            f.delay.as_ref().map(|d| (d.percent, d.ms)),
-            f.abort.as_ref().map(|a| (a.percent, a.status)),
-            rand::random::<f64>(),
-            rand::random::<f64>(),
-        );
-        if let Some(ms) = decided.delay_ms {
-            metrics::counter!("causeway_http_faults_total", "service" => service.to_string(), "fault" => "delay").increment(1);
-            tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
-        }
-        if let Some(status) = decided.abort_status {
-            metrics::counter!("causeway_http_faults_total", "service" => service.to_string(), "fault" => "abort").increment(1);
-            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-            return full(
-                status,
-                "fault injected by FaultInjection policy",
-                "fault-injected",
-            );
-        }
+    if let Some(aborted) = inject_fault(&policy, service).await {
+        return aborted;
     }
-
-    let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) => {
-            return full(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &format!("request body not readable or over {MAX_BODY} bytes: {e}"),
-                "body-too-large",
-            )
-        }
+    let (parts, body) = match read_body(req).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
     };
-    let request_timeout = policy
-        .timeout
-        .as_ref()
-        .map_or(DEFAULT_REQUEST_TIMEOUT, |t| {
-            Duration::from_millis(u64::from(t.request_ms))
-        });
-    let per_try = policy
-        .timeout
-        .as_ref()
-        .and_then(|t| t.per_try_ms)
-        .map(|ms| Duration::from_millis(u64::from(ms)));
-    let deadline = start + request_timeout;
+    let (deadline, per_try) = deadlines(&policy, start);
     let retries = policy.retry.as_ref().map_or(0, |r| r.attempts);
-    {
-        let mut b = out.state.budgets.lock().expect("budget lock");
-        let budget = policy
-            .retry
-            .as_ref()
-            .map(|r| (r.budget.ratio, r.budget.min_per_second));
-        if let Some((ratio, min)) = budget {
-            b.entry(service.clone())
-                .or_insert_with(|| RetryBudget::new(ratio, min))
-                .on_request(causeway_api::clock::unix_ms());
-        }
-    }
+    note_request(out, &policy, service);
 
     let order = out.fwd.steer.order(&routes, service);
     let mut tried: Vec<String> = Vec::new();
@@ -376,56 +326,31 @@ async fn route(
         let Ok(site) = site.parse::<SiteName>() else {
             continue;
         };
-        if tries > 0 && !failing_over {
-            // A retry: allowed by the policy's conditions (checked by the
-            // caller below) and by the budget.
-            let ok = out
-                .state
-                .budgets
-                .lock()
-                .expect("budget lock")
-                .get_mut(service)
-                .is_some_and(|b| b.try_retry(causeway_api::clock::unix_ms()));
-            if !ok {
-                metrics::counter!("causeway_http_retries_total", "service" => service.to_string(), "result" => "over_budget").increment(1);
-                break;
-            }
-            metrics::counter!("causeway_http_retries_total", "service" => service.to_string(), "result" => "sent").increment(1);
+        // A retry: allowed by the policy's conditions (checked when the
+        // last try was judged) and by the budget.
+        if tries > 0 && !failing_over && !retry_allowed(out, service) {
+            break;
         }
         if !failing_over {
             tries += 1;
         }
         failing_over = false;
-
-        // Circuit breaker for this site.
-        let key = (service.clone(), site.to_string());
-        let _guard = {
-            let mut m = out.state.inflight.lock().expect("inflight lock");
-            let f = m.entry(key.clone()).or_default();
-            if let Some(limits) = &policy.breaker {
-                if let Some(which) = breaker(limits, f) {
-                    metrics::counter!("causeway_http_circuit_open_total", "service" => service.to_string(), "site" => site.to_string(), "limit" => which).increment(1);
-                    last = Some(full(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        &format!("circuit breaker: {which} reached for {service} at site {site}"),
-                        "circuit-open",
-                    ));
-                    tried.push(site.to_string());
-                    continue;
-                }
-            }
-            f.requests += 1;
-            InFlightGuard {
-                state: &out.state,
-                key,
+        let _guard = match admit(out, &policy, service, &site) {
+            Ok(g) => g,
+            Err(which) => {
+                last = Some(full(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("circuit breaker: {which} reached for {service} at site {site}"),
+                    "circuit-open",
+                ));
+                tried.push(site.to_string());
+                continue;
             }
         };
-
         let remaining = deadline.saturating_duration_since(Instant::now());
         if remaining.is_zero() {
             break;
         }
-        let budget_for_try = per_try.map_or(remaining, |t| t.min(remaining));
         let req = match rebuild(&parts, body.clone(), upstream, service) {
             Ok(r) => r,
             Err(e) => {
@@ -436,85 +361,30 @@ async fn route(
                 )
             }
         };
-        let result = match tokio::time::timeout(
+        let budget_for_try = per_try.map_or(remaining, |t| t.min(remaining));
+        let result = tokio::time::timeout(
             budget_for_try,
             send_once(out, &routes, &site, service, port, upstream, req),
         )
         .await
-        {
-            Ok(r) => r,
-            Err(_) => Err(TryError::Timeout),
+        .unwrap_or(Err(TryError::Timeout));
+        let verdict = judge(result, &policy, &parts.method, &mut tried, &site);
+        let outcome = if verdict.served {
+            Tried::Served
+        } else {
+            Tried::Failed
         };
-        let retryable = |on: RetryOn| policy.retry.as_ref().is_some_and(|r| r.on.contains(&on));
-        match result {
-            Ok(resp) => {
-                let s = resp.status();
-                let gateway_error = matches!(s.as_u16(), 502..=504);
-                let again = idempotent(&parts.method)
-                    && ((s.is_server_error() && retryable(RetryOn::ServerError))
-                        || (gateway_error && retryable(RetryOn::GatewayError)));
-                out.fwd.steer.observe(
-                    &routes,
-                    service,
-                    &site,
-                    if s.is_server_error() {
-                        Tried::Failed
-                    } else {
-                        Tried::Served
-                    },
-                );
-                if !again {
-                    return resp.map(|b| b.boxed());
-                }
-                tried.push(format!("{site}: {s}"));
-                last = Some(resp.map(|b| b.boxed()));
-            }
-            Err(TryError::Connect(why)) => {
-                out.fwd
-                    .steer
-                    .observe(&routes, service, &site, Tried::Failed);
-                tried.push(format!("{site}: {why}"));
-                last = Some(full(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("no site could take the request: {}", tried.join("; ")),
-                    "no-upstream",
-                ));
-                // Never reached an endpoint: always safe to try the next
-                // site when the policy retries connect failures, and when
-                // there is no retry policy at all (as L4 does). Each site is
-                // tried once, so this ends with the order.
-                if policy.retry.is_some() && !retryable(RetryOn::ConnectFailure) {
-                    break;
-                }
+        out.fwd.steer.observe(&routes, service, &site, outcome);
+        match verdict.next {
+            Next::Answer(resp) => return resp,
+            Next::Retry(resp) => last = Some(resp),
+            Next::FailOver(resp) => {
+                last = Some(resp);
                 failing_over = true;
             }
-            Err(TryError::Reset(why)) => {
-                out.fwd
-                    .steer
-                    .observe(&routes, service, &site, Tried::Failed);
-                tried.push(format!("{site}: {why}"));
-                last = Some(full(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("the upstream connection failed: {why}"),
-                    "upstream-reset",
-                ));
-                if !(idempotent(&parts.method) && retryable(RetryOn::Reset)) {
-                    break;
-                }
-            }
-            Err(TryError::Timeout) => {
-                out.fwd
-                    .steer
-                    .observe(&routes, service, &site, Tried::Failed);
-                tried.push(format!("{site}: timed out"));
-                last = Some(full(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "the upstream did not answer in time (TimeoutPolicy)",
-                    "timeout",
-                ));
-                if !(idempotent(&parts.method) && retryable(RetryOn::GatewayError)) {
-                    break;
-                }
+            Next::Stop(resp) => {
+                last = Some(resp);
+                break;
             }
         }
     }
@@ -532,6 +402,206 @@ async fn route(
             "no-upstream",
         )
     })
+}
+
+/// Applies the service's FaultInjection policy: maybe a delay, then maybe
+/// the abort answer.
+async fn inject_fault(policy: &ServicePolicy, service: &ServiceKey) -> Option<Response<Body>> {
+    let f = policy.fault.as_ref()?;
+    let decided = faults(
+        f.delay.as_ref().map(|d| (d.percent, d.ms)),
+        f.abort.as_ref().map(|a| (a.percent, a.status)),
+        rand::random::<f64>(),
+        rand::random::<f64>(),
+    );
+    if let Some(ms) = decided.delay_ms {
+        metrics::counter!("causeway_http_faults_total", "service" => service.to_string(), "fault" => "delay").increment(1);
+        tokio::time::sleep(Duration::from_millis(u64::from(ms))).await;
+    }
+    let status = decided.abort_status?;
+    metrics::counter!("causeway_http_faults_total", "service" => service.to_string(), "fault" => "abort").increment(1);
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    Some(full(
+        status,
+        "fault injected by FaultInjection policy",
+        "fault-injected",
+    ))
+}
+
+/// The request's head and its whole body (kept for retries), or the
+/// answer when the body is unreadable or over [`MAX_BODY`].
+async fn read_body(
+    req: Request<Incoming>,
+) -> Result<(hyper::http::request::Parts, Bytes), Response<Body>> {
+    let (parts, body) = req.into_parts();
+    match Limited::new(body, MAX_BODY).collect().await {
+        Ok(b) => Ok((parts, b.to_bytes())),
+        Err(e) => Err(full(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &format!("request body not readable or over {MAX_BODY} bytes: {e}"),
+            "body-too-large",
+        )),
+    }
+}
+
+/// When the whole request must be done, and how long one try may take.
+fn deadlines(policy: &ServicePolicy, start: Instant) -> (Instant, Option<Duration>) {
+    let request_timeout = policy
+        .timeout
+        .as_ref()
+        .map_or(DEFAULT_REQUEST_TIMEOUT, |t| {
+            Duration::from_millis(u64::from(t.request_ms))
+        });
+    let per_try = policy
+        .timeout
+        .as_ref()
+        .and_then(|t| t.per_try_ms)
+        .map(|ms| Duration::from_millis(u64::from(ms)));
+    (start + request_timeout, per_try)
+}
+
+/// Counts a request in the service's retry budget.
+fn note_request(out: &HttpForward, policy: &ServicePolicy, service: &ServiceKey) {
+    let Some(r) = &policy.retry else {
+        return;
+    };
+    out.state
+        .budgets
+        .locked()
+        .entry(service.clone())
+        .or_insert_with(|| RetryBudget::new(r.budget.ratio, r.budget.min_per_second))
+        .on_request(causeway_api::clock::unix_ms());
+}
+
+/// Whether the service's retry budget allows one more retry now.
+fn retry_allowed(out: &HttpForward, service: &ServiceKey) -> bool {
+    let ok = out
+        .state
+        .budgets
+        .locked()
+        .get_mut(service)
+        .is_some_and(|b| b.try_retry(causeway_api::clock::unix_ms()));
+    let result = if ok { "sent" } else { "over_budget" };
+    metrics::counter!("causeway_http_retries_total", "service" => service.to_string(), "result" => result).increment(1);
+    ok
+}
+
+/// Lets a try at `site` in (counted as in flight until the guard drops), or
+/// names the limit when the service's circuit breaker for that site is open.
+fn admit<'a>(
+    out: &'a HttpForward,
+    policy: &ServicePolicy,
+    service: &ServiceKey,
+    site: &SiteName,
+) -> Result<InFlightGuard<'a>, &'static str> {
+    let key = (service.clone(), site.to_string());
+    let mut m = out.state.inflight.locked();
+    let f = m.entry(key.clone()).or_default();
+    if let Some(which) = policy.breaker.as_ref().and_then(|l| breaker(l, f)) {
+        metrics::counter!("causeway_http_circuit_open_total", "service" => service.to_string(), "site" => site.to_string(), "limit" => which).increment(1);
+        return Err(which);
+    }
+    f.requests += 1;
+    Ok(InFlightGuard {
+        state: &out.state,
+        key,
+    })
+}
+
+/// What to do after one try.
+enum Next {
+    /// Give the caller this answer.
+    Answer(Response<Body>),
+    /// Retry at the next site, if the retry policy and budget allow.
+    Retry(Response<Body>),
+    /// The try never reached an endpoint: the next site, as failover.
+    FailOver(Response<Body>),
+    /// Stop trying; this is the answer.
+    Stop(Response<Body>),
+}
+
+/// One try judged: whether the site served it (for outlier detection), and
+/// what comes next under the retry policy.
+struct Verdict {
+    served: bool,
+    next: Next,
+}
+
+fn judge(
+    result: Result<Response<Incoming>, TryError>,
+    policy: &ServicePolicy,
+    method: &Method,
+    tried: &mut Vec<String>,
+    site: &SiteName,
+) -> Verdict {
+    let retryable = |on: RetryOn| policy.retry.as_ref().is_some_and(|r| r.on.contains(&on));
+    let failed = |next| Verdict {
+        served: false,
+        next,
+    };
+    match result {
+        Ok(resp) => {
+            let s = resp.status();
+            let gateway_error = matches!(s.as_u16(), 502..=504);
+            let again = idempotent(method)
+                && ((s.is_server_error() && retryable(RetryOn::ServerError))
+                    || (gateway_error && retryable(RetryOn::GatewayError)));
+            let resp = resp.map(|b| b.boxed());
+            let next = if again {
+                tried.push(format!("{site}: {s}"));
+                Next::Retry(resp)
+            } else {
+                Next::Answer(resp)
+            };
+            Verdict {
+                served: !s.is_server_error(),
+                next,
+            }
+        }
+        Err(TryError::Connect(why)) => {
+            tried.push(format!("{site}: {why}"));
+            let resp = full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no site could take the request: {}", tried.join("; ")),
+                "no-upstream",
+            );
+            // Never reached an endpoint: always safe to try the next site
+            // when the policy retries connect failures, and when there is
+            // no retry policy at all (as L4 does). Each site is tried once,
+            // so this ends with the order.
+            if policy.retry.is_some() && !retryable(RetryOn::ConnectFailure) {
+                failed(Next::Stop(resp))
+            } else {
+                failed(Next::FailOver(resp))
+            }
+        }
+        Err(TryError::Reset(why)) => {
+            tried.push(format!("{site}: {why}"));
+            let resp = full(
+                StatusCode::BAD_GATEWAY,
+                &format!("the upstream connection failed: {why}"),
+                "upstream-reset",
+            );
+            if idempotent(method) && retryable(RetryOn::Reset) {
+                failed(Next::Retry(resp))
+            } else {
+                failed(Next::Stop(resp))
+            }
+        }
+        Err(TryError::Timeout) => {
+            tried.push(format!("{site}: timed out"));
+            let resp = full(
+                StatusCode::GATEWAY_TIMEOUT,
+                "the upstream did not answer in time (TimeoutPolicy)",
+                "timeout",
+            );
+            if idempotent(method) && retryable(RetryOn::GatewayError) {
+                failed(Next::Retry(resp))
+            } else {
+                failed(Next::Stop(resp))
+            }
+        }
+    }
 }
 
 /// A copy of the request for one try: HTTP/1.1 with a Host header, or

@@ -9,11 +9,12 @@ use std::time::Duration;
 use causeway_api::identity::spiffe_id_of;
 use causeway_api::model::SiteName;
 use causeway_api::trust::{Peer, TrustStore};
-use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status, PREFIX_LEN};
+use causeway_gateway_core::header::{OpenResponse, Status};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
 use crate::config::LocalExport;
 use crate::splice::splice;
+use causeway_api::sync::LockExt;
 
 /// A peer must send its header within this time after opening a stream.
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
@@ -139,7 +140,7 @@ impl Inbound {
         tracing::info!(site = %peer.site, id = %peer.id, remote = %conn.remote_address(), "tunnel accepted");
         let retired = Arc::new(AtomicBool::new(false));
         {
-            let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = self.conns.locked();
             let v = m.entry(peer.site.clone()).or_default();
             v.retain(|(c, _)| c.close_reason().is_none());
             v.push((conn.clone(), retired.clone()));
@@ -170,10 +171,15 @@ impl Inbound {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let req = match tokio::time::timeout(self.header_timeout, read_request(&mut recv)).await {
+        let req = match tokio::time::timeout(
+            self.header_timeout,
+            crate::stream::read_request(&mut recv),
+        )
+        .await
+        {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                refuse(&mut send, Status::BadRequest, &e).await;
+                refuse(&mut send, Status::BadRequest, &e.to_string()).await;
                 return;
             }
             Err(_) => {
@@ -267,7 +273,7 @@ impl Inbound {
         reason: &'static [u8],
         grace: Duration,
     ) -> usize {
-        let m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let m = self.conns.locked();
         let Some(conns) = m.get(site) else { return 0 };
         let mut retired = 0;
         for (c, flag) in conns {
@@ -281,7 +287,7 @@ impl Inbound {
     }
 
     pub fn retain(&self, keep: impl Fn(&SiteName) -> bool) {
-        let mut m = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self.conns.locked();
         m.retain(|site, conns| {
             let k = keep(site);
             if !k {
@@ -292,19 +298,6 @@ impl Inbound {
             k
         });
     }
-}
-
-async fn read_request(recv: &mut quinn::RecvStream) -> Result<OpenRequest, String> {
-    let mut prefix = [0u8; PREFIX_LEN];
-    recv.read_exact(&mut prefix)
-        .await
-        .map_err(|e| e.to_string())?;
-    let len = OpenRequest::decode_prefix(&prefix).map_err(|e| e.to_string())?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| e.to_string())?;
-    OpenRequest::decode_body(&body).map_err(|e| e.to_string())
 }
 
 /// Answers a stream with a refusal `status` (why in `msg`) and counts it.

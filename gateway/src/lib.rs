@@ -28,6 +28,7 @@ pub mod routes;
 pub mod site;
 pub mod splice;
 pub mod steer;
+pub mod stream;
 pub mod tunnel;
 
 use std::future::Future;
@@ -51,6 +52,7 @@ use crate::pool::Pool;
 use crate::routes::Routes;
 use crate::site::SiteState;
 use crate::steer::Steering;
+use causeway_api::sync::LockExt;
 
 /// Whether the gateway can do its job, for `/ready`: it has routes from a
 /// first catalog snapshot, and every outbound listener is bound.
@@ -67,7 +69,7 @@ impl Readiness {
         if !self.synced.load(std::sync::atomic::Ordering::Acquire) {
             return Some("no catalog snapshot from the controllers yet".into());
         }
-        let unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
+        let unbound = self.unbound.locked();
         if unbound.is_empty() {
             return None;
         }
@@ -82,7 +84,7 @@ impl Readiness {
     }
 
     pub(crate) fn set_unbound(&self, addr: std::net::SocketAddr, why: Option<String>) {
-        let mut unbound = self.unbound.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unbound = self.unbound.locked();
         match why {
             Some(w) => {
                 unbound.insert(addr, w);
@@ -94,18 +96,11 @@ impl Readiness {
     }
 
     pub(crate) fn unbound_any(&self) -> bool {
-        !self
-            .unbound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
+        !self.unbound.locked().is_empty()
     }
 
     pub(crate) fn keep_unbound(&self, keep: impl Fn(&std::net::SocketAddr) -> bool) {
-        self.unbound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|a, _| keep(a));
+        self.unbound.locked().retain(|a, _| keep(a));
     }
 }
 

@@ -20,6 +20,7 @@ use causeway_gateway_core::balance::{Balancer, EndpointStats, Strategy};
 
 use crate::routes::SiteRoute;
 use crate::tunnel;
+use causeway_api::sync::LockExt;
 
 const DIAL_TIMEOUT: Duration = Duration::from_secs(3);
 /// First redial delay after a failure; doubles up to `BACKOFF_MAX`.
@@ -65,12 +66,49 @@ impl Replica {
     }
 }
 
+/// Why no connection to a site could be had.
 #[derive(Debug, thiserror::Error)]
 pub enum DialError {
+    /// The site lists no gateway to dial.
     #[error("site {0} advertises no tunnel address")]
     NoAddress(SiteName),
+    /// Every replica was tried (or is waiting out a backoff).
     #[error("could not reach site {site} at any of its tunnel addresses: {last}")]
-    Unreachable { site: SiteName, last: String },
+    Unreachable {
+        /// The site.
+        site: SiteName,
+        /// What the last attempt said.
+        last: String,
+    },
+}
+
+/// Why one dial of one replica failed.
+#[derive(Debug, thiserror::Error)]
+enum ReplicaDialError {
+    #[error("site left the pool")]
+    SiteLeft,
+    #[error("{0}")]
+    Tls(String),
+    #[error(transparent)]
+    Connect(#[from] quinn::ConnectError),
+    #[error(transparent)]
+    Handshake(#[from] quinn::ConnectionError),
+    #[error("handshake timed out")]
+    TimedOut,
+}
+
+/// What to do for a stream that needs a connection to a site, decided
+/// under the pool's lock.
+enum Plan {
+    /// A live replica, picked by weight.
+    Use(quinn::Connection),
+    /// A first dial is under way: wait for it.
+    Wait,
+    /// Dial these now (`early`: ahead of their backoff).
+    Dial {
+        candidates: Vec<TunnelAddr>,
+        early: bool,
+    },
 }
 
 /// The delay before redial number `failures` (1-based): exponential from
@@ -107,7 +145,7 @@ impl Pool {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SiteName, SitePool>> {
-        self.sites.lock().unwrap_or_else(|e| e.into_inner())
+        self.sites.locked()
     }
 
     fn publish_gauge(sites: &HashMap<SiteName, SitePool>) {
@@ -130,103 +168,128 @@ impl Pool {
         if route.tunnel_addrs.is_empty() {
             return Err(DialError::NoAddress(site.clone()));
         }
-        let candidates = {
-            let mut sites = self.lock();
-            let sp = synced(&mut sites, site, route);
-            let stats: Vec<EndpointStats> = sp
+        match self.plan(site, route) {
+            Plan::Use(conn) => Ok(conn),
+            Plan::Wait => self.wait_for_first_dial(site).await,
+            Plan::Dial { candidates, early } => self.dial_now(site, candidates, early).await,
+        }
+    }
+
+    /// Picks a live replica by weight (bringing the idle ones up in the
+    /// background), or says what to dial or wait for.
+    fn plan(&self, site: &SiteName, route: &SiteRoute) -> Plan {
+        let mut sites = self.lock();
+        let sp = synced(&mut sites, site, route);
+        let stats: Vec<EndpointStats> = sp
+            .replicas
+            .iter()
+            .map(|r| EndpointStats {
+                weight: r.at.weight,
+                healthy: r.live().is_some(),
+                ..EndpointStats::default()
+            })
+            .collect();
+        let picked = sp
+            .balancer
+            .pick(&stats, rand::random())
+            .and_then(|i| sp.replicas[i].live().cloned());
+        let idle: Vec<TunnelAddr> = sp
+            .replicas
+            .iter_mut()
+            .filter(|r| r.live().is_none() && !r.dialing)
+            .map(|r| {
+                r.dialing = true;
+                r.at
+            })
+            .collect();
+        if let Some(conn) = picked {
+            // Bring the other replicas up without holding this stream.
+            for at in idle {
+                self.spawn_dial(site.clone(), at, Duration::ZERO);
+            }
+            return Plan::Use(conn);
+        }
+        // A first dial already under way (not a redial in backoff):
+        // wait for it below rather than fail.
+        let first_dial = idle.is_empty()
+            && sp
                 .replicas
                 .iter()
-                .map(|r| EndpointStats {
-                    weight: r.at.weight,
-                    healthy: r.live().is_some(),
-                    ..EndpointStats::default()
-                })
-                .collect();
-            let picked = sp
-                .balancer
-                .pick(&stats, rand::random())
-                .and_then(|i| sp.replicas[i].live().cloned());
-            let idle: Vec<TunnelAddr> = sp
-                .replicas
-                .iter_mut()
-                .filter(|r| r.live().is_none() && !r.dialing)
-                .map(|r| {
-                    r.dialing = true;
-                    r.at
-                })
-                .collect();
-            if let Some(conn) = picked {
-                // Bring the other replicas up without holding this stream.
-                for at in idle {
-                    self.spawn_dial(site.clone(), at, Duration::ZERO);
+                .any(|r| r.dialing && r.failures == 0 && r.live().is_none());
+        if first_dial {
+            Plan::Wait
+        } else if idle.is_empty() {
+            // Every replica waits out a backoff. Streams come here only
+            // when no other site could take them (a site with its
+            // tunnels down is tried last), so dial early rather than
+            // fail: a peer that just restarted is back at once. One
+            // early dial per replica per EARLY_DIAL_EVERY; the others
+            // fail fast as before.
+            let now = std::time::Instant::now();
+            if sp.replicas.iter().any(|r| r.early_dialing) {
+                Plan::Wait // for the early dial under way
+            } else {
+                let early: Vec<TunnelAddr> = sp
+                    .replicas
+                    .iter_mut()
+                    .filter(|r| r.live().is_none())
+                    .filter(|r| r.early_at.is_none_or(|t| now - t >= EARLY_DIAL_EVERY))
+                    .map(|r| {
+                        r.early_at = Some(now);
+                        r.early_dialing = true;
+                        r.at
+                    })
+                    .collect();
+                Plan::Dial {
+                    candidates: early,
+                    early: true,
                 }
-                return Ok(conn);
             }
-            // A first dial already under way (not a redial in backoff):
-            // wait for it below rather than fail.
-            let first_dial = idle.is_empty()
-                && sp
+        } else {
+            Plan::Dial {
+                candidates: idle,
+                early: false,
+            }
+        }
+    }
+
+    /// Waits (up to the dial timeout) for a dial under way to bring a
+    /// replica up.
+    async fn wait_for_first_dial(&self, site: &SiteName) -> Result<quinn::Connection, DialError> {
+        let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
+        while tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let live = self.lock().get(site).and_then(|sp| {
+                let up: Vec<&Replica> = sp.replicas.iter().filter(|r| r.live().is_some()).collect();
+                let dialing = sp
                     .replicas
                     .iter()
-                    .any(|r| r.dialing && r.failures == 0 && r.live().is_none());
-            if first_dial {
-                None
-            } else if idle.is_empty() {
-                // Every replica waits out a backoff. Streams come here only
-                // when no other site could take them (a site with its
-                // tunnels down is tried last), so dial early rather than
-                // fail: a peer that just restarted is back at once. One
-                // early dial per replica per EARLY_DIAL_EVERY; the others
-                // fail fast as before.
-                let now = std::time::Instant::now();
-                if sp.replicas.iter().any(|r| r.early_dialing) {
-                    None // wait for the early dial under way
-                } else {
-                    let early: Vec<TunnelAddr> = sp
-                        .replicas
-                        .iter_mut()
-                        .filter(|r| r.live().is_none())
-                        .filter(|r| r.early_at.is_none_or(|t| now - t >= EARLY_DIAL_EVERY))
-                        .map(|r| {
-                            r.early_at = Some(now);
-                            r.early_dialing = true;
-                            r.at
-                        })
-                        .collect();
-                    Some((early, true))
+                    .any(|r| (r.dialing && r.failures == 0) || r.early_dialing);
+                match up.first() {
+                    Some(r) => Some(r.live().cloned()),
+                    None if dialing => None,
+                    None => Some(None),
                 }
-            } else {
-                Some((idle, false))
-            }
-        };
-        let Some((candidates, early)) = candidates else {
-            let deadline = tokio::time::Instant::now() + DIAL_TIMEOUT;
-            while tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-                let live = self.lock().get(site).and_then(|sp| {
-                    let up: Vec<&Replica> =
-                        sp.replicas.iter().filter(|r| r.live().is_some()).collect();
-                    let dialing = sp
-                        .replicas
-                        .iter()
-                        .any(|r| (r.dialing && r.failures == 0) || r.early_dialing);
-                    match up.first() {
-                        Some(r) => Some(r.live().cloned()),
-                        None if dialing => None,
-                        None => Some(None),
-                    }
-                });
-                match live {
-                    Some(Some(conn)) => return Ok(conn),
-                    Some(None) => break,
-                    None => continue,
-                }
-            }
-            return Err(DialError::Unreachable {
-                site: site.clone(),
-                last: "the first dial did not finish in time".into(),
             });
-        };
+            match live {
+                Some(Some(conn)) => return Ok(conn),
+                Some(None) => break,
+                None => continue,
+            }
+        }
+        Err(DialError::Unreachable {
+            site: site.clone(),
+            last: "the first dial did not finish in time".into(),
+        })
+    }
+
+    /// Dials `candidates`, heaviest first, until one connects.
+    async fn dial_now(
+        &self,
+        site: &SiteName,
+        candidates: Vec<TunnelAddr>,
+        early: bool,
+    ) -> Result<quinn::Connection, DialError> {
         // Early dials end with this call, however it ends (a caller's
         // timeout may drop it mid-dial): then the waiters look again.
         let _early = early.then(|| EarlyDials {
@@ -280,21 +343,18 @@ impl Pool {
         &self,
         site: &SiteName,
         addr: std::net::SocketAddr,
-    ) -> Result<quinn::Connection, String> {
+    ) -> Result<quinn::Connection, ReplicaDialError> {
         let td = {
             let sites = self.lock();
             match sites.get(site) {
                 Some(sp) => sp.route.trust_domain.clone(),
-                None => return Err("site left the pool".into()),
+                None => return Err(ReplicaDialError::SiteLeft),
             }
         };
-        let cred = self.cred.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let cred = self.cred.locked().clone();
         let cfg = tunnel::client_config(&cred, self.store.clone(), td, &self.quic)
-            .map_err(|e| e.to_string())?;
-        let connecting = self
-            .endpoint
-            .connect_with(cfg, addr, "gateway")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ReplicaDialError::Tls(format!("{e:#}")))?;
+        let connecting = self.endpoint.connect_with(cfg, addr, "gateway")?;
         match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
             Ok(Ok(conn)) => {
                 count("ok");
@@ -303,11 +363,11 @@ impl Pool {
             }
             Ok(Err(e)) => {
                 count("error");
-                Err(e.to_string())
+                Err(e.into())
             }
             Err(_) => {
                 count("error");
-                Err("handshake timed out".into())
+                Err(ReplicaDialError::TimedOut)
             }
         }
     }
@@ -418,7 +478,7 @@ impl Pool {
 
     /// Uses `cred` for dials from now on; connections up keep going.
     pub fn set_credential(&self, cred: Credential) {
-        *self.cred.lock().unwrap_or_else(|e| e.into_inner()) = cred;
+        *self.cred.locked() = cred;
     }
 
     /// Closes and forgets connections to sites no longer in `keep`.

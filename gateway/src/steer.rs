@@ -16,6 +16,7 @@ use tokio::sync::watch;
 
 use crate::pool::Pool;
 use crate::routes::Routes;
+use causeway_api::sync::LockExt;
 
 /// How one try at one site went, as outlier detection counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,8 +146,10 @@ impl Steering {
             return Vec::new();
         };
         let now = causeway_api::clock::unix_ms();
-        let mut ejected: Vec<String> = match (&svc.policy.outlier, self.outliers.lock()) {
-            (Some(_), Ok(o)) => o
+        let mut ejected: Vec<String> = match &svc.policy.outlier {
+            Some(_) => self
+                .outliers
+                .locked()
                 .get(service)
                 .map(|o| o.ejected(now).into_iter().map(str::to_string).collect())
                 .unwrap_or_default(),
@@ -262,18 +265,17 @@ impl Steering {
                 metrics::gauge!("causeway_peer_unreachable", "site" => site.to_string()).set(down);
             }
             let now = causeway_api::clock::unix_ms();
-            let ejected: std::collections::BTreeSet<(String, String)> = match self.outliers.lock() {
-                Ok(all) => all
-                    .iter()
-                    .flat_map(|(svc, o)| {
-                        o.ejected(now)
-                            .into_iter()
-                            .map(|site| (svc.to_string(), site.to_string()))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect(),
-                Err(_) => continue,
-            };
+            let ejected: std::collections::BTreeSet<(String, String)> = self
+                .outliers
+                .locked()
+                .iter()
+                .flat_map(|(svc, o)| {
+                    o.ejected(now)
+                        .into_iter()
+                        .map(|site| (svc.to_string(), site.to_string()))
+                        .collect::<Vec<_>>()
+                })
+                .collect();
             for (svc, site) in shown.difference(&ejected) {
                 metrics::gauge!("causeway_outlier_ejected", "service" => svc.clone(), "site" => site.clone()).set(0.0);
             }
@@ -294,9 +296,7 @@ impl Steering {
             .services
             .get(service)
             .map_or(1, |s| s.exporters.len());
-        let Ok(mut all) = self.outliers.lock() else {
-            return;
-        };
+        let mut all = self.outliers.locked();
         let o = all.entry(service.clone()).or_default();
         match tried {
             Tried::Served => o.on_success(site.as_str()),

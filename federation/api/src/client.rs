@@ -12,6 +12,7 @@ use crate::catalog::CatalogView;
 use crate::identity::{Credential, CONTROLLER_SERVER_NAME};
 use crate::pb::federation_client::FederationClient;
 use crate::pb::{self, WatchRequest};
+use crate::sync::LockExt;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -53,12 +54,7 @@ impl ControllerClient {
 
     /// A channel to one reachable controller, trying each endpoint once.
     pub async fn channel(&self) -> Result<Channel, ClientError> {
-        if let Some(ch) = self
-            .cached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-        {
+        if let Some(ch) = self.cached.locked().clone() {
             return Ok(ch);
         }
         let n = self.endpoints.len().max(1);
@@ -79,7 +75,7 @@ impl ControllerClient {
             match ep.connect().await {
                 Ok(ch) => {
                     self.next.store((start + i) % n, Ordering::Relaxed);
-                    *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some(ch.clone());
+                    *self.cached.locked() = Some(ch.clone());
                     return Ok(ch);
                 }
                 Err(e) => {
@@ -140,7 +136,7 @@ impl ControllerClient {
 
     /// Moves on to the next endpoint (after an RPC failure).
     pub fn rotate(&self) {
-        self.cached.lock().unwrap_or_else(|e| e.into_inner()).take();
+        self.cached.locked().take();
         self.next.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -172,8 +168,7 @@ pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<Cata
             loop {
                 t.tick().await;
                 let stale = since
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .locked()
                     .map(|s| s.elapsed().as_secs_f64())
                     .unwrap_or(0.0);
                 metrics::gauge!("causeway_catalog_stale_seconds").set(stale);
@@ -195,7 +190,7 @@ pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<Cata
                 .map_err(|s| anyhow_status("watch", s))?
                 .into_inner();
             metrics::gauge!("causeway_watch_connected").set(1.0);
-            *since.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            *since.locked() = None;
             tracing::debug!(from, "watch stream open");
             loop {
                 match stream.message().await {
@@ -219,10 +214,7 @@ pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<Cata
         }
         .await;
         metrics::gauge!("causeway_watch_connected").set(0.0);
-        since
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(std::time::Instant::now);
+        since.locked().get_or_insert_with(std::time::Instant::now);
         match result {
             Ok(()) => backoff = Duration::from_millis(100),
             Err(e) => {

@@ -19,6 +19,7 @@ pub mod config;
 pub mod identity;
 pub mod model;
 pub mod policy;
+pub mod sync;
 pub mod token;
 pub mod trust;
 

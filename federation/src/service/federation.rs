@@ -25,6 +25,7 @@ use super::validate::{
 use super::watch::{serve_watch, WATCH_QUEUE};
 use super::Shared;
 use crate::state::Command;
+use causeway_api::sync::LockExt;
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86400);
@@ -358,14 +359,7 @@ impl Federation for FederationService {
             }
         }
         self.shared.record_heartbeat(site).await?;
-        let lease_ms = self
-            .shared
-            .leases
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .config()
-            .lease
-            .as_millis() as u64;
+        let lease_ms = self.shared.leases.locked().config().lease.as_millis() as u64;
         Ok(Response::new(pb::HeartbeatResponse { lease_ms }))
     }
 

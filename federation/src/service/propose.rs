@@ -11,8 +11,23 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use super::Shared;
+use crate::network::PeerError;
 use crate::state::{Command, Outcome, RejectCode};
 use crate::NodeId;
+use causeway_api::sync::LockExt;
+
+/// Why a write forwarded to the leader got no outcome.
+#[derive(Debug, thiserror::Error)]
+enum ForwardError {
+    #[error(transparent)]
+    Peer(#[from] PeerError),
+    #[error("encoding the command: {0}")]
+    Encode(serde_json::Error),
+    #[error("{}", .0.message())]
+    Rpc(#[from] Status),
+    #[error("decoding the leader's answer: {0}")]
+    Decode(serde_json::Error),
+}
 
 /// How long a write may wait for a leader before the caller gets UNAVAILABLE.
 const WRITE_DEADLINE: Duration = Duration::from_secs(8);
@@ -126,7 +141,9 @@ impl Shared {
         if leader != Some(self.node_id) {
             let addr =
                 addr.ok_or_else(|| Status::unavailable("no leader is elected yet; retry"))?;
-            let mut client = self.peer(&addr).map_err(Status::unavailable)?;
+            let mut client = self
+                .peer(&addr)
+                .map_err(|e| Status::unavailable(e.to_string()))?;
             let data = serde_json::to_vec(&op).map_err(|e| Status::internal(e.to_string()))?;
             client.change_membership(pb::RaftPayload { data }).await?;
             return Ok(());
@@ -194,12 +211,12 @@ impl Shared {
     }
 
     /// A cached channel to a peer node.
-    fn peer(&self, addr: &str) -> Result<RaftClient<Channel>, String> {
-        let mut m = self.peer_clients.lock().unwrap_or_else(|e| e.into_inner());
+    fn peer(&self, addr: &str) -> Result<RaftClient<Channel>, PeerError> {
+        let mut m = self.peer_clients.locked();
         if let Some(c) = m.get(addr) {
             return Ok(c.clone());
         }
-        let c = self.peers.raft_client(addr).map_err(|e| e.to_string())?;
+        let c = self.peers.raft_client(addr)?;
         m.insert(addr.to_string(), c.clone());
         Ok(c)
     }
@@ -218,16 +235,15 @@ impl Shared {
             (m.current_leader, addr)
         };
         if leader == Some(self.node_id) {
-            self.leases
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .handle_heartbeat(site, Instant::now());
+            self.leases.locked().handle_heartbeat(site, Instant::now());
             return Ok(());
         }
         let Some(addr) = addr else {
             return Err(Status::unavailable("no leader is elected yet; retry"));
         };
-        let mut client = self.peer(&addr).map_err(Status::unavailable)?;
+        let mut client = self
+            .peer(&addr)
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         let data = serde_json::to_vec(&site).map_err(|e| Status::internal(e.to_string()))?;
         match tokio::time::timeout(
             Duration::from_secs(2),
@@ -246,14 +262,11 @@ impl Shared {
         }
     }
 
-    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, String> {
+    async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, ForwardError> {
         let mut client = self.peer(addr)?;
-        let data = serde_json::to_vec(cmd).map_err(|e| e.to_string())?;
-        let reply = client
-            .propose(pb::RaftPayload { data })
-            .await
-            .map_err(|s| s.message().to_string())?;
-        serde_json::from_slice(&reply.into_inner().data).map_err(|e| e.to_string())
+        let data = serde_json::to_vec(cmd).map_err(ForwardError::Encode)?;
+        let reply = client.propose(pb::RaftPayload { data }).await?;
+        serde_json::from_slice(&reply.into_inner().data).map_err(ForwardError::Decode)
     }
 
     pub(super) fn controller_endpoints(&self) -> Vec<String> {

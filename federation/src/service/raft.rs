@@ -16,6 +16,7 @@ use super::authz::require_node;
 use super::propose::MembershipOp;
 use super::Shared;
 use crate::state::Command;
+use causeway_api::sync::LockExt;
 
 /// The `Raft` gRPC service. Trust boundary: controller nodes only.
 pub struct RaftService {
@@ -86,10 +87,7 @@ impl RaftRpc for RaftService {
             async |s: &Shared, site: SiteName| {
                 // Only the leader keeps leases; a stale forward is dropped.
                 if s.raft.metrics().borrow().current_leader == Some(s.node_id) {
-                    s.leases
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .handle_heartbeat(site, Instant::now());
+                    s.leases.locked().handle_heartbeat(site, Instant::now());
                 }
                 Ok(())
             },
