@@ -21,11 +21,14 @@ use crate::signal::shutdown_signal;
     version,
     about = "Multi-cluster federation gateway mesh"
 )]
+/// The `causeway` command line.
 pub struct Cli {
+    /// What to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands.
 #[derive(Subcommand)]
 pub enum Command {
     /// Run a whole federation on loopback: 3 controllers, 3 sites, a failover.
@@ -42,16 +45,20 @@ pub enum Command {
     Ca(CaArgs),
 }
 
+/// `causeway ca`.
 #[derive(Args)]
 pub struct CaArgs {
+    /// What to do.
     #[command(subcommand)]
     pub command: CaCommand,
 }
 
+/// CA operations.
 #[derive(Subcommand)]
 pub enum CaCommand {
     /// Write ca.pem, ca-key.pem, admin.pem and admin-key.pem into DIR.
     Init {
+        /// Where to write them.
         #[arg(long)]
         dir: PathBuf,
         /// Name in the admin credential's SPIFFE ID.
@@ -66,11 +73,13 @@ pub enum CaCommand {
         /// The site gateway's state directory.
         #[arg(long)]
         state_dir: PathBuf,
+        /// Which step.
         #[arg(value_enum)]
         step: crate::rotate::Step,
     },
 }
 
+/// `causeway controller` flags.
 #[derive(Args, Debug)]
 pub struct ControllerArgs {
     /// TOML file with the same fields as the flags (flags then are not allowed).
@@ -88,6 +97,7 @@ pub struct ControllerArgs {
     /// An initial voter, ID=HOST:PORT; repeat for each node, this one included.
     #[arg(long = "peer")]
     pub peer: Vec<String>,
+    /// Where the log, vote and snapshots live.
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Directory with the controller CA (ca.pem, ca-key.pem).
@@ -112,6 +122,7 @@ pub struct ControllerArgs {
     pub join: bool,
 }
 
+/// `causeway gateway` flags.
 #[derive(Args, Debug)]
 pub struct GatewayArgs {
     /// Gateway config file (TOML).
@@ -125,6 +136,7 @@ pub struct GatewayArgs {
     pub admin_listen: Option<String>,
 }
 
+/// `causeway dns` flags.
 #[derive(Args, Debug)]
 pub struct DnsArgs {
     /// The site's state directory (written by the gateway when it joined).
@@ -145,6 +157,7 @@ pub struct DnsArgs {
     /// TTL of negative answers (SOA minimum), seconds.
     #[arg(long, default_value_t = 5)]
     pub negative_ttl: u32,
+    /// Admin (metrics, /ready) listen address.
     #[arg(long)]
     pub admin_listen: Option<String>,
     /// UDP sockets bound to the listen address with SO_REUSEPORT, so the
@@ -229,6 +242,7 @@ fn admin_addr(flag: &str) -> Result<SocketAddr, ConfigErrors> {
     errs.into_result(|| addr.expect("checked"))
 }
 
+/// `causeway controller`: runs one node until SIGTERM.
 pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     let settings = args.config()?.validate()?;
     let ca_dir = &settings.ca_dir;
@@ -264,6 +278,8 @@ pub fn gateway_worker_threads(args: &GatewayArgs) -> usize {
         .unwrap_or(0)
 }
 
+/// `causeway gateway`: joins once if needed, then runs until SIGTERM
+/// and drains.
 pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
@@ -305,6 +321,7 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     causeway_gateway::run(settings, state, udp, ready, shutdown_signal()).await
 }
 
+/// `causeway dns`: serves the mesh zone until SIGTERM.
 pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
     let settings = args.config().validate()?;
     let metrics = admin::install_metrics()?;

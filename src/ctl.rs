@@ -8,6 +8,7 @@ use causeway_api::identity::{self, Credential};
 use causeway_api::pb;
 use clap::{Args, Subcommand, ValueEnum};
 
+/// `causeway ctl` flags.
 #[derive(Args)]
 pub struct CtlArgs {
     /// Controller endpoints, comma-separated host:port.
@@ -21,6 +22,7 @@ pub struct CtlArgs {
     /// Directory with ca.pem, admin.pem and admin-key.pem (from `causeway ca init`).
     #[arg(long, env = "CAUSEWAY_CREDS", default_value = "causeway-creds")]
     pub creds: PathBuf,
+    /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
     /// Reads (cluster list, services, explain, policy list) show every write
@@ -29,25 +31,32 @@ pub struct CtlArgs {
     /// lag briefly (e.g. right after the controllers restart).
     #[arg(long)]
     pub linearizable: bool,
+    /// What to do.
     #[command(subcommand)]
     pub command: CtlCommand,
 }
 
+/// How `ctl` prints.
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum Output {
+    /// Tables for people.
     Text,
+    /// JSON for programs.
     Json,
 }
 
+/// `ctl` subcommands.
 #[derive(Subcommand)]
 pub enum CtlCommand {
     /// Member sites (clusters).
     Cluster {
+        /// What to do.
         #[command(subcommand)]
         command: ClusterCommand,
     },
     /// Controller nodes: list, add, remove (the cluster keeps serving).
     Controller {
+        /// What to do.
         #[command(subcommand)]
         command: ControllerCommand,
     },
@@ -70,44 +79,64 @@ pub enum CtlCommand {
     },
     /// Traffic policies: apply from YAML, list, delete.
     Policy {
+        /// What to do.
         #[command(subcommand)]
         command: PolicyCommand,
     },
 }
 
+/// `ctl policy` subcommands.
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Create or replace the policies in FILE (YAML, several documents
     /// separated by `---`; `-` reads stdin). All or none are applied; every
     /// invalid field is reported before anything is sent.
     Apply {
+        /// YAML or JSON documents; - reads stdin.
         #[arg(short = 'f', long = "file")]
         file: PathBuf,
     },
     /// List policies, optionally of one kind.
     List {
+        /// Only policies of this kind.
         #[arg(long)]
         kind: Option<String>,
     },
     /// Delete the policy KIND NAMESPACE/NAME.
-    Delete { kind: String, name: String },
+    Delete {
+        /// The policy's kind (e.g. FailoverPolicy).
+        kind: String,
+        /// NAMESPACE/NAME.
+        name: String,
+    },
 }
 
+/// `ctl controller` subcommands.
 #[derive(Subcommand)]
 pub enum ControllerCommand {
     /// The nodes, their roles and replication state.
     List,
     /// Add node ID at ADDR (start it first with `causeway controller --join`).
     /// It joins as a learner and becomes a voter once it has caught up.
-    Add { id: u64, addr: String },
+    Add {
+        /// The new node's id.
+        id: u64,
+        /// Its address (HOST:PORT).
+        addr: String,
+    },
     /// Remove node ID from the cluster.
-    Remove { id: u64 },
+    Remove {
+        /// The node's id.
+        id: u64,
+    },
 }
 
+/// `ctl cluster` subcommands.
 #[derive(Subcommand)]
 pub enum ClusterCommand {
     /// Reserve a site name and print a one-time join token for it.
     Add {
+        /// The site's name (a DNS label).
         name: String,
         /// Label KEY=VALUE; repeatable.
         #[arg(long = "label")]
@@ -119,16 +148,25 @@ pub enum ClusterCommand {
     /// List member sites.
     List,
     /// Remove a site: its bundle, exports and tunnels go away.
-    Remove { name: String },
+    Remove {
+        /// The site's name.
+        name: String,
+    },
     /// Replace a site's trust bundle with the CA certificates in FILE (PEM):
     /// for a site CA kept outside the gateway's state directory. Rotate by
     /// publishing old + new, moving the gateways, then the new one alone;
     /// peers retire tunnels a dropped CA authenticated. (Sites with the CA in
     /// their state directory: `causeway ca rotate-site`.)
-    SetBundle { name: String, file: PathBuf },
+    SetBundle {
+        /// The site's name.
+        name: String,
+        /// PEM file with the CA certificates.
+        file: PathBuf,
+    },
     /// Replace a member site's labels with the given set (e.g. its region
     /// or zone, which locality failover reads); no --label clears them.
     SetLabels {
+        /// The site's name.
         name: String,
         /// Label KEY=VALUE; repeatable.
         #[arg(long = "label")]
@@ -148,6 +186,7 @@ fn label_args(labels: &[String]) -> anyhow::Result<std::collections::HashMap<Str
         .collect()
 }
 
+/// An admin client for the controllers the flags name.
 pub fn client(args: &CtlArgs) -> anyhow::Result<ControllerClient> {
     let ca = identity::read(&args.creds.join("ca.pem")).with_context(|| {
         format!(
@@ -170,6 +209,7 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", s.message(), s.code())
 }
 
+/// Runs one `ctl` command.
 pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     // Validate a policy file before connecting: mistakes show even offline.
     let policy_docs = match &args.command {

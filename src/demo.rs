@@ -8,6 +8,7 @@ use clap::Args;
 use crate::local::wait::until;
 use crate::local::{call_banner, echo_server, Export, LocalFederation};
 
+/// `causeway demo` flags.
 #[derive(Args)]
 pub struct DemoArgs {
     /// Stay up after the walkthrough and print commands to try.
@@ -22,6 +23,7 @@ const SERVICE: &str = "shop/payments";
 const NAME: &str = "payments.shop.svc.clusterset.local";
 const PORT: u16 = 8080;
 
+/// Runs the demo: a federation on loopback, a call by name, a failover.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let tmp;
     let root = match &args.dir {

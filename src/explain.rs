@@ -44,6 +44,8 @@ fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
     Some(&line[start..end])
 }
 
+/// What a gateway's metrics say about RTTs, ejections and unreachable
+/// peers.
 pub fn parse_gateway_metrics(text: &str) -> GatewayView {
     let mut v = GatewayView::default();
     for line in text.lines() {
@@ -65,8 +67,11 @@ pub fn parse_gateway_metrics(text: &str) -> GatewayView {
     v
 }
 
+/// An explanation, for people and programs.
 pub struct Explanation {
+    /// The text `ctl explain` prints.
     pub text: String,
+    /// The same as JSON.
     pub json: serde_json::Value,
 }
 
@@ -86,6 +91,8 @@ fn service_key(target: &str) -> anyhow::Result<ServiceKey> {
     }
 }
 
+/// How `target` resolves and where its traffic goes from site `from`,
+/// computed from the catalog with the gateways' own decision functions.
 pub fn explain(
     view: &CatalogView,
     target: &str,

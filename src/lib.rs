@@ -2,6 +2,8 @@
 //! the operator client, and the local federation used by `causeway demo`
 //! and the integration tests.
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod cli;
 pub mod creds;

@@ -22,10 +22,14 @@ use causeway_api::identity::CertificateAuthority;
 use causeway_api::pb;
 use causeway_gateway::site::SiteState;
 
+/// A step of a site CA rotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Step {
+    /// Create the new CA and publish old + new.
     Start,
+    /// Switch the site to the new CA.
     Finish,
+    /// Publish the new CA alone.
     Prune,
 }
 

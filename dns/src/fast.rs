@@ -165,6 +165,7 @@ impl WireZone {
         self.names.len()
     }
 
+    /// Whether the zone has no precomputed answers.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()
     }

@@ -41,12 +41,15 @@ impl Default for ServeOptions {
 /// fragmentation on any common path.
 pub const DEFAULT_EDNS_UDP_SIZE: u16 = 1232;
 
+/// Answers one DNS query from the current zone (or forwards it upstream).
+/// It knows no sockets: UDP and TCP serving hand it requests.
 pub struct Handler {
     zone: watch::Receiver<Arc<Zone>>,
     opts: ServeOptions,
 }
 
 impl Handler {
+    /// A handler over the live `zone`.
     pub fn new(zone: watch::Receiver<Arc<Zone>>, opts: ServeOptions) -> Self {
         Self { zone, opts }
     }

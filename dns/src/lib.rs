@@ -6,6 +6,8 @@
 //! [`fast`]) and TCP (hickory-server); [`run`] keeps the zone current from
 //! the controller's Watch stream and serves it.
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod fast;
 pub mod handler;

@@ -51,24 +51,35 @@ pub fn address_label(ip: IpAddr) -> String {
 /// MCS DNS specification version served in `dns-version.<zone>`.
 pub const SPEC_VERSION: &str = "1.0.0";
 
+/// What a zone is built with.
 #[derive(Debug, Clone)]
 pub struct ZoneOptions {
+    /// The zone's apex, e.g. `clusterset.local`.
     pub origin: String,
+    /// TTL of positive answers, seconds.
     pub ttl: u32,
     /// TTL of negative answers (the SOA minimum).
     pub negative_ttl: u32,
+    /// First address of the VIP range (the gateway's `vip_range`).
     pub vip_base: IpAddr,
+    /// Prefix length of the VIP range.
     pub vip_prefix: u8,
 }
 
+/// The answer to one question.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Answer<'a> {
+    /// These records.
     Records(&'a [Record]),
+    /// The name exists, but has no records of the type asked.
     NoData,
+    /// The name does not exist in the zone.
     NxDomain,
+    /// The name is outside the zone (and nothing forwards it).
     Refused,
 }
 
+/// The records of the mesh zone, built from one catalog view.
 #[derive(Debug, Clone)]
 pub struct Zone {
     origin: LowerName,
@@ -266,10 +277,12 @@ impl Zone {
             .push(record);
     }
 
+    /// The zone's SOA record (sent with negative answers).
     pub fn soa(&self) -> &Record {
         &self.soa
     }
 
+    /// The answer to `qtype` for `name`.
     pub fn answer(&self, name: &LowerName, qtype: RecordType) -> Answer<'_> {
         if !self.origin.zone_of(name) {
             return match self.reverse.get(name) {

@@ -21,6 +21,8 @@ const HISTORY_BYTES: usize = 64 * 1024 * 1024;
 /// Broadcast buffer; a watcher that falls further behind is resynced.
 const BROADCAST: usize = 1024;
 
+/// The applied catalog and its change feed: applies committed commands,
+/// keeps a bounded history of deltas, and broadcasts them to watchers.
 pub struct Hub {
     inner: RwLock<Inner>,
     tx: broadcast::Sender<Arc<pb::WatchEvent>>,
@@ -34,11 +36,14 @@ struct Inner {
 
 /// Where a new watcher starts.
 pub struct Start {
+    /// The snapshot or deltas the watcher gets first.
     pub events: Vec<Arc<pb::WatchEvent>>,
+    /// The deltas after those.
     pub rx: broadcast::Receiver<Arc<pb::WatchEvent>>,
 }
 
 impl Hub {
+    /// An empty catalog.
     pub fn new() -> Arc<Self> {
         let (tx, _) = broadcast::channel(BROADCAST);
         Arc::new(Self {
@@ -51,6 +56,7 @@ impl Hub {
         })
     }
 
+    /// Applies one committed command and publishes what changed.
     pub fn apply(&self, cmd: Command) -> Outcome {
         if let Command::Batch(cmds) = cmd {
             return Outcome::Batch(
@@ -100,6 +106,7 @@ impl Hub {
         let _ = self.tx.send(ev);
     }
 
+    /// Reads the applied state.
     pub fn read<T>(&self, f: impl FnOnce(&CatalogState) -> T) -> T {
         let g = self.inner.read().unwrap_or_else(|e| e.into_inner());
         f(&g.state)
@@ -110,6 +117,7 @@ impl Hub {
         self.tx.subscribe()
     }
 
+    /// The revision of the last change applied.
     pub fn revision(&self) -> u64 {
         self.read(|s| s.revision)
     }

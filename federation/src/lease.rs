@@ -12,9 +12,12 @@ use std::time::{Duration, Instant};
 
 use causeway_api::model::SiteName;
 
+/// How site leases behave.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseConfig {
+    /// A site silent this long is unavailable.
     pub lease: Duration,
+    /// A lapsed site heartbeating steadily this long is available again.
     pub recover_after: Duration,
 }
 
@@ -34,6 +37,7 @@ struct Seen {
     streak_start: Instant,
 }
 
+/// Site leases, kept by the leader in memory (pure: time is an input).
 #[derive(Debug)]
 pub struct Leases {
     cfg: LeaseConfig,
@@ -42,6 +46,7 @@ pub struct Leases {
 }
 
 impl Leases {
+    /// No site seen yet.
     pub fn new(cfg: LeaseConfig) -> Self {
         Self {
             cfg,
@@ -50,10 +55,12 @@ impl Leases {
         }
     }
 
+    /// The lease settings.
     pub fn config(&self) -> LeaseConfig {
         self.cfg
     }
 
+    /// Records a heartbeat of `site` at `now`.
     pub fn handle_heartbeat(&mut self, site: SiteName, now: Instant) {
         let lease = self.cfg.lease;
         self.seen

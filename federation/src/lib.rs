@@ -6,6 +6,8 @@
 //! the `Federation` API ([`service`]) that sites, DNS servers and operators
 //! call. [`node`] wires them together for `causeway controller`.
 
+#![warn(missing_docs)]
+
 use std::io::Cursor;
 
 pub mod config;
@@ -18,6 +20,7 @@ pub mod state;
 pub mod store;
 pub mod wal;
 
+/// A controller node's Raft id.
 pub type NodeId = u64;
 
 openraft::declare_raft_types!(
@@ -27,6 +30,7 @@ openraft::declare_raft_types!(
         R = state::Outcome,
 );
 
+/// An openraft node over the catalog.
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// How many bytes `value` takes as JSON (the encoding of log entries and

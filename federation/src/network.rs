@@ -29,10 +29,12 @@ pub struct PeerChannels {
 }
 
 impl PeerChannels {
+    /// Channels secured with `tls` (the node's own controller credential).
     pub fn new(tls: ClientTlsConfig) -> Self {
         Self { tls }
     }
 
+    /// A Raft client for the node at `addr` (connects lazily).
     pub fn raft_client(&self, addr: &str) -> Result<RaftClient<Channel>, PeerError> {
         let ch = Channel::from_shared(format!("https://{addr}"))
             .map_err(|e| PeerError(format!("bad peer address {addr:?}: {e}")))?
@@ -47,15 +49,18 @@ impl PeerChannels {
     }
 }
 
+/// A peer channel could not be set up.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct PeerError(pub String);
 
+/// openraft's network factory: one [`Connection`] per peer.
 pub struct Network {
     channels: PeerChannels,
 }
 
 impl Network {
+    /// A factory over `channels`.
     pub fn new(channels: PeerChannels) -> Self {
         Self { channels }
     }
@@ -76,6 +81,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
+/// openraft's connection to one peer node.
 pub struct Connection {
     target: NodeId,
     addr: String,

@@ -28,8 +28,11 @@ use causeway_api::sync::LockExt;
 /// Raft timing. Defaults suit a LAN or loopback; raise them for WANs.
 #[derive(Debug, Clone)]
 pub struct RaftTiming {
+    /// Heartbeat interval, ms.
     pub heartbeat_ms: u64,
+    /// Shortest election timeout, ms.
     pub election_min_ms: u64,
+    /// Longest election timeout, ms.
     pub election_max_ms: u64,
     /// Take a snapshot (and compact the log) every this many entries.
     pub snapshot_every: u64,
@@ -46,15 +49,21 @@ impl Default for RaftTiming {
     }
 }
 
+/// What a controller node is started with.
 pub struct ControllerOptions {
+    /// This node's id.
     pub node_id: NodeId,
     /// Address other nodes and clients use for this node (`host:port`).
     pub advertise: String,
     /// The initial voters, including this node.
     pub peers: BTreeMap<NodeId, String>,
+    /// Where the log, vote and snapshots live.
     pub data_dir: PathBuf,
+    /// The controller CA (issues this node's certificate and sites' credentials).
     pub ca: Arc<CertificateAuthority>,
+    /// Raft timing.
     pub timing: RaftTiming,
+    /// Site leases.
     pub leases: LeaseConfig,
     /// A watcher whose stream accepts nothing for this long is cut off.
     pub watch_stall: Duration,
@@ -62,7 +71,9 @@ pub struct ControllerOptions {
     pub join_existing: bool,
 }
 
+/// A running controller node.
 pub struct Controller {
+    /// What its services share.
     pub shared: Arc<Shared>,
 }
 

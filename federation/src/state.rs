@@ -29,13 +29,20 @@ pub const MAX_BUNDLE_BYTES: usize = causeway_api::identity::MAX_TRUST_BUNDLE_BYT
 /// gets "already used" rather than "unknown".
 const TOKEN_MEMORY_MS: u64 = 24 * 3600 * 1000;
 
+/// A member site.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SiteRecord {
+    /// Its name.
     pub name: SiteName,
+    /// Its labels (region, zone, ...), from its join token or set later.
     pub labels: BTreeMap<String, String>,
+    /// Its SPIFFE trust domain.
     pub trust_domain: TrustDomain,
+    /// Its CA certificates, PEM: the roots its gateways chain to.
     pub trust_bundle_pem: String,
+    /// Its gateway replicas' tunnel addresses, canonical.
     pub tunnel_addrs: Vec<String>,
+    /// When it joined (proposer's clock), ms since the epoch.
     pub joined_at_ms: u64,
     /// False while the site's lease has lapsed (set by the leader).
     #[serde(default = "yes")]
@@ -46,27 +53,37 @@ fn yes() -> bool {
     true
 }
 
+/// One port of an exported service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortRecord {
+    /// The port callers use.
     pub port: u16,
+    /// How it is forwarded.
     pub protocol: Protocol,
+    /// Its name (for SRV records), or empty.
     #[serde(default)]
     pub name: String,
 }
 
+/// One service a site exports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExportRecord {
+    /// `<namespace>/<name>`.
     pub service: ServiceKey,
+    /// Its ports.
     pub ports: Vec<PortRecord>,
+    /// Endpoints passing health checks.
     pub healthy_endpoints: u32,
     /// Filled in by the state machine; ignored in commands.
     #[serde(default)]
     pub vip_index: u32,
+    /// Exported headless (no ClusterSetIP).
     #[serde(default)]
     pub headless: bool,
     /// Ready endpoints of a headless export (empty otherwise).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub endpoints: Vec<EndpointRecord>,
+    /// Endpoints in total, healthy or not.
     #[serde(default)]
     pub total_endpoints: u32,
     /// Healthy and total endpoints per zone ("" = the site's own zone).
@@ -74,81 +91,126 @@ pub struct ExportRecord {
     pub zones: Vec<ZoneRecord>,
 }
 
+/// Healthy and total endpoints in one zone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ZoneRecord {
+    /// The zone, or empty for the site's own.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub zone: String,
+    /// Endpoints passing health checks.
     pub healthy: u32,
+    /// Endpoints in total.
     pub total: u32,
 }
 
+/// A ready endpoint of a headless export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointRecord {
+    /// Its address.
     pub address: std::net::IpAddr,
+    /// Its DNS hostname, or empty.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub hostname: String,
 }
 
+/// A join token as the controller keeps it (never the secret itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
+    /// SHA-256 of the secret, hex.
     pub secret_sha256: String,
+    /// The site it admits.
     pub site: SiteName,
+    /// Labels the site gets.
     pub labels: BTreeMap<String, String>,
+    /// When it expires, ms since the epoch.
     pub expires_at_ms: u64,
+    /// Redeemed already.
     pub used: bool,
 }
 
 /// A Raft log entry's application payload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// Record a join token for a new site.
     CreateJoinToken {
+        /// The token's public id.
         token_id: String,
+        /// SHA-256 of its secret, hex.
         secret_sha256: String,
+        /// The site it admits.
         site: SiteName,
+        /// Labels the site gets.
         labels: BTreeMap<String, String>,
+        /// When it expires, ms since the epoch.
         expires_at_ms: u64,
+        /// The proposer's clock, ms since the epoch.
         now_ms: u64,
     },
+    /// Admit a site with a token (marking the token used).
     JoinSite {
+        /// The token's public id.
         token_id: String,
+        /// SHA-256 of the secret presented.
         secret_sha256: String,
+        /// The proposer's clock, ms since the epoch.
         now_ms: u64,
+        /// The site joining.
         site: SiteName,
+        /// Its trust domain.
         trust_domain: TrustDomain,
+        /// Its CA certificates, PEM.
         trust_bundle_pem: String,
+        /// Its gateways' tunnel addresses.
         tunnel_addrs: Vec<String>,
     },
+    /// Replace what a site exports.
     PublishExports {
+        /// The site.
         site: SiteName,
+        /// Everything it exports now.
         exports: Vec<ExportRecord>,
+        /// Its tunnel addresses, if they changed (empty: unchanged).
         tunnel_addrs: Vec<String>,
     },
+    /// Remove a member site, its bundle and its exports.
     RemoveSite {
+        /// The site.
         site: SiteName,
     },
     /// Replace a member site's trust bundle (CA rotation: old and new CA
     /// together first, then the new one alone). Validated by the proposer.
     SetTrustBundle {
+        /// The site.
         site: SiteName,
+        /// Its new CA certificates, PEM.
         trust_bundle_pem: String,
     },
     /// Replace a member site's labels. Validated by the proposer.
     SetSiteLabels {
+        /// The site.
         site: SiteName,
+        /// The whole new set.
         labels: BTreeMap<String, String>,
     },
     /// Proposed by the leader when a site's lease lapses or recovers.
     SetSiteAvailability {
+        /// The site.
         site: SiteName,
+        /// Whether it takes traffic.
         available: bool,
     },
     /// Create or replace policies (validated by the proposer), all or none.
     ApplyPolicies {
+        /// The policies, canonical.
         policies: Vec<PolicyRecord>,
     },
+    /// Delete one policy.
     DeletePolicy {
+        /// Its kind.
         kind: String,
+        /// Its namespace.
         namespace: String,
+        /// Its name.
         name: String,
     },
     /// Several commands in one log entry (group commit at the proposer);
@@ -156,30 +218,48 @@ pub enum Command {
     Batch(Vec<Command>),
 }
 
+/// Why the state machine refused a command (mapped to a gRPC code in
+/// one place, `service::outcome_status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RejectCode {
+    /// No token with that id and secret.
     TokenUnknown,
+    /// The token was redeemed already.
     TokenUsed,
+    /// The token expired.
     TokenExpired,
+    /// The token is for another site.
     TokenWrongSite,
+    /// The site (or its trust domain) is a member already.
     SiteExists,
+    /// No such member site.
     SiteUnknown,
+    /// The command breaks a rule.
     Invalid,
+    /// The command would pass a limit.
     LimitExceeded,
+    /// No such policy.
     NotFound,
 }
 
 /// The result of applying one entry, returned to the proposer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
+    /// Applied; watchers see the change.
     Applied {
+        /// The revision it made.
         revision: u64,
     },
+    /// Applied, but nothing watchers see changed.
     Unchanged {
+        /// The current revision.
         revision: u64,
     },
+    /// Refused; nothing changed.
     Rejected {
+        /// Why, for the gRPC code.
         code: RejectCode,
+        /// Why, for the caller.
         message: String,
     },
     /// One outcome per command of a `Command::Batch`.
@@ -198,23 +278,35 @@ fn reject(code: RejectCode, message: impl Into<String>) -> Outcome {
     }
 }
 
+/// The replicated catalog: members, exports, VIP indexes, tokens and
+/// policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CatalogState {
+    /// Bumped by every change watchers see.
     pub revision: u64,
+    /// Member sites.
     pub sites: BTreeMap<SiteName, SiteRecord>,
+    /// What each site exports.
     pub exports: BTreeMap<SiteName, Vec<ExportRecord>>,
+    /// Each service's VIP index (stable while it is exported anywhere).
     pub vips: BTreeMap<ServiceKey, u32>,
+    /// The next VIP index to hand out.
     pub next_vip: u32,
+    /// Join tokens by public id (expired ones are forgotten).
     pub tokens: BTreeMap<String, TokenRecord>,
     /// Traffic policies by `Kind/namespace/name`.
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyRecord>,
 }
 
+/// A traffic policy as stored: its canonical document.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyRecord {
+    /// Its kind, e.g. `FailoverPolicy`.
     pub kind: String,
+    /// Its namespace.
     pub namespace: String,
+    /// Its name.
     pub name: String,
     /// The canonical document.
     pub document_json: String,
@@ -224,10 +316,12 @@ pub struct PolicyRecord {
 }
 
 impl PolicyRecord {
+    /// `Kind/namespace/name`.
     pub fn key(&self) -> String {
         causeway_api::catalog::policy_key(&self.kind, &self.namespace, &self.name)
     }
 
+    /// As the API sends it.
     pub fn to_pb(&self) -> pb::Policy {
         pb::Policy {
             kind: self.kind.clone(),
@@ -634,6 +728,7 @@ impl CatalogState {
             .retain(|_, t| t.expires_at_ms.saturating_add(TOKEN_MEMORY_MS) > now_ms);
     }
 
+    /// The whole catalog as a watch snapshot.
     pub fn snapshot_pb(&self) -> pb::CatalogSnapshot {
         pb::CatalogSnapshot {
             revision: self.revision,
@@ -651,6 +746,7 @@ impl CatalogState {
     }
 }
 
+/// A member site as the API sends it.
 pub fn site_to_pb(s: &SiteRecord) -> pb::Site {
     pb::Site {
         name: s.name.to_string(),
@@ -662,6 +758,7 @@ pub fn site_to_pb(s: &SiteRecord) -> pb::Site {
     }
 }
 
+/// An export as the API sends it.
 pub fn export_to_pb(e: &ExportRecord) -> pb::Export {
     pb::Export {
         service: e.service.to_string(),

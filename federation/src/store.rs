@@ -46,7 +46,9 @@ fn read_err<E: std::error::Error + 'static>(e: E) -> StorageError<NodeId> {
 
 /// A node's storage, opened and checked.
 pub struct Storage {
+    /// The vote, purge point and snapshot.
     pub db: Arc<Database>,
+    /// The Raft log.
     pub log: LogStore,
 }
 
@@ -56,6 +58,7 @@ pub enum OpenError {
     /// The node's own data is damaged: it must not take part in Raft.
     #[error("{0}")]
     Corrupt(String),
+    /// Anything else (I/O, a bad path).
     #[error(transparent)]
     Other(#[from] anyhow::Error),
 }
@@ -115,6 +118,7 @@ fn seal<T: Serialize>(value: &T) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A stored record failed its checksum.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} is corrupt (checksum mismatch); this node stops. Rebuild it from its peers: stop it, move its data dir aside, start it with --join and `causeway ctl controller add` it again")]
 pub struct Corrupt {

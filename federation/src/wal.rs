@@ -45,17 +45,25 @@ pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest payload a record may claim; a longer claimed length is damage.
 pub const MAX_RECORD: usize = 512 * 1024 * 1024;
 
+/// Why the log could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum WalError {
+    /// A record failed its checks.
     #[error("log segment {segment} is corrupt at byte {offset}: {why} (checksum mismatch or damaged record)")]
     Corrupt {
+        /// The segment file.
         segment: String,
+        /// Where in it.
         offset: u64,
+        /// What is wrong.
         why: String,
     },
+    /// The file system failed.
     #[error("log directory {dir}: {source}")]
     Io {
+        /// The log directory.
         dir: String,
+        /// What the OS said.
         #[source]
         source: std::io::Error,
     },

@@ -9,6 +9,7 @@ use std::time::Duration;
 use causeway_api::model::{parse_cidr, Protocol, ServiceKey, TunnelAddr};
 use serde::{Deserialize, Serialize};
 
+/// A gateway's configuration as written (TOML; unknown fields refused).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -31,6 +32,7 @@ pub struct GatewayConfig {
     /// Optional existing site CA (PEM files); generated when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_ca_cert: Option<PathBuf>,
+    /// The site CA's private key (PEM), with `site_ca_cert`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site_ca_key: Option<PathBuf>,
     /// Seconds between local health checks and export publications.
@@ -64,14 +66,18 @@ pub struct GatewayConfig {
     /// which is also what the default gives a process limited to one CPU.
     #[serde(default)]
     pub worker_threads: usize,
+    /// Per-service allow rules.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub allow: Vec<AllowConfig>,
+    /// QUIC tuning for the links between sites.
     #[serde(default)]
     pub quic: QuicConfig,
+    /// Services this site exports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportConfig>,
 }
 
+/// Which sites may call one local export.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AllowConfig {
@@ -84,11 +90,14 @@ pub struct AllowConfig {
 /// Inbound authorization, validated.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Authorization {
+    /// Without a rule, refuse (else allow every member site).
     pub deny_by_default: bool,
+    /// The sites each service allows.
     pub rules: std::collections::BTreeMap<ServiceKey, Vec<causeway_api::model::SiteName>>,
 }
 
 impl Authorization {
+    /// Whether `site` may call `service`.
     pub fn allows(&self, site: &causeway_api::model::SiteName, service: &ServiceKey) -> bool {
         match self.rules.get(service) {
             Some(sites) => sites.contains(site),
@@ -169,6 +178,7 @@ impl QuicConfig {
     }
 }
 
+/// One exported service port, as written.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportConfig {
@@ -298,12 +308,17 @@ fn default_protocol() -> String {
 /// One local service port and the endpoints behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalExport {
+    /// `<namespace>/<name>`.
     pub service: ServiceKey,
+    /// The port callers use.
     pub port: u16,
     /// Empty when unnamed.
     pub port_name: String,
+    /// How it is forwarded.
     pub protocol: Protocol,
+    /// The endpoints that serve it.
     pub endpoints: Vec<SocketAddr>,
+    /// Exported headless (callers reach the endpoints directly).
     pub headless: bool,
     /// Hostnames of (some of) the endpoints of a headless export.
     pub hostnames: std::collections::BTreeMap<SocketAddr, String>,
@@ -316,20 +331,35 @@ pub struct LocalExport {
 /// Validated gateway settings.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Where the site's keys and credentials live.
     pub state_dir: PathBuf,
+    /// The QUIC endpoint's UDP address.
     pub tunnel_listen: SocketAddr,
+    /// The addresses other sites dial, one per replica.
     pub tunnel_advertise: Vec<TunnelAddr>,
+    /// First address of the VIP range.
     pub vip_base: IpAddr,
+    /// Prefix length of the VIP range.
     pub vip_prefix: u8,
+    /// This replica's name (last segment of its SPIFFE ID).
     pub replica: String,
+    /// An existing site CA (certificate, key), if configured.
     pub site_ca: Option<(PathBuf, PathBuf)>,
+    /// Between local health checks and export publications.
     pub health_interval: Duration,
+    /// How long streams in flight may take after SIGTERM.
     pub drain_timeout: Duration,
+    /// How long a retired tunnel keeps its streams.
     pub retire_grace: Duration,
+    /// Lifetime of this replica's tunnel certificate.
     pub cert_ttl: Duration,
+    /// How a stream picks a local endpoint.
     pub balancer: causeway_gateway_core::balance::Strategy,
+    /// QUIC tuning.
     pub quic: QuicConfig,
+    /// Who may call this site's exports.
     pub authorization: Authorization,
+    /// The local exports.
     pub exports: Vec<LocalExport>,
 }
 
@@ -360,6 +390,7 @@ impl GatewayConfig {
         }
     }
 
+    /// Reads a gateway config's TOML.
     pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
         toml_parse(text)
     }

@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+/// Graceful shutdown: counts streams in flight and tells when the last
+/// one ends.
 #[derive(Default)]
 pub struct Drain {
     draining: AtomicBool,
@@ -26,18 +28,22 @@ impl Drop for StreamGuard {
 }
 
 impl Drain {
+    /// Not draining, nothing in flight.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
 
+    /// Whether shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
     }
 
+    /// Streams in flight.
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)
     }
 
+    /// Counts one more stream until the guard drops.
     pub fn guard(self: &Arc<Self>) -> StreamGuard {
         self.active.fetch_add(1, Ordering::AcqRel);
         StreamGuard(self.clone())

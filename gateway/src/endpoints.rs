@@ -41,6 +41,7 @@ impl Drop for InFlight {
 }
 
 impl EndpointSet {
+    /// A set over `addrs`, balanced by `strategy`; all healthy at first.
     pub fn new(addrs: Vec<SocketAddr>, strategy: Strategy) -> Self {
         let n = addrs.len();
         Self {
@@ -53,6 +54,7 @@ impl EndpointSet {
         }
     }
 
+    /// The endpoints.
     pub fn addrs(&self) -> &[SocketAddr] {
         &self.addrs
     }

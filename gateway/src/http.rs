@@ -10,7 +10,7 @@
 //!
 //! Request bodies are buffered (up to 1 MiB) so that a retry can resend
 //! them; responses stream through. Upstream connections are kept for reuse
-//! (see [`Upstreams`]).
+//! (see `Upstreams`).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;

@@ -22,10 +22,16 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// An inbound connection and its retired flag.
 type InboundConn = (quinn::Connection, Arc<AtomicBool>);
 
+/// The exporting side of the tunnels: accepts streams from peer gateways,
+/// checks who calls and what, and connects them to local endpoints.
 pub struct Inbound {
+    /// The member sites' trust bundles.
     pub store: Arc<TrustStore>,
+    /// What this site exports.
     pub exports: Vec<LocalExport>,
+    /// Counts streams for graceful shutdown.
     pub drain: Arc<crate::drain::Drain>,
+    /// Who may call which export.
     pub authorization: crate::config::Authorization,
     /// How long a peer has to send the stream header.
     pub header_timeout: Duration,
@@ -60,6 +66,7 @@ impl Inbound {
         )
     }
 
+    /// An inbound side with the default header timeout.
     pub fn new(
         store: Arc<TrustStore>,
         exports: Vec<LocalExport>,
@@ -77,6 +84,8 @@ impl Inbound {
         ))
     }
 
+    /// An inbound side whose peers have `header_timeout` to send a stream's
+    /// header.
     pub fn with_header_timeout(
         store: Arc<TrustStore>,
         exports: Vec<LocalExport>,
@@ -286,6 +295,7 @@ impl Inbound {
         retired
     }
 
+    /// Closes the connections of sites `keep` rejects (removed members).
     pub fn retain(&self, keep: impl Fn(&SiteName) -> bool) {
         let mut m = self.conns.locked();
         m.retain(|site, conns| {

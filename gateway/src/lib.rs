@@ -13,6 +13,8 @@
 //! `http`/`http2` are proxied per request ([`http`]); traffic policies from
 //! the catalog steer both paths ([`routes`]).
 
+#![warn(missing_docs)]
+
 pub mod config;
 pub mod dial;
 pub mod drain;

@@ -30,6 +30,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// it early, at most this often.
 const EARLY_DIAL_EVERY: Duration = Duration::from_millis(250);
 
+/// Pooled, authenticated tunnels to other sites: one QUIC connection per
+/// peer replica, redialed with backoff, streams spread by weight.
 pub struct Pool {
     quic: crate::config::QuicConfig,
     /// How long a retired connection keeps its streams before it closes.
@@ -126,6 +128,8 @@ fn count(result: &'static str) {
 }
 
 impl Pool {
+    /// A pool dialing from `endpoint` with `cred`, verifying peers against
+    /// `store`.
     pub fn new(
         endpoint: quinn::Endpoint,
         cred: Credential,
@@ -713,8 +717,11 @@ impl SitePool {
 /// See [`Pool::path`]. Counts restart with each new connection.
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct PathStats {
+    /// UDP datagrams sent.
     pub sent: u64,
+    /// Datagrams QUIC declared lost.
     pub lost: u64,
+    /// The path MTU discovered, bytes.
     pub mtu: u16,
 }
 

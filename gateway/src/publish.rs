@@ -16,6 +16,8 @@ use crate::config::LocalExport;
 
 const REFRESH: Duration = Duration::from_secs(30);
 
+/// Publishes this site's exports (with their health, checked every
+/// `interval`) whenever they change, and at least every 30 s.
 pub async fn run(
     client: Arc<ControllerClient>,
     site: SiteName,

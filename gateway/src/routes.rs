@@ -14,6 +14,7 @@ use causeway_gateway_core::traffic::{Limits, OutlierParams};
 /// How to reach one remote site.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SiteRoute {
+    /// The trust domain its gateways must prove.
     pub trust_domain: TrustDomain,
     /// The site's labels (locality: zone, region).
     pub labels: Vec<(String, String)>,
@@ -24,7 +25,9 @@ pub struct SiteRoute {
 /// One imported (or local) service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceRoute {
+    /// Its ClusterSetIP in this site's VIP range.
     pub vip: IpAddr,
+    /// Its ports.
     pub ports: Vec<u16>,
     /// Exporting sites and their healthy endpoint counts.
     pub exporters: Vec<(SiteName, u32)>,
@@ -33,19 +36,28 @@ pub struct ServiceRoute {
     pub http_ports: BTreeMap<u16, Protocol>,
     /// Each exporter's endpoints, healthy or not.
     pub totals: BTreeMap<SiteName, u32>,
+    /// The policies that apply.
     pub policy: ServicePolicy,
 }
 
 /// The traffic policies that apply to one service (from the catalog).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServicePolicy {
+    /// Site order.
     pub failover: Option<FailoverSpec>,
+    /// Weights per site.
     pub split: Option<BTreeMap<String, u32>>,
+    /// Passive health.
     pub outlier: Option<OutlierParams>,
+    /// Retries (HTTP).
     pub retry: Option<RetrySpec>,
+    /// Deadlines (HTTP).
     pub timeout: Option<TimeoutSpec>,
+    /// Circuit breaker limits (HTTP).
     pub breaker: Option<Limits>,
+    /// Injected faults (HTTP).
     pub fault: Option<FaultSpec>,
+    /// Who may call (checked at the exporting gateway).
     pub authz: Option<AuthzSpec>,
 }
 
@@ -110,14 +122,19 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
     out
 }
 
+/// The routing table: services and how to reach the sites exporting them.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Routes {
+    /// The catalog revision it was built from.
     pub revision: u64,
+    /// Every service available in the federation.
     pub services: BTreeMap<ServiceKey, ServiceRoute>,
+    /// Every other available member site.
     pub sites: BTreeMap<SiteName, SiteRoute>,
 }
 
 impl Routes {
+    /// The table for a catalog view, with VIPs from this site's range.
     pub fn build(view: &CatalogView, vip_base: IpAddr, vip_prefix: u8) -> Self {
         let mut services = BTreeMap::new();
         let mut policies = policies_by_service(view);

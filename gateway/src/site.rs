@@ -29,12 +29,19 @@ struct SiteFile {
     controllers: Vec<String>,
 }
 
+/// A joined site's state, kept in its state directory.
 pub struct SiteState {
+    /// The state directory.
     pub dir: PathBuf,
+    /// The site's name.
     pub site: SiteName,
+    /// Its trust domain.
     pub trust_domain: TrustDomain,
+    /// Controller endpoints (`host:port`).
     pub controllers: Vec<String>,
+    /// The controller CA, PEM, pinned at join.
     pub controller_ca_pem: String,
+    /// The site's credential for the controller API.
     pub api: Credential,
 }
 
@@ -159,6 +166,7 @@ impl SiteState {
         })
     }
 
+    /// A controller client with the site's credential.
     pub fn controller_client(&self) -> Arc<ControllerClient> {
         Arc::new(ControllerClient::new(
             self.controllers.clone(),

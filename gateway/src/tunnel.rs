@@ -14,6 +14,7 @@ use quinn::{EndpointConfig, TransportConfig, VarInt};
 
 use crate::config::QuicConfig;
 
+/// The ALPN protocol of causeway tunnels.
 pub const ALPN: &[u8] = b"causeway-tunnel/1";
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -46,6 +47,8 @@ pub fn transport(q: &QuicConfig) -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+/// The QUIC server config: this replica's certificate, peers verified
+/// against their own site's bundle.
 pub fn server_config(
     cred: &Credential,
     store: Arc<TrustStore>,
@@ -277,6 +280,7 @@ impl quinn::UdpPoller for WritablePoller {
     }
 }
 
+/// Binds the tunnel's UDP socket.
 pub fn bind_udp(addr: SocketAddr) -> anyhow::Result<std::net::UdpSocket> {
     std::net::UdpSocket::bind(addr).with_context(|| format!("binding the tunnel UDP socket {addr}"))
 }

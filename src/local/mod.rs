@@ -37,12 +37,19 @@ pub struct LocalFederation {
     pub gateway_base: GatewayConfig,
     /// Extra flags for every DNS server started from now on.
     pub dns_flags: Vec<String>,
+    /// The working directory (data and logs).
     pub root: PathBuf,
+    /// The `causeway` binary every process runs.
     pub bin: PathBuf,
+    /// The controller CA and admin credential.
     pub creds: PathBuf,
+    /// Each controller's API address.
     pub controller_addrs: BTreeMap<u64, String>,
+    /// The controller processes.
     pub controllers: BTreeMap<u64, Proc>,
+    /// Each controller's admin port.
     pub controller_admin: BTreeMap<u64, SocketAddr>,
+    /// The sites by name.
     pub sites: BTreeMap<String, Site>,
 }
 
@@ -199,6 +206,7 @@ impl LocalFederation {
         Ok(String::from_utf8(out.stdout)?)
     }
 
+    /// The controllers' API addresses.
     pub fn endpoints(&self) -> Vec<String> {
         self.controller_addrs.values().cloned().collect()
     }
@@ -301,15 +309,18 @@ impl LocalFederation {
         out
     }
 
+    /// Controller `id`'s process.
     pub fn controller(&mut self, id: u64) -> &mut Proc {
         self.controllers.get_mut(&id).expect("known controller id")
     }
 
+    /// Starts controller `id` again (same data).
     pub fn restart(&mut self, id: u64) -> anyhow::Result<()> {
         let bin = self.bin.clone();
         self.controller(id).start(&bin)
     }
 
+    /// Kills every process.
     pub async fn shutdown(&mut self) {
         for s in self.sites.values_mut() {
             s.dns_proc.kill().await;

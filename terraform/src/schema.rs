@@ -6,13 +6,20 @@ use std::collections::BTreeMap;
 use crate::pb;
 use crate::value::Value;
 
+/// A Terraform attribute type.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Ty {
+    /// `string`.
     String,
+    /// `number`.
     Number,
+    /// `bool`.
     Bool,
+    /// `list(T)`.
     List(Box<Ty>),
+    /// `map(T)`.
     Map(Box<Ty>),
+    /// `object({...})`.
     Object(Vec<(&'static str, Ty)>),
 }
 
@@ -37,9 +44,12 @@ impl Ty {
     }
 }
 
+/// Who sets an attribute.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Mode {
+    /// The user, always.
     Required,
+    /// The user, if they like.
     Optional,
     /// Set by the provider only.
     Computed,
@@ -47,16 +57,23 @@ pub enum Mode {
     OptionalComputed,
 }
 
+/// One attribute of a schema.
 #[derive(Clone, Debug)]
 pub struct Attr {
+    /// Its name.
     pub name: &'static str,
+    /// Its type.
     pub ty: Ty,
+    /// Who sets it.
     pub mode: Mode,
+    /// Hidden in plans and logs.
     pub sensitive: bool,
+    /// What it is, for docs.
     pub description: &'static str,
 }
 
 impl Attr {
+    /// An attribute that is not sensitive.
     pub fn new(name: &'static str, ty: Ty, mode: Mode, description: &'static str) -> Self {
         Self {
             name,
@@ -67,19 +84,24 @@ impl Attr {
         }
     }
 
+    /// The same attribute, sensitive.
     pub fn sensitive(mut self) -> Self {
         self.sensitive = true;
         self
     }
 }
 
+/// A resource's or data source's schema.
 #[derive(Clone, Debug)]
 pub struct Block {
+    /// What it is, for docs.
     pub description: &'static str,
+    /// Its attributes.
     pub attrs: Vec<Attr>,
 }
 
 impl Block {
+    /// As the plugin protocol sends it.
     pub fn to_proto(&self) -> pb::Schema {
         pb::Schema {
             version: 0,

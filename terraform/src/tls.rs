@@ -18,7 +18,10 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixT
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
+/// The plugin socket's TLS: this provider's certificate, and Terraform's
+/// client certificate pinned.
 pub struct PluginTls {
+    /// The rustls server config.
     pub config: Arc<rustls::ServerConfig>,
     /// The server certificate as the handshake line carries it: base64 of
     /// the DER, without padding.

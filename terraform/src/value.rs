@@ -16,13 +16,18 @@ use std::collections::BTreeMap;
 /// levels).
 pub const MAX_DEPTH: usize = 32;
 
+/// A Terraform value (msgpack), as the plugin protocol carries it.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// `null`.
     Null,
     /// Known only after apply.
     Unknown,
+    /// A bool.
     Bool(bool),
+    /// A number.
     Number(f64),
+    /// A string.
     String(String),
     /// A list, set or tuple.
     List(Vec<Value>),
@@ -30,27 +35,36 @@ pub enum Value {
     Map(BTreeMap<String, Value>),
 }
 
+/// Why msgpack bytes are not a value (each with its byte offset).
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum DecodeError {
+    /// The bytes end inside a value.
     #[error("value ends early, at byte {0}")]
     Truncated(usize),
+    /// Bytes are left after the value.
     #[error("{0} bytes left over after the value")]
     Trailing(usize),
+    /// Nested deeper than the limit.
     #[error("nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// A msgpack type (marker) this decoder does not take.
     #[error("unsupported msgpack type 0x{0:02x} at byte {1}")]
     Unsupported(u8, usize),
+    /// A map key that is not a string.
     #[error("map key at byte {0} is not a string")]
     KeyNotString(usize),
+    /// A string that is not UTF-8.
     #[error("string at byte {0} is not UTF-8")]
     NotUtf8(usize),
 }
 
 impl Value {
+    /// Whether it is `null`.
     pub fn is_null(&self) -> bool {
         matches!(self, Value::Null)
     }
 
+    /// Whether it is known (no unknown value anywhere inside).
     pub fn is_known(&self) -> bool {
         !matches!(self, Value::Unknown)
     }
@@ -73,6 +87,7 @@ impl Value {
         }
     }
 
+    /// The string, if it is one.
     pub fn as_str(&self) -> Option<&str> {
         match self {
             Value::String(s) => Some(s),
@@ -80,6 +95,7 @@ impl Value {
         }
     }
 
+    /// The number, if it is one.
     pub fn as_f64(&self) -> Option<f64> {
         match self {
             Value::Number(n) => Some(*n),
@@ -87,6 +103,7 @@ impl Value {
         }
     }
 
+    /// The bool, if it is one.
     pub fn as_bool(&self) -> Option<bool> {
         match self {
             Value::Bool(b) => Some(*b),
@@ -94,6 +111,7 @@ impl Value {
         }
     }
 
+    /// A string value.
     pub fn string(s: impl Into<String>) -> Value {
         Value::String(s.into())
     }
@@ -107,10 +125,12 @@ impl Value {
         }
     }
 
+    /// A list of strings.
     pub fn string_list<S: AsRef<str>>(items: &[S]) -> Value {
         Value::List(items.iter().map(|s| Value::string(s.as_ref())).collect())
     }
 
+    /// A map of strings.
     pub fn string_map<'a>(items: impl IntoIterator<Item = (&'a String, &'a String)>) -> Value {
         Value::Map(
             items
@@ -158,6 +178,7 @@ impl Value {
         }
     }
 
+    /// The value as msgpack.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         self.encode_into(&mut out);
@@ -221,6 +242,7 @@ impl Value {
         }
     }
 
+    /// A value from msgpack; bounded in depth and size.
     pub fn decode(bytes: &[u8]) -> Result<Value, DecodeError> {
         let mut d = Decoder { bytes, pos: 0 };
         let v = d.value(0)?;

@@ -7,10 +7,18 @@ use std::collections::BTreeMap;
 use crate::model::{Revision, ServiceKey, SiteName};
 use crate::pb;
 
+/// Why a watch event could not be applied to a view.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ApplyError {
+    /// The delta does not follow the view's revision.
     #[error("delta for revision {got} does not follow revision {have}; resync from a snapshot")]
-    Gap { have: u64, got: u64 },
+    Gap {
+        /// The revision the view is at.
+        have: u64,
+        /// The revision the delta is for.
+        got: u64,
+    },
+    /// The event carried neither a snapshot nor a delta.
     #[error("watch event has no body")]
     Empty,
 }
@@ -18,8 +26,11 @@ pub enum ApplyError {
 /// One service as seen across the federation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceView {
+    /// `<namespace>/<name>`.
     pub key: ServiceKey,
+    /// Its index in every site's VIP range (its ClusterSetIP there).
     pub vip_index: u32,
+    /// Its ports (the union over the exporting sites).
     pub ports: Vec<pb::ServicePort>,
     /// Sites that export it, with their healthy endpoint counts, by name.
     pub exporters: Vec<(SiteName, u32)>,
@@ -36,12 +47,17 @@ pub struct ServiceView {
     pub zones: BTreeMap<SiteName, Vec<pb::ZoneHealth>>,
 }
 
+/// The catalog as one watcher holds it: a snapshot plus the deltas
+/// since, applied in revision order.
 #[derive(Debug, Clone, Default)]
 pub struct CatalogView {
+    /// The revision of the last change applied.
     pub revision: Revision,
     /// Set once the first snapshot arrived.
     pub synced: bool,
+    /// Member sites by name.
     pub sites: BTreeMap<String, pb::Site>,
+    /// What each site exports, by site name.
     pub exports: BTreeMap<String, Vec<pb::Export>>,
     /// Traffic policies by `policy_key`.
     pub policies: BTreeMap<String, pb::Policy>,

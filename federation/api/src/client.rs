@@ -14,10 +14,18 @@ use crate::pb::federation_client::FederationClient;
 use crate::pb::{self, WatchRequest};
 use crate::sync::LockExt;
 
+/// Why no controller could be called.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    /// Every endpoint failed.
     #[error("no controller endpoint is reachable (tried {tried}): {last}")]
-    Unreachable { tried: String, last: String },
+    Unreachable {
+        /// The endpoints tried, comma-separated.
+        tried: String,
+        /// What the last one said.
+        last: String,
+    },
+    /// An endpoint is not `host:port`.
     #[error("bad controller endpoint {0:?}: expected host:port")]
     BadEndpoint(String),
 }
@@ -48,6 +56,7 @@ impl ControllerClient {
         }
     }
 
+    /// The controller endpoints, in the order they are tried.
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
     }
@@ -90,6 +99,7 @@ impl ControllerClient {
         })
     }
 
+    /// A `Federation` client on the first endpoint that answers.
     pub async fn federation(&self) -> Result<FederationClient<Channel>, ClientError> {
         Ok(FederationClient::new(self.channel().await?))
     }

@@ -25,28 +25,47 @@ pub const CONTROLLER_TRUST_DOMAIN: &str = "controller.causeway";
 /// Suffix of every site's trust domain: `<site>.<suffix>`.
 pub const SITE_TRUST_DOMAIN_SUFFIX: &str = "causeway";
 
+/// Why a certificate, key or credential could not be made or read.
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
+    /// Key or certificate generation failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// A file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: String,
+        /// What the OS said.
         source: std::io::Error,
     },
+    /// A PEM text did not parse.
     #[error("{what}: not valid PEM ({detail})")]
-    Pem { what: String, detail: String },
+    Pem {
+        /// What was being read (a file or field name).
+        what: String,
+        /// What the parser said.
+        detail: String,
+    },
+    /// A certificate does not carry exactly one URI SAN.
     #[error("certificate has {count} URI SANs; a SPIFFE certificate must have exactly one")]
-    UriSanCount { count: usize },
+    UriSanCount {
+        /// How many it has.
+        count: usize,
+    },
+    /// A certificate is not valid X.509.
     #[error("certificate is not valid X.509: {0}")]
     X509(String),
+    /// A name in it is invalid.
     #[error(transparent)]
     Name(#[from] crate::model::InvalidName),
 }
 
 /// A CA: its certificate (DER + PEM) and signing key.
 pub struct CertificateAuthority {
+    /// The CA certificate, PEM.
     pub cert_pem: String,
+    /// The CA certificate, DER.
     pub cert_der: CertificateDer<'static>,
     issuer: Issuer<'static, KeyPair>,
     key_pem: String,
@@ -55,16 +74,21 @@ pub struct CertificateAuthority {
 /// A leaf certificate with its private key, ready for rustls.
 #[derive(Clone)]
 pub struct Credential {
+    /// The leaf certificate, PEM.
     pub cert_pem: String,
+    /// Its private key, PEM (PKCS#8).
     pub key_pem: String,
+    /// The leaf (first) and any intermediates, DER.
     pub chain: Vec<CertificateDer<'static>>,
 }
 
 impl Credential {
+    /// The private key, DER, for rustls.
     pub fn key_der(&self) -> Result<PrivateKeyDer<'static>, IdentityError> {
         parse_key_pem("private key", &self.key_pem)
     }
 
+    /// Reads a CA from its certificate and key files (PEM).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
         Self::parse(
             &cert.display().to_string(),
@@ -99,6 +123,8 @@ impl Credential {
         })
     }
 
+    /// Writes the CA's certificate and key (the key readable by the owner
+    /// only).
     pub fn save(&self, cert: &Path, key: &Path) -> Result<(), IdentityError> {
         write(cert, &self.cert_pem, false)?;
         write(key, &self.key_pem, true)
@@ -146,6 +172,7 @@ impl CertificateAuthority {
         })
     }
 
+    /// A credential from its certificate chain and key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IdentityError> {
         let key = KeyPair::from_pem(key_pem)?;
         let cert_der = parse_certs_pem("CA certificate", cert_pem)?
@@ -164,6 +191,7 @@ impl CertificateAuthority {
         })
     }
 
+    /// Reads a credential from its certificate and key files (PEM).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
         Self::from_pem(&read(cert)?, &read(key)?)
     }
@@ -296,6 +324,7 @@ pub fn check_trust_bundle(what: &str, pem: &str) -> Result<Vec<CertificateDer<'s
     Ok(certs)
 }
 
+/// Every certificate in a PEM text; `what` names it in errors.
 pub fn parse_certs_pem(
     what: &str,
     pem: &str,
@@ -314,6 +343,7 @@ pub fn parse_certs_pem(
     Ok(certs)
 }
 
+/// The one private key in a PEM text; `what` names it in errors.
 pub fn parse_key_pem(what: &str, pem: &str) -> Result<PrivateKeyDer<'static>, IdentityError> {
     rustls_pemfile::private_key(&mut pem.as_bytes())
         .map_err(|e| IdentityError::Pem {
@@ -326,6 +356,7 @@ pub fn parse_key_pem(what: &str, pem: &str) -> Result<PrivateKeyDer<'static>, Id
         })
 }
 
+/// A PEM file's text.
 pub fn read(path: &Path) -> Result<String, IdentityError> {
     std::fs::read_to_string(path).map_err(|source| IdentityError::Io {
         path: path.display().to_string(),

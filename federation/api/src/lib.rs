@@ -12,6 +12,8 @@
 //! It does not run Raft or serve anything: gateways, DNS servers and the
 //! Terraform provider depend on this crate and never on the controller.
 
+#![warn(missing_docs)]
+
 pub mod catalog;
 pub mod client;
 pub mod clock;

@@ -11,11 +11,15 @@ use serde::{Deserialize, Serialize};
 /// Maximum length of one DNS label (RFC 1035 §2.3.4).
 pub const MAX_LABEL_LEN: usize = 63;
 
+/// A name that breaks its rule, with the field it came from.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid {field} {value:?}: {rule}")]
 pub struct InvalidName {
+    /// The field or argument that held it.
     pub field: &'static str,
+    /// The value given.
     pub value: String,
+    /// What a valid value looks like.
     pub rule: &'static str,
 }
 
@@ -74,6 +78,7 @@ macro_rules! string_newtype {
         pub struct $name(String);
 
         impl $name {
+            /// The name as text.
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -143,10 +148,12 @@ impl FromStr for ServiceKey {
 }
 
 impl ServiceKey {
+    /// The namespace part.
     pub fn namespace(&self) -> &str {
         self.0.split_once('/').map(|(ns, _)| ns).unwrap_or_default()
     }
 
+    /// The name part.
     pub fn name(&self) -> &str {
         self.0.split_once('/').map(|(_, n)| n).unwrap_or_default()
     }
@@ -192,10 +199,12 @@ pub struct SpiffeId {
 }
 
 impl SpiffeId {
+    /// The ID `spiffe://<trust_domain><path>`; `path` starts with `/`.
     pub fn new(trust_domain: TrustDomain, path: &str) -> Result<Self, InvalidName> {
         format!("spiffe://{trust_domain}{path}").parse()
     }
 
+    /// The trust domain it belongs to.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
     }
@@ -272,6 +281,7 @@ impl fmt::Display for Revision {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
+    /// Raw TCP; forwarded per connection (the default).
     #[default]
     Tcp,
     /// HTTP/1.1 towards the endpoints; routed per request.
@@ -282,6 +292,7 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// The name used in configs and the API.
     pub fn as_str(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
@@ -371,7 +382,9 @@ pub const MAX_TUNNEL_WEIGHT: u32 = 100;
 /// them by weight.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TunnelAddr {
+    /// Where the replica's tunnel endpoint listens for other sites.
     pub addr: std::net::SocketAddr,
+    /// Its share of new streams (1-100).
     pub weight: u32,
 }
 

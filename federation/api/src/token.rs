@@ -16,16 +16,22 @@ const PREFIX: &str = "cwj1.";
 /// Upper bound on an encoded token, checked before any decoding.
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 
+/// Why a join token string was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TokenError {
+    /// Longer than any token this controller issues.
     #[error("join token is longer than {MAX_TOKEN_LEN} bytes; paste the whole token printed by `causeway ctl cluster add` and nothing else")]
     TooLong,
+    /// Not a causeway join token (wrong prefix).
     #[error("join token must start with '{PREFIX}'; use the token printed by `causeway ctl cluster add`")]
     BadPrefix,
+    /// The body does not decode.
     #[error("join token is malformed ({0}); it may have been cut when copied")]
     Malformed(String),
 }
 
+/// A one-time join token: which site it admits, where the controllers
+/// are, and the controller CA to pin.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct JoinToken {
@@ -33,6 +39,7 @@ pub struct JoinToken {
     pub id: String,
     /// Secret (hex, 32 bytes).
     pub secret: String,
+    /// The site it admits.
     pub site: SiteName,
     /// `host:port` of controller API endpoints.
     pub controllers: Vec<String>,
@@ -41,6 +48,7 @@ pub struct JoinToken {
 }
 
 impl JoinToken {
+    /// A fresh token (random id and secret) for `site`.
     pub fn generate(site: SiteName, controllers: Vec<String>, ca_pem: String) -> Self {
         let id: [u8; 8] = rand::random();
         let secret: [u8; 32] = rand::random();
@@ -53,11 +61,13 @@ impl JoinToken {
         }
     }
 
+    /// The token as the text an operator passes on.
     pub fn encode(&self) -> String {
         let json = serde_json::to_vec(self).expect("token serializes");
         format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(json))
     }
 
+    /// A token from its text; bounded in size before anything is decoded.
     pub fn decode(s: &str) -> Result<Self, TokenError> {
         let s = s.trim();
         if s.len() > MAX_TOKEN_LEN {
@@ -85,6 +95,7 @@ impl JoinToken {
     }
 }
 
+/// SHA-256 of a token secret, hex: all the controller stores.
 pub fn hash_secret(secret: &str) -> String {
     hex::encode(sha2::Sha256::digest(secret.as_bytes()))
 }

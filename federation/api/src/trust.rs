@@ -18,26 +18,37 @@ use crate::model::{SiteName, SpiffeId, TrustDomain};
 /// Why a peer certificate was refused. `kind()` is a bounded metrics label.
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
+    /// The leaf carries no valid SPIFFE ID.
     #[error("peer certificate has no valid SPIFFE ID: {0}")]
     NoSpiffeId(String),
+    /// The leaf is a CA certificate.
     #[error("peer leaf certificate is a CA certificate")]
     LeafIsCa,
+    /// No member site owns the claimed trust domain.
     #[error("trust domain {0} belongs to no member site")]
     UnknownTrustDomain(TrustDomain),
+    /// The peer is from another trust domain than the one dialed.
     #[error("peer is {got}, but this connection expects trust domain {expected}")]
     WrongTrustDomain {
+        /// Who the peer is.
         got: SpiffeId,
+        /// The trust domain expected.
         expected: TrustDomain,
     },
+    /// The chain does not verify against the claimed site's bundle.
     #[error("peer certificate for {id} does not chain to the bundle of site {site}: {reason}")]
     BadChain {
+        /// The ID the leaf claims.
         id: SpiffeId,
+        /// The site that owns that trust domain.
         site: SiteName,
+        /// What the verifier said.
         reason: String,
     },
 }
 
 impl TrustError {
+    /// A bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
             TrustError::NoSpiffeId(_) => "no_spiffe_id",
@@ -64,11 +75,14 @@ pub struct TrustStore {
 /// A verified peer: its site and SPIFFE ID.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Peer {
+    /// The peer's site.
     pub site: SiteName,
+    /// The peer's SPIFFE ID.
     pub id: SpiffeId,
 }
 
 impl TrustStore {
+    /// An empty store: no site is trusted yet.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
     }
@@ -85,11 +99,13 @@ impl TrustStore {
         map.insert(trust_domain, SiteBundle { site, roots });
     }
 
+    /// Forgets a site's bundle: its certificates are refused from now on.
     pub fn remove_site(&self, site: &SiteName) {
         let mut map = self.bundles.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, b| &b.site != site);
     }
 
+    /// The sites with a bundle.
     pub fn sites(&self) -> Vec<SiteName> {
         let map = self.bundles.read().unwrap_or_else(|e| e.into_inner());
         map.values().map(|b| b.site.clone()).collect()
@@ -183,6 +199,7 @@ pub struct SpiffeClientVerifier {
 }
 
 impl SpiffeClientVerifier {
+    /// A verifier over `store`'s bundles.
     pub fn new(store: Arc<TrustStore>) -> Arc<Self> {
         Arc::new(Self { store })
     }
@@ -236,6 +253,7 @@ pub struct SpiffeServerVerifier {
 }
 
 impl SpiffeServerVerifier {
+    /// A verifier that accepts only a server of trust domain `expected`.
     pub fn new(store: Arc<TrustStore>, expected: TrustDomain) -> Arc<Self> {
         Arc::new(Self { store, expected })
     }

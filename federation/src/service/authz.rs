@@ -14,14 +14,19 @@ use crate::NodeId;
 /// Who is calling, from the client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
+    /// No client certificate.
     Anonymous,
+    /// A controller node.
     Node(NodeId),
+    /// An operator with an admin credential.
     Admin(String),
+    /// A member site's gateway, DNS server or agent.
     Site(SiteName),
     /// A certificate from the controller CA whose role we do not know.
     Other(SpiffeId),
 }
 
+/// Who is calling, from the request's client certificate.
 pub fn caller<T>(req: &Request<T>) -> Caller {
     let Some(certs) = req.peer_certs() else {
         return Caller::Anonymous;
@@ -35,6 +40,7 @@ pub fn caller<T>(req: &Request<T>) -> Caller {
     classify(&id)
 }
 
+/// The role a controller-domain SPIFFE ID names.
 pub fn classify(id: &SpiffeId) -> Caller {
     if *id.trust_domain() != controller_trust_domain() {
         return Caller::Other(id.clone());

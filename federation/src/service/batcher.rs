@@ -70,6 +70,7 @@ fn fill_batch(
 }
 
 impl Batcher {
+    /// Starts the batching task in front of `raft`.
     pub fn start(raft: Raft) -> Self {
         let raft_handle = raft.clone();
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Queued>(4096);
@@ -129,6 +130,7 @@ impl Batcher {
         }
     }
 
+    /// Commits `cmd` (batched with others when some are in flight).
     pub async fn write(&self, cmd: Command) -> WriteResult {
         use std::sync::atomic::Ordering;
         if self

@@ -35,8 +35,19 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(8);
 /// A membership change, run on the leader.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub enum MembershipOp {
-    Add { id: NodeId, addr: String },
-    Remove { id: NodeId },
+    /// Add node `id` at `addr`: as a learner, promoted to voter once it
+    /// has caught up.
+    Add {
+        /// The new node's id.
+        id: NodeId,
+        /// Its Raft/API address (`host:port`).
+        addr: String,
+    },
+    /// Remove node `id` (voter or learner).
+    Remove {
+        /// The node's id.
+        id: NodeId,
+    },
 }
 
 /// Maps a state-machine rejection to a gRPC status, in one place.
@@ -151,6 +162,7 @@ impl Shared {
         self.change_membership_here(op).await
     }
 
+    /// Runs a membership change on this node, which must be the leader.
     pub async fn change_membership_here(&self, op: MembershipOp) -> Result<(), Status> {
         use std::collections::BTreeSet;
 

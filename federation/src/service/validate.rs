@@ -64,6 +64,7 @@ pub(super) fn parse_bundle(pem: &str) -> Result<(), Status> {
         .map_err(Status::invalid_argument)
 }
 
+/// Checks a site's published exports; the error names the field.
 pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status> {
     let mut out = Vec::with_capacity(exports.len());
     for (i, e) in exports.iter().enumerate() {

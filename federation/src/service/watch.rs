@@ -15,6 +15,8 @@ use crate::hub::Hub;
 use crate::NodeId;
 
 impl Shared {
+    /// This node's view: role, leader, term, log indexes, membership and
+    /// replication, revision.
     pub fn status(&self) -> pb::StatusResponse {
         let m = self.raft.metrics().borrow().clone();
         let role = format!("{:?}", m.state).to_lowercase();

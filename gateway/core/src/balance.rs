@@ -8,10 +8,13 @@
 /// What the balancer knows about one endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndpointStats {
+    /// Relative share of new streams.
     pub weight: u32,
+    /// Streams in flight to it now.
     pub in_flight: u32,
     /// Moving average of observed latency, nanoseconds; 0 = not measured yet.
     pub ewma_ns: u64,
+    /// Passing health checks.
     pub healthy: bool,
 }
 
@@ -26,18 +29,22 @@ impl Default for EndpointStats {
     }
 }
 
+/// How a stream picks an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Strategy {
     /// Power of two choices over EWMA latency × (in-flight + 1).
     #[default]
     P2cEwma,
+    /// Each healthy endpoint in turn.
     RoundRobin,
+    /// The healthy endpoint with the fewest streams in flight.
     LeastRequest,
     /// Smooth weighted round robin (as in nginx).
     Weighted,
 }
 
 impl Strategy {
+    /// A strategy by its config name.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "p2c_ewma" => Strategy::P2cEwma,
@@ -48,6 +55,7 @@ impl Strategy {
         })
     }
 
+    /// Every strategy.
     pub const ALL: [Strategy; 4] = [
         Strategy::P2cEwma,
         Strategy::RoundRobin,
@@ -56,6 +64,7 @@ impl Strategy {
     ];
 }
 
+/// Picks endpoints by one strategy, keeping its state between picks.
 #[derive(Debug, Clone, Default)]
 pub struct Balancer {
     strategy: Strategy,
@@ -64,6 +73,7 @@ pub struct Balancer {
 }
 
 impl Balancer {
+    /// A balancer for `strategy`.
     pub fn new(strategy: Strategy) -> Self {
         Self {
             strategy,
@@ -72,6 +82,7 @@ impl Balancer {
         }
     }
 
+    /// Its strategy.
     pub fn strategy(&self) -> Strategy {
         self.strategy
     }

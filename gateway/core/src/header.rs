@@ -15,7 +15,9 @@
 
 use thiserror::Error;
 
+/// The first bytes of every causeway stream frame.
 pub const MAGIC: [u8; 2] = *b"CW";
+/// The frame version this code speaks.
 pub const VERSION: u8 = 1;
 const KIND_OPEN: u8 = 1;
 /// Fixed prefix of both frames: magic, version, kind/status, length.
@@ -25,22 +27,31 @@ pub const MAX_BODY: usize = 1024;
 /// Largest response message accepted.
 pub const MAX_MESSAGE: usize = 512;
 
+/// Why bytes are not a valid frame.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum HeaderError {
+    /// Not a causeway stream.
     #[error("not a causeway stream (bad magic)")]
     BadMagic,
+    /// A version this code does not speak.
     #[error("unsupported header version {0}")]
     Version(u8),
+    /// A frame kind this code does not know.
     #[error("unknown frame kind {0}")]
     Kind(u8),
+    /// The declared length, and the limit it passes.
     #[error("header length {0} exceeds the limit {1}")]
     TooLong(usize, usize),
+    /// The frame ends early.
     #[error("header truncated")]
     Truncated,
+    /// Bytes left after the frame.
     #[error("header has {0} trailing bytes")]
     Trailing(usize),
+    /// A text field (named) is not UTF-8.
     #[error("header field {0} is not UTF-8")]
     Utf8(&'static str),
+    /// A status code this code does not know.
     #[error("unknown status code {0}")]
     Status(u8),
 }
@@ -50,6 +61,7 @@ pub enum HeaderError {
 pub struct OpenRequest {
     /// `<namespace>/<name>`; validated by the shell against the catalog.
     pub service: String,
+    /// The service port asked for.
     pub port: u16,
     /// Milliseconds the caller will wait for the status; 0 = no deadline.
     pub deadline_ms: u32,
@@ -82,6 +94,7 @@ pub enum Status {
 }
 
 impl Status {
+    /// The status with this wire code.
     pub fn from_u8(v: u8) -> Result<Self, HeaderError> {
         Ok(match v {
             0 => Status::Opened,
@@ -117,9 +130,12 @@ impl Status {
     }
 }
 
+/// The exporting gateway's answer, before any payload.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OpenResponse {
+    /// Opened, or why not.
     pub status: Status,
+    /// Why, for logs (bounded).
     pub message: String,
 }
 
@@ -210,6 +226,7 @@ impl OpenRequest {
         Ok(len)
     }
 
+    /// The request from a body whose length the prefix gave.
     pub fn decode_body(body: &[u8]) -> Result<Self, HeaderError> {
         if body.len() > MAX_BODY {
             return Err(HeaderError::TooLong(body.len(), MAX_BODY));
@@ -247,6 +264,7 @@ impl OpenRequest {
 }
 
 impl OpenResponse {
+    /// An answer with `status` and `message` (cut to the limit).
     pub fn new(status: Status, message: impl Into<String>) -> Self {
         let mut message = message.into();
         if message.len() > MAX_MESSAGE {
@@ -259,6 +277,7 @@ impl OpenResponse {
         Self { status, message }
     }
 
+    /// The answer as wire bytes.
     pub fn encode(&self) -> Vec<u8> {
         let msg = self.message.as_bytes();
         let n = msg.len().min(MAX_MESSAGE);
@@ -282,6 +301,7 @@ impl OpenResponse {
         Ok((status, len))
     }
 
+    /// An answer from a whole frame.
     pub fn decode(frame: &[u8]) -> Result<Self, HeaderError> {
         let prefix: &[u8; PREFIX_LEN] = frame
             .get(..PREFIX_LEN)

@@ -7,6 +7,8 @@
 //! No tokio, no sockets, no clock reads: the async shell in
 //! `causeway-gateway` feeds bytes and state in and acts on what comes out.
 
+#![warn(missing_docs)]
+
 pub mod balance;
 pub mod header;
 pub mod order;

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 /// One site that exports the service, as the caller's gateway sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SiteView<'a> {
+    /// The site's name.
     pub site: &'a str,
     /// Endpoints passing health checks.
     pub healthy: u32,
@@ -242,8 +243,11 @@ pub fn choose_site<'a>(
 /// Outlier detection parameters.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OutlierParams {
+    /// Failures in a row that eject a site.
     pub consecutive_failures: u32,
+    /// Base ejection time, ms.
     pub ejection_ms: u64,
+    /// Most sites ejected at once, percent.
     pub max_ejected_percent: u32,
 }
 
@@ -266,6 +270,7 @@ pub struct Outliers {
 /// What a failure report did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ejection {
+    /// Nothing changed (or the site was ejected already).
     None,
     /// Ejected until the given time.
     Ejected(u64),
@@ -274,6 +279,7 @@ pub enum Ejection {
 }
 
 impl Outliers {
+    /// Whether `site` is ejected at `now_ms`.
     pub fn is_ejected(&self, site: &str, now_ms: u64) -> bool {
         self.sites
             .get(site)
@@ -290,6 +296,7 @@ impl Outliers {
             .collect()
     }
 
+    /// Records a success of `site`: its failure run starts over.
     pub fn on_success(&mut self, site: &str) {
         if let Some(r) = self.sites.get_mut(site) {
             r.consecutive = 0;
@@ -350,9 +357,11 @@ pub struct RetryBudget {
     buckets: std::collections::VecDeque<(u64, u64, u64)>,
 }
 
+/// Seconds of history the budget looks at.
 pub const WINDOW_S: u64 = 10;
 
 impl RetryBudget {
+    /// A budget of `ratio` of requests, and at least `min_per_second`.
     pub fn new(ratio: f64, min_per_second: u32) -> Self {
         Self {
             ratio: ratio.clamp(0.0, 1.0),
@@ -398,16 +407,22 @@ impl RetryBudget {
 /// Circuit breaker limits per site; `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Limits {
+    /// Most upstream connections.
     pub max_connections: Option<u32>,
+    /// Most requests waiting for a connection.
     pub max_pending: Option<u32>,
+    /// Most requests in flight.
     pub max_requests: Option<u32>,
 }
 
 /// What is in flight to one site.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct InFlight {
+    /// Upstream connections open.
     pub connections: u32,
+    /// Requests waiting for a connection.
     pub pending: u32,
+    /// Requests in flight.
     pub requests: u32,
 }
 
@@ -428,7 +443,9 @@ pub fn breaker(limits: &Limits, now: &InFlight) -> Option<&'static str> {
 /// Faults to inject into one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Faults {
+    /// Delay the request this long, ms.
     pub delay_ms: Option<u32>,
+    /// Answer with this status instead of forwarding.
     pub abort_status: Option<u16>,
 }
 

@@ -9,6 +9,7 @@ use super::*;
 use crate::schema::{Attr, Block, Mode, Ty};
 use crate::value::Value;
 
+/// The `causeway_site_trust_bundle` resource's schema.
 pub fn bundle_schema() -> Block {
     Block {
         description: "The trust bundle of a site that has joined: the CA certificates its gateways' certificates chain to. For a site CA kept outside the gateway (cert-manager, Vault, ...). Destroying this resource leaves the site's last bundle in place (a site always has one; it goes with the site).",

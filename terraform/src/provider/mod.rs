@@ -31,10 +31,15 @@ use crate::pb::provider_server;
 use crate::schema::{Attr, Block, Mode, Ty};
 use crate::value::Value;
 
+/// The site resource's type name.
 pub const SITE: &str = "causeway_site";
+/// The policy resource's type name.
 pub const POLICY: &str = "causeway_policy";
+/// The sites data source's type name.
 pub const SITES: &str = "causeway_sites";
+/// The services data source's type name.
 pub const SERVICES: &str = "causeway_services";
+/// The trust bundle resource's type name.
 pub const BUNDLE: &str = "causeway_site_trust_bundle";
 
 mod bundle;
@@ -49,6 +54,7 @@ pub use policy::policy_schema;
 pub use services::services_schema;
 pub use site::{site_schema, sites_schema};
 
+/// The provider block's schema.
 pub fn provider_schema() -> Block {
     Block {
         description: "Manages a causeway federation through its controllers' admin API (gRPC over mutual TLS).",
@@ -218,6 +224,7 @@ type FedClient = api::federation_client::FederationClient<tonic::transport::Chan
 /// The longest one controller call may take, endpoints tried included.
 const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The provider's state between Terraform's calls.
 pub struct Provider {
     client: RwLock<Option<Arc<ControllerClient>>>,
     /// Set when Terraform asks the provider to stop (an interrupted run):
@@ -232,6 +239,7 @@ impl Default for Provider {
 }
 
 impl Provider {
+    /// An unconfigured provider.
     pub fn new() -> Self {
         Self {
             client: RwLock::new(None),

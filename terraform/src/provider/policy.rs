@@ -9,6 +9,7 @@ use super::*;
 use crate::schema::{Attr, Block, Mode, Ty};
 use crate::value::Value;
 
+/// The `causeway_policy` resource's schema.
 pub fn policy_schema() -> Block {
     Block {
         description: "One traffic policy (FailoverPolicy, TrafficSplit, RetryPolicy, CircuitBreaker, AuthorizationPolicy, ...), as `causeway ctl policy apply` takes it.",

@@ -20,6 +20,7 @@ pub(super) fn service_entry_ty() -> Ty {
     ])
 }
 
+/// The `causeway_services` data source's schema.
 pub fn services_schema() -> Block {
     Block {
         description: "The services member sites export, each once with every site exporting it (e.g. to declare a FailoverPolicy per service with for_each).",

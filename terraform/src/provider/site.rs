@@ -15,6 +15,7 @@ pub(super) const DEFAULT_TOKEN_TTL: u64 = 3600;
 /// The controller's limit (7 days).
 pub(super) const MAX_TOKEN_TTL: u64 = 7 * 24 * 3600;
 
+/// The `causeway_site` resource's schema.
 pub fn site_schema() -> Block {
     Block {
         description: "A member site (cluster). Creating it reserves the name and mints a one-time join token for the site's gateway; destroying it removes the site, its trust bundle and its exports.",
@@ -90,6 +91,7 @@ pub(super) fn site_entry_ty() -> Ty {
     ])
 }
 
+/// The `causeway_sites` data source's schema.
 pub fn sites_schema() -> Block {
     Block {
         description: "The federation's member sites.",

@@ -7,19 +7,26 @@ use super::read::*;
 use super::Spec;
 use crate::model::SpiffeId;
 
+/// One allow rule: callers that match any listed site or identity.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthzRule {
+    /// Sites whose gateways may call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+    /// SPIFFE IDs that may call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub identities: Vec<String>,
 }
 
+/// An `AuthorizationPolicy`: who may call a service; everyone else is
+/// refused.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuthzSpec {
+    /// The service, in the policy's namespace.
     pub service: String,
+    /// The rules; a caller that matches one is allowed.
     pub allow: Vec<AuthzRule>,
 }
 

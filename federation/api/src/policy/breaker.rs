@@ -6,14 +6,19 @@ use serde_json::{Map, Value};
 use super::read::*;
 use super::Spec;
 
+/// A `CircuitBreaker`: per-site limits on what is in flight.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CircuitBreakerSpec {
+    /// The service, in the policy's namespace.
     pub service: String,
+    /// Most upstream connections per site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
+    /// Most requests waiting for a connection per site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_pending: Option<u32>,
+    /// Most requests in flight per site.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u32>,
 }

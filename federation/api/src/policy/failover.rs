@@ -7,6 +7,7 @@ use serde_json::{Map, Value};
 use super::read::*;
 use super::Spec;
 
+/// How a `FailoverPolicy` orders sites into tiers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum FailoverMode {
@@ -18,13 +19,19 @@ pub enum FailoverMode {
     Nearest,
 }
 
+/// A `FailoverPolicy`: the tiers a service's traffic takes, and when a
+/// tier spills over to the next.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FailoverSpec {
+    /// The service, in the policy's namespace.
     pub service: String,
+    /// How tiers are formed.
     pub mode: FailoverMode,
+    /// With `ordered`: the sites, one tier each, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sites: Vec<String>,
+    /// With `locality`: the site label keys compared, closest first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub locality_labels: Vec<String>,
     /// Below this share of healthy endpoints in a tier, the next tier gets

@@ -6,26 +6,36 @@ use serde_json::{Map, Value};
 use super::read::*;
 use super::Spec;
 
+/// A delay injected into a share of requests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FaultDelay {
+    /// Share of requests delayed, percent.
     pub percent: f64,
+    /// How long, ms.
     pub ms: u32,
 }
 
+/// An error answer injected into a share of requests.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FaultAbort {
+    /// Share of requests aborted, percent.
     pub percent: f64,
+    /// The HTTP status they get (400-599).
     pub status: u16,
 }
 
+/// A `FaultInjection`: delays and aborts for testing resilience.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FaultSpec {
+    /// The service, in the policy's namespace.
     pub service: String,
+    /// The delay, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delay: Option<FaultDelay>,
+    /// The abort, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub abort: Option<FaultAbort>,
 }

@@ -34,6 +34,7 @@ pub use timeout::TimeoutSpec;
 
 use read::{label, object, Errors};
 
+/// The `apiVersion` every policy document carries.
 pub const API_VERSION: &str = "causeway.dev/v1alpha1";
 /// Largest canonical spec stored (bytes of JSON).
 pub const MAX_SPEC_BYTES: usize = 16 * 1024;
@@ -42,18 +43,28 @@ pub const MAX_POLICIES: usize = 10_000;
 /// Most documents one apply may carry.
 pub const MAX_DOCUMENTS: usize = 256;
 
+/// The kinds of traffic policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
+    /// Which sites take a service's traffic, in which order.
     FailoverPolicy,
+    /// Weighted shares of traffic per site.
     TrafficSplit,
+    /// Which failures are retried, within a budget.
     RetryPolicy,
+    /// Deadlines per request and per try.
     TimeoutPolicy,
+    /// Limits on what is in flight per site.
     CircuitBreaker,
+    /// Ejection of sites that fail repeatedly.
     OutlierDetection,
+    /// Injected delays and aborts.
     FaultInjection,
+    /// Who may call a service.
     AuthorizationPolicy,
 }
 
+/// Every kind, in the order errors list them.
 pub const KINDS: &[Kind] = &[
     Kind::FailoverPolicy,
     Kind::TrafficSplit,
@@ -66,6 +77,7 @@ pub const KINDS: &[Kind] = &[
 ];
 
 impl Kind {
+    /// The kind as documents write it.
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::FailoverPolicy => "FailoverPolicy",
@@ -105,20 +117,30 @@ fn kind_list() -> String {
         .join(", ")
 }
 
+/// A validated spec, tagged with its kind.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "spec")]
 pub enum Spec {
+    /// See [`FailoverSpec`].
     FailoverPolicy(FailoverSpec),
+    /// See [`TrafficSplitSpec`].
     TrafficSplit(TrafficSplitSpec),
+    /// See [`RetrySpec`].
     RetryPolicy(RetrySpec),
+    /// See [`TimeoutSpec`].
     TimeoutPolicy(TimeoutSpec),
+    /// See [`CircuitBreakerSpec`].
     CircuitBreaker(CircuitBreakerSpec),
+    /// See [`OutlierSpec`].
     OutlierDetection(OutlierSpec),
+    /// See [`FaultSpec`].
     FaultInjection(FaultSpec),
+    /// See [`AuthzSpec`].
     AuthorizationPolicy(AuthzSpec),
 }
 
 impl Spec {
+    /// Its kind.
     pub fn kind(&self) -> Kind {
         match self {
             Spec::FailoverPolicy(_) => Kind::FailoverPolicy,
@@ -150,12 +172,16 @@ impl Spec {
 /// A validated policy.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
+    /// `metadata.namespace`: also the namespace of the target service.
     pub namespace: String,
+    /// `metadata.name`.
     pub name: String,
+    /// The validated spec.
     pub spec: Spec,
 }
 
 impl Policy {
+    /// Its kind.
     pub fn kind(&self) -> Kind {
         self.spec.kind()
     }
@@ -180,6 +206,7 @@ impl Policy {
         doc
     }
 
+    /// The canonical document as JSON text.
     pub fn to_json(&self) -> String {
         serde_json::to_string(&self.to_document()).expect("json")
     }

@@ -6,13 +6,20 @@ use serde_json::{Map, Value};
 use super::read::*;
 use super::Spec;
 
+/// An `OutlierDetection`: when a failing site is ejected, and for how
+/// long.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct OutlierSpec {
+    /// The service, in the policy's namespace.
     pub service: String,
+    /// Failures in a row that eject a site.
     pub consecutive_failures: u32,
+    /// How often ejections are reconsidered, ms.
     pub interval_ms: u32,
+    /// Base ejection time, ms (multiplied by the site's ejection count).
     pub ejection_ms: u32,
+    /// Most sites ejected at once, percent (one may always be).
     pub max_ejected_percent: u32,
 }
 

@@ -6,13 +6,18 @@ use serde_json::{Map, Value};
 use super::read::*;
 use super::Spec;
 
+/// A failure a `RetryPolicy` may retry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryOn {
+    /// The upstream could not be reached.
     ConnectFailure,
+    /// The connection broke before an answer.
     Reset,
+    /// Any 5xx answer.
     #[serde(rename = "5xx")]
     ServerError,
+    /// 502, 503, 504 or a timeout.
     GatewayError,
 }
 
@@ -23,6 +28,7 @@ const RETRY_ON: &[(&str, RetryOn)] = &[
     ("gateway-error", RetryOn::GatewayError),
 ];
 
+/// How many retries a service may add.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RetryBudget {
@@ -32,13 +38,17 @@ pub struct RetryBudget {
     pub min_per_second: u32,
 }
 
+/// A `RetryPolicy`: which failures are retried and how often.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RetrySpec {
+    /// The service, in the policy's namespace.
     pub service: String,
     /// Retries after the first try.
     pub attempts: u32,
+    /// The failures retried.
     pub on: Vec<RetryOn>,
+    /// The retry budget.
     pub budget: RetryBudget,
 }
 

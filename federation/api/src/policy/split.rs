@@ -8,10 +8,13 @@ use serde_json::{Map, Value};
 use super::read::*;
 use super::Spec;
 
+/// A `TrafficSplit`: shares of a service's traffic per site.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TrafficSplitSpec {
+    /// The service, in the policy's namespace.
     pub service: String,
+    /// Weight per site name (0-10000); shares are weight / sum.
     pub weights: BTreeMap<String, u32>,
 }
 

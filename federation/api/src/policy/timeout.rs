@@ -6,11 +6,15 @@ use serde_json::{Map, Value};
 use super::read::*;
 use super::Spec;
 
+/// A `TimeoutPolicy`: how long a request, and each try, may take.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TimeoutSpec {
+    /// The service, in the policy's namespace.
     pub service: String,
+    /// The whole request, retries included, ms.
     pub request_ms: u32,
+    /// One try, ms (at most `request_ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub per_try_ms: Option<u32>,
 }
