@@ -9,9 +9,7 @@ use common::*;
 async fn an_operator_relabels_a_site_with_ctl() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
-    fed.start_controllers(1).unwrap();
-    fed.wait_for_leader(Duration::from_secs(20)).await.unwrap();
+    let (mut fed, _) = controllers(&tmp, 1, &[]).await;
     let _site = join_in_process(&fed, "alpha").await;
 
     tracing::info!("phase: the whole set is replaced, and cluster list shows it");
@@ -123,11 +121,8 @@ async fn read(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn linearizable_reads_come_from_a_confirmed_leader() {
     init_tracing();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
-    fed.start_controllers(3).unwrap();
-    let leader = fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let (mut fed, leader) = controllers(&tmp, 3, &[]).await;
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let site = join_in_process(&fed, "alpha").await;
     publish(&site.controller_client(), "alpha", 4)
@@ -439,26 +434,31 @@ async fn bad_input_gets_a_clear_error_and_nothing_is_lost() {
     assert_eq!(err.code(), tonic::Code::PermissionDenied);
 
     tracing::info!("phase: unknown and invalid config fields");
-    let cfg = write_config(
-        &tmp,
-        "typo.toml",
-        "state_dir = \"/x\"\ntunel_listen = \"127.0.0.1:1\"\n",
-    );
-    let (code, stderr) = run_bin(&["gateway", "--config", &cfg]);
-    assert_eq!(code, 64, "{stderr}");
-    assert!(stderr.contains("unknown field `tunel_listen`"), "{stderr}");
-    let cfg = write_config(&tmp, "badkey.toml", "state_dir = \"/x\"\n[[exports]]\nservice = \"payments\"\nport = 80\nendpoints = [\"127.0.0.1:1\"]\n");
-    let (code, stderr) = run_bin(&["gateway", "--config", &cfg]);
-    assert_eq!(code, 64, "{stderr}");
-    assert!(stderr.contains("exports[0].service"), "{stderr}");
-    let cfg = write_config(
-        &tmp,
-        "ctrl.toml",
-        "id = 1\nlisten = \"127.0.0.1:1\"\nbogus = true\n",
-    );
-    let (code, stderr) = run_bin(&["controller", "--config", &cfg]);
-    assert_eq!(code, 64, "{stderr}");
-    assert!(stderr.contains("unknown field `bogus`"), "{stderr}");
+    for (command, file, text, want) in [
+        (
+            "gateway",
+            "typo.toml",
+            "state_dir = \"/x\"\ntunel_listen = \"127.0.0.1:1\"\n",
+            "unknown field `tunel_listen`",
+        ),
+        (
+            "gateway",
+            "badkey.toml",
+            "state_dir = \"/x\"\n[[exports]]\nservice = \"payments\"\nport = 80\nendpoints = [\"127.0.0.1:1\"]\n",
+            "exports[0].service",
+        ),
+        (
+            "controller",
+            "ctrl.toml",
+            "id = 1\nlisten = \"127.0.0.1:1\"\nbogus = true\n",
+            "unknown field `bogus`",
+        ),
+    ] {
+        let cfg = write_config(&tmp, file, text);
+        let (code, stderr) = run_bin(&[command, "--config", &cfg]);
+        assert_eq!(code, 64, "{file}: {stderr}");
+        assert!(stderr.contains(want), "{file}: {stderr}");
+    }
 
     tracing::info!("phase: nothing acknowledged was lost, the controllers still serve");
     for id in fed.controller_addrs.keys() {
@@ -480,9 +480,8 @@ fn voters(s: &causeway_api::pb::StatusResponse) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controllers_grow_from_one_to_five_and_shrink_back_while_serving() {
     init_tracing();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    let mut fed = new_federation(&tmp);
     for id in 1..=5 {
         fed.reserve_controller(id).unwrap();
     }
@@ -807,12 +806,8 @@ async fn watchers_never_see_revisions_go_backwards_across_leader_kills() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshots_bound_the_log_and_a_restart_recovers_from_them() {
     init_tracing();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
-    fed.controller_flags = vec!["--snapshot-every".into(), "50".into()];
-    fed.start_controllers(3).unwrap();
-    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let (mut fed, _) = controllers(&tmp, 3, &["--snapshot-every", "50"]).await;
     let site = join_in_process(&fed, "alpha").await;
     let client = site.controller_client();
 
@@ -855,11 +850,8 @@ async fn snapshots_bound_the_log_and_a_restart_recovers_from_them() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_follower_far_behind_on_large_entries_catches_up() {
     init_tracing();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
-    fed.start_controllers(3).unwrap();
-    let leader = fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let (mut fed, leader) = controllers(&tmp, 3, &[]).await;
     let site = join_in_process(&fed, "alpha").await;
     let client = site.controller_client();
     let behind = (1..=3).find(|id| *id != leader).unwrap();
@@ -898,9 +890,8 @@ async fn a_full_disk_gives_a_clear_error_and_loses_nothing_acknowledged() {
         nix_is_root(),
         "this test mounts a tmpfs and needs root: run `sudo scripts/test-all` (CI runs as root)"
     );
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
+    let mut fed = new_federation(&tmp);
     fed.reserve_controller(1).unwrap();
     let data = fed.root.join("controller-1");
     std::fs::create_dir_all(&data).unwrap();
@@ -991,12 +982,8 @@ fn nix_is_root() -> bool {
 async fn a_stalled_watcher_is_cut_off_and_never_slows_the_others() {
     use causeway_api::pb::{self, watch_event::Kind};
     init_tracing();
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let tmp = tempfile::tempdir().unwrap();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
-    fed.controller_flags = vec!["--watch-stall-ms".into(), "500".into()];
-    fed.start_controllers(3).unwrap();
-    let leader = fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let (mut fed, leader) = controllers(&tmp, 3, &["--watch-stall-ms", "500"]).await;
     let site = join_in_process(&fed, "alpha").await;
     // Both watchers on the leader, so they share its hub and broadcast.
     let watch_client = causeway_api::client::ControllerClient::new(

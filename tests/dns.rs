@@ -70,13 +70,7 @@ async fn queries_outside_the_zone_go_upstream_when_one_is_set() {
     fed.add_site("north", &vip_range(), &[]).await.unwrap();
     let north = fed.sites["north"].dns;
     // Ready first (before its first snapshot it answers SERVFAIL anyway).
-    fed.wait_resolvable(
-        "north",
-        "echo.shop.svc.clusterset.local",
-        Duration::from_secs(30),
-    )
-    .await
-    .unwrap();
+    echo_vip(&fed, "north").await;
     let out = dig(north, &["+tries=1", "+time=5", "example.com", "A"]);
     assert!(out.contains("status: SERVFAIL"), "{out}");
     let m = http_get(fed.sites["north"].dns_admin, "/metrics").await;

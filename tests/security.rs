@@ -228,14 +228,7 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
     let mut fed = federation(&tmp).await;
     let (echo, _task) = echo_server(Some("east".into())).await.unwrap();
     add_echo_sites(&mut fed, echo).await;
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let vip = echo_vip(&fed, "west").await;
     let target = SocketAddr::new(vip, 7000);
     wait_call(target).await;
 

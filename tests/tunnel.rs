@@ -313,14 +313,7 @@ async fn streams_spread_over_a_sites_endpoints_and_skip_dead_ones() {
     .await
     .unwrap();
     fed.add_site("west", &vip_range(), &[]).await.unwrap();
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let vip = echo_vip(&fed, "west").await;
     let target = SocketAddr::new(vip, 7000);
     wait_call(target).await;
 
@@ -419,14 +412,7 @@ async fn streams_spread_over_a_sites_replicas_by_weight_and_fail_over_between_th
     let mut replica = fed
         .spawn_gateway_replica("east", "gw-1", gw1, gw1_admin)
         .unwrap();
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let vip = echo_vip(&fed, "west").await;
     let target = SocketAddr::new(vip, 7000);
     let gw0_admin = fed.sites["east"].gateway_admin;
     let west_admin = fed.sites["west"].gateway_admin;

@@ -49,6 +49,17 @@ pub struct Site {
     pub dns_proc: Proc,
 }
 
+/// `causeway gateway` arguments for a config file and admin address.
+fn gateway_args(config: &std::path::Path, admin: SocketAddr) -> Vec<String> {
+    vec![
+        "gateway".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--admin-listen".into(),
+        admin.to_string(),
+    ]
+}
+
 /// A fresh loopback address for one of a site's sockets.
 fn loopback_port() -> anyhow::Result<SocketAddr> {
     Ok(SocketAddr::from(([127, 0, 0, 1], free_port()?)))
@@ -152,13 +163,7 @@ impl LocalFederation {
                 &self.bin,
                 &self.root,
                 &format!("gateway-{name}"),
-                vec![
-                    "gateway".into(),
-                    "--config".into(),
-                    config.display().to_string(),
-                    "--admin-listen".into(),
-                    admin.to_string(),
-                ],
+                gateway_args(config, admin),
                 vec![("CAUSEWAY_JOIN_TOKEN".into(), token.to_string())],
             )?;
             // The DNS server reads the credential the gateway stores on joining.
@@ -285,13 +290,7 @@ impl LocalFederation {
             &self.bin,
             &self.root,
             &format!("gateway-{site}-{replica}"),
-            vec![
-                "gateway".into(),
-                "--config".into(),
-                config.display().to_string(),
-                "--admin-listen".into(),
-                admin.to_string(),
-            ],
+            gateway_args(&config, admin),
         )
     }
 

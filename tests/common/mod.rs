@@ -34,14 +34,7 @@ pub async fn add_echo_sites(fed: &mut LocalFederation, echo: SocketAddr) {
 pub async fn echo_sites_ready(fed: &mut LocalFederation) -> (IpAddr, tokio::task::JoinHandle<()>) {
     let (echo, task) = echo_server(None).await.unwrap();
     add_echo_sites(fed, echo).await;
-    let vip = fed
-        .wait_resolvable(
-            "west",
-            "echo.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
+    let vip = echo_vip(fed, "west").await;
     wait_tunnel(SocketAddr::new(vip, 7000)).await;
     (vip, task)
 }
@@ -64,12 +57,41 @@ pub fn init_tracing() {
         .try_init();
 }
 
+/// Three controllers in `tmp`, once they have a leader.
 pub async fn federation(tmp: &tempfile::TempDir) -> LocalFederation {
+    controllers(tmp, 3, &[]).await.0
+}
+
+/// A local federation in `tmp` with nothing started yet.
+pub fn new_federation(tmp: &tempfile::TempDir) -> LocalFederation {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let mut fed = LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap();
-    fed.start_controllers(3).unwrap();
-    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
-    fed
+    LocalFederation::new(bin(), tmp.path().to_path_buf()).unwrap()
+}
+
+/// `n` controllers in `tmp` started with the extra `flags`, once they have
+/// a leader; the federation and the leader's id.
+pub async fn controllers(
+    tmp: &tempfile::TempDir,
+    n: u64,
+    flags: &[&str],
+) -> (LocalFederation, u64) {
+    let mut fed = new_federation(tmp);
+    fed.controller_flags = flags.iter().map(|f| f.to_string()).collect();
+    fed.start_controllers(n).unwrap();
+    let leader = fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    (fed, leader)
+}
+
+/// Waits until `site`'s DNS resolves the shared test service
+/// `echo.shop.svc.clusterset.local`; its VIP there.
+pub async fn echo_vip(fed: &LocalFederation, site: &str) -> IpAddr {
+    fed.wait_resolvable(
+        site,
+        "echo.shop.svc.clusterset.local",
+        Duration::from_secs(30),
+    )
+    .await
+    .unwrap()
 }
 
 pub async fn resolve_with_hickory(server: SocketAddr, name: &str) -> Vec<IpAddr> {
@@ -212,13 +234,9 @@ pub async fn publish_within(
     }
 }
 
+/// The raw HTTP response of a GET, which must be a 200.
 pub async fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
+    let out = http_get_any(addr, path).await;
     assert!(out.starts_with("HTTP/1.1 200"), "{out}");
     out
 }

@@ -138,17 +138,7 @@ impl Shared {
 
     /// Runs a membership change here if this node leads, else on the leader.
     pub async fn change_membership(&self, op: MembershipOp) -> Result<(), Status> {
-        let (leader, addr) = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            let addr = m.current_leader.and_then(|l| {
-                m.membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone())
-            });
-            (m.current_leader, addr)
-        };
+        let (leader, addr) = self.leader();
         if leader != Some(self.node_id) {
             let addr =
                 addr.ok_or_else(|| Status::unavailable("no leader is elected yet; retry"))?;
@@ -222,6 +212,19 @@ impl Shared {
         Ok(())
     }
 
+    /// The leader this node knows of, and its address.
+    fn leader(&self) -> (Option<NodeId>, Option<String>) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let addr = m.current_leader.and_then(|l| {
+            m.membership_config
+                .membership()
+                .get_node(&l)
+                .map(|n| n.addr.clone())
+        });
+        (m.current_leader, addr)
+    }
+
     /// A cached channel to a peer node.
     fn peer(&self, addr: &str) -> Result<RaftClient<Channel>, PeerError> {
         let mut m = self.peer_clients.locked();
@@ -235,17 +238,7 @@ impl Shared {
 
     /// Records a site heartbeat at the leader (forwarding if needed).
     pub async fn record_heartbeat(&self, site: SiteName) -> Result<(), Status> {
-        let (leader, addr) = {
-            let m = self.raft.metrics();
-            let m = m.borrow();
-            let addr = m.current_leader.and_then(|l| {
-                m.membership_config
-                    .membership()
-                    .get_node(&l)
-                    .map(|n| n.addr.clone())
-            });
-            (m.current_leader, addr)
-        };
+        let (leader, addr) = self.leader();
         if leader == Some(self.node_id) {
             self.leases.locked().handle_heartbeat(site, Instant::now());
             return Ok(());
