@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use causeway_api::client::ControllerClient;
@@ -111,28 +111,32 @@ impl LocalFederation {
     /// port; the first that exited saying its address was in use, if any.
     /// Any other exit is left for the caller's checks to report.
     fn controller_lost_port_race(&mut self, ids: &[u64]) -> Option<u64> {
-        let deadline = Instant::now() + Duration::from_secs(20);
         let mut waiting: Vec<u64> = ids.to_vec();
-        while !waiting.is_empty() && Instant::now() < deadline {
-            let mut still = Vec::new();
-            for id in waiting {
-                let proc = self.controllers.get_mut(&id).expect("just spawned");
-                if proc.exited().is_some() {
-                    if proc.log_tail(20).contains("Address already in use") {
-                        return Some(id);
+        let looked = wait::until_blocking(
+            Duration::from_secs(20),
+            "the controllers to accept on their API ports",
+            || {
+                let mut still = Vec::new();
+                for id in std::mem::take(&mut waiting) {
+                    let proc = self.controllers.get_mut(&id).expect("just spawned");
+                    if proc.exited().is_some() {
+                        if proc.log_tail(20).contains("Address already in use") {
+                            return Some(Some(id));
+                        }
+                        continue;
                     }
-                    continue;
+                    let addr: SocketAddr = self.controller_addrs[&id].parse().expect("ip:port");
+                    let timeout = Duration::from_millis(200);
+                    if std::net::TcpStream::connect_timeout(&addr, timeout).is_err() {
+                        still.push(id);
+                    }
                 }
-                let addr: SocketAddr = self.controller_addrs[&id].parse().expect("ip:port");
-                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err()
-                {
-                    still.push(id);
-                }
-            }
-            waiting = still;
-            if !waiting.is_empty() {
-                std::thread::sleep(Duration::from_millis(50));
-            }
+                waiting = still;
+                waiting.is_empty().then_some(None)
+            },
+        );
+        if let Ok(Some(lost)) = looked {
+            return Some(lost);
         }
         // A port held by another process also accepts: a controller that
         // failed to bind it exits at once, so look once more.

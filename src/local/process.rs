@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::process::{Child, Command};
@@ -92,10 +92,11 @@ impl Proc {
     pub(super) fn kill_blocking(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.start_kill();
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while matches!(c.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            let _ = super::wait::until_blocking(
+                Duration::from_secs(5),
+                format_args!("{} to exit", self.name),
+                || !matches!(c.try_wait(), Ok(None)),
+            );
         }
     }
 

@@ -104,6 +104,34 @@ pub async fn until<C: Check>(
     }
 }
 
+/// How often [`until_blocking`] looks.
+pub const POLL_BLOCKING: Duration = Duration::from_millis(20);
+
+/// [`until`] for callers without a runtime (process teardown in `Drop`,
+/// start-up before the first `.await`): the check runs on this thread every
+/// [`POLL_BLOCKING`], so each look must be quick.
+pub fn until_blocking<C: Check>(
+    timeout: Duration,
+    what: impl Display,
+    mut check: impl FnMut() -> C,
+) -> Result<C::Value, TimedOut> {
+    let start = Instant::now();
+    loop {
+        let last = match check().check() {
+            Ok(v) => return Ok(v),
+            Err(why) => why,
+        };
+        if start.elapsed() >= timeout {
+            return Err(TimedOut {
+                what: what.to_string(),
+                waited: timeout,
+                last,
+            });
+        }
+        std::thread::sleep(POLL_BLOCKING.min(timeout.saturating_sub(start.elapsed())));
+    }
+}
+
 /// [`until`] for tests: panics with what it waited for on timeout.
 pub async fn eventually<C: Check>(
     timeout: Duration,
@@ -157,6 +185,18 @@ mod tests {
     fn equals_shows_what_it_got() {
         assert_eq!(equals(2, &2), Ok(()));
         assert_eq!(equals(1, &2), Err("got 1, want 2".into()));
+    }
+
+    #[test]
+    fn blocking_waits_look_until_done_or_timed_out() {
+        let mut n = 0;
+        let got = until_blocking(Duration::from_secs(5), "n to reach 3", || {
+            n += 1;
+            (n >= 3).then_some(n)
+        });
+        assert_eq!(got, Ok(3));
+        let err = until_blocking(Duration::from_millis(50), "never", || false).unwrap_err();
+        assert_eq!(err.what, "never");
     }
 
     #[tokio::test]
