@@ -278,7 +278,7 @@ impl fmt::Display for Revision {
 
 /// Service protocol: `tcp` ports are forwarded per connection, `http` and
 /// `http2` ports per request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Raw TCP; forwarded per connection (the default).

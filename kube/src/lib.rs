@@ -1,0 +1,46 @@
+//! causeway-kube: the site agent's Kubernetes side, speaking the
+//! Multi-Cluster Services API (KEP-1645, `multicluster.x-k8s.io/v1alpha1`).
+//!
+//! The agent's decisions are pure functions over Kubernetes objects, tested
+//! with exact outputs:
+//! - [`crd`]: the `ServiceExport` and `ServiceImport` resources (the upstream
+//!   mcs-api schema);
+//! - [`export`]: a `ServiceExport`, its `Service` and `EndpointSlice`s → what
+//!   the site publishes to the federation, the endpoints its gateway forwards
+//!   to, and the export's `Valid` condition;
+//! - [`conflict`]: sites exporting one name differently → the oldest export
+//!   wins, and every export's `Conflict` condition says why;
+//! - [`import`]: a service imported into this site → its `ServiceImport`, the
+//!   derived ClusterIP `Service` and the `EndpointSlice`s fronting this
+//!   site's gateway pods;
+//! - [`condition`]: merging conditions so `lastTransitionTime` moves only
+//!   when a status does.
+//!
+//! It does not talk to an API server or to the controllers itself: the kube-rs
+//! shell that watches and writes these objects is built on top, and like the
+//! gateway it depends on `causeway-api` only.
+
+#![warn(missing_docs)]
+#![recursion_limit = "256"]
+
+pub mod condition;
+pub mod conflict;
+pub mod crd;
+pub mod export;
+pub mod import;
+
+/// The label EndpointSlices carry to name their Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The label naming the multi-cluster service a derived object belongs to.
+pub const MCS_SERVICE_NAME_LABEL: &str = "multicluster.kubernetes.io/service-name";
+/// The label naming the cluster (site) an EndpointSlice's endpoints are in.
+pub const MCS_SOURCE_CLUSTER_LABEL: &str = "multicluster.kubernetes.io/source-cluster";
+/// The label naming the controller that manages an EndpointSlice.
+pub const MANAGED_BY_LABEL: &str = "endpointslice.kubernetes.io/managed-by";
+/// What causeway writes in [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "causeway.dev/agent";
+/// The label on every object the agent creates (garbage collection and
+/// least-privilege selectors use it).
+pub const APP_MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// What causeway writes in [`APP_MANAGED_BY_LABEL`].
+pub const APP_MANAGED_BY: &str = "causeway";
