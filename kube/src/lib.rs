@@ -23,10 +23,12 @@
 #![warn(missing_docs)]
 #![recursion_limit = "256"]
 
+pub mod agent;
 pub mod condition;
 pub mod conflict;
 pub mod crd;
 pub mod export;
+pub mod fake;
 pub mod import;
 
 /// The label EndpointSlices carry to name their Service.
