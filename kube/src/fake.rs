@@ -37,6 +37,8 @@ struct State {
     compacted: u64,
     /// Requests that fail with 500 before being served.
     failures: u32,
+    /// ClusterIPs handed out.
+    next_ip: u32,
 }
 
 /// What the fake API server has served so far.
@@ -291,10 +293,43 @@ impl FakeApi {
 
     fn store(&self, collection: &str, ns: &str, name: &str, mut obj: Value) -> Value {
         let mut st = self.lock();
-        st.rv += 1;
-        let rv = st.rv;
         let key = (collection.to_string(), ns.to_string(), name.to_string());
         let old = st.objects.get(&key).cloned();
+        if let Some(o) = &old {
+            // A write that changes nothing is a no-op, as on a real API
+            // server: no new resource version, no event.
+            let strip = |v: &Value| {
+                let mut v = v.clone();
+                if let Some(m) = v.get_mut("metadata").and_then(Value::as_object_mut) {
+                    for k in ["resourceVersion", "uid", "generation", "creationTimestamp"] {
+                        m.remove(k);
+                    }
+                }
+                v
+            };
+            if strip(o) == strip(&obj) {
+                return o.clone();
+            }
+        }
+        if collection == "api/v1/services" && old.is_none() {
+            // The API server allocates a ClusterIP to a new ClusterIP Service.
+            let spec = &mut obj["spec"];
+            let clusterip = spec["type"].as_str().unwrap_or("ClusterIP") != "ExternalName";
+            if clusterip && spec["clusterIP"].is_null() {
+                st.next_ip += 1;
+                let ip = format!("10.96.{}.{}", st.next_ip / 250, 1 + st.next_ip % 250);
+                spec["clusterIP"] = json!(ip);
+                spec["clusterIPs"] = json!([ip]);
+            }
+        } else if let (Some(o), true) = (&old, collection == "api/v1/services") {
+            // A Service keeps its ClusterIP across updates.
+            if obj["spec"]["clusterIP"].is_null() {
+                obj["spec"]["clusterIP"] = o["spec"]["clusterIP"].clone();
+                obj["spec"]["clusterIPs"] = o["spec"]["clusterIPs"].clone();
+            }
+        }
+        st.rv += 1;
+        let rv = st.rv;
         let meta = &mut obj["metadata"];
         meta["resourceVersion"] = json!(rv.to_string());
         match &old {

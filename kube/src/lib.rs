@@ -30,6 +30,7 @@ pub mod crd;
 pub mod export;
 pub mod fake;
 pub mod import;
+pub mod sync;
 
 /// The label EndpointSlices carry to name their Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
