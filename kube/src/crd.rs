@@ -197,9 +197,44 @@ pub struct ClusterStatus {
     pub cluster: String,
 }
 
+/// Where the generated CRDs are kept (relative to the repository root).
+pub const CRDS_FILE: &str = "deploy/crds/multicluster.x-k8s.io.yaml";
+
+/// The MCS CRDs as one multi-document YAML file, as `deploy/` ships it.
+pub fn crds_yaml() -> String {
+    use kube::CustomResourceExt;
+    let docs = [ServiceExport::crd(), ServiceImport::crd()];
+    let mut out = String::from(
+        "# The Multi-Cluster Services CRDs (multicluster.x-k8s.io/v1alpha1).\n# Generated from kube/src/crd.rs: do not edit; a test fails when this is stale\n# (CAUSEWAY_BLESS=1 cargo test -p causeway-kube rewrites it).\n",
+    );
+    for d in docs {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&d).expect("CRDs serialize"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use kube::CustomResourceExt;
+
+    #[test]
+    fn the_crds_in_deploy_are_current() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(CRDS_FILE);
+        let want = crds_yaml();
+        if std::env::var_os("CAUSEWAY_BLESS").is_some() {
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &want).unwrap();
+        }
+        let have = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            have == want,
+            "{} is stale: run CAUSEWAY_BLESS=1 cargo test -p causeway-kube, and review the diff",
+            CRDS_FILE
+        );
+    }
 
     use super::*;
 
