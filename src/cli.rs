@@ -43,6 +43,10 @@ pub enum Command {
     Ctl(crate::ctl::CtlArgs),
     /// Create the controller CA and an admin credential.
     Ca(CaArgs),
+    /// Print a site's Kubernetes manifests (apply them with kubectl).
+    Install(crate::kubernetes::InstallArgs),
+    /// Run a site's Kubernetes agent (Multi-Cluster Services API).
+    Agent(crate::kubernetes::AgentArgs),
 }
 
 /// `causeway ca`.

@@ -10,6 +10,7 @@ pub mod creds;
 pub mod ctl;
 pub mod demo;
 pub mod explain;
+pub mod kubernetes;
 pub mod local;
 pub mod rotate;
 pub mod signal;

@@ -1,4 +1,4 @@
-//! The binary as a user runs it: `cargo run` and `causeway demo`.
+//! The binary as a user runs it: `cargo run`, `causeway demo`, `causeway install`, `causeway agent`.
 
 mod common;
 
@@ -41,4 +41,76 @@ fn the_demo_runs_end_to_end() {
         "{stdout}"
     );
     assert!(stdout.contains("failover east -> west worked"), "{stdout}");
+}
+
+/// `causeway install` prints what deploy/install/east.yaml holds (the
+/// reviewed rendering) and refuses bad flags with every reason at once.
+#[test]
+fn install_renders_the_reviewed_manifests_and_refuses_bad_flags() {
+    let (code, out) = run_bin(&[
+        "install",
+        "--site",
+        "east",
+        "--advertise",
+        "203.0.113.10:15443",
+        "--controllers",
+        "3",
+        "--image",
+        "causeway:test",
+        "--dns-cluster-ip",
+        "10.96.0.53",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let reviewed = include_str!("../deploy/install/east.yaml");
+    let body = reviewed
+        .split_once("\n---\n")
+        .map(|(_, rest)| format!("---\n{rest}"))
+        .unwrap();
+    assert_eq!(
+        out, body,
+        "causeway install differs from deploy/install/east.yaml"
+    );
+
+    let (code, out) = run_bin(&["install", "--site", "East_1", "--advertise", "nowhere"]);
+    assert_eq!(code, 64, "{out}");
+    for want in [
+        "site: \"East_1\"",
+        "controller_endpoints:",
+        "advertise: \"nowhere\"",
+    ] {
+        assert!(out.contains(want), "{want:?} not in {out}");
+    }
+}
+
+/// The agent refuses to start without a joined site's state, saying where
+/// it looked and what to mount.
+#[test]
+fn the_agent_needs_a_joined_sites_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = run_bin(&[
+        "agent",
+        "--site",
+        "east",
+        "--state-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("holds no joined site") && out.contains("causeway-site"),
+        "{out}"
+    );
+    let (code, out) = run_bin(&[
+        "agent",
+        "--site",
+        "East",
+        "--state-dir",
+        "/x",
+        "--admin-listen",
+        "nope",
+    ]);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("admin_listen: \"nope\"") && out.contains("site: \"East\""),
+        "{out}"
+    );
 }

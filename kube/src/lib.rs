@@ -30,6 +30,7 @@ pub mod crd;
 pub mod export;
 pub mod fake;
 pub mod import;
+pub mod install;
 pub mod sync;
 
 /// The label EndpointSlices carry to name their Service.
