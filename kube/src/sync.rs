@@ -205,68 +205,44 @@ async fn delete_stale(
     report: &mut Report,
 ) -> Result<(), SyncError> {
     let keep: BTreeSet<ServiceKey> = imports.iter().map(|i| i.key.clone()).collect();
+    delete_stale_of::<ServiceImport>(client, &keep, "ServiceImport", report).await?;
+    delete_stale_of::<Service>(client, &keep, "Service", report).await?;
+    delete_stale_of::<EndpointSlice>(client, &keep, "EndpointSlice", report).await
+}
+
+/// Deletes the objects of kind `K` labelled as the agent's whose service is
+/// not in `keep`.
+async fn delete_stale_of<K>(
+    client: &Client,
+    keep: &BTreeSet<ServiceKey>,
+    kind: &str,
+    report: &mut Report,
+) -> Result<(), SyncError>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+    K::DynamicType: Default,
+{
     let lp = ListParams::default().labels(&managed_selector(None));
-    let stale = |ns: Option<String>, labels: &std::collections::BTreeMap<String, String>| {
-        let name = labels
+    let all = Api::<K>::all(client.clone())
+        .list(&lp)
+        .await
+        .map_err(failed(format!("listing {kind}s the agent made")))?;
+    for obj in all {
+        let ns = obj.namespace().unwrap_or_default();
+        let service = obj
+            .labels()
             .get(MCS_SERVICE_NAME_LABEL)
             .cloned()
             .unwrap_or_default();
-        format!("{}/{name}", ns.unwrap_or_default())
+        let stale = format!("{ns}/{service}")
             .parse::<ServiceKey>()
-            .map_or(true, |k| !keep.contains(&k))
-    };
-    let sis: Api<ServiceImport> = Api::all(client.clone());
-    for si in sis
-        .list(&lp)
-        .await
-        .map_err(failed("listing ServiceImports".into()))?
-    {
-        if stale(si.namespace(), si.labels()) {
-            let ns = si.namespace().unwrap_or_default();
-            delete(
-                &Api::<ServiceImport>::namespaced(client.clone(), &ns),
-                &si.name_any(),
-                "ServiceImport",
-                &ns,
-                report,
-            )
-            .await?;
-        }
-    }
-    let svcs: Api<Service> = Api::all(client.clone());
-    for s in svcs
-        .list(&lp)
-        .await
-        .map_err(failed("listing derived Services".into()))?
-    {
-        if stale(s.namespace(), s.labels()) {
-            let ns = s.namespace().unwrap_or_default();
-            delete(
-                &Api::<Service>::namespaced(client.clone(), &ns),
-                &s.name_any(),
-                "Service",
-                &ns,
-                report,
-            )
-            .await?;
-        }
-    }
-    let eps: Api<EndpointSlice> = Api::all(client.clone());
-    for s in eps
-        .list(&lp)
-        .await
-        .map_err(failed("listing derived EndpointSlices".into()))?
-    {
-        if stale(s.namespace(), s.labels()) {
-            let ns = s.namespace().unwrap_or_default();
-            delete(
-                &Api::<EndpointSlice>::namespaced(client.clone(), &ns),
-                &s.name_any(),
-                "EndpointSlice",
-                &ns,
-                report,
-            )
-            .await?;
+            .map_or(true, |k| !keep.contains(&k));
+        if stale {
+            let api = Api::<K>::namespaced(client.clone(), &ns);
+            delete(&api, &obj.name_any(), kind, &ns, report).await?;
         }
     }
     Ok(())
