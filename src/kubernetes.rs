@@ -76,12 +76,21 @@ pub struct AgentArgs {
     /// Admin (metrics, /ready) listen address.
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// This replica's name in leader election (default: the pod's hostname).
+    #[arg(long, env = "HOSTNAME")]
+    pub identity: Option<String>,
 }
+
+/// The Lease the agent replicas elect their leader on.
+const LEASE: &str = "causeway-agent";
+/// How long a leader's Lease lasts without renewal.
+const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs the agent's export side against the cluster it runs in (or the
 /// kubeconfig's): keeps every ServiceExport's `Valid` condition current
-/// and logs what the site exports. Publishing to the controllers, imports
-/// and leader election are not wired yet.
+/// (the replica holding the `causeway-agent` Lease writes) and logs what
+/// the site exports. Publishing to the controllers and imports are not
+/// wired yet.
 pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut errs = ConfigErrors::new();
     let admin_listen: Option<SocketAddr> = args
@@ -113,9 +122,29 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("agent-{}", std::process::id()));
     let (tx, mut rx) = watch::channel(Vec::new());
     let (stop_tx, stop) = watch::channel(false);
-    let task = tokio::spawn(causeway_kube::agent::run_exports(client, tx, true, stop));
+    let (leading_tx, leading) = watch::channel(false);
+    let election = tokio::spawn({
+        let (client, ns, stop) = (client.clone(), args.namespace.clone(), stop.clone());
+        async move {
+            causeway_kube::lease::run(
+                client,
+                &ns,
+                LEASE,
+                &identity,
+                LEASE_DURATION,
+                leading_tx,
+                stop,
+            )
+            .await;
+        }
+    });
+    let task = tokio::spawn(causeway_kube::agent::run_exports(client, tx, leading, stop));
     tracing::info!(site = %args.site, namespace = %args.namespace, "agent watching ServiceExports");
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -131,5 +160,6 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     let _ = task.await;
+    let _ = election.await;
     Ok(())
 }

@@ -74,12 +74,12 @@ impl Caches {
 
 /// Runs the export side until `stop` changes: sends the site's exports on
 /// `exports` whenever they change and keeps each ServiceExport's `Valid`
-/// condition current. `write_status`: only the replica holding the
-/// agent's lease writes.
+/// condition current while `leading` says this replica holds the agent's
+/// Lease (every replica watches and publishes; one writes).
 pub async fn run_exports(
     client: Client,
     exports: watch::Sender<Vec<SiteExport>>,
-    write_status: bool,
+    mut leading: watch::Receiver<bool>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (se_store, se_w) = reflector::store();
@@ -118,6 +118,8 @@ pub async fn run_exports(
     loop {
         tokio::select! {
             batch = changes.next() => if batch.is_none() { return },
+            // Becoming the leader is a reason to look again (and write).
+            r = leading.changed() => if r.is_err() { return },
             _ = stop.changed() => return,
         }
         if !caches.ready() {
@@ -139,7 +141,7 @@ pub async fn run_exports(
             }
             changed
         });
-        if write_status {
+        if *leading.borrow() {
             for (se, d) in &decisions {
                 write_valid(&client, se, d).await;
             }

@@ -5,8 +5,10 @@
 //! `resourceVersion`, watch as a stream of `ADDED`/`MODIFIED`/`DELETED`
 //! events (and `BOOKMARK`s when asked), `410 Gone` for a resource version
 //! older than the kept history ([`FakeApi::compact`]), get, create (`uid`,
-//! `generation`, `creationTimestamp` filled in), merge and apply patches of
-//! objects and of their `/status`, delete, and label selectors `k=v`.
+//! `generation`, `creationTimestamp` filled in), replace with optimistic
+//! concurrency (`409 Conflict` on a stale `resourceVersion`), merge and
+//! apply patches of objects and of their `/status`, delete, and label
+//! selectors `k=v`.
 //! It does not validate objects against schemas, and it keeps everything
 //! in memory.
 
@@ -431,6 +433,21 @@ impl FakeApi {
                 let Ok(mut obj) = serde_json::from_slice::<Value>(&body) else {
                     return status(StatusCode::BAD_REQUEST, "BadRequest", "not JSON");
                 };
+                // Optimistic concurrency: a replace naming an older
+                // resourceVersion than the stored one is refused.
+                let current = self.get(&t.collection, &ns, name);
+                let sent = obj["metadata"]["resourceVersion"]
+                    .as_str()
+                    .map(str::to_string);
+                if let (Some(cur), Some(sent)) = (&current, sent) {
+                    if cur["metadata"]["resourceVersion"] != json!(sent) {
+                        return status(
+                            StatusCode::CONFLICT,
+                            "Conflict",
+                            &format!("{name} was modified; read it again"),
+                        );
+                    }
+                }
                 obj["metadata"]["namespace"] = json!(ns);
                 respond(StatusCode::OK, &self.store(&t.collection, &ns, name, obj))
             }

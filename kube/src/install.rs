@@ -279,7 +279,7 @@ fn agent(o: &Options) -> Vec<Value> {
                "subjects": [{"kind": "ServiceAccount", "name": "causeway-agent", "namespace": o.namespace}]}),
         json!({"apiVersion": "apps/v1", "kind": "Deployment",
                "metadata": meta(o, "causeway-agent", "agent"),
-               "spec": {"replicas": 1, "selector": {"matchLabels": selector("agent")},
+               "spec": {"replicas": 2, "selector": {"matchLabels": selector("agent")},
                         "template": {"metadata": {"labels": labels(o, "agent")},
                                      "spec": pod_spec("causeway-agent", json!([container(o, "agent", args,
                                           AGENT_ADMIN, json!([{"name": "admin", "containerPort": AGENT_ADMIN}]),

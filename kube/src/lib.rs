@@ -31,6 +31,7 @@ pub mod export;
 pub mod fake;
 pub mod import;
 pub mod install;
+pub mod lease;
 pub mod sync;
 
 /// The label EndpointSlices carry to name their Service.

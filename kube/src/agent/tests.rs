@@ -39,16 +39,19 @@ fn service_export(name: &str) -> Value {
 struct Running {
     api: FakeApi,
     exports: watch::Receiver<Vec<SiteExport>>,
+    _leading: watch::Sender<bool>,
     _stop: watch::Sender<bool>,
 }
 
 fn start(api: &FakeApi) -> Running {
     let (tx, rx) = watch::channel(Vec::new());
     let (stop_tx, stop) = watch::channel(false);
-    tokio::spawn(run_exports(api.client(), tx, true, stop));
+    let (leading_tx, leading) = watch::channel(true);
+    tokio::spawn(run_exports(api.client(), tx, leading, stop));
     Running {
         api: api.clone(),
         exports: rx,
+        _leading: leading_tx,
         _stop: stop_tx,
     }
 }
@@ -217,6 +220,53 @@ async fn a_watch_that_expires_relists_and_misses_nothing() {
         .await;
     assert_eq!(api.served().failed, 5, "the injected errors were served");
     assert_eq!(api.served().gone - before.gone, 3, "no further 410s");
+}
+
+#[tokio::test]
+async fn only_the_leader_writes_status() {
+    let api = FakeApi::new();
+    api.put(SERVICES, service("web", "ClusterIP"));
+    api.put(SLICES, slice("web", &["10.0.0.1"]));
+    api.put(EXPORTS, service_export("web"));
+    let (tx, mut rx) = watch::channel(Vec::new());
+    let (_stop_tx, stop) = watch::channel(false);
+    let (leading_tx, leading) = watch::channel(false);
+    tokio::spawn(run_exports(api.client(), tx, leading, stop));
+    let published = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|e| ready(e) == Some((1, 1))),
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    assert!(published, "a follower still publishes");
+    // A second pass published means the first one finished (writing, or not).
+    api.put(SLICES, slice("web", &["10.0.0.1", "10.0.0.2"]));
+    let again = matches!(
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            rx.wait_for(|e| ready(e) == Some((2, 2))),
+        )
+        .await,
+        Ok(Ok(_))
+    );
+    assert!(again, "the follower follows its endpoints");
+    assert!(
+        api.get(EXPORTS, "shop", "web")
+            .unwrap()
+            .get("status")
+            .is_none(),
+        "a follower wrote the status"
+    );
+    leading_tx.send_replace(true);
+    let run = Running {
+        api: api.clone(),
+        exports: rx,
+        _leading: leading_tx,
+        _stop: _stop_tx,
+    };
+    run.valid("web", "True").await;
 }
 
 #[tokio::test]
