@@ -28,6 +28,9 @@ pub mod condition;
 pub mod conflict;
 pub mod crd;
 pub mod export;
+/// Test support only: compiled for this crate's tests and with the
+/// `fake-api` feature, never into the `causeway` binary.
+#[cfg(any(test, feature = "fake-api"))]
 pub mod fake;
 pub mod import;
 pub mod install;
