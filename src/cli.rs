@@ -322,7 +322,14 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             s
         }
     };
-    causeway_gateway::run(settings, state, udp, ready, shutdown_signal()).await
+    let exports =
+        causeway_gateway::exports::Exports::new(settings.exports.clone(), settings.balancer);
+    let _follow = if settings.kubernetes {
+        Some(crate::kubernetes::follow_exports(exports.clone()).await?)
+    } else {
+        None
+    };
+    causeway_gateway::run(settings, state, udp, ready, exports, shutdown_signal()).await
 }
 
 /// `causeway dns`: serves the mesh zone until SIGTERM.

@@ -1,8 +1,12 @@
 //! `causeway install` (render a site's Kubernetes manifests) and
 //! `causeway agent` (the site agent's Kubernetes side).
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+
+use causeway_gateway::config::LocalExport;
+use causeway_kube::export::{SessionAffinity, SiteExport};
 
 use anyhow::Context;
 use causeway_kube::install::{self, Options};
@@ -79,6 +83,21 @@ pub struct AgentArgs {
     /// This replica's name in leader election (default: the pod's hostname).
     #[arg(long, env = "HOSTNAME")]
     pub identity: Option<String>,
+    /// The gateway's Service in --namespace: its ready endpoints are the
+    /// gateway pods that imported services are fronted by.
+    #[arg(long, default_value = "causeway-gateway")]
+    pub gateway_service: String,
+    /// The gateways' first import listener port (their
+    /// `kubernetes.import_port_base`).
+    #[arg(long, default_value_t = causeway_gateway::config::DEFAULT_IMPORT_PORT_BASE)]
+    pub import_port_base: u16,
+    /// The ClusterSetIP range: a part of the cluster's Service CIDR kept
+    /// for causeway (e.g. 10.96.0.128/25, in the band Kubernetes does not
+    /// allocate from first). Derived Services ask for their address
+    /// there; the site's mesh DNS must use the same range as `vip_range`.
+    /// Without it Kubernetes allocates, and DNS answers do not match.
+    #[arg(long)]
+    pub cluster_ip_range: Option<String>,
 }
 
 /// The Lease the agent replicas elect their leader on.
@@ -86,11 +105,12 @@ const LEASE: &str = "causeway-agent";
 /// How long a leader's Lease lasts without renewal.
 const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Runs the agent's export side against the cluster it runs in (or the
-/// kubeconfig's): keeps every ServiceExport's `Valid` condition current
-/// (the replica holding the `causeway-agent` Lease writes) and logs what
-/// the site exports. Publishing to the controllers and imports are not
-/// wired yet.
+/// Runs the agent against the cluster it runs in (or the kubeconfig's):
+/// follows the federation's catalog with the site's credential; keeps
+/// every ServiceExport's `Valid` and `Conflict` conditions current; and
+/// writes a ServiceImport, a derived Service and its EndpointSlices for
+/// every imported service. The replica holding the `causeway-agent` Lease
+/// writes; the site's gateways publish the exports themselves.
 pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut errs = ConfigErrors::new();
     let admin_listen: Option<SocketAddr> = args
@@ -100,6 +120,16 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     if causeway_api::model::check_dns_label("site", &args.site).is_err() {
         errs.push("site", format!("{:?} must be a DNS label", args.site));
     }
+    let cluster_ip_range = match args.cluster_ip_range.as_deref() {
+        None => None,
+        Some(r) => match causeway_api::model::parse_cidr("cluster_ip_range", r) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                errs.push("cluster_ip_range", e.to_string());
+                None
+            }
+        },
+    };
     errs.into_result(|| ())?;
     let state = causeway_gateway::site::SiteState::load(&args.state_dir)?.ok_or_else(|| {
         anyhow::anyhow!(
@@ -144,7 +174,36 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
             .await;
         }
     });
-    let task = tokio::spawn(causeway_kube::agent::run_exports(client, tx, leading, stop));
+    let (cat_tx, cat_rx) = watch::channel(std::sync::Arc::new(
+        causeway_api::catalog::CatalogView::default(),
+    ));
+    let watch_task = tokio::spawn(causeway_api::client::run_watch(
+        state.controller_client(),
+        cat_tx,
+    ));
+    let task = tokio::spawn(causeway_kube::agent::run_exports(
+        client.clone(),
+        tx,
+        leading.clone(),
+        Some(causeway_kube::agent::Catalog {
+            site: args.site.clone(),
+            view: cat_rx.clone(),
+        }),
+        stop.clone(),
+    ));
+    let imports_task = tokio::spawn(causeway_kube::agent::run_imports(
+        client,
+        args.site.clone(),
+        causeway_kube::agent::GatewayPods {
+            namespace: args.namespace.clone(),
+            service: args.gateway_service.clone(),
+            import_port_base: args.import_port_base,
+            cluster_ip_range,
+        },
+        cat_rx,
+        leading,
+        stop,
+    ));
     tracing::info!(site = %args.site, namespace = %args.namespace, "agent watching ServiceExports");
     let shutdown = shutdown_signal();
     tokio::pin!(shutdown);
@@ -159,7 +218,87 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    watch_task.abort();
     let _ = task.await;
+    let _ = imports_task.await;
     let _ = election.await;
     Ok(())
+}
+
+/// The gateway's export table for what the site's ServiceExports say:
+/// one entry per exported port, forwarding to the port's ready endpoints.
+pub fn local_exports(site: &[SiteExport]) -> Vec<LocalExport> {
+    let mut out = Vec::new();
+    for e in site {
+        let hostnames: BTreeMap<IpAddr, &String> = e
+            .endpoints
+            .iter()
+            .filter_map(|r| Some((r.ip, r.hostname.as_ref()?)))
+            .collect();
+        for p in &e.ports {
+            let endpoints = e.targets.get(&p.port).cloned().unwrap_or_default();
+            let per = |f: &dyn Fn(&SocketAddr) -> Option<String>| {
+                endpoints
+                    .iter()
+                    .filter_map(|a| Some((*a, f(a)?)))
+                    .collect::<BTreeMap<SocketAddr, String>>()
+            };
+            out.push(LocalExport {
+                service: e.key.clone(),
+                port: p.port,
+                port_name: p.name.clone(),
+                protocol: p.protocol,
+                hostnames: per(&|a| hostnames.get(&a.ip()).map(|h| (*h).clone())),
+                zones: per(&|a| e.zone_of.get(&a.ip()).cloned()),
+                endpoints,
+                headless: e.headless,
+                health_path: None,
+                exported_at_ms: e.exported_at_ms,
+                client_ip_affinity: e.session_affinity == SessionAffinity::ClientIp,
+            });
+        }
+    }
+    out
+}
+
+/// Runs until dropped: keeps a gateway's `exports` equal to the cluster's
+/// ServiceExports and their ready endpoints. Read-only: a gateway never
+/// writes to the API server (the agent writes conditions).
+pub struct FollowExports {
+    stop: watch::Sender<bool>,
+}
+
+impl Drop for FollowExports {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Starts following the cluster's ServiceExports into `exports`.
+pub async fn follow_exports(
+    exports: std::sync::Arc<causeway_gateway::exports::Exports>,
+) -> anyhow::Result<FollowExports> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or kubeconfig)")?;
+    let (tx, mut rx) = watch::channel(Vec::new());
+    let (stop_tx, stop) = watch::channel(false);
+    let (never_leads, leading) = watch::channel(false);
+    tokio::spawn(causeway_kube::agent::run_exports(
+        client, tx, leading, None, stop,
+    ));
+    tokio::spawn(async move {
+        let _never_leads = never_leads;
+        while rx.changed().await.is_ok() {
+            let table = local_exports(&rx.borrow_and_update());
+            if exports.replace(table) {
+                tracing::info!(
+                    ports = exports.current().len(),
+                    "exports changed (ServiceExports or their endpoints)"
+                );
+            }
+        }
+    });
+    tracing::info!("following the cluster's ServiceExports");
+    Ok(FollowExports { stop: stop_tx })
 }

@@ -275,6 +275,7 @@ mod tests {
                     site: "a".parse().unwrap(),
                     exports: vec![],
                     tunnel_addrs: vec!["x".repeat(*n)],
+                    now_ms: 0,
                 }),
             })
             .collect();

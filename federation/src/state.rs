@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// Most services one site may export.
 pub const MAX_EXPORTS_PER_SITE: usize = 1000;
 /// Most ports one export may list.
-pub const MAX_PORTS_PER_EXPORT: usize = 32;
+pub const MAX_PORTS_PER_EXPORT: usize = causeway_api::model::MAX_PORTS_PER_SERVICE;
 /// Ready endpoints a headless export may publish.
 pub const MAX_ENDPOINTS_PER_EXPORT: usize = 256;
 /// Most zones one export may report health for.
@@ -89,6 +89,13 @@ pub struct ExportRecord {
     /// Healthy and total endpoints per zone ("" = the site's own zone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zones: Vec<ZoneRecord>,
+    /// When the site began exporting it, ms since the epoch (0 in a
+    /// command: the state machine keeps the first time it saw it).
+    #[serde(default)]
+    pub exported_at_ms: u64,
+    /// Sessions stick to one endpoint per client address.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub client_ip_affinity: bool,
 }
 
 /// Healthy and total endpoints in one zone.
@@ -171,6 +178,9 @@ pub enum Command {
         exports: Vec<ExportRecord>,
         /// Its tunnel addresses, if they changed (empty: unchanged).
         tunnel_addrs: Vec<String>,
+        /// The proposer's clock, ms since the epoch (0 in older entries).
+        #[serde(default)]
+        now_ms: u64,
     },
     /// Remove a member site, its bundle and its exports.
     RemoveSite {
@@ -381,7 +391,8 @@ impl CatalogState {
                 site,
                 exports,
                 tunnel_addrs,
-            } => self.publish_exports(site, exports, tunnel_addrs),
+                now_ms,
+            } => self.publish_exports(site, exports, tunnel_addrs, now_ms),
             Command::SetTrustBundle {
                 site,
                 trust_bundle_pem,
@@ -556,6 +567,7 @@ impl CatalogState {
         site: SiteName,
         mut exports: Vec<ExportRecord>,
         tunnel_addrs: Vec<String>,
+        now_ms: u64,
     ) -> (Outcome, Vec<pb::Change>) {
         let Some(rec) = self.sites.get(&site) else {
             return refused(
@@ -606,10 +618,16 @@ impl CatalogState {
             changes.push(pb::change::Kind::SiteUpserted(site_to_pb(&rec)));
             self.sites.insert(site.clone(), rec);
         }
+        let current = self.exports.get(&site).cloned().unwrap_or_default();
         for e in &mut exports {
             e.vip_index = self.vip(&e.service);
+            if e.exported_at_ms == 0 {
+                e.exported_at_ms = current
+                    .iter()
+                    .find(|c| c.service == e.service)
+                    .map_or(now_ms, |c| c.exported_at_ms);
+            }
         }
-        let current = self.exports.get(&site).cloned().unwrap_or_default();
         if current != exports {
             changes.push(pb::change::Kind::ExportsReplaced(pb::SiteExports {
                 site: site.to_string(),
@@ -772,6 +790,8 @@ pub fn export_to_pb(e: &ExportRecord) -> pb::Export {
             })
             .collect(),
         healthy_endpoints: e.healthy_endpoints,
+        exported_at_unix_ms: e.exported_at_ms,
+        client_ip_affinity: e.client_ip_affinity,
         vip_index: e.vip_index,
         headless: e.headless,
         total_endpoints: e.total_endpoints,

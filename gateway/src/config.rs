@@ -75,6 +75,66 @@ pub struct GatewayConfig {
     /// Services this site exports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportConfig>,
+    /// Run as a Kubernetes site's gateway: exports come from the cluster's
+    /// ServiceExports, imports are served on the pod's address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// `[kubernetes]`: the gateway of a Kubernetes site.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The address imported services are served on: the pod's (or
+    /// 0.0.0.0). Each imported service port gets its own port there,
+    /// counted from `import_port_base` (see `causeway_api::model::
+    /// import_port`); the agent points the derived EndpointSlices at them.
+    #[serde(default = "default_import_listen")]
+    pub import_listen: String,
+    /// The first port of the import listeners.
+    #[serde(default = "default_import_port_base")]
+    pub import_port_base: u16,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            import_listen: default_import_listen(),
+            import_port_base: default_import_port_base(),
+        }
+    }
+}
+
+fn default_import_listen() -> String {
+    "0.0.0.0".into()
+}
+
+/// Where import listener ports start by default (clear of the NodePort
+/// range and of the ephemeral range).
+pub const DEFAULT_IMPORT_PORT_BASE: u16 = 20000;
+
+fn default_import_port_base() -> u16 {
+    DEFAULT_IMPORT_PORT_BASE
+}
+
+/// Where a gateway's outbound listeners for imported services go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenPlan {
+    /// One address per service from a range (loopback and VM sites), each
+    /// listening on the service's own ports.
+    Vips {
+        /// First address of the range.
+        base: IpAddr,
+        /// Its prefix length.
+        prefix: u8,
+    },
+    /// One address (a Kubernetes pod's), one port per service port.
+    Ports {
+        /// The address.
+        ip: IpAddr,
+        /// The first port.
+        base: u16,
+    },
 }
 
 /// Which sites may call one local export.
@@ -326,6 +386,12 @@ pub struct LocalExport {
     pub health_path: Option<String>,
     /// Zones of (some of) the endpoints; the others are in the site's zone.
     pub zones: std::collections::BTreeMap<SocketAddr, String>,
+    /// When the site began exporting it, ms since the epoch; 0 when
+    /// unknown (the controller then keeps when it first saw it).
+    pub exported_at_ms: u64,
+    /// Sessions stick to one endpoint per client address (published so
+    /// sites exporting the service differently are told).
+    pub client_ip_affinity: bool,
 }
 
 /// Validated gateway settings.
@@ -359,8 +425,12 @@ pub struct Settings {
     pub quic: QuicConfig,
     /// Who may call this site's exports.
     pub authorization: Authorization,
-    /// The local exports.
+    /// The local exports (static; empty on Kubernetes).
     pub exports: Vec<LocalExport>,
+    /// Where imported services are served.
+    pub listen: ListenPlan,
+    /// Exports come from the cluster's ServiceExports.
+    pub kubernetes: bool,
 }
 
 pub use causeway_api::config::ConfigErrors;
@@ -387,6 +457,7 @@ impl GatewayConfig {
             allow: Vec::new(),
             quic: QuicConfig::default(),
             exports: Vec::new(),
+            kubernetes: None,
         }
     }
 
@@ -420,6 +491,7 @@ impl GatewayConfig {
         self.quic.validate(&mut errs);
         let authorization = self.authorization(&mut errs);
         let exports = self.exports(&mut errs);
+        let listen = self.listen_plan(vip, &mut errs);
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -440,7 +512,40 @@ impl GatewayConfig {
             quic: self.quic.clone(),
             authorization,
             exports,
+            listen: listen.expect("checked above"),
+            kubernetes: self.kubernetes.is_some(),
         })
+    }
+
+    /// Where imported services are served: the VIP range, or on
+    /// Kubernetes one port per service port on the pod's address.
+    fn listen_plan(&self, vip: Option<(IpAddr, u8)>, errs: &mut Vec<String>) -> Option<ListenPlan> {
+        let Some(k) = &self.kubernetes else {
+            let (base, prefix) = vip?;
+            return Some(ListenPlan::Vips { base, prefix });
+        };
+        if !self.exports.is_empty() {
+            errs.push("exports: must be empty with [kubernetes]: the cluster's ServiceExports say what this site exports".into());
+        }
+        if k.import_port_base < 1024 {
+            errs.push(format!(
+                "kubernetes.import_port_base: {} is a privileged port; use 1024 or above (default {DEFAULT_IMPORT_PORT_BASE})",
+                k.import_port_base
+            ));
+        }
+        match k.import_listen.parse::<IpAddr>() {
+            Ok(ip) => Some(ListenPlan::Ports {
+                ip,
+                base: k.import_port_base,
+            }),
+            Err(_) => {
+                errs.push(format!(
+                    "kubernetes.import_listen: {:?} is not an IP address (the pod's, or 0.0.0.0)",
+                    k.import_listen
+                ));
+                None
+            }
+        }
     }
 
     /// The tunnel's listen address and the addresses other sites dial.
@@ -677,6 +782,8 @@ impl ExportConfig {
             hostnames,
             health_path: e.health_path.clone(),
             zones,
+            exported_at_ms: 0,
+            client_ip_affinity: false,
         })
     }
 }

@@ -10,7 +10,7 @@ use causeway_api::model::{ServiceKey, SiteName};
 use causeway_gateway_core::header::{OpenRequest, OpenResponse, Status};
 use tokio::net::TcpStream;
 
-use crate::config::LocalExport;
+use crate::exports::Exports;
 use crate::pool::Pool;
 use crate::routes::Routes;
 
@@ -42,20 +42,17 @@ pub struct Dialer {
     /// Tunnels to the other sites' gateways.
     pub pool: Arc<Pool>,
     /// Services this site exports, with their endpoints.
-    pub local_exports: Vec<LocalExport>,
+    pub local_exports: Arc<Exports>,
 }
 
 impl Dialer {
     /// A connection to a local endpoint of the service.
     pub async fn local(&self, service: &ServiceKey, port: u16) -> Result<TcpStream, Attempt> {
-        let Some(export) = self
-            .local_exports
-            .iter()
-            .find(|e| &e.service == service && e.port == port)
-        else {
+        let table = self.local_exports.current();
+        let Some(entry) = table.find(service.as_str(), port) else {
             return Err(Attempt::Retry("not exported on this port here".into()));
         };
-        for addr in &export.endpoints {
+        for addr in entry.endpoints.addrs() {
             if let Ok(Ok(s)) =
                 tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
             {

@@ -12,7 +12,7 @@ use causeway_api::trust::{Peer, TrustStore};
 use causeway_gateway_core::header::{OpenResponse, Status};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
-use crate::config::LocalExport;
+use crate::exports::Exports;
 use crate::splice::splice;
 use causeway_api::sync::LockExt;
 
@@ -27,15 +27,14 @@ type InboundConn = (quinn::Connection, Arc<AtomicBool>);
 pub struct Inbound {
     /// The member sites' trust bundles.
     pub store: Arc<TrustStore>,
-    /// What this site exports.
-    pub exports: Vec<LocalExport>,
+    /// What this site exports (live).
+    pub exports: Arc<Exports>,
     /// Counts streams for graceful shutdown.
     pub drain: Arc<crate::drain::Drain>,
     /// Who may call which export.
     pub authorization: crate::config::Authorization,
     /// How long a peer has to send the stream header.
     pub header_timeout: Duration,
-    endpoints: Vec<crate::endpoints::EndpointSet>,
     /// Live inbound connections per peer site, to tear down on removal,
     /// each with its retired flag (set: it takes no new streams).
     conns: Mutex<HashMap<SiteName, Vec<InboundConn>>>,
@@ -69,16 +68,14 @@ impl Inbound {
     /// An inbound side with the default header timeout.
     pub fn new(
         store: Arc<TrustStore>,
-        exports: Vec<LocalExport>,
+        exports: Arc<Exports>,
         drain: Arc<crate::drain::Drain>,
-        strategy: causeway_gateway_core::balance::Strategy,
         authorization: crate::config::Authorization,
     ) -> Arc<Self> {
         Arc::new(Self::with_header_timeout(
             store,
             exports,
             drain,
-            strategy,
             authorization,
             HEADER_TIMEOUT,
         ))
@@ -88,9 +85,8 @@ impl Inbound {
     /// header.
     pub fn with_header_timeout(
         store: Arc<TrustStore>,
-        exports: Vec<LocalExport>,
+        exports: Arc<Exports>,
         drain: Arc<crate::drain::Drain>,
-        strategy: causeway_gateway_core::balance::Strategy,
         authorization: crate::config::Authorization,
         header_timeout: Duration,
     ) -> Self {
@@ -100,10 +96,6 @@ impl Inbound {
             header_timeout,
             store,
             drain,
-            endpoints: exports
-                .iter()
-                .map(|e| crate::endpoints::EndpointSet::new(e.endpoints.clone(), strategy))
-                .collect(),
             exports,
             conns: Mutex::new(HashMap::new()),
         }
@@ -218,11 +210,8 @@ impl Inbound {
             .await;
             return;
         }
-        let Some(export_index) = self
-            .exports
-            .iter()
-            .position(|e| e.service.as_str() == req.service && e.port == req.port)
-        else {
+        let table = self.exports.current();
+        let Some(entry) = table.find(&req.service, req.port) else {
             refuse(
                 &mut send,
                 Status::UnknownService,
@@ -234,7 +223,10 @@ impl Inbound {
             .await;
             return;
         };
-        let service = &self.exports[export_index].service;
+        let service = entry.export.service.clone();
+        let endpoints = entry.endpoints.clone();
+        drop(table);
+        let service = &service;
         // Both must allow: the gateway's own [[allow]] rules and, when one
         // exists, the federation's AuthorizationPolicy for the service.
         if !self.authorization.allows(&peer.site, service)
@@ -249,7 +241,7 @@ impl Inbound {
             .await;
             return;
         }
-        let Some((tcp, _in_flight)) = self.endpoints[export_index].connect().await else {
+        let Some((tcp, _in_flight)) = endpoints.connect().await else {
             refuse(
                 &mut send,
                 Status::NoEndpoints,

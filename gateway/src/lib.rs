@@ -19,6 +19,7 @@ pub mod config;
 pub mod dial;
 pub mod drain;
 pub mod endpoints;
+pub mod exports;
 pub mod forward;
 pub mod http;
 pub mod inbound;
@@ -107,12 +108,15 @@ impl Readiness {
 }
 
 /// Runs a gateway until `shutdown` resolves, then closes its tunnels.
-/// `ready` tracks what `/ready` reports.
+/// `ready` tracks what `/ready` reports; `exports` is what the site
+/// exports (from the configuration, or kept current by the Kubernetes
+/// side), published and served from as it changes.
 pub async fn run(
     settings: Settings,
     state: SiteState,
     udp: std::net::UdpSocket,
     ready: Arc<Readiness>,
+    exports: Arc<exports::Exports>,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let site_ca = Arc::new(SiteState::site_ca(
@@ -141,9 +145,8 @@ pub async fn run(
     let drain = drain::Drain::new();
     let inbound = Inbound::new(
         store.clone(),
-        settings.exports.clone(),
+        exports.clone(),
         drain.clone(),
-        settings.balancer,
         settings.authorization.clone(),
     );
     let pool = Pool::new(
@@ -172,7 +175,7 @@ pub async fn run(
         dial: Dialer {
             caller_id: cred.spiffe_id()?.to_string(),
             pool: pool.clone(),
-            local_exports: settings.exports.clone(),
+            local_exports: exports.clone(),
         },
     });
     let outbound = Arc::new(Outbound {
@@ -202,7 +205,7 @@ pub async fn run(
     let publish_task = tokio::spawn(publish::run(
         client,
         state.site.clone(),
-        settings.exports.clone(),
+        exports.clone(),
         settings.tunnel_advertise.clone(),
         settings.health_interval,
     ));
@@ -385,7 +388,7 @@ async fn sync_catalog(
             }
             pool.retain(|s| members.contains(s));
             inbound.retain(|s| members.contains(s) || *s == own_site);
-            let routes = Routes::build(&view, settings.vip_base, settings.vip_prefix);
+            let routes = Routes::build(&view, settings.listen);
             metrics::gauge!("causeway_imported_services").set(routes.services.len() as f64);
             routes_tx.send_replace(Arc::new(routes));
             ready

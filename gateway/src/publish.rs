@@ -13,6 +13,7 @@ use causeway_api::pb;
 use tokio::net::TcpStream;
 
 use crate::config::LocalExport;
+use crate::exports::Exports;
 
 const REFRESH: Duration = Duration::from_secs(30);
 
@@ -21,14 +22,17 @@ const REFRESH: Duration = Duration::from_secs(30);
 pub async fn run(
     client: Arc<ControllerClient>,
     site: SiteName,
-    exports: Vec<LocalExport>,
+    exports: Arc<Exports>,
     advertise: Vec<causeway_api::model::TunnelAddr>,
     interval: Duration,
 ) {
     let tunnel_addrs: Vec<String> = advertise.iter().map(|a| a.to_string()).collect();
     let mut published: Option<(Vec<pb::Export>, Instant)> = None;
+    let mut changes = exports.subscribe();
     loop {
-        let current = check(&exports, interval.min(Duration::from_secs(1))).await;
+        changes.borrow_and_update();
+        let table = exports.current().exports();
+        let current = check(&table, interval.min(Duration::from_secs(1))).await;
         let stale = match &published {
             Some((p, at)) => *p != current || at.elapsed() >= REFRESH,
             None => true,
@@ -58,7 +62,11 @@ pub async fn run(
                 }
             }
         }
-        tokio::time::sleep(interval).await;
+        // A new export set is published at once; health every interval.
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            r = changes.changed() => if r.is_err() { return },
+        }
     }
 }
 
@@ -122,6 +130,8 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
                     .set(f64::from(z.healthy));
             }
             pb::Export {
+                exported_at_unix_ms: entries.iter().map(|e| e.exported_at_ms).max().unwrap_or(0),
+                client_ip_affinity: entries.iter().any(|e| e.client_ip_affinity),
                 service,
                 ports,
                 healthy_endpoints: healthy.len() as u32,
@@ -301,6 +311,8 @@ mod tests {
                 .into_iter()
                 .map(|(a, z)| (a, z.to_string()))
                 .collect(),
+            exported_at_ms: 0,
+            client_ip_affinity: false,
         };
         let out = check(std::slice::from_ref(&export), Duration::from_secs(1)).await;
         let e = &out[0];

@@ -2,14 +2,18 @@
 //! and read without locks by connection handlers.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 
-use causeway_api::catalog::CatalogView;
-use causeway_api::model::{vip_for, Protocol, ServiceKey, SiteName, TrustDomain, TunnelAddr};
+use causeway_api::catalog::{CatalogView, ServiceView};
+use causeway_api::model::{
+    import_port, vip_for, Protocol, ServiceKey, SiteName, TrustDomain, TunnelAddr,
+};
 use causeway_api::policy::{
     parse_document, AuthzSpec, FailoverSpec, FaultSpec, RetrySpec, Spec, TimeoutSpec,
 };
 use causeway_gateway_core::traffic::{Limits, OutlierParams};
+
+use crate::config::ListenPlan;
 
 /// How to reach one remote site.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,10 +29,10 @@ pub struct SiteRoute {
 /// One imported (or local) service.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServiceRoute {
-    /// Its ClusterSetIP in this site's VIP range.
-    pub vip: IpAddr,
-    /// Its ports.
-    pub ports: Vec<u16>,
+    /// Its ports, each with the address its outbound listener takes (on
+    /// the service's VIP, or on Kubernetes the pod's address and the
+    /// port's own listener port).
+    pub listen: BTreeMap<u16, SocketAddr>,
     /// Exporting sites and their healthy endpoint counts.
     pub exporters: Vec<(SiteName, u32)>,
     /// Ports whose protocol is `http` or `http2`: proxied per request,
@@ -134,8 +138,9 @@ pub struct Routes {
 }
 
 impl Routes {
-    /// The table for a catalog view, with VIPs from this site's range.
-    pub fn build(view: &CatalogView, vip_base: IpAddr, vip_prefix: u8) -> Self {
+    /// The table for a catalog view, with listeners where `plan` puts
+    /// them.
+    pub fn build(view: &CatalogView, plan: ListenPlan) -> Self {
         let mut services = BTreeMap::new();
         let mut policies = policies_by_service(view);
         for (key, svc) in view.services() {
@@ -143,15 +148,17 @@ impl Routes {
                 // No ClusterSetIP: callers reach the endpoints directly.
                 continue;
             }
-            let Some(vip) = vip_for(vip_base, vip_prefix, svc.vip_index) else {
-                tracing::warn!(service = %key, index = svc.vip_index, "vip_range is too small for this service; enlarge it");
+            let Some(listen) = listeners(plan, &svc) else {
+                match plan {
+                    ListenPlan::Vips { .. } => {
+                        tracing::warn!(service = %key, index = svc.vip_index, "vip_range is too small for this service; enlarge it")
+                    }
+                    ListenPlan::Ports { .. } => {
+                        tracing::warn!(service = %key, index = svc.vip_index, "this service's import ports fall outside 1-65535; lower kubernetes.import_port_base")
+                    }
+                }
                 continue;
             };
-            let ports = svc
-                .ports
-                .iter()
-                .filter_map(|p| u16::try_from(p.port).ok())
-                .collect();
             let policy = policies.remove(&key).unwrap_or_default();
             let http_ports = svc
                 .ports
@@ -165,8 +172,7 @@ impl Routes {
             services.insert(
                 key,
                 ServiceRoute {
-                    vip,
-                    ports,
+                    listen,
                     exporters: svc.exporters,
                     http_ports,
                     totals: svc.totals,
@@ -211,10 +217,26 @@ impl Routes {
     pub fn listeners(&self) -> BTreeMap<SocketAddr, (ServiceKey, u16)> {
         let mut out = BTreeMap::new();
         for (key, svc) in &self.services {
-            for port in &svc.ports {
-                out.insert(SocketAddr::new(svc.vip, *port), (key.clone(), *port));
+            for (port, addr) in &svc.listen {
+                out.insert(*addr, (key.clone(), *port));
             }
         }
         out
+    }
+}
+
+/// Where each port of `svc` is served under `plan`; `None` when the
+/// service does not fit.
+fn listeners(plan: ListenPlan, svc: &ServiceView) -> Option<BTreeMap<u16, SocketAddr>> {
+    let ports = svc.ports.iter().filter_map(|p| u16::try_from(p.port).ok());
+    match plan {
+        ListenPlan::Vips { base, prefix } => {
+            let vip = vip_for(base, prefix, svc.vip_index)?;
+            Some(ports.map(|p| (p, SocketAddr::new(vip, p))).collect())
+        }
+        ListenPlan::Ports { ip, base } => ports
+            .enumerate()
+            .map(|(i, p)| Some((p, SocketAddr::new(ip, import_port(base, svc.vip_index, i)?))))
+            .collect(),
     }
 }

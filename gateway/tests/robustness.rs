@@ -70,12 +70,13 @@ async fn setup_with(quic: QuicConfig, endpoint: Option<std::net::SocketAddr>) ->
         hostnames: Default::default(),
         health_path: None,
         zones: Default::default(),
+        exported_at_ms: 0,
+        client_ip_affinity: false,
     }];
     let inbound = Arc::new(Inbound::with_header_timeout(
         store.clone(),
-        exports,
+        causeway_gateway::exports::Exports::new(exports, Strategy::RoundRobin),
         Drain::new(),
-        Strategy::RoundRobin,
         Authorization::default(),
         Duration::from_millis(300),
     ));

@@ -9,8 +9,10 @@
 //! `410 Gone` after the API server compacted its history) back off and
 //! re-list; they are logged and counted, never fatal.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use causeway_api::catalog::CatalogView;
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -21,7 +23,8 @@ use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client, ResourceExt};
 use tokio::sync::watch;
 
-use crate::condition;
+use crate::condition::{self, Want};
+use crate::conflict::{self, Claim};
 use crate::crd::ServiceExport;
 use crate::export::{decide, Decision, SiteExport};
 use crate::SERVICE_NAME_LABEL;
@@ -72,14 +75,25 @@ impl Caches {
     }
 }
 
+/// The federation's catalog as this site sees it, for the `Conflict`
+/// conditions.
+pub struct Catalog {
+    /// This site's name.
+    pub site: String,
+    /// The live catalog.
+    pub view: watch::Receiver<Arc<CatalogView>>,
+}
+
 /// Runs the export side until `stop` changes: sends the site's exports on
-/// `exports` whenever they change and keeps each ServiceExport's `Valid`
-/// condition current while `leading` says this replica holds the agent's
-/// Lease (every replica watches and publishes; one writes).
+/// `exports` whenever they change and, while `leading` says this replica
+/// holds the agent's Lease, keeps each ServiceExport's `Valid` condition
+/// current — and its `Conflict` condition, given the `catalog`. Every
+/// replica (and every gateway, which never leads) watches; one writes.
 pub async fn run_exports(
     client: Client,
     exports: watch::Sender<Vec<SiteExport>>,
     mut leading: watch::Receiver<bool>,
+    mut catalog: Option<Catalog>,
     mut stop: watch::Receiver<bool>,
 ) {
     let (se_store, se_w) = reflector::store();
@@ -116,10 +130,18 @@ pub async fn run_exports(
         slices: eps_store,
     };
     loop {
+        let catalog_changed = async {
+            match catalog.as_mut() {
+                Some(c) => c.view.changed().await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             batch = changes.next() => if batch.is_none() { return },
             // Becoming the leader is a reason to look again (and write).
             r = leading.changed() => if r.is_err() { return },
+            // Another site's export may now conflict with ours.
+            r = catalog_changed => if r.is_err() { return },
             _ = stop.changed() => return,
         }
         if !caches.ready() {
@@ -142,11 +164,135 @@ pub async fn run_exports(
             changed
         });
         if *leading.borrow() {
+            let view = catalog
+                .as_ref()
+                .map(|c| (c.site.as_str(), c.view.borrow().clone()));
             for (se, d) in &decisions {
-                write_valid(&client, se, d).await;
+                let mut wants = vec![d.valid_condition()];
+                if let (Some((site, view)), Decision::Export(e)) = (&view, d) {
+                    if view.synced {
+                        let local = Claim::local(site, e);
+                        wants.push(conflict::condition(
+                            site,
+                            &conflict::claims(view, &e.key, &local),
+                        ));
+                    }
+                }
+                write_conditions(&client, se, &wants).await;
             }
         }
     }
+}
+
+/// Where this site's gateway pods are: the ready endpoints of the
+/// gateway's Service (its EndpointSlices) in the causeway namespace.
+#[derive(Debug, Clone)]
+pub struct GatewayPods {
+    /// The namespace causeway runs in.
+    pub namespace: String,
+    /// The gateway's Service (tunnel LoadBalancer) there.
+    pub service: String,
+    /// The first import listener port (the gateways' `kubernetes.
+    /// import_port_base`).
+    pub import_port_base: u16,
+    /// The ClusterSetIP range (inside the cluster's Service CIDR): derived
+    /// Services ask for their address there, which is what the site's
+    /// mesh DNS answers. `None`: Kubernetes allocates.
+    pub cluster_ip_range: Option<(std::net::IpAddr, u8)>,
+}
+
+/// Runs the import side until `stop` changes: while `leading`, makes the
+/// ServiceImports, derived Services and EndpointSlices match the services
+/// the `catalog` says this site imports, fronted by the ready gateway pods
+/// of `gateways`. Nothing is written before the first catalog snapshot
+/// (an empty view is not "import nothing"), and a pass that fails backs
+/// off (up to 30 s) and runs again.
+pub async fn run_imports(
+    client: Client,
+    site: String,
+    gateways: GatewayPods,
+    mut catalog: watch::Receiver<Arc<CatalogView>>,
+    mut leading: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (store, writer) = reflector::store();
+    let cfg =
+        watcher::Config::default().labels(&format!("{SERVICE_NAME_LABEL}={}", gateways.service));
+    let mut changes = reflector::reflector(
+        writer,
+        watcher(
+            Api::<EndpointSlice>::namespaced(client.clone(), &gateways.namespace),
+            cfg,
+        ),
+    )
+    .default_backoff()
+    .map(note)
+    .boxed()
+    .ready_chunks(1024);
+    let mut backoff = Duration::ZERO;
+    let mut last: Option<(Vec<crate::import::Imported>, crate::import::Gateways)> = None;
+    loop {
+        let retry = !backoff.is_zero();
+        tokio::select! {
+            batch = changes.next() => if batch.is_none() { return },
+            r = catalog.changed() => if r.is_err() { return },
+            r = leading.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(backoff), if retry => {}
+            _ = stop.changed() => return,
+        }
+        let view = catalog.borrow().clone();
+        if !*leading.borrow() || !view.synced {
+            last = None;
+            continue;
+        }
+        if !matches!(
+            futures::FutureExt::now_or_never(store.wait_until_ready()),
+            Some(Ok(()))
+        ) {
+            continue;
+        }
+        tokio::time::sleep(SETTLE).await;
+        let imports = crate::import::imports(&view, gateways.cluster_ip_range);
+        let gw = crate::import::Gateways {
+            site: site.clone(),
+            pod_ips: ready_addresses(&store.state()),
+            listen_ports: crate::import::listen_ports(&view, gateways.import_port_base),
+        };
+        let want = (imports, gw);
+        if last.as_ref() == Some(&want) && !retry {
+            continue;
+        }
+        match crate::sync::sync_imports(&client, &want.0, &want.1).await {
+            Ok(report) => {
+                backoff = Duration::ZERO;
+                metrics::gauge!("causeway_agent_imports").set(want.0.len() as f64);
+                if !report.written.is_empty() || !report.deleted.is_empty() {
+                    tracing::info!(written = ?report.written, deleted = ?report.deleted, "imports synced");
+                }
+                last = Some(want);
+            }
+            Err(e) => {
+                metrics::counter!("causeway_agent_sync_errors_total", "side" => "imports")
+                    .increment(1);
+                backoff = (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
+                tracing::warn!(error = %e, retry_in = ?backoff, "syncing imports failed; retrying");
+                last = None;
+            }
+        }
+    }
+}
+
+/// The ready addresses in `slices`, each once.
+fn ready_addresses(slices: &[Arc<EndpointSlice>]) -> Vec<std::net::IpAddr> {
+    let mut out: Vec<std::net::IpAddr> = slices
+        .iter()
+        .flat_map(|s| s.endpoints.iter())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+        .filter_map(|e| e.addresses.first()?.parse().ok())
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 /// Logs and counts a watch error; every item is a change to look at.
@@ -157,22 +303,21 @@ fn note<T>(item: Result<T, watcher::Error>) {
 }
 
 fn metrics_error(e: &watcher::Error) {
+    metrics::counter!("causeway_agent_watch_errors_total").increment(1);
     tracing::warn!(error = %e, "Kubernetes watch failed; backing off and resuming");
 }
 
-/// Writes `se`'s `Valid` condition when it differs from what is there.
-async fn write_valid(client: &Client, se: &ServiceExport, d: &Decision) {
+/// Writes `se`'s conditions `wants` when they differ from what is there.
+async fn write_conditions(client: &Client, se: &ServiceExport, wants: &[Want]) {
     let existing = se
         .status
         .as_ref()
         .map(|s| s.conditions.clone())
         .unwrap_or_default();
-    let want = condition::set(
-        &existing,
-        &d.valid_condition(),
-        se.metadata.generation,
-        Timestamp::now(),
-    );
+    let now = Timestamp::now();
+    let want = wants.iter().fold(existing.clone(), |conds, w| {
+        condition::set(&conds, w, se.metadata.generation, now)
+    });
     if condition::same(&existing, &want) {
         return;
     }

@@ -5,11 +5,13 @@
 
 use std::collections::BTreeMap;
 
-use causeway_api::model::Protocol;
+use causeway_api::catalog::CatalogView;
+use causeway_api::model::{Protocol, ServiceKey};
+use causeway_api::pb;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::condition::Want;
-use crate::export::{Port, SessionAffinity};
+use crate::export::{Port, SessionAffinity, SiteExport};
 
 /// One site's export of a service, as conflict resolution compares them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +26,63 @@ pub struct Claim {
     pub session_affinity: SessionAffinity,
     /// Its ports.
     pub ports: Vec<Port>,
+}
+
+impl Claim {
+    /// This site's own claim, from what its ServiceExport decided.
+    pub fn local(site: &str, e: &SiteExport) -> Self {
+        Self {
+            site: site.to_string(),
+            exported_at_ms: e.exported_at_ms,
+            headless: e.headless,
+            session_affinity: e.session_affinity,
+            ports: e.ports.clone(),
+        }
+    }
+
+    /// A site's claim as the federation's catalog holds it.
+    pub fn published(site: &str, e: &pb::Export) -> Self {
+        let mut ports: Vec<Port> = e
+            .ports
+            .iter()
+            .filter_map(|p| {
+                Some(Port {
+                    name: p.name.clone(),
+                    port: u16::try_from(p.port).ok()?,
+                    protocol: p.protocol.parse().ok()?,
+                })
+            })
+            .collect();
+        ports.sort();
+        Self {
+            site: site.to_string(),
+            exported_at_ms: e.exported_at_unix_ms,
+            headless: e.headless,
+            session_affinity: if e.client_ip_affinity {
+                SessionAffinity::ClientIp
+            } else {
+                SessionAffinity::None
+            },
+            ports,
+        }
+    }
+}
+
+/// Every site's claim on `key`: the catalog's, with this site's own
+/// (`local`) in place of what the catalog last heard from it.
+pub fn claims(view: &CatalogView, key: &ServiceKey, local: &Claim) -> Vec<Claim> {
+    let mut out: Vec<Claim> = view
+        .exports
+        .iter()
+        .filter(|(site, _)| **site != local.site)
+        .filter_map(|(site, exports)| {
+            let e = exports.iter().find(|e| e.service == key.as_str())?;
+            Some(Claim::published(site, e))
+        })
+        .collect();
+    out.push(local.clone());
+    out.sort_by(|a, b| a.site.cmp(&b.site));
+    out
 }
 
 /// Which export wins: the oldest, then the first site by name.

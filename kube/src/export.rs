@@ -82,6 +82,11 @@ pub struct SiteExport {
     pub zones: Vec<ZoneCount>,
     /// Ready endpoints, for a headless export (empty otherwise).
     pub endpoints: Vec<ReadyEndpoint>,
+    /// The zone of each endpoint that names one.
+    pub zone_of: BTreeMap<IpAddr, String>,
+    /// When the ServiceExport was created, ms since the epoch (0 when the
+    /// API server did not say): the oldest export wins a conflict.
+    pub exported_at_ms: u64,
     /// Where the gateway forwards each port: the ready endpoints on the
     /// EndpointSlice port of the same name.
     pub targets: BTreeMap<u16, Vec<SocketAddr>>,
@@ -206,6 +211,17 @@ pub fn decide(
             .map(|(zone, (ready, total))| ZoneCount { zone, ready, total })
             .collect(),
         endpoints,
+        zone_of: seen
+            .iter()
+            .filter(|(_, e)| !e.zone.is_empty())
+            .map(|(ip, e)| (*ip, e.zone.clone()))
+            .collect(),
+        exported_at_ms: export
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .and_then(|t| u64::try_from(t.0.as_millisecond()).ok())
+            .unwrap_or(0),
         targets,
     })
 }
@@ -339,6 +355,8 @@ impl SiteExport {
                 })
                 .collect(),
             vip_index: 0,
+            exported_at_unix_ms: self.exported_at_ms,
+            client_ip_affinity: self.session_affinity == SessionAffinity::ClientIp,
         }
     }
 }

@@ -14,13 +14,15 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use causeway_api::model::{Protocol, ServiceKey};
+use causeway_api::catalog::CatalogView;
+use causeway_api::model::{import_port, vip_for, Protocol, ServiceKey};
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use sha2::{Digest, Sha256};
 
+use crate::conflict::{winner, Claim};
 use crate::crd::{
     ClusterStatus, ImportPort, ImportType, ServiceImport, ServiceImportSpec, ServiceImportStatus,
 };
@@ -43,6 +45,10 @@ pub struct Imported {
     pub ports: Vec<Port>,
     /// The exporting sites, by name.
     pub clusters: Vec<String>,
+    /// The ClusterIP the derived Service asks for: the service's address
+    /// in the site's ClusterSetIP range (the same address the mesh DNS
+    /// answers), or none to let Kubernetes allocate one.
+    pub requested_ip: Option<IpAddr>,
     /// The derived Service's ClusterIP once Kubernetes has allocated it.
     pub cluster_ip: Option<String>,
     /// For a headless import: each exporting site's ready endpoints.
@@ -59,6 +65,86 @@ pub struct Gateways {
     pub pod_ips: Vec<IpAddr>,
     /// The port each gateway listens on for an imported service port.
     pub listen_ports: BTreeMap<(ServiceKey, u16), u16>,
+}
+
+/// The services imported into this site: every service an available
+/// member site exports, with the ports merged across the exporting sites,
+/// and the session affinity of the oldest export (the one that wins a
+/// conflict). With a ClusterSetIP `range` (`base`, prefix length), each
+/// ClusterSetIP service asks for its address there (see
+/// [`causeway_api::model::vip_for`]).
+pub fn imports(view: &CatalogView, range: Option<(IpAddr, u8)>) -> Vec<Imported> {
+    view.services()
+        .into_values()
+        .map(|svc| {
+            let claims: Vec<Claim> = svc
+                .exporters
+                .iter()
+                .filter_map(|(site, _)| {
+                    let e = view
+                        .exports
+                        .get(site.as_str())?
+                        .iter()
+                        .find(|e| e.service == svc.key.as_str())?;
+                    Some(Claim::published(site.as_str(), e))
+                })
+                .collect();
+            let session_affinity =
+                winner(&claims).map_or_else(Default::default, |c| c.session_affinity);
+            Imported {
+                headless: svc.headless,
+                session_affinity,
+                ports: svc
+                    .ports
+                    .iter()
+                    .filter_map(|p| {
+                        Some(Port {
+                            name: p.name.clone(),
+                            port: u16::try_from(p.port).ok()?,
+                            protocol: p.protocol.parse().ok()?,
+                        })
+                    })
+                    .collect(),
+                clusters: svc.exporters.iter().map(|(s, _)| s.to_string()).collect(),
+                requested_ip: range
+                    .filter(|_| !svc.headless)
+                    .and_then(|(base, prefix)| vip_for(base, prefix, svc.vip_index)),
+                cluster_ip: None,
+                endpoints: svc
+                    .endpoints
+                    .iter()
+                    .filter_map(|(site, e)| {
+                        Some((
+                            site.to_string(),
+                            ReadyEndpoint {
+                                ip: e.address.parse().ok()?,
+                                hostname: (!e.hostname.is_empty()).then(|| e.hostname.clone()),
+                            },
+                        ))
+                    })
+                    .collect(),
+                key: svc.key,
+            }
+        })
+        .collect()
+}
+
+/// The port this site's gateways listen on for each imported ClusterSetIP
+/// service port (the same rule the gateway follows,
+/// [`causeway_api::model::import_port`]).
+pub fn listen_ports(view: &CatalogView, base: u16) -> BTreeMap<(ServiceKey, u16), u16> {
+    let mut out = BTreeMap::new();
+    for svc in view.services().into_values().filter(|s| !s.headless) {
+        for (i, p) in svc.ports.iter().enumerate() {
+            let (Ok(port), Some(listen)) =
+                (u16::try_from(p.port), import_port(base, svc.vip_index, i))
+            else {
+                continue;
+            };
+            out.insert((svc.key.clone(), port), listen);
+        }
+    }
+    out
 }
 
 /// The derived Service's name: `cw-<hash>-<name>`, a DNS label of at most
@@ -157,7 +243,11 @@ pub fn derived_service(imp: &Imported, gw: &Gateways, owner: Option<OwnerReferen
         },
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
-            cluster_ip: imp.headless.then(|| "None".to_string()),
+            cluster_ip: if imp.headless {
+                Some("None".to_string())
+            } else {
+                imp.requested_ip.map(|ip| ip.to_string())
+            },
             ports: Some(ports),
             session_affinity: affinity(imp.session_affinity),
             ..Default::default()

@@ -37,6 +37,9 @@ pub struct LocalFederation {
     pub gateway_base: GatewayConfig,
     /// Extra flags for every DNS server started from now on.
     pub dns_flags: Vec<String>,
+    /// Extra environment for every gateway started from now on (e.g. a
+    /// `KUBECONFIG` for a Kubernetes site's gateway).
+    pub gateway_env: Vec<(String, String)>,
     /// The working directory (data and logs).
     pub root: PathBuf,
     /// The `causeway` binary every process runs.
@@ -61,6 +64,7 @@ impl LocalFederation {
         Ok(Self {
             controller_flags: Vec::new(),
             dns_flags: Vec::new(),
+            gateway_env: Vec::new(),
             gateway_base: Self::default_gateway_config(),
             root,
             bin,
@@ -327,6 +331,9 @@ impl LocalFederation {
     /// Kills every process.
     pub async fn shutdown(&mut self) {
         for s in self.sites.values_mut() {
+            if let Some(a) = s.agent.as_mut() {
+                a.kill().await;
+            }
             s.dns_proc.kill().await;
             s.gateway.kill().await;
         }

@@ -47,6 +47,8 @@ pub struct Site {
     pub gateway: Proc,
     /// The DNS server process.
     pub dns_proc: Proc,
+    /// The Kubernetes agent, on a site that runs one.
+    pub agent: Option<Proc>,
 }
 
 /// `causeway gateway` arguments for a config file and admin address.
@@ -137,9 +139,61 @@ impl LocalFederation {
                 vip_range: vip_range.to_string(),
                 gateway,
                 dns_proc,
+                agent: None,
             },
         );
         Ok(())
+    }
+
+    /// Starts `causeway agent` for a joined site, against the API server
+    /// `kubeconfig` names, with `flags` added; waits until its admin port
+    /// answers.
+    pub async fn start_agent(
+        &mut self,
+        site: &str,
+        kubeconfig: &std::path::Path,
+        flags: &[&str],
+    ) -> anyhow::Result<SocketAddr> {
+        let admin = loopback_port()?;
+        let s = self.site(site)?;
+        let mut args: Vec<String> = vec![
+            "agent".into(),
+            "--site".into(),
+            site.into(),
+            "--state-dir".into(),
+            s.state_dir.display().to_string(),
+            "--admin-listen".into(),
+            admin.to_string(),
+            "--identity".into(),
+            format!("agent-{site}"),
+        ];
+        args.extend(flags.iter().map(|f| f.to_string()));
+        let mut agent = Proc::spawn_with_env(
+            &self.bin,
+            &self.root,
+            &format!("agent-{site}"),
+            args,
+            vec![("KUBECONFIG".into(), kubeconfig.display().to_string())],
+        )?;
+        let up = until(
+            Duration::from_secs(20),
+            format_args!("agent of {site} to serve {admin}"),
+            async || match agent.exited() {
+                Some(status) => Some(Err(status)),
+                None => tokio::net::TcpStream::connect(admin)
+                    .await
+                    .ok()
+                    .map(|_| Ok(())),
+            },
+        )
+        .await;
+        match up {
+            Ok(Ok(())) => {}
+            Ok(Err(status)) => bail!("agent of {site} exited ({status}):\n{}", agent.log_tail(20)),
+            Err(e) => bail!("{e}:\n{}", agent.log_tail(20)),
+        }
+        self.site_mut(site)?.agent = Some(agent);
+        Ok(admin)
     }
 
     /// Starts a site's first gateway with its join token and waits until it
@@ -159,12 +213,14 @@ impl LocalFederation {
             let (tunnel, admin) = (loopback_port()?, loopback_port()?);
             let cfg = self.site_gateway_config(state_dir.to_path_buf(), tunnel, vip_range, exports);
             std::fs::write(config, cfg.to_toml())?;
+            let mut env = vec![("CAUSEWAY_JOIN_TOKEN".into(), token.to_string())];
+            env.extend(self.gateway_env.iter().cloned());
             let mut gateway = Proc::spawn_with_env(
                 &self.bin,
                 &self.root,
                 &format!("gateway-{name}"),
                 gateway_args(config, admin),
-                vec![("CAUSEWAY_JOIN_TOKEN".into(), token.to_string())],
+                env,
             )?;
             // The DNS server reads the credential the gateway stores on joining.
             let joined = until(

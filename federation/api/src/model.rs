@@ -323,6 +323,26 @@ impl FromStr for Protocol {
     }
 }
 
+/// Most ports one export may list; also how many listener ports each
+/// imported service gets on a gateway pod ([`import_port`]).
+pub const MAX_PORTS_PER_SERVICE: usize = 32;
+
+/// On Kubernetes, where a gateway pod has one address, the port its
+/// outbound listener for an imported service's port uses: the service's
+/// block of [`MAX_PORTS_PER_SERVICE`] ports from `base` (blocks in
+/// `vip_index` order), at the port's position among the service's ports
+/// sorted by number. The agent writes the same number into the derived
+/// EndpointSlices. `None` when the index or position falls outside
+/// the port space.
+pub fn import_port(base: u16, vip_index: u32, position: usize) -> Option<u16> {
+    if vip_index == 0 || position >= MAX_PORTS_PER_SERVICE {
+        return None;
+    }
+    let port =
+        u64::from(base) + u64::from(vip_index - 1) * MAX_PORTS_PER_SERVICE as u64 + position as u64;
+    u16::try_from(port).ok()
+}
+
 /// The outbound address for the service with `vip_index` inside `cidr`
 /// (`base/prefix`). Index 0 is never assigned, so the network address stays
 /// free. Returns `None` when the index does not fit in the range.
@@ -422,6 +442,19 @@ impl fmt::Display for TunnelAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn import_ports_are_blocks_per_service_in_index_order() {
+        assert_eq!(import_port(20000, 1, 0), Some(20000));
+        assert_eq!(import_port(20000, 1, 31), Some(20031));
+        assert_eq!(import_port(20000, 2, 0), Some(20032));
+        assert_eq!(import_port(20000, 3, 2), Some(20066));
+        assert_eq!(import_port(20000, 0, 0), None, "index 0 is never assigned");
+        assert_eq!(import_port(20000, 1, 32), None, "a block has 32 ports");
+        // 65535 - 20000 = 45535 = 1422 blocks of 32 + 31.
+        assert_eq!(import_port(20000, 1423, 31), Some(65535));
+        assert_eq!(import_port(20000, 1424, 0), None);
+    }
 
     #[test]
     fn tunnel_addresses_carry_an_optional_weight() {

@@ -164,6 +164,7 @@ mod tests {
             site: site.parse().unwrap(),
             exports: vec![],
             tunnel_addrs: vec!["x".repeat(padding)],
+            now_ms: 0,
         };
         let bytes = crate::json_len(&cmd);
         assert_eq!(bytes, serde_json::to_vec(&cmd).unwrap().len());

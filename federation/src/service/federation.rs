@@ -303,6 +303,7 @@ impl Federation for FederationService {
                     site,
                     exports,
                     tunnel_addrs,
+                    now_ms: causeway_api::clock::unix_ms(),
                 })
                 .await?,
         )?;

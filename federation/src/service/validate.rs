@@ -138,6 +138,8 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
             endpoints,
             total_endpoints: e.total_endpoints.max(e.healthy_endpoints),
             zones,
+            exported_at_ms: e.exported_at_unix_ms,
+            client_ip_affinity: e.client_ip_affinity,
         });
     }
     Ok(out)

@@ -45,6 +45,8 @@ fn export(svc: &str, healthy: u32) -> ExportRecord {
         endpoints: vec![],
         total_endpoints: healthy,
         zones: vec![],
+        exported_at_ms: 0,
+        client_ip_affinity: false,
     }
 }
 
@@ -57,6 +59,7 @@ fn publish(
         site: site(name),
         exports: ex,
         tunnel_addrs: vec![],
+        now_ms: 1_000,
     })
 }
 
@@ -161,6 +164,46 @@ fn exports_get_stable_vips_and_only_real_changes_bump_the_revision() {
     assert!(!s.exports.contains_key(&site("west")));
     // VIPs are never reused.
     assert_eq!(s.vips.len(), 2);
+}
+
+#[test]
+fn an_export_keeps_the_time_it_was_first_seen_unless_the_site_names_one() {
+    let mut s = CatalogState::default();
+    token(&mut s, "a", "east", 100);
+    join(&mut s, "a", "east", 1);
+    let at = |s: &CatalogState, svc: &str| {
+        s.exports[&site("east")]
+            .iter()
+            .find(|e| e.service.as_str() == svc)
+            .map(|e| e.exported_at_ms)
+    };
+    let publish_at = |s: &mut CatalogState, now: u64, ex: Vec<ExportRecord>| {
+        s.apply(Command::PublishExports {
+            site: site("east"),
+            exports: ex,
+            tunnel_addrs: vec![],
+            now_ms: now,
+        })
+        .0
+    };
+    publish_at(&mut s, 5_000, vec![export("shop/a", 1)]);
+    assert_eq!(at(&s, "shop/a"), Some(5_000));
+    // Published again later (health changed): still first seen at 5 s.
+    let mut named = export("shop/b", 1);
+    named.exported_at_ms = 1_234;
+    let o = publish_at(&mut s, 9_000, vec![export("shop/a", 2), named]);
+    assert!(matches!(o, Outcome::Applied { .. }));
+    assert_eq!(at(&s, "shop/a"), Some(5_000));
+    assert_eq!(at(&s, "shop/b"), Some(1_234), "a site's own time is kept");
+    // The same exports at a later clock are no change.
+    let o = publish_at(&mut s, 20_000, vec![export("shop/a", 2)]);
+    assert!(matches!(o, Outcome::Applied { .. }), "shop/b went away");
+    let o = publish_at(&mut s, 30_000, vec![export("shop/a", 2)]);
+    assert!(matches!(o, Outcome::Unchanged { .. }));
+    // Exported anew after going away: a new time.
+    publish_at(&mut s, 40_000, vec![]);
+    publish_at(&mut s, 50_000, vec![export("shop/a", 2)]);
+    assert_eq!(at(&s, "shop/a"), Some(50_000));
 }
 
 #[test]

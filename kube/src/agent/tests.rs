@@ -47,7 +47,7 @@ fn start(api: &FakeApi) -> Running {
     let (tx, rx) = watch::channel(Vec::new());
     let (stop_tx, stop) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(true);
-    tokio::spawn(run_exports(api.client(), tx, leading, stop));
+    tokio::spawn(run_exports(api.client(), tx, leading, None, stop));
     Running {
         api: api.clone(),
         exports: rx,
@@ -231,7 +231,7 @@ async fn only_the_leader_writes_status() {
     let (tx, mut rx) = watch::channel(Vec::new());
     let (_stop_tx, stop) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(false);
-    tokio::spawn(run_exports(api.client(), tx, leading, stop));
+    tokio::spawn(run_exports(api.client(), tx, leading, None, stop));
     let published = matches!(
         tokio::time::timeout(
             Duration::from_secs(10),

@@ -5,7 +5,8 @@ use super::*;
 fn export() -> ServiceExport {
     serde_json::from_value(json!({
         "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
-        "metadata": {"name": "web", "namespace": "shop", "generation": 1}
+        "metadata": {"name": "web", "namespace": "shop", "generation": 1,
+                     "creationTimestamp": "2026-01-02T03:04:05Z"}
     }))
     .unwrap()
 }
@@ -142,6 +143,20 @@ fn a_service_and_its_slices_become_an_export_with_per_zone_counts_and_targets() 
     assert!(
         e.endpoints.is_empty(),
         "only headless exports list endpoints"
+    );
+    assert_eq!(e.exported_at_ms, 1_767_323_045_000);
+    let zone_of: Vec<(String, &str)> = e
+        .zone_of
+        .iter()
+        .map(|(ip, z)| (ip.to_string(), z.as_str()))
+        .collect();
+    assert_eq!(
+        zone_of,
+        vec![
+            ("10.0.1.1".to_string(), "zone-a"),
+            ("10.0.1.2".to_string(), "zone-a"),
+            ("10.0.2.1".to_string(), "zone-b"),
+        ]
     );
     let addrs = |s: &[&str]| {
         s.iter()

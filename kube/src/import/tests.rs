@@ -24,6 +24,7 @@ fn imported(headless: bool) -> Imported {
             },
         ],
         clusters: vec!["east".into(), "west".into()],
+        requested_ip: None,
         cluster_ip: Some("10.96.3.4".into()),
         endpoints: vec![
             (

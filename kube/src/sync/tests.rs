@@ -29,6 +29,7 @@ fn web() -> Imported {
             protocol: Protocol::Http,
         }],
         clusters: vec!["east".into(), "west".into()],
+        requested_ip: None,
         cluster_ip: None,
         endpoints: vec![],
     }
