@@ -46,6 +46,13 @@ pub struct InstallArgs {
     /// clusterset.local to it).
     #[arg(long)]
     pub dns_cluster_ip: Option<String>,
+    /// The ClusterSetIP range, inside the cluster's Service CIDR: derived
+    /// Services take their ClusterIPs there and the mesh DNS answers them.
+    #[arg(long, default_value = causeway_kube::install::DEFAULT_CLUSTER_IP_RANGE)]
+    pub cluster_ip_range: String,
+    /// The gateways' first import listener port.
+    #[arg(long, default_value_t = causeway_gateway::config::DEFAULT_IMPORT_PORT_BASE)]
+    pub import_port_base: u16,
 }
 
 /// Prints the site's manifests (multi-document YAML) on stdout.
@@ -60,6 +67,8 @@ pub fn run_install(args: InstallArgs) -> anyhow::Result<()> {
     o.controller_endpoints = args.controller;
     o.dns_cluster_ip = args.dns_cluster_ip;
     o.advertise = args.advertise;
+    o.cluster_ip_range = args.cluster_ip_range;
+    o.import_port_base = args.import_port_base;
     o.check().map_err(ConfigErrors)?;
     print!("{}", install::to_yaml(&install::render(&o)));
     Ok(())

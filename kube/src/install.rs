@@ -45,6 +45,14 @@ pub struct Options {
     /// Where other sites reach this site's gateways (`ip:port`, e.g. the
     /// tunnel Service's LoadBalancer address).
     pub advertise: Vec<String>,
+    /// The ClusterSetIP range: a part of the cluster's Service CIDR kept
+    /// for causeway. Derived Services ask for their ClusterIP there and
+    /// the mesh DNS answers from it. Pick it in the band Kubernetes
+    /// allocates from last (the start of the Service CIDR) and clear of
+    /// addresses already taken (e.g. kube-dns's).
+    pub cluster_ip_range: String,
+    /// The gateways' first import listener port.
+    pub import_port_base: u16,
 }
 
 impl Options {
@@ -60,6 +68,8 @@ impl Options {
             dns_cluster_ip: None,
             zone: "clusterset.local".into(),
             advertise: Vec::new(),
+            cluster_ip_range: DEFAULT_CLUSTER_IP_RANGE.into(),
+            import_port_base: 20000,
         }
     }
 
@@ -103,6 +113,16 @@ impl Options {
         if self.image.is_empty() {
             errs.push("image: required".into());
         }
+        if let Err(e) = causeway_api::model::parse_cidr("cluster_ip_range", &self.cluster_ip_range)
+        {
+            errs.push(format!("cluster_ip_range: {e} inside the cluster's Service CIDR (default {DEFAULT_CLUSTER_IP_RANGE})"));
+        }
+        if self.import_port_base < 1024 {
+            errs.push(format!(
+                "import_port_base: {} is a privileged port; use 1024 or above (default 20000)",
+                self.import_port_base
+            ));
+        }
         if errs.is_empty() {
             Ok(())
         } else {
@@ -110,6 +130,12 @@ impl Options {
         }
     }
 }
+
+/// The default ClusterSetIP range: the upper half of the first /24 of
+/// kubeadm's default Service CIDR (10.96.0.0/12), which Kubernetes
+/// allocates from only when the rest is full, clear of kube-dns's
+/// 10.96.0.10.
+pub const DEFAULT_CLUSTER_IP_RANGE: &str = "10.96.0.128/25";
 
 const GATEWAY_ADMIN: u16 = 9201;
 const DNS_ADMIN: u16 = 9301;
@@ -184,7 +210,7 @@ fn pod_spec(account: &str, containers: Value, volumes: Value) -> Value {
     vols.extend(volumes.as_array().cloned().unwrap_or_default());
     json!({
         "serviceAccountName": account,
-        "automountServiceAccountToken": account == "causeway-agent",
+        "automountServiceAccountToken": matches!(account, "causeway-agent" | "causeway-gateway"),
         "securityContext": {"runAsNonRoot": true, "fsGroup": 65532, "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": containers,
         "volumes": vols
@@ -257,6 +283,12 @@ fn agent(o: &Options) -> Vec<Value> {
         o.namespace.clone(),
         "--admin-listen".into(),
         format!("0.0.0.0:{AGENT_ADMIN}"),
+        "--gateway-service".into(),
+        "causeway-gateway".into(),
+        "--cluster-ip-range".into(),
+        o.cluster_ip_range.clone(),
+        "--import-port-base".into(),
+        o.import_port_base.to_string(),
     ];
     vec![
         service_account(o, "causeway-agent", "agent"),
@@ -266,12 +298,11 @@ fn agent(o: &Options) -> Vec<Value> {
                "metadata": {"name": "causeway-agent", "labels": labels(o, "agent")},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "causeway-agent"},
                "subjects": [{"kind": "ServiceAccount", "name": "causeway-agent", "namespace": o.namespace}]}),
-        // Leader election and the gateway pods' addresses: this namespace only.
+        // Leader election: this namespace only.
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
         "metadata": meta(o, "causeway-agent", "agent"),
         "rules": [
-            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}
         ]}),
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": meta(o, "causeway-agent", "agent"),
@@ -291,8 +322,9 @@ fn agent(o: &Options) -> Vec<Value> {
 fn gateway(o: &Options) -> Vec<Value> {
     let advertise: Vec<String> = o.advertise.iter().map(|a| format!("{a:?}")).collect();
     let config = format!(
-        "state_dir = \"/var/lib/causeway\"\ntunnel_listen = \"0.0.0.0:{TUNNEL}\"\ntunnel_advertise = [{}]\nreplica = \"gw-0\"\n",
-        advertise.join(", ")
+        "state_dir = \"/var/lib/causeway\"\ntunnel_listen = \"0.0.0.0:{TUNNEL}\"\ntunnel_advertise = [{}]\nreplica = \"gw-0\"\n\n[kubernetes]\nimport_listen = \"0.0.0.0\"\nimport_port_base = {}\n",
+        advertise.join(", "),
+        o.import_port_base
     );
     let mut c = container(
         o,
@@ -312,8 +344,21 @@ fn gateway(o: &Options) -> Vec<Value> {
     c["volumeMounts"] = json!([{"name": "tmp", "mountPath": "/tmp"},
                                {"name": "config", "mountPath": "/etc/causeway", "readOnly": true},
                                {"name": "state", "mountPath": "/var/lib/causeway", "readOnly": true}]);
+    // The gateway reads what the site exports and where its endpoints are;
+    // it writes nothing.
+    let rules = json!([
+        {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceexports"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"]},
+        {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"]}
+    ]);
     vec![
         service_account(o, "causeway-gateway", "gateway"),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "causeway-gateway", "labels": labels(o, "gateway")}, "rules": rules}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "causeway-gateway", "labels": labels(o, "gateway")},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "causeway-gateway"},
+               "subjects": [{"kind": "ServiceAccount", "name": "causeway-gateway", "namespace": o.namespace}]}),
         json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(o, "causeway-gateway", "gateway"),
                "data": {"gateway.toml": config}}),
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": meta(o, "causeway-gateway", "gateway"),
@@ -339,6 +384,8 @@ fn dns(o: &Options) -> Vec<Value> {
         format!("0.0.0.0:{DNS_PORT}"),
         "--zone".into(),
         o.zone.clone(),
+        "--vip-range".into(),
+        o.cluster_ip_range.clone(),
         "--admin-listen".into(),
         format!("0.0.0.0:{DNS_ADMIN}"),
     ];
@@ -438,7 +485,7 @@ fn network_policies(o: &Options) -> Vec<Value> {
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(o, "causeway-gateway", "gateway"),
                "spec": {"podSelector": {"matchLabels": selector("gateway")}, "policyTypes": ["Ingress"],
                         "ingress": [{"ports": [{"port": TUNNEL, "protocol": "UDP"}]},
-                                    {"from": [{"namespaceSelector": {}}], "ports": [{"port": 20000, "endPort": 29999, "protocol": "TCP"}]},
+                                    {"from": [{"namespaceSelector": {}}], "ports": [{"port": o.import_port_base, "endPort": 65535, "protocol": "TCP"}]},
                                     admin_from_namespace(GATEWAY_ADMIN)]}}),
         json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy", "metadata": meta(o, "causeway-dns", "dns"),
                "spec": {"podSelector": {"matchLabels": selector("dns")}, "policyTypes": ["Ingress"],

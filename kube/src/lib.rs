@@ -24,6 +24,7 @@
 #![recursion_limit = "256"]
 
 pub mod agent;
+pub mod chart;
 pub mod condition;
 pub mod conflict;
 pub mod crd;

@@ -139,10 +139,29 @@ fn every_container_is_hardened_and_probed() {
 }
 
 #[test]
-fn the_agent_may_do_only_what_it_does() {
+fn the_agent_and_gateway_may_do_only_what_they_do() {
     let objs = render(&east());
-    let role = objs.iter().find(|o| o["kind"] == "ClusterRole").unwrap();
-    for rule in role["rules"].as_array().unwrap() {
+    let roles: Vec<&Value> = objs
+        .iter()
+        .filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role")
+        .collect();
+    assert_eq!(
+        roles.len(),
+        3,
+        "agent ClusterRole and Role, gateway ClusterRole"
+    );
+    let gateway = roles
+        .iter()
+        .find(|r| r["metadata"]["name"] == "causeway-gateway")
+        .unwrap();
+    for rule in gateway["rules"].as_array().unwrap() {
+        assert_eq!(
+            rule["verbs"],
+            json!(["get", "list", "watch"]),
+            "the gateway only reads: {rule}"
+        );
+    }
+    for rule in roles.iter().flat_map(|r| r["rules"].as_array().unwrap()) {
         let verbs = rule["verbs"].as_array().unwrap();
         assert!(!verbs.contains(&json!("*")), "{rule}");
         assert!(
@@ -165,12 +184,16 @@ fn bad_options_are_all_reported() {
     o.controllers = 2;
     o.gateway_replicas = 0;
     o.advertise = vec!["nowhere".into()];
+    o.cluster_ip_range = "10.96.0.0".into();
+    o.import_port_base = 80;
     let errs = o.check().unwrap_err();
     for want in [
         "site:",
         "controllers: 2",
         "gateway_replicas:",
         "advertise: \"nowhere\"",
+        "cluster_ip_range:",
+        "import_port_base: 80",
     ] {
         assert!(
             errs.iter().any(|e| e.starts_with(want)),
