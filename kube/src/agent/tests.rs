@@ -71,16 +71,22 @@ impl Running {
     }
 
     /// The `Valid` condition written on ServiceExport `name`, once it has
-    /// `status` (polled through the server's own store: the agent writes
-    /// it after publishing).
+    /// `status`.
     async fn valid(&self, name: &str, status: &str) -> Value {
+        self.condition(name, "Valid", status).await
+    }
+
+    /// The condition `type_` written on ServiceExport `name`, once it has
+    /// `status` (looked up in the server's own store on every change: the
+    /// agent writes it after publishing).
+    async fn condition(&self, name: &str, type_: &str, status: &str) -> Value {
         let mut changes = self.api.events.subscribe();
         let look = || {
             self.api.get(EXPORTS, "shop", name).and_then(|o| {
                 o["status"]["conditions"]
                     .as_array()?
                     .iter()
-                    .find(|c| c["type"] == "Valid" && c["status"] == status)
+                    .find(|c| c["type"] == type_ && c["status"] == status)
                     .cloned()
             })
         };
@@ -95,7 +101,7 @@ impl Running {
         .await;
         found.unwrap_or_else(|_| {
             panic!(
-                "waited 10 s for Valid={status} on {name}: {:?}",
+                "waited 10 s for {type_}={status} on {name}: {:?}",
                 self.api.get(EXPORTS, "shop", name)
             )
         })
@@ -298,4 +304,227 @@ async fn a_restarted_agent_changes_nothing() {
         "the restarted agent rewrote the status"
     );
     assert_eq!(second.valid("web", "True").await, written);
+}
+
+/// A synced catalog where `site` exports shop/web port 80 with `protocol`,
+/// exported at `at_ms`, as the controllers would send it (vip index 3).
+fn catalog_with(site: &str, protocol: &str, at_ms: u64) -> Arc<CatalogView> {
+    use causeway_api::pb;
+    Arc::new(CatalogView::from_snapshot(pb::CatalogSnapshot {
+        revision: 7,
+        sites: vec![pb::Site {
+            name: site.into(),
+            available: true,
+            ..Default::default()
+        }],
+        exports: vec![pb::SiteExports {
+            site: site.into(),
+            exports: vec![pb::Export {
+                service: "shop/web".into(),
+                ports: vec![pb::ServicePort {
+                    port: 80,
+                    protocol: protocol.into(),
+                    name: "http".into(),
+                }],
+                healthy_endpoints: 2,
+                total_endpoints: 2,
+                vip_index: 3,
+                exported_at_unix_ms: at_ms,
+                ..Default::default()
+            }],
+        }],
+        policies: vec![],
+    }))
+}
+
+#[tokio::test]
+async fn an_export_differing_from_an_older_one_elsewhere_gets_a_conflict_condition() {
+    let api = FakeApi::new();
+    api.put(SERVICES, service("web", "ClusterIP"));
+    api.put(SLICES, slice("web", &["10.0.0.1"]));
+    api.put(EXPORTS, service_export("web"));
+    // East exported shop/web long ago, with port "http" as plain TCP.
+    let (cat_tx, view) = watch::channel(catalog_with("east", "tcp", 1_000));
+    let (tx, rx) = watch::channel(Vec::new());
+    let (stop_tx, stop) = watch::channel(false);
+    let (leading_tx, leading) = watch::channel(true);
+    let catalog = Catalog {
+        site: "west".into(),
+        view,
+    };
+    tokio::spawn(run_exports(api.client(), tx, leading, Some(catalog), stop));
+    let run = Running {
+        api: api.clone(),
+        exports: rx,
+        _leading: leading_tx,
+        _stop: stop_tx,
+    };
+    let c = run.condition("web", "Conflict", "True").await;
+    assert_eq!(c["reason"], "PortConflict");
+    let msg = c["message"].as_str().unwrap();
+    assert!(
+        msg.starts_with(
+            "port \"http\" is 80/tcp in east but 80/http in west; the oldest export wins: east's"
+        ),
+        "{msg}"
+    );
+    run.valid("web", "True").await;
+
+    tracing::info!("phase: east now agrees: the conflict clears");
+    cat_tx.send_replace(catalog_with("east", "http", 1_000));
+    let c = run.condition("web", "Conflict", "False").await;
+    assert_eq!(c["reason"], "NoConflicts");
+}
+
+const GW_NS: &str = "causeway-system";
+
+fn gateway_slice(ips: &[&str]) -> Value {
+    let endpoints: Vec<Value> = ips
+        .iter()
+        .map(|ip| json!({"addresses": [ip], "conditions": {"ready": true}}))
+        .collect();
+    json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "causeway-gateway-1", "namespace": GW_NS,
+                        "labels": {"kubernetes.io/service-name": "causeway-gateway"}},
+           "addressType": "IPv4", "ports": [{"name": "tunnel", "port": 15443, "protocol": "UDP"}],
+           "endpoints": endpoints})
+}
+
+fn start_imports(
+    api: &FakeApi,
+    view: watch::Receiver<Arc<CatalogView>>,
+    leading: watch::Receiver<bool>,
+) -> watch::Sender<bool> {
+    let (stop_tx, stop) = watch::channel(false);
+    let gateways = GatewayPods {
+        namespace: GW_NS.into(),
+        service: "causeway-gateway".into(),
+        import_port_base: 20000,
+        cluster_ip_range: Some(("10.96.0.128".parse().unwrap(), 25)),
+    };
+    tokio::spawn(run_imports(
+        api.client(),
+        "west".into(),
+        gateways,
+        view,
+        leading,
+        stop,
+    ));
+    stop_tx
+}
+
+/// Waits for the API server's objects to satisfy `f` (checked on every
+/// change it makes).
+async fn api_where(api: &FakeApi, what: &str, f: impl Fn(&FakeApi) -> bool) {
+    let mut changes = api.events.subscribe();
+    let ok = tokio::time::timeout(Duration::from_secs(10), async {
+        while !f(api) {
+            let _ = changes.recv().await;
+        }
+    })
+    .await
+    .is_ok();
+    assert!(ok, "waited 10 s for {what}");
+}
+
+const IMPORTS: &str = "apis/multicluster.x-k8s.io/v1alpha1/serviceimports";
+
+#[tokio::test]
+async fn an_import_appears_fronted_by_the_gateway_pods_and_goes_away() {
+    let api = FakeApi::new();
+    api.put(SLICES, gateway_slice(&["10.3.0.4", "10.3.0.5"]));
+    let (cat_tx, view) = watch::channel(Arc::new(CatalogView::default()));
+    let (leading_tx, leading) = watch::channel(false);
+    let _stop = start_imports(&api, view, leading);
+
+    tracing::info!("phase: a follower writes nothing, nor does a leader before the first snapshot");
+    cat_tx.send_replace(catalog_with("east", "http", 1_000));
+    // The fake server counts what it served: the import side's list and
+    // watch of the gateway slices, and nothing else.
+    let listed = api
+        .served_where(Duration::from_secs(10), |s| s.watches >= 1)
+        .await;
+    assert!(listed.is_ok(), "{listed:?}");
+    cat_tx.send_replace(Arc::new(CatalogView::default()));
+    leading_tx.send_replace(true);
+    assert!(api.get(IMPORTS, "shop", "web").is_none());
+
+    tracing::info!("phase: the snapshot arrives: the objects are written");
+    cat_tx.send_replace(catalog_with("east", "http", 1_000));
+    api_where(&api, "the ServiceImport with its ClusterIP", |api| {
+        api.get(IMPORTS, "shop", "web")
+            .is_some_and(|si| si["spec"]["ips"] == json!(["10.96.0.131"]))
+    })
+    .await;
+    let svc = api
+        .list(SERVICES)
+        .into_iter()
+        .find(|s| s["metadata"]["labels"]["multicluster.kubernetes.io/service-name"] == "web")
+        .unwrap();
+    assert_eq!(
+        svc["spec"]["clusterIP"], "10.96.0.131",
+        "vip index 3 in 10.96.0.128/25"
+    );
+    assert_eq!(
+        svc["spec"]["ports"][0]["targetPort"], 20064,
+        "block 3 of 32 from 20000"
+    );
+    let slice = api
+        .list(SLICES)
+        .into_iter()
+        .find(|s| s["metadata"]["labels"]["kubernetes.io/service-name"] == svc["metadata"]["name"])
+        .unwrap();
+    assert_eq!(
+        slice["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["addresses"][0].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["10.3.0.4", "10.3.0.5"]
+    );
+
+    tracing::info!("phase: a gateway pod goes: the slice follows");
+    api.put(SLICES, gateway_slice(&["10.3.0.5"]));
+    api_where(&api, "the derived slice to list one pod", |api| {
+        api.list(SLICES).iter().any(|s| {
+            s["metadata"]["labels"]["kubernetes.io/service-name"] == svc["metadata"]["name"]
+                && s["endpoints"].as_array().map(Vec::len) == Some(1)
+        })
+    })
+    .await;
+
+    tracing::info!("phase: API errors: the pass backs off and completes");
+    api.fail_next(3);
+    api.put(SLICES, gateway_slice(&["10.3.0.5", "10.3.0.6"]));
+    api_where(
+        &api,
+        "the derived slice to list two pods after the errors",
+        |api| {
+            api.list(SLICES).iter().any(|s| {
+                s["metadata"]["labels"]["kubernetes.io/service-name"] == svc["metadata"]["name"]
+                    && s["endpoints"].as_array().map(Vec::len) == Some(2)
+            })
+        },
+    )
+    .await;
+    assert_eq!(api.served().failed, 3);
+
+    tracing::info!("phase: the export goes away: so do the objects");
+    cat_tx.send_replace(Arc::new(CatalogView::from_snapshot(Default::default())));
+    api_where(&api, "the import's objects to be deleted", |api| {
+        api.get(IMPORTS, "shop", "web").is_none()
+            && !api
+                .list(SERVICES)
+                .iter()
+                .any(|s| s["metadata"]["name"] == svc["metadata"]["name"])
+            && !api.list(SLICES).iter().any(|s| {
+                s["metadata"]["labels"]["kubernetes.io/service-name"] == svc["metadata"]["name"]
+            })
+    })
+    .await;
+    assert!(
+        api.get(SLICES, GW_NS, "causeway-gateway-1").is_some(),
+        "nothing else is touched"
+    );
 }
