@@ -141,6 +141,48 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
         }),
     }
 
+    tracing::info!("phase: a site manages only the policies it applied");
+    let split = |name: &str| pb::ApplyPoliciesRequest {
+        documents_json: vec![format!(
+            r#"{{"apiVersion":"causeway.dev/v1alpha1","kind":"TrafficSplit","metadata":{{"name":"{name}","namespace":"shop"}},"spec":{{"service":"web","weights":{{"alpha":1}}}}}}"#
+        )],
+    };
+    let mut admin = pb::federation_client::FederationClient::new(
+        fed.admin_client(None).unwrap().channel().await.unwrap(),
+    );
+    admin.apply_policies(split("ops")).await.unwrap();
+    site.apply_policies(split("alpha-owned")).await.unwrap();
+    let listed = site
+        .list_policies(pb::ListPoliciesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .policies;
+    let owners: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|p| (p.name.as_str(), p.owner_site.as_str()))
+        .collect();
+    assert_eq!(owners, [("alpha-owned", "alpha"), ("ops", "")]);
+    let e = site.apply_policies(split("ops")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("applied by an operator"), "{}", e.message());
+    let e = site
+        .delete_policy(pb::DeletePolicyRequest {
+            kind: "TrafficSplit".into(),
+            namespace: "shop".into(),
+            name: "ops".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    site.delete_policy(pb::DeletePolicyRequest {
+        kind: "TrafficSplit".into(),
+        namespace: "shop".into(),
+        name: "alpha-owned".into(),
+    })
+    .await
+    .unwrap();
+
     tracing::info!("phase: only controller nodes speak Raft");
     refused! {
         "append as site" => raft_as_site.append_entries(payload()),

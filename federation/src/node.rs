@@ -484,6 +484,7 @@ mod tests {
                 kind: "ServiceAccess".into(),
                 namespace: "shop".into(),
                 name: format!("p{i}"),
+                by: None,
             })
             .await
             .expect("a write commits on a single node");

@@ -213,6 +213,10 @@ pub enum Command {
     ApplyPolicies {
         /// The policies, canonical.
         policies: Vec<PolicyRecord>,
+        /// The site applying them (its agent), or none (an operator): a
+        /// site may only create policies or change its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<SiteName>,
     },
     /// Delete one policy.
     DeletePolicy {
@@ -222,6 +226,10 @@ pub enum Command {
         namespace: String,
         /// Its name.
         name: String,
+        /// The site deleting it, or none (an operator): a site may only
+        /// delete its own.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        by: Option<SiteName>,
     },
     /// Several commands in one log entry (group commit at the proposer);
     /// applied in order, each with its own revision.
@@ -250,6 +258,8 @@ pub enum RejectCode {
     LimitExceeded,
     /// No such policy.
     NotFound,
+    /// The caller may not change this (another site's or an operator's).
+    Forbidden,
 }
 
 /// The result of applying one entry, returned to the proposer.
@@ -323,6 +333,10 @@ pub struct PolicyRecord {
     /// Filled in by the state machine: the revision that last changed it.
     #[serde(default)]
     pub revision: u64,
+    /// Filled in by the state machine: the site that manages it, or none
+    /// (an operator's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<SiteName>,
 }
 
 impl PolicyRecord {
@@ -339,6 +353,7 @@ impl PolicyRecord {
             name: self.name.clone(),
             document_json: self.document_json.clone(),
             revision: self.revision,
+            owner_site: self.owner.as_ref().map(|s| s.to_string()).unwrap_or_default(),
         }
     }
 }
@@ -431,19 +446,26 @@ impl CatalogState {
                 RejectCode::Invalid,
                 "a batch is applied by the hub, one command at a time",
             ),
-            Command::ApplyPolicies { policies } => self.apply_policies(policies),
+            Command::ApplyPolicies { policies, by } => self.apply_policies(policies, by),
             Command::DeletePolicy {
                 kind,
                 namespace,
                 name,
+                by,
             } => {
                 let key = causeway_api::catalog::policy_key(&kind, &namespace, &name);
-                if self.policies.remove(&key).is_none() {
+                let Some(old) = self.policies.get(&key) else {
                     return refused(
                         RejectCode::NotFound,
                         format!("no {kind} {namespace}/{name}"),
                     );
+                };
+                if let Some(site) = &by {
+                    if old.owner.as_ref() != Some(site) {
+                        return refused(RejectCode::Forbidden, not_yours(&old.owner, site, &key));
+                    }
                 }
+                self.policies.remove(&key);
                 self.bump(vec![pb::change::Kind::PolicyRemoved(pb::PolicyRef {
                     kind,
                     namespace,
@@ -652,7 +674,23 @@ impl CatalogState {
     }
 
     /// Creates or updates policies; unchanged documents change nothing.
-    fn apply_policies(&mut self, policies: Vec<PolicyRecord>) -> (Outcome, Vec<pb::Change>) {
+    fn apply_policies(
+        &mut self,
+        mut policies: Vec<PolicyRecord>,
+        by: Option<SiteName>,
+    ) -> (Outcome, Vec<pb::Change>) {
+        if let Some(site) = &by {
+            for p in &policies {
+                if let Some(old) = self.policies.get(&p.key()) {
+                    if old.owner.as_ref() != Some(site) {
+                        return refused(RejectCode::Forbidden, not_yours(&old.owner, site, &p.key()));
+                    }
+                }
+            }
+        }
+        for p in &mut policies {
+            p.owner = by.clone();
+        }
         let new = policies
             .iter()
             .filter(|p| !self.policies.contains_key(&p.key()))
@@ -671,7 +709,7 @@ impl CatalogState {
             .filter(|p| {
                 self.policies
                     .get(&p.key())
-                    .is_none_or(|old| old.document_json != p.document_json)
+                    .is_none_or(|old| old.document_json != p.document_json || old.owner != p.owner)
             })
             .collect();
         if changed.is_empty() {
@@ -773,6 +811,14 @@ pub fn site_to_pb(s: &SiteRecord) -> pb::Site {
         trust_domain: s.trust_domain.to_string(),
         trust_bundle_pem: s.trust_bundle_pem.clone(),
         available: s.available,
+    }
+}
+
+/// Why `site` may not change the policy `key` owned by `owner`.
+fn not_yours(owner: &Option<SiteName>, site: &SiteName, key: &str) -> String {
+    match owner {
+        Some(o) => format!("{key} is managed by site {o}'s agent; site {site} may not change it (give it another name, or change it in site {o})"),
+        None => format!("{key} was applied by an operator; site {site} may not change it (give it another name, or ask an operator to delete it)"),
     }
 }
 

@@ -162,7 +162,10 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::ApplyPoliciesRequest>,
     ) -> Result<Response<pb::ApplyPoliciesResponse>, Status> {
-        require_admin("ApplyPolicies", &req)?;
+        // An operator, or a member site's agent forwarding the site's
+        // policy objects: a site may create policies and change or delete
+        // only those it manages (the state machine checks).
+        let by = site_of(require_site_or_admin("ApplyPolicies", &req, &self.shared.hub).await?);
         let docs = req.into_inner().documents_json;
         let policies = parse_policy_documents(&docs)?;
         let results: Vec<String> = self.shared.hub.read(|s| {
@@ -177,7 +180,7 @@ impl Federation for FederationService {
         });
         let revision = outcome_status(
             self.shared
-                .propose(Command::ApplyPolicies { policies })
+                .propose(Command::ApplyPolicies { policies, by })
                 .await?,
         )?;
         Ok(Response::new(pb::ApplyPoliciesResponse {
@@ -220,7 +223,7 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::DeletePolicyRequest>,
     ) -> Result<Response<pb::DeletePolicyResponse>, Status> {
-        require_admin("DeletePolicy", &req)?;
+        let by = site_of(require_site_or_admin("DeletePolicy", &req, &self.shared.hub).await?);
         let r = req.into_inner();
         let kind = r
             .kind
@@ -234,6 +237,7 @@ impl Federation for FederationService {
                     kind: kind.as_str().to_string(),
                     namespace: r.namespace,
                     name: r.name,
+                    by,
                 })
                 .await?,
         )?;
@@ -408,5 +412,14 @@ impl Federation for FederationService {
             .change_membership(MembershipOp::Remove { id })
             .await?;
         Ok(Response::new(self.shared.status()))
+    }
+}
+
+/// The site a caller acts for: `None` for an operator (who may change any
+/// policy).
+fn site_of(c: Caller) -> Option<SiteName> {
+    match c {
+        Caller::Site(s) => Some(s),
+        _ => None,
     }
 }

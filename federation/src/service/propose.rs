@@ -65,6 +65,7 @@ pub fn outcome_status(outcome: Outcome) -> Result<u64, Status> {
                 RejectCode::Invalid => Code::InvalidArgument,
                 RejectCode::LimitExceeded => Code::ResourceExhausted,
                 RejectCode::NotFound => Code::NotFound,
+                RejectCode::Forbidden => Code::PermissionDenied,
             };
             Err(Status::new(code, message))
         }

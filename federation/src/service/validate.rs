@@ -238,6 +238,7 @@ pub fn parse_policy_documents(docs: &[String]) -> Result<Vec<PolicyRecord>, Stat
                     name: p.name.clone(),
                     document_json: p.to_json(),
                     revision: 0,
+                    owner: None,
                 };
                 if out.iter().any(|o| o.key() == rec.key()) {
                     errors.push(format!(

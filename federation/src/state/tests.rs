@@ -358,6 +358,7 @@ fn policy(name: &str, doc: &str) -> PolicyRecord {
         name: name.into(),
         document_json: doc.into(),
         revision: 0,
+        owner: None,
     }
 }
 
@@ -366,6 +367,7 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
     let mut s = CatalogState::default();
     let (o, ch) = s.apply(Command::ApplyPolicies {
         policies: vec![policy("a", "{1}"), policy("b", "{2}")],
+        by: None,
     });
     assert_eq!(o, Outcome::Applied { revision: 1 });
     assert_eq!(ch.len(), 2, "one change per policy, one revision");
@@ -374,12 +376,14 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
     // The same documents again: nothing happens.
     let (o, ch) = s.apply(Command::ApplyPolicies {
         policies: vec![policy("a", "{1}"), policy("b", "{2}")],
+        by: None,
     });
     assert_eq!((o, ch.len()), (Outcome::Unchanged { revision: 1 }, 0));
 
     // One changed: only it is streamed, with the new revision.
     let (o, ch) = s.apply(Command::ApplyPolicies {
         policies: vec![policy("a", "{1}"), policy("b", "{3}")],
+        by: None,
     });
     assert_eq!(o, Outcome::Applied { revision: 2 });
     assert_eq!(ch.len(), 1);
@@ -391,6 +395,7 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
         kind: "TimeoutPolicy".into(),
         namespace: "shop".into(),
         name: "zzz".into(),
+        by: None,
     });
     assert!(
         matches!(
@@ -406,6 +411,7 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
         kind: "TimeoutPolicy".into(),
         namespace: "shop".into(),
         name: "a".into(),
+        by: None,
     });
     assert_eq!((o, ch.len()), (Outcome::Applied { revision: 3 }, 1));
     assert_eq!(s.policies.len(), 1);
@@ -413,4 +419,53 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
     // Policies survive a snapshot.
     let back: CatalogState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
     assert_eq!(back, s);
+}
+
+#[test]
+fn a_site_changes_and_deletes_only_the_policies_it_manages() {
+    let mut s = CatalogState::default();
+    let apply = |s: &mut CatalogState, name: &str, doc: &str, by: Option<&str>| {
+        s.apply(Command::ApplyPolicies {
+            policies: vec![policy(name, doc)],
+            by: by.map(site),
+        })
+        .0
+    };
+    let delete = |s: &mut CatalogState, name: &str, by: Option<&str>| {
+        s.apply(Command::DeletePolicy {
+            kind: "TimeoutPolicy".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            by: by.map(site),
+        })
+        .0
+    };
+    let forbidden = |o: Outcome| match o {
+        Outcome::Rejected {
+            code: RejectCode::Forbidden,
+            message,
+        } => message,
+        other => panic!("not refused: {other:?}"),
+    };
+    assert!(matches!(apply(&mut s, "ops", "{1}", None), Outcome::Applied { .. }));
+    assert!(matches!(apply(&mut s, "east-p", "{1}", Some("east")), Outcome::Applied { .. }));
+    assert_eq!(s.policies["TimeoutPolicy/shop/east-p"].owner, Some(site("east")));
+    assert_eq!(s.policies["TimeoutPolicy/shop/east-p"].to_pb().owner_site, "east");
+    // East changes its own; west may neither change nor delete it, nor the
+    // operator's.
+    assert!(matches!(apply(&mut s, "east-p", "{2}", Some("east")), Outcome::Applied { .. }));
+    let m = forbidden(apply(&mut s, "east-p", "{3}", Some("west")));
+    assert!(m.contains("managed by site east's agent; site west may not change it"), "{m}");
+    let m = forbidden(delete(&mut s, "east-p", Some("west")));
+    assert!(m.contains("managed by site east"), "{m}");
+    let m = forbidden(apply(&mut s, "ops", "{2}", Some("east")));
+    assert!(m.contains("applied by an operator"), "{m}");
+    forbidden(delete(&mut s, "ops", Some("east")));
+    assert_eq!(s.policies["TimeoutPolicy/shop/east-p"].document_json, "{2}");
+    // East deletes its own; an operator may do anything.
+    assert!(matches!(delete(&mut s, "east-p", Some("east")), Outcome::Applied { .. }));
+    assert!(matches!(apply(&mut s, "east-q", "{1}", Some("east")), Outcome::Applied { .. }));
+    assert!(matches!(apply(&mut s, "east-q", "{1}", None), Outcome::Applied { .. }), "the operator takes it over");
+    assert_eq!(s.policies["TimeoutPolicy/shop/east-q"].owner, None);
+    assert!(matches!(delete(&mut s, "ops", None), Outcome::Applied { .. }));
 }
