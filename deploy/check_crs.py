@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Checks custom resources against the CRDs' own OpenAPI v3 schemas.
 
-deploy/examples/mcs.yaml must all pass; every object in
-deploy/examples/mcs-invalid.yaml must fail. Exits non-zero otherwise.
+deploy/examples/mcs.yaml and policies.yaml must all pass; every object in
+deploy/examples/mcs-invalid.yaml and policies-invalid.yaml must fail. Exits
+non-zero otherwise.
 """
 import sys
 
@@ -35,17 +36,19 @@ def errors(obj, by_kind):
 
 
 def main():
-    by_kind = schemas(["deploy/crds/multicluster.x-k8s.io.yaml"])
+    by_kind = schemas(["deploy/crds/multicluster.x-k8s.io.yaml", "deploy/crds/causeway.dev.yaml"])
     failed = False
-    for obj in load("deploy/examples/mcs.yaml"):
-        errs = errors(obj, by_kind)
-        if errs:
-            failed = True
-            print(f'deploy/examples/mcs.yaml: {obj["kind"]} {obj["metadata"]["name"]}: {errs}')
-    for obj in load("deploy/examples/mcs-invalid.yaml"):
-        if not errors(obj, by_kind):
-            failed = True
-            print(f'deploy/examples/mcs-invalid.yaml: {obj["kind"]} was accepted but must be refused')
+    for path in ["deploy/examples/mcs.yaml", "deploy/examples/policies.yaml"]:
+        for obj in load(path):
+            errs = errors(obj, by_kind)
+            if errs:
+                failed = True
+                print(f'{path}: {obj["kind"]} {obj["metadata"]["name"]}: {errs}')
+    for path in ["deploy/examples/mcs-invalid.yaml", "deploy/examples/policies-invalid.yaml"]:
+        for obj in load(path):
+            if not errors(obj, by_kind):
+                failed = True
+                print(f'{path}: {obj["kind"]} {obj["metadata"]["name"]} was accepted but must be refused')
     print("custom resources vs CRD schemas:", "FAILED" if failed else "ok")
     return 1 if failed else 0
 

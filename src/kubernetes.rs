@@ -116,9 +116,10 @@ const LEASE_DURATION: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// Runs the agent against the cluster it runs in (or the kubeconfig's):
 /// follows the federation's catalog with the site's credential; keeps
-/// every ServiceExport's `Valid` and `Conflict` conditions current; and
+/// every ServiceExport's `Valid` and `Conflict` conditions current;
 /// writes a ServiceImport, a derived Service and its EndpointSlices for
-/// every imported service. The replica holding the `causeway-agent` Lease
+/// every imported service; and forwards the cluster's causeway policy
+/// objects to the controllers. The replica holding the `causeway-agent` Lease
 /// writes; the site's gateways publish the exports themselves.
 pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let mut errs = ConfigErrors::new();
@@ -200,6 +201,14 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         }),
         stop.clone(),
     ));
+    let policies_task = tokio::spawn(causeway_kube::agent::run_policies(
+        client.clone(),
+        state.controller_client(),
+        args.site.clone(),
+        cat_rx.clone(),
+        leading.clone(),
+        stop.clone(),
+    ));
     let imports_task = tokio::spawn(causeway_kube::agent::run_imports(
         client,
         args.site.clone(),
@@ -230,6 +239,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     watch_task.abort();
     let _ = task.await;
     let _ = imports_task.await;
+    let _ = policies_task.await;
     let _ = election.await;
     Ok(())
 }

@@ -305,3 +305,155 @@ async fn a_service_exported_in_one_cluster_is_called_from_another_through_its_de
     .await;
     fed.shutdown().await;
 }
+
+const SPLITS: &str = "apis/causeway.dev/v1alpha1/trafficsplits";
+
+fn traffic_split(name: &str, weights: Value) -> Value {
+    json!({"apiVersion": "causeway.dev/v1alpha1", "kind": "TrafficSplit",
+           "metadata": {"name": name, "namespace": "shop", "generation": 1},
+           "spec": {"service": "web", "weights": weights}})
+}
+
+/// The `Accepted` condition of TrafficSplit shop/`name`, as (status,
+/// reason, message).
+fn accepted(api: &FakeApi, name: &str) -> Option<(String, String, String)> {
+    let o = api.get(SPLITS, "shop", name)?;
+    let c = o["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")?
+        .clone();
+    Some((
+        c["status"].as_str()?.into(),
+        c["reason"].as_str()?.into(),
+        c["message"].as_str()?.into(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_objects_in_a_cluster_are_forwarded_to_the_federation() {
+    use causeway_api::pb;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let east = cluster(&tmp, "east").await;
+    let (range, pod_ip) = range_and_first();
+    fed.gateway_base.kubernetes = Some(causeway_gateway::config::KubernetesConfig {
+        import_listen: pod_ip.to_string(),
+        import_port_base: 20000,
+    });
+    fed.gateway_env = vec![("KUBECONFIG".into(), east.kubeconfig.display().to_string())];
+    fed.add_site("east", &range, &[]).await.unwrap();
+    let mut admin = pb::federation_client::FederationClient::new(
+        fed.admin_client(None).unwrap().channel().await.unwrap(),
+    );
+    // An operator's policy, which the site may not take over.
+    admin
+        .apply_policies(pb::ApplyPoliciesRequest {
+            documents_json: vec![{
+                let mut doc = traffic_split("ops", json!({"east": 1}));
+                doc["metadata"]
+                    .as_object_mut()
+                    .unwrap()
+                    .remove("generation");
+                doc.to_string()
+            }],
+        })
+        .await
+        .unwrap();
+    east.api.put(
+        SPLITS,
+        traffic_split("canary", json!({"east": 90, "west": 10})),
+    );
+    east.api
+        .put(SPLITS, traffic_split("broken", json!({"east": "lots"})));
+    east.api
+        .put(SPLITS, traffic_split("ops", json!({"east": 5})));
+    fed.start_agent(
+        "east",
+        &east.kubeconfig,
+        &["--namespace", NS, "--cluster-ip-range", &range],
+    )
+    .await
+    .unwrap();
+
+    let policies = async |admin: &mut pb::federation_client::FederationClient<_>| {
+        admin
+            .list_policies(pb::ListPoliciesRequest::default())
+            .await
+            .map(|r| {
+                r.into_inner()
+                    .policies
+                    .into_iter()
+                    .map(|p| (p.name, p.owner_site, p.document_json))
+                    .collect::<Vec<_>>()
+            })
+            .map_err(|e| e.to_string())
+    };
+    let held = eventually(
+        Duration::from_secs(30),
+        "the canary split to reach the federation, managed by east",
+        async || {
+            let all = policies(&mut admin.clone()).await?;
+            all.iter()
+                .any(|(n, o, _)| n == "canary" && o == "east")
+                .then_some(all.clone())
+                .ok_or(format!("{all:?}"))
+        },
+    )
+    .await;
+    let canary = held.iter().find(|(n, _, _)| n == "canary").unwrap();
+    assert!(canary.2.contains("\"west\":10"), "{}", canary.2);
+    let ops = held.iter().find(|(n, _, _)| n == "ops").unwrap();
+    assert_eq!(ops.1, "", "the operator's policy is untouched");
+    assert!(ops.2.contains("\"east\":1}"), "{}", ops.2);
+    assert!(!held.iter().any(|(n, _, _)| n == "broken"));
+
+    // Every object says what became of it.
+    let verdicts = eventually(
+        Duration::from_secs(30),
+        "an Accepted condition on every TrafficSplit",
+        async || match (
+            accepted(&east.api, "canary"),
+            accepted(&east.api, "broken"),
+            accepted(&east.api, "ops"),
+        ) {
+            (Some(a), Some(b), Some(c)) => Ok((a, b, c)),
+            other => Err(format!("{other:?}")),
+        },
+    )
+    .await;
+    assert_eq!(
+        (verdicts.0 .0.as_str(), verdicts.0 .1.as_str()),
+        ("True", "Accepted")
+    );
+    assert_eq!(
+        (verdicts.1 .0.as_str(), verdicts.1 .1.as_str()),
+        ("False", "Invalid")
+    );
+    assert!(
+        verdicts.1 .2.contains("spec.weights.east"),
+        "{}",
+        verdicts.1 .2
+    );
+    assert_eq!(verdicts.2 .1, "NotManagedHere");
+    assert!(
+        verdicts.2 .2.contains("managed by an operator"),
+        "{}",
+        verdicts.2 .2
+    );
+
+    // The object goes: so does the site's policy, and only it.
+    east.api.remove(SPLITS, "shop", "canary");
+    eventually(
+        Duration::from_secs(30),
+        "the canary split to leave the federation",
+        async || {
+            let all = policies(&mut admin.clone()).await?;
+            let names: Vec<&str> = all.iter().map(|(n, _, _)| n.as_str()).collect();
+            (names == ["ops"]).then_some(()).ok_or(format!("{names:?}"))
+        },
+    )
+    .await;
+    fed.shutdown().await;
+}

@@ -165,7 +165,11 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
     assert_eq!(owners, [("alpha-owned", "alpha"), ("ops", "")]);
     let e = site.apply_policies(split("ops")).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
-    assert!(e.message().contains("applied by an operator"), "{}", e.message());
+    assert!(
+        e.message().contains("applied by an operator"),
+        "{}",
+        e.message()
+    );
     let e = site
         .delete_policy(pb::DeletePolicyRequest {
             kind: "TrafficSplit".into(),

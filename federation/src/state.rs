@@ -353,7 +353,11 @@ impl PolicyRecord {
             name: self.name.clone(),
             document_json: self.document_json.clone(),
             revision: self.revision,
-            owner_site: self.owner.as_ref().map(|s| s.to_string()).unwrap_or_default(),
+            owner_site: self
+                .owner
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
         }
     }
 }
@@ -683,7 +687,10 @@ impl CatalogState {
             for p in &policies {
                 if let Some(old) = self.policies.get(&p.key()) {
                     if old.owner.as_ref() != Some(site) {
-                        return refused(RejectCode::Forbidden, not_yours(&old.owner, site, &p.key()));
+                        return refused(
+                            RejectCode::Forbidden,
+                            not_yours(&old.owner, site, &p.key()),
+                        );
                     }
                 }
             }

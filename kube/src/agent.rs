@@ -12,11 +12,18 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::BTreeMap;
+
 use causeway_api::catalog::CatalogView;
+use causeway_api::client::ControllerClient;
+use causeway_api::pb;
+use causeway_api::policy::KINDS;
 use futures::{stream, StreamExt};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use k8s_openapi::jiff::Timestamp;
+use kube::api::DynamicObject;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
@@ -27,6 +34,7 @@ use crate::condition::{self, Want};
 use crate::conflict::{self, Claim};
 use crate::crd::ServiceExport;
 use crate::export::{decide, Decision, SiteExport};
+use crate::policy;
 use crate::SERVICE_NAME_LABEL;
 
 /// Changes arriving within this long of each other are handled in one pass.
@@ -338,3 +346,194 @@ async fn write_conditions(client: &Client, se: &ServiceExport, wants: &[Want]) {
 
 #[cfg(test)]
 mod tests;
+
+/// Runs the policy side until `stop` changes: while `leading`, forwards
+/// the causeway policy objects of every kind (`causeway.dev`) to the
+/// controllers with the site's credential, deletes the site's policies
+/// whose object is gone, and keeps each object's `Accepted` condition
+/// current. Nothing is deleted before the first catalog snapshot; a
+/// controller that cannot be reached backs off (up to 30 s) and is tried
+/// again, and what it refused is not sent again until the object changes.
+pub async fn run_policies(
+    client: Client,
+    controllers: Arc<ControllerClient>,
+    site: String,
+    mut catalog: watch::Receiver<Arc<CatalogView>>,
+    mut leading: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut stores = Vec::new();
+    let mut streams = Vec::new();
+    for kind in KINDS.iter().copied() {
+        let ar = policy::api_resource(kind);
+        let writer = reflector::store::Writer::<DynamicObject>::new(ar.clone());
+        stores.push((kind, writer.as_reader()));
+        let api = Api::<DynamicObject>::all_with(client.clone(), &ar);
+        streams.push(
+            reflector::reflector(writer, watcher(api, watcher::Config::default()))
+                .default_backoff()
+                .map(note)
+                .boxed(),
+        );
+    }
+    let mut changes = stream::select_all(streams).ready_chunks(1024);
+    let mut backoff = Duration::ZERO;
+    // What was sent and refused, by key: not sent again while unchanged.
+    let mut refused: BTreeMap<String, (String, Want)> = BTreeMap::new();
+    loop {
+        let retry = !backoff.is_zero();
+        tokio::select! {
+            batch = changes.next() => if batch.is_none() { return },
+            r = catalog.changed() => if r.is_err() { return },
+            r = leading.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(backoff), if retry => {}
+            _ = stop.changed() => return,
+        }
+        let view = catalog.borrow().clone();
+        let ready = stores.iter().all(|(_, s)| {
+            matches!(
+                futures::FutureExt::now_or_never(s.wait_until_ready()),
+                Some(Ok(()))
+            )
+        });
+        if !*leading.borrow() || !view.synced || !ready {
+            continue;
+        }
+        tokio::time::sleep(SETTLE).await;
+        let live: Vec<(policy::Object, Arc<DynamicObject>)> = stores
+            .iter()
+            .flat_map(|(kind, s)| {
+                s.state()
+                    .into_iter()
+                    .map(|o| (policy::Object::of(*kind, &o), o))
+            })
+            .collect();
+        let objects: Vec<policy::Object> = live.iter().map(|(o, _)| o.clone()).collect();
+        let mut plan = policy::plan(&objects, &view, &site);
+        refused.retain(|k, (doc, _)| plan.apply.iter().any(|(key, d)| key == k && d == doc));
+        let mut transient = false;
+        for (key, doc) in std::mem::take(&mut plan.apply) {
+            if let Some((_, why)) = refused.get(&key) {
+                plan.conditions.insert(key, why.clone());
+                continue;
+            }
+            match send(&controllers, |mut fed| {
+                let doc = doc.clone();
+                async move {
+                    fed.apply_policies(pb::ApplyPoliciesRequest {
+                        documents_json: vec![doc],
+                    })
+                    .await
+                }
+            })
+            .await
+            {
+                Ok(()) => {
+                    plan.conditions.insert(key, policy::accepted());
+                }
+                Err(Some(why)) => {
+                    refused.insert(key.clone(), (doc, why.clone()));
+                    plan.conditions.insert(key, why);
+                }
+                Err(None) => transient = true,
+            }
+        }
+        for (kind, namespace, name) in std::mem::take(&mut plan.delete) {
+            let r = send(&controllers, |mut fed| {
+                let req = pb::DeletePolicyRequest {
+                    kind: kind.clone(),
+                    namespace: namespace.clone(),
+                    name: name.clone(),
+                };
+                async move { fed.delete_policy(req).await }
+            })
+            .await;
+            match r {
+                Ok(()) => {
+                    tracing::info!(%kind, %namespace, %name, "policy object gone; deleted the site's policy")
+                }
+                Err(_) => transient = true,
+            }
+        }
+        for (o, obj) in &live {
+            if let Some(want) = plan.conditions.get(&o.key()) {
+                write_policy_condition(&client, o, obj, want).await;
+            }
+        }
+        metrics::gauge!("causeway_agent_policies").set(objects.len() as f64);
+        backoff = if transient {
+            metrics::counter!("causeway_agent_sync_errors_total", "side" => "policies")
+                .increment(1);
+            (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(30))
+        } else {
+            Duration::ZERO
+        };
+    }
+}
+
+/// One call to the controllers: `Ok` when done, `Err(Some(condition))`
+/// when refused for the request itself, `Err(None)` when it may work
+/// later (unreachable, no leader).
+async fn send<F, Fut, T>(controllers: &ControllerClient, call: F) -> Result<(), Option<Want>>
+where
+    F: FnOnce(pb::federation_client::FederationClient<tonic::transport::Channel>) -> Fut,
+    Fut: std::future::Future<Output = Result<T, tonic::Status>>,
+{
+    let fed = match controllers.federation().await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, "controllers unreachable; policies are forwarded later");
+            controllers.rotate();
+            return Err(None);
+        }
+    };
+    match call(fed).await {
+        Ok(_) => Ok(()),
+        Err(s) => match s.code() {
+            tonic::Code::PermissionDenied => Err(Some(policy::refused(
+                "NotManagedHere",
+                s.message().to_string(),
+            ))),
+            tonic::Code::InvalidArgument
+            | tonic::Code::ResourceExhausted
+            | tonic::Code::NotFound => {
+                Err(Some(policy::refused("Refused", s.message().to_string())))
+            }
+            _ => {
+                tracing::warn!(code = ?s.code(), error = %s.message(), "forwarding a policy failed; retrying");
+                controllers.rotate();
+                Err(None)
+            }
+        },
+    }
+}
+
+/// Writes a policy object's `Accepted` condition when it differs.
+async fn write_policy_condition(
+    client: &Client,
+    o: &policy::Object,
+    obj: &DynamicObject,
+    want: &Want,
+) {
+    let existing: Vec<Condition> = obj
+        .data
+        .get("status")
+        .and_then(|s| s.get("conditions"))
+        .and_then(|c| serde_json::from_value(c.clone()).ok())
+        .unwrap_or_default();
+    let conds = condition::set(&existing, want, o.generation, Timestamp::now());
+    if condition::same(&existing, &conds) {
+        return;
+    }
+    let api: Api<DynamicObject> =
+        Api::namespaced_with(client.clone(), &o.namespace, &policy::api_resource(o.kind));
+    let patch = serde_json::json!({"status": {"conditions": conds}});
+    if let Err(e) = api
+        .patch_status(&o.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        metrics::counter!("causeway_agent_sync_errors_total", "side" => "policy-status")
+            .increment(1);
+        tracing::warn!(kind = %o.kind, namespace = %o.namespace, name = %o.name, error = %e, "writing a policy's status failed; retried on the next change");
+    }
+}

@@ -177,10 +177,7 @@ pub fn files() -> Vec<(String, String)> {
             .or_default()
             .push_str(&template(&obj));
     }
-    out.push((
-        "crds/multicluster.x-k8s.io.yaml".to_string(),
-        format!("{HEADER}{crds}"),
-    ));
+    out.push(("crds/crds.yaml".to_string(), format!("{HEADER}{crds}")));
     for (component, text) in parts {
         let text = if component == "controller" {
             format!("{{{{- if .Values.controllers.enabled }}}}\n{text}{{{{- end }}}}\n")

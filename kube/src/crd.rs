@@ -214,26 +214,41 @@ pub fn crds_yaml() -> String {
     out
 }
 
+/// Where causeway's policy CRDs are kept.
+pub const POLICY_CRDS_FILE: &str = "deploy/crds/causeway.dev.yaml";
+
+/// causeway's policy CRDs (`causeway.dev/v1alpha1`) as YAML.
+pub fn policy_crds_yaml() -> String {
+    let mut out = String::from(
+        "# causeway's traffic policy CRDs (causeway.dev/v1alpha1): the agent forwards\n# these objects to the federation.\n# Generated from kube/src/policy.rs: do not edit; a test fails when this is stale\n# (CAUSEWAY_BLESS=1 cargo test -p causeway-kube rewrites it).\n",
+    );
+    out.push_str(&crate::install::to_yaml(&crate::policy::crds()));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use kube::CustomResourceExt;
 
     #[test]
     fn the_crds_in_deploy_are_current() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("..")
-            .join(CRDS_FILE);
-        let want = crds_yaml();
-        if std::env::var_os("CAUSEWAY_BLESS").is_some() {
-            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            std::fs::write(&path, &want).unwrap();
+        for (file, want) in [
+            (CRDS_FILE, crds_yaml()),
+            (POLICY_CRDS_FILE, policy_crds_yaml()),
+        ] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("..")
+                .join(file);
+            if std::env::var_os("CAUSEWAY_BLESS").is_some() {
+                std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+                std::fs::write(&path, &want).unwrap();
+            }
+            let have = std::fs::read_to_string(&path).unwrap_or_default();
+            assert!(
+                have == want,
+                "{file} is stale: run CAUSEWAY_BLESS=1 cargo test -p causeway-kube, and review the diff"
+            );
         }
-        let have = std::fs::read_to_string(&path).unwrap_or_default();
-        assert!(
-            have == want,
-            "{} is stale: run CAUSEWAY_BLESS=1 cargo test -p causeway-kube, and review the diff",
-            CRDS_FILE
-        );
     }
 
     use super::*;

@@ -253,6 +253,7 @@ pub fn render(o: &Options) -> Vec<Value> {
     use kube::CustomResourceExt;
     out.push(serde_json::to_value(ServiceExport::crd()).expect("CRD JSON"));
     out.push(serde_json::to_value(ServiceImport::crd()).expect("CRD JSON"));
+    out.extend(crate::policy::crds());
     out.extend(agent(o));
     out.extend(gateway(o));
     out.extend(dns(o));
@@ -263,6 +264,14 @@ pub fn render(o: &Options) -> Vec<Value> {
     out
 }
 
+/// The policy resources (with a subresource `suffix`), for RBAC rules.
+fn policy_resources(suffix: &str) -> Vec<String> {
+    causeway_api::policy::KINDS
+        .iter()
+        .map(|k| format!("{}{suffix}", crate::policy::plural(*k)))
+        .collect()
+}
+
 fn agent(o: &Options) -> Vec<Value> {
     let rules = json!([
         {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceexports"], "verbs": ["get", "list", "watch"]},
@@ -271,7 +280,8 @@ fn agent(o: &Options) -> Vec<Value> {
         {"apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports/status"], "verbs": ["patch"]},
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
-        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]}
+        {"apiGroups": [crate::policy::GROUP], "resources": policy_resources(""), "verbs": ["get", "list", "watch"]},
+        {"apiGroups": [crate::policy::GROUP], "resources": policy_resources("/status"), "verbs": ["patch"]}
     ]);
     let args = vec![
         "agent".into(),

@@ -36,6 +36,7 @@ pub mod fake;
 pub mod import;
 pub mod install;
 pub mod lease;
+pub mod policy;
 pub mod sync;
 
 /// The label EndpointSlices carry to name their Service.

@@ -447,15 +447,33 @@ fn a_site_changes_and_deletes_only_the_policies_it_manages() {
         } => message,
         other => panic!("not refused: {other:?}"),
     };
-    assert!(matches!(apply(&mut s, "ops", "{1}", None), Outcome::Applied { .. }));
-    assert!(matches!(apply(&mut s, "east-p", "{1}", Some("east")), Outcome::Applied { .. }));
-    assert_eq!(s.policies["TimeoutPolicy/shop/east-p"].owner, Some(site("east")));
-    assert_eq!(s.policies["TimeoutPolicy/shop/east-p"].to_pb().owner_site, "east");
+    assert!(matches!(
+        apply(&mut s, "ops", "{1}", None),
+        Outcome::Applied { .. }
+    ));
+    assert!(matches!(
+        apply(&mut s, "east-p", "{1}", Some("east")),
+        Outcome::Applied { .. }
+    ));
+    assert_eq!(
+        s.policies["TimeoutPolicy/shop/east-p"].owner,
+        Some(site("east"))
+    );
+    assert_eq!(
+        s.policies["TimeoutPolicy/shop/east-p"].to_pb().owner_site,
+        "east"
+    );
     // East changes its own; west may neither change nor delete it, nor the
     // operator's.
-    assert!(matches!(apply(&mut s, "east-p", "{2}", Some("east")), Outcome::Applied { .. }));
+    assert!(matches!(
+        apply(&mut s, "east-p", "{2}", Some("east")),
+        Outcome::Applied { .. }
+    ));
     let m = forbidden(apply(&mut s, "east-p", "{3}", Some("west")));
-    assert!(m.contains("managed by site east's agent; site west may not change it"), "{m}");
+    assert!(
+        m.contains("managed by site east's agent; site west may not change it"),
+        "{m}"
+    );
     let m = forbidden(delete(&mut s, "east-p", Some("west")));
     assert!(m.contains("managed by site east"), "{m}");
     let m = forbidden(apply(&mut s, "ops", "{2}", Some("east")));
@@ -463,9 +481,24 @@ fn a_site_changes_and_deletes_only_the_policies_it_manages() {
     forbidden(delete(&mut s, "ops", Some("east")));
     assert_eq!(s.policies["TimeoutPolicy/shop/east-p"].document_json, "{2}");
     // East deletes its own; an operator may do anything.
-    assert!(matches!(delete(&mut s, "east-p", Some("east")), Outcome::Applied { .. }));
-    assert!(matches!(apply(&mut s, "east-q", "{1}", Some("east")), Outcome::Applied { .. }));
-    assert!(matches!(apply(&mut s, "east-q", "{1}", None), Outcome::Applied { .. }), "the operator takes it over");
+    assert!(matches!(
+        delete(&mut s, "east-p", Some("east")),
+        Outcome::Applied { .. }
+    ));
+    assert!(matches!(
+        apply(&mut s, "east-q", "{1}", Some("east")),
+        Outcome::Applied { .. }
+    ));
+    assert!(
+        matches!(
+            apply(&mut s, "east-q", "{1}", None),
+            Outcome::Applied { .. }
+        ),
+        "the operator takes it over"
+    );
     assert_eq!(s.policies["TimeoutPolicy/shop/east-q"].owner, None);
-    assert!(matches!(delete(&mut s, "ops", None), Outcome::Applied { .. }));
+    assert!(matches!(
+        delete(&mut s, "ops", None),
+        Outcome::Applied { .. }
+    ));
 }
