@@ -27,7 +27,7 @@ use kube::api::DynamicObject;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch;
 
 use crate::condition::{self, Want};
@@ -340,7 +340,57 @@ async fn write_conditions(client: &Client, se: &ServiceExport, wants: &[Want]) {
         )
         .await
     {
+        metrics::counter!("causeway_agent_sync_errors_total", "side" => "export-status")
+            .increment(1);
         tracing::warn!(namespace = %ns, name = %se.name_any(), error = %e, "writing the ServiceExport status failed; retried on the next change");
+        return;
+    }
+    warn_on_change(client, &se.object_ref(&()), &existing, wants).await;
+}
+
+/// Whether a condition needs a person's attention.
+fn troubled(w: &Want) -> bool {
+    match w.type_ {
+        "Conflict" => w.status,
+        _ => !w.status,
+    }
+}
+
+/// Publishes a Warning event on `object` for each of `wants` that is
+/// troubled and was not already so (`kubectl describe` and event
+/// collectors show it; the condition says the same).
+async fn warn_on_change(
+    client: &Client,
+    object: &k8s_openapi::api::core::v1::ObjectReference,
+    existing: &[Condition],
+    wants: &[Want],
+) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: "causeway-agent".into(),
+            instance: None,
+        },
+    );
+    for w in wants.iter().filter(|w| troubled(w)) {
+        let already = existing
+            .iter()
+            .any(|c| c.type_ == w.type_ && c.reason == w.reason && c.message == w.message);
+        if already {
+            continue;
+        }
+        let event = Event {
+            type_: EventType::Warning,
+            reason: w.reason.to_string(),
+            note: Some(w.message.chars().take(1000).collect()),
+            action: format!("Set{}", w.type_),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, object).await {
+            metrics::counter!("causeway_agent_sync_errors_total", "side" => "events").increment(1);
+            tracing::debug!(error = %e, "publishing an event failed");
+        }
     }
 }
 
@@ -535,5 +585,8 @@ async fn write_policy_condition(
         metrics::counter!("causeway_agent_sync_errors_total", "side" => "policy-status")
             .increment(1);
         tracing::warn!(kind = %o.kind, namespace = %o.namespace, name = %o.name, error = %e, "writing a policy's status failed; retried on the next change");
+        return;
     }
+    let reference = obj.object_ref(&policy::api_resource(o.kind));
+    warn_on_change(client, &reference, &existing, std::slice::from_ref(want)).await;
 }

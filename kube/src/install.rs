@@ -281,7 +281,8 @@ fn agent(o: &Options) -> Vec<Value> {
         {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch", "create", "patch", "delete"]},
         {"apiGroups": [crate::policy::GROUP], "resources": policy_resources(""), "verbs": ["get", "list", "watch"]},
-        {"apiGroups": [crate::policy::GROUP], "resources": policy_resources("/status"), "verbs": ["patch"]}
+        {"apiGroups": [crate::policy::GROUP], "resources": policy_resources("/status"), "verbs": ["patch"]},
+        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
     ]);
     let args = vec![
         "agent".into(),

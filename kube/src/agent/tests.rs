@@ -182,6 +182,25 @@ async fn an_external_name_service_is_refused_and_others_are_not_disturbed() {
     let c = run.valid("ext", "False").await;
     assert_eq!(c["reason"], "ServiceTypeInvalid");
     run.valid("web", "True").await;
+    // A Warning event on the refused export says the same.
+    api_where(&api, "a Warning event on ServiceExport ext", |api| {
+        api.list("apis/events.k8s.io/v1/events").iter().any(|e| {
+            e["type"] == "Warning"
+                && e["reason"] == "ServiceTypeInvalid"
+                && e["regarding"]["kind"] == "ServiceExport"
+                && e["regarding"]["name"] == "ext"
+                && e["note"]
+                    .as_str()
+                    .is_some_and(|n| n.contains("ExternalName"))
+        })
+    })
+    .await;
+    assert!(
+        !api.list("apis/events.k8s.io/v1/events")
+            .iter()
+            .any(|e| e["regarding"]["name"] == "web"),
+        "no event for the valid export"
+    );
 }
 
 #[tokio::test]
