@@ -583,3 +583,93 @@ async fn the_federation_example_invites_sites_and_adds_failover_for_what_they_ex
     );
     fed.shutdown().await;
 }
+
+/// The Kubernetes example's site.tf (its apply.tf needs the kubernetes
+/// provider from the public registry, which these machines cannot reach):
+/// the data source renders exactly what `causeway install` prints for the
+/// same options, and bad options are refused at plan time naming the
+/// attribute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_example_renders_what_causeway_install_does() {
+    let (_root, fed, tf) = federation(1).await;
+    let site_tf = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/terraform/examples/kubernetes/site.tf"
+    ))
+    .unwrap();
+    tf.write_main(&site_tf);
+    let controllers = format!(
+        "controllers={}",
+        serde_json::to_string(&fed.endpoints()).unwrap()
+    );
+    let creds = format!("credentials_dir={}", fed.creds.display());
+    tf.ok(&["init", "-input=false"]).await;
+    tf.ok(&["validate"]).await;
+    tf.ok(&[
+        "apply",
+        "-auto-approve",
+        "-input=false",
+        "-var",
+        &controllers,
+        "-var",
+        &creds,
+    ])
+    .await;
+    let docs: Vec<String> =
+        serde_json::from_str(&tf.ok(&["output", "-json", "manifests"]).await).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_causeway"))
+        .args([
+            "install",
+            "--site",
+            "eu-west-1",
+            "--advertise",
+            "203.0.113.10:15443",
+            "--image",
+            "causeway:0.1.0",
+            "--controller",
+            &fed.endpoints().join(","),
+            "--dns-cluster-ip",
+            "10.96.0.53",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    let want: Vec<&str> = printed
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .collect();
+    assert_eq!(docs.len(), want.len());
+    for (have, want) in docs.iter().zip(want) {
+        assert_eq!(have, want);
+    }
+    assert!(
+        !docs.iter().any(|d| d.contains("kind: StatefulSet")),
+        "this site hosts no controllers"
+    );
+    assert!(
+        docs[0].starts_with("apiVersion: v1\nkind: Namespace"),
+        "{}",
+        docs[0]
+    );
+
+    // Bad options: refused at plan time, naming the attribute and the fix.
+    tf.write_main(&site_tf.replace(
+        "default     = [\"203.0.113.10:15443\"]",
+        "default     = [\"nowhere\"]",
+    ));
+    let plan = tf
+        .run(&["plan", "-input=false", "-var", &controllers, "-var", &creds])
+        .await;
+    assert_eq!(plan.code, 1, "{}", plan.stdout);
+    assert!(
+        plan.stderr.contains("invalid advertise")
+            && plan.stderr.contains("\"nowhere\" is not ip:port"),
+        "{}",
+        plan.stderr
+    );
+}

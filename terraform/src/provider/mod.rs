@@ -14,8 +14,10 @@
 //!   gateways are trusted through, for sites whose CA lives outside the
 //!   gateway (rotate by listing old and new, then the new one alone).
 //!
-//! Data sources: `causeway_sites` (the member sites) and `causeway_services`
-//! (the exported services, each with the sites exporting it).
+//! Data sources: `causeway_sites` (the member sites), `causeway_services`
+//! (the exported services, each with the sites exporting it) and
+//! `causeway_kubernetes_manifests` (a site's manifests, as `causeway
+//! install` renders them).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -41,8 +43,11 @@ pub const SITES: &str = "causeway_sites";
 pub const SERVICES: &str = "causeway_services";
 /// The trust bundle resource's type name.
 pub const BUNDLE: &str = "causeway_site_trust_bundle";
+/// The Kubernetes manifests data source's type name.
+pub const MANIFESTS: &str = "causeway_kubernetes_manifests";
 
 mod bundle;
+mod manifests;
 mod policy;
 mod services;
 mod site;
@@ -50,6 +55,7 @@ mod site;
 mod tests;
 
 pub use bundle::bundle_schema;
+pub use manifests::manifests_schema;
 pub use policy::policy_schema;
 pub use services::services_schema;
 pub use site::{site_schema, sites_schema};
@@ -424,6 +430,7 @@ impl provider_server::Provider for Provider {
             data_source_schemas: [
                 (SITES.to_string(), sites_schema().to_proto()),
                 (SERVICES.to_string(), services_schema().to_proto()),
+                (MANIFESTS.to_string(), manifests_schema().to_proto()),
             ]
             .into_iter()
             .collect(),
@@ -475,10 +482,13 @@ impl provider_server::Provider for Provider {
         req: Request<pb::validate_data_resource_config::Request>,
     ) -> Rpc<pb::validate_data_resource_config::Response> {
         let r = req.into_inner();
-        let diagnostics = if r.type_name == SITES || r.type_name == SERVICES {
-            Vec::new()
-        } else {
-            vec![unknown_type(&r.type_name)]
+        let diagnostics = match r.type_name.as_str() {
+            SITES | SERVICES => Vec::new(),
+            MANIFESTS => match decode(&r.config, "configuration") {
+                Ok(config) => manifests::validate_manifests(&config),
+                Err(d) => vec![d],
+            },
+            other => vec![unknown_type(other)],
         };
         Ok(Response::new(pb::validate_data_resource_config::Response {
             diagnostics,
@@ -660,21 +670,25 @@ impl provider_server::Provider for Provider {
     ) -> Rpc<pb::read_data_source::Response> {
         let r = req.into_inner();
         let result = match r.type_name.as_str() {
-            SITES => self.read_sites().await,
+            SITES => self.read_sites().await.map_err(|d| vec![d]),
             SERVICES => match decode(&r.config, "configuration") {
-                Ok(config) => self.read_services(&config).await,
-                Err(d) => Err(d),
+                Ok(config) => self.read_services(&config).await.map_err(|d| vec![d]),
+                Err(d) => Err(vec![d]),
             },
-            other => Err(unknown_type(other)),
+            MANIFESTS => match decode(&r.config, "configuration") {
+                Ok(config) => manifests::read_manifests(&config),
+                Err(d) => Err(vec![d]),
+            },
+            other => Err(vec![unknown_type(other)]),
         };
         Ok(Response::new(match result {
             Ok(v) => pb::read_data_source::Response {
                 state: dv(&v),
                 diagnostics: Vec::new(),
             },
-            Err(d) => pb::read_data_source::Response {
+            Err(diagnostics) => pb::read_data_source::Response {
                 state: None,
-                diagnostics: vec![d],
+                diagnostics,
             },
         }))
     }
