@@ -47,6 +47,10 @@ pub enum Command {
     Install(crate::kubernetes::InstallArgs),
     /// Run a site's Kubernetes agent (Multi-Cluster Services API).
     Agent(crate::kubernetes::AgentArgs),
+    /// Join a site with its one-time token and exit: the state directory
+    /// then holds the site (for a Kubernetes Secret, or a gateway's
+    /// `state_dir`).
+    Join(crate::kubernetes::JoinArgs),
 }
 
 /// `causeway ca`.

@@ -321,3 +321,53 @@ pub async fn follow_exports(
     tracing::info!("following the cluster's ServiceExports");
     Ok(FollowExports { stop: stop_tx })
 }
+
+/// `causeway join` flags.
+#[derive(Args, Debug)]
+pub struct JoinArgs {
+    /// Where the site's state goes (created if missing).
+    #[arg(long)]
+    pub state_dir: PathBuf,
+    /// Where other sites reach this site's gateways: ip:port of the tunnel
+    /// LoadBalancer (repeat for several).
+    #[arg(long = "advertise", required = true)]
+    pub advertise: Vec<String>,
+    /// The one-time join token from `causeway ctl cluster add`.
+    #[arg(long, env = "CAUSEWAY_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: String,
+}
+
+/// Joins once and exits; prints the site joined.
+pub async fn run_join(args: JoinArgs) -> anyhow::Result<()> {
+    let mut errs = ConfigErrors::new();
+    for a in &args.advertise {
+        if a.parse::<causeway_api::model::TunnelAddr>().is_err() {
+            errs.push("advertise", format!("{a:?} is not ip:port[;weight=N]"));
+        }
+    }
+    errs.into_result(|| ())?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    if let Some(s) = causeway_gateway::site::SiteState::load(&args.state_dir)? {
+        anyhow::bail!(
+            "{} already holds site {}: use another directory",
+            args.state_dir.display(),
+            s.site
+        );
+    }
+    let ca = causeway_gateway::site::SiteState::site_ca(&args.state_dir, None)?;
+    let s = causeway_gateway::site::SiteState::join(
+        &args.state_dir,
+        &args.join_token,
+        &ca,
+        args.advertise.clone(),
+    )
+    .await?;
+    println!(
+        "joined as site {} (trust domain {}); {} holds its state",
+        s.site,
+        s.trust_domain,
+        args.state_dir.display()
+    );
+    Ok(())
+}

@@ -25,6 +25,7 @@ fn main() {
             Command::Ctl(a) => causeway::ctl::run(a).await,
             Command::Install(a) => causeway::kubernetes::run_install(a),
             Command::Agent(a) => causeway::kubernetes::run_agent(a).await,
+            Command::Join(a) => causeway::kubernetes::run_join(a).await,
             Command::Ca(a) => match a.command {
                 cli::CaCommand::Init { dir, admin } => {
                     causeway::creds::ca_init(&dir, &admin)?;
@@ -81,7 +82,11 @@ fn runtime(cmd: &Command) -> tokio::runtime::Runtime {
 fn default_filter(cmd: &Command) -> &'static str {
     match cmd {
         // The demo prints its own report; children log to files.
-        Command::Demo(_) | Command::Ctl(_) | Command::Ca(_) | Command::Install(_) => "warn",
+        Command::Demo(_)
+        | Command::Ctl(_)
+        | Command::Ca(_)
+        | Command::Install(_)
+        | Command::Join(_) => "warn",
         _ => "info,openraft=warn,quinn=warn,hickory_server=warn",
     }
 }

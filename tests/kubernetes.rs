@@ -457,3 +457,43 @@ async fn policy_objects_in_a_cluster_are_forwarded_to_the_federation() {
     .await;
     fed.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn causeway_join_makes_the_state_a_cluster_secret_is_created_from() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let fed = federation(&tmp).await;
+    let token = fed.create_token("east").await.unwrap();
+    let state = tmp.path().join("east-state");
+    let join = |advertise: &str| {
+        std::process::Command::new(bin())
+            .args(["join", "--state-dir"])
+            .arg(&state)
+            .args(["--advertise", advertise])
+            .env("CAUSEWAY_JOIN_TOKEN", &token)
+            .output()
+            .unwrap()
+    };
+    let bad = join("nowhere");
+    assert_eq!(bad.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("advertise: \"nowhere\" is not ip:port"),
+        "{err}"
+    );
+    let ok = join("203.0.113.10:15443");
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).starts_with("joined as site east"));
+    assert!(state.join("site.json").exists());
+    let again = join("203.0.113.10:15443");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already holds site east"));
+    // The controllers know the site and where its gateways are.
+    let cat = fed.admin_client(None).unwrap().catalog(true).await.unwrap();
+    let site = cat.sites.iter().find(|s| s.name == "east").unwrap();
+    assert_eq!(site.tunnel_addrs, ["203.0.113.10:15443"]);
+}

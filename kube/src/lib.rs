@@ -14,11 +14,15 @@
 //!   derived ClusterIP `Service` and the `EndpointSlice`s fronting this
 //!   site's gateway pods;
 //! - [`condition`]: merging conditions so `lastTransitionTime` moves only
-//!   when a status does.
+//!   when a status does;
+//! - [`policy`]: causeway's policy objects → what to forward to the
+//!   controllers, what to delete, and each object's `Accepted` condition.
 //!
-//! It does not talk to an API server or to the controllers itself: the kube-rs
-//! shell that watches and writes these objects is built on top, and like the
-//! gateway it depends on `causeway-api` only.
+//! The kube-rs shells run them: [`agent`] (the export, import and policy
+//! loops), [`sync`] (the import writer) and [`lease`] (leader election).
+//! [`install`] and [`chart`] render a site's manifests and Helm chart. Like
+//! the gateway, the crate depends on `causeway-api` only (the controllers
+//! are reached through its client, with the site's credential).
 
 #![warn(missing_docs)]
 #![recursion_limit = "256"]
@@ -30,7 +34,8 @@ pub mod conflict;
 pub mod crd;
 pub mod export;
 /// Test support only: compiled for this crate's tests and with the
-/// `fake-api` feature, never into the `causeway` binary.
+/// `fake-api` feature (which only test builds enable), never into a release
+/// `causeway` binary.
 #[cfg(any(test, feature = "fake-api"))]
 pub mod fake;
 pub mod import;
