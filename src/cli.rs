@@ -326,8 +326,11 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
             s
         }
     };
-    let exports =
-        causeway_gateway::exports::Exports::new(settings.exports.clone(), settings.balancer);
+    let exports = if settings.kubernetes {
+        causeway_gateway::exports::Exports::unknown(settings.balancer)
+    } else {
+        causeway_gateway::exports::Exports::new(settings.exports.clone(), settings.balancer)
+    };
     let _follow = if settings.kubernetes {
         Some(crate::kubernetes::follow_exports(exports.clone()).await?)
     } else {

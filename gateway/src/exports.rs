@@ -25,6 +25,7 @@ pub struct Entry {
 #[derive(Default)]
 pub struct Table {
     entries: Vec<Entry>,
+    known: bool,
 }
 
 impl Table {
@@ -49,6 +50,12 @@ impl Table {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// Whether the source has said what the site exports (a table not yet
+    /// known is not "exports nothing": it is not published).
+    pub fn known(&self) -> bool {
+        self.known
+    }
 }
 
 /// The live table.
@@ -60,12 +67,19 @@ pub struct Exports {
 impl Exports {
     /// A table holding `exports`, balanced by `strategy`.
     pub fn new(exports: Vec<LocalExport>, strategy: Strategy) -> Arc<Self> {
-        let this = Arc::new(Self {
-            tx: watch::Sender::new(Arc::new(Table::default())),
-            strategy,
-        });
+        let this = Self::unknown(strategy);
         this.replace(exports);
         this
+    }
+
+    /// A table whose exports are not known yet (they come from a source
+    /// that has not answered, e.g. the Kubernetes API): nothing is
+    /// published until the first [`Exports::replace`].
+    pub fn unknown(strategy: Strategy) -> Arc<Self> {
+        Arc::new(Self {
+            tx: watch::Sender::new(Arc::new(Table::default())),
+            strategy,
+        })
     }
 
     /// The current table.
@@ -83,7 +97,8 @@ impl Exports {
     /// in-flight counts and latency estimates carry over.
     pub fn replace(&self, exports: Vec<LocalExport>) -> bool {
         self.tx.send_if_modified(|cur| {
-            if cur.entries.len() == exports.len()
+            if cur.known
+                && cur.entries.len() == exports.len()
                 && cur
                     .entries
                     .iter()
@@ -105,7 +120,10 @@ impl Exports {
                     Entry { export, endpoints }
                 })
                 .collect();
-            *cur = Arc::new(Table { entries });
+            *cur = Arc::new(Table {
+                entries,
+                known: true,
+            });
             metrics::gauge!("causeway_gateway_exported_ports").set(cur.len() as f64);
             true
         })
@@ -171,5 +189,17 @@ mod tests {
         assert!(t.replace(Vec::new()));
         assert!(t.current().find("shop/a", 80).is_none());
         assert!(t.current().is_empty());
+    }
+
+    #[test]
+    fn a_table_from_a_source_is_unknown_until_it_first_answers() {
+        let t = Exports::unknown(Strategy::default());
+        assert!(!t.current().known());
+        assert!(
+            t.replace(Vec::new()),
+            "learning it exports nothing is a change"
+        );
+        assert!(t.current().known() && t.current().is_empty());
+        assert!(!t.replace(Vec::new()));
     }
 }

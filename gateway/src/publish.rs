@@ -29,6 +29,11 @@ pub async fn run(
     let tunnel_addrs: Vec<String> = advertise.iter().map(|a| a.to_string()).collect();
     let mut published: Option<(Vec<pb::Export>, Instant)> = None;
     let mut changes = exports.subscribe();
+    // Exports not known yet (their source has not answered) are not
+    // published: an empty list would withdraw what the site exported.
+    if changes.wait_for(|t| t.known()).await.is_err() {
+        return;
+    }
     loop {
         changes.borrow_and_update();
         let table = exports.current().exports();

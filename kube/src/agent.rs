@@ -137,6 +137,7 @@ pub async fn run_exports(
         services: svc_store,
         slices: eps_store,
     };
+    let mut sent_once = false;
     loop {
         let catalog_changed = async {
             match catalog.as_mut() {
@@ -164,8 +165,11 @@ pub async fn run_exports(
                 Decision::Invalid { .. } => None,
             })
             .collect();
+        // The first pass is always sent: "exports nothing" is news too.
+        let first = !sent_once;
+        sent_once = true;
         exports.send_if_modified(|cur| {
-            let changed = *cur != site;
+            let changed = first || *cur != site;
             if changed {
                 *cur = site;
             }
