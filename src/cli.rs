@@ -142,6 +142,10 @@ pub struct GatewayArgs {
     /// Admin (metrics) listen address.
     #[arg(long)]
     pub admin_listen: Option<String>,
+    /// This replica's name, instead of the config's `replica` (on
+    /// Kubernetes, the pod's name: each replica gets its own identity).
+    #[arg(long, env = "CAUSEWAY_REPLICA")]
+    pub replica: Option<String>,
 }
 
 /// `causeway dns` flags.
@@ -291,7 +295,11 @@ pub fn gateway_worker_threads(args: &GatewayArgs) -> usize {
 pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
-    let settings = GatewayConfig::from_toml(&text)?.validate()?;
+    let mut config = GatewayConfig::from_toml(&text)?;
+    if let Some(r) = &args.replica {
+        config.replica = r.clone();
+    }
+    let settings = config.validate()?;
     let metrics = admin::install_metrics()?;
     let ready = std::sync::Arc::new(causeway_gateway::Readiness::default());
     if let Some(a) = &args.admin_listen {

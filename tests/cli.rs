@@ -114,3 +114,28 @@ fn the_agent_needs_a_joined_sites_state() {
         "{out}"
     );
 }
+
+/// A replica name from the flag (or `CAUSEWAY_REPLICA`, a pod's name on
+/// Kubernetes) is checked like the config's, before anything starts.
+#[test]
+fn a_gateway_replica_name_from_the_environment_is_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gw.toml");
+    std::fs::write(
+        &config,
+        format!("state_dir = {:?}\n", dir.path().display().to_string()),
+    )
+    .unwrap();
+    let (code, out) = run_bin(&[
+        "gateway",
+        "--config",
+        config.to_str().unwrap(),
+        "--replica",
+        "no spaces allowed",
+    ]);
+    assert_eq!(code, 64, "{out}");
+    assert!(
+        out.contains("replica: \"no spaces allowed\" must be"),
+        "{out}"
+    );
+}

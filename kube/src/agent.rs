@@ -288,6 +288,22 @@ pub async fn run_imports(
                     .increment(1);
                 backoff = (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(30));
                 tracing::warn!(error = %e, retry_in = ?backoff, "syncing imports failed; retrying");
+                // Also where `kubectl get events -n <causeway namespace>`
+                // shows it: on the agent's Lease.
+                let lease = k8s_openapi::api::core::v1::ObjectReference {
+                    api_version: Some("coordination.k8s.io/v1".into()),
+                    kind: Some("Lease".into()),
+                    name: Some("causeway-agent".into()),
+                    namespace: Some(gateways.namespace.clone()),
+                    ..Default::default()
+                };
+                let want = Want {
+                    type_: "Imports",
+                    status: false,
+                    reason: "ImportSyncFailed",
+                    message: format!("{e}; retrying in {backoff:?}"),
+                };
+                warn_on_change(&client, &lease, &[], std::slice::from_ref(&want)).await;
                 last = None;
             }
         }

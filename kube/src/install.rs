@@ -333,7 +333,7 @@ fn agent(o: &Options) -> Vec<Value> {
 fn gateway(o: &Options) -> Vec<Value> {
     let advertise: Vec<String> = o.advertise.iter().map(|a| format!("{a:?}")).collect();
     let config = format!(
-        "state_dir = \"/var/lib/causeway\"\ntunnel_listen = \"0.0.0.0:{TUNNEL}\"\ntunnel_advertise = [{}]\nreplica = \"gw-0\"\n\n[kubernetes]\nimport_listen = \"0.0.0.0\"\nimport_port_base = {}\n",
+        "state_dir = \"/var/lib/causeway\"\ntunnel_listen = \"0.0.0.0:{TUNNEL}\"\ntunnel_advertise = [{}]\n\n[kubernetes]\nimport_listen = \"0.0.0.0\"\nimport_port_base = {}\n",
         advertise.join(", "),
         o.import_port_base
     );
@@ -352,6 +352,8 @@ fn gateway(o: &Options) -> Vec<Value> {
                {"name": "admin", "containerPort": GATEWAY_ADMIN}]),
         resources("250m", "64Mi", "512Mi"),
     );
+    // Each replica's identity is its pod's name.
+    c["env"] = json!([{"name": "CAUSEWAY_REPLICA", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]);
     c["volumeMounts"] = json!([{"name": "tmp", "mountPath": "/tmp"},
                                {"name": "config", "mountPath": "/etc/causeway", "readOnly": true},
                                {"name": "state", "mountPath": "/var/lib/causeway", "readOnly": true}]);

@@ -528,6 +528,12 @@ async fn an_import_appears_fronted_by_the_gateway_pods_and_goes_away() {
     )
     .await;
     assert_eq!(api.served().failed, 3);
+    api_where(&api, "a Warning event saying the sync failed", |api| {
+        api.list("apis/events.k8s.io/v1/events").iter().any(|e| {
+            e["reason"] == "ImportSyncFailed" && e["regarding"]["name"] == "causeway-agent"
+        })
+    })
+    .await;
 
     tracing::info!("phase: the export goes away: so do the objects");
     cat_tx.send_replace(Arc::new(CatalogView::from_snapshot(Default::default())));
