@@ -8,7 +8,7 @@ use causeway_api::identity::{CertificateAuthority, Credential};
 /// Creates the controller CA and an admin credential named `admin_name` in
 /// `dir` (refusing to overwrite a CA already there).
 pub fn ca_init(dir: &Path, admin_name: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    causeway_api::identity::private_dir(dir)?;
     if dir.join("ca-key.pem").exists() {
         anyhow::bail!(
             "{} already holds a CA; refusing to overwrite it",

@@ -405,3 +405,110 @@ async fn deny_by_default_lets_only_allowed_sites_call_and_says_why() {
     );
     fed.shutdown().await;
 }
+
+/// Anonymous joins with bad tokens are checked before they reach Raft (the
+/// log does not grow), a source failing often is held back, a wrong
+/// secret for a real token's id does not burn it, and a site may not be
+/// named so its trust domain is the controllers'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_joins_cost_no_raft_entry_are_rate_limited_and_burn_no_token() {
+    use causeway_api::client::ControllerClient;
+    use causeway_api::pb;
+    use causeway_api::token::JoinToken;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (fed, leader) = controllers(&tmp, 1, &[]).await;
+    let e = fed.create_token("controller").await.unwrap_err();
+    assert!(format!("{e:#}").contains("is reserved"), "{e:#}");
+    let token = fed.create_token("east").await.unwrap();
+    let good = JoinToken::decode(&token).unwrap();
+    // The attacker connects from its own loopback address.
+    let attacker = ControllerClient::new(fed.endpoints(), &good.ca_pem, None)
+        .bind_local("127.0.0.77".parse().unwrap());
+    let mut anon = attacker.federation().await.unwrap();
+    let join = |t: &JoinToken| pb::JoinRequest {
+        token: t.encode(),
+        trust_bundle_pem: some_ca_pem(),
+        tunnel_addrs: vec!["127.0.0.1:1".into()],
+        csr_pem: "not even a CSR".into(),
+    };
+    let before = fed.status(leader).await.unwrap().last_log_index;
+
+    let mut wrong = good.clone();
+    wrong.secret = "00".repeat(32);
+    let e = anon.join(join(&wrong)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{}", e.message());
+    let (mut refused, mut held_back) = (1, 0);
+    for _ in 0..1000 {
+        let mut t = good.clone();
+        let hex = |n: usize| -> String {
+            (0..n)
+                .map(|_| format!("{:02x}", rand::random::<u8>()))
+                .collect()
+        };
+        t.id = hex(8);
+        t.secret = hex(32);
+        match anon.join(join(&t)).await.unwrap_err().code() {
+            tonic::Code::Unauthenticated => refused += 1,
+            tonic::Code::ResourceExhausted => held_back += 1,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(refused, 20, "20 failures a minute per source");
+    assert_eq!(held_back, 981);
+    assert_eq!(
+        fed.status(leader).await.unwrap().last_log_index,
+        before,
+        "a bad join became a Raft entry"
+    );
+
+    // The owner, from another address, joins with the real token.
+    let state = tmp.path().join("east-state");
+    std::fs::create_dir_all(&state).unwrap();
+    let ca = causeway_gateway::site::SiteState::site_ca(&state, None).unwrap();
+    let site =
+        causeway_gateway::site::SiteState::join(&state, &token, &ca, vec!["127.0.0.1:1".into()])
+            .await
+            .unwrap();
+    assert_eq!(site.site.as_str(), "east");
+}
+
+/// 2,000 idle connections on a gateway's admin port neither lock out a
+/// scrape of `/metrics` nor stop the gateway's real work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_sockets_on_an_admin_port_do_not_stop_metrics_or_traffic() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let admin = fed.sites["west"].gateway_admin;
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(tokio::net::TcpStream::connect(admin).await.unwrap());
+    }
+    let metrics = http_get(admin, "/metrics").await;
+    assert!(
+        metrics.contains("causeway_admin_connections_evicted_total"),
+        "{metrics}"
+    );
+    assert_eq!(
+        echo_roundtrip(SocketAddr::new(vip, 7000), b"still working").await,
+        b"still working"
+    );
+    // The idle ones were closed to make room (or by the head timeout).
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut b = [0u8; 1];
+        if matches!(
+            tokio::time::timeout(Duration::from_millis(1), s.read(&mut b)).await,
+            Ok(Ok(0)) | Ok(Err(_))
+        ) {
+            closed += 1;
+        }
+    }
+    assert!(
+        closed >= 2000 - 256,
+        "only {closed} of 2000 idle sockets were closed"
+    );
+    fed.shutdown().await;
+}

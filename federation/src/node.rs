@@ -181,6 +181,7 @@ impl Controller {
             watch_stall: opts.watch_stall,
             batcher: crate::service::Batcher::start(raft.clone()),
             peer_clients: Default::default(),
+            joins: Default::default(),
         });
         tokio::spawn(export_raft_metrics(shared.raft.clone()));
         tokio::spawn(run_leases(shared.clone()));

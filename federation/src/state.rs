@@ -498,6 +498,9 @@ impl CatalogState {
     ) -> (Outcome, Vec<pb::Change>) {
         self.forget_old_tokens(now_ms);
         let site = &token.site;
+        if let Some(why) = causeway_api::identity::reserved_site_name(site) {
+            return refused(RejectCode::Invalid, why);
+        }
         if self.sites.contains_key(site) {
             return refused(RejectCode::SiteExists, format!("site {site:?} is already a member; choose another name, or remove it first with `causeway ctl cluster remove {site}`"));
         }
@@ -517,6 +520,51 @@ impl CatalogState {
         )
     }
 
+    /// Whether a join with this token (its id and the hash of the secret
+    /// presented) for `site` at `now_ms` would be admitted as far as the
+    /// token goes: known, the secret matching (compared in constant time),
+    /// unused, unexpired, for this site. The API checks it on a read of
+    /// the state before proposing, so a bad token never becomes a Raft
+    /// entry; the state machine checks it again when applying.
+    pub fn check_join_token(
+        &self,
+        token_id: &str,
+        secret_sha256: &str,
+        site: &SiteName,
+        now_ms: u64,
+    ) -> Result<(), (RejectCode, String)> {
+        const UNKNOWN: &str = "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`";
+        let Some(tok) = self.tokens.get(token_id) else {
+            return Err((RejectCode::TokenUnknown, UNKNOWN.into()));
+        };
+        if !causeway_api::token::constant_time_eq(
+            tok.secret_sha256.as_bytes(),
+            secret_sha256.as_bytes(),
+        ) {
+            return Err((RejectCode::TokenUnknown, UNKNOWN.into()));
+        }
+        if tok.used {
+            return Err((RejectCode::TokenUsed, "join token was already used; tokens are single-use, ask for a new one with `causeway ctl cluster add`".into()));
+        }
+        if tok.expires_at_ms <= now_ms {
+            return Err((
+                RejectCode::TokenExpired,
+                "join token has expired; ask for a new one with `causeway ctl cluster add`".into(),
+            ));
+        }
+        if &tok.site != site {
+            return Err((
+                RejectCode::TokenWrongSite,
+                format!(
+                    "join token was issued for site {:?}, not {:?}",
+                    tok.site.as_str(),
+                    site.as_str()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Admits `new` (labels come from its token) if the token is known,
     /// unused, unexpired and for this site, and the site and its trust
     /// domain are new.
@@ -526,31 +574,14 @@ impl CatalogState {
         secret_sha256: &str,
         new: SiteRecord,
     ) -> (Outcome, Vec<pb::Change>) {
+        if let Err((code, why)) =
+            self.check_join_token(token_id, secret_sha256, &new.name, new.joined_at_ms)
+        {
+            return refused(code, why);
+        }
         let Some(tok) = self.tokens.get(token_id) else {
-            return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
+            unreachable!("checked above");
         };
-        if tok.secret_sha256 != secret_sha256 {
-            return refused(RejectCode::TokenUnknown, "join token is unknown to this federation; ask for a new one with `causeway ctl cluster add`");
-        }
-        if tok.used {
-            return refused(RejectCode::TokenUsed, "join token was already used; tokens are single-use, ask for a new one with `causeway ctl cluster add`");
-        }
-        if tok.expires_at_ms <= new.joined_at_ms {
-            return refused(
-                RejectCode::TokenExpired,
-                "join token has expired; ask for a new one with `causeway ctl cluster add`",
-            );
-        }
-        if tok.site != new.name {
-            return refused(
-                RejectCode::TokenWrongSite,
-                format!(
-                    "join token was issued for site {:?}, not {:?}",
-                    tok.site.as_str(),
-                    new.name.as_str()
-                ),
-            );
-        }
         let site = new.name.clone();
         if self.sites.contains_key(&site) {
             return refused(

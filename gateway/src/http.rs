@@ -546,7 +546,8 @@ fn judge(
             let again = idempotent(method)
                 && ((s.is_server_error() && retryable(RetryOn::ServerError))
                     || (gateway_error && retryable(RetryOn::GatewayError)));
-            let resp = resp.map(|b| b.boxed());
+            let mut resp = resp.map(|b| b.boxed());
+            strip_hop_by_hop(resp.headers_mut());
             let next = if again {
                 tried.push(format!("{site}: {s}"));
                 Next::Retry(resp)
@@ -647,14 +648,9 @@ fn rebuild(
         } else {
             hyper::Version::HTTP_11
         });
+    let hop = hop_by_hop(&parts.headers);
     for (k, v) in &parts.headers {
-        if k == hyper::header::CONNECTION
-            || k == "keep-alive"
-            || k == "proxy-connection"
-            || k == hyper::header::TRANSFER_ENCODING
-            || k == hyper::header::UPGRADE
-            || (h2 && k == hyper::header::HOST)
-        {
+        if hop(k) || (h2 && k == hyper::header::HOST) {
             continue;
         }
         b = b.header(k, v);
@@ -663,6 +659,44 @@ fn rebuild(
         b = b.header(hyper::header::HOST, authority.as_str());
     }
     b.body(Full::new(body))
+}
+
+/// Whether a header belongs to one connection only and must not be
+/// forwarded: the hop-by-hop set (RFC 9110 §7.6.1) and every header the
+/// message's own `Connection` header names (so `Connection: close,
+/// x-secret` does not pass `x-secret` on).
+fn hop_by_hop(headers: &hyper::HeaderMap) -> impl Fn(&hyper::header::HeaderName) -> bool {
+    let named: Vec<String> = headers
+        .get_all(hyper::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    move |k| {
+        matches!(
+            k.as_str(),
+            "connection"
+                | "keep-alive"
+                | "proxy-connection"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "transfer-encoding"
+                | "upgrade"
+        ) || named.iter().any(|n| n == k.as_str())
+    }
+}
+
+/// Removes the hop-by-hop headers from a message about to be forwarded.
+fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
+    let hop = hop_by_hop(headers);
+    let drop: Vec<hyper::header::HeaderName> = headers.keys().filter(|k| hop(k)).cloned().collect();
+    for k in drop {
+        headers.remove(&k);
+    }
 }
 
 async fn send_once(
@@ -758,6 +792,21 @@ impl ServicePolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headers_the_connection_header_names_are_not_forwarded() {
+        let mut h = hyper::HeaderMap::new();
+        h.append("connection", "close, X-Secret".parse().unwrap());
+        h.append("connection", "x-other".parse().unwrap());
+        h.insert("x-secret", "s".parse().unwrap());
+        h.insert("x-other", "o".parse().unwrap());
+        h.insert("te", "trailers".parse().unwrap());
+        h.insert("proxy-authorization", "p".parse().unwrap());
+        h.insert("x-kept", "k".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept"]);
+    }
 
     fn parts(req: Request<()>) -> hyper::http::request::Parts {
         req.into_parts().0

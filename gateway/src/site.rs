@@ -90,7 +90,7 @@ impl SiteState {
         if c.exists() {
             return Ok(CertificateAuthority::load(&c, &k)?);
         }
-        std::fs::create_dir_all(dir)?;
+        identity::private_dir(dir)?;
         let ca = CertificateAuthority::generate("causeway site CA")?;
         ca.save(&c, &k)?;
         Ok(ca)
@@ -105,7 +105,7 @@ impl SiteState {
         tunnel_addrs: Vec<String>,
     ) -> anyhow::Result<Self> {
         let token = JoinToken::decode(token)?;
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        identity::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
         let (csr_pem, key_pem) = identity::generate_csr()?;
         let client = ControllerClient::new(token.controllers.clone(), &token.ca_pem, None);
         let mut fed = client.federation().await?;

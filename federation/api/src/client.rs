@@ -33,6 +33,7 @@ pub enum ClientError {
 /// Connects to whichever controller answers; rotates on failure.
 pub struct ControllerClient {
     endpoints: Vec<String>,
+    local: Option<std::net::IpAddr>,
     tls: ClientTlsConfig,
     next: AtomicUsize,
     /// The channel in use; dropped by `rotate` after a failure.
@@ -50,10 +51,18 @@ impl ControllerClient {
         }
         Self {
             endpoints,
+            local: None,
             tls,
             next: AtomicUsize::new(0),
             cached: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Connects from this local address (a multi-homed host's chosen
+    /// interface).
+    pub fn bind_local(mut self, ip: std::net::IpAddr) -> Self {
+        self.local = Some(ip);
+        self
     }
 
     /// The controller endpoints, in the order they are tried.
@@ -78,6 +87,7 @@ impl ControllerClient {
                 .tls_config(self.tls.clone())
                 .map_err(|e| ClientError::BadEndpoint(format!("{addr}: {e}")))?
                 .connect_timeout(Duration::from_secs(2))
+                .local_address(self.local)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))
                 .keep_alive_timeout(Duration::from_secs(5));

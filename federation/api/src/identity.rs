@@ -47,6 +47,14 @@ pub enum IdentityError {
         /// What the parser said.
         detail: String,
     },
+    /// A private key file others may read.
+    #[error("{path} holds a private key and is readable or writable by others (mode {mode:o}): run `chmod 600 {path}` (or set CAUSEWAY_ALLOW_OPEN_KEYS=1 to accept it)")]
+    OpenKey {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// A certificate does not carry exactly one URI SAN.
     #[error("certificate has {count} URI SANs; a SPIFFE certificate must have exactly one")]
     UriSanCount {
@@ -88,13 +96,14 @@ impl Credential {
         parse_key_pem("private key", &self.key_pem)
     }
 
-    /// Reads a CA from its certificate and key files (PEM).
+    /// Reads a CA from its certificate and key files (PEM); the key file
+    /// must not be open to others ([`read_key`]).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
         Self::parse(
             &cert.display().to_string(),
             read(cert)?,
             &key.display().to_string(),
-            read(key)?,
+            read_key(key)?,
         )
     }
 
@@ -191,9 +200,10 @@ impl CertificateAuthority {
         })
     }
 
-    /// Reads a credential from its certificate and key files (PEM).
+    /// Reads a credential from its certificate and key files (PEM); the
+    /// key file must not be open to others ([`read_key`]).
     pub fn load(cert: &Path, key: &Path) -> Result<Self, IdentityError> {
-        Self::from_pem(&read(cert)?, &read(key)?)
+        Self::from_pem(&read(cert)?, &read_key(key)?)
     }
 
     /// Writes the CA; the key file is created mode 0600.
@@ -364,29 +374,107 @@ pub fn read(path: &Path) -> Result<String, IdentityError> {
     })
 }
 
-/// Writes a file atomically (temp file + rename); secrets are mode 0600.
+/// A private key file's text. Refused when the file is readable or
+/// writable by others, or writable by its group (a group-readable key, as
+/// a Kubernetes Secret volume mounts it for the pod's fsGroup, is
+/// accepted), unless `CAUSEWAY_ALLOW_OPEN_KEYS=1`.
+pub fn read_key(path: &Path) -> Result<String, IdentityError> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(path).map_err(|source| IdentityError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        let allowed = std::env::var_os("CAUSEWAY_ALLOW_OPEN_KEYS").is_some_and(|v| v == "1");
+        if mode & 0o027 != 0 && !allowed {
+            return Err(IdentityError::OpenKey {
+                path: path.display().to_string(),
+                mode,
+            });
+        }
+    }
+    read(path)
+}
+
+/// Writes a file atomically: a fresh temporary file beside it (created
+/// exclusively, never through a symlink), its mode set explicitly (0600
+/// for secrets, 0644 otherwise, whatever the umask), synced, then renamed
+/// over `path` (a rename replaces a symlink at `path`, never follows it).
 pub fn write(path: &Path, contents: &str, secret: bool) -> Result<(), IdentityError> {
     use std::io::Write;
     let io = |source| IdentityError::Io {
         path: path.display().to_string(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
     let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
+    opts.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         opts.mode(if secret { 0o600 } else { 0o644 });
+        opts.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
     }
     let mut f = opts.open(&tmp).map_err(io)?;
-    f.write_all(contents.as_bytes()).map_err(io)?;
-    f.sync_all().map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)
+    let written = (|| {
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            f.set_permissions(std::fs::Permissions::from_mode(if secret {
+                0o600
+            } else {
+                0o644
+            }))?;
+        }
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written.map_err(io)
+}
+
+/// Creates `dir` (and its parents) if missing and makes it 0700: it holds
+/// keys.
+pub fn private_dir(dir: &Path) -> Result<(), IdentityError> {
+    let io = |source| IdentityError::Io {
+        path: dir.display().to_string(),
+        source,
+    };
+    std::fs::create_dir_all(dir).map_err(io)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io)?;
+    }
+    Ok(())
 }
 
 /// The controller's trust domain as a newtype.
 pub fn controller_trust_domain() -> TrustDomain {
+    controller_trust_domain_inner()
+}
+
+/// Why `site` may not be a site's name: its trust domain would be the
+/// controllers' own (a site CA could then mint controller identities).
+pub fn reserved_site_name(site: &crate::model::SiteName) -> Option<String> {
+    (site.trust_domain(SITE_TRUST_DOMAIN_SUFFIX) == controller_trust_domain()).then(|| {
+        format!(
+            "site name {:?} is reserved: its trust domain would be the controllers' own ({CONTROLLER_TRUST_DOMAIN}); choose another name",
+            site.as_str()
+        )
+    })
+}
+
+fn controller_trust_domain_inner() -> TrustDomain {
     CONTROLLER_TRUST_DOMAIN
         .parse()
         .expect("constant is a valid trust domain")
@@ -401,6 +489,46 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_written_0600_through_no_symlink_and_open_keys_are_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        private_dir(&keys).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&keys), 0o700);
+        // A planted symlink where the key goes is replaced, not followed.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "precious").unwrap();
+        let key = keys.join("k.pem");
+        std::os::unix::fs::symlink(&victim, &key).unwrap();
+        let ca = CertificateAuthority::generate("t").unwrap();
+        ca.save(&keys.join("c.pem"), &key).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious");
+        assert!(!std::fs::symlink_metadata(&key)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&keys.join("c.pem")), 0o644);
+        // No temporary file is left behind.
+        assert_eq!(std::fs::read_dir(&keys).unwrap().count(), 2);
+        assert!(CertificateAuthority::load(&keys.join("c.pem"), &key).is_ok());
+        // Group-readable (a Kubernetes Secret volume) is fine; world is not.
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o440)).unwrap();
+        assert!(read_key(&key).is_ok());
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = match CertificateAuthority::load(&keys.join("c.pem"), &key) {
+            Ok(_) => panic!("a world-readable key was loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            e.contains("readable or writable by others (mode 644)") && e.contains("chmod 600"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn issued_leaf_carries_exactly_its_spiffe_id() {

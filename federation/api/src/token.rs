@@ -95,6 +95,15 @@ impl JoinToken {
     }
 }
 
+/// Whether `a` and `b` are equal, in time that depends on their lengths
+/// only (for secrets and their hashes).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// SHA-256 of a token secret, hex: all the controller stores.
 pub fn hash_secret(secret: &str) -> String {
     hex::encode(sha2::Sha256::digest(secret.as_bytes()))

@@ -49,11 +49,48 @@ impl Federation for FederationService {
         &self,
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::JoinResponse>, Status> {
+        // Anonymous: a source that failed too often waits, and a token is
+        // checked against the state locally, so a bad one costs no Raft
+        // entry.
+        let source = req.remote_addr().map(|a| a.ip());
+        let now = std::time::Instant::now();
+        if let Some(ip) = source {
+            if let Err(wait) = self.shared.joins.check(ip, now) {
+                metrics::counter!("causeway_controller_joins_refused_total", "why" => "rate")
+                    .increment(1);
+                return Err(Status::resource_exhausted(format!(
+                    "too many failed joins from {ip}; try again in {} s",
+                    wait.as_secs().max(1)
+                )));
+            }
+        }
+        let failed = |why: &'static str| {
+            metrics::counter!("causeway_controller_joins_refused_total", "why" => why).increment(1);
+            if let Some(ip) = source {
+                self.shared.joins.failed(ip, now);
+            }
+        };
         let r = req.into_inner();
-        let token = JoinToken::decode(&r.token).map_err(|e: TokenError| invalid("token", e))?;
+        let token = JoinToken::decode(&r.token).map_err(|e: TokenError| {
+            failed("malformed");
+            invalid("token", e)
+        })?;
+        let site = token.site.clone();
+        let secret_sha256 = hash_secret(&token.secret);
+        let checked = self.shared.hub.read(|s| {
+            s.check_join_token(
+                &token.id,
+                &secret_sha256,
+                &site,
+                causeway_api::clock::unix_ms(),
+            )
+        });
+        if let Err((code, message)) = checked {
+            failed("token");
+            outcome_status(crate::state::Outcome::Rejected { code, message })?;
+        }
         parse_bundle(&r.trust_bundle_pem)?;
         let tunnel_addrs = parse_tunnel_addrs(&r.tunnel_addrs)?;
-        let site = token.site.clone();
         let trust_domain = site.trust_domain(SITE_TRUST_DOMAIN_SUFFIX);
         let api_id = SpiffeId::new(controller_trust_domain(), &format!("/site/{site}"))
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -67,7 +104,7 @@ impl Federation for FederationService {
             .shared
             .propose(Command::JoinSite {
                 token_id: token.id.clone(),
-                secret_sha256: hash_secret(&token.secret),
+                secret_sha256,
                 now_ms: causeway_api::clock::unix_ms(),
                 site: site.clone(),
                 trust_domain: trust_domain.clone(),
@@ -94,6 +131,9 @@ impl Federation for FederationService {
         require_admin("CreateJoinToken", &req)?;
         let r = req.into_inner();
         let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        if let Some(why) = causeway_api::identity::reserved_site_name(&site) {
+            return Err(invalid("site", why));
+        }
         let labels = parse_labels(&r.labels)?;
         let ttl = if r.ttl_seconds == 0 {
             DEFAULT_TOKEN_TTL

@@ -34,6 +34,7 @@ use crate::{NodeId, Raft};
 pub mod authz;
 pub mod batcher;
 pub mod federation;
+pub mod limit;
 pub mod propose;
 pub mod raft;
 pub mod validate;
@@ -66,4 +67,6 @@ pub struct Shared {
     pub watch_stall: Duration,
     /// Channels to peer nodes for forwarding, by address.
     pub peer_clients: std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>,
+    /// Failed anonymous joins per source address.
+    pub joins: limit::JoinLimiter,
 }
