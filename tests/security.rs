@@ -512,3 +512,159 @@ async fn idle_sockets_on_an_admin_port_do_not_stop_metrics_or_traffic() {
     );
     fed.shutdown().await;
 }
+
+/// An HTTP/1.1 endpoint that answers every request with the request's own
+/// head as the body (to see which headers arrived).
+async fn head_echo() -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    match s.read(&mut b).await {
+                        Ok(1) => head.push(b[0]),
+                        _ => return,
+                    }
+                }
+                let resp = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", head.len());
+                let _ = s.write_all(resp.as_bytes()).await;
+                let _ = s.write_all(&head).await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+/// Reads until the peer closes (or resets) the connection.
+async fn closed(s: &mut tokio::net::TcpStream) -> Result<Vec<u8>, String> {
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got).await {
+        Ok(_) => Ok(got),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(got),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Slowloris headers and bodies, idle L4 connections and more connections
+/// than a listener allows are all cut; hop-by-hop headers, including the
+/// ones `Connection` names, are not forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_idle_and_surplus_clients_are_cut_and_hop_headers_stay_behind() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _echo) = echo_server(None).await.unwrap();
+    let (web, _web) = head_echo().await;
+    let export = Export {
+        service: "shop/echo".into(),
+        port: 7000,
+        endpoints: vec![echo],
+    };
+    fed.add_site("east", &vip_range(), &[export]).await.unwrap();
+    add_exports_and_restart(&mut fed, "east", &web_http_export(web)).await;
+    // West cuts slow and idle clients after a second; central serves at
+    // most three connections per listener.
+    fed.gateway_base = LocalFederation::gateway_config_with(
+        "[limits]\nhttp_header_timeout_secs = 1\nhttp_body_timeout_secs = 1\nidle_timeout_secs = 1\n",
+    )
+    .unwrap();
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    fed.gateway_base =
+        LocalFederation::gateway_config_with("[limits]\nmax_connections_per_listener = 3\n")
+            .unwrap();
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    let http = imported(&fed, "west", "web.shop.svc.clusterset.local", 8080).await;
+    let l4 = SocketAddr::new(echo_vip(&fed, "west").await, 7000);
+    wait_tunnel(l4).await;
+
+    tracing::info!("phase: Connection-named and hop-by-hop headers stay behind");
+    let got = eventually(Duration::from_secs(20), "a request through west's HTTP VIP", async || {
+        let mut s = tokio::net::TcpStream::connect(http).await.map_err(|e| e.to_string())?;
+        s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\nConnection: close, X-Secret\r\nX-Secret: s\r\nTE: trailers\r\nX-Kept: k\r\n\r\n")
+            .await
+            .map_err(|e| e.to_string())?;
+        let got = String::from_utf8_lossy(&closed(&mut s).await?).to_ascii_lowercase();
+        got.starts_with("http/1.1 200").then_some(got.clone()).ok_or(got)
+    })
+    .await;
+    assert!(got.contains("x-kept: k"), "{got}");
+    assert!(!got.contains("x-secret"), "x-secret was forwarded: {got}");
+    assert!(!got.contains("te: trailers"), "{got}");
+
+    tracing::info!("phase: slowloris headers are cut");
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: web\r\n")
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "a half-sent head to be cut",
+        async || closed(&mut s).await.map(|_| ()),
+    )
+    .await;
+
+    tracing::info!("phase: a body that never arrives gets 408");
+    let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+    s.write_all(b"POST / HTTP/1.1\r\nHost: web\r\nContent-Length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let answer = eventually(
+        Duration::from_secs(20),
+        "an answer to a stalled body",
+        async || {
+            let mut b = vec![0u8; 64];
+            let n = s.read(&mut b).await.map_err(|e| e.to_string())?;
+            Ok::<_, String>(String::from_utf8_lossy(&b[..n]).into_owned())
+        },
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    tracing::info!("phase: an idle L4 connection is cut");
+    let mut s = tokio::net::TcpStream::connect(l4).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "an idle stream to be cut",
+        async || closed(&mut s).await.map(|_| ()),
+    )
+    .await;
+
+    tracing::info!("phase: a listener past its cap closes new connections");
+    let capped = SocketAddr::new(echo_vip(&fed, "central").await, 7000);
+    wait_tunnel(capped).await;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut s = tokio::net::TcpStream::connect(capped).await.unwrap();
+        s.write_all(b"y").await.unwrap();
+        s.read_exact(&mut b).await.unwrap();
+        held.push(s);
+    }
+    let mut extra = tokio::net::TcpStream::connect(capped).await.unwrap();
+    let _ = extra.write_all(b"z").await;
+    let rest = eventually(
+        Duration::from_secs(20),
+        "the fourth connection to be closed",
+        async || closed(&mut extra).await,
+    )
+    .await;
+    assert!(
+        rest.is_empty(),
+        "the fourth connection was served: {rest:?}"
+    );
+    let m = http_get(fed.sites["central"].gateway_admin, "/metrics").await;
+    assert!(
+        metric(
+            &m,
+            r#"causeway_outbound_connections_refused_total{reason="cap"}"#
+        ) >= 1.0,
+        "{m}"
+    );
+    drop(held);
+    fed.shutdown().await;
+}

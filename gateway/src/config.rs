@@ -72,6 +72,9 @@ pub struct GatewayConfig {
     /// QUIC tuning for the links between sites.
     #[serde(default)]
     pub quic: QuicConfig,
+    /// Bounds on what one client may hold: timeouts and connection caps.
+    #[serde(default)]
+    pub limits: LimitsConfig,
     /// Services this site exports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportConfig>,
@@ -79,6 +82,100 @@ pub struct GatewayConfig {
     /// ServiceExports, imports are served on the pod's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesConfig>,
+}
+
+/// `[limits]`: what one client may hold of a gateway.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Seconds an HTTP client has to send a request's headers (slowloris).
+    pub http_header_timeout_secs: f64,
+    /// Seconds an HTTP client has to send a request's body.
+    pub http_body_timeout_secs: f64,
+    /// Seconds an L4 connection (or tunnel stream) may carry no byte in
+    /// either direction before it is closed.
+    pub idle_timeout_secs: f64,
+    /// Connections one outbound listener serves at once; more are closed
+    /// on accept (and counted).
+    pub max_connections_per_listener: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            http_header_timeout_secs: 10.0,
+            http_body_timeout_secs: 30.0,
+            idle_timeout_secs: 3600.0,
+            max_connections_per_listener: 10_000,
+        }
+    }
+}
+
+/// Validated limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// See [`LimitsConfig::http_header_timeout_secs`].
+    pub http_header_timeout: Duration,
+    /// See [`LimitsConfig::http_body_timeout_secs`].
+    pub http_body_timeout: Duration,
+    /// See [`LimitsConfig::idle_timeout_secs`].
+    pub idle_timeout: Duration,
+    /// See [`LimitsConfig::max_connections_per_listener`].
+    pub max_connections_per_listener: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        LimitsConfig::default()
+            .validate(&mut Vec::new())
+            .expect("the defaults are valid")
+    }
+}
+
+impl LimitsConfig {
+    fn validate(&self, errs: &mut Vec<String>) -> Option<Limits> {
+        let mut secs = |name: &str, v: f64, min: f64, max: f64| {
+            if v >= min && v <= max {
+                Some(Duration::from_secs_f64(v))
+            } else {
+                errs.push(format!(
+                    "limits.{name}: {v} must be between {min} and {max} seconds"
+                ));
+                None
+            }
+        };
+        let header = secs(
+            "http_header_timeout_secs",
+            self.http_header_timeout_secs,
+            0.1,
+            600.0,
+        );
+        let body = secs(
+            "http_body_timeout_secs",
+            self.http_body_timeout_secs,
+            0.1,
+            3600.0,
+        );
+        let idle = secs(
+            "idle_timeout_secs",
+            self.idle_timeout_secs,
+            0.1,
+            7.0 * 86400.0,
+        );
+        if !(1..=1_000_000).contains(&self.max_connections_per_listener) {
+            errs.push(format!(
+                "limits.max_connections_per_listener: {} must be between 1 and 1000000",
+                self.max_connections_per_listener
+            ));
+            return None;
+        }
+        Some(Limits {
+            http_header_timeout: header?,
+            http_body_timeout: body?,
+            idle_timeout: idle?,
+            max_connections_per_listener: self.max_connections_per_listener,
+        })
+    }
 }
 
 /// `[kubernetes]`: the gateway of a Kubernetes site.
@@ -429,6 +526,8 @@ pub struct Settings {
     pub exports: Vec<LocalExport>,
     /// Where imported services are served.
     pub listen: ListenPlan,
+    /// Timeouts and connection caps.
+    pub limits: Limits,
     /// Exports come from the cluster's ServiceExports.
     pub kubernetes: bool,
 }
@@ -456,6 +555,7 @@ impl GatewayConfig {
             worker_threads: 0,
             allow: Vec::new(),
             quic: QuicConfig::default(),
+            limits: LimitsConfig::default(),
             exports: Vec::new(),
             kubernetes: None,
         }
@@ -492,6 +592,7 @@ impl GatewayConfig {
         let authorization = self.authorization(&mut errs);
         let exports = self.exports(&mut errs);
         let listen = self.listen_plan(vip, &mut errs);
+        let limits = self.limits.validate(&mut errs);
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -513,6 +614,7 @@ impl GatewayConfig {
             authorization,
             exports,
             listen: listen.expect("checked above"),
+            limits: limits.expect("checked above"),
             kubernetes: self.kubernetes.is_some(),
         })
     }

@@ -17,4 +17,6 @@ pub struct Forward {
     pub steer: Arc<Steering>,
     /// Local endpoints and tunnel streams.
     pub dial: Dialer,
+    /// Timeouts and connection caps.
+    pub limits: crate::config::Limits,
 }

@@ -258,12 +258,26 @@ pub async fn serve_connection(
     port: u16,
     upstream: Protocol,
 ) {
+    let limits = out.fwd.limits;
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let out = out.clone();
         let service = service.clone();
         async move { Ok::<_, Infallible>(proxy(&out, req, &service, port, upstream).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // A timer, so the header-read timeout (slowloris) is enforced.
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.http_header_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
     if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
         tracing::debug!(error = %e, "HTTP connection ended with an error");
     }
@@ -304,7 +318,7 @@ async fn route(
     if let Some(aborted) = inject_fault(&policy, service).await {
         return aborted;
     }
-    let (parts, body) = match read_body(req).await {
+    let (parts, body) = match read_body(req, out.fwd.limits.http_body_timeout).await {
         Ok(r) => r,
         Err(refused) => return refused,
     };
@@ -432,15 +446,24 @@ async fn inject_fault(policy: &ServicePolicy, service: &ServiceKey) -> Option<Re
 /// answer when the body is unreadable or over [`MAX_BODY`].
 async fn read_body(
     req: Request<Incoming>,
+    within: Duration,
 ) -> Result<(hyper::http::request::Parts, Bytes), Response<Body>> {
     let (parts, body) = req.into_parts();
-    match Limited::new(body, MAX_BODY).collect().await {
-        Ok(b) => Ok((parts, b.to_bytes())),
-        Err(e) => Err(full(
+    match tokio::time::timeout(within, Limited::new(body, MAX_BODY).collect()).await {
+        Ok(Ok(b)) => Ok((parts, b.to_bytes())),
+        Ok(Err(e)) => Err(full(
             StatusCode::PAYLOAD_TOO_LARGE,
             &format!("request body not readable or over {MAX_BODY} bytes: {e}"),
             "body-too-large",
         )),
+        Err(_) => {
+            metrics::counter!("causeway_http_body_timeouts_total").increment(1);
+            Err(full(
+                StatusCode::REQUEST_TIMEOUT,
+                &format!("the request body did not arrive within {within:?}"),
+                "body-timeout",
+            ))
+        }
     }
 }
 

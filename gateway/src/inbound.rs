@@ -35,6 +35,8 @@ pub struct Inbound {
     pub authorization: crate::config::Authorization,
     /// How long a peer has to send the stream header.
     pub header_timeout: Duration,
+    /// How long a stream may carry nothing before it is closed.
+    pub idle_timeout: Duration,
     /// Live inbound connections per peer site, to tear down on removal,
     /// each with its retired flag (set: it takes no new streams).
     conns: Mutex<HashMap<SiteName, Vec<InboundConn>>>,
@@ -71,14 +73,12 @@ impl Inbound {
         exports: Arc<Exports>,
         drain: Arc<crate::drain::Drain>,
         authorization: crate::config::Authorization,
+        idle_timeout: Duration,
     ) -> Arc<Self> {
-        Arc::new(Self::with_header_timeout(
-            store,
-            exports,
-            drain,
-            authorization,
-            HEADER_TIMEOUT,
-        ))
+        let mut this =
+            Self::with_header_timeout(store, exports, drain, authorization, HEADER_TIMEOUT);
+        this.idle_timeout = idle_timeout;
+        Arc::new(this)
     }
 
     /// An inbound side whose peers have `header_timeout` to send a stream's
@@ -94,6 +94,7 @@ impl Inbound {
             routes: std::sync::OnceLock::new(),
             authorization,
             header_timeout,
+            idle_timeout: crate::config::Limits::default().idle_timeout,
             store,
             drain,
             exports,
@@ -257,7 +258,7 @@ impl Inbound {
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").increment(1.0);
         let _guard = self.drain.guard();
         tracing::debug!(site = %peer.site, service = %req.service, "stream opened");
-        splice(tcp, send, recv).await;
+        splice(tcp, send, recv, self.idle_timeout).await;
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").decrement(1.0);
     }
 

@@ -61,7 +61,7 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
                     .increment(1.0);
                 match stream {
                     Stream::Remote(send, recv) => {
-                        splice(tcp, send, recv).await;
+                        splice(tcp, send, recv, fwd.limits.idle_timeout).await;
                     }
                     Stream::Local(local) => {
                         let mut a = tcp;

@@ -148,6 +148,7 @@ pub async fn run(
         exports.clone(),
         drain.clone(),
         settings.authorization.clone(),
+        settings.limits.idle_timeout,
     );
     let pool = Pool::new(
         endpoint.clone(),
@@ -177,6 +178,7 @@ pub async fn run(
             pool: pool.clone(),
             local_exports: exports.clone(),
         },
+        limits: settings.limits,
     });
     let outbound = Arc::new(Outbound {
         fwd: fwd.clone(),

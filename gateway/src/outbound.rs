@@ -83,9 +83,17 @@ impl Outbound {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, service: ServiceKey, port: u16) {
+        let cap = self.fwd.limits.max_connections_per_listener;
+        let slots = Arc::new(tokio::sync::Semaphore::new(cap));
         loop {
             match listener.accept().await {
                 Ok((tcp, _)) => {
+                    let Ok(slot) = slots.clone().try_acquire_owned() else {
+                        metrics::counter!("causeway_outbound_connections_refused_total", "reason" => "cap").increment(1);
+                        tracing::warn!(%service, port, cap, "listener at its connection cap (limits.max_connections_per_listener); closing a new connection");
+                        drop(tcp);
+                        continue;
+                    };
                     let this = self.clone();
                     let service = service.clone();
                     let http = this
@@ -96,15 +104,16 @@ impl Outbound {
                         .get(&service)
                         .and_then(|s| s.http_ports.get(&port).copied());
                     if let Some(upstream) = http {
-                        tokio::spawn(crate::http::serve_connection(
-                            this.http.clone(),
-                            tcp,
-                            service,
-                            port,
-                            upstream,
-                        ));
+                        let http = this.http.clone();
+                        tokio::spawn(async move {
+                            crate::http::serve_connection(http, tcp, service, port, upstream).await;
+                            drop(slot);
+                        });
                     } else {
-                        tokio::spawn(async move { l4::serve(&this.fwd, tcp, service, port).await });
+                        tokio::spawn(async move {
+                            l4::serve(&this.fwd, tcp, service, port).await;
+                            drop(slot);
+                        });
                     }
                 }
                 Err(e) => {

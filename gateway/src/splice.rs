@@ -10,6 +10,9 @@
 //! stream this process holds at most one chunk per direction in flight,
 //! plus what QUIC flow control admits (`[quic]` windows).
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -29,13 +32,19 @@ pub async fn splice(
     tcp: TcpStream,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
+    idle: Duration,
 ) -> (u64, u64) {
     let _ = tcp.set_nodelay(true);
     let (tr, mut tw) = tcp.into_split();
     let (mut up_bytes, mut down_bytes) = (0u64, 0u64);
+    // When a byte last moved either way, in ms since the start: a stream
+    // idle for `idle` is cut (as an error: both sides see it reset).
+    let start = tokio::time::Instant::now();
+    let active = AtomicU64::new(0);
+    let touch = || active.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     let aborted = {
         let up = async {
-            let r = tcp_to_quic(&tr, &mut send, &mut up_bytes).await;
+            let r = tcp_to_quic(&tr, &mut send, &mut up_bytes, &touch).await;
             match &r {
                 Ok(()) => {
                     let _ = send.finish();
@@ -52,7 +61,7 @@ pub async fn splice(
             r
         };
         let down = async {
-            let r = quic_to_tcp(&mut recv, &mut tw, &mut down_bytes).await;
+            let r = quic_to_tcp(&mut recv, &mut tw, &mut down_bytes, &touch).await;
             match &r {
                 Ok(()) => {
                     let _ = tw.shutdown().await;
@@ -65,8 +74,17 @@ pub async fn splice(
         };
         let (mut up, mut down) = (std::pin::pin!(up), std::pin::pin!(down));
         let (mut up_done, mut down_done) = (false, false);
+        let mut deadline = start + idle;
         loop {
             tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => {
+                    let last = start + Duration::from_millis(active.load(Ordering::Relaxed));
+                    if last + idle <= tokio::time::Instant::now() {
+                        metrics::counter!("causeway_idle_timeouts_total").increment(1);
+                        break true;
+                    }
+                    deadline = last + idle;
+                }
                 r = &mut up, if !up_done => {
                     up_done = true;
                     if r.is_err() {
@@ -112,12 +130,14 @@ async fn tcp_to_quic(
     tr: &OwnedReadHalf,
     send: &mut quinn::SendStream,
     total: &mut u64,
+    touch: &impl Fn(),
 ) -> std::io::Result<()> {
     loop {
         tr.readable().await?;
         match read_chunk(tr.as_ref()) {
             Ok(None) => return Ok(()),
             Ok(Some(chunk)) => {
+                touch();
                 *total += chunk.len() as u64;
                 send.write_chunk(chunk).await?;
             }
@@ -158,12 +178,14 @@ async fn quic_to_tcp(
     recv: &mut quinn::RecvStream,
     tw: &mut OwnedWriteHalf,
     total: &mut u64,
+    touch: &impl Fn(),
 ) -> std::io::Result<()> {
     while let Some(chunk) = recv
         .read_chunk(CHUNK, true)
         .await
         .map_err(std::io::Error::from)?
     {
+        touch();
         tw.write_all(&chunk.bytes).await?;
         *total += chunk.bytes.len() as u64;
     }

@@ -275,7 +275,7 @@ async fn a_reset_endpoint_reaches_the_caller_as_a_reset_not_an_end() {
     tokio::spawn(async move {
         let (tcp, _) = local.accept().await.unwrap();
         let (send, recv) = open_stream(&conn).await;
-        causeway_gateway::splice::splice(tcp, send, recv).await;
+        causeway_gateway::splice::splice(tcp, send, recv, Duration::from_secs(3600)).await;
     });
     let mut client = tokio::net::TcpStream::connect(local_addr).await.unwrap();
     let mut got = 0usize;
