@@ -186,6 +186,14 @@ pub struct DnsArgs {
     /// answers are truncated and clients retry over TCP.
     #[arg(long, default_value_t = causeway_dns::handler::DEFAULT_EDNS_UDP_SIZE)]
     pub edns_udp_size: u16,
+    /// Client network (CIDR) whose out-of-zone queries are forwarded;
+    /// repeat for several. Default: loopback and --vip-range. Others get
+    /// REFUSED.
+    #[arg(long = "forward-allow")]
+    pub forward_allow: Vec<String>,
+    /// Forwards in flight at once (each holds a socket); more get SERVFAIL.
+    #[arg(long, default_value_t = causeway_dns::handler::DEFAULT_MAX_FORWARDS)]
+    pub max_forwards: usize,
 }
 
 /// Exit code for configuration errors (EX_USAGE).
@@ -243,6 +251,8 @@ impl DnsArgs {
             udp_sockets: self.udp_sockets,
             upstream: self.upstream.clone(),
             edns_udp_size: self.edns_udp_size,
+            forward_allow: self.forward_allow.clone(),
+            max_forwards: self.max_forwards,
         }
     }
 }

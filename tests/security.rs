@@ -668,3 +668,132 @@ async fn slow_idle_and_surplus_clients_are_cut_and_hop_headers_stay_behind() {
     drop(held);
     fed.shutdown().await;
 }
+
+fn dns_query(id: u16, name: &str, response: bool) -> Vec<u8> {
+    use hickory_proto::op::{Message, MessageType, OpCode, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    let kind = if response {
+        MessageType::Response
+    } else {
+        MessageType::Query
+    };
+    let mut m = Message::new(id, kind, OpCode::Query);
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+    m.to_vec().unwrap()
+}
+
+fn dns_reply(bytes: &[u8]) -> hickory_proto::op::Message {
+    hickory_proto::op::Message::from_vec(bytes).unwrap()
+}
+
+/// Forwarding is only for allowed clients, holds a bounded number of
+/// sockets however many queries a silent upstream leaves waiting, and the
+/// server never answers an answer; an upstream that is the server itself
+/// is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_forwarding_is_private_and_bounded_and_answers_are_never_answered() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let upstream = silent.local_addr().unwrap().to_string();
+    fed.dns_flags = vec![
+        "--upstream".into(),
+        upstream.clone(),
+        "--max-forwards".into(),
+        "64".into(),
+    ];
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    fed.dns_flags = vec![
+        "--upstream".into(),
+        upstream.clone(),
+        "--forward-allow".into(),
+        "10.0.0.0/8".into(),
+    ];
+    fed.add_site("central", &vip_range(), &[]).await.unwrap();
+    fed.dns_flags.clear();
+    let (dns, admin) = (fed.sites["west"].dns, fed.sites["west"].dns_admin);
+    let pid = fed.sites["west"].dns_proc.pid().unwrap();
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    let before = fds();
+
+    tracing::info!("phase: a client outside forward-allow is refused");
+    let udp = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    udp.send_to(
+        &dns_query(7, "example.org.", false),
+        fed.sites["central"].dns,
+    )
+    .await
+    .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let (n, _) = udp.recv_from(&mut buf).await.unwrap();
+    let r = dns_reply(&buf[..n]);
+    assert_eq!(
+        (r.metadata.id, r.metadata.response_code),
+        (7, hickory_proto::op::ResponseCode::Refused)
+    );
+
+    tracing::info!("phase: 5,000 queries a silent upstream leaves waiting");
+    for i in 0..5000u16 {
+        let _ = udp
+            .send_to(&dns_query(i, &format!("q{i}.example.org."), false), dns)
+            .await;
+    }
+    let busy = eventually(
+        Duration::from_secs(20),
+        "forwards past the bound to be turned away",
+        async || {
+            let m = http_get(admin, "/metrics").await;
+            let busy = metric(&m, r#"causeway_dns_forwarded_total{result="busy"}"#);
+            (busy >= 100.0)
+                .then_some(busy)
+                .ok_or(format!("{busy} turned away so far"))
+        },
+    )
+    .await;
+    let during = fds();
+    assert!(
+        during <= before + 64 + 16,
+        "{during} open files with forwards pending ({before} before, {busy} turned away)"
+    );
+
+    tracing::info!("phase: an answer sent as a query gets no answer (TCP)");
+    let mut tcp = tokio::net::TcpStream::connect(dns).await.unwrap();
+    for msg in [
+        dns_query(1, "a.example.org.", true),
+        dns_query(2, "nothing.shop.svc.clusterset.local.", false),
+    ] {
+        tcp.write_all(&(msg.len() as u16).to_be_bytes())
+            .await
+            .unwrap();
+        tcp.write_all(&msg).await.unwrap();
+    }
+    let mut len = [0u8; 2];
+    tcp.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+    tcp.read_exact(&mut body).await.unwrap();
+    assert_eq!(
+        dns_reply(&body).metadata.id,
+        2,
+        "the first reply answers the query, not the answer"
+    );
+
+    tracing::info!("phase: an upstream that is the server itself is refused");
+    let (code, out) = run_bin(&[
+        "dns",
+        "--state-dir",
+        "/nonexistent",
+        "--listen",
+        "127.0.0.1:5399",
+        "--upstream",
+        "127.0.0.1:5399",
+    ]);
+    assert_eq!(code, 64, "{out}");
+    assert!(out.contains("queries would loop"), "{out}");
+    drop(silent);
+    fed.shutdown().await;
+}

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use causeway_api::config::ConfigErrors;
 
-use crate::handler::{ServeOptions, DEFAULT_EDNS_UDP_SIZE};
+use crate::handler::{ServeOptions, DEFAULT_EDNS_UDP_SIZE, DEFAULT_MAX_FORWARDS};
 use crate::zone::ZoneOptions;
 
 /// A DNS server's configuration as given.
@@ -33,6 +33,11 @@ pub struct DnsConfig {
     pub upstream: Vec<String>,
     /// Largest UDP answer to an EDNS0 query, bytes (512-4096).
     pub edns_udp_size: u16,
+    /// Client networks whose out-of-zone queries are forwarded (CIDRs);
+    /// empty: loopback and `vip_range`. Others are refused.
+    pub forward_allow: Vec<String>,
+    /// Forwards in flight at once; more are answered SERVFAIL at once.
+    pub max_forwards: usize,
 }
 
 impl DnsConfig {
@@ -49,6 +54,8 @@ impl DnsConfig {
             udp_sockets: 0,
             upstream: Vec::new(),
             edns_udp_size: DEFAULT_EDNS_UDP_SIZE,
+            forward_allow: Vec::new(),
+            max_forwards: DEFAULT_MAX_FORWARDS,
         }
     }
 }
@@ -88,6 +95,10 @@ impl DnsConfig {
         let mut upstreams = Vec::new();
         for (i, u) in self.upstream.iter().enumerate() {
             match u.parse::<SocketAddr>() {
+                Ok(a) if listen.is_some_and(|l| is_self(l, a)) => errs.push(
+                    &format!("upstream[{i}]"),
+                    format!("{u:?} is this server's own listen address: queries would loop; give a resolver"),
+                ),
                 Ok(a) => upstreams.push(a),
                 Err(_) => errs.push(
                     &format!("upstream[{i}]"),
@@ -102,6 +113,26 @@ impl DnsConfig {
                     "{} is outside 512-4096 (1232 avoids IP fragmentation)",
                     self.edns_udp_size
                 ),
+            );
+        }
+        let mut forward_allow = Vec::new();
+        for (i, c) in self.forward_allow.iter().enumerate() {
+            match causeway_api::model::parse_cidr("forward_allow", c) {
+                Ok(n) => forward_allow.push(n),
+                Err(e) => errs.push(&format!("forward_allow[{i}]"), e),
+            }
+        }
+        if forward_allow.is_empty() {
+            forward_allow.push(("127.0.0.0".parse().expect("an address"), 8));
+            forward_allow.push(("::1".parse().expect("an address"), 128));
+            if let Some(v) = vip {
+                forward_allow.push(v);
+            }
+        }
+        if !(1..=65536).contains(&self.max_forwards) {
+            errs.push(
+                "max_forwards",
+                format!("{} must be 1-65536", self.max_forwards),
             );
         }
         let udp_sockets = match self.udp_sockets {
@@ -125,10 +156,21 @@ impl DnsConfig {
                 serve: ServeOptions {
                     upstreams,
                     edns_udp_size: self.edns_udp_size,
+                    forward_allow,
+                    max_forwards: self.max_forwards,
                 },
             }
         })
     }
+}
+
+/// Whether a query sent to `upstream` would come back to a server
+/// listening on `listen`.
+fn is_self(listen: SocketAddr, upstream: SocketAddr) -> bool {
+    upstream.port() == listen.port()
+        && (upstream.ip() == listen.ip()
+            || (listen.ip().is_unspecified()
+                && (upstream.ip().is_loopback() || upstream.ip().is_unspecified())))
 }
 
 #[cfg(test)]
@@ -167,5 +209,41 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:5353".parse().unwrap());
         assert!(s.udp_sockets >= 1);
         assert_eq!(s.serve.edns_udp_size, DEFAULT_EDNS_UDP_SIZE);
+        // Forwarding is open to loopback and the VIP range only.
+        let allow = &s.serve.forward_allow;
+        let allowed = |ip: &str| {
+            allow
+                .iter()
+                .any(|n| crate::handler::in_network(ip.parse().unwrap(), *n))
+        };
+        assert!(allowed("127.0.0.1") && allowed("::1") && allowed("127.10.3.4"));
+        assert!(!allowed("10.1.2.3") && !allowed("192.168.0.1"));
+    }
+
+    #[test]
+    fn an_upstream_that_is_this_server_is_refused() {
+        for (listen, upstream) in [
+            ("127.0.0.1:5353", "127.0.0.1:5353"),
+            ("0.0.0.0:5353", "127.0.0.1:5353"),
+            ("0.0.0.0:5353", "0.0.0.0:5353"),
+        ] {
+            let mut cfg = DnsConfig::new("/s".into());
+            cfg.listen = listen.into();
+            cfg.upstream = vec![upstream.into()];
+            let errs = cfg.validate().unwrap_err().0;
+            assert!(
+                errs[0].contains("own listen address: queries would loop"),
+                "{errs:?}"
+            );
+        }
+        let mut cfg = DnsConfig::new("/s".into());
+        cfg.listen = "0.0.0.0:5353".into();
+        cfg.upstream = vec!["127.0.0.1:53".into(), "10.96.0.10:5353".into()];
+        assert!(cfg.validate().is_ok());
+        cfg.forward_allow = vec!["10.0.0.0/33".into()];
+        cfg.max_forwards = 0;
+        let errs = cfg.validate().unwrap_err().0;
+        assert!(errs[0].starts_with("forward_allow[0]:"), "{errs:?}");
+        assert!(errs[1].starts_with("max_forwards: 0"), "{errs:?}");
     }
 }

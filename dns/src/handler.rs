@@ -26,6 +26,11 @@ pub struct ServeOptions {
     /// honoured if smaller). Queries without EDNS0 get at most 512 bytes.
     /// A larger answer is truncated (TC) and the client retries over TCP.
     pub edns_udp_size: u16,
+    /// Client networks whose out-of-zone queries are forwarded (`base`,
+    /// prefix length); others are refused.
+    pub forward_allow: Vec<(std::net::IpAddr, u8)>,
+    /// Forwards in flight at once (each holds a socket); more get SERVFAIL.
+    pub max_forwards: usize,
 }
 
 impl Default for ServeOptions {
@@ -33,7 +38,76 @@ impl Default for ServeOptions {
         Self {
             upstreams: Vec::new(),
             edns_udp_size: DEFAULT_EDNS_UDP_SIZE,
+            forward_allow: vec![
+                ("127.0.0.0".parse().expect("an address"), 8),
+                ("::1".parse().expect("an address"), 128),
+            ],
+            max_forwards: DEFAULT_MAX_FORWARDS,
         }
+    }
+}
+
+/// Forwards in flight at once by default.
+pub const DEFAULT_MAX_FORWARDS: usize = 256;
+
+/// Identical forwarded answers one client network (/24 or /56) gets per
+/// second; past it they are dropped (response-rate limiting against
+/// reflection).
+pub const RRL_PER_SECOND: u32 = 20;
+
+/// Whether `ip` is inside `net` (`base`, prefix length).
+pub fn in_network(ip: std::net::IpAddr, (base, prefix): (std::net::IpAddr, u8)) -> bool {
+    use std::net::IpAddr;
+    match (ip, base) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let bits = u32::from(prefix.min(32));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(a) & mask == u32::from(b) & mask
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let bits = u32::from(prefix.min(128));
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(a) & mask == u128::from(b) & mask
+        }
+        _ => false,
+    }
+}
+
+/// Response-rate limiting: identical answers per client network per
+/// second, bounded in memory.
+#[derive(Default)]
+struct RateLimit {
+    /// The current second and, in it, answers per (client network, name).
+    window: std::sync::Mutex<(u64, Counts)>,
+}
+
+/// Answers per (client network prefix, lowercased name).
+type Counts = std::collections::HashMap<(Vec<u8>, String), u32>;
+
+impl RateLimit {
+    /// Whether one more answer for `name` to `client` may go out now.
+    fn allow(&self, client: std::net::IpAddr, name: &str) -> bool {
+        use causeway_api::sync::LockExt;
+        let net = match client {
+            std::net::IpAddr::V4(a) => a.octets()[..3].to_vec(),
+            std::net::IpAddr::V6(a) => a.octets()[..7].to_vec(),
+        };
+        let second = causeway_api::clock::unix_ms() / 1000;
+        let mut w = self.window.locked();
+        if w.0 != second || w.1.len() > 65_536 {
+            *w = (second, Default::default());
+        }
+        let n = w.1.entry((net, name.to_ascii_lowercase())).or_default();
+        *n += 1;
+        *n <= RRL_PER_SECOND
     }
 }
 
@@ -46,13 +120,32 @@ pub const DEFAULT_EDNS_UDP_SIZE: u16 = 1232;
 pub struct Handler {
     zone: watch::Receiver<Arc<Zone>>,
     opts: ServeOptions,
+    forwards: Arc<tokio::sync::Semaphore>,
+    rrl: RateLimit,
 }
 
 impl Handler {
     /// A handler over the live `zone`.
     pub fn new(zone: watch::Receiver<Arc<Zone>>, opts: ServeOptions) -> Self {
-        Self { zone, opts }
+        let forwards = Arc::new(tokio::sync::Semaphore::new(opts.max_forwards.max(1)));
+        Self {
+            zone,
+            opts,
+            forwards,
+            rrl: RateLimit::default(),
+        }
     }
+}
+
+/// What became of an out-of-zone query.
+enum Forwarded {
+    Answer(Message),
+    /// No upstream answered, or too many forwards are in flight.
+    Failed,
+    /// The client may not use this server as a resolver.
+    NotAllowed,
+    /// Identical answers to this client's network went out too often.
+    Limited,
 }
 
 /// Largest upstream answer accepted (EDNS0 UDP payloads rarely exceed 4096).
@@ -90,6 +183,36 @@ async fn forward(upstreams: &[std::net::SocketAddr], query: &[u8]) -> Option<Mes
         }
     }
     None
+}
+
+impl Handler {
+    /// Forwards an out-of-zone query for an allowed client, within the
+    /// bound on forwards in flight and the rate limit on identical answers.
+    async fn forward(&self, request: &Request, name: &str) -> Forwarded {
+        let client = request.src().ip();
+        if !self
+            .opts
+            .forward_allow
+            .iter()
+            .any(|n| in_network(client, *n))
+        {
+            metrics::counter!("causeway_dns_forwarded_total", "result" => "not_allowed")
+                .increment(1);
+            return Forwarded::NotAllowed;
+        }
+        let Ok(_slot) = self.forwards.clone().try_acquire_owned() else {
+            metrics::counter!("causeway_dns_forwarded_total", "result" => "busy").increment(1);
+            return Forwarded::Failed;
+        };
+        match forward(&self.opts.upstreams, request.as_slice()).await {
+            Some(m) if !self.rrl.allow(client, name) => {
+                drop(m);
+                Forwarded::Limited
+            }
+            Some(m) => Forwarded::Answer(m),
+            None => Forwarded::Failed,
+        }
+    }
 }
 
 fn count(code: ResponseCode) {
@@ -149,9 +272,12 @@ impl RequestHandler for Handler {
         if let Some(e) = &resp_edns {
             builder.edns(e);
         }
-        if request.metadata.message_type != MessageType::Query
-            || request.metadata.op_code != OpCode::Query
-        {
+        if request.metadata.message_type == MessageType::Response {
+            // Never answer an answer (reflection loops between servers).
+            metrics::counter!("causeway_dns_dropped_total", "why" => "response").increment(1);
+            return fallback;
+        }
+        if request.metadata.op_code != OpCode::Query {
             count(ResponseCode::NotImp);
             let resp = builder.error_msg(&request.metadata, ResponseCode::NotImp);
             return response_handle
@@ -212,8 +338,17 @@ impl RequestHandler for Handler {
             }
             Answer::Refused if !self.opts.upstreams.is_empty() => {
                 meta.authoritative = false;
-                match forward(&self.opts.upstreams, request.as_slice()).await {
-                    Some(m) => {
+                match self.forward(request, &name.to_string()).await {
+                    Forwarded::Limited => {
+                        metrics::counter!("causeway_dns_dropped_total", "why" => "rate")
+                            .increment(1);
+                        return fallback;
+                    }
+                    Forwarded::NotAllowed => {
+                        meta.response_code = ResponseCode::Refused;
+                        builder.build(meta, none.iter(), none.iter(), none.iter(), none.iter())
+                    }
+                    Forwarded::Answer(m) => {
                         upstream = m;
                         meta.response_code = upstream.metadata.response_code;
                         meta.recursion_available = upstream.metadata.recursion_available;
@@ -226,7 +361,7 @@ impl RequestHandler for Handler {
                             upstream.additionals.iter(),
                         )
                     }
-                    None => {
+                    Forwarded::Failed => {
                         meta.response_code = ResponseCode::ServFail;
                         builder.build(meta, none.iter(), none.iter(), none.iter(), none.iter())
                     }
