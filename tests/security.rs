@@ -797,3 +797,74 @@ async fn dns_forwarding_is_private_and_bounded_and_answers_are_never_answered() 
     drop(silent);
     fed.shutdown().await;
 }
+
+/// Peak resident memory of a process, KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+/// Before a body is read: an anonymous 60 MiB Raft message is refused
+/// (the controller's peak memory does not grow by it), a site's 5 MiB
+/// message is refused as too large, and a client that never finishes its
+/// TLS handshake is dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_refuses_large_and_slow_callers_before_reading_them() {
+    use causeway_api::client::ControllerClient;
+    use causeway_api::pb;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, leader) = controllers(&tmp, 1, &[]).await;
+    fed.add_site("alpha", &vip_range(), &[]).await.unwrap();
+    let alpha = causeway_gateway::site::SiteState::load(&fed.sites["alpha"].state_dir)
+        .unwrap()
+        .unwrap();
+    let pid = fed.controllers[&leader].pid().unwrap();
+
+    tracing::info!("phase: an anonymous 60 MiB Raft message");
+    let anon = ControllerClient::new(fed.endpoints(), &alpha.controller_ca_pem, None);
+    let mut raft = pb::raft_client::RaftClient::new(anon.channel().await.unwrap())
+        .max_encoding_message_size(128 * 1024 * 1024);
+    let before = peak_rss_kib(pid);
+    let e = raft
+        .append_entries(pb::RaftPayload {
+            data: vec![b'x'; 60 * 1024 * 1024],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    let grew = peak_rss_kib(pid).saturating_sub(before);
+    assert!(
+        grew < 20 * 1024,
+        "the controller's peak memory grew by {grew} KiB"
+    );
+
+    tracing::info!("phase: a site's 5 MiB PublishExports");
+    let mut site = alpha.controller_client().federation().await.unwrap();
+    let e = site
+        .publish_exports(pb::PublishExportsRequest {
+            site: "alpha".into(),
+            exports: vec![],
+            tunnel_addrs: vec!["x".repeat(5 * 1024 * 1024)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{}", e.message());
+    assert!(e.message().contains("at most 4194304"), "{}", e.message());
+
+    tracing::info!("phase: a client that never finishes its TLS handshake is dropped");
+    let addr: SocketAddr = fed.endpoints()[0].parse().unwrap();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(&[0x16, 0x03, 0x01]).await.unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the stalled handshake to be dropped",
+        async || closed(&mut slow).await.map(|_| ()),
+    )
+    .await;
+    fed.shutdown().await;
+}

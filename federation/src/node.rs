@@ -211,6 +211,8 @@ impl Controller {
     ) -> anyhow::Result<()> {
         let tls = ServerTlsConfig::new()
             .identity(identity)
+            // A client that does not finish its handshake is dropped.
+            .timeout(Duration::from_secs(10))
             .client_ca_root(Certificate::from_pem(&self.shared.ca.cert_pem))
             // Join is the one RPC without a client certificate; every other
             // RPC checks the caller's identity itself.
@@ -225,13 +227,35 @@ impl Controller {
         .max_decoding_message_size(64 * 1024 * 1024)
         .max_encoding_message_size(64 * 1024 * 1024);
         // Small RPCs and watch events must not wait for Nagle's algorithm.
-        let incoming = tokio_stream::StreamExt::map(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            |s| {
-                if let Ok(s) = &s {
-                    let _ = s.set_nodelay(true);
+        // At most MAX_CONNECTIONS at once: past it, closed on accept.
+        let slots = Arc::new(tokio::sync::Semaphore::new(
+            crate::service::gate::MAX_CONNECTIONS,
+        ));
+        // A failing accept (out of file descriptors) backs off instead of
+        // spinning.
+        let incoming = futures::stream::unfold(
+            (listener, slots, Duration::from_millis(10)),
+            |(listener, slots, mut backoff)| async move {
+                loop {
+                    match listener.accept().await {
+                        Ok((s, _)) => {
+                            backoff = Duration::from_millis(10);
+                            let _ = s.set_nodelay(true);
+                            if let Some(s) = crate::service::gate::Slotted::admit(s, &slots) {
+                                return Some((
+                                    Ok::<_, std::io::Error>(s),
+                                    (listener, slots, backoff),
+                                ));
+                            }
+                        }
+                        Err(e) => {
+                            metrics::counter!("causeway_api_accept_errors_total").increment(1);
+                            tracing::warn!(error = %e, retry_in = ?backoff, "accept failed");
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(Duration::from_secs(1));
+                        }
+                    }
                 }
-                s
             },
         );
         // If Raft stops on a storage error, stop serving rather than answer
@@ -263,6 +287,13 @@ impl Controller {
             .tls_config(tls)?
             .timeout(Duration::from_secs(30))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            // Per connection: streams and requests in flight, header size.
+            .max_concurrent_streams(Some(128))
+            .concurrency_limit_per_connection(256)
+            .http2_max_header_list_size(Some(16 * 1024))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .layer(crate::service::gate::GateLayer)
             .add_service(fed)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -34,6 +34,7 @@ use crate::{NodeId, Raft};
 pub mod authz;
 pub mod batcher;
 pub mod federation;
+pub mod gate;
 pub mod limit;
 pub mod propose;
 pub mod raft;
