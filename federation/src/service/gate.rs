@@ -167,37 +167,6 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn raft_is_for_nodes_and_anonymous_callers_may_only_join_small() {
-        let site = Caller::Site("east".parse().unwrap());
-        let node = Caller::Node(1);
-        let raft = "/causeway.v1.Raft/AppendEntries";
-        assert_eq!(decide(raft, &node), Verdict::Bounded(MAX_RAFT_MESSAGE));
-        for who in [&Caller::Anonymous, &site, &Caller::Admin("ops".into())] {
-            assert!(matches!(
-                decide(raft, who),
-                Verdict::Refuse(tonic::Code::PermissionDenied, _)
-            ));
-        }
-        assert_eq!(
-            decide(JOIN_PATH, &Caller::Anonymous),
-            Verdict::Bounded(MAX_ANONYMOUS_BODY)
-        );
-        assert!(matches!(
-            decide("/causeway.v1.Federation/Catalog", &Caller::Anonymous),
-            Verdict::Refuse(tonic::Code::PermissionDenied, _)
-        ));
-        assert_eq!(
-            decide("/causeway.v1.Federation/Catalog", &site),
-            Verdict::Bounded(MAX_API_MESSAGE)
-        );
-    }
-}
-
 /// Connections a controller serves at once; past it new ones are closed
 /// on accept (before any handshake work) and counted.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -274,5 +243,36 @@ impl tokio::io::AsyncWrite for Slotted {
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raft_is_for_nodes_and_anonymous_callers_may_only_join_small() {
+        let site = Caller::Site("east".parse().unwrap());
+        let node = Caller::Node(1);
+        let raft = "/causeway.v1.Raft/AppendEntries";
+        assert_eq!(decide(raft, &node), Verdict::Bounded(MAX_RAFT_MESSAGE));
+        for who in [&Caller::Anonymous, &site, &Caller::Admin("ops".into())] {
+            assert!(matches!(
+                decide(raft, who),
+                Verdict::Refuse(tonic::Code::PermissionDenied, _)
+            ));
+        }
+        assert_eq!(
+            decide(JOIN_PATH, &Caller::Anonymous),
+            Verdict::Bounded(MAX_ANONYMOUS_BODY)
+        );
+        assert!(matches!(
+            decide("/causeway.v1.Federation/Catalog", &Caller::Anonymous),
+            Verdict::Refuse(tonic::Code::PermissionDenied, _)
+        ));
+        assert_eq!(
+            decide("/causeway.v1.Federation/Catalog", &site),
+            Verdict::Bounded(MAX_API_MESSAGE)
+        );
     }
 }
