@@ -83,6 +83,36 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// Credentials: issue an admin credential, revoke any credential.
+    Credential {
+        /// What to do.
+        #[command(subcommand)]
+        command: CredentialCommand,
+    },
+}
+
+/// `ctl credential` subcommands.
+#[derive(Subcommand)]
+pub enum CredentialCommand {
+    /// Issue an admin credential NAME into DIR (admin.pem, admin-key.pem),
+    /// signed with the controller CA key in --creds (kept offline).
+    IssueAdmin {
+        /// The admin's name (its SPIFFE ID ends in /admin/NAME).
+        name: String,
+        /// Where to write it (created 0700).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Refuse a credential on every RPC from now on (open Watch streams of
+    /// it end within seconds). Give its certificate or its SHA-256.
+    Revoke {
+        /// The credential's certificate (PEM file).
+        #[arg(long, conflicts_with = "sha256", required_unless_present = "sha256")]
+        cert: Option<PathBuf>,
+        /// The SHA-256 of its certificate (hex, as `openssl x509 -fingerprint -sha256` prints it without colons).
+        #[arg(long)]
+        sha256: Option<String>,
+    },
 }
 
 /// `ctl policy` subcommands.
@@ -218,10 +248,52 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         } => read_policy_file(file)?,
         _ => Vec::new(),
     };
+    // Issuing an admin credential is offline: the CA key signs it here.
+    if let CtlCommand::Credential {
+        command: CredentialCommand::IssueAdmin { name, out },
+    } = &args.command
+    {
+        let ca = causeway_api::identity::CertificateAuthority::load(
+            &args.creds.join("ca.pem"),
+            &args.creds.join("ca-key.pem"),
+        )
+        .with_context(|| format!("loading the controller CA from {}", args.creds.display()))?;
+        let cred = crate::creds::issue_admin(&ca, name)?;
+        causeway_api::identity::private_dir(out)?;
+        cred.save(&out.join("admin.pem"), &out.join("admin-key.pem"))?;
+        let der = causeway_api::identity::parse_certs_pem("admin.pem", &cred.cert_pem)?;
+        println!(
+            "issued admin {name} into {} (sha256 {}; revoke with `causeway ctl credential revoke --sha256 …`)",
+            out.display(),
+            causeway_api::identity::fingerprint(&der[0])
+        );
+        return Ok(());
+    }
     let c = client(&args)?;
     let mut fed = c.federation().await?;
     match &args.command {
         CtlCommand::Policy { command } => policy(&args, &c, &mut fed, command, policy_docs).await,
+        CtlCommand::Credential {
+            command: CredentialCommand::Revoke { cert, sha256 },
+        } => {
+            let cert_pem = match cert {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?,
+                None => String::new(),
+            };
+            let r = fed
+                .revoke_credential(pb::RevokeCredentialRequest {
+                    cert_pem,
+                    sha256: sha256.clone().unwrap_or_default(),
+                })
+                .await?
+                .into_inner();
+            println!("revoked {} (revision {})", r.sha256, r.revision);
+            Ok(())
+        }
+        CtlCommand::Credential {
+            command: CredentialCommand::IssueAdmin { .. },
+        } => unreachable!("issued before connecting"),
         CtlCommand::Cluster { command } => cluster(&args, &c, &mut fed, command).await,
         CtlCommand::Controller { command } => controller(&args, &mut fed, command).await,
         CtlCommand::Status => {

@@ -868,3 +868,138 @@ async fn the_controller_refuses_large_and_slow_callers_before_reading_them() {
     .await;
     fed.shutdown().await;
 }
+
+/// Credentials are bound to what was issued: a removed site's old
+/// credential stays refused after its name is invited again (on every RPC,
+/// Status included), and a revoked credential — an admin's or a site's —
+/// is refused from then on, its open Watch ending within seconds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_and_revoked_credentials_are_refused_everywhere() {
+    use causeway_api::client::ControllerClient;
+    use causeway_api::identity::Credential;
+    use causeway_api::pb;
+    use causeway_gateway::site::SiteState;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, _) = controllers(&tmp, 1, &[]).await;
+    fed.add_site("alpha", &vip_range(), &[]).await.unwrap();
+    let old = SiteState::load(&fed.sites["alpha"].state_dir)
+        .unwrap()
+        .unwrap();
+    let mut old_api = old.controller_client().federation().await.unwrap();
+    old_api.status(pb::StatusRequest {}).await.unwrap();
+
+    tracing::info!("phase: removed, then invited again under the same name");
+    fed.sites.remove("alpha").unwrap().gateway.kill().await;
+    fed.ctl(&["cluster", "remove", "alpha"]).await.unwrap();
+    let token = fed.create_token("alpha").await.unwrap();
+    let again = tmp.path().join("alpha-again");
+    let ca = SiteState::site_ca(&again, None).unwrap();
+    let new = SiteState::join(&again, &token, &ca, vec!["127.0.0.1:1".into()])
+        .await
+        .unwrap();
+    let mut new_api = new.controller_client().federation().await.unwrap();
+    new_api.status(pb::StatusRequest {}).await.unwrap();
+    new_api
+        .catalog(pb::CatalogRequest::default())
+        .await
+        .unwrap();
+    let mut old_api = old.controller_client().federation().await.unwrap();
+    for (rpc, r) in [
+        (
+            "Status",
+            old_api.status(pb::StatusRequest {}).await.map(|_| ()),
+        ),
+        (
+            "Catalog",
+            old_api
+                .catalog(pb::CatalogRequest::default())
+                .await
+                .map(|_| ()),
+        ),
+        (
+            "Heartbeat",
+            old_api
+                .heartbeat(pb::HeartbeatRequest {
+                    site: "alpha".into(),
+                })
+                .await
+                .map(|_| ()),
+        ),
+    ] {
+        let e = r.expect_err(rpc);
+        assert_eq!(
+            e.code(),
+            tonic::Code::PermissionDenied,
+            "{rpc}: {}",
+            e.message()
+        );
+    }
+
+    tracing::info!("phase: a second admin, issued offline, then revoked");
+    let ops = tmp.path().join("ops2");
+    let (code, out) = run_bin(&[
+        "ctl",
+        "--creds",
+        fed.creds.to_str().unwrap(),
+        "credential",
+        "issue-admin",
+        "ops2",
+        "--out",
+        ops.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let cred = Credential::load(&ops.join("admin.pem"), &ops.join("admin-key.pem")).unwrap();
+    let ops_client = ControllerClient::new(fed.endpoints(), &new.controller_ca_pem, Some(&cred));
+    let mut ops_api = ops_client.federation().await.unwrap();
+    ops_api.status(pb::StatusRequest {}).await.unwrap();
+    fed.ctl(&[
+        "credential",
+        "revoke",
+        "--cert",
+        ops.join("admin.pem").to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let e = ops_api.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("revoked"), "{}", e.message());
+
+    tracing::info!("phase: a site credential revoked while it watches");
+    let mut watch = new_api
+        .watch(pb::WatchRequest { from_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().expect("the snapshot");
+    let started = std::time::Instant::now();
+    fed.ctl(&[
+        "credential",
+        "revoke",
+        "--cert",
+        again.join("api.pem").to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let ended = eventually(
+        Duration::from_secs(20),
+        "the revoked credential's watch to end",
+        async || match watch.message().await {
+            Ok(Some(_)) => Err("still streaming".to_string()),
+            Ok(None) => Ok("ended".to_string()),
+            Err(s) => Ok(format!("{:?}: {}", s.code(), s.message())),
+        },
+    )
+    .await;
+    eprintln!(
+        "revocation ended the watch {:.1} s after the revoke ({ended})",
+        started.elapsed().as_secs_f64()
+    );
+    assert!(
+        ended.contains("PermissionDenied") || ended == "ended",
+        "{ended}"
+    );
+    let e = new_api.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    fed.shutdown().await;
+}

@@ -173,6 +173,7 @@ mod tests {
             trust_domain: format!("s{n}.causeway").parse().unwrap(),
             trust_bundle_pem: String::new(),
             tunnel_addrs: vec![],
+            credential_sha256: None,
         });
     }
 

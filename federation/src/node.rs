@@ -293,7 +293,9 @@ impl Controller {
             .concurrency_limit_per_connection(256)
             .http2_max_header_list_size(Some(16 * 1024))
             .tcp_keepalive(Some(Duration::from_secs(30)))
-            .layer(crate::service::gate::GateLayer)
+            .layer(crate::service::gate::GateLayer {
+                hub: self.shared.hub.clone(),
+            })
             .add_service(fed)
             .add_service(raft_svc)
             .serve_with_incoming_shutdown(incoming, shutdown)

@@ -5,7 +5,7 @@
 //! node computes the same result. Each change that alters the catalog bumps
 //! the revision by one and yields the `Change`s a watcher needs.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use causeway_api::model::{Protocol, ServiceKey, SiteName, TrustDomain};
 use causeway_api::pb;
@@ -47,6 +47,12 @@ pub struct SiteRecord {
     /// False while the site's lease has lapsed (set by the leader).
     #[serde(default = "yes")]
     pub available: bool,
+    /// SHA-256 of the API credential issued to it at join (hex): the only
+    /// site credential accepted for it. A removed and re-invited name gets
+    /// a new one, so the old credential stays refused. `None` for sites
+    /// that joined before credentials were recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_sha256: Option<String>,
 }
 
 fn yes() -> bool {
@@ -169,6 +175,14 @@ pub enum Command {
         trust_bundle_pem: String,
         /// Its gateways' tunnel addresses.
         tunnel_addrs: Vec<String>,
+        /// SHA-256 of the API credential issued to it (hex).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        credential_sha256: Option<String>,
+    },
+    /// Refuse a credential from now on, on every RPC.
+    RevokeCredential {
+        /// SHA-256 of its certificate (hex).
+        sha256: String,
     },
     /// Replace what a site exports.
     PublishExports {
@@ -317,6 +331,27 @@ pub struct CatalogState {
     /// Traffic policies by `Kind/namespace/name`.
     #[serde(default)]
     pub policies: BTreeMap<String, PolicyRecord>,
+    /// Revoked credentials (SHA-256 of the certificate, hex), refused on
+    /// every RPC whatever their name.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub revoked: BTreeSet<String>,
+}
+
+/// Most revoked credentials remembered.
+pub const MAX_REVOKED: usize = 10_000;
+
+impl CatalogState {
+    /// Whether a credential (its certificate's SHA-256) may act for `site`:
+    /// the site is a member, the credential is the one issued to it (when
+    /// one was recorded), and it is not revoked.
+    pub fn site_credential_ok(&self, site: &SiteName, sha256: &str) -> bool {
+        !self.revoked.contains(sha256)
+            && self.sites.get(site).is_some_and(|s| {
+                s.credential_sha256.as_deref().is_none_or(|c| {
+                    causeway_api::token::constant_time_eq(c.as_bytes(), sha256.as_bytes())
+                })
+            })
+    }
 }
 
 /// A traffic policy as stored: its canonical document.
@@ -393,6 +428,7 @@ impl CatalogState {
                 trust_domain,
                 trust_bundle_pem,
                 tunnel_addrs,
+                credential_sha256,
             } => self.join_site(
                 &token_id,
                 &secret_sha256,
@@ -404,8 +440,41 @@ impl CatalogState {
                     tunnel_addrs,
                     joined_at_ms: now_ms,
                     available: true,
+                    credential_sha256,
                 },
             ),
+            Command::RevokeCredential { sha256 } => {
+                if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return refused(
+                        RejectCode::Invalid,
+                        "sha256: 64 hex digits of a certificate's SHA-256",
+                    );
+                }
+                if self.revoked.len() >= MAX_REVOKED {
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("at most {MAX_REVOKED} revoked credentials"),
+                    );
+                }
+                let sha256 = sha256.to_ascii_lowercase();
+                if !self.revoked.insert(sha256) {
+                    return (
+                        Outcome::Unchanged {
+                            revision: self.revision,
+                        },
+                        vec![],
+                    );
+                }
+                // Not a catalog change watchers see; the revision still
+                // moves so the write is ordered with the rest.
+                self.revision += 1;
+                (
+                    Outcome::Applied {
+                        revision: self.revision,
+                    },
+                    vec![],
+                )
+            }
             Command::PublishExports {
                 site,
                 exports,

@@ -118,9 +118,27 @@ pub(super) async fn require_site_or_admin<T>(
 /// Whether `site` is a member here, now or once this node has applied the
 /// changes arriving within [`MEMBERSHIP_CATCH_UP`].
 async fn is_member_soon(hub: &Hub, site: &SiteName) -> bool {
+    holds_soon(hub, |st| st.sites.contains_key(site)).await
+}
+
+/// Whether a certificate (its SHA-256) may act as `caller`: not revoked,
+/// and for a site the credential issued to it while it is a member — now,
+/// or once this node has applied the changes arriving within
+/// [`MEMBERSHIP_CATCH_UP`] (a follower may be a moment behind a join).
+pub async fn credential_ok(hub: &Hub, caller: &Caller, sha256: &str) -> bool {
+    match caller {
+        Caller::Site(s) => holds_soon(hub, |st| st.site_credential_ok(s, sha256)).await,
+        Caller::Anonymous => true,
+        _ => hub.read(|st| !st.revoked.contains(sha256)),
+    }
+}
+
+/// Whether `check` holds on this node's state now or within
+/// [`MEMBERSHIP_CATCH_UP`].
+async fn holds_soon(hub: &Hub, check: impl Fn(&crate::state::CatalogState) -> bool) -> bool {
     // Subscribed before the first look, so no change falls in between.
     let mut changes = hub.subscribe();
-    let member = || hub.read(|st| st.sites.contains_key(site));
+    let member = || hub.read(|st| check(st));
     if member() {
         return true;
     }
@@ -180,6 +198,7 @@ mod tests {
                 trust_domain: "alpha.causeway".parse().unwrap(),
                 trust_bundle_pem: "pem".into(),
                 tunnel_addrs: vec!["127.0.0.1:1".into()],
+                credential_sha256: None,
             });
         });
         assert!(is_member_soon(&hub, &site).await);

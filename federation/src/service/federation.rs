@@ -29,6 +29,9 @@ use causeway_api::sync::LockExt;
 
 const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86400);
+/// How often an open Watch checks that its credential still counts.
+const CREDENTIAL_CHECK: Duration = Duration::from_secs(2);
+
 const SITE_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(365 * 86400);
 
 /// The `Federation` gRPC service. Trust boundary: anyone may call `Join`
@@ -100,9 +103,16 @@ impl Federation for FederationService {
             .ca
             .sign_csr(&r.csr_pem, &api_id, SITE_CREDENTIAL_LIFETIME)
             .map_err(|e| invalid("csr_pem", e))?;
+        // The credential is bound to the site: only this certificate acts
+        // for it from now on (a re-invited name gets another one).
+        let credential_sha256 =
+            causeway_api::identity::parse_certs_pem("api_cert_pem", &api_cert_pem)
+                .ok()
+                .and_then(|c| c.first().map(causeway_api::identity::fingerprint));
         let outcome = self
             .shared
             .propose(Command::JoinSite {
+                credential_sha256,
                 token_id: token.id.clone(),
                 secret_sha256,
                 now_ms: causeway_api::clock::unix_ms(),
@@ -368,22 +378,82 @@ impl Federation for FederationService {
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
-        let site = match require_site_or_admin("Watch", &req, &self.shared.hub).await? {
-            Caller::Site(s) => Some(s),
+        let who = require_site_or_admin("Watch", &req, &self.shared.hub).await?;
+        let site = match &who {
+            Caller::Site(s) => Some(s.clone()),
             _ => None,
         };
+        let sha256 = req
+            .peer_certs()
+            .and_then(|c| c.first().map(causeway_api::identity::fingerprint))
+            .unwrap_or_default();
         let from = req.into_inner().from_revision;
         let hub = self.shared.hub.clone();
         let stall = self.shared.watch_stall;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(WATCH_QUEUE);
+        let guard_tx = tx.clone();
+        let serving = tokio::spawn({
+            let hub = hub.clone();
+            async move {
+                metrics::gauge!("causeway_watchers").increment(1.0);
+                serve_watch(hub, from, tx, stall, site).await;
+                metrics::gauge!("causeway_watchers").decrement(1.0);
+            }
+        });
+        // A credential revoked (or replaced) while it watches: the stream
+        // ends within a check interval.
         tokio::spawn(async move {
-            metrics::gauge!("causeway_watchers").increment(1.0);
-            serve_watch(hub, from, tx, stall, site).await;
-            metrics::gauge!("causeway_watchers").decrement(1.0);
+            let mut every = tokio::time::interval(CREDENTIAL_CHECK);
+            loop {
+                every.tick().await;
+                if serving.is_finished() {
+                    return;
+                }
+                let ok = hub.read(|st| match &who {
+                    Caller::Site(s) => st.site_credential_ok(s, &sha256),
+                    _ => !st.revoked.contains(&sha256),
+                });
+                if !ok {
+                    tracing::info!(caller = ?who, "credential revoked; ending its watch");
+                    let _ = guard_tx.try_send(Err(Status::permission_denied(
+                        "Watch needs a current credential: this one was revoked or replaced",
+                    )));
+                    serving.abort();
+                    metrics::gauge!("causeway_watchers").decrement(1.0);
+                    return;
+                }
+            }
         });
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn revoke_credential(
+        &self,
+        req: Request<pb::RevokeCredentialRequest>,
+    ) -> Result<Response<pb::RevokeCredentialResponse>, Status> {
+        require_admin("RevokeCredential", &req)?;
+        let r = req.into_inner();
+        let sha256 = if !r.cert_pem.is_empty() {
+            let certs = causeway_api::identity::parse_certs_pem("cert_pem", &r.cert_pem)
+                .map_err(|e| invalid("cert_pem", e))?;
+            causeway_api::identity::fingerprint(&certs[0])
+        } else {
+            r.sha256.to_ascii_lowercase()
+        };
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::RevokeCredential {
+                    sha256: sha256.clone(),
+                })
+                .await?,
+        )?;
+        tracing::info!(%sha256, "credential revoked");
+        Ok(Response::new(pb::RevokeCredentialResponse {
+            revision,
+            sha256,
+        }))
     }
 
     async fn heartbeat(

@@ -23,13 +23,19 @@ const RAFT_PREFIX: &str = "/causeway.v1.Raft/";
 pub const MAX_ANONYMOUS_BODY: usize = 128 * 1024;
 
 /// The layer.
-#[derive(Clone, Copy, Default)]
-pub struct GateLayer;
+#[derive(Clone)]
+pub struct GateLayer {
+    /// The applied state: which credentials are bound or revoked.
+    pub hub: std::sync::Arc<crate::hub::Hub>,
+}
 
 impl<S> tower::Layer<S> for GateLayer {
     type Service = Gate<S>;
     fn layer(&self, inner: S) -> Gate<S> {
-        Gate { inner }
+        Gate {
+            inner,
+            hub: self.hub.clone(),
+        }
     }
 }
 
@@ -37,18 +43,24 @@ impl<S> tower::Layer<S> for GateLayer {
 #[derive(Clone)]
 pub struct Gate<S> {
     inner: S,
+    hub: std::sync::Arc<crate::hub::Hub>,
 }
 
-/// Who is on the other end of the connection.
-fn connection_caller(req: &http::Request<Body>) -> Caller {
+/// Who is on the other end of the connection, and the SHA-256 of its
+/// certificate.
+fn connection_caller(req: &http::Request<Body>) -> (Caller, String) {
     let leaf = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|i| i.peer_certs())
         .and_then(|certs| certs.first().cloned());
-    match leaf.and_then(|c| causeway_api::identity::spiffe_id_of(&c).ok()) {
-        Some(id) => classify(&id),
-        None => Caller::Anonymous,
+    let Some(leaf) = leaf else {
+        return (Caller::Anonymous, String::new());
+    };
+    let fp = causeway_api::identity::fingerprint(&leaf);
+    match causeway_api::identity::spiffe_id_of(&leaf) {
+        Ok(id) => (classify(&id), fp),
+        Err(_) => (Caller::Anonymous, fp),
     }
 }
 
@@ -129,11 +141,24 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let verdict = decide(req.uri().path(), &connection_caller(&req));
+        let (caller, sha256) = connection_caller(&req);
+        let verdict = decide(req.uri().path(), &caller);
         // The service that was polled ready serves this request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
+        let hub = self.hub.clone();
         Box::pin(async move {
+            // A credential counts only while it is the one issued to its
+            // site, and not revoked: a removed site's old credential stays
+            // refused after its name is invited again.
+            if !super::authz::credential_ok(&hub, &caller, &sha256).await {
+                metrics::counter!("causeway_api_gate_refused_total", "code" => "Revoked")
+                    .increment(1);
+                return Ok(Status::permission_denied(
+                    "this RPC needs a current credential: this one was revoked, or replaced when its site was removed or invited again",
+                )
+                .into_http());
+            }
             let max = match verdict {
                 Verdict::Refuse(code, why) => {
                     metrics::counter!("causeway_api_gate_refused_total", "code" => format!("{code:?}"))

@@ -27,6 +27,7 @@ fn join(state: &mut CatalogState, id: &str, name: &str, now: u64) -> Outcome {
             trust_domain: format!("{name}.causeway").parse().unwrap(),
             trust_bundle_pem: "pem".into(),
             tunnel_addrs: vec!["127.0.0.1:1".into()],
+            credential_sha256: None,
         })
         .0
 }
@@ -501,4 +502,45 @@ fn a_site_changes_and_deletes_only_the_policies_it_manages() {
         delete(&mut s, "ops", None),
         Outcome::Applied { .. }
     ));
+}
+
+#[test]
+fn a_site_credential_counts_only_while_it_is_the_issued_one_and_not_revoked() {
+    let mut s = CatalogState::default();
+    token(&mut s, "a", "east", 100);
+    join(&mut s, "a", "east", 1);
+    let fp = |c: char| c.to_string().repeat(64);
+    // Joined before credentials were recorded: any credential of the name.
+    assert!(s.site_credential_ok(&site("east"), &fp('1')));
+    s.sites.get_mut(&site("east")).unwrap().credential_sha256 = Some(fp('a'));
+    assert!(s.site_credential_ok(&site("east"), &fp('a')));
+    assert!(
+        !s.site_credential_ok(&site("east"), &fp('b')),
+        "another certificate of the name"
+    );
+    assert!(
+        !s.site_credential_ok(&site("west"), &fp('a')),
+        "not a member"
+    );
+    let revoke = |s: &mut CatalogState, sha: &str| {
+        s.apply(Command::RevokeCredential { sha256: sha.into() }).0
+    };
+    assert!(
+        matches!(revoke(&mut s, &fp('A')), Outcome::Applied { .. }),
+        "stored lowercase"
+    );
+    assert!(!s.site_credential_ok(&site("east"), &fp('a')));
+    assert!(matches!(
+        revoke(&mut s, &fp('a')),
+        Outcome::Unchanged { .. }
+    ));
+    assert!(matches!(
+        revoke(&mut s, "not hex"),
+        Outcome::Rejected {
+            code: RejectCode::Invalid,
+            ..
+        }
+    ));
+    let back: CatalogState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+    assert_eq!(back, s, "revocations survive a snapshot");
 }
