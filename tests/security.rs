@@ -1003,3 +1003,122 @@ async fn replaced_and_revoked_credentials_are_refused_everywhere() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     fed.shutdown().await;
 }
+
+/// An HTTP/1.1 endpoint recording every request head it is sent (and
+/// answering each with 200 and an empty body).
+async fn recording_endpoint() -> (
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                loop {
+                    use tokio::io::AsyncBufReadExt;
+                    let mut head = String::new();
+                    let mut len = 0usize;
+                    loop {
+                        let mut line = String::new();
+                        if r.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                        let end = line == "\r\n";
+                        head.push_str(&line);
+                        if end {
+                            break;
+                        }
+                    }
+                    let mut body = vec![0u8; len];
+                    if r.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    record.lock().unwrap().push(head);
+                    if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen, task)
+}
+
+/// Request smuggling over raw TCP at an HTTP VIP: each ambiguous framing
+/// gets 400, or exactly one correctly framed request reaches the endpoint
+/// — never a second, smuggled one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smuggled_requests_never_reach_the_endpoint() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (web, seen, _web) = recording_endpoint().await;
+    fed.add_site("east", &vip_range(), &[]).await.unwrap();
+    add_exports_and_restart(&mut fed, "east", &web_http_export(web)).await;
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let http = imported(&fed, "west", "web.shop.svc.clusterset.local", 8080).await;
+    eventually(
+        Duration::from_secs(20),
+        "a plain request to pass",
+        async || {
+            let got = http_get_any(http, "/plain").await;
+            got.starts_with("HTTP/1.1 200").then_some(()).ok_or(got)
+        },
+    )
+    .await;
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: web\r\n\r\n";
+    let attacks = [
+        ("CL then TE", format!("POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}")),
+        ("TE then CL", format!("POST /a HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n{smuggled}")),
+        ("two Content-Lengths", format!("POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\nContent-Length: {}\r\n\r\n{smuggled}", smuggled.len())),
+        ("obs-fold", format!("POST /a HTTP/1.1\r\nHost: web\r\nContent-Length: 0\r\nX-Fold: a\r\n b\r\n\r\n{smuggled}")),
+        ("Transfer-Encoding: xchunked", format!("POST /a HTTP/1.1\r\nHost: web\r\nTransfer-Encoding: xchunked\r\nContent-Length: 0\r\n\r\n{smuggled}")),
+        ("HTTP/1.0 with TE", format!("POST /a HTTP/1.0\r\nHost: web\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}")),
+    ];
+    for (what, attack) in attacks {
+        let before = seen.lock().unwrap().len();
+        let mut s = tokio::net::TcpStream::connect(http).await.unwrap();
+        s.write_all(attack.as_bytes()).await.unwrap();
+        let _ = s.shutdown().await;
+        let answer = eventually(
+            Duration::from_secs(20),
+            format_args!("an answer to {what}"),
+            async || closed(&mut s).await,
+        )
+        .await;
+        let answer = String::from_utf8_lossy(&answer).into_owned();
+        let heads: Vec<String> = seen.lock().unwrap()[before..].to_vec();
+        assert!(
+            heads.iter().all(|h| !h.contains("/smuggled")),
+            "{what}: a smuggled request reached the endpoint: {heads:?}"
+        );
+        if answer.starts_with("HTTP/1.1 400") {
+            assert!(
+                heads.is_empty(),
+                "{what}: refused, yet forwarded: {heads:?}"
+            );
+        } else {
+            // Served: exactly the one request, framed by the gateway.
+            assert_eq!(heads.len(), 1, "{what}: {answer} {heads:?}");
+            assert!(
+                heads[0].starts_with("POST /a HTTP/1.1\r\n"),
+                "{what}: {heads:?}"
+            );
+        }
+        tracing::info!(what, answer = %answer.lines().next().unwrap_or(""), forwarded = heads.len(), "smuggling attempt");
+    }
+    fed.shutdown().await;
+}

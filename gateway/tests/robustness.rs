@@ -23,11 +23,15 @@ struct Setup {
 }
 
 async fn setup(quic: QuicConfig) -> Setup {
-    setup_with(quic, None).await
+    setup_with(quic, None, Authorization::default()).await
 }
 
 /// `endpoint` replaces the echo endpoint of `shop/echo` when given.
-async fn setup_with(quic: QuicConfig, endpoint: Option<std::net::SocketAddr>) -> Setup {
+async fn setup_with(
+    quic: QuicConfig,
+    endpoint: Option<std::net::SocketAddr>,
+    authorization: Authorization,
+) -> Setup {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let a = CertificateAuthority::generate("a").unwrap();
     let b = CertificateAuthority::generate("b").unwrap();
@@ -77,7 +81,7 @@ async fn setup_with(quic: QuicConfig, endpoint: Option<std::net::SocketAddr>) ->
         store.clone(),
         causeway_gateway::exports::Exports::new(exports, Strategy::RoundRobin),
         Drain::new(),
-        Authorization::default(),
+        authorization,
         Duration::from_millis(300),
     ));
     let server = tunnel::endpoint(
@@ -267,7 +271,12 @@ async fn a_reset_endpoint_reaches_the_caller_as_a_reset_not_an_end() {
             drop(s);
         }
     });
-    let s = setup_with(QuicConfig::default(), Some(dying_addr)).await;
+    let s = setup_with(
+        QuicConfig::default(),
+        Some(dying_addr),
+        Authorization::default(),
+    )
+    .await;
     let conn = s.connect().await;
     // The calling gateway's side: a local listener spliced onto a stream.
     let local = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -294,4 +303,29 @@ async fn a_reset_endpoint_reaches_the_caller_as_a_reset_not_an_end() {
     assert!(got <= 1000, "{got} bytes from a 1000-byte endpoint");
     let err = end.expect_err("a reset endpoint reached the client as a clean end of stream");
     assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset, "{err}");
+}
+
+/// The caller field of the stream header is what the calling gateway says
+/// of its workload: it is never what authorization trusts. Site b's
+/// gateway claiming site a's identity there is still site b.
+#[tokio::test]
+async fn a_forged_caller_field_in_the_stream_header_is_ignored() {
+    let only_a = Authorization {
+        deny_by_default: true,
+        rules: [("shop/echo".parse().unwrap(), vec!["a".parse().unwrap()])]
+            .into_iter()
+            .collect(),
+    };
+    let s = setup_with(QuicConfig::default(), None, only_a).await;
+    let conn = s.connect().await;
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let forged = OpenRequest {
+        service: "shop/echo".into(),
+        port: 7000,
+        deadline_ms: 1000,
+        trace: vec![],
+        caller: "spiffe://a.causeway/gateway/gw-0".into(),
+    };
+    send.write_all(&forged.encode()).await.unwrap();
+    assert_eq!(read_status(&mut recv).await.unwrap(), Status::Forbidden);
 }

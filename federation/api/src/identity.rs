@@ -229,6 +229,17 @@ impl CertificateAuthority {
         })
     }
 
+    /// Signs arbitrary leaf `params` (tests forge rogue certificates).
+    #[cfg(test)]
+    pub(crate) fn sign_params(&self, params: CertificateParams) -> CertificateDer<'static> {
+        let key = KeyPair::generate().expect("a key");
+        params
+            .signed_by(&key, &self.issuer)
+            .expect("signed")
+            .der()
+            .clone()
+    }
+
     /// Signs a CSR, replacing whatever names it asked for with `id`: the
     /// caller proves possession of the key, the CA decides the identity.
     pub fn sign_csr(
@@ -244,7 +255,7 @@ impl CertificateAuthority {
     }
 }
 
-fn leaf_params(
+pub(crate) fn leaf_params(
     id: &SpiffeId,
     dns_names: &[&str],
     lifetime: Duration,

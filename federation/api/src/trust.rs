@@ -349,6 +349,91 @@ mod tests {
         assert!(!store.still_trusted(&from_new.chain, true));
     }
 
+    /// The negative suite for certificates, through the verifier both
+    /// ends of every tunnel use: each rogue leaf is refused, for its own
+    /// reason.
+    #[test]
+    fn rogue_certificates_are_refused_each_for_its_reason() {
+        use crate::identity::leaf_params;
+        use rcgen::{BasicConstraints, ExtendedKeyUsagePurpose, IsCa, SanType};
+        let ca = CertificateAuthority::generate("a").unwrap();
+        let store = TrustStore::new();
+        store.set_site(
+            "a".parse().unwrap(),
+            "a.causeway".parse().unwrap(),
+            vec![ca.cert_der.clone()],
+        );
+        let id: SpiffeId = "spiffe://a.causeway/gateway/0".parse().unwrap();
+        let base = || leaf_params(&id, &[], Duration::from_secs(3600)).unwrap();
+        let uri = |s: &str| SanType::URI(s.to_string().try_into().unwrap());
+        let hour = time::Duration::hours(1);
+        let now_t = time::OffsetDateTime::now_utc();
+        let good = ca.sign_params(base());
+        assert!(store.verify(&good, &[], now(), true, None).is_ok());
+        type Forge = Box<dyn Fn(&mut rcgen::CertificateParams)>;
+        let cases: Vec<(&str, Forge, &str)> = vec![
+            (
+                "a leaf with CA:TRUE",
+                Box::new(|p| p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)),
+                "LeafIsCa",
+            ),
+            (
+                "a server-only leaf used as a client",
+                Box::new(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
+                "BadChain",
+            ),
+            (
+                "not yet valid",
+                Box::new(move |p| {
+                    p.not_before = now_t + hour;
+                    p.not_after = now_t + hour * 2;
+                }),
+                "BadChain",
+            ),
+            (
+                "expired",
+                Box::new(move |p| {
+                    p.not_before = now_t - hour * 2;
+                    p.not_after = now_t - hour;
+                }),
+                "BadChain",
+            ),
+            (
+                "no URI SAN",
+                Box::new(|p| p.subject_alt_names.clear()),
+                "NoSpiffeId",
+            ),
+            (
+                "two URI SANs",
+                Box::new(move |p| {
+                    p.subject_alt_names
+                        .push(uri("spiffe://a.causeway/gateway/1"))
+                }),
+                "NoSpiffeId",
+            ),
+            (
+                "another site's ID from this site's CA",
+                Box::new(move |p| p.subject_alt_names = vec![uri("spiffe://b.causeway/gateway/0")]),
+                "UnknownTrustDomain",
+            ),
+            (
+                "a controller ID from a site CA",
+                Box::new(move |p| {
+                    p.subject_alt_names = vec![uri("spiffe://controller.causeway/admin/root")]
+                }),
+                "UnknownTrustDomain",
+            ),
+        ];
+        for (what, forge, want) in cases {
+            let mut p = base();
+            forge(&mut p);
+            let cert = ca.sign_params(p);
+            let err = store.verify(&cert, &[], now(), true, None).unwrap_err();
+            let got = format!("{err:?}");
+            assert!(got.starts_with(want), "{what}: {got}");
+        }
+    }
+
     #[test]
     fn a_site_ca_vouches_only_for_its_own_trust_domain() {
         let a = CertificateAuthority::generate("a").unwrap();
