@@ -1122,3 +1122,102 @@ async fn smuggled_requests_never_reach_the_endpoint() {
     }
     fed.shutdown().await;
 }
+
+/// HTTP/2 rapid reset on an HTTP VIP: 10,000 requests opened and cancelled
+/// at once on one connection. The gateway ends that connection (GOAWAY)
+/// rather than keep working for it, and serves the next client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_rapid_reset_is_cut_off_and_the_gateway_stays_up() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    // An endpoint that answers everything but /hold at once.
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let web = l.local_addr().unwrap();
+    let _web = tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let (r, mut w) = s.into_split();
+                let mut lines = tokio::io::BufReader::new(r).lines();
+                let mut hold = false;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if line.starts_with("GET /hold") {
+                        hold = true;
+                    }
+                    if line.is_empty() && !hold {
+                        let _ = w
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    fed.add_site("east", &vip_range(), &[]).await.unwrap();
+    add_exports_and_restart(&mut fed, "east", &web_http_export(web)).await;
+    fed.add_site("west", &vip_range(), &[]).await.unwrap();
+    let http = imported(&fed, "west", "web.shop.svc.clusterset.local", 8080).await;
+    eventually(
+        Duration::from_secs(20),
+        "a plain request to pass",
+        async || {
+            let got = http_get_any(http, "/plain").await;
+            got.starts_with("HTTP/1.1 200").then_some(()).ok_or(got)
+        },
+    )
+    .await;
+
+    let tcp = tokio::net::TcpStream::connect(http).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    // Batches of streams opened, left in flight a moment (the endpoint
+    // never answers /hold), then reset (dropping a response future sends
+    // RST_STREAM): the rapid-reset pattern, 10,000 streams in all.
+    let mut sent = 0;
+    'flood: while sent < 10_000 {
+        let mut batch = Vec::new();
+        for _ in 0..200 {
+            if sender.ready().await.is_err() {
+                break 'flood;
+            }
+            let req = hyper::Request::get(format!("http://{http}/hold"))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap();
+            batch.push(Box::pin(sender.send_request(req)));
+            sent += 1;
+        }
+        let _ = tokio::time::timeout(
+            Duration::from_millis(20),
+            futures::future::select_all(batch.iter_mut()),
+        )
+        .await;
+        drop(batch);
+    }
+    let ended = eventually(
+        Duration::from_secs(20),
+        "the abusive connection to be ended",
+        async || {
+            if driver.is_finished() || sender.ready().await.is_err() {
+                Ok(())
+            } else {
+                Err(format!("{sent} resets sent, connection still open"))
+            }
+        },
+    )
+    .await;
+    tracing::info!(
+        sent,
+        "streams opened and reset before the gateway ended the connection"
+    );
+    assert!(sent < 10_000, "the gateway took all 10,000 resets");
+    // The gateway still serves others.
+    let got = http_get_any(http, "/after").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    fed.shutdown().await;
+}

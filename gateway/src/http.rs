@@ -259,11 +259,28 @@ pub async fn serve_connection(
     upstream: Protocol,
 ) {
     let limits = out.fwd.limits;
-    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let out = out.clone();
-        let service = service.clone();
-        async move { Ok::<_, Infallible>(proxy(&out, req, &service, port, upstream).await) }
-    });
+    // Requests the client cancels before their answer (HTTP/2 RST_STREAM,
+    // or a dropped connection): past MAX_CANCELLED on one connection it is
+    // ended (GOAWAY), so a rapid-reset flood cannot keep the gateway
+    // starting work it never finishes.
+    let cancels = Arc::new(Cancels::default());
+    let svc = {
+        let cancels = cancels.clone();
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let out = out.clone();
+            let service = service.clone();
+            let guard = CancelGuard {
+                cancels: cancels.clone(),
+                done: false,
+            };
+            async move {
+                let mut guard = guard;
+                let resp = proxy(&out, req, &service, port, upstream).await;
+                guard.done = true;
+                Ok::<_, Infallible>(resp)
+            }
+        })
+    };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     // A timer, so the header-read timeout (slowloris) is enforced.
     builder
@@ -278,8 +295,55 @@ pub async fn serve_connection(
         .max_pending_accept_reset_streams(64)
         .max_local_error_reset_streams(256)
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    if let Err(e) = builder.serve_connection(TokioIo::new(tcp), svc).await {
-        tracing::debug!(error = %e, "HTTP connection ended with an error");
+    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+    tokio::pin!(conn);
+    let mut shutting = false;
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return;
+            }
+            _ = cancels.too_many.notified(), if !shutting => {
+                shutting = true;
+                metrics::counter!("causeway_http_connections_cut_total", "why" => "cancels").increment(1);
+                tracing::warn!(cancelled = MAX_CANCELLED, "client cancelled too many requests on one connection (rapid reset?); ending it");
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Requests one connection may cancel before it is ended.
+pub const MAX_CANCELLED: usize = 1000;
+
+/// Cancelled requests on one connection.
+#[derive(Default)]
+struct Cancels {
+    count: std::sync::atomic::AtomicUsize,
+    too_many: tokio::sync::Notify,
+}
+
+/// Counts its request as cancelled when dropped before the answer.
+struct CancelGuard {
+    cancels: Arc<Cancels>,
+    done: bool,
+}
+
+impl Drop for CancelGuard {
+    fn drop(&mut self) {
+        if !self.done {
+            let n = self
+                .cancels
+                .count
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                + 1;
+            if n == MAX_CANCELLED {
+                self.cancels.too_many.notify_one();
+            }
+        }
     }
 }
 
