@@ -1199,7 +1199,7 @@ async fn http2_rapid_reset_is_cut_off_and_the_gateway_stays_up() {
         .await;
         drop(batch);
     }
-    let ended = eventually(
+    eventually(
         Duration::from_secs(20),
         "the abusive connection to be ended",
         async || {
