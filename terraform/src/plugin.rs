@@ -14,6 +14,26 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use tokio::net::UnixListener;
+
+/// A fresh directory for the plugin socket, only its owner may enter
+/// (0700, set explicitly): another local user cannot reach the socket
+/// before the TLS handshake even starts.
+fn socket_dir(base: Option<&std::path::Path>) -> anyhow::Result<tempfile::TempDir> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("causeway-provider-");
+    let dir = match base {
+        Some(base) => builder.tempdir_in(base),
+        None => builder.tempdir(),
+    }
+    .context("creating the plugin socket's directory")?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+            .context("making the plugin socket's directory private")?;
+    }
+    Ok(dir)
+}
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::host::grpc_controller_server::{GrpcController, GrpcControllerServer};
@@ -50,13 +70,8 @@ pub async fn serve() -> anyhow::Result<()> {
         )
     })?;
     let tls = crate::tls::server(&client_cert)?;
-    let mut builder = tempfile::Builder::new();
-    builder.prefix("causeway-provider-");
-    let dir = match std::env::var_os("PLUGIN_UNIX_SOCKET_DIR") {
-        Some(base) => builder.tempdir_in(base),
-        None => builder.tempdir(),
-    }
-    .context("creating the plugin socket's directory")?;
+    let base = std::env::var_os("PLUGIN_UNIX_SOCKET_DIR").map(std::path::PathBuf::from);
+    let dir = socket_dir(base.as_deref())?;
     let path = dir.path().join("plugin.sock");
     let listener =
         UnixListener::bind(&path).with_context(|| format!("listening on {}", path.display()))?;
@@ -134,5 +149,18 @@ impl GrpcController for HostController {
     ) -> Result<tonic::Response<Empty>, tonic::Status> {
         self.shutdown.notify_one();
         Ok(tonic::Response::new(Empty {}))
+    }
+}
+
+#[cfg(test)]
+mod socket_dir_tests {
+    #[cfg(unix)]
+    #[test]
+    fn the_socket_directory_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let dir = super::socket_dir(Some(base.path())).unwrap();
+        let mode = std::fs::metadata(dir.path()).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 }
