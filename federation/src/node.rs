@@ -288,9 +288,7 @@ impl Controller {
             .timeout(Duration::from_secs(30))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            // Per connection: streams and requests in flight, header size.
-            .max_concurrent_streams(Some(128))
-            .concurrency_limit_per_connection(256)
+            // Per connection: header size.
             .http2_max_header_list_size(Some(16 * 1024))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .layer(crate::service::gate::GateLayer {
