@@ -42,17 +42,7 @@ impl Claim {
 
     /// A site's claim as the federation's catalog holds it.
     pub fn published(site: &str, e: &pb::Export) -> Self {
-        let mut ports: Vec<Port> = e
-            .ports
-            .iter()
-            .filter_map(|p| {
-                Some(Port {
-                    name: p.name.clone(),
-                    port: u16::try_from(p.port).ok()?,
-                    protocol: p.protocol.parse().ok()?,
-                })
-            })
-            .collect();
+        let mut ports: Vec<Port> = e.ports.iter().filter_map(Port::from_pb).collect();
         ports.sort();
         Self {
             site: site.to_string(),

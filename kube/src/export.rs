@@ -42,6 +42,18 @@ pub struct Port {
     pub protocol: Protocol,
 }
 
+impl Port {
+    /// A port as the federation's catalog holds it; `None` when it is not
+    /// a valid port or protocol.
+    pub fn from_pb(p: &causeway_api::pb::ServicePort) -> Option<Self> {
+        Some(Port {
+            name: p.name.clone(),
+            port: u16::try_from(p.port).ok()?,
+            protocol: p.protocol.parse().ok()?,
+        })
+    }
+}
+
 /// Ready and total endpoints in one zone ("" when the endpoints name none:
 /// the site's own zone).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -94,17 +94,7 @@ pub fn imports(view: &CatalogView, range: Option<(IpAddr, u8)>) -> Vec<Imported>
             Imported {
                 headless: svc.headless,
                 session_affinity,
-                ports: svc
-                    .ports
-                    .iter()
-                    .filter_map(|p| {
-                        Some(Port {
-                            name: p.name.clone(),
-                            port: u16::try_from(p.port).ok()?,
-                            protocol: p.protocol.parse().ok()?,
-                        })
-                    })
-                    .collect(),
+                ports: svc.ports.iter().filter_map(Port::from_pb).collect(),
                 clusters: svc.exporters.iter().map(|(s, _)| s.to_string()).collect(),
                 requested_ip: range
                     .filter(|_| !svc.headless)
