@@ -113,6 +113,21 @@ pub enum CredentialCommand {
         #[arg(long)]
         sha256: Option<String>,
     },
+    /// Refuse one certificate a site's CA issued (a gateway's tunnel
+    /// certificate, e.g. of a replica whose key leaked): every gateway
+    /// refuses it and closes the tunnels it authenticated. The site's own
+    /// gateway replaces its certificate at once if it was its own.
+    RevokeCertificate {
+        /// The site whose CA issued it.
+        #[arg(long)]
+        site: String,
+        /// Its serial number (hex; `openssl x509 -serial` output works).
+        #[arg(long, conflicts_with = "cert", required_unless_present = "cert")]
+        serial: Option<String>,
+        /// The certificate (PEM file).
+        #[arg(long)]
+        cert: Option<PathBuf>,
+    },
 }
 
 /// `ctl policy` subcommands.
@@ -289,6 +304,34 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
                 .await?
                 .into_inner();
             println!("revoked {} (revision {})", r.sha256, r.revision);
+            Ok(())
+        }
+        CtlCommand::Credential {
+            command: CredentialCommand::RevokeCertificate { site, serial, cert },
+        } => {
+            let cert_pem = match cert {
+                Some(p) => std::fs::read_to_string(p)
+                    .with_context(|| format!("reading {}", p.display()))?,
+                None => String::new(),
+            };
+            let serial = serial
+                .as_deref()
+                .map(|s| s.trim_start_matches("serial="))
+                .unwrap_or_default()
+                .to_string();
+            let r = fed
+                .revoke_certificate(pb::RevokeCertificateRequest {
+                    site: site.clone(),
+                    serial,
+                    cert_pem,
+                })
+                .await
+                .map_err(status_err)?
+                .into_inner();
+            println!(
+                "revoked certificate {} of site {site} (revision {})",
+                r.serial, r.revision
+            );
             Ok(())
         }
         CtlCommand::Credential {

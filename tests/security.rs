@@ -139,6 +139,15 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
             site: "alpha".into(),
             labels: [("region".to_string(), "eu".to_string())].into(),
         }),
+        "revoke beta's certificate" => site.revoke_certificate(pb::RevokeCertificateRequest {
+            site: "beta".into(),
+            serial: "01".into(),
+            cert_pem: String::new(),
+        }),
+        "revoke a credential" => site.revoke_credential(pb::RevokeCredentialRequest {
+            sha256: "0".repeat(64),
+            cert_pem: String::new(),
+        }),
     }
 
     tracing::info!("phase: a site manages only the policies it applied");
@@ -206,6 +215,11 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
         "anonymous trust bundle" => anon.update_trust_bundle(pb::UpdateTrustBundleRequest {
             site: "alpha".into(),
             trust_bundle_pem: some_ca_pem(),
+        }),
+        "anonymous certificate revocation" => anon.revoke_certificate(pb::RevokeCertificateRequest {
+            site: "alpha".into(),
+            serial: "01".into(),
+            cert_pem: String::new(),
         }),
     }
 
@@ -347,6 +361,115 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
     tracing::info!("phase: new connections from west no longer reach east");
     let r = causeway::local::call_banner(target, "y").await;
     assert!(r.is_err(), "a removed site still reached east: {r:?}");
+    fed.shutdown().await;
+}
+
+/// A gateway replica's key leaked: revoking its tunnel certificate by
+/// serial ends the tunnels it authenticated within 10 s (measured), its own
+/// gateway takes a fresh certificate, and traffic flows again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_gateway_certificate_loses_its_tunnels_within_seconds() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (echo, _task) = echo_server(Some("east".into())).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let vip = echo_vip(&fed, "west").await;
+    let target = SocketAddr::new(vip, 7000);
+    wait_call(target).await;
+
+    tracing::info!("phase: a long-lived connection from west through east");
+    let sock = tokio::net::TcpStream::connect(target).await.unwrap();
+    let (r, _w) = sock.into_split();
+    let mut r = tokio::io::BufReader::new(r);
+    let mut line = String::new();
+    use tokio::io::AsyncBufReadExt;
+    r.read_line(&mut line).await.unwrap();
+    assert_eq!(line.trim(), "east");
+
+    let cert_file = |site: &str| {
+        std::fs::read_dir(&fed.sites[site].state_dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| {
+                let n = p.file_name().unwrap().to_string_lossy().to_string();
+                n.starts_with("tunnel-") && n.ends_with(".pem")
+            })
+            .expect("the gateway records its tunnel certificate")
+    };
+    let serial_of = |path: &std::path::Path| {
+        let pem = std::fs::read_to_string(path).unwrap();
+        let der = causeway_api::identity::parse_certs_pem("tunnel cert", &pem).unwrap();
+        causeway_api::identity::serial_hex(&der[0]).unwrap()
+    };
+    let west_cert = cert_file("west");
+    let old_serial = serial_of(&west_cert);
+
+    tracing::info!("phase: a site may not revoke another site's certificate");
+    let east = causeway_gateway::site::SiteState::load(&fed.sites["east"].state_dir)
+        .unwrap()
+        .unwrap();
+    let mut as_east = east.controller_client().federation().await.unwrap();
+    denied(
+        as_east
+            .revoke_certificate(causeway_api::pb::RevokeCertificateRequest {
+                site: "west".into(),
+                serial: old_serial.clone(),
+                cert_pem: String::new(),
+            })
+            .await,
+        "east revoking west's certificate",
+    );
+    let bad = fed
+        .ctl(&["credential", "revoke-certificate", "--site", "west", "--serial", "xyz"])
+        .await
+        .unwrap_err();
+    assert!(format!("{bad:#}").contains("serial"), "{bad:#}");
+
+    tracing::info!(serial = %old_serial, "phase: revoke west's tunnel certificate");
+    let started = std::time::Instant::now();
+    fed.ctl(&[
+        "credential",
+        "revoke-certificate",
+        "--site",
+        "west",
+        "--cert",
+        west_cert.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), r.read_to_end(&mut rest)).await;
+    let took = started.elapsed();
+    assert!(
+        ended.is_ok(),
+        "the tunnel of a revoked certificate was still up 10 s after the revocation"
+    );
+    tracing::info!(?took, "revocation to the tunnel's end");
+    eventually(
+        Duration::from_secs(10),
+        "east to say why it closed west's tunnel",
+        async || {
+            let log = fed.sites["east"].gateway.log_tail(200);
+            log.contains("retiring tunnels whose peer certificate")
+                .then_some(())
+                .ok_or(log)
+        },
+    )
+    .await;
+
+    tracing::info!("phase: west takes a fresh certificate and traffic flows again");
+    eventually(
+        Duration::from_secs(20),
+        "west to replace its revoked certificate",
+        async || {
+            let now = serial_of(&west_cert);
+            (now != old_serial).then_some(()).ok_or(now)
+        },
+    )
+    .await;
+    let got = wait_call(target).await;
+    assert_eq!(got, "east");
     fed.shutdown().await;
 }
 
@@ -1127,7 +1250,7 @@ async fn smuggled_requests_never_reach_the_endpoint() {
 /// at once on one connection. The gateway ends that connection (GOAWAY)
 /// rather than keep working for it, and serves the next client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http2_rapid_reset_is_cut_off_and_the_gateway_stays_up() {
+async fn http2_rapid_reset_and_endless_continuation_are_cut_off_and_the_gateway_stays_up() {
     init_tracing();
     let tmp = tempfile::tempdir().unwrap();
     let mut fed = federation(&tmp).await;
@@ -1219,5 +1342,103 @@ async fn http2_rapid_reset_is_cut_off_and_the_gateway_stays_up() {
     // The gateway still serves others.
     let got = http_get_any(http, "/after").await;
     assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+
+    tracing::info!("phase: a HEADERS frame followed by CONTINUATION frames that never end");
+    let (goaway, written) = endless_continuation(http).await;
+    tracing::info!(
+        goaway,
+        written,
+        "bytes of header block sent before the gateway closed the connection"
+    );
+    assert!(goaway, "the connection closed without a GOAWAY");
+    assert!(
+        written < 64 << 20,
+        "the gateway read 64 MiB of one header block"
+    );
+    let got = http_get_any(http, "/after-continuation").await;
+    assert!(got.starts_with("HTTP/1.1 200"), "{got}");
     fed.shutdown().await;
+}
+
+/// Opens an HTTP/2 connection (prior knowledge) to `addr` and sends one
+/// HEADERS frame without END_HEADERS, then 16 KiB CONTINUATION frames
+/// (literal headers, never END_HEADERS) until the peer closes the
+/// connection or 64 MiB went out. Returns whether a GOAWAY came back and
+/// how many header-block bytes were written.
+async fn endless_continuation(addr: SocketAddr) -> (bool, usize) {
+    use tokio::io::AsyncReadExt;
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = len.to_be_bytes()[1..].to_vec();
+        f.extend([kind, flags]);
+        f.extend(stream.to_be_bytes());
+        f.extend(payload);
+        f
+    }
+    // One literal header without indexing, new name: 0x00, name, value.
+    fn literal(i: usize) -> Vec<u8> {
+        let name = format!("x-h{i:06}");
+        let value = "v".repeat(100);
+        let mut b = vec![0x00, name.len() as u8];
+        b.extend(name.as_bytes());
+        b.push(value.len() as u8);
+        b.extend(value.as_bytes());
+        b
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut r, mut w) = tcp.into_split();
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    // :method GET, :scheme http, :path /, :authority (indexed / literal).
+    let mut first = vec![0x82, 0x86, 0x84, 0x41, 0x09];
+    first.extend(b"localhost");
+    hello.extend(frame(0x1, 0x1, 1, &first)); // HEADERS, END_STREAM, no END_HEADERS
+    w.write_all(&hello).await.unwrap();
+    let reader = tokio::spawn(async move {
+        let mut goaway = false;
+        let mut buf = vec![0u8; 65536];
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return goaway,
+                Ok(n) => {
+                    pending.extend(&buf[..n]);
+                    while pending.len() >= 9 {
+                        let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
+                        if pending.len() < 9 + len {
+                            break;
+                        }
+                        goaway |= pending[3] == 0x7;
+                        pending.drain(..9 + len);
+                    }
+                }
+            }
+        }
+    });
+    let mut written = 0;
+    let mut i = 0;
+    while written < 64 << 20 && !reader.is_finished() {
+        let mut block = Vec::new();
+        while block.len() < 16_000 {
+            block.extend(literal(i));
+            i += 1;
+        }
+        if w.write_all(&frame(0x9, 0, 1, &block)).await.is_err() {
+            break;
+        }
+        written += block.len();
+    }
+    eventually(
+        Duration::from_secs(20),
+        "the gateway to close the connection",
+        async || {
+            if reader.is_finished() {
+                Ok(())
+            } else {
+                Err(format!("{written} bytes of one header block sent, connection open"))
+            }
+        },
+    )
+    .await;
+    (reader.await.unwrap(), written)
 }

@@ -53,6 +53,10 @@ pub struct SiteRecord {
     /// that joined before credentials were recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_sha256: Option<String>,
+    /// Serials (hex) of its certificates that are revoked: gateways refuse
+    /// them even though they chain to the bundle.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub revoked_serials: BTreeSet<String>,
 }
 
 fn yes() -> bool {
@@ -178,6 +182,13 @@ pub enum Command {
         /// SHA-256 of the API credential issued to it (hex).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         credential_sha256: Option<String>,
+    },
+    /// Refuse one certificate a site's CA issued, by serial.
+    RevokeCertificate {
+        /// The site.
+        site: SiteName,
+        /// Its serial, lowercase hex.
+        serial: String,
     },
     /// Refuse a credential from now on, on every RPC.
     RevokeCredential {
@@ -337,6 +348,9 @@ pub struct CatalogState {
     pub revoked: BTreeSet<String>,
 }
 
+/// Most revoked certificate serials remembered per site.
+pub const MAX_REVOKED_SERIALS: usize = 1_000;
+
 /// Most revoked credentials remembered.
 pub const MAX_REVOKED: usize = 10_000;
 
@@ -441,6 +455,7 @@ impl CatalogState {
                     joined_at_ms: now_ms,
                     available: true,
                     credential_sha256,
+                    revoked_serials: BTreeSet::new(),
                 },
             ),
             Command::RevokeCredential { sha256 } => {
@@ -509,6 +524,25 @@ impl CatalogState {
                     rec.labels = labels;
                     changed
                 })
+            }
+            Command::RevokeCertificate { site, serial } => {
+                let Some(serial) = causeway_api::identity::parse_serial(&serial) else {
+                    return refused(
+                        RejectCode::Invalid,
+                        "serial: a certificate serial number in hex (at most 20 octets)",
+                    );
+                };
+                let full = self
+                    .sites
+                    .get(&site)
+                    .is_some_and(|r| r.revoked_serials.len() >= MAX_REVOKED_SERIALS);
+                if full {
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("at most {MAX_REVOKED_SERIALS} revoked certificates per site; rotate the site's CA instead (causeway rotate)"),
+                    );
+                }
+                self.update_site(&site, |rec| rec.revoked_serials.insert(serial))
             }
             Command::SetSiteAvailability { site, available } => self.update_site(&site, |rec| {
                 let changed = rec.available != available;
@@ -918,6 +952,7 @@ pub fn site_to_pb(s: &SiteRecord) -> pb::Site {
         trust_domain: s.trust_domain.to_string(),
         trust_bundle_pem: s.trust_bundle_pem.clone(),
         available: s.available,
+        revoked_serials: s.revoked_serials.iter().cloned().collect(),
     }
 }
 

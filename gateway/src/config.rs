@@ -287,6 +287,11 @@ pub struct QuicConfig {
     /// 1452 fits a 1500-byte Ethernet MTU; raise it on jumbo-frame links
     /// (e.g. 8952 for MTU 9000). Discovery falls back if probes are lost.
     pub max_udp_payload: u16,
+    /// Validate a peer's address with a Retry before any handshake work:
+    /// an Initial from an address that never answers (a spoofed source)
+    /// gets one small Retry back, not a certificate flight, and costs no
+    /// connection state. Costs one round trip when a tunnel is made.
+    pub retry: bool,
 }
 
 impl Default for QuicConfig {
@@ -300,6 +305,7 @@ impl Default for QuicConfig {
             max_streams_per_peer: 16384,
             udp_buffer_bytes: 4 * 1024 * 1024,
             max_udp_payload: 1452,
+            retry: true,
         }
     }
 }

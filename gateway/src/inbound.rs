@@ -102,9 +102,18 @@ impl Inbound {
         }
     }
 
-    /// Accepts connections until the endpoint closes.
-    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint) {
+    /// Accepts connections until the endpoint closes. With `retry`, a
+    /// connection attempt from an address not yet validated is answered
+    /// with a Retry and nothing else (see `QuicConfig::retry`).
+    pub async fn run(self: Arc<Self>, endpoint: quinn::Endpoint, retry: bool) {
         while let Some(incoming) = endpoint.accept().await {
+            if retry && !incoming.remote_address_validated() && incoming.may_retry() {
+                metrics::counter!("causeway_tunnel_retries_total").increment(1);
+                if let Err(e) = incoming.retry() {
+                    tracing::debug!(error = %e, "could not send a Retry");
+                }
+                continue;
+            }
             let this = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();

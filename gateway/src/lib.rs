@@ -124,6 +124,7 @@ pub async fn run(
         settings.site_ca.as_ref(),
     )?);
     let cred = state.gateway_credential(&site_ca, &settings.replica, settings.cert_ttl)?;
+    record_tunnel_certificate(&settings, &cred);
     let store = TrustStore::new();
     store.set_site(
         state.site.clone(),
@@ -157,6 +158,7 @@ pub async fn run(
         settings.quic.clone(),
         settings.retire_grace,
     );
+    let renew_now = Arc::new(tokio::sync::Notify::new());
     let sync_task = tokio::spawn(sync_catalog(
         cat_rx,
         routes_tx,
@@ -166,9 +168,10 @@ pub async fn run(
         state.site.clone(),
         settings.clone(),
         ready.clone(),
+        renew_now.clone(),
     ));
     inbound.set_routes(routes_rx.clone());
-    let inbound_task = tokio::spawn(inbound.clone().run(endpoint.clone()));
+    let inbound_task = tokio::spawn(inbound.clone().run(endpoint.clone(), settings.quic.retry));
     let steer = Arc::new(Steering::new(state.site.clone(), pool.clone()));
     let fwd = Arc::new(Forward {
         routes: routes_rx.clone(),
@@ -203,6 +206,7 @@ pub async fn run(
         endpoint.clone(),
         pool.clone(),
         store.clone(),
+        renew_now,
     ));
     let publish_task = tokio::spawn(publish::run(
         client,
@@ -250,6 +254,7 @@ async fn renew_credential(
     endpoint: quinn::Endpoint,
     pool: Arc<Pool>,
     store: Arc<TrustStore>,
+    renew_now: Arc<tokio::sync::Notify>,
 ) {
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let every = settings.cert_ttl.mul_f64(2.0 / 3.0);
@@ -257,6 +262,7 @@ async fn renew_credential(
     loop {
         let why = tokio::select! {
             _ = tokio::time::sleep(every) => "two thirds of its lifetime passed",
+            _ = renew_now.notified() => "a certificate of this site was revoked",
             Some(()) = async {
                 match hup.as_mut() {
                     Some(h) => h.recv().await,
@@ -284,6 +290,7 @@ async fn renew_credential(
             });
         match renewed {
             Ok((cred, server)) => {
+                record_tunnel_certificate(&settings, &cred);
                 endpoint.set_server_config(Some(server));
                 pool.set_credential(cred);
                 metrics::counter!("causeway_gateway_cert_renewals_total", "result" => "ok")
@@ -300,10 +307,30 @@ async fn renew_credential(
     }
 }
 
-/// After `site`'s bundle changed: retires the tunnels with it whose peer
-/// certificate no longer chains to the bundle (a CA was pruned from it):
-/// new streams take fresh tunnels at once, the old ones close after
-/// `retire_grace_secs`.
+/// Writes this replica's current tunnel certificate (public, no key) to
+/// `tunnel-<replica>.pem` in the state directory and logs its serial: what
+/// an operator gives `ctl credential revoke-certificate` if the replica's
+/// key leaks.
+fn record_tunnel_certificate(settings: &Settings, cred: &causeway_api::identity::Credential) {
+    let serial = cred
+        .chain
+        .first()
+        .and_then(causeway_api::identity::serial_hex)
+        .unwrap_or_default();
+    let path = settings
+        .state_dir
+        .join(format!("tunnel-{}.pem", settings.replica));
+    // Atomic (a rename over the old one): a reader never sees it missing.
+    if let Err(e) = causeway_api::identity::write(&path, &cred.cert_pem, false) {
+        tracing::warn!(path = %path.display(), error = %e, "could not record the tunnel certificate");
+    }
+    tracing::info!(%serial, path = %path.display(), "tunnel certificate in use");
+}
+
+/// After `site`'s bundle or revoked serials changed: retires the tunnels
+/// with it whose peer certificate is no longer trusted (a CA was pruned
+/// from the bundle, or the certificate was revoked): new streams take
+/// fresh tunnels at once, the old ones close after `grace`.
 fn retire_untrusted(
     site: &SiteName,
     store: &TrustStore,
@@ -320,7 +347,7 @@ fn retire_untrusted(
             .is_some_and(|chain| !store.still_trusted(&chain, client))
     };
     let reason = b"peer certificate no longer trusted";
-    let retired = pool.retire_where(site, |c| untrusted(c, false), reason)
+    let retired = pool.retire_where(site, |c| untrusted(c, false), reason, grace)
         + inbound.retire_where(site, |c| untrusted(c, true), reason, grace);
     if retired > 0 {
         metrics::counter!("causeway_tunnels_untrusted_retired_total").increment(retired as u64);
@@ -340,10 +367,13 @@ async fn sync_catalog(
     own_site: SiteName,
     settings: Settings,
     ready: Arc<Readiness>,
+    renew_now: Arc<tokio::sync::Notify>,
 ) {
-    // The bundle last applied per site: a change may drop a CA that live
-    // tunnels were authenticated with.
-    let mut applied: std::collections::HashMap<SiteName, String> = Default::default();
+    // The bundle and revoked serials last applied per site: a change may
+    // drop a CA, or revoke a certificate, that live tunnels were
+    // authenticated with.
+    let mut applied: std::collections::HashMap<SiteName, (String, Vec<String>)> =
+        Default::default();
     loop {
         let view = cat.borrow_and_update().clone();
         if view.synced {
@@ -357,26 +387,44 @@ async fn sync_catalog(
                 };
                 // Parse and apply a bundle only when it changed: catalog
                 // changes are mostly exports, and bundles are up to 64 KiB.
-                if applied.get(&n) != Some(&site.trust_bundle_pem) {
+                let before = applied.get(&n);
+                let bundle_changed = before.map(|b| &b.0) != Some(&site.trust_bundle_pem);
+                let revoked_changed = before.map_or(!site.revoked_serials.is_empty(), |b| {
+                    b.1 != site.revoked_serials
+                });
+                let had = before.is_some();
+                if revoked_changed {
+                    store.set_revoked(&n, site.revoked_serials.iter().cloned());
+                    if n == own_site {
+                        // One of this site's certificates was revoked: it
+                        // may be this replica's, so take a fresh one.
+                        renew_now.notify_one();
+                    }
+                }
+                if bundle_changed {
                     match parse_certs_pem("trust bundle", &site.trust_bundle_pem) {
-                        Ok(roots) => {
-                            store.set_site(n.clone(), td, roots);
-                            let had = applied
-                                .insert(n.clone(), site.trust_bundle_pem.clone())
-                                .is_some();
-                            if had {
-                                retire_untrusted(
-                                    &n,
-                                    &store,
-                                    &pool,
-                                    &inbound,
-                                    settings.retire_grace,
-                                );
-                            }
-                        }
+                        Ok(roots) => store.set_site(n.clone(), td, roots),
                         Err(e) => {
-                            tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle")
+                            tracing::warn!(site = %n, error = %e, "ignoring an unreadable trust bundle");
+                            members.push(n);
+                            continue;
                         }
+                    }
+                }
+                if bundle_changed || revoked_changed {
+                    applied.insert(
+                        n.clone(),
+                        (site.trust_bundle_pem.clone(), site.revoked_serials.clone()),
+                    );
+                    if had {
+                        // A revoked certificate is cut at once; a pruned CA's
+                        // tunnels get the grace a planned rotation expects.
+                        let grace = if revoked_changed {
+                            Duration::ZERO
+                        } else {
+                            settings.retire_grace
+                        };
+                        retire_untrusted(&n, &store, &pool, &inbound, grace);
                     }
                 }
                 members.push(n);

@@ -512,6 +512,7 @@ impl Pool {
         site: &SiteName,
         reject: impl Fn(&quinn::Connection) -> bool,
         reason: &'static [u8],
+        grace: Duration,
     ) -> usize {
         let mut redial = Vec::new();
         {
@@ -525,7 +526,7 @@ impl Pool {
                     r.conn = None;
                     r.dialing = true;
                     redial.push(r.at);
-                    close_after(c, self.retire_grace, reason);
+                    close_after(c, grace, reason);
                 }
             }
             Self::publish_gauge(&sites);
@@ -542,7 +543,12 @@ impl Pool {
     /// was still in the pool (a concurrent stream may have retired it).
     pub fn retire(&self, site: &SiteName, conn: &quinn::Connection) -> bool {
         let id = conn.stable_id();
-        self.retire_where(site, |c| c.stable_id() == id, b"peer refused new streams") > 0
+        self.retire_where(
+            site,
+            |c| c.stable_id() == id,
+            b"peer refused new streams",
+            self.retire_grace,
+        ) > 0
     }
 
     /// Closes a connection that failed to open a stream: the next stream

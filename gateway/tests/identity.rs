@@ -175,3 +175,88 @@ async fn only_certificates_chained_to_their_own_sites_bundle_are_accepted() {
         .await
         .unwrap();
 }
+
+/// The certificate cases of the negative suite, each through a live QUIC
+/// handshake: a client presenting the rogue leaf is refused by the server
+/// for its own reason, and a good leaf still gets through afterwards.
+#[tokio::test]
+async fn rogue_client_certificates_are_refused_in_the_handshake() {
+    use rcgen::{date_time_ymd, BasicConstraints, ExtendedKeyUsagePurpose, IsCa, SanType};
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let a = CertificateAuthority::generate("site a").unwrap();
+    let b = CertificateAuthority::generate("site b").unwrap();
+    let (mut srv, store) = server(&a, &b);
+    let client_store = TrustStore::new();
+    client_store.set_site(site("a"), td("a"), vec![a.cert_der.clone()]);
+    let id: causeway_api::model::SpiffeId = "spiffe://b.causeway/gateway/gw-0".parse().unwrap();
+    let uri = |s: &str| SanType::URI(s.to_string().try_into().unwrap());
+    type Forge = Box<dyn Fn(&mut rcgen::CertificateParams)>;
+    let revoked = b.issue_forged(&id, |_| {}).unwrap();
+    let serial = causeway_api::identity::serial_hex(&revoked.chain[0]).unwrap();
+    store.set_revoked(&site("b"), [serial.clone()]);
+    let cases: Vec<(&str, Credential, &str)> = [
+        (
+            "a leaf with CA:TRUE",
+            Box::new(|p: &mut rcgen::CertificateParams| {
+                p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained)
+            }) as Forge,
+            "is a CA certificate",
+        ),
+        (
+            "a server-only leaf used as a client",
+            Box::new(|p| p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth]),
+            "RequiredEkuNotFound",
+        ),
+        (
+            "not yet valid",
+            Box::new(|p| {
+                p.not_before = date_time_ymd(2090, 1, 1);
+                p.not_after = date_time_ymd(2091, 1, 1);
+            }),
+            "CertNotValidYet",
+        ),
+        (
+            "expired",
+            Box::new(|p| {
+                p.not_before = date_time_ymd(2001, 1, 1);
+                p.not_after = date_time_ymd(2002, 1, 1);
+            }),
+            "CertExpired",
+        ),
+        (
+            "no URI SAN",
+            Box::new(|p| p.subject_alt_names.clear()),
+            "no valid SPIFFE ID",
+        ),
+        (
+            "two URI SANs",
+            Box::new(move |p| p.subject_alt_names.push(uri("spiffe://b.causeway/gateway/gw-1"))),
+            "no valid SPIFFE ID",
+        ),
+        (
+            "a controller ID from a site CA",
+            Box::new(move |p| {
+                p.subject_alt_names = vec![uri("spiffe://controller.causeway/admin/root")]
+            }),
+            "belongs to no member site",
+        ),
+    ]
+    .into_iter()
+    .map(|(what, forge, want)| (what, b.issue_forged(&id, forge).unwrap(), want))
+    .chain([("a revoked serial", revoked, "was revoked")])
+    .collect();
+    for (what, cred, want) in &cases {
+        let _ = dial(&srv.endpoint, client_store.clone(), cred, "a").await;
+        let refused = srv
+            .accepted
+            .recv()
+            .await
+            .unwrap()
+            .expect_err(&format!("{what}: accepted"));
+        assert!(refused.contains(want), "{what}: {refused}");
+    }
+    // The same CA's ordinary leaf still passes.
+    let good = leaf(&b, "spiffe://b.causeway/gateway/gw-0");
+    dial(&srv.endpoint, client_store, &good, "a").await.unwrap();
+    assert!(srv.accepted.recv().await.unwrap().is_ok());
+}

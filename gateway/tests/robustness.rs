@@ -90,7 +90,7 @@ async fn setup_with(
         &quic,
     )
     .unwrap();
-    tokio::spawn(inbound.run(server.clone()));
+    tokio::spawn(inbound.run(server.clone(), quic.retry));
     // The dialing side is a gateway endpoint too (same socket settings).
     let client = tunnel::endpoint(
         tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
@@ -328,4 +328,45 @@ async fn a_forged_caller_field_in_the_stream_header_is_ignored() {
     };
     send.write_all(&forged.encode()).await.unwrap();
     assert_eq!(read_status(&mut recv).await.unwrap(), Status::Forbidden);
+}
+
+/// One QUIC Initial sent from an address that never answers (as a spoofed
+/// source would be) gets at most three times its size back: the gateway
+/// cannot be used to amplify a flood at a third party (RFC 9000 §8.1).
+/// Everything the server sends to that address is counted until it has
+/// been quiet for 3 s (its retransmission timers fire within that). The
+/// gateway answers with a Retry (`quic.retry`, on by default): ~110 bytes.
+/// Without it quinn answered 3,738 bytes (3.1×) here — over the limit.
+#[tokio::test]
+async fn an_initial_from_a_silent_address_gets_at_most_three_times_its_size_back() {
+    let s = setup(QuicConfig::default()).await;
+    // The real client dials a relay, which passes its first datagram (the
+    // Initial, padded to at least 1,200 bytes) on from another socket that
+    // never answers.
+    let relay = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let silent = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let _connecting = s
+        .client
+        .connect_with(s.client_cfg.clone(), relay.local_addr().unwrap(), "gateway")
+        .unwrap();
+    let mut buf = vec![0u8; 65_536];
+    let (initial, _) = relay.recv_from(&mut buf).await.unwrap();
+    assert!(initial >= 1200, "an Initial is padded: {initial} bytes");
+    silent
+        .send_to(&buf[..initial], s.server.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (mut back, mut datagrams) = (0, 0);
+    while let Ok(Ok((n, _))) =
+        tokio::time::timeout(Duration::from_secs(3), silent.recv_from(&mut buf)).await
+    {
+        back += n;
+        datagrams += 1;
+    }
+    eprintln!("one {initial}-byte Initial from a silent address: {datagrams} datagrams, {back} bytes back");
+    assert!(datagrams > 0, "the server never answered the Initial");
+    assert!(
+        back <= 3 * initial,
+        "{back} bytes sent to an unvalidated address for {initial} received"
+    );
 }

@@ -240,6 +240,26 @@ impl CertificateAuthority {
             .clone()
     }
 
+    /// Issues a leaf for `id` after `forge` changed its parameters: how
+    /// tests make rogue certificates (CA:TRUE leaves, wrong key usages,
+    /// bad validity, other names) signed by a real CA.
+    #[cfg(any(test, feature = "testing"))]
+    pub fn issue_forged(
+        &self,
+        id: &SpiffeId,
+        forge: impl FnOnce(&mut CertificateParams),
+    ) -> Result<Credential, IdentityError> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params(id, &[], Duration::from_secs(3600))?;
+        forge(&mut params);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Credential {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            chain: vec![cert.der().clone()],
+        })
+    }
+
     /// Signs a CSR, replacing whatever names it asked for with `id`: the
     /// caller proves possession of the key, the CA decides the identity.
     pub fn sign_csr(
@@ -315,6 +335,36 @@ pub fn validity_midpoint(cert: &CertificateDer<'_>) -> Option<u64> {
     let from = c.validity().not_before.timestamp();
     let to = c.validity().not_after.timestamp();
     u64::try_from(from + (to - from) / 2).ok()
+}
+
+/// A certificate's serial number as lowercase hex without leading zero
+/// bytes: how revocations name a certificate its site's CA issued.
+pub fn serial_hex(cert: &CertificateDer<'_>) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, c) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    Some(normalize_serial(&hex::encode(c.raw_serial())))
+}
+
+/// A serial number as written by a person (`0A:1b…`, `0x0a1b…`) in the
+/// form [`serial_hex`] gives, or `None` when it is not hex or is longer
+/// than the 20 octets RFC 5280 allows.
+pub fn parse_serial(text: &str) -> Option<String> {
+    let t = text.trim();
+    let t = t.strip_prefix("0x").unwrap_or(t);
+    let digits: String = t.chars().filter(|c| *c != ':').collect();
+    if digits.is_empty() || digits.len() > 40 || !digits.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(normalize_serial(&digits.to_ascii_lowercase()))
+}
+
+fn normalize_serial(hex: &str) -> String {
+    let trimmed = hex.trim_start_matches('0');
+    let mut out = if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() };
+    if out.len() % 2 == 1 {
+        out.insert(0, '0');
+    }
+    out
 }
 
 /// Whether the certificate says it is a CA (basicConstraints cA=true).
@@ -500,6 +550,28 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serials_read_from_a_person_match_the_certificate() {
+        let ca = CertificateAuthority::generate("a").unwrap();
+        let leaf = ca
+            .issue(&"spiffe://a.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .unwrap();
+        let serial = serial_hex(&leaf.chain[0]).unwrap();
+        assert_eq!(parse_serial(&serial).as_deref(), Some(serial.as_str()));
+        let colons: Vec<String> = serial
+            .to_uppercase()
+            .as_bytes()
+            .chunks(2)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap())
+            .collect();
+        assert_eq!(parse_serial(&colons.join(":")).as_deref(), Some(serial.as_str()));
+        assert_eq!(parse_serial("0x00ff").as_deref(), Some("ff"));
+        assert_eq!(parse_serial("abc").as_deref(), Some("0abc"));
+        assert_eq!(parse_serial("xyz"), None);
+        assert_eq!(parse_serial(""), None);
+        assert_eq!(parse_serial(&"a".repeat(41)), None);
+    }
 
     #[cfg(unix)]
     #[test]

@@ -3,7 +3,7 @@
 //! trust domain its own SPIFFE ID names, so a site's CA can only vouch for
 //! that site's identities.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -12,7 +12,7 @@ use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::identity::{is_ca_cert, spiffe_id_of};
+use crate::identity::{is_ca_cert, serial_hex, spiffe_id_of};
 use crate::model::{SiteName, SpiffeId, TrustDomain};
 
 /// Why a peer certificate was refused. `kind()` is a bounded metrics label.
@@ -35,6 +35,14 @@ pub enum TrustError {
         /// The trust domain expected.
         expected: TrustDomain,
     },
+    /// The leaf's serial was revoked by its site or an operator.
+    #[error("peer certificate for {id} (serial {serial}) was revoked")]
+    Revoked {
+        /// The ID the leaf claims.
+        id: SpiffeId,
+        /// Its serial number, hex.
+        serial: String,
+    },
     /// The chain does not verify against the claimed site's bundle.
     #[error("peer certificate for {id} does not chain to the bundle of site {site}: {reason}")]
     BadChain {
@@ -56,6 +64,7 @@ impl TrustError {
             TrustError::UnknownTrustDomain(_) => "unknown_trust_domain",
             TrustError::WrongTrustDomain { .. } => "wrong_trust_domain",
             TrustError::BadChain { .. } => "bad_chain",
+            TrustError::Revoked { .. } => "revoked",
         }
     }
 }
@@ -70,6 +79,8 @@ struct SiteBundle {
 #[derive(Default, Debug)]
 pub struct TrustStore {
     bundles: RwLock<HashMap<TrustDomain, SiteBundle>>,
+    /// Revoked leaf serials (hex, as [`serial_hex`] gives) per site.
+    revoked: RwLock<HashMap<SiteName, HashSet<String>>>,
 }
 
 /// A verified peer: its site and SPIFFE ID.
@@ -103,6 +114,27 @@ impl TrustStore {
     pub fn remove_site(&self, site: &SiteName) {
         let mut map = self.bundles.write().unwrap_or_else(|e| e.into_inner());
         map.retain(|_, b| &b.site != site);
+        self.revoked
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(site);
+    }
+
+    /// Sets the serials of `site`'s certificates that are revoked: a leaf
+    /// with one of them is refused even though it chains to the bundle.
+    pub fn set_revoked(&self, site: &SiteName, serials: impl IntoIterator<Item = String>) {
+        let serials: HashSet<String> = serials.into_iter().collect();
+        let mut map = self.revoked.write().unwrap_or_else(|e| e.into_inner());
+        if serials.is_empty() {
+            map.remove(site);
+        } else {
+            map.insert(site.clone(), serials);
+        }
+    }
+
+    fn is_revoked(&self, site: &SiteName, serial: &str) -> bool {
+        let map = self.revoked.read().unwrap_or_else(|e| e.into_inner());
+        map.get(site).is_some_and(|s| s.contains(serial))
     }
 
     /// The sites with a bundle.
@@ -158,6 +190,10 @@ impl TrustStore {
         };
         ee.verify_for_usage(algs.all, &anchors, &inter, now, usage, None, None)
             .map_err(|e| bad(format!("{e:?}")))?;
+        let serial = serial_hex(end_entity).unwrap_or_default();
+        if self.is_revoked(&bundle.site, &serial) {
+            return Err(TrustError::Revoked { id, serial });
+        }
         Ok(Peer {
             site: bundle.site,
             id,
@@ -347,6 +383,30 @@ mod tests {
 
         store.remove_site(&site);
         assert!(!store.still_trusted(&from_new.chain, true));
+    }
+
+    #[test]
+    fn a_revoked_serial_is_refused_and_only_that_one() {
+        let ca = CertificateAuthority::generate("a").unwrap();
+        let store = TrustStore::new();
+        let site: SiteName = "a".parse().unwrap();
+        store.set_site(site.clone(), "a.causeway".parse().unwrap(), vec![ca.cert_der.clone()]);
+        let id = "spiffe://a.causeway/gateway/0".parse().unwrap();
+        let bad = ca.issue(&id, &[], Duration::from_secs(60)).unwrap();
+        let good = ca.issue(&id, &[], Duration::from_secs(60)).unwrap();
+        let serial = crate::identity::serial_hex(&bad.chain[0]).unwrap();
+        assert_ne!(Some(&serial), crate::identity::serial_hex(&good.chain[0]).as_ref());
+        store.set_revoked(&site, [serial.clone()]);
+        let err = store.verify(&bad.chain[0], &[], now(), true, None).unwrap_err();
+        assert!(matches!(err, TrustError::Revoked { .. }), "{err:?}");
+        assert!(err.to_string().contains(&serial), "{err}");
+        assert!(!store.still_trusted(&bad.chain, false));
+        assert!(store.still_trusted(&good.chain, false));
+        // A bundle update keeps the revocations; leaving the federation drops both.
+        store.set_site(site.clone(), "a.causeway".parse().unwrap(), vec![ca.cert_der.clone()]);
+        assert!(!store.still_trusted(&bad.chain, false));
+        store.set_revoked(&site, []);
+        assert!(store.still_trusted(&bad.chain, false));
     }
 
     /// The negative suite for certificates, through the verifier both

@@ -429,6 +429,47 @@ impl Federation for FederationService {
         )))
     }
 
+    async fn revoke_certificate(
+        &self,
+        req: Request<pb::RevokeCertificateRequest>,
+    ) -> Result<Response<pb::RevokeCertificateResponse>, Status> {
+        let who = require_site_or_admin("RevokeCertificate", &req, &self.shared.hub).await?;
+        let r = req.into_inner();
+        let site: SiteName = r.site.parse().map_err(|e| invalid("site", e))?;
+        if let Caller::Site(own) = &who {
+            if *own != site {
+                return Err(denied(
+                    "RevokeCertificate",
+                    &who,
+                    &format!("the credential of site {site} or an admin credential; site {own} may only revoke its own certificates"),
+                ));
+            }
+        }
+        let serial = if !r.cert_pem.is_empty() {
+            let certs = causeway_api::identity::parse_certs_pem("cert_pem", &r.cert_pem)
+                .map_err(|e| invalid("cert_pem", e))?;
+            causeway_api::identity::serial_hex(&certs[0])
+                .ok_or_else(|| invalid("cert_pem", "not an X.509 certificate"))?
+        } else {
+            causeway_api::identity::parse_serial(&r.serial).ok_or_else(|| {
+                invalid(
+                    "serial",
+                    "a certificate serial number in hex (or give cert_pem)",
+                )
+            })?
+        };
+        let revision = outcome_status(
+            self.shared
+                .propose(Command::RevokeCertificate {
+                    site: site.clone(),
+                    serial: serial.clone(),
+                })
+                .await?,
+        )?;
+        tracing::info!(%site, %serial, caller = ?who, "certificate revoked");
+        Ok(Response::new(pb::RevokeCertificateResponse { revision, serial }))
+    }
+
     async fn revoke_credential(
         &self,
         req: Request<pb::RevokeCredentialRequest>,

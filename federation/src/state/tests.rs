@@ -544,3 +544,47 @@ fn a_site_credential_counts_only_while_it_is_the_issued_one_and_not_revoked() {
     let back: CatalogState = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
     assert_eq!(back, s, "revocations survive a snapshot");
 }
+
+#[test]
+fn a_revoked_certificate_serial_reaches_watchers_once_and_only_for_a_member() {
+    let mut s = CatalogState::default();
+    token(&mut s, "t1", "a", 100);
+    join(&mut s, "t1", "a", 1);
+    let revoke = |s: &mut CatalogState, site_name: &str, serial: &str| {
+        s.apply(Command::RevokeCertificate {
+            site: site(site_name),
+            serial: serial.into(),
+        })
+    };
+    let (out, changes) = revoke(&mut s, "a", "0A:1B");
+    assert!(matches!(out, Outcome::Applied { .. }), "{out:?}");
+    match &changes[..] {
+        [pb::Change {
+            kind: Some(pb::change::Kind::SiteUpserted(site)),
+        }] => assert_eq!(site.revoked_serials, vec!["0a1b".to_string()]),
+        other => panic!("{other:?}"),
+    }
+    // The same serial however it is written: nothing changes.
+    let (out, changes) = revoke(&mut s, "a", "0x0a1b");
+    assert!(matches!(out, Outcome::Unchanged { .. }), "{out:?}");
+    assert!(changes.is_empty());
+    for (site_name, serial, want) in [
+        ("a", "not-hex", "serial"),
+        ("b", "01", "not a member"),
+    ] {
+        let (out, changes) = revoke(&mut s, site_name, serial);
+        match out {
+            Outcome::Rejected { message, .. } => assert!(message.contains(want), "{message}"),
+            other => panic!("{site_name}/{serial}: {other:?}"),
+        }
+        assert!(changes.is_empty());
+    }
+    for i in 1..MAX_REVOKED_SERIALS {
+        revoke(&mut s, "a", &format!("{i:x}"));
+    }
+    let (out, _) = revoke(&mut s, "a", "ffffff");
+    assert!(
+        matches!(out, Outcome::Rejected { code: RejectCode::LimitExceeded, .. }),
+        "{out:?}"
+    );
+}
