@@ -91,7 +91,7 @@ pub enum CaCommand {
 #[derive(Args, Debug)]
 pub struct ControllerArgs {
     /// TOML file with the same fields as the flags (flags then are not allowed).
-    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms", "snapshot_every", "watch_stall_ms"])]
+    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms", "snapshot_every", "watch_stall_ms", "site_credential_lifetime_secs", "admin_credential_lifetime_secs"])]
     pub config: Option<PathBuf>,
     /// This node's id (a positive integer, unique in the cluster).
     #[arg(long)]
@@ -128,6 +128,13 @@ pub struct ControllerArgs {
     /// (never initialize a new cluster).
     #[arg(long)]
     pub join: bool,
+    /// Lifetime of a site's API credential, s (default a year; gateways
+    /// renew it at two thirds).
+    #[arg(long)]
+    pub site_credential_lifetime_secs: Option<u64>,
+    /// Longest lifetime of an admin credential, s (default 90 days).
+    #[arg(long)]
+    pub admin_credential_lifetime_secs: Option<u64>,
 }
 
 /// `causeway gateway` flags.
@@ -232,6 +239,8 @@ impl ControllerArgs {
             snapshot_every: self.snapshot_every,
             watch_stall_ms: self.watch_stall_ms,
             join: self.join,
+            site_credential_lifetime_secs: self.site_credential_lifetime_secs,
+            admin_credential_lifetime_secs: self.admin_credential_lifetime_secs,
             ..Default::default()
         })
     }
@@ -384,9 +393,15 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding TCP {listen}"))?;
     tracing::info!(%listen, zone = %settings.zone.origin, site = %state.site, "dns serving");
+    let client = state.controller_client();
+    // The site's gateway renews the credential; this follows the file.
+    tokio::spawn({
+        let (state, client) = (state.clone(), client.clone());
+        async move { state.follow_api_credential(client).await }
+    });
     causeway_dns::run(
         settings.zone,
-        state.controller_client(),
+        client,
         udp,
         tcp,
         settings.serve,

@@ -83,7 +83,14 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: PolicyCommand,
     },
-    /// Credentials: issue an admin credential, revoke any credential.
+    /// Admin credentials: issue, list, revoke, renew (recorded by the
+    /// controllers; from the first recorded one on, only recorded ones count).
+    Admin {
+        /// What to do.
+        #[command(subcommand)]
+        command: crate::ctl_admin::AdminCommand,
+    },
+    /// Credentials: revoke any credential, or a site's certificate by serial.
     Credential {
         /// What to do.
         #[command(subcommand)]
@@ -94,15 +101,6 @@ pub enum CtlCommand {
 /// `ctl credential` subcommands.
 #[derive(Subcommand)]
 pub enum CredentialCommand {
-    /// Issue an admin credential NAME into DIR (admin.pem, admin-key.pem),
-    /// signed with the controller CA key in --creds (kept offline).
-    IssueAdmin {
-        /// The admin's name (its SPIFFE ID ends in /admin/NAME).
-        name: String,
-        /// Where to write it (created 0700).
-        #[arg(long)]
-        out: PathBuf,
-    },
     /// Refuse a credential on every RPC from now on (open Watch streams of
     /// it end within seconds). Give its certificate or its SHA-256.
     Revoke {
@@ -263,26 +261,8 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         } => read_policy_file(file)?,
         _ => Vec::new(),
     };
-    // Issuing an admin credential is offline: the CA key signs it here.
-    if let CtlCommand::Credential {
-        command: CredentialCommand::IssueAdmin { name, out },
-    } = &args.command
-    {
-        let ca = causeway_api::identity::CertificateAuthority::load(
-            &args.creds.join("ca.pem"),
-            &args.creds.join("ca-key.pem"),
-        )
-        .with_context(|| format!("loading the controller CA from {}", args.creds.display()))?;
-        let cred = crate::creds::issue_admin(&ca, name)?;
-        causeway_api::identity::private_dir(out)?;
-        cred.save(&out.join("admin.pem"), &out.join("admin-key.pem"))?;
-        let der = causeway_api::identity::parse_certs_pem("admin.pem", &cred.cert_pem)?;
-        println!(
-            "issued admin {name} into {} (sha256 {}; revoke with `causeway ctl credential revoke --sha256 …`)",
-            out.display(),
-            causeway_api::identity::fingerprint(&der[0])
-        );
-        return Ok(());
+    if let CtlCommand::Admin { command } = &args.command {
+        return crate::ctl_admin::run(&args, command).await;
     }
     let c = client(&args)?;
     let mut fed = c.federation().await?;
@@ -334,9 +314,7 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        CtlCommand::Credential {
-            command: CredentialCommand::IssueAdmin { .. },
-        } => unreachable!("issued before connecting"),
+        CtlCommand::Admin { .. } => unreachable!("run before connecting"),
         CtlCommand::Cluster { command } => cluster(&args, &c, &mut fed, command).await,
         CtlCommand::Controller { command } => controller(&args, &mut fed, command).await,
         CtlCommand::Status => {

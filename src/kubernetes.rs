@@ -187,8 +187,15 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     let (cat_tx, cat_rx) = watch::channel(std::sync::Arc::new(
         causeway_api::catalog::CatalogView::default(),
     ));
+    // One client for every call; the site's gateway renews the credential
+    // and this follows the file.
+    let controllers = state.controller_client();
+    let follow_task = tokio::spawn({
+        let (state, controllers) = (state.clone(), controllers.clone());
+        async move { state.follow_api_credential(controllers).await }
+    });
     let watch_task = tokio::spawn(causeway_api::client::run_watch(
-        state.controller_client(),
+        controllers.clone(),
         cat_tx,
     ));
     let task = tokio::spawn(causeway_kube::agent::run_exports(
@@ -203,7 +210,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     ));
     let policies_task = tokio::spawn(causeway_kube::agent::run_policies(
         client.clone(),
-        state.controller_client(),
+        controllers,
         args.site.clone(),
         cat_rx.clone(),
         leading.clone(),
@@ -237,6 +244,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
     }
     let _ = stop_tx.send(true);
     watch_task.abort();
+    follow_task.abort();
     let _ = task.await;
     let _ = imports_task.await;
     let _ = policies_task.await;

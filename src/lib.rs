@@ -8,6 +8,7 @@ pub mod admin;
 pub mod cli;
 pub mod creds;
 pub mod ctl;
+pub mod ctl_admin;
 pub mod demo;
 pub mod explain;
 pub mod kubernetes;

@@ -1059,19 +1059,11 @@ async fn replaced_and_revoked_credentials_are_refused_everywhere() {
         );
     }
 
-    tracing::info!("phase: a second admin, issued offline, then revoked");
+    tracing::info!("phase: a second admin, issued by the controllers, then revoked by certificate");
     let ops = tmp.path().join("ops2");
-    let (code, out) = run_bin(&[
-        "ctl",
-        "--creds",
-        fed.creds.to_str().unwrap(),
-        "credential",
-        "issue-admin",
-        "ops2",
-        "--out",
-        ops.to_str().unwrap(),
-    ]);
-    assert_eq!(code, 0, "{out}");
+    fed.ctl(&["admin", "issue", "ops2", "--out", ops.to_str().unwrap()])
+        .await
+        .unwrap();
     let cred = Credential::load(&ops.join("admin.pem"), &ops.join("admin-key.pem")).unwrap();
     let ops_client = ControllerClient::new(fed.endpoints(), &new.controller_ca_pem, Some(&cred));
     let mut ops_api = ops_client.federation().await.unwrap();
@@ -1124,6 +1116,229 @@ async fn replaced_and_revoked_credentials_are_refused_everywhere() {
     );
     let e = new_api.status(pb::StatusRequest {}).await.unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    fed.shutdown().await;
+}
+
+/// Admin credentials are bound to what the controllers issued: the one
+/// `ca init` wrote is recorded at start, others come from `ctl admin
+/// issue`, a CA-signed admin credential nobody recorded is refused, and
+/// `ctl admin list|revoke|renew` do what they say — never revoking the
+/// last admin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_credentials_are_recorded_listed_revoked_and_renewed() {
+    use causeway_api::client::ControllerClient;
+    use causeway_api::identity::{CertificateAuthority, Credential};
+    use causeway_api::pb;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, _) = controllers(&tmp, 3, &["--admin-credential-lifetime-secs", "86400"]).await;
+    let ca_pem = std::fs::read_to_string(fed.creds.join("ca.pem")).unwrap();
+    let admins = async |fed: &causeway::local::LocalFederation| -> serde_json::Value {
+        let out = fed.ctl(&["--output", "json", "admin", "list"]).await.unwrap();
+        serde_json::from_str(&out).unwrap()
+    };
+    let state_of = |list: &serde_json::Value, name: &str| -> Vec<String> {
+        list["admins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|a| a["name"] == name)
+            .map(|a| a["state"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    tracing::info!("phase: the admin `ca init` wrote is recorded");
+    eventually(
+        Duration::from_secs(20),
+        "the bootstrap admin to be recorded",
+        async || {
+            let list = admins(&fed).await;
+            let demo = state_of(&list, "demo");
+            (list["bootstrap"] == false && demo == ["active"])
+                .then_some(())
+                .ok_or(list.to_string())
+        },
+    )
+    .await;
+
+    tracing::info!("phase: an admin credential signed by the CA but never issued is refused");
+    let ca = CertificateAuthority::load(&fed.creds.join("ca.pem"), &fed.creds.join("ca-key.pem"))
+        .unwrap();
+    let forged = causeway::creds::issue_admin(&ca, "mallory").unwrap();
+    let mut forged_api = ControllerClient::new(fed.endpoints(), &ca_pem, Some(&forged))
+        .federation()
+        .await
+        .unwrap();
+    let e = forged_api.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    assert!(e.message().contains("did not issue"), "{}", e.message());
+
+    tracing::info!("phase: issue; bad names and lifetimes are refused with the field named");
+    for (args, want) in [
+        (vec!["Bad Name"], "name"),
+        (vec!["ops", "--lifetime", "30d"], "lifetime_secs: at most 86400"),
+        (vec!["ops", "--lifetime", "3w"], "s, m, h or d"),
+    ] {
+        let out = tmp.path().join("never");
+        let mut cmd = vec!["admin", "issue"];
+        cmd.extend(args.iter().copied());
+        cmd.extend(["--out", out.to_str().unwrap()]);
+        let e = fed.ctl(&cmd).await.unwrap_err();
+        assert!(format!("{e:#}").contains(want), "{cmd:?}: {e:#}");
+    }
+    let ops = tmp.path().join("ops");
+    fed.ctl(&["admin", "issue", "ops", "--out", ops.to_str().unwrap(), "--lifetime", "12h"])
+        .await
+        .unwrap();
+    let mode = |p: &std::path::Path| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+    };
+    assert_eq!(mode(&ops.join("admin-key.pem")), 0o600);
+    assert_eq!(mode(&ops), 0o700);
+    // The directory is a complete --creds directory.
+    let as_ops = |dir: &std::path::Path| {
+        run_bin(&[
+            "ctl",
+            "--creds",
+            dir.to_str().unwrap(),
+            "--controller",
+            &fed.endpoints().join(","),
+            "status",
+        ])
+    };
+    let (code, out) = as_ops(&ops);
+    assert_eq!(code, 0, "{out}");
+    let list = admins(&fed).await;
+    assert_eq!(state_of(&list, "ops"), ["active"], "{list}");
+    let ops_rec = list["admins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["name"] == "ops")
+        .unwrap()
+        .clone();
+    assert_eq!(ops_rec["issued_by"], "demo");
+    let lives = ops_rec["expires_at_unix_ms"].as_u64().unwrap()
+        - causeway_api::clock::unix_ms();
+    assert!(
+        (11 * 3600_000..=12 * 3600_000 + 60_000).contains(&lives),
+        "asked 12h, got {lives} ms"
+    );
+
+    tracing::info!("phase: renew keeps the old credential valid and records the new one");
+    let old = Credential::load(&ops.join("admin.pem"), &ops.join("admin-key.pem")).unwrap();
+    let (code, out) = run_bin(&[
+        "ctl",
+        "--creds",
+        ops.to_str().unwrap(),
+        "--controller",
+        &fed.endpoints().join(","),
+        "admin",
+        "renew",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    let new = Credential::load(&ops.join("admin.pem"), &ops.join("admin-key.pem")).unwrap();
+    assert_ne!(old.cert_pem, new.cert_pem);
+    let (code, out) = as_ops(&ops);
+    assert_eq!(code, 0, "{out}");
+    let mut old_api = ControllerClient::new(fed.endpoints(), &ca_pem, Some(&old))
+        .federation()
+        .await
+        .unwrap();
+    old_api.status(pb::StatusRequest {}).await.unwrap();
+    assert_eq!(state_of(&admins(&fed).await, "ops"), ["active", "active"]);
+
+    tracing::info!("phase: revoke by name refuses every credential of that admin");
+    fed.ctl(&["admin", "revoke", "ops"]).await.unwrap();
+    let e = old_api.status(pb::StatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    let (code, out) = as_ops(&ops);
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("revoked"), "{out}");
+    assert_eq!(state_of(&admins(&fed).await, "ops"), ["revoked", "revoked"]);
+    let e = fed.ctl(&["admin", "revoke", "ops"]).await.unwrap_err();
+    assert!(format!("{e:#}").contains("no live admin credential"), "{e:#}");
+
+    tracing::info!("phase: the last admin cannot be revoked");
+    let e = fed.ctl(&["admin", "revoke", "demo"]).await.unwrap_err();
+    assert!(format!("{e:#}").contains("would leave no admin"), "{e:#}");
+    fed.ctl(&["status"]).await.unwrap();
+    fed.shutdown().await;
+}
+
+/// Site credentials live as long as the controllers say (15 s here): the
+/// gateway renews before expiry, again and again, the DNS server follows
+/// the renewed file, the site stays a member throughout, and the first
+/// credential is refused once it has expired.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn site_credentials_expire_and_are_renewed_before_they_do() {
+    use causeway_api::client::ControllerClient;
+    use causeway_api::identity::Credential;
+    use causeway_api::pb;
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, _) = controllers(&tmp, 1, &["--site-credential-lifetime-secs", "15"]).await;
+    fed.add_site("alpha", &vip_range(), &[]).await.unwrap();
+    let dir = fed.sites["alpha"].state_dir.clone();
+    let load = || Credential::load(&dir.join("api.pem"), &dir.join("api-key.pem")).unwrap();
+    let first = load();
+    let (_, first_expires) = causeway_api::identity::validity_ms(&first.chain[0]).unwrap();
+    let ca_pem = std::fs::read_to_string(dir.join("controller-ca.pem")).unwrap();
+    let status_as = async |cred: &Credential| {
+        let c = ControllerClient::new(fed.endpoints(), &ca_pem, Some(cred));
+        match c.federation().await {
+            Ok(mut f) => f
+                .status(pb::StatusRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    status_as(&first).await.unwrap();
+
+    tracing::info!("phase: the gateway renews, and renews the renewed one");
+    let second = eventually(Duration::from_secs(30), "a first renewal", async || {
+        let now = load();
+        (now.cert_pem != first.cert_pem).then_some(now).ok_or("not yet")
+    })
+    .await;
+    status_as(&second).await.unwrap();
+    let third = eventually(Duration::from_secs(30), "a second renewal", async || {
+        let now = load();
+        (now.cert_pem != second.cert_pem).then_some(now).ok_or("not yet")
+    })
+    .await;
+    status_as(&third).await.unwrap();
+
+    tracing::info!("phase: the first credential has expired and is refused");
+    assert!(causeway_api::clock::unix_ms() > first_expires, "two renewals took under 15 s");
+    let refused = status_as(&first).await.unwrap_err();
+    tracing::info!(%refused, "the expired credential");
+
+    tracing::info!("phase: the site stayed a member; the DNS server follows the file");
+    let list = fed.ctl(&["--output", "json", "cluster", "list"]).await.unwrap();
+    assert!(list.contains("alpha"), "{list}");
+    eventually(
+        Duration::from_secs(20),
+        "the DNS server to switch to a renewed credential",
+        async || {
+            let log = fed.sites["alpha"].dns_proc.log_tail(200);
+            log.contains("using the renewed site API credential")
+                .then_some(())
+                .ok_or(log)
+        },
+    )
+    .await;
+    let metrics = http_get(fed.sites["alpha"].gateway_admin, "/metrics").await;
+    assert!(
+        metric(&metrics, "causeway_site_credential_renewals_total{result=\"ok\"}") >= 2.0,
+        "{metrics}"
+    );
+    let alpha = fed.sites.get_mut("alpha").unwrap();
+    assert!(alpha.gateway.exited().is_none());
+    assert!(alpha.dns_proc.exited().is_none());
     fed.shutdown().await;
 }
 

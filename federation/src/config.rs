@@ -54,6 +54,12 @@ pub struct ControllerConfig {
     /// Start empty and wait to be added (never initialize a cluster).
     #[serde(default)]
     pub join: bool,
+    /// Lifetime of the API credential a site gets at join or renewal, s
+    /// (default a year; gateways renew at two thirds of it).
+    pub site_credential_lifetime_secs: Option<u64>,
+    /// Longest lifetime of an admin credential `ctl admin issue` or
+    /// `ctl admin renew` gets, s (default 90 days).
+    pub admin_credential_lifetime_secs: Option<u64>,
 }
 
 /// A controller node's validated settings.
@@ -81,7 +87,30 @@ pub struct ControllerSettings {
     pub watch_stall: Duration,
     /// Never initialize a cluster.
     pub join_existing: bool,
+    /// Lifetimes of the credentials the controllers issue.
+    pub credentials: CredentialLifetimes,
 }
+
+/// Lifetimes of the credentials the controllers issue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CredentialLifetimes {
+    /// A site's API credential (join and renewal).
+    pub site: Duration,
+    /// The longest an admin credential may live.
+    pub admin: Duration,
+}
+
+impl Default for CredentialLifetimes {
+    fn default() -> Self {
+        Self {
+            site: Duration::from_secs(365 * 86_400),
+            admin: Duration::from_secs(90 * 86_400),
+        }
+    }
+}
+
+/// The shortest credential lifetime accepted.
+const MIN_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(10);
 
 impl ControllerConfig {
     /// Reads the TOML of a controller config file named `source`.
@@ -133,6 +162,7 @@ impl ControllerConfig {
         if watch_stall < Duration::from_millis(100) {
             errs.push("watch_stall_ms", "at least 100");
         }
+        let credentials = self.credential_lifetimes(&mut errs);
         errs.into_result(|| ControllerSettings {
             node_id,
             listen: listen.expect("checked"),
@@ -145,7 +175,25 @@ impl ControllerConfig {
             leases,
             watch_stall,
             join_existing: self.join,
+            credentials,
         })
+    }
+
+    fn credential_lifetimes(&self, errs: &mut ConfigErrors) -> CredentialLifetimes {
+        let mut c = CredentialLifetimes::default();
+        for (field, value, into) in [
+            ("site_credential_lifetime_secs", self.site_credential_lifetime_secs, &mut c.site),
+            ("admin_credential_lifetime_secs", self.admin_credential_lifetime_secs, &mut c.admin),
+        ] {
+            if let Some(secs) = value {
+                let d = Duration::from_secs(secs);
+                if d < MIN_CREDENTIAL_LIFETIME || secs > 10 * 365 * 86_400 {
+                    errs.push(field, "between 10 and 315360000 (ten years)");
+                }
+                *into = d;
+            }
+        }
+        c
     }
 
     /// The initial voters: this node alone when none are listed.
@@ -235,6 +283,10 @@ impl ControllerSettings {
             leases: self.leases,
             watch_stall: self.watch_stall,
             join_existing: self.join_existing,
+            credentials: self.credentials,
+            // What `causeway ca init` wrote beside the CA: recorded as the
+            // first admin credential when none is.
+            bootstrap_admin_pem: std::fs::read_to_string(self.ca_dir.join("admin.pem")).ok(),
         }
     }
 }

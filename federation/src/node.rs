@@ -69,6 +69,46 @@ pub struct ControllerOptions {
     pub watch_stall: Duration,
     /// Never initialize a cluster: wait to be added by `ctl controller add`.
     pub join_existing: bool,
+    /// Lifetimes of the credentials this node issues.
+    pub credentials: crate::config::CredentialLifetimes,
+    /// The admin certificate `causeway ca init` wrote (PEM), recorded as
+    /// the first admin credential while none is.
+    pub bootstrap_admin_pem: Option<String>,
+}
+
+/// Records the admin credential `causeway ca init` wrote as the first one,
+/// once this node can write and while no admin credential is recorded
+/// (every node tries; the state machine takes only the first).
+async fn record_bootstrap_admin(shared: Arc<Shared>, pem: String) {
+    let record = match crate::service::admin_record_of(&pem, "ca init") {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "the admin.pem beside the CA is not an admin credential; not recording it");
+            return;
+        }
+    };
+    let (sha256, record) = record;
+    let mut wait = Duration::from_millis(200);
+    loop {
+        if !shared.hub.read(|s| s.admins.is_empty()) {
+            return;
+        }
+        let cmd = Command::RecordAdmin {
+            sha256: sha256.clone(),
+            record: record.clone(),
+            bootstrap: true,
+            now_ms: causeway_api::clock::unix_ms(),
+        };
+        match shared.propose(cmd).await {
+            Ok(_) => {
+                tracing::info!(name = %record.name, "recorded the bootstrap admin credential");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "bootstrap admin not recorded yet; retrying"),
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(5));
+    }
 }
 
 /// A running controller node.
@@ -182,8 +222,12 @@ impl Controller {
             batcher: crate::service::Batcher::start(raft.clone()),
             peer_clients: Default::default(),
             joins: Default::default(),
+            credentials: opts.credentials,
         });
         tokio::spawn(export_raft_metrics(shared.raft.clone()));
+        if let Some(pem) = &opts.bootstrap_admin_pem {
+            tokio::spawn(record_bootstrap_admin(shared.clone(), pem.clone()));
+        }
         tokio::spawn(run_leases(shared.clone()));
         if rebuilding {
             let others = opts
@@ -502,6 +546,8 @@ mod tests {
             leases: LeaseConfig::default(),
             watch_stall: Duration::from_secs(5),
             join_existing: false,
+            credentials: Default::default(),
+            bootstrap_admin_pem: None,
         };
         let (controller, identity) = Controller::start(&opts).await.unwrap();
         let raft = controller.shared.raft.clone();

@@ -57,6 +57,11 @@ pub struct SiteRecord {
     /// them even though they chain to the bundle.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub revoked_serials: BTreeSet<String>,
+    /// Credentials issued to it by renewal (SHA-256 hex → when each
+    /// expires, ms since the epoch): each is accepted, beside the one from
+    /// its join, until it expires. Several replicas renew on their own.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub renewed_credentials: BTreeMap<String, u64>,
 }
 
 fn yes() -> bool {
@@ -182,6 +187,38 @@ pub enum Command {
         /// SHA-256 of the API credential issued to it (hex).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         credential_sha256: Option<String>,
+    },
+    /// Record an admin credential the controllers issued (or, with
+    /// `bootstrap`, the one `causeway ca init` wrote — only while no admin
+    /// credential is recorded).
+    RecordAdmin {
+        /// SHA-256 of its certificate, hex.
+        sha256: String,
+        /// What was issued.
+        record: AdminRecord,
+        /// Only if no admin credential is recorded yet.
+        #[serde(default)]
+        bootstrap: bool,
+        /// The proposer's clock, ms since the epoch (expired records go).
+        now_ms: u64,
+    },
+    /// Revoke every admin credential named `name`.
+    RevokeAdmin {
+        /// The admin's name.
+        name: String,
+        /// The proposer's clock, ms since the epoch.
+        now_ms: u64,
+    },
+    /// Accept another credential for a site until it expires (renewal).
+    RenewSiteCredential {
+        /// The site.
+        site: SiteName,
+        /// SHA-256 of the new certificate, hex.
+        sha256: String,
+        /// When it expires, ms since the epoch.
+        expires_at_ms: u64,
+        /// The proposer's clock, ms since the epoch (expired ones go).
+        now_ms: u64,
     },
     /// Refuse one certificate a site's CA issued, by serial.
     RevokeCertificate {
@@ -346,7 +383,34 @@ pub struct CatalogState {
     /// every RPC whatever their name.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub revoked: BTreeSet<String>,
+    /// Admin credentials by the SHA-256 of their certificate (hex). While
+    /// empty, any admin credential the controller CA signed is accepted
+    /// (a new cluster, before the first is recorded); after that only
+    /// these, unexpired and not revoked.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub admins: BTreeMap<String, AdminRecord>,
 }
+
+/// An admin credential as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminRecord {
+    /// The admin's name (its SPIFFE ID ends in `/admin/<name>`).
+    pub name: String,
+    /// Its certificate's serial, hex.
+    pub serial: String,
+    /// When it was issued, ms since the epoch.
+    pub issued_at_ms: u64,
+    /// When it expires, ms since the epoch.
+    pub expires_at_ms: u64,
+    /// Who issued it: an admin's name, or `ca init`.
+    pub issued_by: String,
+}
+
+/// Most admin credentials recorded.
+pub const MAX_ADMINS: usize = 1_000;
+
+/// Most renewed credentials a site holds at once.
+pub const MAX_SITE_CREDENTIALS: usize = 64;
 
 /// Most revoked certificate serials remembered per site.
 pub const MAX_REVOKED_SERIALS: usize = 1_000;
@@ -359,12 +423,32 @@ impl CatalogState {
     /// the site is a member, the credential is the one issued to it (when
     /// one was recorded), and it is not revoked.
     pub fn site_credential_ok(&self, site: &SiteName, sha256: &str) -> bool {
+        let now = causeway_api::clock::unix_ms();
+        let same = |c: &str| causeway_api::token::constant_time_eq(c.as_bytes(), sha256.as_bytes());
         !self.revoked.contains(sha256)
             && self.sites.get(site).is_some_and(|s| {
-                s.credential_sha256.as_deref().is_none_or(|c| {
-                    causeway_api::token::constant_time_eq(c.as_bytes(), sha256.as_bytes())
-                })
+                s.credential_sha256.as_deref().is_none_or(same)
+                    || s
+                        .renewed_credentials
+                        .iter()
+                        .any(|(c, expires)| *expires > now && same(c))
             })
+    }
+
+    /// Whether an admin credential (its certificate's SHA-256) is accepted:
+    /// not revoked, and recorded and unexpired — or no admin credential is
+    /// recorded yet.
+    pub fn admin_credential_ok(&self, sha256: &str) -> bool {
+        if self.revoked.contains(sha256) {
+            return false;
+        }
+        if self.admins.is_empty() {
+            return true;
+        }
+        let now = causeway_api::clock::unix_ms();
+        self.admins
+            .get(sha256)
+            .is_some_and(|a| a.expires_at_ms > now)
     }
 }
 
@@ -456,6 +540,7 @@ impl CatalogState {
                     available: true,
                     credential_sha256,
                     revoked_serials: BTreeSet::new(),
+                    renewed_credentials: BTreeMap::new(),
                 },
             ),
             Command::RevokeCredential { sha256 } => {
@@ -525,6 +610,41 @@ impl CatalogState {
                     changed
                 })
             }
+            Command::RecordAdmin {
+                sha256,
+                record,
+                bootstrap,
+                now_ms,
+            } => self.record_admin(sha256, record, bootstrap, now_ms),
+            Command::RevokeAdmin { name, now_ms } => self.revoke_admin(&name, now_ms),
+            Command::RenewSiteCredential {
+                site,
+                sha256,
+                expires_at_ms,
+                now_ms,
+            } => {
+                let Some(rec) = self.sites.get_mut(&site) else {
+                    return refused(
+                        RejectCode::SiteUnknown,
+                        format!("site {site:?} is not a member"),
+                    );
+                };
+                rec.renewed_credentials.retain(|_, e| *e > now_ms);
+                if rec.renewed_credentials.len() >= MAX_SITE_CREDENTIALS {
+                    return refused(
+                        RejectCode::LimitExceeded,
+                        format!("site {site} holds {MAX_SITE_CREDENTIALS} live renewed credentials; renew less often (a longer credential lifetime)"),
+                    );
+                }
+                rec.renewed_credentials.insert(sha256, expires_at_ms);
+                self.revision += 1;
+                (
+                    Outcome::Applied {
+                        revision: self.revision,
+                    },
+                    vec![],
+                )
+            }
             Command::RevokeCertificate { site, serial } => {
                 let Some(serial) = causeway_api::identity::parse_serial(&serial) else {
                     return refused(
@@ -590,6 +710,88 @@ impl CatalogState {
                 self.bump(vec![pb::change::Kind::SiteRemoved(site.to_string())])
             }
         }
+    }
+
+    /// Records an admin credential (not part of the watched catalog).
+    fn record_admin(
+        &mut self,
+        sha256: String,
+        record: AdminRecord,
+        bootstrap: bool,
+        now_ms: u64,
+    ) -> (Outcome, Vec<pb::Change>) {
+        let unchanged = Outcome::Unchanged {
+            revision: self.revision,
+        };
+        if bootstrap && !self.admins.is_empty() {
+            return (unchanged, vec![]);
+        }
+        if self.revoked.contains(&sha256) || self.admins.contains_key(&sha256) {
+            return (unchanged, vec![]);
+        }
+        if let Some(why) = admin_name_problem(&record.name) {
+            return refused(RejectCode::Invalid, format!("name: {why}"));
+        }
+        self.admins.retain(|_, a| a.expires_at_ms > now_ms);
+        if self.admins.len() >= MAX_ADMINS {
+            return refused(
+                RejectCode::LimitExceeded,
+                format!("at most {MAX_ADMINS} admin credentials; revoke unused ones first"),
+            );
+        }
+        self.admins.insert(sha256, record);
+        self.revision += 1;
+        (
+            Outcome::Applied {
+                revision: self.revision,
+            },
+            vec![],
+        )
+    }
+
+    /// Revokes every credential of admin `name`, unless that would leave
+    /// no admin credential at all.
+    fn revoke_admin(&mut self, name: &str, now_ms: u64) -> (Outcome, Vec<pb::Change>) {
+        let live = |sha: &String, a: &AdminRecord| {
+            a.expires_at_ms > now_ms && !self.revoked.contains(sha)
+        };
+        let theirs: Vec<String> = self
+            .admins
+            .iter()
+            .filter(|(sha, a)| a.name == name && live(sha, a))
+            .map(|(sha, _)| sha.clone())
+            .collect();
+        if theirs.is_empty() {
+            return refused(
+                RejectCode::NotFound,
+                format!("no live admin credential named {name:?} (see `causeway ctl admin list`)"),
+            );
+        }
+        let others = self
+            .admins
+            .iter()
+            .filter(|(sha, a)| a.name != name && live(sha, a))
+            .count();
+        if others == 0 {
+            return refused(
+                RejectCode::Invalid,
+                format!("revoking {name:?} would leave no admin credential; issue another first (`causeway ctl admin issue`)"),
+            );
+        }
+        if self.revoked.len() + theirs.len() > MAX_REVOKED {
+            return refused(
+                RejectCode::LimitExceeded,
+                format!("at most {MAX_REVOKED} revoked credentials"),
+            );
+        }
+        self.revoked.extend(theirs);
+        self.revision += 1;
+        (
+            Outcome::Applied {
+                revision: self.revision,
+            },
+            vec![],
+        )
     }
 
     /// Records a join token (not part of the watched catalog).
@@ -954,6 +1156,21 @@ pub fn site_to_pb(s: &SiteRecord) -> pb::Site {
         available: s.available,
         revoked_serials: s.revoked_serials.iter().cloned().collect(),
     }
+}
+
+/// Why `name` cannot name an admin, if it cannot: it becomes the last
+/// segment of a SPIFFE ID.
+pub fn admin_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() || name.len() > 63 {
+        return Some("1 to 63 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_')
+    {
+        return Some("lowercase letters, digits, '-', '.' and '_' only");
+    }
+    None
 }
 
 /// Why `site` may not change the policy `key` owned by `owner`.

@@ -139,6 +139,10 @@ pub async fn run(
     tracing::info!(site = %state.site, addr = %endpoint.local_addr()?, id = %cred.spiffe_id()?, "gateway tunnel endpoint up");
 
     let client = state.controller_client();
+    let api_renew_task = tokio::spawn({
+        let (state, client) = (state.clone(), client.clone());
+        async move { state.renew_api_credential(client).await }
+    });
     let (cat_tx, cat_rx) = watch::channel(Arc::new(CatalogView::default()));
     let watch_task = tokio::spawn(run_watch(client.clone(), cat_tx));
 
@@ -232,6 +236,7 @@ pub async fn run(
     }
     publish_task.abort();
     renew_task.abort();
+    api_renew_task.abort();
     heartbeat_task.abort();
     watch_task.abort();
     sync_task.abort();

@@ -30,6 +30,7 @@ struct SiteFile {
 }
 
 /// A joined site's state, kept in its state directory.
+#[derive(Clone)]
 pub struct SiteState {
     /// The state directory.
     pub dir: PathBuf,
@@ -183,6 +184,94 @@ impl SiteState {
         ttl: Duration,
     ) -> anyhow::Result<Credential> {
         gateway_credential(&self.trust_domain, ca, replica, ttl)
+    }
+}
+
+/// How long to wait before renewing `cred`: two thirds of what is left of
+/// it (certificates are backdated for clock skew, so their own start says
+/// little about when they were issued). Nothing when it has expired.
+fn renew_in(cred: &Credential) -> Duration {
+    let to = cred
+        .chain
+        .first()
+        .and_then(identity::validity_ms)
+        .map_or(0, |(_, to)| to);
+    Duration::from_millis(to.saturating_sub(causeway_api::clock::unix_ms()) * 2 / 3)
+}
+
+impl SiteState {
+    /// Renews the site's API credential when two thirds of what was left
+    /// of it have passed, for ever: a new key, signed by the controllers (who accept the old one
+    /// until it expires), written over `api.pem`/`api-key.pem` and used
+    /// for every new connection of `client`. A state directory that cannot
+    /// be written (a read-only Secret) keeps the new one in memory only.
+    pub async fn renew_api_credential(&self, client: Arc<ControllerClient>) {
+        let mut current = self.api.clone();
+        loop {
+            tokio::time::sleep(renew_in(&current)).await;
+            match self.renew_once(&client).await {
+                Ok(cred) => {
+                    metrics::counter!("causeway_site_credential_renewals_total", "result" => "ok")
+                        .increment(1);
+                    tracing::info!(site = %self.site, "site API credential renewed");
+                    current = cred;
+                }
+                Err(e) => {
+                    metrics::counter!("causeway_site_credential_renewals_total", "result" => "error")
+                        .increment(1);
+                    tracing::error!(site = %self.site, error = format!("{e:#}"), "could not renew the site API credential; retrying in 10 s");
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+            }
+        }
+    }
+
+    async fn renew_once(&self, client: &ControllerClient) -> anyhow::Result<Credential> {
+        let (csr_pem, key_pem) = identity::generate_csr()?;
+        let r = client
+            .call(false, |mut f| {
+                let csr_pem = csr_pem.clone();
+                async move {
+                    f.renew_credential(pb::RenewCredentialRequest { csr_pem })
+                        .await
+                }
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{} ({:?})", s.message(), s.code()))?;
+        let cred = Credential {
+            chain: identity::parse_certs_pem("renewed credential", &r.cert_pem)?,
+            cert_pem: r.cert_pem,
+            key_pem,
+        };
+        if let Err(e) = cred.save(&self.dir.join("api.pem"), &self.dir.join("api-key.pem")) {
+            tracing::warn!(error = %e, "could not write the renewed credential; using it from memory (the state directory is read-only?)");
+        }
+        client.set_credential(&cred);
+        Ok(cred)
+    }
+
+    /// Follows `api.pem` in the state directory (renewed by the site's
+    /// gateway): when it changes, `client` uses the new credential for new
+    /// connections. For the DNS server and the Kubernetes agent.
+    pub async fn follow_api_credential(&self, client: Arc<ControllerClient>) {
+        let mut seen = self.api.cert_pem.clone();
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let cert = self.dir.join("api.pem");
+            let Ok(now) = identity::read(&cert) else { continue };
+            if now == seen {
+                continue;
+            }
+            match Credential::load(&cert, &self.dir.join("api-key.pem")) {
+                Ok(cred) if cred.cert_pem == now => {
+                    client.set_credential(&cred);
+                    tracing::info!(site = %self.site, "using the renewed site API credential");
+                    seen = now;
+                }
+                // Mid-renewal (certificate and key are two files): next time.
+                Ok(_) | Err(_) => {}
+            }
+        }
     }
 }
 

@@ -34,7 +34,8 @@ pub enum ClientError {
 pub struct ControllerClient {
     endpoints: Vec<String>,
     local: Option<std::net::IpAddr>,
-    tls: ClientTlsConfig,
+    /// Replaced when the credential is renewed.
+    tls: std::sync::Mutex<ClientTlsConfig>,
     next: AtomicUsize,
     /// The channel in use; dropped by `rotate` after a failure.
     cached: std::sync::Mutex<Option<Channel>>,
@@ -52,7 +53,7 @@ impl ControllerClient {
         Self {
             endpoints,
             local: None,
-            tls,
+            tls: std::sync::Mutex::new(tls),
             next: AtomicUsize::new(0),
             cached: std::sync::Mutex::new(None),
         }
@@ -84,7 +85,7 @@ impl ControllerClient {
             };
             let ep = Channel::from_shared(format!("https://{addr}"))
                 .map_err(|_| ClientError::BadEndpoint(addr.clone()))?
-                .tls_config(self.tls.clone())
+                .tls_config(self.tls.locked().clone())
                 .map_err(|e| ClientError::BadEndpoint(format!("{addr}: {e}")))?
                 .connect_timeout(Duration::from_secs(2))
                 .local_address(self.local)
@@ -152,6 +153,19 @@ impl ControllerClient {
             f.catalog(pb::CatalogRequest { linearizable }).await
         })
         .await
+    }
+
+    /// Uses `credential` for every connection from now on (after a
+    /// renewal): the cached channel is dropped, so the next call connects
+    /// with it; streams open on the old channel run on until they end.
+    pub fn set_credential(&self, credential: &Credential) {
+        let tls = self
+            .tls
+            .locked()
+            .clone()
+            .identity(Identity::from_pem(&credential.cert_pem, &credential.key_pem));
+        *self.tls.locked() = tls;
+        self.cached.locked().take();
     }
 
     /// Moves on to the next endpoint (after an RPC failure).

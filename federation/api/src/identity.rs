@@ -132,11 +132,13 @@ impl Credential {
         })
     }
 
-    /// Writes the CA's certificate and key (the key readable by the owner
+    /// Writes the certificate and key (the key readable by the owner
     /// only).
     pub fn save(&self, cert: &Path, key: &Path) -> Result<(), IdentityError> {
-        write(cert, &self.cert_pem, false)?;
-        write(key, &self.key_pem, true)
+        // Key first: a process that notices the new certificate (renewal
+        // followers watch it) finds the key that goes with it.
+        write(key, &self.key_pem, true)?;
+        write(cert, &self.cert_pem, false)
     }
 
     /// The SPIFFE ID of the leaf.
@@ -365,6 +367,17 @@ fn normalize_serial(hex: &str) -> String {
         out.insert(0, '0');
     }
     out
+}
+
+/// A certificate's validity (not before, not after) in ms since the epoch.
+pub fn validity_ms(cert: &CertificateDer<'_>) -> Option<(u64, u64)> {
+    use x509_parser::prelude::*;
+    let (_, c) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let ms = |t: i64| u64::try_from(t).ok().map(|s| s * 1000);
+    Some((
+        ms(c.validity().not_before.timestamp())?,
+        ms(c.validity().not_after.timestamp())?,
+    ))
 }
 
 /// Whether the certificate says it is a CA (basicConstraints cA=true).

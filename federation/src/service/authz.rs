@@ -121,15 +121,28 @@ async fn is_member_soon(hub: &Hub, site: &SiteName) -> bool {
     holds_soon(hub, |st| st.sites.contains_key(site)).await
 }
 
-/// Whether a certificate (its SHA-256) may act as `caller`: not revoked,
-/// and for a site the credential issued to it while it is a member — now,
-/// or once this node has applied the changes arriving within
-/// [`MEMBERSHIP_CATCH_UP`] (a follower may be a moment behind a join).
+/// Whether a certificate (its SHA-256) may act as `caller` in `st`: not
+/// revoked; for a site one issued to it while it is a member; for an admin
+/// one recorded and unexpired (or none recorded yet).
+pub fn credential_ok_in(st: &crate::state::CatalogState, caller: &Caller, sha256: &str) -> bool {
+    match caller {
+        Caller::Site(s) => st.site_credential_ok(s, sha256),
+        Caller::Admin(_) => st.admin_credential_ok(sha256),
+        Caller::Anonymous => true,
+        _ => !st.revoked.contains(sha256),
+    }
+}
+
+/// [`credential_ok_in`] on this node's state now, or — for sites and
+/// admins — once this node has applied the changes arriving within
+/// [`MEMBERSHIP_CATCH_UP`] (a follower may be a moment behind the join or
+/// issue that made the credential).
 pub async fn credential_ok(hub: &Hub, caller: &Caller, sha256: &str) -> bool {
     match caller {
-        Caller::Site(s) => holds_soon(hub, |st| st.site_credential_ok(s, sha256)).await,
-        Caller::Anonymous => true,
-        _ => hub.read(|st| !st.revoked.contains(sha256)),
+        Caller::Site(_) | Caller::Admin(_) => {
+            holds_soon(hub, |st| credential_ok_in(st, caller, sha256)).await
+        }
+        _ => hub.read(|st| credential_ok_in(st, caller, sha256)),
     }
 }
 

@@ -32,7 +32,6 @@ const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86400);
 /// How often an open Watch checks that its credential still counts.
 const CREDENTIAL_CHECK: Duration = Duration::from_secs(2);
 
-const SITE_CREDENTIAL_LIFETIME: Duration = Duration::from_secs(365 * 86400);
 
 /// The `Federation` gRPC service. Trust boundary: anyone may call `Join`
 /// (the one-time token is the credential); admins may call everything;
@@ -101,7 +100,7 @@ impl Federation for FederationService {
         let api_cert_pem = self
             .shared
             .ca
-            .sign_csr(&r.csr_pem, &api_id, SITE_CREDENTIAL_LIFETIME)
+            .sign_csr(&r.csr_pem, &api_id, self.shared.credentials.site)
             .map_err(|e| invalid("csr_pem", e))?;
         // The credential is bound to the site: only this certificate acts
         // for it from now on (a re-invited name gets another one).
@@ -383,10 +382,15 @@ impl Federation for FederationService {
             Caller::Site(s) => Some(s.clone()),
             _ => None,
         };
-        let sha256 = req
-            .peer_certs()
-            .and_then(|c| c.first().map(causeway_api::identity::fingerprint))
+        let leaf = req.peer_certs().and_then(|c| c.first().cloned());
+        let sha256 = leaf
+            .as_ref()
+            .map(causeway_api::identity::fingerprint)
             .unwrap_or_default();
+        let expires_ms = leaf
+            .as_ref()
+            .and_then(causeway_api::identity::validity_ms)
+            .map_or(u64::MAX, |(_, to)| to);
         let from = req.into_inner().from_revision;
         let hub = self.shared.hub.clone();
         let stall = self.shared.watch_stall;
@@ -409,14 +413,12 @@ impl Federation for FederationService {
                 if serving.is_finished() {
                     return;
                 }
-                let ok = hub.read(|st| match &who {
-                    Caller::Site(s) => st.site_credential_ok(s, &sha256),
-                    _ => !st.revoked.contains(&sha256),
-                });
+                let ok = expires_ms > causeway_api::clock::unix_ms()
+                    && hub.read(|st| super::authz::credential_ok_in(st, &who, &sha256));
                 if !ok {
                     tracing::info!(caller = ?who, "credential revoked; ending its watch");
                     let _ = guard_tx.try_send(Err(Status::permission_denied(
-                        "Watch needs a current credential: this one was revoked or replaced",
+                        "Watch needs a current credential: this one was revoked, replaced or has expired",
                     )));
                     serving.abort();
                     metrics::gauge!("causeway_watchers").decrement(1.0);
@@ -427,6 +429,34 @@ impl Federation for FederationService {
         Ok(Response::new(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(rx),
         )))
+    }
+
+    async fn issue_admin(
+        &self,
+        req: Request<pb::IssueAdminRequest>,
+    ) -> Result<Response<pb::IssueAdminResponse>, Status> {
+        super::credentials::issue_admin(&self.shared, req).await
+    }
+
+    async fn list_admins(
+        &self,
+        req: Request<pb::ListAdminsRequest>,
+    ) -> Result<Response<pb::ListAdminsResponse>, Status> {
+        super::credentials::list_admins(&self.shared, req).await
+    }
+
+    async fn revoke_admin(
+        &self,
+        req: Request<pb::RevokeAdminRequest>,
+    ) -> Result<Response<pb::RevokeAdminResponse>, Status> {
+        super::credentials::revoke_admin(&self.shared, req).await
+    }
+
+    async fn renew_credential(
+        &self,
+        req: Request<pb::RenewCredentialRequest>,
+    ) -> Result<Response<pb::RenewCredentialResponse>, Status> {
+        super::credentials::renew_credential(&self.shared, req).await
     }
 
     async fn revoke_certificate(

@@ -48,19 +48,20 @@ pub struct Gate<S> {
 
 /// Who is on the other end of the connection, and the SHA-256 of its
 /// certificate.
-fn connection_caller(req: &http::Request<Body>) -> (Caller, String) {
+fn connection_caller(req: &http::Request<Body>) -> (Caller, String, u64) {
     let leaf = req
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|i| i.peer_certs())
         .and_then(|certs| certs.first().cloned());
     let Some(leaf) = leaf else {
-        return (Caller::Anonymous, String::new());
+        return (Caller::Anonymous, String::new(), u64::MAX);
     };
     let fp = causeway_api::identity::fingerprint(&leaf);
+    let expires = causeway_api::identity::validity_ms(&leaf).map_or(0, |(_, to)| to);
     match causeway_api::identity::spiffe_id_of(&leaf) {
-        Ok(id) => (classify(&id), fp),
-        Err(_) => (Caller::Anonymous, fp),
+        Ok(id) => (classify(&id), fp, expires),
+        Err(_) => (Caller::Anonymous, fp, expires),
     }
 }
 
@@ -147,13 +148,23 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
-        let (caller, sha256) = connection_caller(&req);
+        let (caller, sha256, expires_ms) = connection_caller(&req);
         let verdict = decide(req.uri().path(), &caller);
         // The service that was polled ready serves this request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let hub = self.hub.clone();
         Box::pin(async move {
+            // TLS checked the certificate's dates at the handshake; a
+            // connection may outlive them.
+            if expires_ms <= causeway_api::clock::unix_ms() && !matches!(caller, Caller::Node(_)) {
+                metrics::counter!("causeway_api_gate_refused_total", "code" => "Expired")
+                    .increment(1);
+                return Ok(Status::permission_denied(
+                    "this RPC needs a current credential: this one has expired (sites renew theirs; admins run `causeway ctl admin renew` before it expires)",
+                )
+                .into_http());
+            }
             // A credential counts only while it is the one issued to its
             // site, and not revoked: a removed site's old credential stays
             // refused after its name is invited again.
@@ -161,7 +172,7 @@ where
                 metrics::counter!("causeway_api_gate_refused_total", "code" => "Revoked")
                     .increment(1);
                 return Ok(Status::permission_denied(
-                    "this RPC needs a current credential: this one was revoked, or replaced when its site was removed or invited again",
+                    "this RPC needs a current credential: this one was revoked, has expired, was replaced when its site was removed or invited again, or is an admin credential the controllers did not issue (`causeway ctl admin issue`)",
                 )
                 .into_http());
             }

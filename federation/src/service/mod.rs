@@ -33,6 +33,7 @@ use crate::{NodeId, Raft};
 
 pub mod authz;
 pub mod batcher;
+mod credentials;
 pub mod federation;
 pub mod gate;
 pub mod limit;
@@ -70,4 +71,39 @@ pub struct Shared {
     pub peer_clients: std::sync::Mutex<std::collections::HashMap<String, RaftClient<Channel>>>,
     /// Failed anonymous joins per source address.
     pub joins: limit::JoinLimiter,
+    /// Lifetimes of the credentials this node issues.
+    pub credentials: crate::config::CredentialLifetimes,
+}
+
+/// The record of an admin certificate (PEM) issued by `issued_by`, with
+/// its SHA-256: what `Command::RecordAdmin` stores.
+pub fn admin_record_of(
+    cert_pem: &str,
+    issued_by: &str,
+) -> Result<(String, crate::state::AdminRecord), String> {
+    let der = causeway_api::identity::parse_certs_pem("admin certificate", cert_pem)
+        .map_err(|e| e.to_string())?;
+    admin_record_of_der(der.first().ok_or("no certificate")?, issued_by)
+}
+
+/// [`admin_record_of`] for a certificate in DER.
+pub fn admin_record_of_der(
+    leaf: &tonic::transport::CertificateDer<'_>,
+    issued_by: &str,
+) -> Result<(String, crate::state::AdminRecord), String> {
+    let id = causeway_api::identity::spiffe_id_of(leaf).map_err(|e| e.to_string())?;
+    let Caller::Admin(name) = classify(&id) else {
+        return Err(format!("{id} is not an admin identity"));
+    };
+    let (issued, expires) = causeway_api::identity::validity_ms(leaf).ok_or("unreadable validity")?;
+    Ok((
+        causeway_api::identity::fingerprint(leaf),
+        crate::state::AdminRecord {
+            name,
+            serial: causeway_api::identity::serial_hex(leaf).unwrap_or_default(),
+            issued_at_ms: issued,
+            expires_at_ms: expires,
+            issued_by: issued_by.to_string(),
+        },
+    ))
 }
