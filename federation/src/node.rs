@@ -332,8 +332,10 @@ impl Controller {
             .timeout(Duration::from_secs(30))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            // Per connection: header size.
+            // Per connection: header size, and streams open at once (h2
+            // clients queue past it; tonic's default is unbounded).
             .http2_max_header_list_size(Some(16 * 1024))
+            .max_concurrent_streams(Some(1024))
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .layer(crate::service::gate::GateLayer {
                 hub: self.shared.hub.clone(),

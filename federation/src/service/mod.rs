@@ -7,15 +7,18 @@
 //! - [`validate`]: request fields checked before anything is proposed;
 //! - [`propose`]: committing through Raft, forwarding to the leader;
 //! - [`batcher`]: group commit of concurrent writes;
-//! - [`watch`]: status and the catalog watch stream.
+//! - [`watch`]: status and the catalog watch stream;
+//! - `credentials`: admin credentials and renewal;
+//! - [`gate`]: before any RPC, the credential's standing (recorded, not
+//!   revoked, not expired) and size bounds for unauthenticated callers.
 //!
 //! Every RPC checks the caller's SPIFFE ID first:
 //!
 //! | caller                                   | may call                      |
 //! |------------------------------------------|-------------------------------|
 //! | no certificate                           | `Join` (the token authorizes) |
-//! | `spiffe://controller.causeway/admin/*`   | all `Federation` RPCs         |
-//! | `spiffe://controller.causeway/site/<s>`  | `PublishExports`, `Heartbeat` and `UpdateTrustBundle` for `<s>`, `Catalog`, `Watch`, `ListPolicies`, `Status` |
+//! | `spiffe://controller.causeway/admin/*`   | all `Federation` RPCs (once any admin credential is recorded, only recorded ones) |
+//! | `spiffe://controller.causeway/site/<s>`  | `PublishExports`, `Heartbeat`, `UpdateTrustBundle` and `RevokeCertificate` for `<s>`, `RenewCredential` (its own), `Catalog`, `Watch`, `ListPolicies`, its own policies, `Status` |
 //! | `spiffe://controller.causeway/node/<id>` | `Raft` RPCs, `Status`         |
 //!
 //! Rejections from the state machine map to gRPC codes in [`outcome_status`].
