@@ -194,10 +194,7 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<()> {
         let (state, controllers) = (state.clone(), controllers.clone());
         async move { state.follow_api_credential(controllers).await }
     });
-    let watch_task = tokio::spawn(causeway_api::client::run_watch(
-        controllers.clone(),
-        cat_tx,
-    ));
+    let watch_task = tokio::spawn(causeway_api::client::run_watch(controllers.clone(), cat_tx));
     let task = tokio::spawn(causeway_kube::agent::run_exports(
         client.clone(),
         tx,

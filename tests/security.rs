@@ -421,7 +421,14 @@ async fn a_revoked_gateway_certificate_loses_its_tunnels_within_seconds() {
         "east revoking west's certificate",
     );
     let bad = fed
-        .ctl(&["credential", "revoke-certificate", "--site", "west", "--serial", "xyz"])
+        .ctl(&[
+            "credential",
+            "revoke-certificate",
+            "--site",
+            "west",
+            "--serial",
+            "xyz",
+        ])
         .await
         .unwrap_err();
     assert!(format!("{bad:#}").contains("serial"), "{bad:#}");
@@ -1134,7 +1141,10 @@ async fn admin_credentials_are_recorded_listed_revoked_and_renewed() {
     let (mut fed, _) = controllers(&tmp, 3, &["--admin-credential-lifetime-secs", "86400"]).await;
     let ca_pem = std::fs::read_to_string(fed.creds.join("ca.pem")).unwrap();
     let admins = async |fed: &causeway::local::LocalFederation| -> serde_json::Value {
-        let out = fed.ctl(&["--output", "json", "admin", "list"]).await.unwrap();
+        let out = fed
+            .ctl(&["--output", "json", "admin", "list"])
+            .await
+            .unwrap();
         serde_json::from_str(&out).unwrap()
     };
     let state_of = |list: &serde_json::Value, name: &str| -> Vec<String> {
@@ -1176,7 +1186,10 @@ async fn admin_credentials_are_recorded_listed_revoked_and_renewed() {
     tracing::info!("phase: issue; bad names and lifetimes are refused with the field named");
     for (args, want) in [
         (vec!["Bad Name"], "name"),
-        (vec!["ops", "--lifetime", "30d"], "lifetime_secs: at most 86400"),
+        (
+            vec!["ops", "--lifetime", "30d"],
+            "lifetime_secs: at most 86400",
+        ),
         (vec!["ops", "--lifetime", "3w"], "s, m, h or d"),
     ] {
         let out = tmp.path().join("never");
@@ -1187,9 +1200,17 @@ async fn admin_credentials_are_recorded_listed_revoked_and_renewed() {
         assert!(format!("{e:#}").contains(want), "{cmd:?}: {e:#}");
     }
     let ops = tmp.path().join("ops");
-    fed.ctl(&["admin", "issue", "ops", "--out", ops.to_str().unwrap(), "--lifetime", "12h"])
-        .await
-        .unwrap();
+    fed.ctl(&[
+        "admin",
+        "issue",
+        "ops",
+        "--out",
+        ops.to_str().unwrap(),
+        "--lifetime",
+        "12h",
+    ])
+    .await
+    .unwrap();
     let mode = |p: &std::path::Path| {
         use std::os::unix::fs::PermissionsExt;
         std::fs::metadata(p).unwrap().permissions().mode() & 0o777
@@ -1219,10 +1240,9 @@ async fn admin_credentials_are_recorded_listed_revoked_and_renewed() {
         .unwrap()
         .clone();
     assert_eq!(ops_rec["issued_by"], "demo");
-    let lives = ops_rec["expires_at_unix_ms"].as_u64().unwrap()
-        - causeway_api::clock::unix_ms();
+    let lives = ops_rec["expires_at_unix_ms"].as_u64().unwrap() - causeway_api::clock::unix_ms();
     assert!(
-        (11 * 3600_000..=12 * 3600_000 + 60_000).contains(&lives),
+        (11 * 3_600_000..=12 * 3_600_000 + 60_000).contains(&lives),
         "asked 12h, got {lives} ms"
     );
 
@@ -1258,7 +1278,10 @@ async fn admin_credentials_are_recorded_listed_revoked_and_renewed() {
     assert!(out.contains("revoked"), "{out}");
     assert_eq!(state_of(&admins(&fed).await, "ops"), ["revoked", "revoked"]);
     let e = fed.ctl(&["admin", "revoke", "ops"]).await.unwrap_err();
-    assert!(format!("{e:#}").contains("no live admin credential"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("no live admin credential"),
+        "{e:#}"
+    );
 
     tracing::info!("phase: the last admin cannot be revoked");
     let e = fed.ctl(&["admin", "revoke", "demo"]).await.unwrap_err();
@@ -1301,24 +1324,34 @@ async fn site_credentials_expire_and_are_renewed_before_they_do() {
     tracing::info!("phase: the gateway renews, and renews the renewed one");
     let second = eventually(Duration::from_secs(30), "a first renewal", async || {
         let now = load();
-        (now.cert_pem != first.cert_pem).then_some(now).ok_or("not yet")
+        (now.cert_pem != first.cert_pem)
+            .then_some(now)
+            .ok_or("not yet")
     })
     .await;
     status_as(&second).await.unwrap();
     let third = eventually(Duration::from_secs(30), "a second renewal", async || {
         let now = load();
-        (now.cert_pem != second.cert_pem).then_some(now).ok_or("not yet")
+        (now.cert_pem != second.cert_pem)
+            .then_some(now)
+            .ok_or("not yet")
     })
     .await;
     status_as(&third).await.unwrap();
 
     tracing::info!("phase: the first credential has expired and is refused");
-    assert!(causeway_api::clock::unix_ms() > first_expires, "two renewals took under 15 s");
+    assert!(
+        causeway_api::clock::unix_ms() > first_expires,
+        "two renewals took under 15 s"
+    );
     let refused = status_as(&first).await.unwrap_err();
     tracing::info!(%refused, "the expired credential");
 
     tracing::info!("phase: the site stayed a member; the DNS server follows the file");
-    let list = fed.ctl(&["--output", "json", "cluster", "list"]).await.unwrap();
+    let list = fed
+        .ctl(&["--output", "json", "cluster", "list"])
+        .await
+        .unwrap();
     assert!(list.contains("alpha"), "{list}");
     eventually(
         Duration::from_secs(20),
@@ -1333,7 +1366,10 @@ async fn site_credentials_expire_and_are_renewed_before_they_do() {
     .await;
     let metrics = http_get(fed.sites["alpha"].gateway_admin, "/metrics").await;
     assert!(
-        metric(&metrics, "causeway_site_credential_renewals_total{result=\"ok\"}") >= 2.0,
+        metric(
+            &metrics,
+            "causeway_site_credential_renewals_total{result=\"ok\"}"
+        ) >= 2.0,
         "{metrics}"
     );
     let alpha = fed.sites.get_mut("alpha").unwrap();
@@ -1604,7 +1640,7 @@ async fn endless_continuation(addr: SocketAddr) -> (bool, usize) {
     let (mut r, mut w) = tcp.into_split();
     let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     hello.extend(frame(0x4, 0, 0, &[])); // SETTINGS
-    // :method GET, :scheme http, :path /, :authority (indexed / literal).
+                                         // :method GET, :scheme http, :path /, :authority (indexed / literal).
     let mut first = vec![0x82, 0x86, 0x84, 0x41, 0x09];
     first.extend(b"localhost");
     hello.extend(frame(0x1, 0x1, 1, &first)); // HEADERS, END_STREAM, no END_HEADERS
@@ -1619,7 +1655,8 @@ async fn endless_continuation(addr: SocketAddr) -> (bool, usize) {
                 Ok(n) => {
                     pending.extend(&buf[..n]);
                     while pending.len() >= 9 {
-                        let len = u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
+                        let len =
+                            u32::from_be_bytes([0, pending[0], pending[1], pending[2]]) as usize;
                         if pending.len() < 9 + len {
                             break;
                         }
@@ -1650,7 +1687,9 @@ async fn endless_continuation(addr: SocketAddr) -> (bool, usize) {
             if reader.is_finished() {
                 Ok(())
             } else {
-                Err(format!("{written} bytes of one header block sent, connection open"))
+                Err(format!(
+                    "{written} bytes of one header block sent, connection open"
+                ))
             }
         },
     )

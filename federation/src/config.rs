@@ -182,8 +182,16 @@ impl ControllerConfig {
     fn credential_lifetimes(&self, errs: &mut ConfigErrors) -> CredentialLifetimes {
         let mut c = CredentialLifetimes::default();
         for (field, value, into) in [
-            ("site_credential_lifetime_secs", self.site_credential_lifetime_secs, &mut c.site),
-            ("admin_credential_lifetime_secs", self.admin_credential_lifetime_secs, &mut c.admin),
+            (
+                "site_credential_lifetime_secs",
+                self.site_credential_lifetime_secs,
+                &mut c.site,
+            ),
+            (
+                "admin_credential_lifetime_secs",
+                self.admin_credential_lifetime_secs,
+                &mut c.admin,
+            ),
         ] {
             if let Some(secs) = value {
                 let d = Duration::from_secs(secs);

@@ -428,8 +428,7 @@ impl CatalogState {
         !self.revoked.contains(sha256)
             && self.sites.get(site).is_some_and(|s| {
                 s.credential_sha256.as_deref().is_none_or(same)
-                    || s
-                        .renewed_credentials
+                    || s.renewed_credentials
                         .iter()
                         .any(|(c, expires)| *expires > now && same(c))
             })
@@ -752,9 +751,8 @@ impl CatalogState {
     /// Revokes every credential of admin `name`, unless that would leave
     /// no admin credential at all.
     fn revoke_admin(&mut self, name: &str, now_ms: u64) -> (Outcome, Vec<pb::Change>) {
-        let live = |sha: &String, a: &AdminRecord| {
-            a.expires_at_ms > now_ms && !self.revoked.contains(sha)
-        };
+        let live =
+            |sha: &String, a: &AdminRecord| a.expires_at_ms > now_ms && !self.revoked.contains(sha);
         let theirs: Vec<String> = self
             .admins
             .iter()
@@ -1164,10 +1162,9 @@ pub fn admin_name_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() || name.len() > 63 {
         return Some("1 to 63 characters");
     }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_')
-    {
+    if !name.bytes().all(|b| {
+        b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.' || b == b'_'
+    }) {
         return Some("lowercase letters, digits, '-', '.' and '_' only");
     }
     None

@@ -258,7 +258,9 @@ impl SiteState {
         loop {
             tokio::time::sleep(Duration::from_secs(5)).await;
             let cert = self.dir.join("api.pem");
-            let Ok(now) = identity::read(&cert) else { continue };
+            let Ok(now) = identity::read(&cert) else {
+                continue;
+            };
             if now == seen {
                 continue;
             }

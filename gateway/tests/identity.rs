@@ -230,7 +230,10 @@ async fn rogue_client_certificates_are_refused_in_the_handshake() {
         ),
         (
             "two URI SANs",
-            Box::new(move |p| p.subject_alt_names.push(uri("spiffe://b.causeway/gateway/gw-1"))),
+            Box::new(move |p| {
+                p.subject_alt_names
+                    .push(uri("spiffe://b.causeway/gateway/gw-1"))
+            }),
             "no valid SPIFFE ID",
         ),
         (

@@ -159,11 +159,10 @@ impl ControllerClient {
     /// renewal): the cached channel is dropped, so the next call connects
     /// with it; streams open on the old channel run on until they end.
     pub fn set_credential(&self, credential: &Credential) {
-        let tls = self
-            .tls
-            .locked()
-            .clone()
-            .identity(Identity::from_pem(&credential.cert_pem, &credential.key_pem));
+        let tls = self.tls.locked().clone().identity(Identity::from_pem(
+            &credential.cert_pem,
+            &credential.key_pem,
+        ));
         *self.tls.locked() = tls;
         self.cached.locked().take();
     }

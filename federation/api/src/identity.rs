@@ -362,7 +362,11 @@ pub fn parse_serial(text: &str) -> Option<String> {
 
 fn normalize_serial(hex: &str) -> String {
     let trimmed = hex.trim_start_matches('0');
-    let mut out = if trimmed.is_empty() { "0".to_string() } else { trimmed.to_string() };
+    let mut out = if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    };
     if out.len() % 2 == 1 {
         out.insert(0, '0');
     }
@@ -568,7 +572,11 @@ mod tests {
     fn serials_read_from_a_person_match_the_certificate() {
         let ca = CertificateAuthority::generate("a").unwrap();
         let leaf = ca
-            .issue(&"spiffe://a.causeway/gateway/0".parse().unwrap(), &[], Duration::from_secs(60))
+            .issue(
+                &"spiffe://a.causeway/gateway/0".parse().unwrap(),
+                &[],
+                Duration::from_secs(60),
+            )
             .unwrap();
         let serial = serial_hex(&leaf.chain[0]).unwrap();
         assert_eq!(parse_serial(&serial).as_deref(), Some(serial.as_str()));
@@ -578,7 +586,10 @@ mod tests {
             .chunks(2)
             .map(|c| String::from_utf8(c.to_vec()).unwrap())
             .collect();
-        assert_eq!(parse_serial(&colons.join(":")).as_deref(), Some(serial.as_str()));
+        assert_eq!(
+            parse_serial(&colons.join(":")).as_deref(),
+            Some(serial.as_str())
+        );
         assert_eq!(parse_serial("0x00ff").as_deref(), Some("ff"));
         assert_eq!(parse_serial("abc").as_deref(), Some("0abc"));
         assert_eq!(parse_serial("xyz"), None);

@@ -390,20 +390,33 @@ mod tests {
         let ca = CertificateAuthority::generate("a").unwrap();
         let store = TrustStore::new();
         let site: SiteName = "a".parse().unwrap();
-        store.set_site(site.clone(), "a.causeway".parse().unwrap(), vec![ca.cert_der.clone()]);
+        store.set_site(
+            site.clone(),
+            "a.causeway".parse().unwrap(),
+            vec![ca.cert_der.clone()],
+        );
         let id = "spiffe://a.causeway/gateway/0".parse().unwrap();
         let bad = ca.issue(&id, &[], Duration::from_secs(60)).unwrap();
         let good = ca.issue(&id, &[], Duration::from_secs(60)).unwrap();
         let serial = crate::identity::serial_hex(&bad.chain[0]).unwrap();
-        assert_ne!(Some(&serial), crate::identity::serial_hex(&good.chain[0]).as_ref());
+        assert_ne!(
+            Some(&serial),
+            crate::identity::serial_hex(&good.chain[0]).as_ref()
+        );
         store.set_revoked(&site, [serial.clone()]);
-        let err = store.verify(&bad.chain[0], &[], now(), true, None).unwrap_err();
+        let err = store
+            .verify(&bad.chain[0], &[], now(), true, None)
+            .unwrap_err();
         assert!(matches!(err, TrustError::Revoked { .. }), "{err:?}");
         assert!(err.to_string().contains(&serial), "{err}");
         assert!(!store.still_trusted(&bad.chain, false));
         assert!(store.still_trusted(&good.chain, false));
         // A bundle update keeps the revocations; leaving the federation drops both.
-        store.set_site(site.clone(), "a.causeway".parse().unwrap(), vec![ca.cert_der.clone()]);
+        store.set_site(
+            site.clone(),
+            "a.causeway".parse().unwrap(),
+            vec![ca.cert_der.clone()],
+        );
         assert!(!store.still_trusted(&bad.chain, false));
         store.set_revoked(&site, []);
         assert!(store.still_trusted(&bad.chain, false));

@@ -32,7 +32,6 @@ const MAX_TOKEN_TTL: Duration = Duration::from_secs(7 * 86400);
 /// How often an open Watch checks that its credential still counts.
 const CREDENTIAL_CHECK: Duration = Duration::from_secs(2);
 
-
 /// The `Federation` gRPC service. Trust boundary: anyone may call `Join`
 /// (the one-time token is the credential); admins may call everything;
 /// a member site may publish, heartbeat and update the bundle for itself
@@ -497,7 +496,10 @@ impl Federation for FederationService {
                 .await?,
         )?;
         tracing::info!(%site, %serial, caller = ?who, "certificate revoked");
-        Ok(Response::new(pb::RevokeCertificateResponse { revision, serial }))
+        Ok(Response::new(pb::RevokeCertificateResponse {
+            revision,
+            serial,
+        }))
     }
 
     async fn revoke_credential(

@@ -98,7 +98,8 @@ pub fn admin_record_of_der(
     let Caller::Admin(name) = classify(&id) else {
         return Err(format!("{id} is not an admin identity"));
     };
-    let (issued, expires) = causeway_api::identity::validity_ms(leaf).ok_or("unreadable validity")?;
+    let (issued, expires) =
+        causeway_api::identity::validity_ms(leaf).ok_or("unreadable validity")?;
     Ok((
         causeway_api::identity::fingerprint(leaf),
         crate::state::AdminRecord {

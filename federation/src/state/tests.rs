@@ -568,10 +568,7 @@ fn a_revoked_certificate_serial_reaches_watchers_once_and_only_for_a_member() {
     let (out, changes) = revoke(&mut s, "a", "0x0a1b");
     assert!(matches!(out, Outcome::Unchanged { .. }), "{out:?}");
     assert!(changes.is_empty());
-    for (site_name, serial, want) in [
-        ("a", "not-hex", "serial"),
-        ("b", "01", "not a member"),
-    ] {
+    for (site_name, serial, want) in [("a", "not-hex", "serial"), ("b", "01", "not a member")] {
         let (out, changes) = revoke(&mut s, site_name, serial);
         match out {
             Outcome::Rejected { message, .. } => assert!(message.contains(want), "{message}"),
@@ -584,7 +581,13 @@ fn a_revoked_certificate_serial_reaches_watchers_once_and_only_for_a_member() {
     }
     let (out, _) = revoke(&mut s, "a", "ffffff");
     assert!(
-        matches!(out, Outcome::Rejected { code: RejectCode::LimitExceeded, .. }),
+        matches!(
+            out,
+            Outcome::Rejected {
+                code: RejectCode::LimitExceeded,
+                ..
+            }
+        ),
         "{out:?}"
     );
 }
