@@ -16,6 +16,17 @@ use tokio::net::TcpListener;
 /// Installs the global metrics recorder; call once per process.
 pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
     PrometheusBuilder::new()
+        // Histograms, not summaries, where Prometheus aggregates across
+        // gateways (the p99 per service of deploy/prometheus).
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(
+                "causeway_http_request_duration_seconds".into(),
+            ),
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ],
+        )
+        .map_err(|e| anyhow::anyhow!("metric buckets: {e}"))?
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))
 }

@@ -131,6 +131,14 @@ impl Controller {
             &[CONTROLLER_SERVER_NAME],
             Duration::from_secs(30 * 86400),
         )?;
+        if let Some((_, to)) = node_cred
+            .chain
+            .first()
+            .and_then(causeway_api::identity::validity_ms)
+        {
+            metrics::gauge!("causeway_certificate_expiry_timestamp_seconds", "credential" => "node")
+                .set(to as f64 / 1000.0);
+        }
         let identity = Identity::from_pem(&node_cred.cert_pem, &node_cred.key_pem);
         let peer_tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&opts.ca.cert_pem))
@@ -479,6 +487,9 @@ async fn export_raft_metrics(raft: Raft) {
             }
             if m.current_leader != last_leader {
                 tracing::info!(leader = ?m.current_leader, term = m.current_term, "raft leader changed");
+                if m.current_leader.is_some() {
+                    metrics::counter!("causeway_raft_leader_changes_total").increment(1);
+                }
                 last_leader = m.current_leader;
             }
         }
@@ -489,9 +500,34 @@ async fn export_raft_metrics(raft: Raft) {
     }
 }
 
+/// Sets `causeway_site_available` for every member, and NaN for the sites
+/// exported before that are members no more.
+fn export_availability(
+    sites: &[(causeway_api::model::SiteName, bool)],
+    exported: &mut std::collections::BTreeSet<String>,
+) {
+    let now: std::collections::BTreeSet<String> =
+        sites.iter().map(|(n, _)| n.to_string()).collect();
+    for gone in exported.difference(&now) {
+        metrics::gauge!("causeway_site_available", "site" => gone.clone()).set(f64::NAN);
+    }
+    for (n, available) in sites {
+        metrics::gauge!("causeway_site_available", "site" => n.to_string()).set(if *available {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    *exported = now;
+}
+
 /// On the leader, turns lapsed and recovered leases into Raft writes.
+/// Every node also exports each member's availability as this node's
+/// applied state has it (`causeway_site_available`: 1, 0 while its lease
+/// has lapsed, NaN once removed).
 async fn run_leases(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut exported = std::collections::BTreeSet::new();
     loop {
         tick.tick().await;
         let now = std::time::Instant::now();
@@ -505,6 +541,7 @@ async fn run_leases(shared: Arc<Shared>) {
                     .map(|(n, r)| (n.clone(), r.available))
                     .collect()
             });
+            export_availability(&sites, &mut exported);
             l.decide(now, &sites)
         };
         for (site, available) in changes {

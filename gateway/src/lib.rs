@@ -312,6 +312,19 @@ async fn renew_credential(
     }
 }
 
+/// Sets `causeway_certificate_expiry_timestamp_seconds{credential}` to
+/// when `cred` expires.
+pub fn export_expiry(credential: &'static str, cred: &causeway_api::identity::Credential) {
+    if let Some((_, to)) = cred
+        .chain
+        .first()
+        .and_then(causeway_api::identity::validity_ms)
+    {
+        metrics::gauge!("causeway_certificate_expiry_timestamp_seconds", "credential" => credential)
+            .set(to as f64 / 1000.0);
+    }
+}
+
 /// Writes this replica's current tunnel certificate (public, no key) to
 /// `tunnel-<replica>.pem` in the state directory and logs its serial: what
 /// an operator gives `ctl credential revoke-certificate` if the replica's
@@ -329,6 +342,7 @@ fn record_tunnel_certificate(settings: &Settings, cred: &causeway_api::identity:
     if let Err(e) = causeway_api::identity::write(&path, &cred.cert_pem, false) {
         tracing::warn!(path = %path.display(), error = %e, "could not record the tunnel certificate");
     }
+    export_expiry("tunnel", cred);
     tracing::info!(%serial, path = %path.display(), "tunnel certificate in use");
 }
 

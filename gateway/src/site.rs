@@ -207,6 +207,7 @@ impl SiteState {
     /// be written (a read-only Secret) keeps the new one in memory only.
     pub async fn renew_api_credential(&self, client: Arc<ControllerClient>) {
         let mut current = self.api.clone();
+        crate::export_expiry("site_api", &current);
         loop {
             tokio::time::sleep(renew_in(&current)).await;
             match self.renew_once(&client).await {
@@ -214,6 +215,7 @@ impl SiteState {
                     metrics::counter!("causeway_site_credential_renewals_total", "result" => "ok")
                         .increment(1);
                     tracing::info!(site = %self.site, "site API credential renewed");
+                    crate::export_expiry("site_api", &cred);
                     current = cred;
                 }
                 Err(e) => {

@@ -1,0 +1,216 @@
+//! Observability end to end: a real Prometheus (the Debian `prometheus`
+//! package, which `scripts/test-all` installs) scrapes a local federation
+//! with the shipped rules and sees alerts go pending, then firing, after
+//! the gateway of the exporting site stops.
+
+mod common;
+
+use common::*;
+
+/// The shipped rules with every `for:` shortened to 2 s, so the test sees
+/// pending turn into firing within seconds; the expressions are the
+/// shipped ones.
+fn rules_for_test() -> String {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("deploy/prometheus/causeway-rules.yml"),
+    )
+    .unwrap();
+    shipped
+        .lines()
+        .map(|l| match l.trim_start().strip_prefix("for: ") {
+            Some(_) => format!("{}for: 2s", &l[..l.len() - l.trim_start().len()]),
+            None => l.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// GET `path` from Prometheus's HTTP API; the JSON it answers.
+async fn prom(addr: std::net::SocketAddr, path: &str) -> Result<serde_json::Value, String> {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header("host", addr.to_string())
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    serde_json::from_slice(&body).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&body)))
+}
+
+/// The alerts Prometheus has now: (alertname, site label, state).
+async fn alerts(addr: std::net::SocketAddr) -> Result<Vec<(String, String, String)>, String> {
+    let v = prom(addr, "/api/v1/alerts").await?;
+    Ok(v["data"]["alerts"]
+        .as_array()
+        .ok_or(v.to_string())?
+        .iter()
+        .map(|a| {
+            let s = |k: &str| a["labels"][k].as_str().unwrap_or("").to_string();
+            (
+                s("alertname"),
+                s("site"),
+                a["state"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_fires_the_shipped_alerts_when_a_gateway_stops() {
+    init_tracing();
+    let Ok(prometheus) = which("prometheus") else {
+        panic!("the `prometheus` binary is not on PATH: install the Debian package (`sudo apt-get install prometheus`) or run `sudo scripts/test-all`, which does");
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, _) = controllers(&tmp, 1, &[]).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let _ = vip;
+
+    let dir = tmp.path().join("prometheus");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("rules.yml"), rules_for_test()).unwrap();
+    let mut targets = Vec::new();
+    for (id, a) in &fed.controller_admin {
+        targets.push((format!("controller-{id}"), *a));
+    }
+    for (name, s) in &fed.sites {
+        targets.push((format!("gw-{name}"), s.gateway_admin));
+        targets.push((format!("dns-{name}"), s.dns_admin));
+    }
+    let mut scrape = String::new();
+    for (instance, addr) in &targets {
+        scrape.push_str(&format!(
+            "      - targets: ['{addr}']\n        labels: {{instance: '{instance}'}}\n"
+        ));
+    }
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yml]\nscrape_configs:\n  - job_name: causeway\n    static_configs:\n{scrape}"
+        ),
+    )
+    .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+    let mut server = tokio::process::Command::new(prometheus)
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address={port}"))
+        .current_dir(&dir)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    tracing::info!("phase: Prometheus scrapes every part and nothing fires");
+    eventually(
+        Duration::from_secs(60),
+        "Prometheus to scrape every target",
+        async || {
+            let v = prom(port, "/api/v1/targets").await?;
+            let t = v["data"]["activeTargets"].as_array().ok_or(v.to_string())?;
+            let up = t.iter().filter(|t| t["health"] == "up").count();
+            (up == targets.len())
+                .then_some(())
+                .ok_or(format!("{up} of {} up: {v}", targets.len()))
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(30),
+        "east's availability to be recorded",
+        async || {
+            let v = prom(
+                port,
+                "/api/v1/query?query=causeway_site_available%7Bsite%3D%22east%22%7D",
+            )
+            .await?;
+            let r = &v["data"]["result"];
+            (r[0]["value"][1] == "1").then_some(()).ok_or(v.to_string())
+        },
+    )
+    .await;
+    let before = alerts(port).await.unwrap();
+    assert!(
+        before.is_empty(),
+        "alerts before anything broke: {before:?}"
+    );
+
+    tracing::info!(
+        "phase: east's gateway stops; the lease and tunnel alerts go pending, then fire"
+    );
+    fed.sites.get_mut("east").unwrap().gateway.kill().await;
+    let mut seen_pending = false;
+    eventually(
+        Duration::from_secs(60),
+        "CausewaySiteLeaseLost for east to fire",
+        async || {
+            let now = alerts(port).await?;
+            seen_pending |= now
+                .iter()
+                .any(|(n, s, st)| n == "CausewaySiteLeaseLost" && s == "east" && st == "pending");
+            now.iter()
+                .any(|(n, s, st)| n == "CausewaySiteLeaseLost" && s == "east" && st == "firing")
+                .then_some(())
+                .ok_or(format!("{now:?}"))
+        },
+    )
+    .await;
+    eventually(
+        Duration::from_secs(60),
+        "CausewayTunnelDown from west to east to fire",
+        async || {
+            let now = alerts(port).await?;
+            now.iter()
+                .any(|(n, s, st)| n == "CausewayTunnelDown" && s == "east" && st == "firing")
+                .then_some(())
+                .ok_or(format!("{now:?}"))
+        },
+    )
+    .await;
+    tracing::info!(
+        seen_pending,
+        "the lease alert was seen pending before it fired"
+    );
+    let now = alerts(port).await.unwrap();
+    assert!(
+        now.iter().all(|(_, s, _)| s != "west"),
+        "nothing about west fires: {now:?}"
+    );
+    let _ = server.start_kill();
+    let _ = server.wait().await;
+    fed.shutdown().await;
+}
+
+/// The path of `name` on PATH.
+fn which(name: &str) -> Result<std::path::PathBuf, ()> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
