@@ -6,6 +6,7 @@
 mod common;
 
 use common::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The shipped rules with every `for:` shortened to 2 s, so the test sees
 /// pending turn into firing within seconds; the expressions are the
@@ -213,4 +214,150 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .map(|d| d.join(name))
         .find(|p| p.is_file())
         .ok_or(())
+}
+
+/// The access log entries (JSON lines) in a process's output.
+fn access_entries(log: &std::path::Path) -> Vec<causeway_gateway::access::Entry> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Access logs on both gateways: one JSON line per HTTP request and per
+/// L4 connection on the calling gateway (with the caller's trace id, the
+/// serving site, status and bytes), and one per tunnel stream on the
+/// exporting gateway (with the peer's identity and the endpoint).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_record_each_request_and_connection_on_both_gateways() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = new_federation(&tmp);
+    fed.gateway_base.access_log = causeway_gateway::access::AccessLogConfig {
+        enabled: true,
+        path: "stdout".into(),
+        sample: 1.0,
+    };
+    fed.start_controllers(1).unwrap();
+    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let (echo, _echo_task) = causeway::local::echo_server(None).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let (web, _web_task) = http_backend("127.0.0.1:0", "east-web").await;
+    add_exports_and_restart(&mut fed, "east", &web_http_export(web)).await;
+    let http = imported(&fed, "west", "web.shop.svc.clusterset.local", 8080).await;
+    let vip = echo_vip(&fed, "west").await;
+
+    tracing::info!("phase: a traced HTTP request and an L4 connection from west");
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    eventually(Duration::from_secs(20), "a traced request to pass", async || {
+        let mut s = tokio::net::TcpStream::connect(http).await.map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET /traced HTTP/1.1\r\nhost: web\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+        out.starts_with("HTTP/1.1 200").then_some(()).ok_or(out)
+    })
+    .await;
+    let data = b"twelve bytes";
+    let got = echo_roundtrip(std::net::SocketAddr::new(vip, 7000), data).await;
+    assert_eq!(got, data);
+
+    tracing::info!("phase: west logged both as outbound, east as inbound");
+    let west_log = fed.sites["west"].gateway.log.clone();
+    let east_log = fed.sites["east"].gateway.log.clone();
+    let (http_entry, tcp_entry) = eventually(
+        Duration::from_secs(20),
+        "west's outbound entries",
+        async || {
+            let all = access_entries(&west_log);
+            let h = all
+                .iter()
+                .find(|e| e.protocol == "http" && e.path == "/traced" && e.status == 200)
+                .cloned();
+            let t = all
+                .iter()
+                .find(|e| {
+                    e.protocol == "tcp"
+                        && e.service == "shop/echo"
+                        && e.bytes_in == data.len() as u64
+                })
+                .cloned();
+            match (h, t) {
+                (Some(h), Some(t)) => Ok((h, t)),
+                _ => Err(format!("{all:?}")),
+            }
+        },
+    )
+    .await;
+    assert_eq!(http_entry.direction, "outbound");
+    assert_eq!(http_entry.trace_id, trace);
+    assert_eq!(http_entry.method, "GET");
+    assert_eq!(http_entry.service, "shop/web");
+    assert_eq!(http_entry.source_site, "west");
+    assert_eq!(http_entry.destination_site, "east");
+    assert_eq!(http_entry.outcome, "ok");
+    assert!(http_entry.bytes_out > 0, "{http_entry:?}");
+    assert!(
+        http_entry.time.ends_with('Z') && http_entry.time.len() == 24,
+        "{http_entry:?}"
+    );
+    assert_eq!(tcp_entry.direction, "outbound");
+    assert_eq!(tcp_entry.destination_site, "east");
+    assert_eq!(tcp_entry.bytes_out, data.len() as u64);
+    assert_eq!(tcp_entry.outcome, "ok");
+    assert!(tcp_entry.source.starts_with("127."), "{tcp_entry:?}");
+
+    let inbound = eventually(
+        Duration::from_secs(20),
+        "east's inbound entries",
+        async || {
+            let all = access_entries(&east_log);
+            all.iter()
+                .find(|e| {
+                    e.direction == "inbound"
+                        && e.service == "shop/echo"
+                        && e.bytes_in == data.len() as u64
+                })
+                .cloned()
+                .ok_or(format!("{all:?}"))
+        },
+    )
+    .await;
+    assert_eq!(inbound.source_site, "west");
+    assert!(
+        inbound
+            .source
+            .starts_with("spiffe://west.causeway/gateway/"),
+        "{inbound:?}"
+    );
+    assert_eq!(inbound.destination_site, "east");
+    assert_eq!(inbound.endpoint, echo.to_string());
+    assert_eq!(inbound.bytes_out, data.len() as u64);
+    // HTTP requests reach east over pooled upstream streams: east logs a
+    // stream when it ends (west logs every request). Stopping west ends it.
+    fed.sites.get_mut("west").unwrap().gateway.kill().await;
+    let web_stream = eventually(
+        Duration::from_secs(30),
+        "east's entry for the HTTP stream",
+        async || {
+            let all = access_entries(&east_log);
+            all.iter()
+                .find(|e| e.direction == "inbound" && e.service == "shop/web")
+                .cloned()
+                .ok_or(format!("{all:?}"))
+        },
+    )
+    .await;
+    assert_eq!(web_stream.endpoint, web.to_string());
+    assert!(
+        web_stream.bytes_in > 0 && web_stream.bytes_out > 0,
+        "{web_stream:?}"
+    );
+    fed.shutdown().await;
 }

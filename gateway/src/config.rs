@@ -75,6 +75,9 @@ pub struct GatewayConfig {
     /// Bounds on what one client may hold: timeouts and connection caps.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// One JSON line per request or connection.
+    #[serde(default)]
+    pub access_log: crate::access::AccessLogConfig,
     /// Services this site exports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportConfig>,
@@ -534,6 +537,8 @@ pub struct Settings {
     pub listen: ListenPlan,
     /// Timeouts and connection caps.
     pub limits: Limits,
+    /// Access logging.
+    pub access_log: crate::access::AccessLogConfig,
     /// Exports come from the cluster's ServiceExports.
     pub kubernetes: bool,
 }
@@ -562,6 +567,7 @@ impl GatewayConfig {
             allow: Vec::new(),
             quic: QuicConfig::default(),
             limits: LimitsConfig::default(),
+            access_log: Default::default(),
             exports: Vec::new(),
             kubernetes: None,
         }
@@ -599,6 +605,7 @@ impl GatewayConfig {
         let exports = self.exports(&mut errs);
         let listen = self.listen_plan(vip, &mut errs);
         let limits = self.limits.validate(&mut errs);
+        self.access_log.check(&mut errs);
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -621,6 +628,7 @@ impl GatewayConfig {
             exports,
             listen: listen.expect("checked above"),
             limits: limits.expect("checked above"),
+            access_log: self.access_log.clone(),
             kubernetes: self.kubernetes.is_some(),
         })
     }

@@ -19,4 +19,6 @@ pub struct Forward {
     pub dial: Dialer,
     /// Timeouts and connection caps.
     pub limits: crate::config::Limits,
+    /// Where access log entries go.
+    pub access: Arc<crate::access::AccessLog>,
 }

@@ -28,6 +28,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 
+use crate::access::note;
 use crate::forward::Forward;
 use crate::routes::{Routes, ServicePolicy};
 use crate::steer::Tried;
@@ -264,18 +265,24 @@ pub async fn serve_connection(
     // ended (GOAWAY), so a rapid-reset flood cannot keep the gateway
     // starting work it never finishes.
     let cancels = Arc::new(Cancels::default());
+    let client: Arc<str> = tcp
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default()
+        .into();
     let svc = {
         let cancels = cancels.clone();
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let out = out.clone();
             let service = service.clone();
+            let client = client.clone();
             let guard = CancelGuard {
                 cancels: cancels.clone(),
                 done: false,
             };
             async move {
                 let mut guard = guard;
-                let resp = proxy(&out, req, &service, port, upstream).await;
+                let resp = proxy(&out, req, &service, port, upstream, &client).await;
                 guard.done = true;
                 Ok::<_, Infallible>(resp)
             }
@@ -353,9 +360,34 @@ async fn proxy(
     service: &ServiceKey,
     port: u16,
     upstream: Protocol,
+    client: &str,
 ) -> Response<Body> {
     let start = Instant::now();
-    let resp = route(out, req, service, port, upstream, start).await;
+    let mut log = out.fwd.access.begin("outbound", "http");
+    note(&mut log, |e| {
+        e.service = service.to_string();
+        e.source_site = out.fwd.steer.local_site.to_string();
+        e.source = client.to_string();
+        e.method = req.method().to_string();
+        e.path = req.uri().path().to_string();
+        e.trace_id = crate::access::trace_id(
+            req.headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok()),
+        );
+    });
+    let resp = route(out, req, service, port, upstream, start, &mut log).await;
+    note(&mut log, |e| {
+        e.status = resp.status().as_u16();
+        // The gateway's own answers say why; an endpoint's answer is "ok"
+        // whatever its status.
+        if let Some(why) = resp.headers().get("x-causeway-error") {
+            e.outcome = why.to_str().unwrap_or("error").to_string();
+        }
+        e.bytes_out = hyper::body::Body::size_hint(resp.body())
+            .exact()
+            .unwrap_or(0);
+    });
     let code = resp.status().as_u16().to_string();
     metrics::counter!("causeway_http_requests_total", "service" => service.to_string(), "code" => code)
         .increment(1);
@@ -371,6 +403,7 @@ async fn route(
     port: u16,
     upstream: Protocol,
     start: Instant,
+    log: &mut Option<crate::access::Pending>,
 ) -> Response<Body> {
     let routes = out.fwd.routes.borrow().clone();
     let policy = routes
@@ -386,6 +419,7 @@ async fn route(
         Ok(r) => r,
         Err(refused) => return refused,
     };
+    note(log, |e| e.bytes_in = body.len() as u64);
     let (deadline, per_try) = deadlines(&policy, start);
     let retries = policy.retry.as_ref().map_or(0, |r| r.attempts);
     note_request(out, &policy, service);
@@ -453,6 +487,11 @@ async fn route(
             Tried::Failed
         };
         out.fwd.steer.observe(&routes, service, &site, outcome);
+        note(log, |e| {
+            e.destination_site = site.to_string();
+            e.retries = tries.saturating_sub(1);
+            e.failover_reason = tried.join("; ");
+        });
         match verdict.next {
             Next::Answer(resp) => return resp,
             Next::Retry(resp) => last = Some(resp),

@@ -12,6 +12,7 @@ use causeway_api::trust::{Peer, TrustStore};
 use causeway_gateway_core::header::{OpenResponse, Status};
 use rustls::pki_types::{CertificateDer, UnixTime};
 
+use crate::access::note;
 use crate::exports::Exports;
 use crate::splice::splice;
 use causeway_api::sync::LockExt;
@@ -37,6 +38,10 @@ pub struct Inbound {
     pub header_timeout: Duration,
     /// How long a stream may carry nothing before it is closed.
     pub idle_timeout: Duration,
+    /// Where access log entries go.
+    pub access: Arc<crate::access::AccessLog>,
+    /// This site's name, for the access log.
+    pub local_site: String,
     /// Live inbound connections per peer site, to tear down on removal,
     /// each with its retired flag (set: it takes no new streams).
     conns: Mutex<HashMap<SiteName, Vec<InboundConn>>>,
@@ -74,10 +79,14 @@ impl Inbound {
         drain: Arc<crate::drain::Drain>,
         authorization: crate::config::Authorization,
         idle_timeout: Duration,
+        access: Arc<crate::access::AccessLog>,
+        local_site: String,
     ) -> Arc<Self> {
         let mut this =
             Self::with_header_timeout(store, exports, drain, authorization, HEADER_TIMEOUT);
         this.idle_timeout = idle_timeout;
+        this.access = access;
+        this.local_site = local_site;
         Arc::new(this)
     }
 
@@ -95,6 +104,8 @@ impl Inbound {
             authorization,
             header_timeout,
             idle_timeout: crate::config::Limits::default().idle_timeout,
+            access: crate::access::AccessLog::disabled(),
+            local_site: String::new(),
             store,
             drain,
             exports,
@@ -182,6 +193,12 @@ impl Inbound {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        let mut log = self.access.begin("inbound", "tcp");
+        note(&mut log, |e| {
+            e.source_site = peer.site.to_string();
+            e.source = peer.id.to_string();
+            e.destination_site.clone_from(&self.local_site);
+        });
         let req = match tokio::time::timeout(
             self.header_timeout,
             crate::stream::read_request(&mut recv),
@@ -190,16 +207,20 @@ impl Inbound {
         {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
+                note(&mut log, |e| e.outcome = "bad_request".into());
                 refuse(&mut send, Status::BadRequest, &e.to_string()).await;
                 return;
             }
             Err(_) => {
+                note(&mut log, |e| e.outcome = "header_timeout".into());
                 metrics::counter!("causeway_tunnel_streams_total", "direction" => "in", "status" => "header_timeout").increment(1);
                 let _ = send.reset(quinn::VarInt::from_u32(4));
                 return;
             }
         };
+        note(&mut log, |e| e.service = req.service.clone());
         if retired.load(Ordering::Relaxed) {
+            note(&mut log, |e| e.outcome = "retired".into());
             // The peer's certificate no longer chains to its site's bundle:
             // streams in flight finish within the grace, new ones are
             // refused: the caller opens a fresh tunnel and tries again.
@@ -212,6 +233,7 @@ impl Inbound {
             return;
         }
         if self.drain.is_draining() {
+            note(&mut log, |e| e.outcome = "draining".into());
             refuse(
                 &mut send,
                 Status::Draining,
@@ -222,6 +244,7 @@ impl Inbound {
         }
         let table = self.exports.current();
         let Some(entry) = table.find(&req.service, req.port) else {
+            note(&mut log, |e| e.outcome = "unknown_service".into());
             refuse(
                 &mut send,
                 Status::UnknownService,
@@ -243,6 +266,7 @@ impl Inbound {
             || self.policy_allows(&peer, service) == Some(false)
         {
             tracing::info!(site = %peer.site, service = %req.service, "stream refused by authorization");
+            note(&mut log, |e| e.outcome = "forbidden".into());
             refuse(
                 &mut send,
                 Status::Forbidden,
@@ -252,6 +276,7 @@ impl Inbound {
             return;
         }
         let Some((tcp, _in_flight)) = endpoints.connect().await else {
+            note(&mut log, |e| e.outcome = "no_endpoints".into());
             refuse(
                 &mut send,
                 Status::NoEndpoints,
@@ -267,7 +292,14 @@ impl Inbound {
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").increment(1.0);
         let _guard = self.drain.guard();
         tracing::debug!(site = %peer.site, service = %req.service, "stream opened");
-        splice(tcp, send, recv, self.idle_timeout).await;
+        if let (Some(p), Ok(a)) = (log.as_mut(), tcp.peer_addr()) {
+            p.entry.endpoint = a.to_string();
+        }
+        let (to_caller, from_caller) = splice(tcp, send, recv, self.idle_timeout).await;
+        note(&mut log, |e| {
+            e.bytes_in = from_caller;
+            e.bytes_out = to_caller;
+        });
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").decrement(1.0);
     }
 

@@ -5,6 +5,7 @@
 use causeway_api::model::{ServiceKey, SiteName};
 use tokio::net::TcpStream;
 
+use crate::access::note;
 use crate::dial::Attempt;
 use crate::forward::Forward;
 use crate::splice::splice;
@@ -28,8 +29,15 @@ fn outcome(attempt: &Result<Stream, Attempt>) -> Tried {
 /// steering order is tried until one opens a stream (or a local endpoint
 /// connection); then bytes flow both ways until both sides close.
 pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16) {
+    let mut log = fwd.access.begin("outbound", "tcp");
+    note(&mut log, |e| {
+        e.service = service.to_string();
+        e.source_site = fwd.steer.local_site.to_string();
+        e.source = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    });
     let routes = fwd.routes.borrow().clone();
     if !routes.services.contains_key(&service) {
+        note(&mut log, |e| e.outcome = "unknown_service".into());
         metrics::counter!("causeway_outbound_failures_total", "reason" => "unknown_service")
             .increment(1);
         return;
@@ -59,16 +67,29 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
                 }
                 metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out")
                     .increment(1.0);
-                match stream {
+                note(&mut log, |e| {
+                    e.destination_site = site.to_string();
+                    e.failover_reason = tried.join("; ");
+                });
+                let (from_caller, to_caller) = match stream {
                     Stream::Remote(send, recv) => {
-                        splice(tcp, send, recv, fwd.limits.idle_timeout).await;
+                        splice(tcp, send, recv, fwd.limits.idle_timeout).await
                     }
                     Stream::Local(local) => {
+                        if let (Some(p), Ok(a)) = (log.as_mut(), local.peer_addr()) {
+                            p.entry.endpoint = a.to_string();
+                        }
                         let mut a = tcp;
                         let mut b = local;
-                        let _ = tokio::io::copy_bidirectional(&mut a, &mut b).await;
+                        tokio::io::copy_bidirectional(&mut a, &mut b)
+                            .await
+                            .unwrap_or((0, 0))
                     }
-                }
+                };
+                note(&mut log, |e| {
+                    e.bytes_in = from_caller;
+                    e.bytes_out = to_caller;
+                });
                 metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out")
                     .decrement(1.0);
                 return;
@@ -85,5 +106,9 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
         }
     }
     metrics::counter!("causeway_outbound_failures_total", "reason" => "no_site").increment(1);
+    note(&mut log, |e| {
+        e.outcome = "no_site".into();
+        e.failover_reason = tried.join("; ");
+    });
     tracing::warn!(%service, attempts = ?tried, "no site could serve the connection; closing it");
 }

@@ -15,6 +15,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod config;
 pub mod dial;
 pub mod drain;
@@ -148,12 +149,15 @@ pub async fn run(
 
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
     let drain = drain::Drain::new();
+    let access = access::AccessLog::start(&settings.access_log)?;
     let inbound = Inbound::new(
         store.clone(),
         exports.clone(),
         drain.clone(),
         settings.authorization.clone(),
         settings.limits.idle_timeout,
+        access.clone(),
+        state.site.to_string(),
     );
     let pool = Pool::new(
         endpoint.clone(),
@@ -186,6 +190,7 @@ pub async fn run(
             local_exports: exports.clone(),
         },
         limits: settings.limits,
+        access,
     });
     let outbound = Arc::new(Outbound {
         fwd: fwd.clone(),
