@@ -361,3 +361,69 @@ async fn access_logs_record_each_request_and_connection_on_both_gateways() {
     );
     fed.shutdown().await;
 }
+
+/// docs/observability.md names every metric the code exports, every
+/// shipped alert and every access log field.
+#[test]
+fn every_metric_alert_and_log_field_is_documented() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/observability.md")).unwrap();
+    let mut missing = Vec::new();
+    let mut seen = 0;
+    let mut stack = vec![
+        root.join("gateway"),
+        root.join("federation"),
+        root.join("dns"),
+        root.join("src"),
+        root.join("kube"),
+    ];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                if !p.ends_with("target") {
+                    stack.push(p);
+                }
+                continue;
+            }
+            if p.extension().is_none_or(|x| x != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            for mac in ["counter!(", "gauge!(", "histogram!("] {
+                for (i, _) in text.match_indices(mac) {
+                    let rest = text[i + mac.len()..].trim_start();
+                    let Some(lit) = rest.strip_prefix('"') else {
+                        continue;
+                    };
+                    let name = &lit[..lit.find('"').unwrap()];
+                    if name.starts_with("causeway_") {
+                        seen += 1;
+                        if !doc.contains(&format!("`{name}`")) {
+                            missing.push(format!("metric {name} ({})", p.display()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    assert!(seen > 100, "the scan found only {seen} metric uses");
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/causeway-rules.yml")).unwrap();
+    for l in rules.lines() {
+        if let Some(alert) = l.trim().strip_prefix("- alert: ") {
+            if !doc.contains(&format!("`{alert}`")) {
+                missing.push(format!("alert {alert}"));
+            }
+        }
+    }
+    let fields = serde_json::to_value(causeway_gateway::access::Entry::default()).unwrap();
+    for key in fields.as_object().unwrap().keys() {
+        if !doc.contains(&format!("`{key}`")) {
+            missing.push(format!("access log field {key}"));
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "not in docs/observability.md: {missing:#?}"
+    );
+}
