@@ -427,3 +427,295 @@ fn every_metric_alert_and_log_field_is_documented() {
         "not in docs/observability.md: {missing:#?}"
     );
 }
+
+/// One span as a collector received it.
+#[derive(Debug, Clone)]
+struct Got {
+    site: String,
+    name: String,
+    trace_id: String,
+    span_id: String,
+    parent: String,
+    attrs: std::collections::BTreeMap<String, String>,
+}
+
+type Received = std::sync::Arc<std::sync::Mutex<Vec<Got>>>;
+
+struct Collector(Received);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceService
+    for Collector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse,
+        >,
+        tonic::Status,
+    > {
+        use opentelemetry_proto::tonic::common::v1::any_value::Value;
+        let text = |v: &Option<opentelemetry_proto::tonic::common::v1::AnyValue>| match v
+            .as_ref()
+            .and_then(|v| v.value.as_ref())
+        {
+            Some(Value::StringValue(s)) => s.clone(),
+            Some(Value::IntValue(i)) => i.to_string(),
+            Some(Value::BoolValue(b)) => b.to_string(),
+            Some(Value::DoubleValue(d)) => d.to_string(),
+            _ => String::new(),
+        };
+        let mut got = self.0.lock().unwrap();
+        for rs in req.into_inner().resource_spans {
+            let site = rs
+                .resource
+                .as_ref()
+                .and_then(|r| r.attributes.iter().find(|a| a.key == "causeway.site"))
+                .map(|a| text(&a.value))
+                .unwrap_or_default();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    got.push(Got {
+                        site: site.clone(),
+                        name: s.name.clone(),
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent: hex(&s.parent_span_id),
+                        attrs: s
+                            .attributes
+                            .iter()
+                            .map(|a| (a.key.clone(), text(&a.value)))
+                            .collect(),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// An in-process OTLP/gRPC trace receiver on loopback: its address, what
+/// it received, and the sender that shuts it down (its connections close).
+async fn collector() -> (
+    std::net::SocketAddr,
+    Received,
+    tokio::sync::oneshot::Sender<()>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let got: Received = Default::default();
+    let svc = opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::TraceServiceServer::new(
+        Collector(got.clone()),
+    );
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(l),
+                async move {
+                    let _ = stopped.await;
+                },
+            )
+            .await;
+    });
+    (addr, got, stop)
+}
+
+/// An HTTP/1.1 endpoint answering every request `200 ok` and keeping each
+/// request head.
+async fn recording_backend() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let keep = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = l.accept().await {
+            let keep = keep.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let (r, mut w) = s.into_split();
+                let mut r = tokio::io::BufReader::new(r);
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let mut line = String::new();
+                        match r.read_line(&mut line).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    keep.lock().unwrap().push(head);
+                    if w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, heads)
+}
+
+/// One trace across two real gateways: the caller's traceparent is the
+/// parent of the calling gateway's span, which is the parent of the
+/// exporting gateway's span (the context crossed the tunnel in the stream
+/// header) and of the request the endpoint got; L4 connections start
+/// their own trace the same way. With the collector gone, exports fail,
+/// are counted, and traffic goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_follows_a_request_from_the_calling_gateway_through_the_tunnel() {
+    init_tracing();
+    let (otlp, got, stop_collector) = collector().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = new_federation(&tmp);
+    fed.gateway_base.tracing = causeway_gateway::trace::TracingConfig {
+        otlp_endpoint: format!("http://{otlp}"),
+        sample_ratio: 1.0,
+        export_interval_ms: 100,
+        ..Default::default()
+    };
+    fed.start_controllers(1).unwrap();
+    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let (echo, _echo_task) = causeway::local::echo_server(None).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let (web, heads) = recording_backend().await;
+    add_exports_and_restart(&mut fed, "east", &web_http_export(web)).await;
+    let http = imported(&fed, "west", "web.shop.svc.clusterset.local", 8080).await;
+    let vip = echo_vip(&fed, "west").await;
+
+    tracing::info!("phase: a request with the caller's traceparent");
+    let (trace, caller_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
+    eventually(Duration::from_secs(20), "a traced request to pass", async || {
+        let mut s = tokio::net::TcpStream::connect(http).await.map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET /traced HTTP/1.1\r\nhost: web\r\ntraceparent: 00-{trace}-{caller_span}-01\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+        out.starts_with("HTTP/1.1 200").then_some(()).ok_or(out)
+    })
+    .await;
+    let data = b"traced bytes";
+    assert_eq!(
+        echo_roundtrip(std::net::SocketAddr::new(vip, 7000), data).await,
+        data
+    );
+
+    let spans = |f: &dyn Fn(&Got) -> bool| -> Vec<Got> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|g| f(g))
+            .cloned()
+            .collect()
+    };
+    let (out_span, in_span) = eventually(
+        Duration::from_secs(20),
+        "the caller's trace to reach the collector from both gateways",
+        async || {
+            let outs = spans(&|g| g.trace_id == trace && g.name == "causeway.outbound");
+            let ins = spans(&|g| g.trace_id == trace && g.name == "causeway.inbound");
+            match (outs.first(), ins.first()) {
+                (Some(o), Some(i)) => Ok((o.clone(), i.clone())),
+                _ => Err(format!("{:?}", got.lock().unwrap())),
+            }
+        },
+    )
+    .await;
+    assert_eq!(out_span.site, "west");
+    assert_eq!(
+        out_span.parent, caller_span,
+        "the calling gateway continues the caller's span"
+    );
+    assert_eq!(out_span.attrs["causeway.service"], "shop/web");
+    assert_eq!(out_span.attrs["causeway.destination_site"], "east");
+    assert_eq!(out_span.attrs["http.response.status_code"], "200");
+    assert_eq!(out_span.attrs["causeway.attempts"], "1");
+    assert_eq!(in_span.site, "east");
+    assert_eq!(
+        in_span.parent, out_span.span_id,
+        "the exporting gateway's span is the calling one's child"
+    );
+    assert_eq!(in_span.attrs["causeway.peer.site"], "west");
+    assert!(in_span.attrs["causeway.peer.identity"].starts_with("spiffe://west.causeway/gateway/"));
+    let head = heads
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|h| h.contains("/traced"))
+        .cloned()
+        .unwrap();
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("traceparent: 00-{trace}-{}-01", out_span.span_id)),
+        "the endpoint continues the calling gateway's span: {head}"
+    );
+
+    tracing::info!("phase: an L4 connection starts a trace that crosses the tunnel");
+    let (l4_out, l4_in) = eventually(Duration::from_secs(20), "the L4 trace", async || {
+        let outs = spans(&|g| {
+            g.name == "causeway.outbound"
+                && g.attrs
+                    .get("causeway.service")
+                    .is_some_and(|s| s == "shop/echo")
+                && g.attrs
+                    .get("causeway.bytes_in")
+                    .is_some_and(|b| b == &data.len().to_string())
+        });
+        for o in outs {
+            if let Some(i) =
+                spans(&|g| g.name == "causeway.inbound" && g.parent == o.span_id).first()
+            {
+                return Ok((o.clone(), i.clone()));
+            }
+        }
+        Err(format!("{:?}", got.lock().unwrap()))
+    })
+    .await;
+    assert_eq!(l4_out.parent, "", "an L4 connection is a new trace");
+    assert_eq!(l4_in.trace_id, l4_out.trace_id);
+    assert_eq!(l4_in.attrs["causeway.endpoint"], echo.to_string());
+    assert_eq!(l4_in.attrs["causeway.bytes_out"], data.len().to_string());
+
+    tracing::info!("phase: the collector goes away; exports fail, are counted, traffic goes on");
+    let _ = stop_collector.send(());
+    let metrics_addr = fed.sites["west"].gateway_admin;
+    eventually(
+        Duration::from_secs(30),
+        "failed exports to be counted",
+        async || {
+            let _ = echo_roundtrip(std::net::SocketAddr::new(vip, 7000), b"x").await;
+            let m = http_get(metrics_addr, "/metrics").await;
+            (metric(&m, "causeway_trace_export_errors_total") > 0.0)
+                .then_some(())
+                .ok_or("no export error counted yet")
+        },
+    )
+    .await;
+    assert_eq!(
+        echo_roundtrip(std::net::SocketAddr::new(vip, 7000), data).await,
+        data
+    );
+    fed.shutdown().await;
+}

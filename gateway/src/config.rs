@@ -78,6 +78,9 @@ pub struct GatewayConfig {
     /// One JSON line per request or connection.
     #[serde(default)]
     pub access_log: crate::access::AccessLogConfig,
+    /// Distributed tracing over OTLP.
+    #[serde(default)]
+    pub tracing: crate::trace::TracingConfig,
     /// Services this site exports.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<ExportConfig>,
@@ -539,6 +542,8 @@ pub struct Settings {
     pub limits: Limits,
     /// Access logging.
     pub access_log: crate::access::AccessLogConfig,
+    /// Distributed tracing.
+    pub tracing: crate::trace::TracingConfig,
     /// Exports come from the cluster's ServiceExports.
     pub kubernetes: bool,
 }
@@ -568,6 +573,7 @@ impl GatewayConfig {
             quic: QuicConfig::default(),
             limits: LimitsConfig::default(),
             access_log: Default::default(),
+            tracing: Default::default(),
             exports: Vec::new(),
             kubernetes: None,
         }
@@ -606,6 +612,7 @@ impl GatewayConfig {
         let listen = self.listen_plan(vip, &mut errs);
         let limits = self.limits.validate(&mut errs);
         self.access_log.check(&mut errs);
+        self.tracing.check(&mut errs);
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -629,6 +636,7 @@ impl GatewayConfig {
             listen: listen.expect("checked above"),
             limits: limits.expect("checked above"),
             access_log: self.access_log.clone(),
+            tracing: self.tracing.clone(),
             kubernetes: self.kubernetes.is_some(),
         })
     }

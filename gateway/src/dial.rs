@@ -63,13 +63,15 @@ impl Dialer {
     }
 
     /// An opened tunnel stream to `site` for the service: the remote
-    /// gateway has answered `Opened`.
+    /// gateway has answered `Opened`. `trace` (a W3C traceparent, or empty)
+    /// goes in the stream header: the remote gateway's span is its child.
     pub async fn remote(
         &self,
         routes: &Routes,
         site: &SiteName,
         service: &ServiceKey,
         port: u16,
+        trace: &[u8],
     ) -> Result<(quinn::SendStream, quinn::RecvStream), Attempt> {
         let route = routes
             .sites
@@ -85,7 +87,7 @@ impl Dialer {
                 .connection(site, route)
                 .await
                 .map_err(|e| Attempt::Retry(e.to_string()))?;
-            let (send, recv, resp) = self.open_on(&conn, service, port).await?;
+            let (send, recv, resp) = self.open_on(&conn, service, port, trace).await?;
             metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str())
                 .increment(1);
             return match resp.status {
@@ -110,6 +112,7 @@ impl Dialer {
         conn: &quinn::Connection,
         service: &ServiceKey,
         port: u16,
+        trace: &[u8],
     ) -> Result<(quinn::SendStream, quinn::RecvStream, OpenResponse), Attempt> {
         // At the peer's stream cap, open_bi waits for a stream to end.
         let (mut send, mut recv) = match tokio::time::timeout(STATUS_TIMEOUT, conn.open_bi()).await
@@ -132,7 +135,12 @@ impl Dialer {
             service: service.to_string(),
             port,
             deadline_ms: STATUS_TIMEOUT.as_millis() as u32,
-            trace: Vec::new(),
+            // The header field holds at most 255 bytes; a traceparent is 55.
+            trace: if trace.len() <= 255 {
+                trace.to_vec()
+            } else {
+                Vec::new()
+            },
             caller: self.caller_id.clone(),
         };
         send.write_all(&header.encode())

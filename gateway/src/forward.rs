@@ -21,4 +21,28 @@ pub struct Forward {
     pub limits: crate::config::Limits,
     /// Where access log entries go.
     pub access: Arc<crate::access::AccessLog>,
+    /// Spans, when tracing is on.
+    pub tracing: Arc<crate::trace::Tracing>,
+}
+
+/// What records traffic: access logs and spans, and the site they name.
+#[derive(Clone)]
+pub struct Observers {
+    /// Where access log entries go.
+    pub access: Arc<crate::access::AccessLog>,
+    /// Spans, when tracing is on.
+    pub tracing: Arc<crate::trace::Tracing>,
+    /// This site's name.
+    pub site: String,
+}
+
+impl Observers {
+    /// No access log, no tracing.
+    pub fn off() -> Self {
+        Self {
+            access: crate::access::AccessLog::disabled(),
+            tracing: crate::trace::Tracing::off(),
+            site: String::new(),
+        }
+    }
 }

@@ -33,6 +33,8 @@ use crate::forward::Forward;
 use crate::routes::{Routes, ServicePolicy};
 use crate::steer::Tried;
 use causeway_api::sync::LockExt;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 /// Largest request body buffered for retries.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -354,6 +356,12 @@ impl Drop for CancelGuard {
     }
 }
 
+/// What records one request: its access log entry and its span.
+struct Seen {
+    log: Option<crate::access::Pending>,
+    span: Option<crate::trace::Span>,
+}
+
 async fn proxy(
     out: &HttpForward,
     req: Request<Incoming>,
@@ -376,7 +384,32 @@ async fn proxy(
                 .and_then(|v| v.to_str().ok()),
         );
     });
-    let resp = route(out, req, service, port, upstream, start, &mut log).await;
+    let span = out.fwd.tracing.start_span(
+        "causeway.outbound",
+        SpanKind::Client,
+        req.headers().get("traceparent").map(|v| v.as_bytes()),
+        vec![
+            KeyValue::new("causeway.service", service.to_string()),
+            KeyValue::new("network.protocol.name", "http"),
+            KeyValue::new("http.request.method", req.method().to_string()),
+            KeyValue::new("url.path", req.uri().path().to_string()),
+        ],
+    );
+    let mut seen = Seen { log, span };
+    let resp = route(out, req, service, port, upstream, start, &mut seen).await;
+    let Seen { mut log, mut span } = seen;
+    if let Some(s) = &mut span {
+        let status = resp.status();
+        s.set([KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        )]);
+        if let Some(why) = resp.headers().get("x-causeway-error") {
+            s.error(why.to_str().unwrap_or("error").to_string());
+        } else if status.is_server_error() {
+            s.error(status.to_string());
+        }
+    }
     note(&mut log, |e| {
         e.status = resp.status().as_u16();
         // The gateway's own answers say why; an endpoint's answer is "ok"
@@ -403,8 +436,9 @@ async fn route(
     port: u16,
     upstream: Protocol,
     start: Instant,
-    log: &mut Option<crate::access::Pending>,
+    seen: &mut Seen,
 ) -> Response<Body> {
+    let Seen { log, span } = seen;
     let routes = out.fwd.routes.borrow().clone();
     let policy = routes
         .services
@@ -464,7 +498,15 @@ async fn route(
             break;
         }
         let req = match rebuild(&parts, body.clone(), upstream, service) {
-            Ok(r) => r,
+            Ok(mut r) => {
+                // The endpoint continues this gateway's span.
+                if let Some(s) = span.as_ref() {
+                    if let Ok(v) = hyper::header::HeaderValue::from_str(&s.traceparent()) {
+                        r.headers_mut().insert("traceparent", v);
+                    }
+                }
+                r
+            }
             Err(e) => {
                 return full(
                     StatusCode::BAD_REQUEST,
@@ -491,6 +533,13 @@ async fn route(
             e.destination_site = site.to_string();
             e.retries = tries.saturating_sub(1);
             e.failover_reason = tried.join("; ");
+        });
+        crate::trace::set(span, || {
+            vec![
+                KeyValue::new("causeway.destination_site", site.to_string()),
+                KeyValue::new("causeway.attempts", i64::from(tries)),
+                KeyValue::new("causeway.failover", tried.join("; ")),
+            ]
         });
         match verdict.next {
             Next::Answer(resp) => return resp,
@@ -859,10 +908,17 @@ async fn send_once(
             .map_err(|a| TryError::Connect(a.reason().to_string()))?;
         handshake(TokioIo::new(tcp), h2).await?
     } else {
+        // The stream carries the trace context of the request that opened
+        // it (its traceparent, which this gateway set when tracing).
+        let trace = req
+            .headers()
+            .get("traceparent")
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
         let (send, recv) = out
             .fwd
             .dial
-            .remote(routes, site, service, port)
+            .remote(routes, site, service, port, &trace)
             .await
             .map_err(|a| TryError::Connect(a.reason().to_string()))?;
         handshake(TokioIo::new(tokio::io::join(recv, send)), h2).await?

@@ -38,10 +38,8 @@ pub struct Inbound {
     pub header_timeout: Duration,
     /// How long a stream may carry nothing before it is closed.
     pub idle_timeout: Duration,
-    /// Where access log entries go.
-    pub access: Arc<crate::access::AccessLog>,
-    /// This site's name, for the access log.
-    pub local_site: String,
+    /// Access log, spans and this site's name.
+    pub observers: crate::forward::Observers,
     /// Live inbound connections per peer site, to tear down on removal,
     /// each with its retired flag (set: it takes no new streams).
     conns: Mutex<HashMap<SiteName, Vec<InboundConn>>>,
@@ -79,14 +77,12 @@ impl Inbound {
         drain: Arc<crate::drain::Drain>,
         authorization: crate::config::Authorization,
         idle_timeout: Duration,
-        access: Arc<crate::access::AccessLog>,
-        local_site: String,
+        observers: crate::forward::Observers,
     ) -> Arc<Self> {
         let mut this =
             Self::with_header_timeout(store, exports, drain, authorization, HEADER_TIMEOUT);
         this.idle_timeout = idle_timeout;
-        this.access = access;
-        this.local_site = local_site;
+        this.observers = observers;
         Arc::new(this)
     }
 
@@ -104,8 +100,7 @@ impl Inbound {
             authorization,
             header_timeout,
             idle_timeout: crate::config::Limits::default().idle_timeout,
-            access: crate::access::AccessLog::disabled(),
-            local_site: String::new(),
+            observers: crate::forward::Observers::off(),
             store,
             drain,
             exports,
@@ -193,11 +188,11 @@ impl Inbound {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
-        let mut log = self.access.begin("inbound", "tcp");
+        let mut log = self.observers.access.begin("inbound", "tcp");
         note(&mut log, |e| {
             e.source_site = peer.site.to_string();
             e.source = peer.id.to_string();
-            e.destination_site.clone_from(&self.local_site);
+            e.destination_site.clone_from(&self.observers.site);
         });
         let req = match tokio::time::timeout(
             self.header_timeout,
@@ -219,8 +214,21 @@ impl Inbound {
             }
         };
         note(&mut log, |e| e.service = req.service.clone());
+        let mut span = self.observers.tracing.start_span(
+            "causeway.inbound",
+            opentelemetry::trace::SpanKind::Server,
+            (!req.trace.is_empty()).then_some(&req.trace[..]),
+            vec![
+                opentelemetry::KeyValue::new("causeway.service", req.service.clone()),
+                opentelemetry::KeyValue::new("causeway.peer.site", peer.site.to_string()),
+                opentelemetry::KeyValue::new("causeway.peer.identity", peer.id.to_string()),
+            ],
+        );
         if retired.load(Ordering::Relaxed) {
             note(&mut log, |e| e.outcome = "retired".into());
+            if let Some(s) = &mut span {
+                s.error("retired");
+            }
             // The peer's certificate no longer chains to its site's bundle:
             // streams in flight finish within the grace, new ones are
             // refused: the caller opens a fresh tunnel and tries again.
@@ -234,6 +242,9 @@ impl Inbound {
         }
         if self.drain.is_draining() {
             note(&mut log, |e| e.outcome = "draining".into());
+            if let Some(s) = &mut span {
+                s.error("draining");
+            }
             refuse(
                 &mut send,
                 Status::Draining,
@@ -245,6 +256,9 @@ impl Inbound {
         let table = self.exports.current();
         let Some(entry) = table.find(&req.service, req.port) else {
             note(&mut log, |e| e.outcome = "unknown_service".into());
+            if let Some(s) = &mut span {
+                s.error("unknown_service");
+            }
             refuse(
                 &mut send,
                 Status::UnknownService,
@@ -267,6 +281,9 @@ impl Inbound {
         {
             tracing::info!(site = %peer.site, service = %req.service, "stream refused by authorization");
             note(&mut log, |e| e.outcome = "forbidden".into());
+            if let Some(s) = &mut span {
+                s.error("forbidden");
+            }
             refuse(
                 &mut send,
                 Status::Forbidden,
@@ -277,6 +294,9 @@ impl Inbound {
         }
         let Some((tcp, _in_flight)) = endpoints.connect().await else {
             note(&mut log, |e| e.outcome = "no_endpoints".into());
+            if let Some(s) = &mut span {
+                s.error("no_endpoints");
+            }
             refuse(
                 &mut send,
                 Status::NoEndpoints,
@@ -292,13 +312,19 @@ impl Inbound {
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").increment(1.0);
         let _guard = self.drain.guard();
         tracing::debug!(site = %peer.site, service = %req.service, "stream opened");
-        if let (Some(p), Ok(a)) = (log.as_mut(), tcp.peer_addr()) {
-            p.entry.endpoint = a.to_string();
-        }
+        let endpoint_addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+        note(&mut log, |e| e.endpoint.clone_from(&endpoint_addr));
         let (to_caller, from_caller) = splice(tcp, send, recv, self.idle_timeout).await;
         note(&mut log, |e| {
             e.bytes_in = from_caller;
             e.bytes_out = to_caller;
+        });
+        crate::trace::set(&mut span, || {
+            vec![
+                opentelemetry::KeyValue::new("causeway.bytes_in", from_caller as i64),
+                opentelemetry::KeyValue::new("causeway.bytes_out", to_caller as i64),
+                opentelemetry::KeyValue::new("causeway.endpoint", endpoint_addr),
+            ]
         });
         metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in").decrement(1.0);
     }

@@ -10,6 +10,9 @@ use crate::dial::Attempt;
 use crate::forward::Forward;
 use crate::splice::splice;
 use crate::steer::Tried;
+use crate::trace::set;
+use opentelemetry::trace::SpanKind;
+use opentelemetry::KeyValue;
 
 enum Stream {
     Remote(quinn::SendStream, quinn::RecvStream),
@@ -35,9 +38,22 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
         e.source_site = fwd.steer.local_site.to_string();
         e.source = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     });
+    let mut span = fwd.tracing.start_span(
+        "causeway.outbound",
+        SpanKind::Client,
+        None,
+        vec![
+            KeyValue::new("causeway.service", service.to_string()),
+            KeyValue::new("network.protocol.name", "tcp"),
+        ],
+    );
+    let traceparent = span.as_ref().map(|s| s.traceparent()).unwrap_or_default();
     let routes = fwd.routes.borrow().clone();
     if !routes.services.contains_key(&service) {
         note(&mut log, |e| e.outcome = "unknown_service".into());
+        if let Some(s) = &mut span {
+            s.error("unknown service");
+        }
         metrics::counter!("causeway_outbound_failures_total", "reason" => "unknown_service")
             .increment(1);
         return;
@@ -52,7 +68,7 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
             fwd.dial.local(&service, port).await.map(Stream::Local)
         } else {
             fwd.dial
-                .remote(&routes, &site, &service, port)
+                .remote(&routes, &site, &service, port, traceparent.as_bytes())
                 .await
                 .map(|(s, r)| Stream::Remote(s, r))
         };
@@ -90,6 +106,15 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
                     e.bytes_in = from_caller;
                     e.bytes_out = to_caller;
                 });
+                set(&mut span, || {
+                    vec![
+                        KeyValue::new("causeway.destination_site", site.to_string()),
+                        KeyValue::new("causeway.attempts", tried.len() as i64 + 1),
+                        KeyValue::new("causeway.failover", tried.join("; ")),
+                        KeyValue::new("causeway.bytes_in", from_caller as i64),
+                        KeyValue::new("causeway.bytes_out", to_caller as i64),
+                    ]
+                });
                 metrics::gauge!("causeway_tunnel_streams_active", "direction" => "out")
                     .decrement(1.0);
                 return;
@@ -110,5 +135,9 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
         e.outcome = "no_site".into();
         e.failover_reason = tried.join("; ");
     });
+    if let Some(s) = &mut span {
+        s.set([KeyValue::new("causeway.failover", tried.join("; "))]);
+        s.error("no site could serve the connection");
+    }
     tracing::warn!(%service, attempts = ?tried, "no site could serve the connection; closing it");
 }

@@ -33,6 +33,7 @@ pub mod site;
 pub mod splice;
 pub mod steer;
 pub mod stream;
+pub mod trace;
 pub mod tunnel;
 
 use std::future::Future;
@@ -150,14 +151,19 @@ pub async fn run(
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
     let drain = drain::Drain::new();
     let access = access::AccessLog::start(&settings.access_log)?;
+    let tracing_ =
+        trace::Tracing::start(&settings.tracing, state.site.as_str(), &settings.replica)?;
     let inbound = Inbound::new(
         store.clone(),
         exports.clone(),
         drain.clone(),
         settings.authorization.clone(),
         settings.limits.idle_timeout,
-        access.clone(),
-        state.site.to_string(),
+        forward::Observers {
+            access: access.clone(),
+            tracing: tracing_.clone(),
+            site: state.site.to_string(),
+        },
     );
     let pool = Pool::new(
         endpoint.clone(),
@@ -191,6 +197,7 @@ pub async fn run(
         },
         limits: settings.limits,
         access,
+        tracing: tracing_.clone(),
     });
     let outbound = Arc::new(Outbound {
         fwd: fwd.clone(),
@@ -246,6 +253,12 @@ pub async fn run(
     watch_task.abort();
     sync_task.abort();
     endpoint.close(quinn::VarInt::from_u32(0), b"shutdown");
+    // Spans still queued go out now (bounded by the exporter's timeout).
+    let _ = tokio::time::timeout(
+        Duration::from_secs(3),
+        tokio::task::spawn_blocking(move || tracing_.shutdown()),
+    )
+    .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     inbound_task.abort();
     Ok(())
