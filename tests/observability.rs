@@ -719,3 +719,148 @@ async fn a_trace_follows_a_request_from_the_calling_gateway_through_the_tunnel()
     );
     fed.shutdown().await;
 }
+
+/// The `rotel-agent` binary of the pip package `rotel` (a real
+/// OpenTelemetry collector), which `scripts/test-all` installs.
+fn rotel_agent() -> std::path::PathBuf {
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, rotel; print(os.path.dirname(rotel.__file__))",
+        ])
+        .output();
+    let dir = out
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    match dir.map(|d| std::path::Path::new(&d).join("rotel-agent")) {
+        Some(p) if p.is_file() => p,
+        _ => panic!("the rotel collector is not installed: run `pip install --pre rotel==0.0.1a15` (scripts/test-all does)"),
+    }
+}
+
+/// A span as rotel's debug log prints it.
+#[derive(Debug, Clone, Default)]
+struct Logged {
+    trace: String,
+    parent: String,
+    id: String,
+    name: String,
+    body: String,
+}
+
+/// The spans in rotel's debug log (`Span #n` blocks).
+fn rotel_spans(text: &str) -> Vec<Logged> {
+    let mut out: Vec<Logged> = Vec::new();
+    for line in text.lines() {
+        let t = line.trim();
+        if t.starts_with("Span #") {
+            out.push(Logged::default());
+            continue;
+        }
+        let Some(cur) = out.last_mut() else { continue };
+        let value = |k: &str| {
+            t.strip_prefix(k)
+                .map(|r| r.trim_start_matches([' ', ':']).trim().to_string())
+        };
+        if let Some(v) = value("Trace ID") {
+            cur.trace = v;
+        } else if let Some(v) = value("Parent ID") {
+            cur.parent = v;
+        } else if let Some(v) = value("ID") {
+            cur.id = v;
+        } else if let Some(v) = value("Name") {
+            cur.name = v;
+        } else {
+            cur.body.push_str(t);
+            cur.body.push('\n');
+        }
+    }
+    out
+}
+
+/// The gateways' spans reach a real out-of-process collector (rotel) over
+/// OTLP/gRPC on loopback, which logs them: both gateways' spans of one
+/// connection, in one trace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_collector_logs_both_gateways_spans() {
+    init_tracing();
+    let rotel = rotel_agent();
+    let tmp = tempfile::tempdir().unwrap();
+    let grpc = causeway::local::free_port().unwrap();
+    let http = causeway::local::free_port().unwrap();
+    let log_path = tmp.path().join("rotel.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut agent = tokio::process::Command::new(rotel)
+        .args([
+            "start",
+            "--otlp-grpc-endpoint",
+            &format!("127.0.0.1:{grpc}"),
+            "--otlp-http-endpoint",
+            &format!("127.0.0.1:{http}"),
+            "--exporter",
+            "blackhole",
+            "--debug-log",
+            "traces",
+            "--debug-log-verbosity",
+            "detailed",
+        ])
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_listening(format!("127.0.0.1:{grpc}").parse().unwrap()).await;
+
+    let mut fed = new_federation(&tmp);
+    fed.gateway_base.tracing = causeway_gateway::trace::TracingConfig {
+        otlp_endpoint: format!("http://127.0.0.1:{grpc}"),
+        sample_ratio: 1.0,
+        export_interval_ms: 100,
+        ..Default::default()
+    };
+    fed.start_controllers(1).unwrap();
+    fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let data = b"to a real collector";
+    assert_eq!(
+        echo_roundtrip(std::net::SocketAddr::new(vip, 7000), data).await,
+        data
+    );
+    let len = format!("causeway.bytes_in: Int({})", data.len());
+    let (out, inb) = eventually(
+        Duration::from_secs(30),
+        "rotel to log both spans",
+        async || {
+            let text = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let spans = rotel_spans(&text);
+            let out = spans
+                .iter()
+                .find(|s| s.name == "causeway.outbound" && s.body.contains(&len));
+            let inb = out.and_then(|o| {
+                spans
+                    .iter()
+                    .find(|s| s.name == "causeway.inbound" && s.parent == o.id)
+            });
+            match (out, inb) {
+                (Some(o), Some(i)) => Ok((o.clone(), i.clone())),
+                _ => Err(text),
+            }
+        },
+    )
+    .await;
+    assert_eq!(out.trace, inb.trace);
+    assert!(
+        out.body.contains("causeway.destination_site: Str(east)"),
+        "{}",
+        out.body
+    );
+    assert!(
+        inb.body
+            .contains("causeway.peer.identity: Str(spiffe://west.causeway/gateway/"),
+        "{}",
+        inb.body
+    );
+    let _ = agent.start_kill();
+    fed.shutdown().await;
+}
