@@ -864,3 +864,80 @@ async fn a_real_collector_logs_both_gateways_spans() {
     let _ = agent.start_kill();
     fed.shutdown().await;
 }
+
+/// The Grafana dashboard's panels and their queries.
+fn dashboard() -> serde_json::Value {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    serde_json::from_str(
+        &std::fs::read_to_string(root.join("deploy/grafana/causeway.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn dashboard_queries() -> Vec<String> {
+    dashboard()["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().clone())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The Grafana dashboard (Grafana itself cannot be installed here) is
+/// checked for structure: unique panel ids, a type, a place and a query on
+/// each panel, and only series the code exports or the shipped rules
+/// record. (The Prometheus test also runs every query against a real
+/// Prometheus.)
+#[test]
+fn the_grafana_dashboard_is_well_formed_and_queries_known_series() {
+    let d = dashboard();
+    assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(d["uid"].as_str().is_some_and(|t| !t.is_empty()));
+    let panels = d["panels"].as_array().unwrap();
+    assert!(panels.len() >= 8, "{} panels", panels.len());
+    let mut ids = std::collections::BTreeSet::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "duplicate panel id: {p}"
+        );
+        assert!(p["type"].as_str().is_some(), "{p}");
+        assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
+        for k in ["h", "w", "x", "y"] {
+            assert!(p["gridPos"][k].as_u64().is_some(), "{p}");
+        }
+        assert!(!p["targets"].as_array().unwrap().is_empty(), "{p}");
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/observability.md")).unwrap();
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/causeway-rules.yml")).unwrap();
+    for q in dashboard_queries() {
+        let names = q
+            .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+            .filter(|w| w.starts_with("causeway_") || w.starts_with("causeway:"));
+        for n in names {
+            let known = if n.contains(':') {
+                rules.contains(&format!("record: {n}"))
+            } else {
+                doc.contains(&format!("`{n}`"))
+            };
+            assert!(
+                known,
+                "{q}: {n} is neither an exported metric nor a recorded series"
+            );
+        }
+    }
+}
+
+/// Percent-encodes a query parameter.
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

@@ -156,6 +156,47 @@ async fn gateway_pair(
     })
 }
 
+/// An OTLP/gRPC trace receiver on loopback that counts and drops spans:
+/// its address and the count.
+async fn otlp_sink() -> anyhow::Result<(SocketAddr, Arc<std::sync::atomic::AtomicU64>)> {
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+        TraceService, TraceServiceServer,
+    };
+    use opentelemetry_proto::tonic::collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+    };
+    struct Sink(Arc<std::sync::atomic::AtomicU64>);
+    #[tonic::async_trait]
+    impl TraceService for Sink {
+        async fn export(
+            &self,
+            req: tonic::Request<ExportTraceServiceRequest>,
+        ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+            let n: usize = req
+                .into_inner()
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .map(|s| s.spans.len())
+                .sum();
+            self.0
+                .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+            Ok(tonic::Response::new(Default::default()))
+        }
+    }
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = l.local_addr()?;
+    let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let svc = TraceServiceServer::new(Sink(count.clone()));
+    tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(l))
+            .await;
+    });
+    Ok((addr, count))
+}
+
 /// Opens `n` connections through `entry`, each carrying one echo so the
 /// whole path (both gateways, the stream, the backend) is up, and keeps them.
 async fn hold_streams(entry: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
@@ -383,6 +424,37 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     defaults.name = "causeway-default";
     systems.push(defaults);
 
+    // The tuned pair again with tracing on, exporting to an OTLP sink in
+    // this process: 1% and 100% of connections sampled (the pair above
+    // has tracing off).
+    let (otlp, spans) = otlp_sink().await?;
+    for (suffix, ratio, name, east_range, west_range) in [
+        (
+            "t1",
+            0.01,
+            "causeway-trace-1pct",
+            "127.205.0.0/16",
+            "127.206.0.0/16",
+        ),
+        (
+            "t100",
+            1.0,
+            "causeway-trace-100pct",
+            "127.207.0.0/16",
+            "127.208.0.0/16",
+        ),
+    ] {
+        fed.gateway_base = LocalFederation::gateway_config_with(&format!(
+            "{}[tracing]\notlp_endpoint = \"http://{otlp}\"\nsample_ratio = {ratio}\n",
+            std::env::var("CAUSEWAY_BENCH_GW")
+                .unwrap_or_else(|_| GATEWAY_TUNING.into())
+                .replace("\\n", "\n")
+        ))?;
+        let mut traced = gateway_pair(&mut fed, suffix, echo, east_range, west_range).await?;
+        traced.name = name;
+        systems.push(traced);
+    }
+
     // haproxy pair.
     // haproxy keeps its own default (a thread per core) unless
     // CAUSEWAY_BENCH_HAPROXY_THREADS says otherwise: on this machine two
@@ -577,6 +649,10 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     report.add("rss-idle", "causeway", "rss_mb", rss_idle);
+    println!(
+        "spans the OTLP sink received from the traced pairs: {}",
+        spans.load(std::sync::atomic::Ordering::Relaxed)
+    );
 
     let get = |case: &str, sys: &str, m: &str| report.get(case, sys, m).unwrap_or(f64::NAN);
     let (p99c, p99h) = (
@@ -589,12 +665,19 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     let conn_r = get("connect-rate", "causeway", "conn_per_s")
         / get("connect-rate", "stunnel", "conn_per_s");
     let cpu_r = get("cpu-per-1k", "causeway", "cpu_ms") / get("cpu-per-1k", "haproxy", "cpu_ms");
+    let traced = |sys: &str| get("echo-1k-max", sys, "rps") / get("echo-1k-max", "causeway", "rps");
+    let (trace_1, trace_100) = (
+        traced("causeway-trace-1pct"),
+        traced("causeway-trace-100pct"),
+    );
     report.check("p99 causeway/haproxy", p99c / p99h, "<= 0.8");
     report.check("rps causeway/haproxy", rps, ">= 1.0");
     report.check("bulk causeway/haproxy", bulk_r, ">= 1.0");
     report.check("conn/s causeway/stunnel", conn_r, ">= 5.0");
     report.check("cpu per 1k causeway/haproxy", cpu_r, "<= 1.0");
     report.check("rss idle MB (causeway gateway)", rss_idle, "<= 20");
+    report.check("rps tracing 1%/off", trace_1, ">= 0.95");
+    report.check("rps tracing 100%/off", trace_100, ">= 0.5");
     fed.shutdown().await;
     for mut c in children {
         let _ = c.start_kill();
