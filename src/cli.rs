@@ -91,7 +91,7 @@ pub enum CaCommand {
 #[derive(Args, Debug)]
 pub struct ControllerArgs {
     /// TOML file with the same fields as the flags (flags then are not allowed).
-    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms", "snapshot_every", "watch_stall_ms", "site_credential_lifetime_secs", "admin_credential_lifetime_secs"])]
+    #[arg(long, conflicts_with_all = ["id", "listen", "peer", "data_dir", "ca_dir", "join", "site_lease_ms", "snapshot_every", "watch_stall_ms", "site_credential_lifetime_secs", "admin_credential_lifetime_secs", "otlp_endpoint", "trace_sample_ratio"])]
     pub config: Option<PathBuf>,
     /// This node's id (a positive integer, unique in the cluster).
     #[arg(long)]
@@ -135,6 +135,13 @@ pub struct ControllerArgs {
     /// Longest lifetime of an admin credential, s (default 90 days).
     #[arg(long)]
     pub admin_credential_lifetime_secs: Option<u64>,
+    /// OTLP/gRPC collector for traces, e.g. http://127.0.0.1:4317 (default:
+    /// tracing off).
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled, 0 to 1 (default 0.01).
+    #[arg(long)]
+    pub trace_sample_ratio: Option<f64>,
 }
 
 /// `causeway gateway` flags.
@@ -241,6 +248,13 @@ impl ControllerArgs {
             join: self.join,
             site_credential_lifetime_secs: self.site_credential_lifetime_secs,
             admin_credential_lifetime_secs: self.admin_credential_lifetime_secs,
+            tracing: causeway_api::trace::TracingConfig {
+                otlp_endpoint: self.otlp_endpoint.clone().unwrap_or_default(),
+                sample_ratio: self
+                    .trace_sample_ratio
+                    .unwrap_or(causeway_api::trace::TracingConfig::default().sample_ratio),
+                ..Default::default()
+            },
             ..Default::default()
         })
     }

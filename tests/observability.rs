@@ -159,6 +159,14 @@ async fn a_real_prometheus_fires_the_shipped_alerts_when_a_gateway_stops() {
         before.is_empty(),
         "alerts before anything broke: {before:?}"
     );
+    // Every query of the Grafana dashboard is valid PromQL to a real
+    // Prometheus over the series this federation exports.
+    for q in dashboard_queries() {
+        let v = prom(port, &format!("/api/v1/query?query={}", urlencode(&q)))
+            .await
+            .unwrap();
+        assert_eq!(v["status"], "success", "dashboard query {q}: {v}");
+    }
 
     tracing::info!(
         "phase: east's gateway stops; the lease and tunnel alerts go pending, then fire"
@@ -940,4 +948,95 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+/// Controllers trace their API calls (one span per RPC), each write from
+/// proposal to commit as a child of its call, and the fan-out of every
+/// change to the open watches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controllers_trace_calls_proposals_and_fanout() {
+    init_tracing();
+    let (otlp, got, _stop) = collector().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://{otlp}");
+    let (mut fed, _) = controllers(
+        &tmp,
+        1,
+        &["--otlp-endpoint", &endpoint, "--trace-sample-ratio", "1"],
+    )
+    .await;
+    let (echo, _echo_task) = causeway::local::echo_server(None).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let spans = |f: &dyn Fn(&Got) -> bool| -> Vec<Got> {
+        got.lock()
+            .unwrap()
+            .iter()
+            .filter(|g| f(g))
+            .cloned()
+            .collect()
+    };
+    let rpc = |method: &'static str| {
+        move |g: &Got| {
+            g.name == "causeway.rpc"
+                && g.attrs
+                    .get("rpc.method")
+                    .is_some_and(|m| m.ends_with(method))
+        }
+    };
+    let (join, join_write) =
+        eventually(Duration::from_secs(20), "Join and its write", async || {
+            for j in spans(&rpc("/Join")) {
+                if let Some(w) =
+                    spans(&|g| g.name == "causeway.raft.propose" && g.parent == j.span_id).first()
+                {
+                    return Ok((j.clone(), w.clone()));
+                }
+            }
+            Err(format!("{:?}", got.lock().unwrap()))
+        })
+        .await;
+    assert_eq!(join.attrs["rpc.grpc.status_code"], "0");
+    assert_eq!(join.attrs["causeway.caller"], "Anonymous");
+    assert_eq!(join_write.attrs["causeway.command"], "JoinSite");
+    assert_eq!(join_write.trace_id, join.trace_id);
+    let publish = eventually(
+        Duration::from_secs(20),
+        "a PublishExports write",
+        async || {
+            spans(&|g| {
+                g.name == "causeway.raft.propose"
+                    && g.attrs
+                        .get("causeway.command")
+                        .is_some_and(|c| c == "PublishExports")
+            })
+            .first()
+            .cloned()
+            .ok_or("none yet")
+        },
+    )
+    .await;
+    let parent = spans(&|g| g.span_id == publish.parent);
+    assert!(
+        parent
+            .first()
+            .is_some_and(|p| p.attrs["rpc.method"].ends_with("/PublishExports")
+                && p.attrs["causeway.caller"].contains("east")),
+        "{parent:?}"
+    );
+    let fanout = eventually(
+        Duration::from_secs(20),
+        "a fan-out to watchers",
+        async || {
+            spans(&|g| {
+                g.name == "causeway.watch.fanout"
+                    && g.attrs.get("causeway.watchers").is_some_and(|w| w != "0")
+            })
+            .first()
+            .cloned()
+            .ok_or("none yet")
+        },
+    )
+    .await;
+    assert!(fanout.attrs["causeway.changes"].parse::<u32>().unwrap() >= 1);
+    fed.shutdown().await;
 }

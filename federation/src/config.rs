@@ -60,6 +60,9 @@ pub struct ControllerConfig {
     /// Longest lifetime of an admin credential `ctl admin issue` or
     /// `ctl admin renew` gets, s (default 90 days).
     pub admin_credential_lifetime_secs: Option<u64>,
+    /// Distributed tracing over OTLP (off unless `otlp_endpoint` is set).
+    #[serde(default)]
+    pub tracing: causeway_api::trace::TracingConfig,
 }
 
 /// A controller node's validated settings.
@@ -89,6 +92,8 @@ pub struct ControllerSettings {
     pub join_existing: bool,
     /// Lifetimes of the credentials the controllers issue.
     pub credentials: CredentialLifetimes,
+    /// Distributed tracing.
+    pub tracing: causeway_api::trace::TracingConfig,
 }
 
 /// Lifetimes of the credentials the controllers issue.
@@ -163,6 +168,14 @@ impl ControllerConfig {
             errs.push("watch_stall_ms", "at least 100");
         }
         let credentials = self.credential_lifetimes(&mut errs);
+        let mut trace_errs = Vec::new();
+        self.tracing.check(&mut trace_errs);
+        for e in trace_errs {
+            match e.split_once(": ") {
+                Some((field, why)) => errs.push(field, why),
+                None => errs.push("tracing", &e),
+            }
+        }
         errs.into_result(|| ControllerSettings {
             node_id,
             listen: listen.expect("checked"),
@@ -176,6 +189,7 @@ impl ControllerConfig {
             watch_stall,
             join_existing: self.join,
             credentials,
+            tracing: self.tracing.clone(),
         })
     }
 
@@ -292,6 +306,7 @@ impl ControllerSettings {
             watch_stall: self.watch_stall,
             join_existing: self.join_existing,
             credentials: self.credentials,
+            tracing: self.tracing.clone(),
             // What `causeway ca init` wrote beside the CA: recorded as the
             // first admin credential when none is.
             bootstrap_admin_pem: std::fs::read_to_string(self.ca_dir.join("admin.pem")).ok(),

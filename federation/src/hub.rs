@@ -26,6 +26,7 @@ const BROADCAST: usize = 1024;
 pub struct Hub {
     inner: RwLock<Inner>,
     tx: broadcast::Sender<Arc<pb::WatchEvent>>,
+    tracing: std::sync::OnceLock<Arc<causeway_api::trace::Tracing>>,
 }
 
 struct Inner {
@@ -53,6 +54,7 @@ impl Hub {
                 history_bytes: 0,
             }),
             tx,
+            tracing: std::sync::OnceLock::new(),
         })
     }
 
@@ -88,9 +90,32 @@ impl Hub {
                 }
             }
             metrics::gauge!("causeway_catalog_revision").set(g.state.revision as f64);
+            let watchers = self.tx.receiver_count();
+            let n = ev_changes(&ev);
+            let revision = g.state.revision;
             let _ = self.tx.send(ev);
+            if let Some(t) = self.tracing.get() {
+                // One span per change fanned out to the open watches.
+                let _ = t.start_span(
+                    "causeway.watch.fanout",
+                    opentelemetry::trace::SpanKind::Producer,
+                    None,
+                    vec![
+                        opentelemetry::KeyValue::new("causeway.revision", revision as i64),
+                        opentelemetry::KeyValue::new("causeway.changes", n as i64),
+                        opentelemetry::KeyValue::new("causeway.watchers", watchers as i64),
+                    ],
+                );
+            }
         }
         outcome
+    }
+
+    /// Spans for each change fanned out (set once, when tracing is on).
+    pub fn set_tracing(&self, tracing: Arc<causeway_api::trace::Tracing>) {
+        if tracing.enabled() {
+            let _ = self.tracing.set(tracing);
+        }
     }
 
     /// Replaces the state (snapshot install or restart); watchers resync.
@@ -146,6 +171,14 @@ impl Hub {
             }
         };
         Start { events, rx }
+    }
+}
+
+/// How many changes an event carries.
+fn ev_changes(ev: &pb::WatchEvent) -> usize {
+    match &ev.kind {
+        Some(pb::watch_event::Kind::Delta(d)) => d.changes.len(),
+        _ => 0,
     }
 }
 

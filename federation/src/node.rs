@@ -74,6 +74,13 @@ pub struct ControllerOptions {
     /// The admin certificate `causeway ca init` wrote (PEM), recorded as
     /// the first admin credential while none is.
     pub bootstrap_admin_pem: Option<String>,
+    /// Distributed tracing.
+    pub tracing: causeway_api::trace::TracingConfig,
+}
+
+/// Gives the hub the tracer for its fan-out spans.
+fn hub_tracing(hub: &crate::hub::Hub, tracing: Arc<causeway_api::trace::Tracing>) {
+    hub.set_tracing(tracing);
 }
 
 /// Records the admin credential `causeway ca init` wrote as the first one,
@@ -145,6 +152,13 @@ impl Controller {
             .domain_name(CONTROLLER_SERVER_NAME)
             .identity(identity.clone());
         let peers = PeerChannels::new(peer_tls);
+        let tracing_ = causeway_api::trace::Tracing::start(
+            &opts.tracing,
+            "causeway-controller",
+            "",
+            &format!("controller-{}", opts.node_id),
+        )
+        .map_err(anyhow::Error::msg)?;
 
         let (store::Storage { db, log }, rebuilding) = match store::open(&opts.data_dir) {
             Ok(s) => (s, false),
@@ -231,7 +245,9 @@ impl Controller {
             peer_clients: Default::default(),
             joins: Default::default(),
             credentials: opts.credentials,
+            tracing: tracing_.clone(),
         });
+        hub_tracing(&shared.hub, tracing_);
         tokio::spawn(export_raft_metrics(shared.raft.clone()));
         if let Some(pem) = &opts.bootstrap_admin_pem {
             tokio::spawn(record_bootstrap_admin(shared.clone(), pem.clone()));
@@ -347,6 +363,7 @@ impl Controller {
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .layer(crate::service::gate::GateLayer {
                 hub: self.shared.hub.clone(),
+                tracing: self.shared.tracing.clone(),
             })
             .add_service(fed)
             .add_service(raft_svc)
@@ -587,6 +604,7 @@ mod tests {
             join_existing: false,
             credentials: Default::default(),
             bootstrap_admin_pem: None,
+            tracing: Default::default(),
         };
         let (controller, identity) = Controller::start(&opts).await.unwrap();
         let raft = controller.shared.raft.clone();

@@ -412,6 +412,29 @@ pub const MAX_ADMINS: usize = 1_000;
 /// Most renewed credentials a site holds at once.
 pub const MAX_SITE_CREDENTIALS: usize = 64;
 
+impl Command {
+    /// The command's name, for spans and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Command::CreateJoinToken { .. } => "CreateJoinToken",
+            Command::JoinSite { .. } => "JoinSite",
+            Command::RecordAdmin { .. } => "RecordAdmin",
+            Command::RevokeAdmin { .. } => "RevokeAdmin",
+            Command::RenewSiteCredential { .. } => "RenewSiteCredential",
+            Command::RevokeCertificate { .. } => "RevokeCertificate",
+            Command::RevokeCredential { .. } => "RevokeCredential",
+            Command::PublishExports { .. } => "PublishExports",
+            Command::RemoveSite { .. } => "RemoveSite",
+            Command::SetTrustBundle { .. } => "SetTrustBundle",
+            Command::SetSiteLabels { .. } => "SetSiteLabels",
+            Command::SetSiteAvailability { .. } => "SetSiteAvailability",
+            Command::ApplyPolicies { .. } => "ApplyPolicies",
+            Command::DeletePolicy { .. } => "DeletePolicy",
+            Command::Batch(_) => "Batch",
+        }
+    }
+}
+
 /// Most revoked certificate serials remembered per site.
 pub const MAX_REVOKED_SERIALS: usize = 1_000;
 

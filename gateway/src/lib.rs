@@ -33,7 +33,7 @@ pub mod site;
 pub mod splice;
 pub mod steer;
 pub mod stream;
-pub mod trace;
+pub use causeway_api::trace;
 pub mod tunnel;
 
 use std::future::Future;
@@ -151,8 +151,13 @@ pub async fn run(
     let (routes_tx, routes_rx) = watch::channel(Arc::new(Routes::default()));
     let drain = drain::Drain::new();
     let access = access::AccessLog::start(&settings.access_log)?;
-    let tracing_ =
-        trace::Tracing::start(&settings.tracing, state.site.as_str(), &settings.replica)?;
+    let tracing_ = trace::Tracing::start(
+        &settings.tracing,
+        "causeway-gateway",
+        state.site.as_str(),
+        &settings.replica,
+    )
+    .map_err(anyhow::Error::msg)?;
     let inbound = Inbound::new(
         store.clone(),
         exports.clone(),

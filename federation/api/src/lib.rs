@@ -7,7 +7,8 @@
 //! - [`identity`] and [`trust`]: certificates, CSRs, and the SPIFFE
 //!   verifiers that bind each trust domain to its own site's bundle;
 //! - [`token`]: one-time join tokens;
-//! - [`catalog`] and [`client`]: the Watch client and the live catalog view.
+//! - [`catalog`] and [`client`]: the Watch client and the live catalog view;
+//! - [`trace`]: OpenTelemetry spans over OTLP, for gateways and controllers.
 //!
 //! It does not run Raft or serve anything: gateways, DNS servers and the
 //! Terraform provider depend on this crate and never on the controller.
@@ -23,6 +24,7 @@ pub mod model;
 pub mod policy;
 pub mod sync;
 pub mod token;
+pub mod trace;
 pub mod trust;
 
 #[allow(clippy::all, missing_docs)]

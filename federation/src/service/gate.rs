@@ -27,6 +27,8 @@ pub const MAX_ANONYMOUS_BODY: usize = 128 * 1024;
 pub struct GateLayer {
     /// The applied state: which credentials are bound or revoked.
     pub hub: std::sync::Arc<crate::hub::Hub>,
+    /// Spans for API calls (Raft between nodes is not traced).
+    pub tracing: std::sync::Arc<causeway_api::trace::Tracing>,
 }
 
 impl<S> tower::Layer<S> for GateLayer {
@@ -35,6 +37,7 @@ impl<S> tower::Layer<S> for GateLayer {
         Gate {
             inner,
             hub: self.hub.clone(),
+            tracing: self.tracing.clone(),
         }
     }
 }
@@ -44,6 +47,7 @@ impl<S> tower::Layer<S> for GateLayer {
 pub struct Gate<S> {
     inner: S,
     hub: std::sync::Arc<crate::hub::Hub>,
+    tracing: std::sync::Arc<causeway_api::trace::Tracing>,
 }
 
 /// Who is on the other end of the connection, and the SHA-256 of its
@@ -149,7 +153,69 @@ where
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let (caller, sha256, expires_ms) = connection_caller(&req);
-        let verdict = decide(req.uri().path(), &caller);
+        let path = req.uri().path().to_string();
+        let verdict = decide(&path, &caller);
+        // One span per API call, continuing the caller's traceparent.
+        let span = if path.starts_with(RAFT_PREFIX) {
+            None
+        } else {
+            self.tracing.start_span(
+                "causeway.rpc",
+                opentelemetry::trace::SpanKind::Server,
+                req.headers().get("traceparent").map(|v| v.as_bytes()),
+                vec![
+                    opentelemetry::KeyValue::new("rpc.system", "grpc"),
+                    opentelemetry::KeyValue::new("rpc.method", path.clone()),
+                    opentelemetry::KeyValue::new("causeway.caller", format!("{caller:?}")),
+                ],
+            )
+        };
+        let call = self.call_gated(req, caller, sha256, expires_ms, verdict);
+        let Some(mut span) = span else { return call };
+        Box::pin(async move {
+            use opentelemetry::context::FutureExt;
+            let r = call.with_context(span.as_parent()).await;
+            if let Ok(resp) = &r {
+                // Unary answers carry the status in the headers when they
+                // fail; a success's status comes in the trailers (0).
+                let code = resp
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<i64>().ok())
+                    .unwrap_or(0);
+                span.set([opentelemetry::KeyValue::new("rpc.grpc.status_code", code)]);
+                if code != 0 {
+                    let why = resp
+                        .headers()
+                        .get("grpc-message")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("error")
+                        .to_string();
+                    span.error(why);
+                }
+            }
+            r
+        })
+    }
+}
+
+impl<S> Gate<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    fn call_gated(
+        &mut self,
+        req: http::Request<Body>,
+        caller: Caller,
+        sha256: String,
+        expires_ms: u64,
+        verdict: Verdict,
+    ) -> futures::future::BoxFuture<'static, Result<http::Response<Body>, S::Error>> {
         // The service that was polled ready serves this request.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);

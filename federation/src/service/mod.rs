@@ -76,6 +76,8 @@ pub struct Shared {
     pub joins: limit::JoinLimiter,
     /// Lifetimes of the credentials this node issues.
     pub credentials: crate::config::CredentialLifetimes,
+    /// Spans, when tracing is on.
+    pub tracing: Arc<causeway_api::trace::Tracing>,
 }
 
 /// The record of an admin certificate (PEM) issued by `issued_by`, with

@@ -75,6 +75,30 @@ pub fn outcome_status(outcome: Outcome) -> Result<u64, Status> {
 impl Shared {
     /// Commits a command through Raft, forwarding to the leader if needed.
     pub async fn propose(&self, cmd: Command) -> Result<Outcome, Status> {
+        // A child of the RPC's span (the gate runs the call in its context).
+        let mut span = self.tracing.start_child(
+            "causeway.raft.propose",
+            opentelemetry::trace::SpanKind::Internal,
+            vec![opentelemetry::KeyValue::new("causeway.command", cmd.kind())],
+        );
+        let r = self.propose_untraced(cmd).await;
+        if let Some(s) = &mut span {
+            match &r {
+                Ok(Outcome::Applied { revision }) | Ok(Outcome::Unchanged { revision }) => {
+                    s.set([opentelemetry::KeyValue::new(
+                        "causeway.revision",
+                        *revision as i64,
+                    )])
+                }
+                Ok(Outcome::Rejected { message, .. }) => s.error(message.clone()),
+                Ok(Outcome::Batch(_)) => {}
+                Err(e) => s.error(e.message().to_string()),
+            }
+        }
+        r
+    }
+
+    async fn propose_untraced(&self, cmd: Command) -> Result<Outcome, Status> {
         let started = Instant::now();
         let deadline = started + WRITE_DEADLINE;
         let mut last;

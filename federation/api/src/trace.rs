@@ -1,4 +1,5 @@
-//! Distributed tracing (OpenTelemetry, exported over OTLP gRPC).
+//! Distributed tracing (OpenTelemetry, exported over OTLP gRPC), for
+//! gateways and controllers.
 //!
 //! The calling gateway makes one span per HTTP request and per L4
 //! connection ("causeway.outbound"), continuing the caller's W3C
@@ -99,9 +100,16 @@ impl Tracing {
         })
     }
 
-    /// Tracing as `cfg` says, for a replica of `site` (must run inside a
-    /// tokio runtime: the exporter's gRPC channel lives on it).
-    pub fn start(cfg: &TracingConfig, site: &str, replica: &str) -> anyhow::Result<Arc<Self>> {
+    /// Tracing as `cfg` says, for the process `service_name` (e.g.
+    /// `causeway-gateway`) of `site` (empty for controllers), instance
+    /// `instance` (must run inside a tokio runtime: the exporter's gRPC
+    /// channel lives on it).
+    pub fn start(
+        cfg: &TracingConfig,
+        service_name: &'static str,
+        site: &str,
+        instance: &str,
+    ) -> Result<Arc<Self>, String> {
         if cfg.otlp_endpoint.is_empty() {
             return Ok(Self::off());
         }
@@ -111,7 +119,7 @@ impl Tracing {
             .with_endpoint(cfg.otlp_endpoint.clone())
             .with_timeout(Duration::from_secs(5))
             .build()
-            .map_err(|e| anyhow::anyhow!("tracing.otlp_endpoint: {e}"))?;
+            .map_err(|e| format!("tracing.otlp_endpoint: {e}"))?;
         let processor = BatchSpanProcessor::builder(Counted(exporter))
             .with_batch_config(
                 BatchConfigBuilder::default()
@@ -121,11 +129,13 @@ impl Tracing {
                     .build(),
             )
             .build();
-        let resource = opentelemetry_sdk::Resource::builder_empty()
-            .with_service_name("causeway-gateway")
-            .with_attribute(KeyValue::new("causeway.site", site.to_string()))
-            .with_attribute(KeyValue::new("service.instance.id", replica.to_string()))
-            .build();
+        let mut resource = opentelemetry_sdk::Resource::builder_empty()
+            .with_service_name(service_name)
+            .with_attribute(KeyValue::new("service.instance.id", instance.to_string()));
+        if !site.is_empty() {
+            resource = resource.with_attribute(KeyValue::new("causeway.site", site.to_string()));
+        }
+        let resource = resource.build();
         let provider = SdkTracerProvider::builder()
             .with_span_processor(processor)
             .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
@@ -133,7 +143,7 @@ impl Tracing {
             ))))
             .with_resource(resource)
             .build();
-        let tracer = provider.tracer("causeway-gateway");
+        let tracer = provider.tracer(service_name);
         tracing::info!(endpoint = %cfg.otlp_endpoint, ratio = cfg.sample_ratio, "tracing on");
         Ok(Arc::new(Self {
             tracer: Some(tracer),
@@ -163,12 +173,37 @@ impl Tracing {
             .map(|sc| Context::new().with_remote_span_context(sc))
             .unwrap_or_default();
         let mut attrs = attributes;
-        attrs.push(KeyValue::new("causeway.site", self.site.clone()));
+        if !self.site.is_empty() {
+            attrs.push(KeyValue::new("causeway.site", self.site.clone()));
+        }
         let span = tracer
             .span_builder(name)
             .with_kind(kind)
             .with_attributes(attrs)
             .start_with_context(tracer, &parent);
+        Some(Span { span })
+    }
+
+    /// A span that is the child of the span current for this task (the
+    /// context a caller attached with
+    /// `opentelemetry::context::FutureExt::with_context`), or a root.
+    pub fn start_child(
+        &self,
+        name: &'static str,
+        kind: SpanKind,
+        attributes: Vec<KeyValue>,
+    ) -> Option<Span> {
+        let tracer = self.tracer.as_ref()?;
+        let cx = Context::current();
+        let mut attrs = attributes;
+        if !self.site.is_empty() {
+            attrs.push(KeyValue::new("causeway.site", self.site.clone()));
+        }
+        let span = tracer
+            .span_builder(name)
+            .with_kind(kind)
+            .with_attributes(attrs)
+            .start_with_context(tracer, &cx);
         Some(Span { span })
     }
 
@@ -192,6 +227,12 @@ impl Span {
     pub fn error(&mut self, why: impl Into<String>) {
         self.span
             .set_status(opentelemetry::trace::Status::error(why.into()));
+    }
+
+    /// A context whose current span is this one: run a future in it
+    /// (`with_context`) and the spans it starts are this one's children.
+    pub fn as_parent(&self) -> Context {
+        Context::new().with_remote_span_context(self.span.span_context().clone())
     }
 
     /// This span as a W3C `traceparent` value: what children continue.
