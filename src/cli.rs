@@ -51,6 +51,8 @@ pub enum Command {
     /// then holds the site (for a Kubernetes Secret, or a gateway's
     /// `state_dir`).
     Join(crate::kubernetes::JoinArgs),
+    /// Serve a read-only web view of the federation on loopback.
+    Ui(crate::ui::UiArgs),
 }
 
 /// `causeway ca`.

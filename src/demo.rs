@@ -143,6 +143,23 @@ async fn walkthrough(fed: &mut LocalFederation, keep_running: bool) -> anyhow::R
             "  curl -s http://{}/metrics | grep causeway_",
             c.gateway_admin
         );
+        let gateways = fed
+            .sites
+            .iter()
+            .map(|(n, s)| (n.clone(), s.gateway_admin))
+            .collect();
+        match crate::ui::serve(
+            "127.0.0.1:0".parse()?,
+            crate::ui::Sources {
+                client: fed.admin_client(None)?,
+                gateways,
+            },
+        )
+        .await
+        {
+            Ok((ui, _task)) => println!("  web view of the federation: http://{ui}/"),
+            Err(e) => println!("  (the web view did not start: {e:#})"),
+        }
         println!("logs: {}/*.log", fed.root.display());
         crate::signal::shutdown_signal().await;
     }

@@ -14,7 +14,7 @@ use causeway_gateway::steer::{site_labels, site_views, FailoverPlan};
 use causeway_gateway_core::traffic::{tier_health, tier_loads, tiers};
 
 /// What one gateway knows that the controller does not.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct GatewayView {
     /// Smoothed QUIC round-trip time per site, µs.
     pub rtt_us: BTreeMap<String, u64>,

@@ -15,3 +15,4 @@ pub mod kubernetes;
 pub mod local;
 pub mod rotate;
 pub mod signal;
+pub mod ui;

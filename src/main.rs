@@ -26,6 +26,7 @@ fn main() {
             Command::Install(a) => causeway::kubernetes::run_install(a),
             Command::Agent(a) => causeway::kubernetes::run_agent(a).await,
             Command::Join(a) => causeway::kubernetes::run_join(a).await,
+            Command::Ui(a) => causeway::ui::run(a).await,
             Command::Ca(a) => match a.command {
                 cli::CaCommand::Init { dir, admin } => {
                     causeway::creds::ca_init(&dir, &admin)?;
@@ -86,7 +87,8 @@ fn default_filter(cmd: &Command) -> &'static str {
         | Command::Ctl(_)
         | Command::Ca(_)
         | Command::Install(_)
-        | Command::Join(_) => "warn",
+        | Command::Join(_)
+        | Command::Ui(_) => "warn",
         _ => "info,openraft=warn,quinn=warn,hickory_server=warn",
     }
 }

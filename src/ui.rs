@@ -1,0 +1,395 @@
+//! `causeway ui`: a read-only web view of the federation — sites and the
+//! tunnels between them, services and where their traffic goes now (the
+//! same decision `ctl explain` prints), policies and controller nodes —
+//! updated every second from the controllers and the gateways' metrics.
+//!
+//! It has no login of its own, so it listens on loopback only; it reads
+//! the federation with an admin credential, like `ctl`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use causeway_api::catalog::CatalogView;
+use causeway_api::client::ControllerClient;
+use causeway_api::pb;
+use clap::Args;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The page: one file, no build step, no third-party code.
+const PAGE: &str = include_str!("ui.html");
+
+/// `causeway ui` flags.
+#[derive(Args)]
+pub struct UiArgs {
+    /// Where to serve the page (loopback only: the view has no login).
+    #[arg(long, default_value = "127.0.0.1:9900")]
+    pub listen: SocketAddr,
+    /// Controller endpoints, comma-separated host:port.
+    #[arg(
+        long,
+        env = "CAUSEWAY_CONTROLLERS",
+        value_delimiter = ',',
+        default_value = "127.0.0.1:7001"
+    )]
+    pub controller: Vec<String>,
+    /// Directory with ca.pem, admin.pem and admin-key.pem.
+    #[arg(long, env = "CAUSEWAY_CREDS", default_value = "causeway-creds")]
+    pub creds: std::path::PathBuf,
+    /// A site's gateway admin address, `SITE=HOST:PORT` (repeatable): its
+    /// metrics give the links' round-trip times, loss and request rates.
+    #[arg(long = "gateway")]
+    pub gateways: Vec<String>,
+}
+
+/// What the view reads from.
+pub struct Sources {
+    /// An admin client for the controllers.
+    pub client: ControllerClient,
+    /// Gateway admin addresses by site.
+    pub gateways: BTreeMap<String, SocketAddr>,
+}
+
+/// `causeway ui`: serves until interrupted.
+pub async fn run(args: UiArgs) -> anyhow::Result<()> {
+    let ca = causeway_api::identity::read(&args.creds.join("ca.pem")).with_context(|| {
+        format!(
+            "reading credentials from {} (set --creds or CAUSEWAY_CREDS)",
+            args.creds.display()
+        )
+    })?;
+    let admin = causeway_api::identity::Credential::load(
+        &args.creds.join("admin.pem"),
+        &args.creds.join("admin-key.pem"),
+    )?;
+    let mut gateways = BTreeMap::new();
+    for g in &args.gateways {
+        let (site, addr) = g
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--gateway {g:?}: expected SITE=HOST:PORT"))?;
+        let addr = addr
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--gateway {g:?}: {e}"))?;
+        gateways.insert(site.to_string(), addr);
+    }
+    let sources = Sources {
+        client: ControllerClient::new(args.controller.clone(), &ca, Some(&admin)),
+        gateways,
+    };
+    let (addr, task) = serve(args.listen, sources).await?;
+    println!("causeway ui: http://{addr}/");
+    task.await?;
+    Ok(())
+}
+
+/// Serves the view on `listen` (which must be a loopback address); the
+/// bound address and the server's task.
+pub async fn serve(
+    listen: SocketAddr,
+    sources: Sources,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    if !listen.ip().is_loopback() {
+        anyhow::bail!(
+            "--listen {listen}: the view has no login, so it serves loopback only; reach it from elsewhere through an SSH tunnel or an authenticating proxy"
+        );
+    }
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let state = Arc::new(View {
+        sources,
+        last: tokio::sync::Mutex::new(None),
+    });
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((sock, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(10), handle(sock, &state)).await;
+            });
+        }
+    });
+    Ok((addr, task))
+}
+
+struct View {
+    sources: Sources,
+    /// The last state and when it was made: requests within a second share
+    /// it, and counters turn into rates against it.
+    last: tokio::sync::Mutex<Option<Snapshot>>,
+}
+
+/// A state as served, when it was made, and the counters it was made from.
+type Snapshot = (Instant, serde_json::Value, BTreeMap<String, Counters>);
+
+/// One request per connection: `GET /` or `GET /api/state`.
+async fn handle(mut sock: tokio::net::TcpStream, view: &View) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut n = 0;
+    while !buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+        if n == buf.len() {
+            return Ok(());
+        }
+        let r = sock.read(&mut buf[n..]).await?;
+        if r == 0 {
+            return Ok(());
+        }
+        n += r;
+    }
+    let head = String::from_utf8_lossy(&buf[..n]);
+    let path = head.split_whitespace().nth(1).unwrap_or("/");
+    let (status, kind, body) = match path {
+        "/" | "/index.html" => ("200 OK", "text/html; charset=utf-8", PAGE.to_string()),
+        "/api/state" => match view.state().await {
+            Ok(v) => ("200 OK", "application/json", v.to_string()),
+            Err(e) => (
+                "503 Service Unavailable",
+                "application/json",
+                serde_json::json!({"error": format!("{e:#}")}).to_string(),
+            ),
+        },
+        _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+    };
+    let resp = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\ncache-control: no-store\r\nx-content-type-options: nosniff\r\ncontent-security-policy: default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    sock.write_all(resp.as_bytes()).await?;
+    Ok(())
+}
+
+/// Counters read from one gateway's metrics.
+#[derive(Clone, Default)]
+struct Counters {
+    /// HTTP requests by service, and those answered 5xx.
+    requests: BTreeMap<String, (f64, f64)>,
+    /// Tunnel bytes, both directions.
+    bytes: f64,
+}
+
+impl View {
+    async fn state(&self) -> anyhow::Result<serde_json::Value> {
+        let mut last = self.last.lock().await;
+        if let Some((at, v, _)) = last.as_ref() {
+            if at.elapsed() < Duration::from_millis(900) {
+                return Ok(v.clone());
+            }
+        }
+        let prev = last.as_ref().map(|(at, _, c)| (*at, c.clone()));
+        let (v, counters) = self.build(prev).await?;
+        *last = Some((Instant::now(), v.clone(), counters));
+        Ok(v)
+    }
+
+    async fn build(
+        &self,
+        prev: Option<(Instant, BTreeMap<String, Counters>)>,
+    ) -> anyhow::Result<(serde_json::Value, BTreeMap<String, Counters>)> {
+        let c = &self.sources.client;
+        let status = c
+            .call(false, |mut f| async move {
+                f.status(pb::StatusRequest {}).await
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("controllers: {}", s.message()))?;
+        let snapshot = c
+            .catalog(false)
+            .await
+            .map_err(|s| anyhow::anyhow!("catalog: {}", s.message()))?;
+        let view = CatalogView::from_snapshot(snapshot);
+
+        // What each gateway measures.
+        let mut measured = BTreeMap::new();
+        let mut counters = BTreeMap::new();
+        for (site, addr) in &self.sources.gateways {
+            let text = scrape(*addr).await.unwrap_or_default();
+            measured.insert(site.clone(), crate::explain::parse_gateway_metrics(&text));
+            counters.insert(site.clone(), counters_of(&text));
+        }
+        let secs = prev
+            .as_ref()
+            .map(|(at, _)| at.elapsed().as_secs_f64())
+            .unwrap_or(0.0);
+        let rate = |site: &str, f: &dyn Fn(&Counters) -> f64| -> f64 {
+            match (&prev, counters.get(site)) {
+                (Some((_, old)), Some(now)) if secs > 0.0 => {
+                    let before = old.get(site).map(f).unwrap_or(0.0);
+                    ((f(now) - before) / secs).max(0.0)
+                }
+                _ => 0.0,
+            }
+        };
+
+        let sites: Vec<serde_json::Value> = view
+            .sites
+            .iter()
+            .map(|(name, s)| {
+                serde_json::json!({
+                    "name": name,
+                    "available": s.available,
+                    "labels": s.labels,
+                    "trust_domain": s.trust_domain,
+                    "gateways": s.tunnel_addrs,
+                    "measured": self.sources.gateways.contains_key(name),
+                    "tunnel_bytes_per_s": rate(name, &|c| c.bytes),
+                })
+            })
+            .collect();
+        let mut links = Vec::new();
+        for (from, g) in &measured {
+            for (to, rtt) in &g.rtt_us {
+                links.push(serde_json::json!({
+                    "from": from, "to": to, "rtt_ms": *rtt as f64 / 1000.0,
+                    "up": !g.unreachable.contains(to),
+                    // Tunnels to a site authenticate its gateways against
+                    // the bundle of this trust domain only.
+                    "trust_domain": view.sites.get(to).map(|s| s.trust_domain.clone()).unwrap_or_default(),
+                }));
+            }
+            for to in g.unreachable.iter().filter(|t| !g.rtt_us.contains_key(*t)) {
+                links
+                    .push(serde_json::json!({"from": from, "to": to, "rtt_ms": null, "up": false}));
+            }
+        }
+        let services: Vec<serde_json::Value> = view
+            .services()
+            .values()
+            .map(|s| {
+                let key = s.key.to_string();
+                let traffic: BTreeMap<String, serde_json::Value> = view
+                    .sites
+                    .keys()
+                    .filter_map(|from| {
+                        let local = measured.get(from).cloned().unwrap_or_default();
+                        crate::explain::explain(&view, &key, Some(from), &local)
+                            .ok()
+                            .map(|e| (from.clone(), e.json))
+                    })
+                    .collect();
+                let requests: BTreeMap<String, serde_json::Value> = measured
+                    .keys()
+                    .map(|site| {
+                        let rps = rate(site, &|c| c.requests.get(&key).map_or(0.0, |r| r.0));
+                        let errs = rate(site, &|c| c.requests.get(&key).map_or(0.0, |r| r.1));
+                        (
+                            site.clone(),
+                            serde_json::json!({"rps": rps, "error_ratio": if rps > 0.0 { errs / rps } else { 0.0 }}),
+                        )
+                    })
+                    .collect();
+                serde_json::json!({
+                    "name": key,
+                    "exporters": s.exporters.iter().map(|(site, healthy)| serde_json::json!({
+                        "site": site.to_string(), "healthy": healthy,
+                        "total": s.totals.get(site).copied().unwrap_or(*healthy),
+                        "zones": s.zones.get(site).map(|zs| zs.iter().map(|z| serde_json::json!({"zone": z.zone, "healthy": z.healthy, "total": z.total})).collect::<Vec<_>>()).unwrap_or_default(),
+                    })).collect::<Vec<_>>(),
+                    "traffic": traffic,
+                    "requests": requests,
+                })
+            })
+            .collect();
+        let policies: Vec<serde_json::Value> = view
+            .policies
+            .values()
+            .map(|p| {
+                serde_json::json!({"kind": p.kind, "namespace": p.namespace, "name": p.name,
+                    "owner": if p.owner_site.is_empty() { "operator".to_string() } else { p.owner_site.clone() }})
+            })
+            .collect();
+        let nodes: Vec<serde_json::Value> = status
+            .nodes
+            .iter()
+            .map(|n| {
+                serde_json::json!({"id": n.id, "addr": n.addr, "voter": n.voter,
+                    "leader": n.id == status.leader_id, "matched_index": n.matched_index,
+                    "lag": status.last_log_index.saturating_sub(n.matched_index)})
+            })
+            .collect();
+        let v = serde_json::json!({
+            "revision": view.revision.0,
+            "controllers": {"leader": status.leader_id, "term": status.term, "nodes": nodes},
+            "sites": sites,
+            "links": links,
+            "services": services,
+            "policies": policies,
+        });
+        Ok((v, counters))
+    }
+}
+
+/// A gateway's `/metrics`.
+async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
+        .await??;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: ui\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut text)).await??;
+    Ok(text)
+}
+
+fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!("{key}=\""))? + key.len() + 2;
+    let end = line[start..].find('"')? + start;
+    Some(&line[start..end])
+}
+
+/// Request and byte counters in a gateway's metrics.
+fn counters_of(text: &str) -> Counters {
+    let mut c = Counters::default();
+    for line in text.lines() {
+        let Some(value) = line.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok()) else {
+            continue;
+        };
+        if line.starts_with("causeway_http_requests_total{") {
+            if let (Some(svc), Some(code)) = (label(line, "service"), label(line, "code")) {
+                let e = c.requests.entry(svc.to_string()).or_default();
+                e.0 += value;
+                if code.starts_with('5') {
+                    e.1 += value;
+                }
+            }
+        } else if line.starts_with("causeway_tunnel_bytes_total") {
+            c.bytes += value;
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_add_up_requests_errors_and_bytes() {
+        let text = "causeway_http_requests_total{service=\"shop/web\",code=\"200\"} 10\n\
+                    causeway_http_requests_total{service=\"shop/web\",code=\"503\"} 2\n\
+                    causeway_tunnel_bytes_total{direction=\"tcp_to_quic\"} 100\n\
+                    causeway_tunnel_bytes_total{direction=\"quic_to_tcp\"} 50\n";
+        let c = counters_of(text);
+        assert_eq!(c.requests["shop/web"], (12.0, 2.0));
+        assert_eq!(c.bytes, 150.0);
+    }
+
+    #[tokio::test]
+    async fn only_loopback_is_served() {
+        let client = ControllerClient::new(vec![], "", None);
+        let err = serve(
+            "0.0.0.0:0".parse().unwrap(),
+            Sources {
+                client,
+                gateways: BTreeMap::new(),
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains("loopback only"), "{err}");
+    }
+}
