@@ -90,6 +90,20 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: crate::ctl_admin::AdminCommand,
     },
+    /// A live view of what the gateways forward (requests per second, 5xx
+    /// share, p99 per service; RTT, loss and state per link), from their
+    /// metrics, refreshed every --interval seconds.
+    Traffic {
+        /// A gateway admin address, `SITE=HOST:PORT` (repeatable).
+        #[arg(long = "gateway", required = true)]
+        gateways: Vec<String>,
+        /// Seconds between refreshes.
+        #[arg(long, default_value_t = 2.0)]
+        interval: f64,
+        /// Stop after this many refreshes (default: run until interrupted).
+        #[arg(long)]
+        count: Option<u32>,
+    },
     /// Credentials: revoke any credential, or a site's certificate by serial.
     Credential {
         /// What to do.
@@ -264,6 +278,23 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
     if let CtlCommand::Admin { command } = &args.command {
         return crate::ctl_admin::run(&args, command).await;
     }
+    if let CtlCommand::Traffic {
+        gateways,
+        interval,
+        count,
+    } = &args.command
+    {
+        if !(0.1..=3600.0).contains(interval) {
+            anyhow::bail!("--interval {interval}: between 0.1 and 3600 seconds");
+        }
+        return crate::ctl_traffic::run(
+            gateways,
+            std::time::Duration::from_secs_f64(*interval),
+            *count,
+            args.output,
+        )
+        .await;
+    }
     let c = client(&args)?;
     let mut fed = c.federation().await?;
     match &args.command {
@@ -314,7 +345,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        CtlCommand::Admin { .. } => unreachable!("run before connecting"),
+        CtlCommand::Admin { .. } | CtlCommand::Traffic { .. } => {
+            unreachable!("run before connecting")
+        }
         CtlCommand::Cluster { command } => cluster(&args, &c, &mut fed, command).await,
         CtlCommand::Controller { command } => controller(&args, &mut fed, command).await,
         CtlCommand::Status => {

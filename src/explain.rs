@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use anyhow::Context;
+use crate::scrape::label;
+
 use causeway_api::catalog::CatalogView;
 use causeway_api::model::ServiceKey;
 use causeway_api::policy::{parse_document, FailoverMode, Spec};
@@ -27,21 +28,7 @@ pub struct GatewayView {
 
 /// Reads a gateway's `/metrics` for RTTs and ejections.
 pub async fn scrape_gateway(addr: &str) -> anyhow::Result<GatewayView> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr)
-        .await
-        .with_context(|| format!("connecting to the gateway admin port {addr}"))?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: ctl\r\nconnection: close\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).await?;
-    Ok(parse_gateway_metrics(&text))
-}
-
-fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(&format!("{key}=\""))? + key.len() + 2;
-    let end = line[start..].find('"')? + start;
-    Some(&line[start..end])
+    Ok(parse_gateway_metrics(&crate::scrape::fetch(addr).await?))
 }
 
 /// What a gateway's metrics say about RTTs, ejections and unreachable
@@ -49,7 +36,7 @@ fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 pub fn parse_gateway_metrics(text: &str) -> GatewayView {
     let mut v = GatewayView::default();
     for line in text.lines() {
-        let value = line.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok());
+        let value = crate::scrape::value(line);
         if line.starts_with("causeway_peer_rtt_seconds{") {
             if let (Some(site), Some(x)) = (label(line, "site"), value) {
                 v.rtt_us.insert(site.to_string(), (x * 1e6) as u64);

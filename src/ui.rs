@@ -208,7 +208,9 @@ impl View {
         let mut measured = BTreeMap::new();
         let mut counters = BTreeMap::new();
         for (site, addr) in &self.sources.gateways {
-            let text = scrape(*addr).await.unwrap_or_default();
+            let text = crate::scrape::fetch(&addr.to_string())
+                .await
+                .unwrap_or_default();
             measured.insert(site.clone(), crate::explain::parse_gateway_metrics(&text));
             counters.insert(site.clone(), counters_of(&text));
         }
@@ -324,32 +326,18 @@ impl View {
     }
 }
 
-/// A gateway's `/metrics`.
-async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
-    let mut s = tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr))
-        .await??;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nhost: ui\r\nconnection: close\r\n\r\n")
-        .await?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(2), s.read_to_string(&mut text)).await??;
-    Ok(text)
-}
-
-fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let start = line.find(&format!("{key}=\""))? + key.len() + 2;
-    let end = line[start..].find('"')? + start;
-    Some(&line[start..end])
-}
-
 /// Request and byte counters in a gateway's metrics.
 fn counters_of(text: &str) -> Counters {
     let mut c = Counters::default();
     for line in text.lines() {
-        let Some(value) = line.rsplit(' ').next().and_then(|x| x.parse::<f64>().ok()) else {
+        let Some(value) = crate::scrape::value(line) else {
             continue;
         };
         if line.starts_with("causeway_http_requests_total{") {
-            if let (Some(svc), Some(code)) = (label(line, "service"), label(line, "code")) {
+            if let (Some(svc), Some(code)) = (
+                crate::scrape::label(line, "service"),
+                crate::scrape::label(line, "code"),
+            ) {
                 let e = c.requests.entry(svc.to_string()).or_default();
                 e.0 += value;
                 if code.starts_with('5') {

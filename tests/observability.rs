@@ -1040,3 +1040,83 @@ async fn the_controllers_trace_calls_proposals_and_fanout() {
     assert!(fanout.attrs["causeway.changes"].parse::<u32>().unwrap() >= 1);
     fed.shutdown().await;
 }
+
+/// `ctl traffic --output json` (the live view, one refresh): at the calling
+/// gateway, the service's requests per second, 5xx share and p99 under
+/// load, and the link to the exporting site with its round-trip time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctl_traffic_shows_request_rates_p99_and_links() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, _) = controllers(&tmp, 1, &[]).await;
+    let (echo, _echo_task) = causeway::local::echo_server(None).await.unwrap();
+    add_echo_sites(&mut fed, echo).await;
+    let (web, _web_task) = http_backend("127.0.0.1:0", "east-web").await;
+    add_exports_and_restart(&mut fed, "east", &web_http_export(web)).await;
+    let http = imported(&fed, "west", "web.shop.svc.clusterset.local", 8080).await;
+    eventually(Duration::from_secs(20), "a request to pass", async || {
+        let got = http_get_any(http, "/warm").await;
+        got.starts_with("HTTP/1.1 200").then_some(()).ok_or(got)
+    })
+    .await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut c = HttpClient::connect(http).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (code, _, _) = c.get("/load").await;
+                assert_eq!(code, 200);
+            }
+        }
+    });
+    let west_admin = fed.sites["west"].gateway_admin;
+    let v = eventually(
+        Duration::from_secs(30),
+        "ctl traffic to show the load",
+        async || {
+            let out = tokio::process::Command::new(bin())
+                .args(["ctl", "--output", "json", "traffic", "--gateway"])
+                .arg(format!("west={west_admin}"))
+                .args(["--interval", "1", "--count", "1"])
+                .output()
+                .await
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let v: serde_json::Value = serde_json::from_str(text.trim())
+                .map_err(|e| format!("{e}: {text} {}", String::from_utf8_lossy(&out.stderr)))?;
+            let busy = v["services"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["service"] == "shop/web" && s["rps"].as_f64().unwrap_or(0.0) > 1.0);
+            busy.then_some(v.clone()).ok_or(v.to_string())
+        },
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+    let svc = v["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["service"] == "shop/web")
+        .unwrap();
+    assert_eq!(svc["gateway"], "west");
+    assert_eq!(svc["error_ratio"], 0.0);
+    let p99 = svc["p99_ms"].as_f64().expect("a p99 under load");
+    assert!(p99 > 0.0 && p99 < 10_000.0, "{svc}");
+    let link = v["links"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["to"] == "east")
+        .expect("the link to east");
+    assert_eq!(link["up"], true);
+    assert!(link["rtt_ms"].as_f64().is_some_and(|r| r > 0.0), "{link}");
+    // Bad input names the flag and the fix.
+    let (code, out) = run_bin(&["ctl", "traffic", "--gateway", "west"]);
+    assert_ne!(code, 0);
+    assert!(out.contains("SITE=HOST:PORT"), "{out}");
+    fed.shutdown().await;
+}
