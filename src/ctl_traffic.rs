@@ -23,6 +23,8 @@ pub struct Sample {
     pub packets: BTreeMap<String, (f64, f64)>,
     /// Peer sites whose tunnels are all down.
     pub unreachable: Vec<String>,
+    /// Bytes spliced through tunnels, both directions.
+    pub tunnel_bytes: f64,
 }
 
 /// Parses a gateway's metrics.
@@ -66,6 +68,7 @@ pub fn parse(text: &str) -> Sample {
                     }
                 }
             }
+            "causeway_tunnel_bytes_total" => s.tunnel_bytes += v,
             "causeway_peer_unreachable" if v == 1.0 => {
                 if let Some(site) = label(line, "site") {
                     s.unreachable.push(site.to_string());

@@ -16,6 +16,8 @@ use causeway_api::catalog::CatalogView;
 use causeway_api::client::ControllerClient;
 use causeway_api::pb;
 use clap::Args;
+
+use crate::ctl_traffic::Sample;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The page: one file, no build step, no third-party code.
@@ -126,7 +128,7 @@ struct View {
 }
 
 /// A state as served, when it was made, and the counters it was made from.
-type Snapshot = (Instant, serde_json::Value, BTreeMap<String, Counters>);
+type Snapshot = (Instant, serde_json::Value, BTreeMap<String, Sample>);
 
 /// One request per connection: `GET /` or `GET /api/state`.
 async fn handle(mut sock: tokio::net::TcpStream, view: &View) -> anyhow::Result<()> {
@@ -164,15 +166,6 @@ async fn handle(mut sock: tokio::net::TcpStream, view: &View) -> anyhow::Result<
     Ok(())
 }
 
-/// Counters read from one gateway's metrics.
-#[derive(Clone, Default)]
-struct Counters {
-    /// HTTP requests by service, and those answered 5xx.
-    requests: BTreeMap<String, (f64, f64)>,
-    /// Tunnel bytes, both directions.
-    bytes: f64,
-}
-
 impl View {
     async fn state(&self) -> anyhow::Result<serde_json::Value> {
         let mut last = self.last.lock().await;
@@ -189,8 +182,8 @@ impl View {
 
     async fn build(
         &self,
-        prev: Option<(Instant, BTreeMap<String, Counters>)>,
-    ) -> anyhow::Result<(serde_json::Value, BTreeMap<String, Counters>)> {
+        prev: Option<(Instant, BTreeMap<String, Sample>)>,
+    ) -> anyhow::Result<(serde_json::Value, BTreeMap<String, Sample>)> {
         let c = &self.sources.client;
         let status = c
             .call(false, |mut f| async move {
@@ -204,28 +197,33 @@ impl View {
             .map_err(|s| anyhow::anyhow!("catalog: {}", s.message()))?;
         let view = CatalogView::from_snapshot(snapshot);
 
-        // What each gateway measures.
+        // What each gateway measures, and its rates since the last look
+        // (the same as `ctl traffic` computes).
         let mut measured = BTreeMap::new();
-        let mut counters = BTreeMap::new();
+        let mut samples = BTreeMap::new();
         for (site, addr) in &self.sources.gateways {
             let text = crate::scrape::fetch(&addr.to_string())
                 .await
                 .unwrap_or_default();
             measured.insert(site.clone(), crate::explain::parse_gateway_metrics(&text));
-            counters.insert(site.clone(), counters_of(&text));
+            samples.insert(site.clone(), crate::ctl_traffic::parse(&text));
         }
+        let rates = match &prev {
+            Some((at, before)) => {
+                crate::ctl_traffic::interval(before, &samples, at.elapsed().as_secs_f64())
+            }
+            // No earlier look: every rate reads zero.
+            None => crate::ctl_traffic::interval(&samples, &samples, 1.0),
+        };
         let secs = prev
             .as_ref()
-            .map(|(at, _)| at.elapsed().as_secs_f64())
-            .unwrap_or(0.0);
-        let rate = |site: &str, f: &dyn Fn(&Counters) -> f64| -> f64 {
-            match (&prev, counters.get(site)) {
-                (Some((_, old)), Some(now)) if secs > 0.0 => {
-                    let before = old.get(site).map(f).unwrap_or(0.0);
-                    ((f(now) - before) / secs).max(0.0)
-                }
-                _ => 0.0,
+            .map_or(0.0, |(at, _)| at.elapsed().as_secs_f64());
+        let bytes_rate = |site: &str| match (&prev, samples.get(site)) {
+            (Some((_, before)), Some(now)) if secs > 0.0 => {
+                let old = before.get(site).map_or(0.0, |b| b.tunnel_bytes);
+                ((now.tunnel_bytes - old) / secs).max(0.0)
             }
+            _ => 0.0,
         };
 
         let sites: Vec<serde_json::Value> = view
@@ -239,26 +237,28 @@ impl View {
                     "trust_domain": s.trust_domain,
                     "gateways": s.tunnel_addrs,
                     "measured": self.sources.gateways.contains_key(name),
-                    "tunnel_bytes_per_s": rate(name, &|c| c.bytes),
+                    "tunnel_bytes_per_s": bytes_rate(name),
                 })
             })
             .collect();
-        let mut links = Vec::new();
-        for (from, g) in &measured {
-            for (to, rtt) in &g.rtt_us {
-                links.push(serde_json::json!({
-                    "from": from, "to": to, "rtt_ms": *rtt as f64 / 1000.0,
-                    "up": !g.unreachable.contains(to),
-                    // Tunnels to a site authenticate its gateways against
-                    // the bundle of this trust domain only.
-                    "trust_domain": view.sites.get(to).map(|s| s.trust_domain.clone()).unwrap_or_default(),
-                }));
-            }
-            for to in g.unreachable.iter().filter(|t| !g.rtt_us.contains_key(*t)) {
-                links
-                    .push(serde_json::json!({"from": from, "to": to, "rtt_ms": null, "up": false}));
-            }
-        }
+        let links: Vec<serde_json::Value> = rates["links"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|mut l| {
+                // Tunnels to a site authenticate its gateways against the
+                // bundle of this trust domain only.
+                let to = l["to"].as_str().unwrap_or("").to_string();
+                l["trust_domain"] = view
+                    .sites
+                    .get(&to)
+                    .map(|s| s.trust_domain.clone())
+                    .unwrap_or_default()
+                    .into();
+                l
+            })
+            .collect();
         let services: Vec<serde_json::Value> = view
             .services()
             .values()
@@ -274,14 +274,15 @@ impl View {
                             .map(|e| (from.clone(), e.json))
                     })
                     .collect();
-                let requests: BTreeMap<String, serde_json::Value> = measured
-                    .keys()
-                    .map(|site| {
-                        let rps = rate(site, &|c| c.requests.get(&key).map_or(0.0, |r| r.0));
-                        let errs = rate(site, &|c| c.requests.get(&key).map_or(0.0, |r| r.1));
+                let requests: BTreeMap<String, serde_json::Value> = rates["services"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|r| r["service"] == key.as_str())
+                    .map(|r| {
                         (
-                            site.clone(),
-                            serde_json::json!({"rps": rps, "error_ratio": if rps > 0.0 { errs / rps } else { 0.0 }}),
+                            r["gateway"].as_str().unwrap_or("").to_string(),
+                            serde_json::json!({"rps": r["rps"], "error_ratio": r["error_ratio"], "p99_ms": r["p99_ms"]}),
                         )
                     })
                     .collect();
@@ -322,49 +323,13 @@ impl View {
             "services": services,
             "policies": policies,
         });
-        Ok((v, counters))
+        Ok((v, samples))
     }
-}
-
-/// Request and byte counters in a gateway's metrics.
-fn counters_of(text: &str) -> Counters {
-    let mut c = Counters::default();
-    for line in text.lines() {
-        let Some(value) = crate::scrape::value(line) else {
-            continue;
-        };
-        if line.starts_with("causeway_http_requests_total{") {
-            if let (Some(svc), Some(code)) = (
-                crate::scrape::label(line, "service"),
-                crate::scrape::label(line, "code"),
-            ) {
-                let e = c.requests.entry(svc.to_string()).or_default();
-                e.0 += value;
-                if code.starts_with('5') {
-                    e.1 += value;
-                }
-            }
-        } else if line.starts_with("causeway_tunnel_bytes_total") {
-            c.bytes += value;
-        }
-    }
-    c
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counters_add_up_requests_errors_and_bytes() {
-        let text = "causeway_http_requests_total{service=\"shop/web\",code=\"200\"} 10\n\
-                    causeway_http_requests_total{service=\"shop/web\",code=\"503\"} 2\n\
-                    causeway_tunnel_bytes_total{direction=\"tcp_to_quic\"} 100\n\
-                    causeway_tunnel_bytes_total{direction=\"quic_to_tcp\"} 50\n";
-        let c = counters_of(text);
-        assert_eq!(c.requests["shop/web"], (12.0, 2.0));
-        assert_eq!(c.bytes, 150.0);
-    }
 
     #[tokio::test]
     async fn only_loopback_is_served() {

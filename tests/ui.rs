@@ -75,6 +75,41 @@ async fn the_web_view_shows_the_federation_and_follows_a_failure_live() {
     .await
     .unwrap();
 
+    // The page's data: links carry RTT and loss, services where their
+    // traffic goes and the rates each calling gateway measures.
+    let state: serde_json::Value =
+        eventually(Duration::from_secs(20), "the view's state", async || {
+            let raw = http_get_any(ui, "/api/state").await;
+            let body = raw.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+            let v: serde_json::Value =
+                serde_json::from_str(&body).map_err(|e| format!("{e}: {raw}"))?;
+            let linked = v["links"].as_array().is_some_and(|l| {
+                l.iter().any(|l| {
+                    l["from"] == "central" && l["to"] == "east" && l["loss_ratio"].is_number()
+                })
+            });
+            linked.then_some(v.clone()).ok_or(raw)
+        })
+        .await;
+    let payments = state["services"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "shop/payments")
+        .unwrap();
+    assert_eq!(
+        payments["exporters"].as_array().unwrap().len(),
+        2,
+        "{payments}"
+    );
+    assert!(
+        payments["traffic"]["central"]["tiers"].is_array(),
+        "{payments}"
+    );
+    assert_eq!(state["controllers"]["nodes"].as_array().unwrap().len(), 1);
+    let not_found = http_get_any(ui, "/nope").await;
+    assert!(not_found.starts_with("HTTP/1.1 404"), "{not_found}");
+
     let shot = tmp.path().join("ui.png");
     let mut node = tokio::process::Command::new("node")
         .arg(&script)
