@@ -788,7 +788,7 @@ fn rotel_spans(text: &str) -> Vec<Logged> {
 }
 
 /// The gateways' spans reach a real out-of-process collector (rotel) over
-/// OTLP/gRPC on loopback, which logs them: both gateways' spans of one
+/// OTLP/HTTP on loopback, which logs them: both gateways' spans of one
 /// connection, in one trace.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_collector_logs_both_gateways_spans() {
@@ -822,7 +822,9 @@ async fn a_real_collector_logs_both_gateways_spans() {
 
     let mut fed = new_federation(&tmp);
     fed.gateway_base.tracing = causeway_gateway::trace::TracingConfig {
-        otlp_endpoint: format!("http://127.0.0.1:{grpc}"),
+        // OTLP over HTTP here; the other tracing tests use gRPC.
+        otlp_endpoint: format!("http://127.0.0.1:{http}"),
+        protocol: "http".into(),
         sample_ratio: 1.0,
         export_interval_ms: 100,
         ..Default::default()

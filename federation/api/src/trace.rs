@@ -1,4 +1,4 @@
-//! Distributed tracing (OpenTelemetry, exported over OTLP gRPC), for
+//! Distributed tracing (OpenTelemetry, exported over OTLP: gRPC or HTTP), for
 //! gateways and controllers.
 //!
 //! The calling gateway makes one span per HTTP request and per L4
@@ -31,8 +31,14 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TracingConfig {
-    /// OTLP gRPC endpoint, e.g. `http://127.0.0.1:4317`; empty: tracing off.
+    /// OTLP endpoint: gRPC, e.g. `http://127.0.0.1:4317`, or with
+    /// `protocol = "http"` the base URL spans are POSTed under
+    /// (`<endpoint>/v1/traces`), e.g. `http://127.0.0.1:4318`; empty:
+    /// tracing off.
     pub otlp_endpoint: String,
+    /// `grpc` (default) or `http` (OTLP/HTTP with protobuf bodies, plain
+    /// HTTP only).
+    pub protocol: String,
     /// Share of new traces sampled, 0 to 1. A caller's sampling decision
     /// (its `traceparent` flags) is followed when there is one.
     pub sample_ratio: f64,
@@ -46,6 +52,7 @@ impl Default for TracingConfig {
     fn default() -> Self {
         Self {
             otlp_endpoint: String::new(),
+            protocol: "grpc".into(),
             sample_ratio: 0.01,
             max_queue: 4096,
             export_interval_ms: 1000,
@@ -68,6 +75,16 @@ impl TracingConfig {
                 "tracing.otlp_endpoint: {:?} must be an http:// or https:// URL, e.g. http://127.0.0.1:4317",
                 self.otlp_endpoint
             ));
+        }
+        match self.protocol.as_str() {
+            "grpc" => {}
+            "http" if e.starts_with("https://") => errs.push(format!(
+                "tracing.otlp_endpoint: {e:?}: OTLP over HTTP is sent as plain HTTP; use protocol = \"grpc\" for TLS"
+            )),
+            "http" => {}
+            other => errs.push(format!(
+                "tracing.protocol: {other:?} is not one of grpc, http"
+            )),
         }
         if !(1..=1_000_000).contains(&self.max_queue) {
             errs.push("tracing.max_queue: between 1 and 1000000 spans".into());
@@ -113,13 +130,19 @@ impl Tracing {
         if cfg.otlp_endpoint.is_empty() {
             return Ok(Self::off());
         }
-        use opentelemetry_otlp::WithExportConfig;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(cfg.otlp_endpoint.clone())
-            .with_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| format!("tracing.otlp_endpoint: {e}"))?;
+        let exporter = if cfg.protocol == "http" {
+            Exporter::Http(HttpExporter::new(&cfg.otlp_endpoint)?)
+        } else {
+            use opentelemetry_otlp::WithExportConfig;
+            Exporter::Grpc(
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(cfg.otlp_endpoint.clone())
+                    .with_timeout(Duration::from_secs(5))
+                    .build()
+                    .map_err(|e| format!("tracing.otlp_endpoint: {e}"))?,
+            )
+        };
         let processor = BatchSpanProcessor::builder(Counted(exporter))
             .with_batch_config(
                 BatchConfigBuilder::default()
@@ -291,9 +314,93 @@ pub fn format_traceparent(sc: &SpanContext) -> String {
     )
 }
 
-/// The OTLP exporter, counting failed exports.
+/// Where spans go: OTLP over gRPC or over HTTP.
 #[derive(Debug)]
-struct Counted(opentelemetry_otlp::SpanExporter);
+enum Exporter {
+    Grpc(opentelemetry_otlp::SpanExporter),
+    Http(HttpExporter),
+}
+
+/// OTLP/HTTP: each batch POSTed as protobuf to `<endpoint>/v1/traces`
+/// over plain HTTP/1.1, on the runtime the tracer was made on.
+#[derive(Debug)]
+struct HttpExporter {
+    authority: String,
+    path: String,
+    resource: opentelemetry_proto::transform::common::tonic::ResourceAttributesWithSchema,
+    runtime: tokio::runtime::Handle,
+}
+
+impl HttpExporter {
+    fn new(endpoint: &str) -> Result<Self, String> {
+        let rest = endpoint.strip_prefix("http://").ok_or_else(|| {
+            format!("tracing.otlp_endpoint: {endpoint:?} must start with http:// for protocol http")
+        })?;
+        let (authority, base) = rest.split_once('/').unwrap_or((rest, ""));
+        if authority.is_empty() {
+            return Err(format!("tracing.otlp_endpoint: {endpoint:?} names no host"));
+        }
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| "tracing: start it inside a tokio runtime".to_string())?;
+        Ok(Self {
+            authority: authority.to_string(),
+            path: format!("/{}/v1/traces", base.trim_matches('/')).replace("//", "/"),
+            resource: Default::default(),
+            runtime,
+        })
+    }
+
+    async fn post(authority: String, path: String, body: Vec<u8>) -> Result<(), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::net::TcpStream::connect(&authority),
+        )
+        .await
+        .map_err(|_| format!("connecting to {authority}: timed out"))?
+        .map_err(|e| format!("connecting to {authority}: {e}"))?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nhost: {authority}\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        s.write_all(&body).await.map_err(|e| e.to_string())?;
+        // The status line is enough; the body (a partial success) is not read.
+        let mut status = [0u8; 12];
+        tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut status))
+            .await
+            .map_err(|_| "no answer within 5 s".to_string())?
+            .map_err(|e| e.to_string())?;
+        match &status[9..10] {
+            b"2" => Ok(()),
+            _ => Err(format!(
+                "the collector answered {}",
+                String::from_utf8_lossy(&status[9..12])
+            )),
+        }
+    }
+
+    async fn export(&self, batch: Vec<opentelemetry_sdk::trace::SpanData>) -> Result<(), String> {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message;
+        let resource_spans =
+            opentelemetry_proto::transform::trace::tonic::group_spans_by_resource_and_scope(
+                batch,
+                &self.resource,
+            );
+        let body = ExportTraceServiceRequest { resource_spans }.encode_to_vec();
+        self.runtime
+            .spawn(Self::post(self.authority.clone(), self.path.clone(), body))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+}
+
+/// The exporter, counting failed exports.
+#[derive(Debug)]
+struct Counted(Exporter);
 
 impl opentelemetry_sdk::trace::SpanExporter for Counted {
     async fn export(
@@ -301,7 +408,13 @@ impl opentelemetry_sdk::trace::SpanExporter for Counted {
         batch: Vec<opentelemetry_sdk::trace::SpanData>,
     ) -> opentelemetry_sdk::error::OTelSdkResult {
         let n = batch.len() as u64;
-        let r = self.0.export(batch).await;
+        let r = match &self.0 {
+            Exporter::Grpc(e) => e.export(batch).await,
+            Exporter::Http(e) => e
+                .export(batch)
+                .await
+                .map_err(opentelemetry_sdk::error::OTelSdkError::InternalFailure),
+        };
         match &r {
             Ok(()) => metrics::counter!("causeway_trace_spans_exported_total").increment(n),
             Err(e) => {
@@ -313,11 +426,17 @@ impl opentelemetry_sdk::trace::SpanExporter for Counted {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
-        self.0.shutdown_with_timeout(timeout)
+        match &self.0 {
+            Exporter::Grpc(e) => e.shutdown_with_timeout(timeout),
+            Exporter::Http(_) => Ok(()),
+        }
     }
 
     fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
-        self.0.set_resource(resource);
+        match &mut self.0 {
+            Exporter::Grpc(e) => e.set_resource(resource),
+            Exporter::Http(e) => e.resource = resource.into(),
+        }
     }
 }
 
@@ -355,15 +474,17 @@ mod tests {
         let mut errs = Vec::new();
         TracingConfig {
             otlp_endpoint: "127.0.0.1:4317".into(),
+            protocol: "udp".into(),
             sample_ratio: 2.0,
             max_queue: 0,
             export_interval_ms: 1,
         }
         .check(&mut errs);
-        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert_eq!(errs.len(), 5, "{errs:?}");
         for (e, field) in errs.iter().zip([
             "sample_ratio",
             "otlp_endpoint",
+            "protocol",
             "max_queue",
             "export_interval_ms",
         ]) {
