@@ -271,7 +271,12 @@ impl View {
                         let local = measured.get(from).cloned().unwrap_or_default();
                         crate::explain::explain(&view, &key, Some(from), &local)
                             .ok()
-                            .map(|e| (from.clone(), e.json))
+                            .map(|e| {
+                                // Why, in the words `ctl explain` prints.
+                                let mut json = e.json;
+                                json["why"] = e.text.into();
+                                (from.clone(), json)
+                            })
                     })
                     .collect();
                 let requests: BTreeMap<String, serde_json::Value> = rates["services"]
