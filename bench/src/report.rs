@@ -16,6 +16,8 @@ pub struct Check {
     pub value: f64,
     pub goal: String,
     pub met: bool,
+    /// Why it is not met when no number could be had.
+    pub reason: Option<String>,
 }
 
 pub struct Report {
@@ -63,11 +65,17 @@ impl Report {
             ">" => value > x,
             _ => false,
         };
+        // A ratio over a case or system this run skipped (or that failed)
+        // is NaN: not met, and said why, never written as NaN.
+        let reason = (!value.is_finite()).then(|| {
+            "not measured in this run: a system or case it needs was skipped or failed".to_string()
+        });
         self.checks.push(Check {
             name: name.into(),
             value,
             goal: goal.into(),
-            met,
+            met: met && reason.is_none(),
+            reason,
         });
     }
 
@@ -79,7 +87,11 @@ impl Report {
                 c.name,
                 c.value,
                 c.goal,
-                if c.met { "yes" } else { "NO" }
+                match (&c.reason, c.met) {
+                    (Some(r), _) => format!("NO ({r})"),
+                    (None, true) => "yes".into(),
+                    (None, false) => "NO".into(),
+                }
             );
         }
         let cores = std::thread::available_parallelism()
@@ -89,14 +101,23 @@ impl Report {
             "suite": self.suite,
             "quick": self.quick,
             "cores": cores,
-            "cases": self.cases.iter().map(|c| json!({"case": c.case, "system": c.system, "metric": c.metric, "value": c.value})).collect::<Vec<_>>(),
-            "checks": self.checks.iter().map(|c| json!({"name": c.name, "value": c.value, "goal": c.goal, "met": c.met})).collect::<Vec<_>>(),
+            "cases": self.cases.iter().map(|c| json!({"case": c.case, "system": c.system, "metric": c.metric, "value": finite(c.value)})).collect::<Vec<_>>(),
+            "checks": self.checks.iter().map(|c| json!({"name": c.name, "value": finite(c.value), "goal": c.goal, "met": c.met, "reason": c.reason})).collect::<Vec<_>>(),
         });
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{}.json", self.suite));
         std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
         println!("\nwrote {}", path.display());
         Ok(())
+    }
+}
+
+/// A number for the JSON: `null` when it is not finite (never NaN).
+fn finite(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        serde_json::Value::Null
     }
 }
 
@@ -157,6 +178,28 @@ pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_without_a_number_is_not_met_and_says_why_and_no_nan_is_written() {
+        let mut r = Report::new("t", true);
+        r.add("case", "sys", "rps", f64::NAN);
+        r.check("ratio", f64::NAN / 2.0, ">= 1.0");
+        r.check("fine", 2.0, ">= 1.0");
+        assert!(!r.checks[0].met && r.checks[0].reason.is_some());
+        assert!(r.checks[1].met && r.checks[1].reason.is_none());
+        let dir = tempfile::tempdir().unwrap();
+        r.finish(dir.path()).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("t.json")).unwrap();
+        assert!(!text.contains("NaN"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["checks"][0]["value"].is_null());
+        assert_eq!(v["checks"][0]["met"], false);
+        assert!(v["checks"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("not measured"));
+        assert!(v["cases"][0]["value"].is_null());
+    }
 
     #[test]
     fn the_bootstrap_interval_brackets_the_ratio_and_narrows_with_more_samples() {
