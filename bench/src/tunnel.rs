@@ -419,6 +419,7 @@ async fn echo_once(entry: SocketAddr, msg: &[u8]) -> anyhow::Result<()> {
     s.write_all(msg).await?;
     let mut buf = vec![0u8; msg.len()];
     s.read_exact(&mut buf).await?;
+    anyhow::ensure!(buf == msg, "the echo through {entry} came back different");
     Ok(())
 }
 
@@ -433,12 +434,42 @@ fn cpu_ticks(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// 16 connections, 1 KiB echoes at a fixed total rate. Latency counts from
-/// the scheduled send time when the system under test made the send late
-/// (the previous echo on the connection was still out: no coordinated
-/// omission), else from when the driver woke up — tokio's timer wakes up to
-/// 1 ms late, and that lateness belongs to the driver, not to the proxy.
-async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<Vec<f64>> {
+/// Wrong or failed answers per system entry: an echo that came back
+/// different, a flow whose bytes changed, a connection or echo that failed.
+static WRONG: std::sync::LazyLock<std::sync::Mutex<std::collections::BTreeMap<SocketAddr, u64>>> =
+    std::sync::LazyLock::new(Default::default);
+
+fn wrong(entry: SocketAddr) {
+    *WRONG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(entry)
+        .or_default() += 1;
+}
+
+fn wrong_count(entry: SocketAddr) -> u64 {
+    WRONG
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&entry)
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A 1 KiB message whose first bytes number it, so a stale or crossed
+/// answer does not compare equal.
+fn numbered(n: u64) -> [u8; 1024] {
+    let mut m = [b'x'; 1024];
+    m[..8].copy_from_slice(&n.to_le_bytes());
+    m
+}
+
+/// 16 connections, 1 KiB echoes at a fixed total rate. Two latencies per
+/// echo, µs: from its scheduled send time (the contract: no coordinated
+/// omission, whatever made the send late), and from when the driver woke
+/// up to send it unless the system under test made it late (tokio's timer
+/// wakes up to 1 ms late; that lateness belongs to the driver).
+async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<Vec<(f64, f64)>> {
     let conns = 16;
     let period = Duration::from_secs_f64(conns as f64 / rate);
     let start = Instant::now() + Duration::from_millis(200);
@@ -448,7 +479,6 @@ async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<V
         tasks.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(entry).await?;
             s.set_nodelay(true)?;
-            let msg = [b'x'; 1024];
             let mut buf = [0u8; 1024];
             let mut out = Vec::new();
             let mut k = 0u32;
@@ -460,10 +490,17 @@ async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<V
                 }
                 tokio::time::sleep_until(at.into()).await;
                 let from = if prev_done > at { at } else { Instant::now() };
+                let msg = numbered(u64::from(k) << 8 | c as u64);
                 s.write_all(&msg).await?;
                 s.read_exact(&mut buf).await?;
+                if buf != msg {
+                    wrong(entry);
+                }
                 prev_done = Instant::now();
-                out.push((prev_done - from).as_secs_f64() * 1e6);
+                out.push((
+                    (prev_done - at).as_secs_f64() * 1e6,
+                    (prev_done - from).as_secs_f64() * 1e6,
+                ));
                 k += 1;
             }
             Ok::<_, anyhow::Error>(out)
@@ -486,11 +523,16 @@ async fn saturate(entry: SocketAddr, secs: f64) -> anyhow::Result<f64> {
         tasks.push(tokio::spawn(async move {
             let mut s = TcpStream::connect(entry).await?;
             s.set_nodelay(true)?;
-            let msg = [b'x'; 1024];
             let mut buf = [0u8; 1024];
+            let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
+                let msg = numbered(n);
                 s.write_all(&msg).await?;
                 s.read_exact(&mut buf).await?;
+                if buf != msg {
+                    wrong(entry);
+                }
+                n += 1;
                 done.fetch_add(1, Ordering::Relaxed);
             }
             Ok::<_, anyhow::Error>(())
@@ -512,7 +554,9 @@ async fn bulk(entry: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
     let (mut r, mut w) = s.into_split();
     let t = Instant::now();
     let writer = tokio::spawn(async move {
-        let chunk = vec![b'y'; 64 * 1024];
+        // Bytes numbered modulo a prime, so a lost, repeated or reordered
+        // chunk shows up on the way back.
+        let chunk: Vec<u8> = (0..64 * 1024).map(|i| (i % 251) as u8).collect();
         let mut left = bytes;
         while left > 0 {
             let n = left.min(chunk.len());
@@ -524,14 +568,23 @@ async fn bulk(entry: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
     });
     let mut buf = vec![0u8; 256 * 1024];
     let mut got = 0usize;
+    let mut intact = true;
     loop {
         let n = r.read(&mut buf).await?;
         if n == 0 {
             break;
         }
+        // The sender restarts the pattern every 64 KiB chunk.
+        intact &= buf[..n]
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == (((got + i) % (64 * 1024)) % 251) as u8);
         got += n;
     }
     writer.await??;
+    if !intact || got != bytes {
+        wrong(entry);
+    }
     anyhow::ensure!(got == bytes, "bulk: sent {bytes}, got {got}");
     Ok(bytes as f64 * 8.0 / t.elapsed().as_secs_f64() / 1e6)
 }
@@ -547,6 +600,8 @@ async fn connect_rate(entry: SocketAddr, secs: u64) -> anyhow::Result<f64> {
             while !stop.load(Ordering::Relaxed) {
                 if echo_once(entry, &[b'z'; 1024]).await.is_ok() {
                     done.fetch_add(1, Ordering::Relaxed);
+                } else if !stop.load(Ordering::Relaxed) {
+                    wrong(entry);
                 }
             }
         }));
@@ -711,11 +766,47 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
             lat[i].extend(fixed_rate(s.entry, 1000.0, secs).await?);
         }
     }
-    for (s, lat) in systems.iter().zip(&mut lat).filter(|_| wanted("rate")) {
-        report.add("echo-1k-1000rps", s.name, "p50_us", percentile(lat, 50.0));
-        report.add("echo-1k-1000rps", s.name, "p90_us", percentile(lat, 90.0));
-        report.add("echo-1k-1000rps", s.name, "p99_us", percentile(lat, 99.0));
-        report.add("echo-1k-1000rps", s.name, "p999_us", percentile(lat, 99.9));
+    for (s, lat) in systems.iter().zip(&lat).filter(|_| wanted("rate")) {
+        // From the scheduled send time (the headline), and from the
+        // driver's wake-up (for the analysis).
+        let mut sched: Vec<f64> = lat.iter().map(|l| l.0).collect();
+        let mut woke: Vec<f64> = lat.iter().map(|l| l.1).collect();
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p50_us",
+            percentile(&mut sched, 50.0),
+        );
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p90_us",
+            percentile(&mut sched, 90.0),
+        );
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p99_us",
+            percentile(&mut sched, 99.0),
+        );
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p999_us",
+            percentile(&mut sched, 99.9),
+        );
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p50_wake_us",
+            percentile(&mut woke, 50.0),
+        );
+        report.add(
+            "echo-1k-1000rps",
+            s.name,
+            "p99_wake_us",
+            percentile(&mut woke, 99.0),
+        );
     }
     println!(
         "echo-1k-max: {} s each, in {} interleaved rounds",
@@ -812,6 +903,18 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         spans.load(std::sync::atomic::Ordering::Relaxed)
     );
 
+    // A run with wrong or failed answers says so, per system.
+    let mut wrong_total = 0;
+    for sys in &systems {
+        let n = wrong_count(sys.entry);
+        wrong_total += n;
+        report.add("answers", sys.name, "wrong_or_failed", n as f64);
+    }
+    report.check(
+        "wrong or failed answers (all systems)",
+        wrong_total as f64,
+        "<= 0",
+    );
     let get = |case: &str, sys: &str, m: &str| report.get(case, sys, m).unwrap_or(f64::NAN);
     // Against the better of the two TLS proxies on each metric (a peer
     // skipped in this run reads NaN and is passed over).
