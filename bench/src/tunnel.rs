@@ -470,14 +470,20 @@ fn numbered(n: u64) -> [u8; 1024] {
 /// up to send it unless the system under test made it late (tokio's timer
 /// wakes up to 1 ms late; that lateness belongs to the driver).
 async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<Vec<(f64, f64)>> {
+    // One OS thread per connection with blocking sockets: the thread sleeps
+    // with nanosleep (tens of µs of slack), not on tokio's 1 ms timer
+    // wheel, so a send leaves close to its scheduled time whatever the
+    // system, and the scheduled-time latency measures the system, not the
+    // driver's timer.
     let conns = 16;
     let period = Duration::from_secs_f64(conns as f64 / rate);
     let start = Instant::now() + Duration::from_millis(200);
     let end = start + Duration::from_secs_f64(secs);
-    let mut tasks = Vec::new();
+    let mut threads = Vec::new();
     for c in 0..conns {
-        tasks.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(entry).await?;
+        threads.push(tokio::task::spawn_blocking(move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(entry)?;
             s.set_nodelay(true)?;
             let mut buf = [0u8; 1024];
             let mut out = Vec::new();
@@ -488,11 +494,14 @@ async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<V
                 if at >= end {
                     break;
                 }
-                tokio::time::sleep_until(at.into()).await;
+                let now = Instant::now();
+                if at > now {
+                    std::thread::sleep(at - now);
+                }
                 let from = if prev_done > at { at } else { Instant::now() };
                 let msg = numbered(u64::from(k) << 8 | c as u64);
-                s.write_all(&msg).await?;
-                s.read_exact(&mut buf).await?;
+                s.write_all(&msg)?;
+                s.read_exact(&mut buf)?;
                 if buf != msg {
                     wrong(entry);
                 }
@@ -507,7 +516,7 @@ async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<V
         }));
     }
     let mut all = Vec::new();
-    for t in tasks {
+    for t in threads {
         all.extend(t.await??);
     }
     Ok(all)
