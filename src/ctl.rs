@@ -245,21 +245,23 @@ fn label_args(labels: &[String]) -> anyhow::Result<std::collections::HashMap<Str
 
 /// An admin client for the controllers the flags name.
 pub fn client(args: &CtlArgs) -> anyhow::Result<ControllerClient> {
-    let ca = identity::read(&args.creds.join("ca.pem")).with_context(|| {
+    admin_client(&args.creds, args.controller.clone())
+}
+
+/// An admin client for `controllers` with the credentials in `creds`
+/// (ca.pem, admin.pem, admin-key.pem).
+pub fn admin_client(
+    creds: &std::path::Path,
+    controllers: Vec<String>,
+) -> anyhow::Result<ControllerClient> {
+    let ca = identity::read(&creds.join("ca.pem")).with_context(|| {
         format!(
             "reading credentials from {} (set --creds or CAUSEWAY_CREDS)",
-            args.creds.display()
+            creds.display()
         )
     })?;
-    let admin = Credential::load(
-        &args.creds.join("admin.pem"),
-        &args.creds.join("admin-key.pem"),
-    )?;
-    Ok(ControllerClient::new(
-        args.controller.clone(),
-        &ca,
-        Some(&admin),
-    ))
+    let admin = Credential::load(&creds.join("admin.pem"), &creds.join("admin-key.pem"))?;
+    Ok(ControllerClient::new(controllers, &ca, Some(&admin)))
 }
 
 fn status_err(s: tonic::Status) -> anyhow::Error {

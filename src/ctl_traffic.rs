@@ -220,17 +220,14 @@ pub async fn run(
     if gateways.is_empty() {
         anyhow::bail!("--gateway SITE=HOST:PORT: name at least one gateway admin address");
     }
-    let mut addrs = BTreeMap::new();
-    for g in gateways {
-        let (site, addr) = g
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--gateway {g:?}: expected SITE=HOST:PORT"))?;
-        addrs.insert(site.to_string(), addr.to_string());
-    }
+    let addrs = crate::scrape::gateway_flags(gateways)?;
     let sample = async || -> anyhow::Result<BTreeMap<String, Sample>> {
         let mut all = BTreeMap::new();
         for (site, addr) in &addrs {
-            all.insert(site.clone(), parse(&crate::scrape::fetch(addr).await?));
+            all.insert(
+                site.clone(),
+                parse(&crate::scrape::fetch(&addr.to_string()).await?),
+            );
         }
         Ok(all)
     };

@@ -21,6 +21,24 @@ pub async fn fetch(addr: &str) -> anyhow::Result<String> {
     Ok(text)
 }
 
+/// `--gateway SITE=HOST:PORT` flags as addresses by site.
+pub fn gateway_flags(
+    flags: &[String],
+) -> anyhow::Result<std::collections::BTreeMap<String, std::net::SocketAddr>> {
+    flags
+        .iter()
+        .map(|g| {
+            let (site, addr) = g
+                .split_once('=')
+                .ok_or_else(|| anyhow::anyhow!("--gateway {g:?}: expected SITE=HOST:PORT"))?;
+            let addr = addr
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--gateway {g:?}: {e} (expected SITE=HOST:PORT)"))?;
+            Ok((site.to_string(), addr))
+        })
+        .collect()
+}
+
 /// The value of label `key` on a sample line, e.g. `site` in
 /// `causeway_peer_rtt_seconds{site="east"} 0.001`.
 pub fn label<'a>(line: &'a str, key: &str) -> Option<&'a str> {

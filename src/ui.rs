@@ -56,29 +56,9 @@ pub struct Sources {
 
 /// `causeway ui`: serves until interrupted.
 pub async fn run(args: UiArgs) -> anyhow::Result<()> {
-    let ca = causeway_api::identity::read(&args.creds.join("ca.pem")).with_context(|| {
-        format!(
-            "reading credentials from {} (set --creds or CAUSEWAY_CREDS)",
-            args.creds.display()
-        )
-    })?;
-    let admin = causeway_api::identity::Credential::load(
-        &args.creds.join("admin.pem"),
-        &args.creds.join("admin-key.pem"),
-    )?;
-    let mut gateways = BTreeMap::new();
-    for g in &args.gateways {
-        let (site, addr) = g
-            .split_once('=')
-            .ok_or_else(|| anyhow::anyhow!("--gateway {g:?}: expected SITE=HOST:PORT"))?;
-        let addr = addr
-            .parse()
-            .map_err(|e| anyhow::anyhow!("--gateway {g:?}: {e}"))?;
-        gateways.insert(site.to_string(), addr);
-    }
     let sources = Sources {
-        client: ControllerClient::new(args.controller.clone(), &ca, Some(&admin)),
-        gateways,
+        client: crate::ctl::admin_client(&args.creds, args.controller.clone())?,
+        gateways: crate::scrape::gateway_flags(&args.gateways)?,
     };
     let (addr, task) = serve(args.listen, sources).await?;
     println!("causeway ui: http://{addr}/");

@@ -224,6 +224,24 @@ fn which(name: &str) -> Result<std::path::PathBuf, ()> {
         .ok_or(())
 }
 
+/// Waits until `GET /traced` with this `traceparent` through `http`
+/// answers 200.
+async fn traced_get(http: std::net::SocketAddr, traceparent: &str) {
+    eventually(Duration::from_secs(20), "a traced request to pass", async || {
+        let mut s = tokio::net::TcpStream::connect(http).await.map_err(|e| e.to_string())?;
+        s.write_all(
+            format!("GET /traced HTTP/1.1\r\nhost: web\r\ntraceparent: {traceparent}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
+        out.starts_with("HTTP/1.1 200").then_some(()).ok_or(out)
+    })
+    .await;
+}
+
 /// The access log entries (JSON lines) in a process's output.
 fn access_entries(log: &std::path::Path) -> Vec<causeway_gateway::access::Entry> {
     std::fs::read_to_string(log)
@@ -259,19 +277,7 @@ async fn access_logs_record_each_request_and_connection_on_both_gateways() {
 
     tracing::info!("phase: a traced HTTP request and an L4 connection from west");
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
-    eventually(Duration::from_secs(20), "a traced request to pass", async || {
-        let mut s = tokio::net::TcpStream::connect(http).await.map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET /traced HTTP/1.1\r\nhost: web\r\ntraceparent: 00-{trace}-00f067aa0ba902b7-01\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
-        out.starts_with("HTTP/1.1 200").then_some(()).ok_or(out)
-    })
-    .await;
+    traced_get(http, &format!("00-{trace}-00f067aa0ba902b7-01")).await;
     let data = b"twelve bytes";
     let got = echo_roundtrip(std::net::SocketAddr::new(vip, 7000), data).await;
     assert_eq!(got, data);
@@ -611,19 +617,7 @@ async fn a_trace_follows_a_request_from_the_calling_gateway_through_the_tunnel()
 
     tracing::info!("phase: a request with the caller's traceparent");
     let (trace, caller_span) = ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331");
-    eventually(Duration::from_secs(20), "a traced request to pass", async || {
-        let mut s = tokio::net::TcpStream::connect(http).await.map_err(|e| e.to_string())?;
-        s.write_all(
-            format!("GET /traced HTTP/1.1\r\nhost: web\r\ntraceparent: 00-{trace}-{caller_span}-01\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.map_err(|e| e.to_string())?;
-        out.starts_with("HTTP/1.1 200").then_some(()).ok_or(out)
-    })
-    .await;
+    traced_get(http, &format!("00-{trace}-{caller_span}-01")).await;
     let data = b"traced bytes";
     assert_eq!(
         echo_roundtrip(std::net::SocketAddr::new(vip, 7000), data).await,

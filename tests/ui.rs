@@ -29,36 +29,8 @@ async fn the_web_view_shows_the_federation_and_follows_a_failure_live() {
     let script = browser_driver();
     let tmp = tempfile::tempdir().unwrap();
     let (mut fed, _) = controllers(&tmp, 1, &[]).await;
-    let (east_echo, _east) = causeway::local::echo_server(Some("east".into()))
-        .await
-        .unwrap();
-    let (west_echo, _west) = causeway::local::echo_server(Some("west".into()))
-        .await
-        .unwrap();
-    let export = |a| causeway::local::Export {
-        service: "shop/payments".into(),
-        port: 8080,
-        endpoints: vec![a],
-    };
-    fed.add_site("east", &vip_range(), &[export(east_echo)])
-        .await
-        .unwrap();
-    fed.add_site("west", &vip_range(), &[export(west_echo)])
-        .await
-        .unwrap();
-    fed.add_site("central", &vip_range(), &[]).await.unwrap();
-    let vip = fed
-        .wait_resolvable(
-            "central",
-            "payments.shop.svc.clusterset.local",
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        wait_call(std::net::SocketAddr::new(vip, 8080)).await,
-        "east"
-    );
+    let (target, _east, _west) = banner_sites(&mut fed).await;
+    assert_eq!(wait_call(target).await, "east");
 
     let gateways = fed
         .sites
@@ -91,20 +63,20 @@ async fn the_web_view_shows_the_federation_and_follows_a_failure_live() {
             linked.then_some(v.clone()).ok_or(raw)
         })
         .await;
-    let payments = state["services"]
+    let service = state["services"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|s| s["name"] == "shop/payments")
+        .find(|s| s["name"] == "shop/echo")
         .unwrap();
     assert_eq!(
-        payments["exporters"].as_array().unwrap().len(),
+        service["exporters"].as_array().unwrap().len(),
         2,
-        "{payments}"
+        "{service}"
     );
     assert!(
-        payments["traffic"]["central"]["tiers"].is_array(),
-        "{payments}"
+        service["traffic"]["central"]["tiers"].is_array(),
+        "{service}"
     );
     assert_eq!(state["controllers"]["nodes"].as_array().unwrap().len(), 1);
     let not_found = http_get_any(ui, "/nope").await;

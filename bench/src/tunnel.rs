@@ -780,42 +780,17 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         // driver's wake-up (for the analysis).
         let mut sched: Vec<f64> = lat.iter().map(|l| l.0).collect();
         let mut woke: Vec<f64> = lat.iter().map(|l| l.1).collect();
-        report.add(
-            "echo-1k-1000rps",
-            s.name,
-            "p50_us",
-            percentile(&mut sched, 50.0),
-        );
-        report.add(
-            "echo-1k-1000rps",
-            s.name,
-            "p90_us",
-            percentile(&mut sched, 90.0),
-        );
-        report.add(
-            "echo-1k-1000rps",
-            s.name,
-            "p99_us",
-            percentile(&mut sched, 99.0),
-        );
-        report.add(
-            "echo-1k-1000rps",
-            s.name,
-            "p999_us",
-            percentile(&mut sched, 99.9),
-        );
-        report.add(
-            "echo-1k-1000rps",
-            s.name,
-            "p50_wake_us",
-            percentile(&mut woke, 50.0),
-        );
-        report.add(
-            "echo-1k-1000rps",
-            s.name,
-            "p99_wake_us",
-            percentile(&mut woke, 99.0),
-        );
+        for (metric, wake, p) in [
+            ("p50_us", false, 50.0),
+            ("p90_us", false, 90.0),
+            ("p99_us", false, 99.0),
+            ("p999_us", false, 99.9),
+            ("p50_wake_us", true, 50.0),
+            ("p99_wake_us", true, 99.0),
+        ] {
+            let samples = if wake { &mut woke } else { &mut sched };
+            report.add("echo-1k-1000rps", s.name, metric, percentile(samples, p));
+        }
     }
     println!(
         "echo-1k-max: {} s each, in {} interleaved rounds",

@@ -28,12 +28,12 @@ try {
   for (const site of ["east", "west", "central"]) {
     await page.waitForSelector(`[data-site="${site}"][data-state="available"]`, { timeout: 30000 });
   }
-  await page.waitForSelector(`[data-service="shop/payments"]`, { timeout: 30000 });
+  await page.waitForSelector(`[data-service="shop/echo"]`, { timeout: 30000 });
   await page.waitForFunction(() => {
-    const t = document.querySelector('[data-traffic="shop/payments@central"]');
+    const t = document.querySelector('[data-traffic="shop/echo@central"]');
     return t && t.textContent.startsWith("east");
   }, null, { timeout: 30000 });
-  console.log(`LOADED traffic from central: ${await text('[data-traffic="shop/payments@central"]')}`);
+  console.log(`LOADED traffic from central: ${await text('[data-traffic="shop/echo@central"]')}`);
   if (errors.length) fail(errors.join("; "));
 
   const rl = createInterface({ input: process.stdin });
@@ -43,12 +43,12 @@ try {
   // No reload: the page updates itself.
   await page.waitForSelector(`[data-site="${stopped}"][data-state="unavailable"]`, { timeout: 60000 });
   await page.waitForFunction((site) => {
-    const t = document.querySelector('[data-traffic="shop/payments@central"]');
+    const t = document.querySelector('[data-traffic="shop/echo@central"]');
     return t && !t.textContent.includes(site) && t.textContent.startsWith("west");
   }, stopped, { timeout: 60000 });
   if (screenshot) await page.screenshot({ path: screenshot, fullPage: true });
   if (errors.length) fail(errors.join("; "));
-  console.log(`UPDATED ${stopped} unavailable; traffic from central: ${await text('[data-traffic="shop/payments@central"]')}`);
+  console.log(`UPDATED ${stopped} unavailable; traffic from central: ${await text('[data-traffic="shop/echo@central"]')}`);
   rl.close();
 } catch (e) {
   fail(e.message.split("\n")[0]);

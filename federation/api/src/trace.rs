@@ -190,21 +190,12 @@ impl Tracing {
         traceparent: Option<&[u8]>,
         attributes: Vec<KeyValue>,
     ) -> Option<Span> {
-        let tracer = self.tracer.as_ref()?;
+        self.tracer.as_ref()?;
         let parent = traceparent
             .and_then(parse_traceparent)
             .map(|sc| Context::new().with_remote_span_context(sc))
             .unwrap_or_default();
-        let mut attrs = attributes;
-        if !self.site.is_empty() {
-            attrs.push(KeyValue::new("causeway.site", self.site.clone()));
-        }
-        let span = tracer
-            .span_builder(name)
-            .with_kind(kind)
-            .with_attributes(attrs)
-            .start_with_context(tracer, &parent);
-        Some(Span { span })
+        self.begin(name, kind, &parent, attributes)
     }
 
     /// A span that is the child of the span current for this task (the
@@ -216,17 +207,26 @@ impl Tracing {
         kind: SpanKind,
         attributes: Vec<KeyValue>,
     ) -> Option<Span> {
+        self.begin(name, kind, &Context::current(), attributes)
+    }
+
+    /// A span `name` under `parent`, carrying this process's site.
+    fn begin(
+        &self,
+        name: &'static str,
+        kind: SpanKind,
+        parent: &Context,
+        mut attributes: Vec<KeyValue>,
+    ) -> Option<Span> {
         let tracer = self.tracer.as_ref()?;
-        let cx = Context::current();
-        let mut attrs = attributes;
         if !self.site.is_empty() {
-            attrs.push(KeyValue::new("causeway.site", self.site.clone()));
+            attributes.push(KeyValue::new("causeway.site", self.site.clone()));
         }
         let span = tracer
             .span_builder(name)
             .with_kind(kind)
-            .with_attributes(attrs)
-            .start_with_context(tracer, &cx);
+            .with_attributes(attributes)
+            .start_with_context(tracer, parent);
         Some(Span { span })
     }
 
