@@ -7,7 +7,9 @@ mod etcd;
 mod failover;
 mod pki;
 mod report;
+mod sys;
 mod tunnel;
+mod wan;
 
 mod pb {
     pub mod etcd {
@@ -26,7 +28,24 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(tunnel::serve_echo());
     }
+    if args.first().map(String::as_str) == Some("wan-link") {
+        // The wide-area cases' link between two network namespaces.
+        let [_, near, far] = &args[..] else {
+            anyhow::bail!("usage: causeway-bench wan-link NEAR_NS FAR_NS");
+        };
+        return wan::serve_link(near, far);
+    }
     let quick = args.iter().any(|a| a == "--quick");
+    if args.first().map(String::as_str) == Some("wan-cases") {
+        // Run by the tunnel suite inside the near namespace.
+        let [_, near, far, dir, ..] = &args[..] else {
+            anyhow::bail!("usage: causeway-bench wan-cases NEAR_NS FAR_NS DIR [--quick]");
+        };
+        return tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(wan::cases(near, far, std::path::Path::new(dir), quick));
+    }
     let Some(suite) = args.iter().find(|a| !a.starts_with("--")) else {
         anyhow::bail!(
             "usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, dns, failover)"

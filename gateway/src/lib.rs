@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod config;
+pub mod congestion;
 pub mod dial;
 pub mod drain;
 pub mod endpoints;

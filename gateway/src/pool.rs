@@ -579,6 +579,8 @@ impl Pool {
             o.sent += s.path.sent_packets;
             o.lost += s.path.lost_packets;
             o.mtu = o.mtu.max(s.path.current_mtu);
+            o.cwnd += s.path.cwnd;
+            o.congestion_events += s.path.congestion_events;
         }
         out
     }
@@ -729,6 +731,10 @@ pub struct PathStats {
     pub lost: u64,
     /// The path MTU discovered, bytes.
     pub mtu: u16,
+    /// Congestion windows, bytes.
+    pub cwnd: u64,
+    /// Times the congestion controller cut its window.
+    pub congestion_events: u64,
 }
 
 #[cfg(test)]

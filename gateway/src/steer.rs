@@ -258,11 +258,22 @@ impl Steering {
                         .set(path.sent as f64);
                     metrics::gauge!("causeway_peer_packets_lost", "site" => site.clone())
                         .set(path.lost as f64);
-                    metrics::gauge!("causeway_peer_path_mtu_bytes", "site" => site)
+                    metrics::gauge!("causeway_peer_path_mtu_bytes", "site" => site.clone())
                         .set(f64::from(path.mtu));
+                    metrics::gauge!("causeway_peer_congestion_window_bytes", "site" => site.clone())
+                        .set(path.cwnd as f64);
+                    metrics::gauge!("causeway_peer_congestion_events", "site" => site)
+                        .set(path.congestion_events as f64);
                 }
                 let down = if self.pool.down(site) { 1.0 } else { 0.0 };
                 metrics::gauge!("causeway_peer_unreachable", "site" => site.to_string()).set(down);
+            }
+            for (verdict, n) in [
+                ("congestion", &crate::congestion::LOSS_EVENTS_PASSED),
+                ("ignored", &crate::congestion::LOSS_EVENTS_IGNORED),
+            ] {
+                metrics::gauge!("causeway_tunnel_loss_events", "verdict" => verdict)
+                    .set(n.load(std::sync::atomic::Ordering::Relaxed) as f64);
             }
             let now = causeway_api::clock::unix_ms();
             let ejected: std::collections::BTreeSet<(String, String)> = self

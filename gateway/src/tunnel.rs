@@ -37,13 +37,21 @@ pub fn transport(q: &QuicConfig) -> Arc<TransportConfig> {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(q.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));
-    match q.congestion.as_str() {
-        "bbr" => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
-        "newreno" => {
-            t.congestion_controller_factory(Arc::new(quinn::congestion::NewRenoConfig::default()))
-        }
-        _ => t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default())),
-    };
+    let inner: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
+        match q.congestion.as_str() {
+            "bbr" => Arc::new(quinn::congestion::BbrConfig::default()),
+            "newreno" => Arc::new(quinn::congestion::NewRenoConfig::default()),
+            _ => Arc::new(quinn::congestion::CubicConfig::default()),
+        };
+    // BBR does not treat loss as congestion; the filter is for the others.
+    if q.loss_tolerance == 0 || q.congestion == "bbr" {
+        t.congestion_controller_factory(inner);
+    } else {
+        t.congestion_controller_factory(Arc::new(crate::congestion::LossFilterConfig {
+            inner,
+            tolerance: q.loss_tolerance,
+        }));
+    }
     Arc::new(t)
 }
 

@@ -40,6 +40,16 @@ pub struct LocalFederation {
     /// Extra environment for every gateway started from now on (e.g. a
     /// `KUBECONFIG` for a Kubernetes site's gateway).
     pub gateway_env: Vec<(String, String)>,
+    /// The address controllers started from now on listen on for their
+    /// API (default loopback; the benchmarks' wide-area case puts them on
+    /// a link between network namespaces).
+    pub controller_host: std::net::IpAddr,
+    /// The network namespace gateways started from now on run in (none:
+    /// this one).
+    pub gateway_netns: Option<String>,
+    /// The address gateways started from now on bind their tunnel to
+    /// (default loopback).
+    pub gateway_tunnel_host: std::net::IpAddr,
     /// The working directory (data and logs).
     pub root: PathBuf,
     /// The `causeway` binary every process runs.
@@ -66,6 +76,9 @@ impl LocalFederation {
             dns_flags: Vec::new(),
             gateway_env: Vec::new(),
             gateway_base: Self::default_gateway_config(),
+            controller_host: std::net::Ipv4Addr::LOCALHOST.into(),
+            gateway_netns: None,
+            gateway_tunnel_host: std::net::Ipv4Addr::LOCALHOST.into(),
             root,
             bin,
             creds,
@@ -153,7 +166,7 @@ impl LocalFederation {
 
     /// Picks a listen address for controller `id`.
     pub fn reserve_controller(&mut self, id: u64) -> anyhow::Result<String> {
-        let addr = format!("127.0.0.1:{}", free_port()?);
+        let addr = SocketAddr::new(self.controller_host, free_port()?).to_string();
         self.controller_addrs.insert(id, addr.clone());
         self.controller_admin
             .insert(id, format!("127.0.0.1:{}", free_port()?).parse()?);

@@ -19,6 +19,8 @@ pub struct Proc {
     pub env: Vec<(String, String)>,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
+    /// A command it runs under, e.g. `ip netns exec NS` (empty: none).
+    pub wrap: Vec<String>,
     child: Option<Child>,
 }
 
@@ -39,11 +41,24 @@ impl Proc {
         args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
+        Self::spawn_wrapped(bin, root, name, args, env, Vec::new())
+    }
+
+    /// Like [`Self::spawn_with_env`], run under `wrap` (see [`Proc::wrap`]).
+    pub(super) fn spawn_wrapped(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+        wrap: Vec<String>,
+    ) -> anyhow::Result<Self> {
         let mut p = Self {
             name: name.to_string(),
             args,
             env,
             log: root.join(format!("{name}.log")),
+            wrap,
             child: None,
         };
         p.start(bin)?;
@@ -56,7 +71,14 @@ impl Proc {
             .create(true)
             .append(true)
             .open(&self.log)?;
-        let mut cmd = Command::new(bin);
+        let mut cmd = match self.wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
         // CAUSEWAY_CHILD_THREADS sets the runtime threads of every child
         // (tokio's TOKIO_WORKER_THREADS), for experiments.
         if let Ok(n) = std::env::var("CAUSEWAY_CHILD_THREADS") {

@@ -210,17 +210,25 @@ impl LocalFederation {
         token: &str,
     ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
         for tries in 1.. {
-            let (tunnel, admin) = (loopback_port()?, loopback_port()?);
+            let (mut tunnel, admin) = (loopback_port()?, loopback_port()?);
+            tunnel.set_ip(self.gateway_tunnel_host);
+            let wrap = match &self.gateway_netns {
+                Some(ns) => ["ip", "netns", "exec", ns.as_str()]
+                    .map(String::from)
+                    .to_vec(),
+                None => Vec::new(),
+            };
             let cfg = self.site_gateway_config(state_dir.to_path_buf(), tunnel, vip_range, exports);
             std::fs::write(config, cfg.to_toml())?;
             let mut env = vec![("CAUSEWAY_JOIN_TOKEN".into(), token.to_string())];
             env.extend(self.gateway_env.iter().cloned());
-            let mut gateway = Proc::spawn_with_env(
+            let mut gateway = Proc::spawn_wrapped(
                 &self.bin,
                 &self.root,
                 &format!("gateway-{name}"),
                 gateway_args(config, admin),
                 env,
+                wrap,
             )?;
             // The DNS server reads the credential the gateway stores on joining.
             let joined = until(
