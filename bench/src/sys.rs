@@ -49,3 +49,35 @@ pub fn attach_tun(tun: &File, name: &str) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// Raises this process's open-file limit (soft and hard) to `want`, as far
+/// as the system allows; children inherit it. The limit it ends up at.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut cur) } != 0 {
+        return 0;
+    }
+    if cur.rlim_cur >= want {
+        return cur.rlim_cur;
+    }
+    // Root may raise the hard limit (up to fs.nr_open); others only the
+    // soft one, up to the hard.
+    let mut next = libc::rlimit {
+        rlim_cur: want,
+        rlim_max: want.max(cur.rlim_max),
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &next) } != 0 {
+        next.rlim_cur = cur.rlim_max;
+        next.rlim_max = cur.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &next) } != 0 {
+            return cur.rlim_cur;
+        }
+    }
+    next.rlim_cur
+}

@@ -24,6 +24,8 @@ pub struct Params {
     pub bulk_bytes: usize,
     pub connect_secs: u64,
     pub held_streams: usize,
+    /// Sites holding warm tunnels with one gateway in `hub-…sites`.
+    pub hub_sites: usize,
     /// Interleaved rounds of the latency, saturation and bulk cases.
     pub rounds: usize,
 }
@@ -37,6 +39,7 @@ impl Params {
                 bulk_bytes: 64 << 20,
                 connect_secs: 3,
                 held_streams: 10_000,
+                hub_sites: 100,
                 rounds: 2,
             }
         } else {
@@ -46,6 +49,7 @@ impl Params {
                 bulk_bytes: 512 << 20,
                 connect_secs: 10,
                 held_streams: 10_000,
+                hub_sites: 100,
                 rounds: 3,
             }
         }
@@ -249,14 +253,17 @@ pub(crate) async fn haproxy_pair(
     let host = far.host;
     let c = |n: &str| certs.join(n).display().to_string();
     let threads = threads.map_or(String::new(), |n| format!("  nbthread {n}\n"));
+    // Two descriptors per connection and a few more must fit the
+    // open-file limit haproxy inherits.
+    let maxconn = (crate::sys::raise_fd_limit(0).saturating_sub(200) / 2).min(30_000);
     let (ha_a, ha_b) = (port()?, port()?);
     let cfg_a = format!(
-        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fa\n  bind 127.0.0.1:{ha_a}\n  default_backend ba\nbackend ba\n  server b {host}:{ha_b} ssl verify required ca-file {} crt {}\n",
+        "global\n  maxconn {maxconn}\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fa\n  bind 127.0.0.1:{ha_a}\n  default_backend ba\nbackend ba\n  server b {host}:{ha_b} ssl verify required ca-file {} crt {}\n",
         c("ca.pem"),
         c("client-full.pem")
     );
     let cfg_b = format!(
-        "global\n  maxconn 8000\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fb\n  bind {host}:{ha_b} ssl crt {} ca-file {} verify required\n  default_backend bb\nbackend bb\n  server e {echo}\n",
+        "global\n  maxconn {maxconn}\n{threads}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\nfrontend fb\n  bind {host}:{ha_b} ssl crt {} ca-file {} verify required\n  default_backend bb\nbackend bb\n  server e {echo}\n",
         c("server-full.pem"),
         c("ca.pem")
     );
@@ -282,7 +289,9 @@ pub(crate) async fn haproxy_pair(
     })
 }
 
-/// An Envoy pair in front of `echo`, the shape of Istio's east-west
+/// An Envoy pair in front of `echo` (circuit breakers raised from their
+/// default of 1024 connections per cluster, which would reset the rest),
+/// the shape of Istio's east-west
 /// gateway path as TCP proxies: the client side's `tcp_proxy` to an
 /// upstream cluster with an `UpstreamTlsContext`, the server side's
 /// listener with a `DownstreamTlsContext` requiring a client certificate;
@@ -376,6 +385,7 @@ fn envoy_client_config(listen: u16, upstream: SocketAddr, certs: &Path) -> Strin
   - name: b
     connect_timeout: 5s
     type: STATIC
+    circuit_breakers: {{thresholds: [{{max_connections: 1000000, max_pending_requests: 1000000, max_requests: 1000000}}]}}
     load_assignment:
       cluster_name: b
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]
@@ -424,6 +434,7 @@ fn envoy_server_config(listen: SocketAddr, echo: SocketAddr, certs: &Path) -> St
   - name: echo
     connect_timeout: 5s
     type: STATIC
+    circuit_breakers: {{thresholds: [{{max_connections: 1000000, max_pending_requests: 1000000, max_requests: 1000000}}]}}
     load_assignment:
       cluster_name: echo
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]
@@ -721,6 +732,8 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         // Only the wide-area cases: none of the loopback systems.
         return crate::wan::run(report, root, report.quick).await;
     }
+    // Before any child starts: they inherit it (rss-10k-streams needs it).
+    let limit = crate::sys::raise_fd_limit(200_000);
     let mut children = Vec::new();
     let echo = echo_server(&mut children, None).await?;
     let certs = root.join("certs");
@@ -966,29 +979,52 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
             bytes * 8.0 / 1e6 / secs,
         );
     }
-    // Only causeway: haproxy and stunnel hold two sockets per connection in
-    // each process, so 10k connections need more than this machine's
-    // 20000-descriptor limit.
-    println!("rss-10k-streams: {} connections held open", p.held_streams);
-    let causeway = systems.iter().find(|s| s.name == "causeway");
-    let held = match causeway {
-        Some(c) if wanted("hold") => hold_streams(c.entry, p.held_streams).await?,
-        _ => Vec::new(),
-    };
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_held = causeway
-        .map(|c| c.pids.as_slice())
-        .unwrap_or_default()
+    // 10k connections held open through each TLS system (stunnel runs a
+    // thread per connection and is left out). Each connection takes four
+    // descriptors on a proxy pair's path and two here: the limit is raised
+    // first (as root; children inherit it). RSS is the pair's two
+    // processes together; CPU is what opening and one echo on each cost.
+    // A proxy process holds two descriptors per connection: under a limit
+    // of 20000 (this machine's hard limit, which root may not raise here:
+    // no CAP_SYS_RESOURCE) 10k connections cannot pass one, so the case
+    // holds as many as fit, the same number for every system.
+    let held_streams = p
+        .held_streams
+        .min((limit.saturating_sub(2000) / 2) as usize);
+    println!(
+        "rss-10k-streams: {held_streams} connections held open through each system (open-file limit {limit})"
+    );
+    for s in systems
         .iter()
-        .map(|p| rss_mb(*p).unwrap_or(0.0))
-        .fold(0.0, f64::max);
-    if !held.is_empty() {
-        report.add("rss-10k-streams", "causeway", "rss_mb", rss_held);
-        report.add("rss-10k-streams", "causeway", "streams", held.len() as f64);
+        .filter(|s| ["causeway", "haproxy", "envoy"].contains(&s.name))
+        .filter(|_| wanted("hold"))
+    {
+        let rss = |pids: &[u32]| pids.iter().map(|p| rss_mb(*p).unwrap_or(0.0)).sum::<f64>();
+        let (before, ticks) = (rss(&s.pids), cpu_ticks(&s.pids));
+        let held = hold_streams(s.entry, held_streams)
+            .await
+            .with_context(|| format!("holding {held_streams} connections through {}", s.name))?;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (after, spent) = (rss(&s.pids), cpu_ticks(&s.pids) - ticks);
+        let n = held.len() as f64;
+        report.add("rss-10k-streams", s.name, "rss_mb", after);
+        report.add(
+            "rss-10k-streams",
+            s.name,
+            "kb_per_conn",
+            (after - before) * 1024.0 / n,
+        );
+        report.add(
+            "rss-10k-streams",
+            s.name,
+            "cpu_us_per_conn",
+            spent as f64 * 10_000.0 / n,
+        );
+        report.add("rss-10k-streams", s.name, "streams", n);
+        drop(held);
+        // Let the held connections' sockets close before the next system.
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    drop(held);
-    // Let the held connections' sockets close before the next case.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     println!("connect-rate: {} s each", p.connect_secs);
     for s in systems.iter().filter(|_| wanted("connect")) {
         report.add(
@@ -1000,6 +1036,9 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     report.add("rss-idle", "causeway", "rss_mb", rss_idle);
+    if wanted("hub") && systems.iter().any(|s| s.name == "causeway") {
+        hub(report, &mut fed, p.hub_sites).await?;
+    }
     // The wide-area cases, between two network namespaces (root only;
     // CAUSEWAY_BENCH_WAN=0 skips them).
     if wanted("wan") && std::env::var("CAUSEWAY_BENCH_WAN").as_deref() != Ok("0") {
@@ -1071,5 +1110,64 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         let _ = c.start_kill();
         let _ = c.wait().await;
     }
+    Ok(())
+}
+
+/// `hub-Nsites`: `sites` more sites join and import the service site east
+/// exports, so each keeps a warm tunnel (keepalives every 500 ms) with
+/// east's gateway. What east's gateway spends per site: memory, and CPU
+/// over 10 idle seconds.
+async fn hub(report: &mut Report, fed: &mut LocalFederation, sites: usize) -> anyhow::Result<()> {
+    let case = format!("hub-{sites}sites");
+    println!("{case}: {sites} sites join and keep a warm tunnel with one gateway");
+    let hub = fed.sites["east"]
+        .gateway
+        .pid()
+        .context("east's gateway is not running")?;
+    fed.gateway_base = LocalFederation::gateway_config_with(GATEWAY_TUNING)?;
+    let before = rss_mb(hub)?;
+    let t = Instant::now();
+    for i in 0..sites {
+        let name = format!("spoke{i}");
+        fed.add_site(&name, &format!("127.150.{i}.0/24"), &[])
+            .await?;
+    }
+    // An echo through each spoke's VIP proves its tunnel to east is up.
+    for i in 0..sites {
+        let name = format!("spoke{i}");
+        let vip = fed
+            .wait_resolvable(
+                &name,
+                "echo.bench.svc.clusterset.local",
+                Duration::from_secs(30),
+            )
+            .await?;
+        wait_echo(SocketAddr::new(vip, 7000))
+            .await
+            .with_context(|| format!("{name} to east"))?;
+    }
+    let joined = t.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_mb(hub)?;
+    let ticks = cpu_ticks(&[hub]);
+    let idle = Duration::from_secs(10);
+    tokio::time::sleep(idle).await;
+    let cpu_ms = (cpu_ticks(&[hub]) - ticks) as f64 * 10.0;
+    let n = sites as f64;
+    report.add(&case, "causeway", "sites", n);
+    report.add(&case, "causeway", "join_all_s", joined);
+    report.add(&case, "causeway", "rss_mb", after);
+    report.add(
+        &case,
+        "causeway",
+        "kb_per_site",
+        (after - before) * 1024.0 / n,
+    );
+    report.add(
+        &case,
+        "causeway",
+        "idle_cpu_ms_per_site_per_s",
+        cpu_ms / idle.as_secs_f64() / n,
+    );
     Ok(())
 }
