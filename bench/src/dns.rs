@@ -5,6 +5,12 @@
 //! - `a-10k-names`: `qps` at saturation from `dnsperf`; `p50_us`/`p99_us`
 //!   at a fixed offered rate from a driver here that times each query from
 //!   its scheduled send (no coordinated omission).
+//! - `mix-10k-names`: the same two measures for the query mix a pod's
+//!   resolver sends: 60% A hits, 15% AAAA for the same names (no data: the
+//!   VIPs are IPv4), 5% SRV for a named port, and 20% NXDOMAIN from the
+//!   first search-path expansion (`s1.bench.bench.svc.clusterset.local`).
+//!   Every answer the driver times is checked (rcode, answer or not); a
+//!   wrong one fails the run's checks.
 //! - `freshness`: a site publishes a new export at the controller (3 nodes,
 //!   fsyncing); the time until causeway's DNS answers the new name, p99
 //!   over the changes.
@@ -60,6 +66,88 @@ const PER_SITE: usize = 1_000;
 const ZONE: &str = "clusterset.local";
 const VIP_RANGE: &str = "127.10.0.0/16";
 const CASE: &str = "a-10k-names";
+const MIX: &str = "mix-10k-names";
+
+const TYPE_A: u16 = 1;
+const TYPE_AAAA: u16 = 28;
+const TYPE_SRV: u16 = 33;
+
+/// What a right answer to a query looks like.
+#[derive(Clone, Copy, PartialEq)]
+enum Expect {
+    /// NOERROR with at least one answer.
+    Answer,
+    /// NOERROR, no answer (the name exists, the type does not).
+    NoData,
+    /// NXDOMAIN.
+    NxDomain,
+}
+
+/// One query of a mix.
+#[derive(Clone)]
+struct Q {
+    name: String,
+    qtype: u16,
+    expect: Expect,
+}
+
+impl Q {
+    fn a(name: String) -> Self {
+        Self {
+            name,
+            qtype: TYPE_A,
+            expect: Expect::Answer,
+        }
+    }
+
+    /// The line dnsperf reads.
+    fn line(&self) -> String {
+        let t = match self.qtype {
+            TYPE_AAAA => "AAAA",
+            TYPE_SRV => "SRV",
+            _ => "A",
+        };
+        format!("{} {t}\n", self.name)
+    }
+
+    fn right(&self, rcode: u8, answers: u16) -> bool {
+        match self.expect {
+            Expect::Answer => rcode == 0 && answers > 0,
+            Expect::NoData => rcode == 0 && answers == 0,
+            Expect::NxDomain => rcode == 3 && answers == 0,
+        }
+    }
+}
+
+/// The realistic mix over `names` (see the module docs), shuffled.
+fn mix(names: &[String]) -> Vec<Q> {
+    let mut out: Vec<Q> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| match i % 20 {
+            0..12 => Q::a(n.clone()),
+            12..15 => Q {
+                name: n.clone(),
+                qtype: TYPE_AAAA,
+                expect: Expect::NoData,
+            },
+            15 => Q {
+                name: format!("_http._tcp.{n}"),
+                qtype: TYPE_SRV,
+                expect: Expect::Answer,
+            },
+            _ => Q {
+                // A pod in namespace bench asking for `sN.bench`: its
+                // resolver tries `sN.bench.bench.svc.<zone>` first.
+                name: n.replacen(".bench.svc.", ".bench.bench.svc.", 1),
+                qtype: TYPE_A,
+                expect: Expect::NxDomain,
+            },
+        })
+        .collect();
+    shuffle(&mut out);
+    out
+}
 
 fn name_of(i: usize) -> String {
     format!("s{i}.bench.svc.{ZONE}")
@@ -110,8 +198,13 @@ fn pin_pid(pid: u32, core: u32) {
         .status();
 }
 
-/// A raw DNS query for `name` type A, id `id`, with EDNS0 when asked.
+/// A raw DNS query for `name` type A, id `id`.
 fn query(id: u16, name: &str) -> Vec<u8> {
+    query_typed(id, name, TYPE_A)
+}
+
+/// A raw DNS query for `name` type `qtype`, id `id`.
+fn query_typed(id: u16, name: &str, qtype: u16) -> Vec<u8> {
     let mut q = Vec::with_capacity(64);
     q.extend_from_slice(&id.to_be_bytes());
     q.extend_from_slice(&[0x00, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
@@ -119,7 +212,9 @@ fn query(id: u16, name: &str) -> Vec<u8> {
         q.push(label.len() as u8);
         q.extend_from_slice(label.as_bytes());
     }
-    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q.push(0);
+    q.extend_from_slice(&qtype.to_be_bytes());
+    q.extend_from_slice(&[0, 1]);
     q
 }
 
@@ -190,7 +285,8 @@ fn export(i: usize) -> pb::Export {
         ports: vec![pb::ServicePort {
             port: 80,
             protocol: "tcp".into(),
-            name: String::new(),
+            // Named, so each service has an SRV record (`_http._tcp`).
+            name: "http".into(),
         }],
         healthy_endpoints: 1,
         ..Default::default()
@@ -241,6 +337,7 @@ fn zone_file(records: &[(String, std::net::IpAddr)]) -> String {
     for (name, ip) in records {
         let rr = if ip.is_ipv4() { "A" } else { "AAAA" };
         z.push_str(&format!("{name}. 5 IN {rr} {ip}\n"));
+        z.push_str(&format!("_http._tcp.{name}. 5 IN SRV 0 100 80 {name}.\n"));
     }
     z
 }
@@ -324,6 +421,9 @@ async fn start_unbound(
     for (name, ip) in records {
         let rr = if ip.is_ipv4() { "A" } else { "AAAA" };
         conf.push_str(&format!("  local-data: \"{name}. 5 IN {rr} {ip}\"\n"));
+        conf.push_str(&format!(
+            "  local-data: \"_http._tcp.{name}. 5 IN SRV 0 100 80 {name}.\"\n"
+        ));
     }
     conf.push_str("remote-control:\n  control-enable: no\n");
     std::fs::write(dir.join("unbound.conf"), conf)?;
@@ -382,8 +482,8 @@ async fn dnsperf(addr: SocketAddr, queries: &Path, secs: u32) -> anyhow::Result<
 /// timed from its scheduled send; a query unanswered 1 s after the last
 /// send counts as 1 s. One thread (pinned by the caller) sends what is due
 /// and drains replies in a busy loop, so no scheduler sits between a reply
-/// and its timestamp.
-fn fixed_rate(addr: SocketAddr, rate: u32, secs: f64, names: &[String]) -> Vec<f64> {
+/// and its timestamp. Also the count of wrong or missing answers.
+fn fixed_rate(addr: SocketAddr, rate: u32, secs: f64, queries: &[Q]) -> (Vec<f64>, usize) {
     let total = ((rate as f64 * secs) as usize).min(65_536);
     let sock = UdpSocket::bind("127.0.0.1:0").expect("bind");
     sock.connect(addr).expect("connect");
@@ -393,29 +493,37 @@ fn fixed_rate(addr: SocketAddr, rate: u32, secs: f64, names: &[String]) -> Vec<f
         .map(|k| start + Duration::from_secs_f64(k as f64 / rate as f64))
         .collect();
     let mut lat = vec![f64::NAN; total];
-    let (mut sent, mut got) = (0, 0);
+    let (mut sent, mut got, mut wrong) = (0, 0, 0);
     let mut buf = [0u8; 1500];
     let end = sched[total - 1] + Duration::from_secs(1);
     while got < total && Instant::now() < end {
         let now = Instant::now();
         while sent < total && sched[sent] <= now {
-            let _ = sock.send(&query(sent as u16, &names[sent % names.len()]));
+            let q = &queries[sent % queries.len()];
+            let _ = sock.send(&query_typed(sent as u16, &q.name, q.qtype));
             sent += 1;
         }
         while let Ok(n) = sock.recv(&mut buf) {
-            if let Some((id, _, _)) = parse_reply(&buf[..n]) {
+            if let Some((id, rcode, answers)) = parse_reply(&buf[..n]) {
                 let k = id as usize;
                 if k < sent && lat[k].is_nan() {
                     lat[k] = sched[k].elapsed().as_secs_f64() * 1e6;
                     got += 1;
+                    if !queries[k % queries.len()].right(rcode, answers) {
+                        wrong += 1;
+                    }
                 }
             }
         }
         std::hint::spin_loop();
     }
-    lat.into_iter()
+    // Unanswered queries are wrong too.
+    let missing = lat.iter().filter(|l| l.is_nan()).count();
+    let lat = lat
+        .into_iter()
         .map(|l| if l.is_nan() { 1e6 } else { l })
-        .collect()
+        .collect();
+    (lat, wrong + missing)
 }
 
 /// Busy share of core `core` (user, system, softirq ...: all but idle and
@@ -549,56 +657,72 @@ pub async fn run(report: &mut Report, root: &Path, params: &Params) -> anyhow::R
         wait_answering(s.addr, &name_of(0), s.system).await?;
     }
 
-    // The same query mix for everyone: every name, shuffled.
+    // The same queries for everyone: every name, shuffled (all hits), and
+    // the realistic mix.
     let mut names: Vec<String> = (0..NAMES).map(name_of).collect();
     shuffle(&mut names);
+    let hits: Vec<Q> = names.iter().cloned().map(Q::a).collect();
+    let mixed = mix(&names);
     let qfile = root.join("queries.txt");
-    std::fs::write(
-        &qfile,
-        names.iter().map(|n| format!("{n} A\n")).collect::<String>(),
-    )?;
+    std::fs::write(&qfile, hits.iter().map(Q::line).collect::<String>())?;
+    let mfile = root.join("mix.txt");
+    std::fs::write(&mfile, mixed.iter().map(Q::line).collect::<String>())?;
 
     println!(
         "{CASE}: dnsperf {} s at saturation, then {} q/s for {} s; {} round(s)",
         params.qps_secs, params.latency_rate, params.latency_secs, params.rounds
     );
-    let mut qps: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
-    let mut busy: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
-    let mut lat: Vec<Vec<f64>> = vec![Vec::new(); servers.len()];
+    // Per case (all hits, mix) and server: qps and core busy at
+    // saturation per round, latencies, wrong answers. Both cases run in
+    // the same rounds, every server in turn.
+    let n = servers.len();
+    let mut qps = [vec![Vec::new(); n], vec![Vec::new(); n]];
+    let mut busy = [vec![Vec::new(); n], vec![Vec::new(); n]];
+    let mut lat = [vec![Vec::new(); n], vec![Vec::new(); n]];
+    let mut wrong = [vec![0usize; n], vec![0usize; n]];
     for _ in 0..params.rounds {
         for (i, s) in servers.iter().enumerate() {
-            let (q, b) = core_busy(0, || dnsperf(s.addr, &qfile, params.qps_secs)).await?;
-            qps[i].push(q);
-            busy[i].push(b);
-            let (addr, rate, secs, n) = (
-                s.addr,
-                params.latency_rate,
-                params.latency_secs,
-                names.clone(),
-            );
-            let samples = tokio::task::spawn_blocking(move || {
-                pin_this_thread(1);
-                fixed_rate(addr, rate, secs, &n)
-            })
-            .await?;
-            lat[i].extend(samples);
+            for (c, (file, queries)) in [(&qfile, &hits), (&mfile, &mixed)].into_iter().enumerate()
+            {
+                let (q, b) = core_busy(0, || dnsperf(s.addr, file, params.qps_secs)).await?;
+                qps[c][i].push(q);
+                busy[c][i].push(b);
+                let (addr, rate, secs, queries) = (
+                    s.addr,
+                    params.latency_rate,
+                    params.latency_secs,
+                    queries.clone(),
+                );
+                let (samples, bad) = tokio::task::spawn_blocking(move || {
+                    pin_this_thread(1);
+                    fixed_rate(addr, rate, secs, &queries)
+                })
+                .await?;
+                lat[c][i].extend(samples);
+                wrong[c][i] += bad;
+            }
         }
     }
-    for (i, s) in servers.iter().enumerate() {
-        report.add(CASE, s.system, "qps", median(&mut qps[i]));
-        // How busy the server's core was at saturation: below ~95% the
-        // load generator, not the server, set the rate.
-        let b = median(&mut busy[i]) / 100.0;
-        report.add(CASE, s.system, "server_core_busy_ratio", b);
-        // The rate a fully busy core would serve, if it scales linearly.
-        report.add(
-            CASE,
-            s.system,
-            "qps_per_busy_core",
-            report.get(CASE, s.system, "qps").unwrap_or(f64::NAN) / b,
-        );
-        report.add(CASE, s.system, "p50_us", percentile(&mut lat[i], 50.0));
-        report.add(CASE, s.system, "p99_us", percentile(&mut lat[i], 99.0));
+    let mut wrong_total = 0;
+    for (c, case) in [CASE, MIX].into_iter().enumerate() {
+        for (i, s) in servers.iter().enumerate() {
+            report.add(case, s.system, "qps", median(&mut qps[c][i]));
+            // How busy the server's core was at saturation: below ~95% the
+            // load generator, not the server, set the rate.
+            let b = median(&mut busy[c][i]) / 100.0;
+            report.add(case, s.system, "server_core_busy_ratio", b);
+            // The rate a fully busy core would serve, if it scales linearly.
+            report.add(
+                case,
+                s.system,
+                "qps_per_busy_core",
+                report.get(case, s.system, "qps").unwrap_or(f64::NAN) / b,
+            );
+            report.add(case, s.system, "p50_us", percentile(&mut lat[c][i], 50.0));
+            report.add(case, s.system, "p99_us", percentile(&mut lat[c][i], 99.0));
+            report.add(case, s.system, "wrong_or_missing", wrong[c][i] as f64);
+            wrong_total += wrong[c][i];
+        }
     }
 
     println!(
@@ -644,6 +768,15 @@ pub async fn run(report: &mut Report, root: &Path, params: &Params) -> anyhow::R
     let (c, k, n) = (get("causeway"), get("knot"), get("nsd"));
     report.check("qps causeway/nsd", c / n, ">= 1.0");
     report.check("qps causeway/knot", c / k, ">= 0.8");
+    let getm = |sys: &str| report.get(MIX, sys, "qps").unwrap_or(f64::NAN);
+    let (cm, km, nm) = (getm("causeway"), getm("knot"), getm("nsd"));
+    report.check("mix qps causeway/nsd", cm / nm, ">= 1.0");
+    report.check("mix qps causeway/knot", cm / km, ">= 0.8");
+    report.check(
+        "wrong or missing answers (all servers, both cases)",
+        wrong_total as f64,
+        "<= 0",
+    );
     let f = report
         .get("freshness", "causeway", "p99_ms")
         .unwrap_or(f64::NAN);

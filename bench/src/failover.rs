@@ -24,9 +24,9 @@ use crate::report::Report;
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct Params {
-    rate: u32,
-    settle: Duration,
-    after: Duration,
+    pub rate: u32,
+    pub settle: Duration,
+    pub after: Duration,
 }
 
 impl Params {
@@ -57,7 +57,7 @@ struct Sample {
     site: Option<String>,
 }
 
-async fn get(
+pub(crate) async fn get(
     conn: &mut Option<(
         tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
         tokio::net::tcp::OwnedWriteHalf,
@@ -195,19 +195,70 @@ fn measure(samples: &[Sample], from: Instant, to: Instant, to_site: &str) -> (us
     (failed, shift, p99)
 }
 
-pub async fn run(
-    report: &mut Report,
+/// What the failover events stop and start on the preferred site: its
+/// gateway, the way each system runs it.
+pub(crate) enum Preferred<'a> {
+    /// Site east's gateway in a local federation.
+    Causeway {
+        fed: &'a mut LocalFederation,
+        bin: std::path::PathBuf,
+    },
+    /// A process started (again) by `start`.
+    Process {
+        child: Option<tokio::process::Child>,
+        start: Box<dyn Fn() -> anyhow::Result<tokio::process::Child> + Send + 'a>,
+    },
+}
+
+impl Preferred<'_> {
+    async fn kill(&mut self) {
+        match self {
+            Preferred::Causeway { fed, .. } => {
+                fed.sites
+                    .get_mut("east")
+                    .expect("east")
+                    .gateway
+                    .kill()
+                    .await
+            }
+            Preferred::Process { child, .. } => {
+                if let Some(mut c) = child.take() {
+                    let _ = c.kill().await;
+                }
+            }
+        }
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        match self {
+            Preferred::Causeway { fed, bin } => {
+                fed.sites.get_mut("east").expect("east").gateway.start(bin)
+            }
+            Preferred::Process { child, start } => {
+                *child = Some(start()?);
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Site east's HTTP backend, stopped and started by the events.
+pub(crate) struct Backend {
+    pub addr: SocketAddr,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Sites east, west and central in `fed` (started), east and west
+/// exporting `shop/web` (HTTP) from `east_addr` and `west_addr`, with the
+/// policies of the module docs; central's VIP:port for it once it answers
+/// from east.
+pub(crate) async fn causeway_setup(
+    fed: &mut LocalFederation,
+    bin: &std::path::Path,
     root: &std::path::Path,
-    params: &Params,
-) -> anyhow::Result<()> {
-    let bin = std::env::current_exe()?.with_file_name("causeway");
-    let mut fed = LocalFederation::new(bin.clone(), root.join("causeway"))?;
-    fed.start_controllers(3)?;
-    fed.wait_for_leader(Duration::from_secs(30)).await?;
-    let east_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let west_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
-    let mut east = backend(east_addr, "east").await?;
-    let _west = backend(west_addr, "west").await?;
+    east_addr: SocketAddr,
+    west_addr: SocketAddr,
+) -> anyhow::Result<SocketAddr> {
     fed.add_site("east", "127.61.0.0/24", &[]).await?;
     fed.add_site("west", "127.62.0.0/24", &[]).await?;
     fed.add_site("central", "127.63.0.0/24", &[]).await?;
@@ -220,7 +271,7 @@ pub async fn run(
         std::fs::write(&cfg, text)?;
         let gw = &mut fed.sites.get_mut(site).expect("site").gateway;
         gw.kill().await;
-        gw.start(&bin)?;
+        gw.start(bin)?;
     }
     let doc = |kind: &str, name: &str, spec: &str| {
         format!("---\napiVersion: causeway.dev/v1alpha1\nkind: {kind}\nmetadata: {{name: {name}, namespace: shop}}\nspec: {spec}\n")
@@ -243,53 +294,61 @@ pub async fn run(
         )
         .await?;
     let target = SocketAddr::new(vip, 8080);
-    // Warm: everything answers from east.
+    wait_answer(target, "east").await?;
+    Ok(target)
+}
+
+/// Waits (up to 30 s) until a GET through `target` is answered by `site`.
+pub(crate) async fn wait_answer(target: SocketAddr, site: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let mut c = None;
-        if get(&mut c, target).await.as_deref() == Some("east") {
-            break;
+        if get(&mut c, target).await.as_deref() == Some(site) {
+            return Ok(());
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "the service never answered from east"
+            "{target} never answered from {site}"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
 
+/// Steady load through `target` while east's endpoints stop and return,
+/// then its gateway (`preferred`) dies and returns; per event, rows for
+/// `system`: failed requests, shift time, p99 in the first second.
+pub(crate) async fn events(
+    report: &mut Report,
+    system: &str,
+    target: SocketAddr,
+    east: &mut Backend,
+    preferred: &mut Preferred<'_>,
+    params: &Params,
+) -> anyhow::Result<()> {
     let samples = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = start_load(target, params.rate, samples.clone(), stop.clone());
     println!(
-        "failover: {} req/s of HTTP through central's gateway; east preferred, west next",
+        "failover ({system}): {} req/s of HTTP; east preferred, west next",
         params.rate
     );
     tokio::time::sleep(params.settle).await;
 
     // 1. East's endpoints stop.
     let t1 = Instant::now();
-    east.abort();
+    east.task.abort();
     tokio::time::sleep(params.after).await;
     // East's endpoints return (traffic goes back to east before event 2).
-    east = backend(east_addr, "east").await?;
+    east.task = backend(east.addr, "east").await?;
     let t1b = Instant::now();
     tokio::time::sleep(params.after).await;
     // 2. East's gateway is killed.
     let t2 = Instant::now();
-    fed.sites
-        .get_mut("east")
-        .expect("east")
-        .gateway
-        .kill()
-        .await;
+    preferred.kill().await;
     tokio::time::sleep(params.after).await;
     // 3. East's gateway comes back.
     let t3 = Instant::now();
-    fed.sites
-        .get_mut("east")
-        .expect("east")
-        .gateway
-        .start(&bin)?;
+    preferred.start()?;
     tokio::time::sleep(params.after * 2).await;
     let t_end = Instant::now();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -312,16 +371,50 @@ pub async fn run(
         ("restore", t3, t_end, "east"),
     ] {
         let (failed, shift, p99) = measure(&samples, from, to, site);
-        report.add(case, "causeway", "failed_count", failed as f64);
-        report.add(case, "causeway", "shift_ms", shift);
-        report.add(case, "causeway", "p99_first_s_ms", p99);
+        report.add(case, system, "failed_count", failed as f64);
+        report.add(case, system, "shift_ms", shift);
+        report.add(case, system, "p99_first_s_ms", p99);
     }
     report.add(
         "gateway-down",
-        "causeway",
+        system,
         "in_flight_failed_count",
         in_flight_failed as f64,
     );
+    Ok(())
+}
+
+pub async fn run(
+    report: &mut Report,
+    root: &std::path::Path,
+    params: &Params,
+) -> anyhow::Result<()> {
+    let bin = std::env::current_exe()?.with_file_name("causeway");
+    let mut fed = LocalFederation::new(bin.clone(), root.join("causeway"))?;
+    fed.start_controllers(3)?;
+    fed.wait_for_leader(Duration::from_secs(30)).await?;
+    let east_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let west_addr: SocketAddr = format!("127.0.0.1:{}", free_port()?).parse()?;
+    let mut east = Backend {
+        addr: east_addr,
+        task: backend(east_addr, "east").await?,
+    };
+    let _west = backend(west_addr, "west").await?;
+    let target = causeway_setup(&mut fed, &bin, root, east_addr, west_addr).await?;
+    let mut preferred = Preferred::Causeway {
+        fed: &mut fed,
+        bin: bin.clone(),
+    };
+    events(
+        report,
+        "causeway",
+        target,
+        &mut east,
+        &mut preferred,
+        params,
+    )
+    .await?;
+    drop(preferred);
     let get = |r: &Report, case: &str, m: &str| r.get(case, "causeway", m).unwrap_or(f64::NAN);
     let ed_failed = get(report, "endpoints-down", "failed_count");
     let re_failed = get(report, "restore", "failed_count");
@@ -337,7 +430,7 @@ pub async fn run(
     );
     report.check("endpoints-down shift ms", ed_shift, "< 1000");
     report.check("gateway-down shift ms", gd_shift, "< 2000");
-    drop(east);
+    east.task.abort();
     fed.shutdown().await;
     Ok(())
 }

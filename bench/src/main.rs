@@ -5,6 +5,7 @@ mod controller;
 mod dns;
 mod etcd;
 mod failover;
+mod http;
 mod pki;
 mod report;
 mod sys;
@@ -48,7 +49,7 @@ fn main() -> anyhow::Result<()> {
     }
     let Some(suite) = args.iter().find(|a| !a.starts_with("--")) else {
         anyhow::bail!(
-            "usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, dns, failover)"
+            "usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, http, dns, failover)"
         );
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -74,8 +75,11 @@ fn main() -> anyhow::Result<()> {
             "failover" => {
                 failover::run(&mut report, tmp.path(), &failover::Params::new(quick)).await?
             }
+            "http" => http::run(&mut report, tmp.path(), &http::Params::new(quick)).await?,
             other => {
-                anyhow::bail!("unknown suite {other:?} (suites: controller, tunnel, dns, failover)")
+                anyhow::bail!(
+                    "unknown suite {other:?} (suites: controller, tunnel, http, dns, failover)"
+                )
             }
         }
         report.finish(&results)

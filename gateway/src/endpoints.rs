@@ -105,7 +105,12 @@ impl EndpointSet {
                 s.updated[index] = Some(now);
             }
             match result {
-                Ok(Ok(stream)) => return Some((stream, guard)),
+                Ok(Ok(stream)) => {
+                    // Requests and answers are small writes that should
+                    // leave at once (an HTTP/2 frame after another).
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, guard));
+                }
                 _ => tried[index] = true,
             }
         }

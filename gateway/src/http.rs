@@ -261,6 +261,9 @@ pub async fn serve_connection(
     port: u16,
     upstream: Protocol,
 ) {
+    // HTTP/2 writes a response as several frames; without this the later
+    // ones wait for the client's delayed ACK (Nagle).
+    let _ = tcp.set_nodelay(true);
     let limits = out.fwd.limits;
     // Requests the client cancels before their answer (HTTP/2 RST_STREAM,
     // or a dropped connection): past MAX_CANCELLED on one connection it is
