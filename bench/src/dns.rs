@@ -385,6 +385,7 @@ async fn start_nsd(dir: &Path, zone: &str) -> anyhow::Result<Server> {
             "server:\n  ip-address: 127.0.0.1@{port}\n  server-count: 1\n  username: \"\"\n  zonesdir: \"{d}\"\n\
              \x20 pidfile: \"{d}/nsd.pid\"\n  database: \"\"\n  xfrdfile: \"{d}/xfrd.state\"\n  zonelistfile: \"{d}/zone.list\"\n\
              \x20 xfrdir: \"{d}\"\n  verbosity: 0\n  hide-version: yes\n\
+             \x20 rrl-ratelimit: 0\n  rrl-whitelist-ratelimit: 0\n\
              remote-control:\n  control-enable: no\n\
              zone:\n  name: {ZONE}\n  zonefile: \"{d}/zone\"\n"
         ),
