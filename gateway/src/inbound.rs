@@ -38,6 +38,9 @@ pub struct Inbound {
     pub header_timeout: Duration,
     /// How long a stream may carry nothing before it is closed.
     pub idle_timeout: Duration,
+    /// The most streams one peer connection may have open
+    /// (`quic.max_streams_per_peer`); granted in steps as they fill.
+    pub max_streams: u32,
     /// Access log, spans and this site's name.
     pub observers: crate::forward::Observers,
     /// Live inbound connections per peer site, to tear down on removal,
@@ -77,11 +80,13 @@ impl Inbound {
         drain: Arc<crate::drain::Drain>,
         authorization: crate::config::Authorization,
         idle_timeout: Duration,
+        max_streams: u32,
         observers: crate::forward::Observers,
     ) -> Arc<Self> {
         let mut this =
             Self::with_header_timeout(store, exports, drain, authorization, HEADER_TIMEOUT);
         this.idle_timeout = idle_timeout;
+        this.max_streams = max_streams;
         this.observers = observers;
         Arc::new(this)
     }
@@ -96,6 +101,7 @@ impl Inbound {
         header_timeout: Duration,
     ) -> Self {
         Self {
+            max_streams: crate::config::QuicConfig::default().max_streams_per_peer,
             routes: std::sync::OnceLock::new(),
             authorization,
             header_timeout,
@@ -162,15 +168,26 @@ impl Inbound {
             v.retain(|(c, _)| c.close_reason().is_none());
             v.push((conn.clone(), retired.clone()));
         }
+        // Streams open on this connection, and how many the peer may open.
+        let open = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut limit = crate::tunnel::INITIAL_STREAMS.min(self.max_streams);
         loop {
             match conn.accept_bi().await {
                 Ok((send, recv)) => {
+                    let now_open = open.fetch_add(1, Ordering::Relaxed) + 1;
+                    let next = crate::tunnel::next_stream_limit(now_open, limit, self.max_streams);
+                    if next != limit {
+                        limit = next;
+                        conn.set_max_concurrent_bi_streams(quinn::VarInt::from_u32(limit));
+                    }
                     let this = self.clone();
                     let peer = peer.clone();
                     let retired = retired.clone();
-                    tokio::spawn(
-                        async move { this.serve_stream(peer, &retired, send, recv).await },
-                    );
+                    let open = open.clone();
+                    tokio::spawn(async move {
+                        this.serve_stream(peer, &retired, send, recv).await;
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    });
                 }
                 Err(e) => {
                     tracing::debug!(site = %peer.site, error = %e, "tunnel closed");

@@ -165,6 +165,7 @@ pub async fn run(
         drain.clone(),
         settings.authorization.clone(),
         settings.limits.idle_timeout,
+        settings.quic.max_streams_per_peer,
         forward::Observers {
             access: access.clone(),
             tracing: tracing_.clone(),

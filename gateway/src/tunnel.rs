@@ -21,9 +21,28 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Streams a peer may open at first on a tunnel this gateway accepts; the
+/// inbound side raises it as they fill (see [`next_stream_limit`]), up to
+/// `quic.max_streams_per_peer`. quinn keeps an entry in two maps for every
+/// stream a peer may open, so a cap of 16,384 up front cost about 1.1 MB
+/// per tunnel whether streams were open or not.
+pub const INITIAL_STREAMS: u32 = 256;
+
+/// The stream limit to grant a peer with `open` streams under `current`:
+/// double it once three quarters are in use, up to `max`.
+pub fn next_stream_limit(open: u64, current: u32, max: u32) -> u32 {
+    if open * 4 >= u64::from(current) * 3 && current < max {
+        current.saturating_mul(2).min(max)
+    } else {
+        current
+    }
+}
+
 /// Transport settings from the tuning config: windows sized from the
 /// bandwidth-delay product, keepalives, dead-peer timeout, stream cap.
-pub fn transport(q: &QuicConfig) -> Arc<TransportConfig> {
+/// Only dialers open streams: a tunnel this gateway dialed allows the peer
+/// none (`accepts` false); one it accepts starts at [`INITIAL_STREAMS`].
+pub fn transport(q: &QuicConfig, accepts: bool) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     let bdp = q.bdp_bytes().clamp(256 * 1024, 64 * 1024 * 1024);
     // One stream may fill the path; the connection may carry two such.
@@ -32,7 +51,12 @@ pub fn transport(q: &QuicConfig) -> Arc<TransportConfig> {
     t.send_window(bdp * 2);
     t.keep_alive_interval(Some(Duration::from_millis(q.keepalive_ms)));
     t.max_idle_timeout(VarInt::from_u64(q.idle_timeout_ms).ok().map(Into::into));
-    t.max_concurrent_bidi_streams(VarInt::from_u32(q.max_streams_per_peer));
+    let streams = if accepts {
+        INITIAL_STREAMS.min(q.max_streams_per_peer)
+    } else {
+        0
+    };
+    t.max_concurrent_bidi_streams(VarInt::from_u32(streams));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(q.max_udp_payload);
@@ -69,7 +93,7 @@ pub fn server_config(
         .context("gateway certificate")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(QuicServerConfig::try_from(tls)?));
-    cfg.transport_config(transport(q));
+    cfg.transport_config(transport(q, true));
     Ok(cfg)
 }
 
@@ -88,7 +112,7 @@ pub fn client_config(
         .context("gateway certificate")?;
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let mut cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls)?));
-    cfg.transport_config(transport(q));
+    cfg.transport_config(transport(q, false));
     Ok(cfg)
 }
 

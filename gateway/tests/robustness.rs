@@ -77,13 +77,15 @@ async fn setup_with(
         exported_at_ms: 0,
         client_ip_affinity: false,
     }];
-    let inbound = Arc::new(Inbound::with_header_timeout(
+    let mut inbound = Inbound::with_header_timeout(
         store.clone(),
         causeway_gateway::exports::Exports::new(exports, Strategy::RoundRobin),
         Drain::new(),
         authorization,
         Duration::from_millis(300),
-    ));
+    );
+    inbound.max_streams = quic.max_streams_per_peer;
+    let inbound = Arc::new(inbound);
     let server = tunnel::endpoint(
         tunnel::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap(),
         tunnel::server_config(&server_cred, store.clone(), &quic).unwrap(),
@@ -203,6 +205,38 @@ async fn a_peer_cannot_open_more_streams_than_the_cap() {
         fourth.is_ok(),
         "no stream credit came back after one stream ended"
     );
+}
+
+/// A tunnel grants a few hundred streams at first and more as they fill:
+/// far more than the first grant can be open at once, each answering.
+#[tokio::test]
+async fn streams_beyond_the_first_grant_are_granted_as_they_fill() {
+    let s = setup(QuicConfig::default()).await;
+    let conn = s.connect().await;
+    let want = 4 * tunnel::INITIAL_STREAMS as usize;
+    let mut held = Vec::new();
+    for i in 0..want {
+        let opened = tokio::time::timeout(Duration::from_secs(5), open_stream(&conn)).await;
+        assert!(opened.is_ok(), "stream {i} of {want} waited over 5 s for credit");
+        held.push(opened.unwrap());
+    }
+    // Every one of them still carries its bytes.
+    for (send, recv) in &mut held {
+        send.write_all(b"x").await.unwrap();
+        let mut b = [0u8; 1];
+        recv.read_exact(&mut b).await.unwrap();
+        assert_eq!(&b, b"x");
+    }
+}
+
+#[test]
+fn the_stream_grant_doubles_at_three_quarters_up_to_the_cap() {
+    use tunnel::next_stream_limit as next;
+    assert_eq!(next(100, 256, 16384), 256);
+    assert_eq!(next(192, 256, 16384), 512);
+    assert_eq!(next(12_000, 16_000, 16384), 16384);
+    assert_eq!(next(16_384, 16384, 16384), 16384);
+    assert_eq!(next(2, 2, 2), 2, "never past the configured cap");
 }
 
 /// With a path MTU above ~6.5 kB, ten full datagrams (quinn's batch) no
