@@ -1044,7 +1044,7 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     }
     report.add("rss-idle", "causeway", "rss_mb", rss_idle);
     if wanted("hub") && systems.iter().any(|s| s.name == "causeway") {
-        hub(report, &mut fed, p.hub_sites).await?;
+        hub(report, &mut fed, echo, p.hub_sites).await?;
     }
     // The wide-area cases, between two network namespaces (root only;
     // CAUSEWAY_BENCH_WAN=0 skips them).
@@ -1120,18 +1120,34 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
     Ok(())
 }
 
-/// `hub-Nsites`: `sites` more sites join and import the service site east
-/// exports, so each keeps a warm tunnel (keepalives every 500 ms) with
-/// east's gateway. What east's gateway spends per site: memory, and CPU
-/// over 10 idle seconds.
-async fn hub(report: &mut Report, fed: &mut LocalFederation, sites: usize) -> anyhow::Result<()> {
+/// `hub-Nsites`: a fresh site `hub` exports `bench/hub` (the echo server);
+/// `sites` more sites join and import it, so each keeps a warm tunnel
+/// (keepalives every 500 ms) with hub's gateway. What that gateway spends
+/// per site: memory, and CPU over 10 idle seconds.
+async fn hub(
+    report: &mut Report,
+    fed: &mut LocalFederation,
+    echo: SocketAddr,
+    sites: usize,
+) -> anyhow::Result<()> {
     let case = format!("hub-{sites}sites");
     println!("{case}: {sites} sites join and keep a warm tunnel with one gateway");
-    let hub = fed.sites["east"]
+    fed.gateway_base = LocalFederation::gateway_config_with(GATEWAY_TUNING)?;
+    fed.add_site(
+        "hub",
+        "127.149.0.0/24",
+        &[Export {
+            service: "bench/hub".into(),
+            port: 7000,
+            endpoints: vec![echo],
+        }],
+    )
+    .await?;
+    let hub = fed.sites["hub"]
         .gateway
         .pid()
-        .context("east's gateway is not running")?;
-    fed.gateway_base = LocalFederation::gateway_config_with(GATEWAY_TUNING)?;
+        .context("hub's gateway is not running")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let before = rss_mb(hub)?;
     let t = Instant::now();
     for i in 0..sites {
@@ -1139,19 +1155,19 @@ async fn hub(report: &mut Report, fed: &mut LocalFederation, sites: usize) -> an
         fed.add_site(&name, &format!("127.150.{i}.0/24"), &[])
             .await?;
     }
-    // An echo through each spoke's VIP proves its tunnel to east is up.
+    // An echo through each spoke's VIP proves its tunnel to hub is up.
     for i in 0..sites {
         let name = format!("spoke{i}");
         let vip = fed
             .wait_resolvable(
                 &name,
-                "echo.bench.svc.clusterset.local",
+                "hub.bench.svc.clusterset.local",
                 Duration::from_secs(30),
             )
             .await?;
         wait_echo(SocketAddr::new(vip, 7000))
             .await
-            .with_context(|| format!("{name} to east"))?;
+            .with_context(|| format!("{name} to hub"))?;
     }
     let joined = t.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1163,6 +1179,7 @@ async fn hub(report: &mut Report, fed: &mut LocalFederation, sites: usize) -> an
     let n = sites as f64;
     report.add(&case, "causeway", "sites", n);
     report.add(&case, "causeway", "join_all_s", joined);
+    report.add(&case, "causeway", "rss_before_mb", before);
     report.add(&case, "causeway", "rss_mb", after);
     report.add(
         &case,

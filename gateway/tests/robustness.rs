@@ -217,7 +217,10 @@ async fn streams_beyond_the_first_grant_are_granted_as_they_fill() {
     let mut held = Vec::new();
     for i in 0..want {
         let opened = tokio::time::timeout(Duration::from_secs(5), open_stream(&conn)).await;
-        assert!(opened.is_ok(), "stream {i} of {want} waited over 5 s for credit");
+        assert!(
+            opened.is_ok(),
+            "stream {i} of {want} waited over 5 s for credit"
+        );
         held.push(opened.unwrap());
     }
     // Every one of them still carries its bytes.
