@@ -760,12 +760,6 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
             .replace("\\n", "\n"),
     )?;
     let causeway = gateway_pair(&mut fed, "", echo, "127.201.0.0/16", "127.202.0.0/16").await?;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_idle = causeway
-        .pids
-        .iter()
-        .map(|p| rss_mb(*p).unwrap_or(0.0))
-        .fold(0.0, f64::max);
     systems.push(causeway);
     // The same pair at the gateway's defaults (a thread per core, 1452-byte
     // datagrams), for reference; the checks use the tuned pair above.
@@ -883,6 +877,18 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         entry: st_entry,
         pids: children[n - 2..].iter().filter_map(|c| c.id()).collect(),
     });
+
+    // Idle memory of every system once all are up, before any load (each
+    // has carried one echo): the larger process of each pair.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_idle: Vec<(&'static str, f64)> = systems
+        .iter()
+        .filter(|s| !s.pids.is_empty())
+        .map(|s| {
+            let mb = s.pids.iter().map(|p| rss_mb(*p).unwrap_or(0.0));
+            (s.name, mb.fold(0.0, f64::max))
+        })
+        .collect();
 
     // CAUSEWAY_BENCH_CASES=rate,max,bulk,hold,connect runs only those (for
     // experiments; checks whose inputs were skipped read NaN).
@@ -1032,17 +1038,30 @@ pub async fn run(report: &mut Report, root: &Path, p: &Params) -> anyhow::Result
         // Let the held connections' sockets close before the next system.
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    println!("connect-rate: {} s each", p.connect_secs);
-    for s in systems.iter().filter(|_| wanted("connect")) {
-        report.add(
-            "connect-rate",
-            s.name,
-            "conn_per_s",
-            connect_rate(s.entry, p.connect_secs).await?,
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
+    println!(
+        "connect-rate: {} s each, in {} interleaved rounds",
+        p.connect_secs, p.rounds
+    );
+    // (connections, seconds) per system.
+    let mut opened = vec![(0.0, 0.0); n];
+    for _ in 0..p.rounds {
+        for (i, s) in systems.iter().enumerate().filter(|_| wanted("connect")) {
+            let secs = (p.connect_secs / p.rounds as u64).max(1);
+            opened[i].0 += connect_rate(s.entry, secs).await? * secs as f64;
+            opened[i].1 += secs as f64;
+            // Let the closed connections' sockets settle between systems.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
-    report.add("rss-idle", "causeway", "rss_mb", rss_idle);
+    for (s, (conns, secs)) in systems.iter().zip(&opened).filter(|_| wanted("connect")) {
+        report.add("connect-rate", s.name, "conn_per_s", conns / secs);
+    }
+    for (name, mb) in &rss_idle {
+        report.add("rss-idle", name, "rss_mb", *mb);
+    }
+    let rss_idle = report
+        .get("rss-idle", "causeway", "rss_mb")
+        .unwrap_or(f64::NAN);
     if wanted("hub") && systems.iter().any(|s| s.name == "causeway") {
         hub(report, &mut fed, echo, p.hub_sites).await?;
     }
