@@ -40,7 +40,7 @@ use tokio::process::Child;
 
 use crate::failover::{self, Backend, Preferred};
 use crate::report::{percentile, Report};
-use crate::tunnel::{cpu_ticks, envoy_binary, System};
+use crate::tunnel::{cpu_ticks, envoy_binary, envoy_tls, Pace, System};
 
 pub struct Params {
     rate_secs: f64,
@@ -138,14 +138,7 @@ async fn h1_fixed(
                     *start_at.get_or_init(|| Instant::now() + Duration::from_millis(100));
                 let end = start + Duration::from_secs_f64(secs);
                 let mut out = Vec::new();
-                for k in 0.. {
-                    let at = start + period * k + period.mul_f64(c as f64 / conns as f64);
-                    if at >= end {
-                        break;
-                    }
-                    if let Some(d) = at.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(d);
-                    }
+                for (_, at) in Pace::new(start, end, period, c, conns) {
                     match h1_get(&mut r) {
                         Ok(Some(b)) if b == "east" => {}
                         Ok(_) => wrong(entry),
@@ -234,14 +227,7 @@ async fn h2_fixed(entry: SocketAddr, rate: f64, secs: f64) -> anyhow::Result<Vec
             let handle = handle.clone();
             std::thread::spawn(move || {
                 let mut out = Vec::new();
-                for k in 0.. {
-                    let at = start + period * k + period.mul_f64(c as f64 / threads as f64);
-                    if at >= end {
-                        break;
-                    }
-                    if let Some(d) = at.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(d);
-                    }
+                for (_, at) in Pace::new(start, end, period, c, threads) {
                     if !handle.block_on(h2_get(&mut send)) {
                         wrong(entry);
                     }
@@ -316,22 +302,13 @@ async fn max(entry: SocketAddr, h2: bool, secs: f64) -> anyhow::Result<f64> {
 /// The Envoy at a site: mutual TLS in (a client certificate required),
 /// HTTP/1.1 or 2, every request to the local `backend`.
 fn envoy_site_config(listen: u16, backend: SocketAddr, certs: &Path) -> String {
-    let c = |n: &str| certs.join(n).display().to_string();
     format!(
         r#"static_resources:
   listeners:
   - name: in
     address: {{socket_address: {{address: 127.0.0.1, port_value: {listen}}}}}
     filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            alpn_protocols: [h2, http/1.1]
-            tls_certificates: [{{certificate_chain: {{filename: "{cert}"}}, private_key: {{filename: "{key}"}}}}]
-            validation_context: {{trusted_ca: {{filename: "{ca}"}}}}
+    - transport_socket: {tls}
       filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
@@ -355,9 +332,7 @@ fn envoy_site_config(listen: u16, backend: SocketAddr, certs: &Path) -> String {
       cluster_name: local
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {ip}, port_value: {port}}}}}}}}}]}}]
 "#,
-        cert = c("server.pem"),
-        key = c("server-key.pem"),
-        ca = c("ca.pem"),
+        tls = envoy_tls(certs, false, "h2, http/1.1"),
         ip = backend.ip(),
         port = backend.port(),
     )
@@ -366,7 +341,6 @@ fn envoy_site_config(listen: u16, backend: SocketAddr, certs: &Path) -> String {
 /// The caller's Envoy: HTTP/1.1 or 2 in, the policy of the module docs,
 /// the sites' Envoys over HTTP/2 with mutual TLS (east priority 0, west 1).
 fn envoy_caller_config(listen: u16, east: u16, west: u16, certs: &Path) -> String {
-    let c = |n: &str| certs.join(n).display().to_string();
     format!(
         r#"static_resources:
   listeners:
@@ -420,19 +394,9 @@ fn envoy_caller_config(listen: u16, east: u16, west: u16, certs: &Path) -> Strin
         lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {east}}}}}}}}}]
       - priority: 1
         lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {west}}}}}}}}}]
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: localhost
-        common_tls_context:
-          alpn_protocols: [h2]
-          tls_certificates: [{{certificate_chain: {{filename: "{cert}"}}, private_key: {{filename: "{key}"}}}}]
-          validation_context: {{trusted_ca: {{filename: "{ca}"}}}}
+    transport_socket: {tls}
 "#,
-        cert = c("client.pem"),
-        key = c("client-key.pem"),
-        ca = c("ca.pem"),
+        tls = envoy_tls(certs, true, "h2"),
     )
 }
 

@@ -366,9 +366,31 @@ pub(crate) fn envoy_binary() -> anyhow::Result<String> {
     Ok(path)
 }
 
+/// An Envoy TLS transport socket as one flow-style YAML mapping (it fits
+/// at any indentation): the upstream side presents the bench client
+/// certificate, the downstream side the server one and requires a client
+/// certificate; both trust the bench CA. `alpn`: e.g. `h2` (empty: none).
+pub(crate) fn envoy_tls(certs: &Path, upstream: bool, alpn: &str) -> String {
+    let c = |n: &str| certs.join(n).display().to_string();
+    let (kind, extra, cert) = if upstream {
+        ("UpstreamTlsContext", "sni: localhost", "client")
+    } else {
+        (
+            "DownstreamTlsContext",
+            "require_client_certificate: true",
+            "server",
+        )
+    };
+    format!(
+        "{{name: envoy.transport_sockets.tls, typed_config: {{\"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}, {extra}, common_tls_context: {{alpn_protocols: [{alpn}], tls_certificates: [{{certificate_chain: {{filename: \"{chain}\"}}, private_key: {{filename: \"{key}\"}}}}], validation_context: {{trusted_ca: {{filename: \"{ca}\"}}}}}}}}}}",
+        chain = c(&format!("{cert}.pem")),
+        key = c(&format!("{cert}-key.pem")),
+        ca = c("ca.pem"),
+    )
+}
+
 /// Envoy's client side: TCP proxy on `listen` to `upstream` over mutual TLS.
 fn envoy_client_config(listen: u16, upstream: SocketAddr, certs: &Path) -> String {
-    let c = |n: &str| certs.join(n).display().to_string();
     format!(
         r#"static_resources:
   listeners:
@@ -389,41 +411,24 @@ fn envoy_client_config(listen: u16, upstream: SocketAddr, certs: &Path) -> Strin
     load_assignment:
       cluster_name: b
       endpoints: [{{lb_endpoints: [{{endpoint: {{address: {{socket_address: {{address: {}, port_value: {}}}}}}}}}]}}]
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        sni: localhost
-        common_tls_context:
-          tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
-          validation_context: {{trusted_ca: {{filename: "{}"}}}}
+    transport_socket: {}
 "#,
         upstream.ip(),
         upstream.port(),
-        c("client.pem"),
-        c("client-key.pem"),
-        c("ca.pem")
+        envoy_tls(certs, true, ""),
     )
 }
 
 /// Envoy's server side: mutual TLS on `listen` (a client certificate
 /// required), TCP proxy to `echo`.
 fn envoy_server_config(listen: SocketAddr, echo: SocketAddr, certs: &Path) -> String {
-    let c = |n: &str| certs.join(n).display().to_string();
     format!(
         r#"static_resources:
   listeners:
   - name: b
     address: {{socket_address: {{address: {}, port_value: {}}}}}
     filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificates: [{{certificate_chain: {{filename: "{}"}}, private_key: {{filename: "{}"}}}}]
-            validation_context: {{trusted_ca: {{filename: "{}"}}}}
+    - transport_socket: {}
       filters:
       - name: envoy.filters.network.tcp_proxy
         typed_config:
@@ -441,9 +446,7 @@ fn envoy_server_config(listen: SocketAddr, echo: SocketAddr, certs: &Path) -> St
 "#,
         listen.ip(),
         listen.port(),
-        c("server.pem"),
-        c("server-key.pem"),
-        c("ca.pem"),
+        envoy_tls(certs, false, ""),
         echo.ip(),
         echo.port()
     )
@@ -531,6 +534,45 @@ fn numbered(n: u64) -> [u8; 1024] {
     m
 }
 
+/// A driver thread's schedule: the `k`-th send of thread `c` of `n` is due
+/// at `start + k·period + period·c/n`, until `end`. Each step sleeps the
+/// calling thread (nanosleep) until the send is due and yields `(k, due)`.
+pub(crate) struct Pace {
+    start: Instant,
+    end: Instant,
+    period: Duration,
+    offset: Duration,
+    k: u32,
+}
+
+impl Pace {
+    pub fn new(start: Instant, end: Instant, period: Duration, c: usize, n: usize) -> Self {
+        Self {
+            start,
+            end,
+            period,
+            offset: period.mul_f64(c as f64 / n as f64),
+            k: 0,
+        }
+    }
+}
+
+impl Iterator for Pace {
+    type Item = (u32, Instant);
+
+    fn next(&mut self) -> Option<(u32, Instant)> {
+        let at = self.start + self.period * self.k + self.offset;
+        if at >= self.end {
+            return None;
+        }
+        if let Some(d) = at.checked_duration_since(Instant::now()) {
+            std::thread::sleep(d);
+        }
+        self.k += 1;
+        Some((self.k - 1, at))
+    }
+}
+
 /// `conns` connections, 1 KiB echoes at a fixed total rate. Each
 /// connection first carries one echo (untimed) so every path is up before
 /// the schedule starts. Two latencies per
@@ -571,17 +613,8 @@ pub(crate) async fn fixed_rate(
             let start = *start_at.get_or_init(|| Instant::now() + Duration::from_millis(100));
             let end = start + Duration::from_secs_f64(secs);
             let mut out = Vec::new();
-            let mut k = 0u32;
             let mut prev_done = start;
-            loop {
-                let at = start + period * k + period.mul_f64(c as f64 / conns as f64);
-                if at >= end {
-                    break;
-                }
-                let now = Instant::now();
-                if at > now {
-                    std::thread::sleep(at - now);
-                }
+            for (k, at) in Pace::new(start, end, period, c, conns) {
                 let from = if prev_done > at { at } else { Instant::now() };
                 let msg = numbered(u64::from(k) << 8 | c as u64);
                 s.write_all(&msg)?;
@@ -594,7 +627,6 @@ pub(crate) async fn fixed_rate(
                     (prev_done - at).as_secs_f64() * 1e6,
                     (prev_done - from).as_secs_f64() * 1e6,
                 ));
-                k += 1;
             }
             Ok::<_, anyhow::Error>(out)
         }));
