@@ -40,7 +40,7 @@ use tokio::process::Child;
 
 use crate::failover::{self, Backend, Preferred};
 use crate::report::{percentile, Report};
-use crate::tunnel::{cpu_ticks, envoy_binary, envoy_tls, Pace, System};
+use crate::tunnel::{cpu_ticks, envoy_binary, envoy_tls, join_threads, Pace, System};
 
 pub struct Params {
     rate_secs: f64,
@@ -154,22 +154,6 @@ async fn h1_fixed(
         })
         .collect();
     join_threads(threads).await
-}
-
-async fn join_threads(
-    threads: Vec<std::thread::JoinHandle<anyhow::Result<Vec<f64>>>>,
-) -> anyhow::Result<Vec<f64>> {
-    tokio::task::spawn_blocking(move || {
-        let mut all = Vec::new();
-        for t in threads {
-            all.extend(
-                t.join()
-                    .map_err(|_| anyhow::anyhow!("a driver thread panicked"))??,
-            );
-        }
-        Ok(all)
-    })
-    .await?
 }
 
 /// An HTTP/2 connection (prior knowledge) to `entry`.

@@ -631,7 +631,14 @@ pub(crate) async fn fixed_rate(
             Ok::<_, anyhow::Error>(out)
         }));
     }
-    // The threads block; wait for them off the runtime's workers.
+    join_threads(threads).await
+}
+
+/// Every driver thread's samples, pooled; the threads block, so they are
+/// waited for off the runtime's workers.
+pub(crate) async fn join_threads<T: Send + 'static>(
+    threads: Vec<std::thread::JoinHandle<anyhow::Result<Vec<T>>>>,
+) -> anyhow::Result<Vec<T>> {
     tokio::task::spawn_blocking(move || {
         let mut all = Vec::new();
         for t in threads {
