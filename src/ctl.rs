@@ -651,7 +651,8 @@ async fn services(args: &CtlArgs, c: &ControllerClient) -> anyhow::Result<()> {
                     "ports": s.ports.iter().map(|p| p.port).collect::<Vec<_>>(),
                     "exporters": s.exporters.iter().map(|(n, h)| serde_json::json!({"site": n.to_string(), "healthy_endpoints": h,
                         "total_endpoints": s.totals.get(n).copied().unwrap_or(*h),
-                        "zones": s.zones.get(n).map(|zs| zs.iter().map(|z| serde_json::json!({"zone": z.zone, "healthy": z.healthy, "total": z.total})).collect::<Vec<_>>()).unwrap_or_default()})).collect::<Vec<_>>(),
+                        "zones": s.zones.get(n).map(|zs| zs.iter().map(|z| serde_json::json!({"zone": z.zone, "healthy": z.healthy, "total": z.total})).collect::<Vec<_>>()).unwrap_or_default(),
+                        "subsets": s.subsets.get(n).map(|gs| gs.iter().map(|g| serde_json::json!({"subset": g.name, "healthy": g.healthy, "total": g.total})).collect::<Vec<_>>()).unwrap_or_default()})).collect::<Vec<_>>(),
                     "headless": s.headless,
                     "endpoints": s.endpoints.iter().map(|(n, e)| serde_json::json!({"site": n.to_string(), "address": e.address, "hostname": e.hostname})).collect::<Vec<_>>()}))
                 .collect();
@@ -673,9 +674,19 @@ async fn services(args: &CtlArgs, c: &ControllerClient) -> anyhow::Result<()> {
             let sites: Vec<String> = s
                 .exporters
                 .iter()
-                .map(|(n, h)| match s.zones.get(n) {
-                    Some(zs) => format!("{n}({h}: {})", crate::explain::zone_summary(zs)),
-                    None => format!("{n}({h})"),
+                .map(|(n, h)| {
+                    let mut parts = Vec::new();
+                    if let Some(zs) = s.zones.get(n) {
+                        parts.push(crate::explain::zone_summary(zs));
+                    }
+                    if let Some(gs) = s.subsets.get(n) {
+                        parts.push(crate::explain::subset_summary(gs));
+                    }
+                    if parts.is_empty() {
+                        format!("{n}({h})")
+                    } else {
+                        format!("{n}({h}: {})", parts.join("; "))
+                    }
                 })
                 .collect();
             println!("{:<28} {:<12} {}", s.key, ports.join(","), sites.join(" "));

@@ -328,6 +328,15 @@ pub fn zone_summary(zones: &[causeway_api::pb::ZoneHealth]) -> String {
         .join(", ")
 }
 
+/// `subset=name healthy/total` per subset (version).
+pub fn subset_summary(subsets: &[causeway_api::pb::SubsetHealth]) -> String {
+    subsets
+        .iter()
+        .map(|g| format!("subset={} {}/{}", g.name, g.healthy, g.total))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -274,6 +274,9 @@ pub fn local_exports(site: &[SiteExport]) -> Vec<LocalExport> {
                 protocol: p.protocol,
                 hostnames: per(&|a| hostnames.get(&a.ip()).map(|h| (*h).clone())),
                 zones: per(&|a| e.zone_of.get(&a.ip()).cloned()),
+                // Versions come from pod labels, which this watch does not
+                // read yet: Kubernetes endpoints are in no subset.
+                versions: BTreeMap::new(),
                 endpoints,
                 headless: e.headless,
                 health_path: None,

@@ -104,6 +104,10 @@ pub struct ExportRecord {
     /// Healthy and total endpoints per zone ("" = the site's own zone).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zones: Vec<ZoneRecord>,
+    /// Healthy and total endpoints per subset (version); the `zone` field
+    /// of each record holds the subset's name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subsets: Vec<ZoneRecord>,
     /// When the site began exporting it, ms since the epoch (0 in a
     /// command: the state machine keeps the first time it saw it).
     #[serde(default)]
@@ -116,7 +120,7 @@ pub struct ExportRecord {
 /// Healthy and total endpoints in one zone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ZoneRecord {
-    /// The zone, or empty for the site's own.
+    /// The zone (empty for the site's own), or a subset's name.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub zone: String,
     /// Endpoints passing health checks.
@@ -1225,6 +1229,15 @@ pub fn export_to_pb(e: &ExportRecord) -> pb::Export {
             .iter()
             .map(|z| pb::ZoneHealth {
                 zone: z.zone.clone(),
+                healthy: z.healthy,
+                total: z.total,
+            })
+            .collect(),
+        subsets: e
+            .subsets
+            .iter()
+            .map(|z| pb::SubsetHealth {
+                name: z.zone.clone(),
                 healthy: z.healthy,
                 total: z.total,
             })

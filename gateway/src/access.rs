@@ -104,6 +104,10 @@ pub struct Entry {
     pub retries: u32,
     /// Sites skipped before the one that served, with why; empty if none.
     pub failover_reason: String,
+    /// The HTTPRoute rule that routed the request (its name, or
+    /// `rules[i]`); empty when none did.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub route_rule: String,
 }
 
 impl AccessLog {

@@ -400,6 +400,13 @@ pub struct ExportConfig {
     /// zone. Endpoints without one count in the site's own zone.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub zones: std::collections::BTreeMap<String, String>,
+    /// Optional versions of the endpoints, keyed by endpoint
+    /// (`"10.0.1.5:8080" = "v2"`): each version is a subset that routes
+    /// (HTTPRoute backends) can send traffic to; healthy counts are
+    /// published per subset. Endpoints without one are in no subset and
+    /// take only traffic that names none.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub versions: std::collections::BTreeMap<String, String>,
 }
 
 impl ExportConfig {
@@ -416,6 +423,7 @@ impl ExportConfig {
             hostnames: Default::default(),
             health_path: None,
             zones: Default::default(),
+            versions: Default::default(),
         }
     }
 }
@@ -508,6 +516,8 @@ pub struct LocalExport {
     pub health_path: Option<String>,
     /// Zones of (some of) the endpoints; the others are in the site's zone.
     pub zones: std::collections::BTreeMap<SocketAddr, String>,
+    /// Versions (subsets) of (some of) the endpoints.
+    pub versions: std::collections::BTreeMap<SocketAddr, String>,
     /// When the site began exporting it, ms since the epoch; 0 when
     /// unknown (the controller then keeps when it first saw it).
     pub exported_at_ms: u64,
@@ -909,6 +919,12 @@ impl ExportConfig {
             }
             causeway_api::model::check_label_value("zone", z).map_err(|e| e.to_string())
         });
+        let versions = per_endpoint(i, "versions", &e.versions, &endpoints, errs, |v| {
+            if v.is_empty() {
+                return Err("empty; leave the endpoint out to put it in no subset".into());
+            }
+            causeway_api::model::check_label_value("version", v).map_err(|e| e.to_string())
+        });
         Some(LocalExport {
             service: service?,
             port: e.port,
@@ -919,6 +935,7 @@ impl ExportConfig {
             hostnames,
             health_path: e.health_path.clone(),
             zones,
+            versions,
             exported_at_ms: 0,
             client_ip_affinity: false,
         })

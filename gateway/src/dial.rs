@@ -24,13 +24,15 @@ pub enum Attempt {
     Retry(String),
     /// Stop: the answer would be the same everywhere (e.g. forbidden).
     Fatal(String),
+    /// Stop: the site's rate limit refused it (an HTTP caller answers 429).
+    Limited(String),
 }
 
 impl Attempt {
     /// What went wrong, for logs and error bodies.
     pub fn reason(&self) -> &str {
         match self {
-            Attempt::Retry(s) | Attempt::Fatal(s) => s,
+            Attempt::Retry(s) | Attempt::Fatal(s) | Attempt::Limited(s) => s,
         }
     }
 }
@@ -46,20 +48,27 @@ pub struct Dialer {
 }
 
 impl Dialer {
-    /// A connection to a local endpoint of the service.
-    pub async fn local(&self, service: &ServiceKey, port: u16) -> Result<TcpStream, Attempt> {
+    /// A connection to a local endpoint of the service (of `subset`, when
+    /// one is asked for).
+    pub async fn local(
+        &self,
+        service: &ServiceKey,
+        port: u16,
+        subset: Option<&str>,
+    ) -> Result<TcpStream, Attempt> {
         let table = self.local_exports.current();
         let Some(entry) = table.find(service.as_str(), port) else {
             return Err(Attempt::Retry("not exported on this port here".into()));
         };
-        for addr in entry.endpoints.addrs() {
-            if let Ok(Ok(s)) =
-                tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr)).await
-            {
-                return Ok(s);
-            }
+        let endpoints = entry.endpoints.clone();
+        drop(table);
+        match endpoints.connect_subset(subset).await {
+            Some((tcp, _in_flight)) => Ok(tcp),
+            None => Err(Attempt::Retry(match subset {
+                Some(v) => format!("no local endpoint of subset {v:?} accepted"),
+                None => "no local endpoint accepted".into(),
+            })),
         }
-        Err(Attempt::Retry("no local endpoint accepted".into()))
     }
 
     /// An opened tunnel stream to `site` for the service: the remote
@@ -71,6 +80,7 @@ impl Dialer {
         site: &SiteName,
         service: &ServiceKey,
         port: u16,
+        subset: Option<&str>,
         trace: &[u8],
     ) -> Result<(quinn::SendStream, quinn::RecvStream), Attempt> {
         let route = routes
@@ -87,7 +97,7 @@ impl Dialer {
                 .connection(site, route)
                 .await
                 .map_err(|e| Attempt::Retry(e.to_string()))?;
-            let (send, recv, resp) = self.open_on(&conn, service, port, trace).await?;
+            let (send, recv, resp) = self.open_on(&conn, service, port, subset, trace).await?;
             metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str())
                 .increment(1);
             return match resp.status {
@@ -98,6 +108,7 @@ impl Dialer {
                     fresh = true;
                     continue;
                 }
+                Status::RateLimited => Err(Attempt::Limited(resp.message)),
                 s if s.is_retryable() => {
                     Err(Attempt::Retry(format!("{}: {}", s.as_str(), resp.message)))
                 }
@@ -112,6 +123,7 @@ impl Dialer {
         conn: &quinn::Connection,
         service: &ServiceKey,
         port: u16,
+        subset: Option<&str>,
         trace: &[u8],
     ) -> Result<(quinn::SendStream, quinn::RecvStream, OpenResponse), Attempt> {
         // At the peer's stream cap, open_bi waits for a stream to end.
@@ -142,6 +154,7 @@ impl Dialer {
                 Vec::new()
             },
             caller: self.caller_id.clone(),
+            subset: subset.unwrap_or_default().to_string(),
         };
         send.write_all(&header.encode())
             .await

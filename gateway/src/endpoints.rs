@@ -22,6 +22,8 @@ struct State {
 /// The endpoints of one exported service port.
 pub struct EndpointSet {
     addrs: Vec<SocketAddr>,
+    /// Each endpoint's version (subset), if it has one.
+    versions: Vec<Option<String>>,
     state: Arc<Mutex<State>>,
 }
 
@@ -43,8 +45,18 @@ impl Drop for InFlight {
 impl EndpointSet {
     /// A set over `addrs`, balanced by `strategy`; all healthy at first.
     pub fn new(addrs: Vec<SocketAddr>, strategy: Strategy) -> Self {
+        Self::with_versions(addrs, &Default::default(), strategy)
+    }
+
+    /// A set over `addrs`, some of them in a subset by `versions`.
+    pub fn with_versions(
+        addrs: Vec<SocketAddr>,
+        versions: &std::collections::BTreeMap<SocketAddr, String>,
+        strategy: Strategy,
+    ) -> Self {
         let n = addrs.len();
         Self {
+            versions: addrs.iter().map(|a| versions.get(a).cloned()).collect(),
             addrs,
             state: Arc::new(Mutex::new(State {
                 balancer: Balancer::new(strategy),
@@ -59,10 +71,34 @@ impl EndpointSet {
         &self.addrs
     }
 
+    /// Whether each endpoint's version is the one in `versions`.
+    pub fn same_versions(&self, versions: &std::collections::BTreeMap<SocketAddr, String>) -> bool {
+        self.addrs
+            .iter()
+            .zip(&self.versions)
+            .all(|(a, v)| versions.get(a) == v.as_ref())
+    }
+
+    /// Whether any endpoint is in `subset`.
+    pub fn has_subset(&self, subset: &str) -> bool {
+        self.versions.iter().any(|v| v.as_deref() == Some(subset))
+    }
+
     /// Connects to an endpoint chosen by the balancer, trying others if it
     /// refuses. `None` when no endpoint accepted.
     pub async fn connect(&self) -> Option<(TcpStream, InFlight)> {
-        let mut tried = vec![false; self.addrs.len()];
+        self.connect_subset(None).await
+    }
+
+    /// As [`EndpointSet::connect`], among the endpoints of `subset` only
+    /// (all endpoints when `None`).
+    pub async fn connect_subset(&self, subset: Option<&str>) -> Option<(TcpStream, InFlight)> {
+        // Endpoints outside the subset count as tried from the start.
+        let mut tried: Vec<bool> = self
+            .versions
+            .iter()
+            .map(|v| subset.is_some_and(|s| v.as_deref() != Some(s)))
+            .collect();
         for _ in 0..self.addrs.len() {
             let index = {
                 let mut s = self.state.locked();

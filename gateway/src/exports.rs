@@ -112,10 +112,17 @@ impl Exports {
                 .map(|export| {
                     let endpoints = cur
                         .find(export.service.as_str(), export.port)
-                        .filter(|e| e.endpoints.addrs() == export.endpoints.as_slice())
+                        .filter(|e| {
+                            e.endpoints.addrs() == export.endpoints.as_slice()
+                                && e.endpoints.same_versions(&export.versions)
+                        })
                         .map(|e| e.endpoints.clone())
                         .unwrap_or_else(|| {
-                            Arc::new(EndpointSet::new(export.endpoints.clone(), self.strategy))
+                            Arc::new(EndpointSet::with_versions(
+                                export.endpoints.clone(),
+                                &export.versions,
+                                self.strategy,
+                            ))
                         });
                     Entry { export, endpoints }
                 })
@@ -146,6 +153,7 @@ mod tests {
             hostnames: Default::default(),
             health_path: None,
             zones: Default::default(),
+            versions: Default::default(),
             exported_at_ms: 0,
             client_ip_affinity: false,
         }

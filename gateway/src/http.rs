@@ -57,6 +57,8 @@ pub struct HttpState {
     budgets: Mutex<BTreeMap<ServiceKey, RetryBudget>>,
     inflight: Mutex<BTreeMap<(ServiceKey, String), InFlight>>,
     upstreams: Arc<Upstreams>,
+    /// Mirrored copies in flight.
+    mirrors: std::sync::atomic::AtomicUsize,
 }
 
 /// Idle HTTP/1.1 connections kept per site, service and port.
@@ -66,9 +68,11 @@ const MAX_IDLE: usize = 16;
 /// idle connection holds a stream that a draining gateway waits for.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Where an upstream connection leads: site, service, port, and whether
-/// it speaks HTTP/2.
-type UpstreamKey = (SiteName, ServiceKey, u16, bool);
+/// Where an upstream connection leads: site, service, port, whether it
+/// speaks HTTP/2, the subset its endpoint belongs to, and the exporter's
+/// admission epoch when it was opened (see
+/// `ServicePolicy::admission_epoch`).
+type UpstreamKey = (SiteName, ServiceKey, u16, bool, Option<String>, u64);
 
 /// A connection to a service's endpoints (over a tunnel stream, or to a
 /// local endpoint) that can carry another request.
@@ -236,6 +240,8 @@ enum TryError {
     Reset(String),
     /// The per-try timeout passed.
     Timeout,
+    /// The site's rate limit refused the connection.
+    Limited(String),
 }
 
 /// Counts one request in flight to a site until dropped.
@@ -366,7 +372,7 @@ struct Seen {
 }
 
 async fn proxy(
-    out: &HttpForward,
+    out: &Arc<HttpForward>,
     req: Request<Incoming>,
     service: &ServiceKey,
     port: u16,
@@ -433,7 +439,7 @@ async fn proxy(
 }
 
 async fn route(
-    out: &HttpForward,
+    out: &Arc<HttpForward>,
     req: Request<Incoming>,
     service: &ServiceKey,
     port: u16,
@@ -448,130 +454,327 @@ async fn route(
         .get(service)
         .map(|s| s.policy.clone())
         .unwrap_or_default();
-    // Faults first: they stand for a sick upstream.
+    // The service's HTTPRoute first: a rule may answer the request itself,
+    // and it picks the backend (subset, site) the request goes to.
+    let (req, routed) = match &policy.route {
+        None => (req, None),
+        Some(route) => match apply_route(out, &routes, route, req) {
+            Err(answer) => return *answer,
+            Ok(r) => r,
+        },
+    };
+    // Faults next: they stand for a sick upstream.
     if let Some(aborted) = inject_fault(&policy, service).await {
         return aborted;
     }
-    let (parts, body) = match read_body(req, out.fwd.limits.http_body_timeout).await {
+    let (mut parts, body) = match read_body(req, out.fwd.limits.http_body_timeout).await {
         Ok(r) => r,
         Err(refused) => return refused,
     };
     note(log, |e| e.bytes_in = body.len() as u64);
+    let backend = routed.as_ref().and_then(|r| r.backend.clone());
+    if let Some(r) = &routed {
+        r.apply(&mut parts);
+        note(log, |e| e.route_rule.clone_from(&r.rule));
+        if let Some(m) = &r.mirror {
+            mirror(
+                out,
+                &routes,
+                service,
+                port,
+                upstream,
+                m,
+                &parts,
+                body.clone(),
+            );
+        }
+    }
     let (deadline, per_try) = deadlines(&policy, start);
     let retries = policy.retry.as_ref().map_or(0, |r| r.attempts);
     note_request(out, &policy, service);
 
-    let order = out.fwd.steer.order(&routes, service);
-    let mut tried: Vec<String> = Vec::new();
-    let mut last: Option<Response<Body>> = None;
-    let mut tries = 0u32;
-    // The last try never reached an endpoint: the next site is failover,
-    // as for an L4 connection, not a retry (no attempt, no budget).
-    let mut failing_over = false;
-    for site in order {
-        if tries > retries && !failing_over {
-            break;
+    let mut order = out.fwd.steer.order(&routes, service);
+    if let Some(b) = &backend {
+        order = restrict(&routes, service, order, b);
+        if order.is_empty() {
+            return full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no available site has {} of {service}", describe(b)),
+                "no-backend",
+            );
         }
-        let Ok(site) = site.parse::<SiteName>() else {
-            continue;
-        };
-        // A retry: allowed by the policy's conditions (checked when the
-        // last try was judged) and by the budget.
-        if tries > 0 && !failing_over && !retry_allowed(out, service) {
-            break;
-        }
-        if !failing_over {
-            tries += 1;
-        }
-        failing_over = false;
-        let _guard = match admit(out, &policy, service, &site) {
-            Ok(g) => g,
-            Err(which) => {
-                last = Some(full(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &format!("circuit breaker: {which} reached for {service} at site {site}"),
-                    "circuit-open",
-                ));
-                tried.push(site.to_string());
-                continue;
-            }
-        };
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            break;
-        }
-        let req = match rebuild(&parts, body.clone(), upstream, service) {
-            Ok(mut r) => {
-                // The endpoint continues this gateway's span.
-                if let Some(s) = span.as_ref() {
-                    if let Ok(v) = hyper::header::HeaderValue::from_str(&s.traceparent()) {
-                        r.headers_mut().insert("traceparent", v);
-                    }
-                }
-                r
-            }
-            Err(e) => {
-                return full(
-                    StatusCode::BAD_REQUEST,
-                    &format!("the request cannot be forwarded: {e} (check the Host header)"),
-                    "bad-request",
-                )
-            }
-        };
-        let budget_for_try = per_try.map_or(remaining, |t| t.min(remaining));
-        let result = tokio::time::timeout(
-            budget_for_try,
-            send_once(out, &routes, &site, service, port, upstream, req),
-        )
-        .await
-        .unwrap_or(Err(TryError::Timeout));
-        let verdict = judge(result, &policy, &parts.method, &mut tried, &site);
-        let outcome = if verdict.served {
-            Tried::Served
-        } else {
-            Tried::Failed
-        };
-        out.fwd.steer.observe(&routes, service, &site, outcome);
-        note(log, |e| {
-            e.destination_site = site.to_string();
-            e.retries = tries.saturating_sub(1);
-            e.failover_reason = tried.join("; ");
-        });
-        crate::trace::set(span, || {
-            vec![
-                KeyValue::new("causeway.destination_site", site.to_string()),
-                KeyValue::new("causeway.attempts", i64::from(tries)),
-                KeyValue::new("causeway.failover", tried.join("; ")),
-            ]
-        });
-        match verdict.next {
-            Next::Answer(resp) => return resp,
-            Next::Retry(resp) => last = Some(resp),
-            Next::FailOver(resp) => {
-                last = Some(resp);
-                failing_over = true;
-            }
-            Next::Stop(resp) => {
-                last = Some(resp);
+    }
+    let subset = backend.as_ref().and_then(|b| b.subset.as_deref());
+    let mut resp: Response<Body> = 'tries: {
+        let mut tried: Vec<String> = Vec::new();
+        let mut last: Option<Response<Body>> = None;
+        let mut tries = 0u32;
+        // The last try never reached an endpoint: the next site is
+        // failover, as for an L4 connection, not a retry (no attempt, no
+        // budget).
+        let mut failing_over = false;
+        for site in order {
+            if tries > retries && !failing_over {
                 break;
             }
+            let Ok(site) = site.parse::<SiteName>() else {
+                continue;
+            };
+            // A retry: allowed by the policy's conditions (checked when the
+            // last try was judged) and by the budget.
+            if tries > 0 && !failing_over && !retry_allowed(out, service) {
+                break;
+            }
+            if !failing_over {
+                tries += 1;
+            }
+            failing_over = false;
+            let _guard = match admit(out, &policy, service, &site) {
+                Ok(g) => g,
+                Err(which) => {
+                    last = Some(full(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &format!("circuit breaker: {which} reached for {service} at site {site}"),
+                        "circuit-open",
+                    ));
+                    tried.push(site.to_string());
+                    continue;
+                }
+            };
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
+            let req = match rebuild(&parts, body.clone(), upstream, service) {
+                Ok(mut r) => {
+                    // The endpoint continues this gateway's span.
+                    if let Some(s) = span.as_ref() {
+                        if let Ok(v) = hyper::header::HeaderValue::from_str(&s.traceparent()) {
+                            r.headers_mut().insert("traceparent", v);
+                        }
+                    }
+                    r
+                }
+                Err(e) => {
+                    return full(
+                        StatusCode::BAD_REQUEST,
+                        &format!("the request cannot be forwarded: {e} (check the Host header)"),
+                        "bad-request",
+                    )
+                }
+            };
+            let budget_for_try = per_try.map_or(remaining, |t| t.min(remaining));
+            let target = Target {
+                site: &site,
+                service,
+                port,
+                upstream,
+                subset,
+            };
+            let result =
+                tokio::time::timeout(budget_for_try, send_once(out, &routes, &target, req))
+                    .await
+                    .unwrap_or(Err(TryError::Timeout));
+            let verdict = judge(result, &policy, &parts.method, &mut tried, &site);
+            let outcome = if verdict.served {
+                Tried::Served
+            } else {
+                Tried::Failed
+            };
+            out.fwd.steer.observe(&routes, service, &site, outcome);
+            note(log, |e| {
+                e.destination_site = site.to_string();
+                e.retries = tries.saturating_sub(1);
+                e.failover_reason = tried.join("; ");
+            });
+            crate::trace::set(span, || {
+                vec![
+                    KeyValue::new("causeway.destination_site", site.to_string()),
+                    KeyValue::new("causeway.attempts", i64::from(tries)),
+                    KeyValue::new("causeway.failover", tried.join("; ")),
+                ]
+            });
+            match verdict.next {
+                Next::Answer(resp) => break 'tries resp,
+                Next::Retry(resp) => last = Some(resp),
+                Next::FailOver(resp) => {
+                    last = Some(resp);
+                    failing_over = true;
+                }
+                Next::Stop(resp) => {
+                    last = Some(resp);
+                    break;
+                }
+            }
         }
+        if Instant::now() >= deadline && last.is_none() {
+            break 'tries full(
+                StatusCode::GATEWAY_TIMEOUT,
+                "request timeout (TimeoutPolicy)",
+                "timeout",
+            );
+        }
+        last.unwrap_or_else(|| {
+            full(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("no site exports {service} or can take the request"),
+                "no-upstream",
+            )
+        })
+    };
+    if let Some(r) = &routed {
+        crate::httproute::edit_headers(resp.headers_mut(), &r.response_headers);
     }
-    if Instant::now() >= deadline && last.is_none() {
-        return full(
-            StatusCode::GATEWAY_TIMEOUT,
-            "request timeout (TimeoutPolicy)",
-            "timeout",
-        );
-    }
-    last.unwrap_or_else(|| {
-        full(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &format!("no site exports {service} or can take the request"),
-            "no-upstream",
-        )
-    })
+    resp
 }
+
+/// A request back from routing with what was decided, or the rule's own
+/// answer.
+type RouteResult =
+    Result<(Request<Incoming>, Option<crate::httproute::Routed>), Box<Response<Body>>>;
+
+/// Runs the service's route on the request's head: the request back with
+/// what was decided, or the rule's own answer.
+fn apply_route(
+    out: &HttpForward,
+    routes: &Routes,
+    route: &crate::httproute::CompiledRoute,
+    req: Request<Incoming>,
+) -> RouteResult {
+    use crate::httproute::{boxed, decide, Outcome};
+    let (head, incoming) = req.into_parts();
+    let local = &out.fwd.steer.local_site;
+    let labels: Vec<(&str, &str)> = routes
+        .sites
+        .get(local)
+        .map(|s| {
+            s.labels
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let rand = (rand::random::<f64>(), rand::random::<f64>());
+    let routed = match decide(route, &head, local.as_str(), &labels, rand) {
+        Outcome::Answer(resp) => return Err(Box::new(boxed(resp))),
+        Outcome::Unrouted => None,
+        Outcome::Forward(f) => Some(f),
+    };
+    Ok((Request::from_parts(head, incoming), routed))
+}
+
+/// `subset "v2"`, `site "west"` or both, for messages.
+fn describe(b: &causeway_gateway_core::route::Backend) -> String {
+    match (&b.subset, &b.site) {
+        (Some(s), Some(site)) => format!("subset {s:?} at site {site:?}"),
+        (Some(s), None) => format!("subset {s:?}"),
+        (None, Some(site)) => format!("site {site:?}"),
+        (None, None) => "any endpoint".into(),
+    }
+}
+
+/// The sites of `order` that can serve `backend`: its site only, if it
+/// names one; with a subset, the sites exporting that subset — those with
+/// healthy endpoints of it first, each group in `order`'s order.
+fn restrict(
+    routes: &Routes,
+    service: &ServiceKey,
+    order: Vec<String>,
+    backend: &causeway_gateway_core::route::Backend,
+) -> Vec<String> {
+    let subsets = routes.services.get(service).map(|s| &s.subsets);
+    let subset_health = |site: &str| -> Option<u32> {
+        let subset = backend.subset.as_deref()?;
+        let site: SiteName = site.parse().ok()?;
+        subsets?
+            .get(&site)?
+            .iter()
+            .find(|(n, _)| n == subset)
+            .map(|(_, h)| *h)
+    };
+    let eligible: Vec<String> = order
+        .into_iter()
+        .filter(|s| backend.site.as_deref().is_none_or(|want| want == s))
+        .filter(|s| backend.subset.is_none() || subset_health(s).is_some())
+        .collect();
+    let (healthy, rest): (Vec<String>, Vec<String>) = eligible
+        .into_iter()
+        .partition(|s| backend.subset.is_none() || subset_health(s).unwrap_or(0) > 0);
+    healthy.into_iter().chain(rest).collect()
+}
+
+/// Sends a copy of the request to `backend`, fire and forget: its answer
+/// is read and dropped, it counts in no budget, breaker or outlier
+/// state, and the original never waits for it. Copies in flight are
+/// bounded; past the bound a copy is skipped (counted).
+#[allow(clippy::too_many_arguments)]
+fn mirror(
+    out: &Arc<HttpForward>,
+    routes: &Arc<Routes>,
+    service: &ServiceKey,
+    port: u16,
+    upstream: Protocol,
+    backend: &causeway_gateway_core::route::Backend,
+    parts: &hyper::http::request::Parts,
+    body: Bytes,
+) {
+    use std::sync::atomic::Ordering;
+    let service_label = service.to_string();
+    if out.state.mirrors.fetch_add(1, Ordering::Relaxed) >= MAX_MIRRORS {
+        out.state.mirrors.fetch_sub(1, Ordering::Relaxed);
+        metrics::counter!("causeway_http_mirrored_total", "service" => service_label, "result" => "skipped").increment(1);
+        return;
+    }
+    let order = restrict(
+        routes,
+        service,
+        out.fwd.steer.order(routes, service),
+        backend,
+    );
+    let Some(site) = order.first().and_then(|s| s.parse::<SiteName>().ok()) else {
+        out.state.mirrors.fetch_sub(1, Ordering::Relaxed);
+        metrics::counter!("causeway_http_mirrored_total", "service" => service_label, "result" => "no_backend").increment(1);
+        return;
+    };
+    let Ok(req) = rebuild(parts, body, upstream, service) else {
+        out.state.mirrors.fetch_sub(1, Ordering::Relaxed);
+        return;
+    };
+    let (out, routes, service, subset) = (
+        out.clone(),
+        routes.clone(),
+        service.clone(),
+        backend.subset.clone(),
+    );
+    tokio::spawn(async move {
+        let target = Target {
+            site: &site,
+            service: &service,
+            port,
+            upstream,
+            subset: subset.as_deref(),
+        };
+        let sent = tokio::time::timeout(MIRROR_TIMEOUT, async {
+            let resp = send_once(&out, &routes, &target, req).await?;
+            // Read the answer so the connection can carry the next request.
+            let _ = resp.into_body().collect().await;
+            Ok::<_, TryError>(())
+        })
+        .await;
+        let result = match sent {
+            Ok(Ok(())) => "sent",
+            Ok(Err(_)) => "failed",
+            Err(_) => "timeout",
+        };
+        metrics::counter!("causeway_http_mirrored_total", "service" => service_label, "result" => result).increment(1);
+        out.state.mirrors.fetch_sub(1, Ordering::Relaxed);
+    });
+}
+
+/// Most mirrored copies in flight at once.
+const MAX_MIRRORS: usize = 1024;
+/// A mirrored copy gets this long.
+const MIRROR_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Applies the service's FaultInjection policy: maybe a delay, then maybe
 /// the abort answer.
@@ -767,6 +970,18 @@ fn judge(
                 failed(Next::Stop(resp))
             }
         }
+        Err(TryError::Limited(why)) => {
+            tried.push(format!("{site}: {why}"));
+            let mut resp = full(
+                StatusCode::TOO_MANY_REQUESTS,
+                &format!("the service's rate limit refused a new connection: {why}"),
+                "rate-limited",
+            );
+            resp.headers_mut()
+                .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+            // Shedding load: no retry, no other site.
+            failed(Next::Stop(resp))
+        }
         Err(TryError::Timeout) => {
             tried.push(format!("{site}: timed out"));
             let resp = full(
@@ -877,17 +1092,42 @@ fn strip_hop_by_hop(headers: &mut hyper::HeaderMap) {
     }
 }
 
+/// Where one try goes.
+struct Target<'a> {
+    site: &'a SiteName,
+    service: &'a ServiceKey,
+    port: u16,
+    upstream: Protocol,
+    /// Endpoints of this subset only.
+    subset: Option<&'a str>,
+}
+
 async fn send_once(
     out: &HttpForward,
     routes: &Routes,
-    site: &SiteName,
-    service: &ServiceKey,
-    port: u16,
-    upstream: Protocol,
+    target: &Target<'_>,
     req: Request<Full<Bytes>>,
 ) -> Result<Response<Incoming>, TryError> {
+    let Target {
+        site,
+        service,
+        port,
+        upstream,
+        subset,
+    } = *target;
     let h2 = upstream == Protocol::Http2;
-    let key = (site.clone(), service.clone(), port, h2);
+    let epoch = routes
+        .services
+        .get(service)
+        .map_or(0, |s| s.policy.admission_epoch());
+    let key = (
+        site.clone(),
+        service.clone(),
+        port,
+        h2,
+        subset.map(str::to_string),
+        epoch,
+    );
     let pool = &out.state.upstreams;
     let mut req = req;
     while let Some(up) = pool.take(&key) {
@@ -906,9 +1146,9 @@ async fn send_once(
         let tcp = out
             .fwd
             .dial
-            .local(service, port)
+            .local(service, port, subset)
             .await
-            .map_err(|a| TryError::Connect(a.reason().to_string()))?;
+            .map_err(try_error)?;
         handshake(TokioIo::new(tcp), h2).await?
     } else {
         // The stream carries the trace context of the request that opened
@@ -921,9 +1161,9 @@ async fn send_once(
         let (send, recv) = out
             .fwd
             .dial
-            .remote(routes, site, service, port, &trace)
+            .remote(routes, site, service, port, subset, &trace)
             .await
-            .map_err(|a| TryError::Connect(a.reason().to_string()))?;
+            .map_err(try_error)?;
         handshake(TokioIo::new(tokio::io::join(recv, send)), h2).await?
     };
     metrics::counter!("causeway_http_upstream_connections_total", "use" => "new").increment(1);
@@ -933,6 +1173,14 @@ async fn send_once(
     pool.send(&key, up, req)
         .await
         .map_err(|(e, _)| TryError::Reset(e.to_string()))
+}
+
+/// A dial that failed, as a try's error.
+fn try_error(a: crate::dial::Attempt) -> TryError {
+    match a {
+        crate::dial::Attempt::Limited(why) => TryError::Limited(why),
+        other => TryError::Connect(other.reason().to_string()),
+    }
 }
 
 /// A new upstream connection over `io`, in the endpoints' protocol.

@@ -48,6 +48,11 @@ pub struct Inbound {
     conns: Mutex<HashMap<SiteName, Vec<InboundConn>>>,
     /// The routing table, for AuthorizationPolicy (set once running).
     routes: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<crate::routes::Routes>>>,
+    /// The buckets of the exported services' RateLimits.
+    limiter: Arc<crate::admission::RateLimiter>,
+    /// How long a spliced HTTP stream lives on once its service needs
+    /// per-request checks (`retire_grace_secs`).
+    pub retire_grace: Duration,
 }
 
 impl Inbound {
@@ -74,6 +79,7 @@ impl Inbound {
     }
 
     /// An inbound side with the default header timeout.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         store: Arc<TrustStore>,
         exports: Arc<Exports>,
@@ -82,9 +88,11 @@ impl Inbound {
         idle_timeout: Duration,
         max_streams: u32,
         observers: crate::forward::Observers,
+        retire_grace: Duration,
     ) -> Arc<Self> {
         let mut this =
             Self::with_header_timeout(store, exports, drain, authorization, HEADER_TIMEOUT);
+        this.retire_grace = retire_grace;
         this.idle_timeout = idle_timeout;
         this.max_streams = max_streams;
         this.observers = observers;
@@ -111,6 +119,8 @@ impl Inbound {
             drain,
             exports,
             conns: Mutex::new(HashMap::new()),
+            limiter: Arc::default(),
+            retire_grace: Duration::from_secs(10),
         }
     }
 
@@ -288,6 +298,7 @@ impl Inbound {
             return;
         };
         let service = entry.export.service.clone();
+        let protocol = entry.export.protocol;
         let endpoints = entry.endpoints.clone();
         drop(table);
         let service = &service;
@@ -309,17 +320,54 @@ impl Inbound {
             .await;
             return;
         }
-        let Some((tcp, _in_flight)) = endpoints.connect().await else {
+        // The service's RateLimit: new connections, and whether requests
+        // must be checked one by one on this stream.
+        let routes = self.routes.get().map(|r| r.borrow().clone());
+        let mut check_requests = false;
+        if let Some(routes) = &routes {
+            use crate::admission::Admit;
+            if let Err(l) =
+                self.limiter
+                    .check(routes, service, peer.site.as_str(), Admit::Connection)
+            {
+                note(&mut log, |e| e.outcome = "rate_limited".into());
+                if let Some(s) = &mut span {
+                    s.error("rate_limited");
+                }
+                refuse(
+                    &mut send,
+                    Status::RateLimited,
+                    &format!(
+                        "rate limit {:?} of {} reached; retry in {} ms",
+                        l.limit, req.service, l.retry_ms
+                    ),
+                )
+                .await;
+                return;
+            }
+            check_requests = protocol.is_http()
+                && routes
+                    .services
+                    .get(service)
+                    .is_some_and(|s| s.policy.checks_requests());
+        }
+        let subset = (!req.subset.is_empty()).then_some(req.subset.as_str());
+        let Some((tcp, _in_flight)) = endpoints.connect_subset(subset).await else {
             note(&mut log, |e| e.outcome = "no_endpoints".into());
             if let Some(s) = &mut span {
                 s.error("no_endpoints");
             }
-            refuse(
-                &mut send,
-                Status::NoEndpoints,
-                &format!("no endpoint of {} accepted a connection", req.service),
-            )
-            .await;
+            let what = match subset {
+                Some(v) if !endpoints.has_subset(v) => {
+                    format!("{} has no endpoint of subset {v:?} here", req.service)
+                }
+                Some(v) => format!(
+                    "no endpoint of {} subset {v:?} accepted a connection",
+                    req.service
+                ),
+                None => format!("no endpoint of {} accepted a connection", req.service),
+            };
+            refuse(&mut send, Status::NoEndpoints, &what).await;
             return;
         };
         if respond(&mut send, Status::Opened, "").await.is_err() {
@@ -331,7 +379,59 @@ impl Inbound {
         tracing::debug!(site = %peer.site, service = %req.service, "stream opened");
         let endpoint_addr = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
         note(&mut log, |e| e.endpoint.clone_from(&endpoint_addr));
-        let (to_caller, from_caller) = splice(tcp, send, recv, self.idle_timeout).await;
+        if check_requests {
+            if let Some(routes) = self.routes.get() {
+                let checks = crate::inbound_http::Checks {
+                    service: service.clone(),
+                    caller: peer.site.to_string(),
+                    limiter: self.limiter.clone(),
+                    routes: routes.clone(),
+                };
+                note(&mut log, |e| e.protocol = "http".into());
+                let h2 = protocol == causeway_api::model::Protocol::Http2;
+                crate::inbound_http::serve(send, recv, tcp, h2, checks).await;
+                metrics::gauge!("causeway_tunnel_streams_active", "direction" => "in")
+                    .decrement(1.0);
+                return;
+            }
+        }
+        let spliced = splice(tcp, send, recv, self.idle_timeout);
+        // A spliced HTTP stream sees no requests: when the service starts
+        // to need per-request checks, callers move to fresh streams at
+        // their next request (their connections are kept per admission
+        // epoch), and this one is cut after the grace, so no caller keeps
+        // an unchecked path.
+        let (to_caller, from_caller) = match self.routes.get() {
+            Some(routes) if protocol.is_http() => {
+                let mut routes = routes.clone();
+                let svc = service.clone();
+                let needs_checks = async move {
+                    loop {
+                        if routes
+                            .borrow_and_update()
+                            .services
+                            .get(&svc)
+                            .is_some_and(|s| s.policy.checks_requests())
+                        {
+                            return;
+                        }
+                        if routes.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                };
+                let grace = self.retire_grace;
+                tokio::select! {
+                    r = spliced => r,
+                    _ = async { needs_checks.await; tokio::time::sleep(grace).await } => {
+                        metrics::counter!("causeway_tunnel_streams_cut_total", "why" => "admission").increment(1);
+                        tracing::info!(site = %peer.site, %service, "cut a spliced stream: the service now checks requests");
+                        (0, 0)
+                    }
+                }
+            }
+            _ => spliced.await,
+        };
         note(&mut log, |e| {
             e.bytes_in = from_caller;
             e.bytes_out = to_caller;

@@ -24,7 +24,7 @@ fn outcome(attempt: &Result<Stream, Attempt>) -> Tried {
     match attempt {
         Ok(_) => Tried::Served,
         Err(Attempt::Retry(_)) => Tried::Failed,
-        Err(Attempt::Fatal(_)) => Tried::Refused,
+        Err(Attempt::Fatal(_) | Attempt::Limited(_)) => Tried::Refused,
     }
 }
 
@@ -65,10 +65,13 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
             continue;
         };
         let attempt = if site == fwd.steer.local_site {
-            fwd.dial.local(&service, port).await.map(Stream::Local)
+            fwd.dial
+                .local(&service, port, None)
+                .await
+                .map(Stream::Local)
         } else {
             fwd.dial
-                .remote(&routes, &site, &service, port, traceparent.as_bytes())
+                .remote(&routes, &site, &service, port, None, traceparent.as_bytes())
                 .await
                 .map(|(s, r)| Stream::Remote(s, r))
         };
@@ -123,7 +126,7 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
                 tracing::debug!(%service, %site, %why, "site did not take the stream; trying the next");
                 tried.push(format!("{site}: {why}"));
             }
-            Err(Attempt::Fatal(why)) => {
+            Err(Attempt::Fatal(why) | Attempt::Limited(why)) => {
                 tracing::info!(%service, %site, %why, "stream refused");
                 tried.push(format!("{site}: {why}"));
                 break;

@@ -16,6 +16,7 @@
 #![warn(missing_docs)]
 
 pub mod access;
+pub mod admission;
 pub mod config;
 pub mod congestion;
 pub mod dial;
@@ -24,7 +25,9 @@ pub mod endpoints;
 pub mod exports;
 pub mod forward;
 pub mod http;
+pub mod httproute;
 pub mod inbound;
+pub mod inbound_http;
 pub mod l4;
 pub mod outbound;
 pub mod pool;
@@ -171,6 +174,7 @@ pub async fn run(
             tracing: tracing_.clone(),
             site: state.site.to_string(),
         },
+        settings.retire_grace,
     );
     let pool = Pool::new(
         endpoint.clone(),

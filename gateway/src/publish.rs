@@ -130,6 +130,11 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
                 .flat_map(|e| e.endpoints.iter().copied())
                 .collect();
             let zones = zone_health(&entries, &total, &healthy);
+            let subsets = subset_health(&entries, &total, &healthy);
+            for g in &subsets {
+                metrics::gauge!("causeway_export_subset_healthy_endpoints", "service" => service.clone(), "subset" => g.name.clone())
+                    .set(f64::from(g.healthy));
+            }
             for z in &zones {
                 metrics::gauge!("causeway_export_zone_healthy_endpoints", "service" => service.clone(), "zone" => z.zone.clone())
                     .set(f64::from(z.healthy));
@@ -142,6 +147,7 @@ pub async fn check(exports: &[LocalExport], timeout: Duration) -> Vec<pb::Export
                 healthy_endpoints: healthy.len() as u32,
                 total_endpoints: total.len() as u32,
                 zones,
+                subsets,
                 vip_index: 0,
                 headless,
                 endpoints: if headless {
@@ -164,22 +170,7 @@ fn zone_health(
     if entries.iter().all(|e| e.zones.is_empty()) {
         return Vec::new();
     }
-    let zone_of = |a: &SocketAddr| {
-        entries
-            .iter()
-            .find_map(|e| e.zones.get(a))
-            .cloned()
-            .unwrap_or_default()
-    };
-    let mut by_zone: BTreeMap<String, (u32, u32)> = BTreeMap::new();
-    for a in total {
-        let z = by_zone.entry(zone_of(a)).or_default();
-        z.1 += 1;
-        if healthy.contains(a) {
-            z.0 += 1;
-        }
-    }
-    by_zone
+    group_counts(entries, total, healthy, Some(""), |e, a| e.zones.get(a))
         .into_iter()
         .map(|(zone, (healthy, total))| pb::ZoneHealth {
             zone,
@@ -187,6 +178,47 @@ fn zone_health(
             total,
         })
         .collect()
+}
+
+/// Healthy and total endpoints per subset (version); endpoints without a
+/// version are in none.
+fn subset_health(
+    entries: &[&LocalExport],
+    total: &BTreeSet<SocketAddr>,
+    healthy: &BTreeSet<SocketAddr>,
+) -> Vec<pb::SubsetHealth> {
+    group_counts(entries, total, healthy, None, |e, a| e.versions.get(a))
+        .into_iter()
+        .map(|(name, (healthy, total))| pb::SubsetHealth {
+            name,
+            healthy,
+            total,
+        })
+        .collect()
+}
+
+/// (healthy, total) endpoints per group, an endpoint's group being the
+/// first an entry gives it, else `default` (`None`: in no group).
+fn group_counts<'a>(
+    entries: &[&'a LocalExport],
+    total: &BTreeSet<SocketAddr>,
+    healthy: &BTreeSet<SocketAddr>,
+    default: Option<&str>,
+    group_of: impl Fn(&'a LocalExport, &SocketAddr) -> Option<&'a String>,
+) -> BTreeMap<String, (u32, u32)> {
+    let mut by_group: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    for a in total {
+        let found = entries.iter().find_map(|e| group_of(e, a));
+        let Some(g) = found.map(String::as_str).or(default) else {
+            continue;
+        };
+        let c = by_group.entry(g.to_string()).or_default();
+        c.1 += 1;
+        if healthy.contains(a) {
+            c.0 += 1;
+        }
+    }
+    by_group
 }
 
 /// The ready endpoints of a headless service, one per address and
@@ -296,7 +328,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn healthy_endpoints_are_counted_per_zone() {
+    async fn healthy_endpoints_are_counted_per_zone_and_subset() {
         let up_a = server("HTTP/1.1 200 OK\r\n\r\n").await;
         let up_b = server("HTTP/1.1 200 OK\r\n\r\n").await;
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -316,6 +348,10 @@ mod tests {
                 .into_iter()
                 .map(|(a, z)| (a, z.to_string()))
                 .collect(),
+            versions: [(up_a, "v1"), (up_b, "v2"), (down_b, "v2")]
+                .into_iter()
+                .map(|(a, z)| (a, z.to_string()))
+                .collect(),
             exported_at_ms: 0,
             client_ip_affinity: false,
         };
@@ -328,6 +364,13 @@ mod tests {
             .map(|z| (z.zone.as_str(), z.healthy, z.total))
             .collect();
         assert_eq!(zones, vec![("", 1, 1), ("zone-a", 1, 1), ("zone-b", 1, 2)]);
+        // Subsets: the endpoint without a version is in none.
+        let subsets: Vec<(&str, u32, u32)> = e
+            .subsets
+            .iter()
+            .map(|z| (z.name.as_str(), z.healthy, z.total))
+            .collect();
+        assert_eq!(subsets, vec![("v1", 1, 1), ("v2", 1, 2)]);
 
         // No zones configured: nothing per zone is published.
         let plain = LocalExport {

@@ -40,6 +40,8 @@ pub struct ServiceRoute {
     pub http_ports: BTreeMap<u16, Protocol>,
     /// Each exporter's endpoints, healthy or not.
     pub totals: BTreeMap<SiteName, u32>,
+    /// Each exporter's subsets (versions) with their healthy endpoints.
+    pub subsets: BTreeMap<SiteName, Vec<(String, u32)>>,
     /// The policies that apply.
     pub policy: ServicePolicy,
 }
@@ -63,6 +65,37 @@ pub struct ServicePolicy {
     pub fault: Option<FaultSpec>,
     /// Who may call (checked at the exporting gateway).
     pub authz: Option<AuthzSpec>,
+    /// Per-request routing (HTTP).
+    pub route: Option<crate::httproute::CompiledRoute>,
+    /// Rate limits (checked at the exporting gateway).
+    pub rate_limit: Option<crate::admission::CompiledLimits>,
+}
+
+impl ServicePolicy {
+    /// Whether the exporting gateway must see this service's HTTP requests
+    /// one by one (to check them) rather than splice its streams.
+    pub fn checks_requests(&self) -> bool {
+        self.rate_limit
+            .as_ref()
+            .is_some_and(|l| l.limits_requests())
+    }
+
+    /// Identifies what the exporting gateway checks per request: callers
+    /// keep upstream connections per value, so a change moves their next
+    /// request onto a fresh stream that the new checks see.
+    pub fn admission_epoch(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        if !self.checks_requests() {
+            return 0;
+        }
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        if let Some(l) = &self.rate_limit {
+            serde_json::to_string(&l.spec)
+                .unwrap_or_default()
+                .hash(&mut h);
+        }
+        h.finish().max(1)
+    }
 }
 
 impl ServicePolicy {
@@ -88,7 +121,8 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
                 continue;
             }
         };
-        let entry = out.entry(policy.target()).or_default();
+        let target = policy.target();
+        let entry = out.entry(target.clone()).or_default();
         let dup = |what: &str| {
             tracing::warn!(service = %policy.target(), kind = what, ignored = %policy.name, "more than one policy of this kind; the first by name applies");
         };
@@ -121,6 +155,24 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
             Spec::FaultInjection(_) => dup("FaultInjection"),
             Spec::AuthorizationPolicy(a) if entry.authz.is_none() => entry.authz = Some(a),
             Spec::AuthorizationPolicy(_) => dup("AuthorizationPolicy"),
+            Spec::HttpRoute(r) if entry.route.is_none() => {
+                match crate::httproute::CompiledRoute::compile(&policy.name, r) {
+                    Ok(c) => entry.route = Some(c),
+                    Err(e) => {
+                        tracing::warn!(service = %target, name = %policy.name, error = %e, "ignoring an HTTPRoute this gateway cannot compile")
+                    }
+                }
+            }
+            Spec::HttpRoute(_) => dup("HTTPRoute"),
+            Spec::RateLimit(r) if entry.rate_limit.is_none() => {
+                match crate::admission::CompiledLimits::compile(r) {
+                    Ok(c) => entry.rate_limit = Some(c),
+                    Err(e) => {
+                        tracing::warn!(service = %target, name = %policy.name, error = %e, "ignoring a RateLimit this gateway cannot compile")
+                    }
+                }
+            }
+            Spec::RateLimit(_) => dup("RateLimit"),
         }
     }
     out
@@ -176,6 +228,16 @@ impl Routes {
                     exporters: svc.exporters,
                     http_ports,
                     totals: svc.totals,
+                    subsets: svc
+                        .subsets
+                        .into_iter()
+                        .map(|(site, groups)| {
+                            (
+                                site,
+                                groups.into_iter().map(|g| (g.name, g.healthy)).collect(),
+                            )
+                        })
+                        .collect(),
                     policy,
                 },
             );

@@ -74,6 +74,7 @@ async fn setup_with(
         hostnames: Default::default(),
         health_path: None,
         zones: Default::default(),
+        versions: Default::default(),
         exported_at_ms: 0,
         client_ip_affinity: false,
     }];
@@ -147,6 +148,7 @@ fn open_request() -> Vec<u8> {
         deadline_ms: 1000,
         trace: vec![],
         caller: "test".into(),
+        subset: String::new(),
     }
     .encode()
 }
@@ -362,6 +364,7 @@ async fn a_forged_caller_field_in_the_stream_header_is_ignored() {
         deadline_ms: 1000,
         trace: vec![],
         caller: "spiffe://a.causeway/gateway/gw-0".into(),
+        subset: String::new(),
     };
     send.write_all(&forged.encode()).await.unwrap();
     assert_eq!(read_status(&mut recv).await.unwrap(), Status::Forbidden);

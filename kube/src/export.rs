@@ -348,6 +348,8 @@ impl SiteExport {
                 .collect(),
             healthy_endpoints: self.ready,
             total_endpoints: self.total,
+            // Kubernetes endpoints carry no version here yet.
+            subsets: Vec::new(),
             headless: self.headless,
             endpoints: self
                 .endpoints

@@ -45,6 +45,21 @@ pub struct ServiceView {
     /// Each exporter's healthy and total endpoints per zone, when it
     /// reports them ("" is the site's own zone).
     pub zones: BTreeMap<SiteName, Vec<pb::ZoneHealth>>,
+    /// Each exporter's healthy and total endpoints per subset (version),
+    /// when its endpoints carry one.
+    pub subsets: BTreeMap<SiteName, Vec<pb::SubsetHealth>>,
+}
+
+impl ServiceView {
+    /// Healthy endpoints of `subset` at `site`; `None` when the site has no
+    /// endpoint of that subset.
+    pub fn subset_healthy(&self, site: &SiteName, subset: &str) -> Option<u32> {
+        self.subsets
+            .get(site)?
+            .iter()
+            .find(|s| s.name == subset)
+            .map(|s| s.healthy)
+    }
 }
 
 /// The catalog as one watcher holds it: a snapshot plus the deltas
@@ -180,9 +195,13 @@ impl CatalogView {
                     endpoints: Vec::new(),
                     totals: BTreeMap::new(),
                     zones: BTreeMap::new(),
+                    subsets: BTreeMap::new(),
                 });
                 if !e.zones.is_empty() {
                     view.zones.insert(site_name.clone(), e.zones.clone());
+                }
+                if !e.subsets.is_empty() {
+                    view.subsets.insert(site_name.clone(), e.subsets.clone());
                 }
                 view.totals.insert(
                     site_name.clone(),

@@ -128,7 +128,32 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
             }
             endpoints.push(record);
         }
-        let zones = parse_zones(i, e)?;
+        let zones = parse_groups(
+            &format!("exports[{i}].zones"),
+            ("zone", "zone"),
+            e.zones
+                .iter()
+                .map(|z| (z.zone.as_str(), z.healthy, z.total)),
+        )?;
+        check_zone_sums(i, e, &zones)?;
+        let subsets = parse_groups(
+            &format!("exports[{i}].subsets"),
+            ("subset", "name"),
+            e.subsets
+                .iter()
+                .map(|z| (z.name.as_str(), z.healthy, z.total)),
+        )?;
+        if let Some((j, s)) = subsets.iter().enumerate().find(|(_, s)| {
+            s.zone.is_empty() || s.total > e.total_endpoints.max(e.healthy_endpoints)
+        }) {
+            return Err(invalid(
+                &format!("exports[{i}].subsets[{j}]"),
+                format!(
+                    "subset {:?} of {} endpoints: a subset is named and holds at most the export's {}",
+                    s.zone, s.total, e.total_endpoints
+                ),
+            ));
+        }
         out.push(ExportRecord {
             service,
             ports,
@@ -138,6 +163,7 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
             endpoints,
             total_endpoints: e.total_endpoints.max(e.healthy_endpoints),
             zones,
+            subsets,
             exported_at_ms: e.exported_at_unix_ms,
             client_ip_affinity: e.client_ip_affinity,
         });
@@ -145,56 +171,68 @@ pub fn parse_exports(exports: &[pb::Export]) -> Result<Vec<ExportRecord>, Status
     Ok(out)
 }
 
-/// Per-zone health of export `i`: valid zone labels, each once, healthy
-/// within total, adding up to the export's own counts.
-fn parse_zones(i: usize, e: &pb::Export) -> Result<Vec<crate::state::ZoneRecord>, Status> {
-    let field = format!("exports[{i}].zones");
-    if e.zones.len() > crate::state::MAX_ZONES_PER_EXPORT {
+/// Per-group health (zones or subsets) under `field`, each group's name in
+/// its field `key`: valid label values,
+/// each once, healthy within total.
+fn parse_groups<'a>(
+    field: &str,
+    (what, key): (&str, &str),
+    groups: impl ExactSizeIterator<Item = (&'a str, u32, u32)>,
+) -> Result<Vec<crate::state::ZoneRecord>, Status> {
+    if groups.len() > crate::state::MAX_ZONES_PER_EXPORT {
         return Err(invalid(
-            &field,
+            field,
             format!(
-                "{} zones; an export may report at most {}",
-                e.zones.len(),
+                "{} {what}s; an export may report at most {}",
+                groups.len(),
                 crate::state::MAX_ZONES_PER_EXPORT
             ),
         ));
     }
-    let mut out: Vec<crate::state::ZoneRecord> = Vec::with_capacity(e.zones.len());
-    let (mut healthy, mut total) = (0u64, 0u64);
-    for (j, z) in e.zones.iter().enumerate() {
+    let mut out: Vec<crate::state::ZoneRecord> = Vec::with_capacity(groups.len());
+    for (j, (name, healthy, total)) in groups.enumerate() {
         let f = format!("{field}[{j}]");
-        causeway_api::model::check_label_value("zone", &z.zone)
-            .map_err(|err| invalid(&format!("{f}.zone"), err))?;
-        if out.iter().any(|o| o.zone == z.zone) {
-            return Err(invalid(&f, format!("zone {:?} listed twice", z.zone)));
+        causeway_api::model::check_label_value("name", name)
+            .map_err(|err| invalid(&format!("{f}.{key}"), err))?;
+        if out.iter().any(|o| o.zone == name) {
+            return Err(invalid(&f, format!("{what} {name:?} listed twice")));
         }
-        if z.healthy > z.total {
+        if healthy > total {
             return Err(invalid(
                 &f,
-                format!("{} healthy of {} endpoints", z.healthy, z.total),
+                format!("{healthy} healthy of {total} endpoints"),
             ));
         }
-        healthy += u64::from(z.healthy);
-        total += u64::from(z.total);
         out.push(crate::state::ZoneRecord {
-            zone: z.zone.clone(),
-            healthy: z.healthy,
-            total: z.total,
+            zone: name.to_string(),
+            healthy,
+            total,
         });
     }
-    if !out.is_empty()
+    Ok(out)
+}
+
+/// Zones of export `i`, when reported, add up to the export's own counts.
+fn check_zone_sums(
+    i: usize,
+    e: &pb::Export,
+    zones: &[crate::state::ZoneRecord],
+) -> Result<(), Status> {
+    let healthy: u64 = zones.iter().map(|z| u64::from(z.healthy)).sum();
+    let total: u64 = zones.iter().map(|z| u64::from(z.total)).sum();
+    if !zones.is_empty()
         && (healthy != u64::from(e.healthy_endpoints)
             || total != u64::from(e.total_endpoints.max(e.healthy_endpoints)))
     {
         return Err(invalid(
-            &field,
+            &format!("exports[{i}].zones"),
             format!(
                 "zones add up to {healthy} healthy of {total}, but the export says {} of {}",
                 e.healthy_endpoints, e.total_endpoints
             ),
         ));
     }
-    Ok(out)
+    Ok(())
 }
 
 /// Validates every document; the error lists every invalid field of every

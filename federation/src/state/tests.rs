@@ -46,6 +46,7 @@ fn export(svc: &str, healthy: u32) -> ExportRecord {
         endpoints: vec![],
         total_endpoints: healthy,
         zones: vec![],
+        subsets: vec![],
         exported_at_ms: 0,
         client_ip_affinity: false,
     }

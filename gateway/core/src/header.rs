@@ -7,6 +7,8 @@
 //! request:  "CW" | version u8 = 1 | kind u8 = 1 | body_len u16 BE | body
 //!   body:   svc_len u8 | service key | port u16 | deadline_ms u32
 //!           | trace_len u8 | trace context | caller_len u8 | caller identity
+//!           [ | subset_len u8 | subset ]   (only when a subset is asked for,
+//!                                          so older peers still read the rest)
 //! response: "CW" | version u8 = 1 | status u8 | msg_len u16 BE | msg (UTF-8)
 //! ```
 //!
@@ -69,6 +71,8 @@ pub struct OpenRequest {
     pub trace: Vec<u8>,
     /// The calling workload's identity as the caller's gateway saw it.
     pub caller: String,
+    /// The subset (endpoint version) to connect to; empty for any endpoint.
+    pub subset: String,
 }
 
 /// The remote gateway's answer.
@@ -91,6 +95,9 @@ pub enum Status {
     /// the caller's certificate no longer chains to its site's bundle).
     /// Retryable over a fresh tunnel to the same site.
     Retired = 6,
+    /// A RateLimit of the service refused the connection. Not retryable:
+    /// trying elsewhere would only multiply the load being shed.
+    RateLimited = 7,
 }
 
 impl Status {
@@ -104,6 +111,7 @@ impl Status {
             4 => Status::BadRequest,
             5 => Status::Draining,
             6 => Status::Retired,
+            7 => Status::RateLimited,
             other => return Err(HeaderError::Status(other)),
         })
     }
@@ -126,6 +134,7 @@ impl Status {
             Status::BadRequest => "bad_request",
             Status::Draining => "draining",
             Status::Retired => "retired",
+            Status::RateLimited => "rate_limited",
         }
     }
 }
@@ -204,6 +213,9 @@ impl OpenRequest {
         body.extend_from_slice(&self.deadline_ms.to_be_bytes());
         put_short(&mut body, &self.trace);
         put_short(&mut body, self.caller.as_bytes());
+        if !self.subset.is_empty() {
+            put_short(&mut body, self.subset.as_bytes());
+        }
         let mut out = Vec::with_capacity(PREFIX_LEN + body.len());
         out.extend_from_slice(&MAGIC);
         out.push(VERSION);
@@ -238,7 +250,12 @@ impl OpenRequest {
             deadline_ms: r.u32()?,
             trace: r.short_bytes()?.to_vec(),
             caller: r.short_str("caller")?,
+            subset: String::new(),
         };
+        let mut req = req;
+        if !r.buf.is_empty() {
+            req.subset = r.short_str("subset")?;
+        }
         if !r.buf.is_empty() {
             return Err(HeaderError::Trailing(r.buf.len()));
         }
@@ -334,6 +351,7 @@ mod tests {
             deadline_ms: 5000,
             trace: b"00-abc-01".to_vec(),
             caller: "spiffe://east.causeway/gateway/0".into(),
+            subset: String::new(),
         }
     }
 
@@ -345,6 +363,7 @@ mod tests {
             deadline_ms: 1,
             trace: vec![],
             caller: "c".into(),
+            subset: String::new(),
         }
         .encode();
         assert_eq!(
@@ -358,6 +377,20 @@ mod tests {
                 1, b'c', // caller
             ]
         );
+        // A subset is a field of its own after the caller; a request
+        // without one is the frame an older gateway sends and reads.
+        let with_subset = OpenRequest {
+            service: "a/b".into(),
+            port: 80,
+            deadline_ms: 1,
+            trace: vec![],
+            caller: "c".into(),
+            subset: "v2".into(),
+        };
+        let bytes = with_subset.encode();
+        assert_eq!(&bytes[4..6], &[0, 16]);
+        assert_eq!(&bytes[19..], &[2, b'v', b'2']);
+        assert_eq!(OpenRequest::decode(&bytes).unwrap(), with_subset);
     }
 
     #[test]
@@ -400,6 +433,8 @@ mod tests {
         assert!(Status::Retired.is_retryable());
         assert!(!Status::Forbidden.is_retryable());
         assert!(!Status::Opened.is_retryable());
+        assert!(!Status::RateLimited.is_retryable());
+        assert_eq!(Status::from_u8(7), Ok(Status::RateLimited));
     }
 
     proptest! {
@@ -425,8 +460,9 @@ mod tests {
             deadline_ms in any::<u32>(),
             trace in proptest::collection::vec(any::<u8>(), 0..255),
             caller in "[a-z:/.]{0,100}",
+            subset in "[a-z0-9]{0,63}",
         ) {
-            let req = OpenRequest { service, port, deadline_ms, trace, caller };
+            let req = OpenRequest { service, port, deadline_ms, trace, caller, subset };
             let bytes = req.encode();
             prop_assert!(bytes.len() <= PREFIX_LEN + MAX_BODY);
             prop_assert_eq!(OpenRequest::decode(&bytes).unwrap(), req);

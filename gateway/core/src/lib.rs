@@ -1,9 +1,10 @@
 //! causeway-gateway-core: the gateway's decisions, without I/O.
 //!
 //! The tunnel stream header codec, the default site order ([`order`]),
-//! and the traffic-policy decisions ([`traffic`]): failover tiers and
+//! the traffic-policy decisions ([`traffic`]): failover tiers and
 //! their loads, splits, outlier ejection, retry budgets, circuit breakers
-//! and fault injection.
+//! and fault injection; request routing ([`route`]); and token buckets
+//! ([`ratelimit`]).
 //! No tokio, no sockets, no clock reads: the async shell in
 //! `causeway-gateway` feeds bytes and state in and acts on what comes out.
 
@@ -12,6 +13,8 @@
 pub mod balance;
 pub mod header;
 pub mod order;
+pub mod ratelimit;
+pub mod route;
 pub mod traffic;
 
 pub use header::{HeaderError, OpenRequest, OpenResponse, Status};

@@ -16,8 +16,10 @@ mod breaker;
 mod failover;
 mod fault;
 mod outlier;
+mod ratelimit;
 mod read;
 mod retry;
+mod route;
 mod split;
 mod timeout;
 
@@ -28,7 +30,13 @@ pub use failover::{
 };
 pub use fault::{FaultAbort, FaultDelay, FaultSpec};
 pub use outlier::OutlierSpec;
+pub use ratelimit::{Limit, Per, RateLimitSpec, Scope};
 pub use retry::{RetryBudget, RetryOn, RetrySpec};
+pub use route::{
+    BackendRef, FixedResponse, HeaderModifier, HeaderValue, HttpRouteSpec, MirrorRef, PathMatch,
+    PathModifier, RequestMirror, RequestRedirect, RouteFilter, RouteMatch, RouteRule, SourceMatch,
+    UrlRewrite, ValueMatch, REGEX_SIZE_LIMIT,
+};
 pub use split::TrafficSplitSpec;
 pub use timeout::TimeoutSpec;
 
@@ -62,6 +70,11 @@ pub enum Kind {
     FaultInjection,
     /// Who may call a service.
     AuthorizationPolicy,
+    /// Per-request routing: matches, subsets, rewrites, redirects.
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute,
+    /// Token-bucket limits on requests and connections.
+    RateLimit,
 }
 
 /// Every kind, in the order errors list them.
@@ -74,6 +87,8 @@ pub const KINDS: &[Kind] = &[
     Kind::OutlierDetection,
     Kind::FaultInjection,
     Kind::AuthorizationPolicy,
+    Kind::HttpRoute,
+    Kind::RateLimit,
 ];
 
 impl Kind {
@@ -88,6 +103,8 @@ impl Kind {
             Kind::OutlierDetection => "OutlierDetection",
             Kind::FaultInjection => "FaultInjection",
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::RateLimit => "RateLimit",
         }
     }
 }
@@ -137,6 +154,11 @@ pub enum Spec {
     FaultInjection(FaultSpec),
     /// See [`AuthzSpec`].
     AuthorizationPolicy(AuthzSpec),
+    /// See [`HttpRouteSpec`].
+    #[serde(rename = "HTTPRoute")]
+    HttpRoute(HttpRouteSpec),
+    /// See [`RateLimitSpec`].
+    RateLimit(RateLimitSpec),
 }
 
 impl Spec {
@@ -151,6 +173,8 @@ impl Spec {
             Spec::OutlierDetection(_) => Kind::OutlierDetection,
             Spec::FaultInjection(_) => Kind::FaultInjection,
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
+            Spec::HttpRoute(_) => Kind::HttpRoute,
+            Spec::RateLimit(_) => Kind::RateLimit,
         }
     }
 
@@ -165,6 +189,8 @@ impl Spec {
             Spec::OutlierDetection(s) => &s.service,
             Spec::FaultInjection(s) => &s.service,
             Spec::AuthorizationPolicy(s) => &s.service,
+            Spec::HttpRoute(s) => &s.service,
+            Spec::RateLimit(s) => &s.service,
         }
     }
 }
@@ -298,6 +324,8 @@ fn parse_spec(kind: Kind, v: Option<&Value>, errs: &mut Errors) -> Option<Spec> 
         Kind::OutlierDetection => (outlier::KEYS, outlier::parse),
         Kind::FaultInjection => (fault::KEYS, fault::parse),
         Kind::AuthorizationPolicy => (authz::KEYS, authz::parse),
+        Kind::HttpRoute => (route::KEYS, route::parse),
+        Kind::RateLimit => (ratelimit::KEYS, ratelimit::parse),
     };
     let m = object(v, "spec", keys, errs)?;
     let before = errs.0.len();
