@@ -50,6 +50,8 @@ pub struct Inbound {
     routes: std::sync::OnceLock<tokio::sync::watch::Receiver<Arc<crate::routes::Routes>>>,
     /// The buckets of the exported services' RateLimits.
     limiter: Arc<crate::admission::RateLimiter>,
+    /// The key sets of the exported services' RequestAuthentications.
+    keys: Arc<crate::jwks::KeySets>,
     /// How long a spliced HTTP stream lives on once its service needs
     /// per-request checks (`retire_grace_secs`).
     pub retire_grace: Duration,
@@ -67,15 +69,17 @@ impl Inbound {
         &self,
         peer: &causeway_api::trust::Peer,
         service: &causeway_api::model::ServiceKey,
+        http: bool,
     ) -> Option<bool> {
         let routes = self.routes.get()?.borrow().clone();
         let authz = routes.services.get(service)?.policy.authz.as_ref()?;
         let id = peer.id.to_string();
-        Some(
-            authz.allow.iter().any(|r| {
-                r.sites.iter().any(|s| s == peer.site.as_str()) || r.identities.contains(&id)
-            }),
-        )
+        // Rules that also look at requests admit an HTTP stream here and
+        // are checked in full per request (`inbound_http`); a TCP stream
+        // has no requests to check, so such rules never admit it.
+        Some(authz.allow.iter().any(|r| {
+            r.caller_matches(peer.site.as_str(), &id) && (http || !r.has_request_conditions())
+        }))
     }
 
     /// An inbound side with the default header timeout.
@@ -120,6 +124,7 @@ impl Inbound {
             exports,
             conns: Mutex::new(HashMap::new()),
             limiter: Arc::default(),
+            keys: Arc::default(),
             retire_grace: Duration::from_secs(10),
         }
     }
@@ -305,7 +310,7 @@ impl Inbound {
         // Both must allow: the gateway's own [[allow]] rules and, when one
         // exists, the federation's AuthorizationPolicy for the service.
         if !self.authorization.allows(&peer.site, service)
-            || self.policy_allows(&peer, service) == Some(false)
+            || self.policy_allows(&peer, service, protocol.is_http()) == Some(false)
         {
             tracing::info!(site = %peer.site, service = %req.service, "stream refused by authorization");
             note(&mut log, |e| e.outcome = "forbidden".into());
@@ -384,7 +389,9 @@ impl Inbound {
                 let checks = crate::inbound_http::Checks {
                     service: service.clone(),
                     caller: peer.site.to_string(),
+                    caller_id: peer.id.to_string(),
                     limiter: self.limiter.clone(),
+                    keys: self.keys.clone(),
                     routes: routes.clone(),
                 };
                 note(&mut log, |e| e.protocol = "http".into());

@@ -28,6 +28,7 @@ pub mod http;
 pub mod httproute;
 pub mod inbound;
 pub mod inbound_http;
+pub mod jwks;
 pub mod l4;
 pub mod outbound;
 pub mod pool;

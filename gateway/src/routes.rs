@@ -69,6 +69,8 @@ pub struct ServicePolicy {
     pub route: Option<crate::httproute::CompiledRoute>,
     /// Rate limits (checked at the exporting gateway).
     pub rate_limit: Option<crate::admission::CompiledLimits>,
+    /// Accepted tokens (checked at the exporting gateway).
+    pub authn: Option<causeway_api::policy::RequestAuthnSpec>,
 }
 
 impl ServicePolicy {
@@ -78,6 +80,11 @@ impl ServicePolicy {
         self.rate_limit
             .as_ref()
             .is_some_and(|l| l.limits_requests())
+            || self.authn.is_some()
+            || self
+                .authz
+                .as_ref()
+                .is_some_and(|a| a.has_request_conditions())
     }
 
     /// Identifies what the exporting gateway checks per request: callers
@@ -94,6 +101,12 @@ impl ServicePolicy {
                 .unwrap_or_default()
                 .hash(&mut h);
         }
+        serde_json::to_string(&self.authn)
+            .unwrap_or_default()
+            .hash(&mut h);
+        serde_json::to_string(&self.authz)
+            .unwrap_or_default()
+            .hash(&mut h);
         h.finish().max(1)
     }
 }
@@ -173,6 +186,8 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
                 }
             }
             Spec::RateLimit(_) => dup("RateLimit"),
+            Spec::RequestAuthentication(a) if entry.authn.is_none() => entry.authn = Some(a),
+            Spec::RequestAuthentication(_) => dup("RequestAuthentication"),
         }
     }
     out

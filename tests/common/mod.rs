@@ -12,6 +12,7 @@ pub use causeway::local::wait::{equals, eventually, until};
 pub use causeway::local::{call_banner, echo_server, free_port, Export, LocalFederation};
 pub use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub mod jwt;
 pub mod l7;
 
 pub fn bin() -> PathBuf {

@@ -142,5 +142,5 @@ fn the_example_policy_objects_are_valid_documents() {
         }
         n += 1;
     }
-    assert_eq!(n, 5);
+    assert_eq!(n, 6);
 }

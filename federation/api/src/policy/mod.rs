@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::model::ServiceKey;
 
+mod authn;
 mod authz;
 mod breaker;
 mod failover;
@@ -23,6 +24,7 @@ mod route;
 mod split;
 mod timeout;
 
+pub use authn::{JwtRule, RequestAuthnSpec};
 pub use authz::{AuthzRule, AuthzSpec};
 pub use breaker::CircuitBreakerSpec;
 pub use failover::{
@@ -75,6 +77,8 @@ pub enum Kind {
     HttpRoute,
     /// Token-bucket limits on requests and connections.
     RateLimit,
+    /// Which JSON Web Tokens are accepted.
+    RequestAuthentication,
 }
 
 /// Every kind, in the order errors list them.
@@ -89,6 +93,7 @@ pub const KINDS: &[Kind] = &[
     Kind::AuthorizationPolicy,
     Kind::HttpRoute,
     Kind::RateLimit,
+    Kind::RequestAuthentication,
 ];
 
 impl Kind {
@@ -105,6 +110,7 @@ impl Kind {
             Kind::AuthorizationPolicy => "AuthorizationPolicy",
             Kind::HttpRoute => "HTTPRoute",
             Kind::RateLimit => "RateLimit",
+            Kind::RequestAuthentication => "RequestAuthentication",
         }
     }
 }
@@ -159,6 +165,8 @@ pub enum Spec {
     HttpRoute(HttpRouteSpec),
     /// See [`RateLimitSpec`].
     RateLimit(RateLimitSpec),
+    /// See [`RequestAuthnSpec`].
+    RequestAuthentication(RequestAuthnSpec),
 }
 
 impl Spec {
@@ -175,6 +183,7 @@ impl Spec {
             Spec::AuthorizationPolicy(_) => Kind::AuthorizationPolicy,
             Spec::HttpRoute(_) => Kind::HttpRoute,
             Spec::RateLimit(_) => Kind::RateLimit,
+            Spec::RequestAuthentication(_) => Kind::RequestAuthentication,
         }
     }
 
@@ -191,6 +200,7 @@ impl Spec {
             Spec::AuthorizationPolicy(s) => &s.service,
             Spec::HttpRoute(s) => &s.service,
             Spec::RateLimit(s) => &s.service,
+            Spec::RequestAuthentication(s) => &s.service,
         }
     }
 }
@@ -326,6 +336,7 @@ fn parse_spec(kind: Kind, v: Option<&Value>, errs: &mut Errors) -> Option<Spec> 
         Kind::AuthorizationPolicy => (authz::KEYS, authz::parse),
         Kind::HttpRoute => (route::KEYS, route::parse),
         Kind::RateLimit => (ratelimit::KEYS, ratelimit::parse),
+        Kind::RequestAuthentication => (authn::KEYS, authn::parse),
     };
     let m = object(v, "spec", keys, errs)?;
     let before = errs.0.len();
