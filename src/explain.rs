@@ -125,6 +125,7 @@ pub fn explain(
     // Policies that apply.
     let mut failover = None;
     let mut split = None;
+    let mut l7 = crate::explain_l7::L7::default();
     let mut names = Vec::new();
     for p in view.policies.values() {
         let Ok(v) = serde_json::from_str::<serde_json::Value>(&p.document_json) else {
@@ -143,6 +144,18 @@ pub fn explain(
             }
             Spec::TrafficSplit(s) if split.is_none() => {
                 split = Some((format!("{}/{}", p.namespace, p.name), s.weights))
+            }
+            Spec::HttpRoute(r) if l7.route.is_none() => {
+                l7.route = Some((format!("{}/{}", p.namespace, p.name), r))
+            }
+            Spec::RateLimit(r) if l7.limits.is_none() => {
+                l7.limits = Some((format!("{}/{}", p.namespace, p.name), r))
+            }
+            Spec::RequestAuthentication(a) if l7.authn.is_none() => {
+                l7.authn = Some((format!("{}/{}", p.namespace, p.name), a))
+            }
+            Spec::AuthorizationPolicy(a) if l7.authz.is_none() => {
+                l7.authz = Some((format!("{}/{}", p.namespace, p.name), a))
             }
             _ => {}
         }
@@ -306,6 +319,7 @@ pub fn explain(
             )?;
         }
     }
+    l7.write(svc, &mut t)?;
     Ok(Explanation {
         text: t,
         json: serde_json::json!({

@@ -12,6 +12,7 @@ pub mod ctl_admin;
 pub mod ctl_traffic;
 pub mod demo;
 pub mod explain;
+pub mod explain_l7;
 pub mod kubernetes;
 pub mod local;
 pub mod rotate;

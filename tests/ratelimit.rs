@@ -102,6 +102,11 @@ async fn http_requests_over_a_limit_get_429_per_service_per_site_and_per_route()
         },
     )
     .await;
+    let explain = fed.ctl(&["explain", "shop/web"]).await.unwrap();
+    assert!(
+        explain.contains("checkout: 10 requests/s, burst 5, a bucket per calling site, at each exporting gateway, on path prefix /checkout"),
+        "{explain}"
+    );
     // Other paths are not limited.
     let (ok, refused, _) = send(&mut c, "/browse", 200, 0, "checkout").await;
     assert_eq!((ok, refused), (200, 0));

@@ -182,6 +182,18 @@ async fn subsets_and_http_routes_send_each_request_where_its_rule_says() {
         ) >= 10_000.0,
         "per-rule counts are exported"
     );
+    let explain = fed
+        .ctl(&["explain", "shop/web", "--from", "central"])
+        .await
+        .unwrap();
+    for want in [
+        "HTTPRoute shop/web (the calling gateway decides per request, first match wins):",
+        "1. beta-users: header x-user ~ alice|bob -> 100.0% to subset v2 (at east 1/1, west 1/1)",
+        "3. eu-callers: from region=eu -> 100.0% to subset v2",
+        "7. canary: every request -> 99.0% to subset v1 (at east 1/1); 1.0% to subset v2",
+    ] {
+        assert!(explain.contains(want), "missing {want:?} in:\n{explain}");
+    }
     fed.shutdown().await;
 }
 

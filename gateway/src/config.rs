@@ -88,6 +88,9 @@ pub struct GatewayConfig {
     /// ServiceExports, imports are served on the pod's address.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes: Option<KubernetesConfig>,
+    /// A TLS listener for clients outside the mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress: Option<crate::ingress::IngressConfig>,
 }
 
 /// `[limits]`: what one client may hold of a gateway.
@@ -569,6 +572,8 @@ pub struct Settings {
     pub tracing: crate::trace::TracingConfig,
     /// Exports come from the cluster's ServiceExports.
     pub kubernetes: bool,
+    /// The north-south TLS listener, if configured.
+    pub ingress: Option<crate::ingress::IngressSettings>,
 }
 
 pub use causeway_api::config::ConfigErrors;
@@ -599,6 +604,7 @@ impl GatewayConfig {
             tracing: Default::default(),
             exports: Vec::new(),
             kubernetes: None,
+            ingress: None,
         }
     }
 
@@ -636,6 +642,7 @@ impl GatewayConfig {
         let limits = self.limits.validate(&mut errs);
         self.access_log.check(&mut errs);
         self.tracing.check(&mut errs);
+        let ingress = self.ingress.as_ref().map(|i| i.validate(&mut errs));
         if !errs.is_empty() {
             return Err(ConfigErrors(errs));
         }
@@ -661,6 +668,7 @@ impl GatewayConfig {
             access_log: self.access_log.clone(),
             tracing: self.tracing.clone(),
             kubernetes: self.kubernetes.is_some(),
+            ingress: ingress.map(|i| i.expect("checked above")),
         })
     }
 

@@ -41,7 +41,8 @@ pub const MAX_BODY: usize = 1024 * 1024;
 /// Default time for one request when no TimeoutPolicy says otherwise.
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
-type Body = BoxBody<Bytes, hyper::Error>;
+/// The body of the HTTP path's answers.
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 /// The HTTP path: what forwarding shares, and this path's own state.
 pub struct HttpForward {
@@ -212,7 +213,9 @@ impl Upstreams {
     }
 }
 
-fn full(status: StatusCode, why: &str, reason: &'static str) -> Response<Body> {
+/// An answer of the gateway's own: `why` as the body, `reason` in
+/// `x-causeway-error`.
+pub(crate) fn full(status: StatusCode, why: &str, reason: &'static str) -> Response<Body> {
     let mut r = Response::new(
         Full::new(Bytes::from(format!("{why}\n")))
             .map_err(|never| match never {})
@@ -371,7 +374,9 @@ struct Seen {
     span: Option<crate::trace::Span>,
 }
 
-async fn proxy(
+/// One request through the HTTP path to `service` port `port`, its
+/// endpoints speaking `upstream`; `client` names the caller in logs.
+pub(crate) async fn proxy(
     out: &Arc<HttpForward>,
     req: Request<Incoming>,
     service: &ServiceKey,

@@ -28,6 +28,7 @@ pub mod http;
 pub mod httproute;
 pub mod inbound;
 pub mod inbound_http;
+pub mod ingress;
 pub mod jwks;
 pub mod l4;
 pub mod outbound;
@@ -211,15 +212,24 @@ pub async fn run(
         access,
         tracing: tracing_.clone(),
     });
-    let outbound = Arc::new(Outbound {
+    let http = Arc::new(HttpForward {
         fwd: fwd.clone(),
-        http: Arc::new(HttpForward {
-            fwd,
-            state: Default::default(),
-        }),
+        state: Default::default(),
+    });
+    let outbound = Arc::new(Outbound {
+        fwd,
+        http: http.clone(),
         ready,
     });
     let (stop_tx, stop_rx) = watch::channel(false);
+    let ingress_task = settings.ingress.clone().map(|ingress| {
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = ingress::run(ingress, http, stop).await {
+                tracing::error!(error = %e, "the ingress failed; clients outside the mesh are not served");
+            }
+        })
+    });
     let report_task = tokio::spawn(steer.report(routes_rx.clone(), stop_rx.clone()));
     let outbound_task = tokio::spawn(outbound.run(routes_rx, stop_rx));
     let heartbeat_task = tokio::spawn(publish::heartbeat(
@@ -248,6 +258,9 @@ pub async fn run(
     tracing::info!(deadline = ?settings.drain_timeout, active = drain.active(), "gateway draining: no new connections or streams");
     let _ = stop_tx.send(true);
     let _ = outbound_task.await;
+    if let Some(t) = ingress_task {
+        let _ = t.await;
+    }
     report_task.abort();
     let left = drain.drain(settings.drain_timeout).await;
     if left > 0 {
