@@ -378,6 +378,28 @@ async fn terraform_invites_a_site_that_joins_and_manages_a_policy_through_its_li
         "{}",
         plan.stderr
     );
+    // The layer-7 kinds are checked field by field too.
+    let route = r#"
+resource "causeway_policy" "route" {
+  document = yamlencode({
+    apiVersion = "causeway.dev/v1alpha1"
+    kind       = "HTTPRoute"
+    metadata   = { name = "web", namespace = "shop" }
+    spec = {
+      service = "web"
+      rules   = [{ backendRefs = [{ subset = "v2", weight = 20000 }] }]
+    }
+  })
+}
+"#;
+    tf.write_main(&config(&fed, &format!("{SITE}{}{route}", split(50, 50))));
+    let plan = tf.run(&["plan", "-input=false"]).await;
+    assert_eq!(plan.code, 1, "{}\n{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stderr.contains("spec.rules[0].backendRefs[0].weight"),
+        "{}",
+        plan.stderr
+    );
     tf.write_main(&config(&fed, &format!("{SITE}{}", split(50, 50))));
 
     // Import: the joined site, forgotten by Terraform, comes back unchanged.

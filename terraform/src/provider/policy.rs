@@ -12,7 +12,7 @@ use crate::value::Value;
 /// The `causeway_policy` resource's schema.
 pub fn policy_schema() -> Block {
     Block {
-        description: "One traffic policy (FailoverPolicy, TrafficSplit, RetryPolicy, CircuitBreaker, AuthorizationPolicy, ...), as `causeway ctl policy apply` takes it.",
+        description: "One traffic policy (FailoverPolicy, TrafficSplit, RetryPolicy, CircuitBreaker, AuthorizationPolicy, HTTPRoute, RateLimit, RequestAuthentication, ...), as `causeway ctl policy apply` takes it.",
         attrs: vec![
             Attr::new(
                 "id",
