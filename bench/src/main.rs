@@ -6,6 +6,7 @@ mod dns;
 mod etcd;
 mod failover;
 mod http;
+mod l7;
 mod pki;
 mod report;
 mod sys;
@@ -49,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     }
     let Some(suite) = args.iter().find(|a| !a.starts_with("--")) else {
         anyhow::bail!(
-            "usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, http, dns, failover)"
+            "usage: causeway-bench SUITE [--quick]   (suites: controller, tunnel, http, l7, dns, failover)"
         );
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -76,9 +77,10 @@ fn main() -> anyhow::Result<()> {
                 failover::run(&mut report, tmp.path(), &failover::Params::new(quick)).await?
             }
             "http" => http::run(&mut report, tmp.path(), &http::Params::new(quick)).await?,
+            "l7" => l7::run(&mut report, tmp.path(), &l7::Params::new(quick)).await?,
             other => {
                 anyhow::bail!(
-                    "unknown suite {other:?} (suites: controller, tunnel, http, dns, failover)"
+                    "unknown suite {other:?} (suites: controller, tunnel, http, l7, dns, failover)"
                 )
             }
         }
