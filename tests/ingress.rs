@@ -13,7 +13,7 @@ use causeway_api::identity::{CertificateAuthority, Credential};
 use causeway_gateway::ingress::{CertConfig, IngressConfig, IngressRoute};
 use common::l7::*;
 use common::*;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 
 /// A server certificate for `host`, written as `<dir>/<name>.pem|.key`.
 fn write_cert(ca: &CertificateAuthority, dir: &Path, name: &str, host: &str) -> Credential {
@@ -88,31 +88,26 @@ async fn connect(
 
 /// `GET path` with `host` as Host/:authority: status and body.
 async fn get(c: &mut Client, host: &str, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let (uri, h2) = match c {
-        Client::H1(_) => (path.to_string(), false),
-        Client::H2(_) => (format!("https://{host}{path}"), true),
-    };
-    let mut b = hyper::Request::builder().uri(uri);
-    if !h2 {
-        b = b.header("host", host);
+    let a = c.get_at("https", host, path, headers).await;
+    (a.status, a.body)
+}
+
+/// Whether the ingress refuses a client presenting `cert` (or none): the
+/// handshake fails, or (TLS 1.3) the first request on it does.
+async fn refused(addr: SocketAddr, ca: &CertificateAuthority, cert: Option<&Credential>) -> bool {
+    match connect(addr, "shop.example", false, ca, cert).await {
+        Err(_) => true,
+        Ok(mut t) => match &mut t.client {
+            Client::H1(s) => {
+                let req = hyper::Request::get("/")
+                    .header("host", "shop.example")
+                    .body(Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                s.send_request(req).await.is_err()
+            }
+            Client::H2(_) => unreachable!("connected with HTTP/1.1"),
+        },
     }
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let req = b.body(Full::new(bytes::Bytes::new())).unwrap();
-    let resp = match c {
-        Client::H1(s) => {
-            s.ready().await.unwrap();
-            s.send_request(req).await.unwrap()
-        }
-        Client::H2(s) => {
-            s.ready().await.unwrap();
-            s.send_request(req).await.unwrap()
-        }
-    };
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&body).into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,23 +273,10 @@ async fn a_tls_client_outside_the_mesh_reaches_a_service_in_another_site() {
         get(&mut t.client, "shop.example", "/x", &[]).await,
         (200, "v1 /x".into())
     );
-    // Without one, the handshake (or the first read after it, in TLS 1.3)
-    // fails.
-    let refused = match connect(addr, "shop.example", false, &ca, None).await {
-        Err(_) => true,
-        Ok(mut t) => match &mut t.client {
-            Client::H1(s) => {
-                let req = hyper::Request::get("/")
-                    .header("host", "shop.example")
-                    .body(Full::new(bytes::Bytes::new()))
-                    .unwrap();
-                s.send_request(req).await.is_err()
-            }
-            Client::H2(_) => unreachable!(),
-        },
-    };
-    assert!(refused, "a client without a certificate is refused");
-    // One from another CA is refused too.
+    assert!(
+        refused(addr, &ca, None).await,
+        "a client without a certificate is refused"
+    );
     let stranger = CertificateAuthority::generate("strangers")
         .unwrap()
         .issue(
@@ -303,20 +285,10 @@ async fn a_tls_client_outside_the_mesh_reaches_a_service_in_another_site() {
             Duration::from_secs(600),
         )
         .unwrap();
-    let refused = match connect(addr, "shop.example", false, &ca, Some(&stranger)).await {
-        Err(_) => true,
-        Ok(mut t) => match &mut t.client {
-            Client::H1(s) => {
-                let req = hyper::Request::get("/")
-                    .header("host", "shop.example")
-                    .body(Full::new(bytes::Bytes::new()))
-                    .unwrap();
-                s.send_request(req).await.is_err()
-            }
-            Client::H2(_) => unreachable!(),
-        },
-    };
-    assert!(refused, "a certificate from another CA is refused");
+    assert!(
+        refused(addr, &ca, Some(&stranger)).await,
+        "a certificate from another CA is refused"
+    );
     fed.shutdown().await;
 }
 

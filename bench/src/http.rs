@@ -84,8 +84,16 @@ fn wrong_count(entry: SocketAddr) -> u64 {
 /// One HTTP/1.1 GET on a blocking connection; the body if the answer was
 /// 200.
 fn h1_get(r: &mut std::io::BufReader<std::net::TcpStream>) -> std::io::Result<Option<String>> {
-    r.get_mut()
-        .write_all(b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")?;
+    h1_request(r, b"GET / HTTP/1.1\r\nhost: web\r\n\r\n")
+}
+
+/// Sends `request` (a whole HTTP/1.1 request without a body) on a blocking
+/// connection; the body of the answer if it was 200.
+pub(crate) fn h1_request(
+    r: &mut std::io::BufReader<std::net::TcpStream>,
+    request: &[u8],
+) -> std::io::Result<Option<String>> {
+    r.get_mut().write_all(request)?;
     let mut line = String::new();
     r.read_line(&mut line)?;
     let ok = line.split_whitespace().nth(1) == Some("200");
@@ -107,7 +115,9 @@ fn h1_get(r: &mut std::io::BufReader<std::net::TcpStream>) -> std::io::Result<Op
     Ok(ok.then(|| String::from_utf8_lossy(&body).into_owned()))
 }
 
-fn h1_connect(entry: SocketAddr) -> std::io::Result<std::io::BufReader<std::net::TcpStream>> {
+pub(crate) fn h1_connect(
+    entry: SocketAddr,
+) -> std::io::Result<std::io::BufReader<std::net::TcpStream>> {
     let s = std::net::TcpStream::connect(entry)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
@@ -384,7 +394,14 @@ fn envoy_caller_config(listen: u16, east: u16, west: u16, certs: &Path) -> Strin
     )
 }
 
-fn start_envoy(envoy: &str, root: &Path, name: &str, config: &str) -> anyhow::Result<Child> {
+/// Starts Envoy with `config` (one worker, no hot restart), its config and
+/// log in `root` under `name`.
+pub(crate) fn start_envoy(
+    envoy: &str,
+    root: &Path,
+    name: &str,
+    config: &str,
+) -> anyhow::Result<Child> {
     let path = root.join(format!("{name}.yaml"));
     std::fs::write(&path, config)?;
     let log = std::fs::OpenOptions::new()

@@ -19,7 +19,7 @@
 //!   Envoy: `runtime_modify` of a route's `runtime_fraction`): v2's share
 //!   in each step (the second after the change), and failed requests.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use causeway::local::{free_port, LocalFederation};
 
+use crate::http::start_envoy;
 use crate::report::{percentile, Report};
 use crate::tunnel::{envoy_binary, envoy_tls, join_threads, Pace};
 
@@ -52,35 +53,15 @@ impl Params {
 type Sample = (f64, f64, Option<String>);
 
 fn connect(entry: SocketAddr) -> std::io::Result<std::io::BufReader<std::net::TcpStream>> {
-    let s = std::net::TcpStream::connect(entry)?;
-    s.set_nodelay(true)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    Ok(std::io::BufReader::new(s))
+    crate::http::h1_connect(entry)
 }
 
-/// One GET; the body of a 200, `None` for any other status.
+/// One GET as a user no route rule picks out; the body of a 200.
 fn get(r: &mut std::io::BufReader<std::net::TcpStream>) -> std::io::Result<Option<String>> {
-    r.get_mut()
-        .write_all(b"GET /item HTTP/1.1\r\nhost: web\r\nx-user: carol\r\n\r\n")?;
-    let mut line = String::new();
-    r.read_line(&mut line)?;
-    let ok = line.split_whitespace().nth(1) == Some("200");
-    let mut len = 0usize;
-    loop {
-        line.clear();
-        if r.read_line(&mut line)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        if line == "\r\n" {
-            break;
-        }
-        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            len = v.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok(ok.then(|| String::from_utf8_lossy(&body).into_owned()))
+    crate::http::h1_request(
+        r,
+        b"GET /item HTTP/1.1\r\nhost: web\r\nx-user: carol\r\n\r\n",
+    )
 }
 
 /// HTTP/1.1 at `rate` over `conns` connections for `secs`; every request.
@@ -273,35 +254,6 @@ static_resources:
         cluster("v1", east.0),
         cluster("v2", east.1),
     )
-}
-
-fn start_envoy(
-    envoy: &str,
-    dir: &Path,
-    name: &str,
-    config: &str,
-) -> anyhow::Result<tokio::process::Child> {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, config)?;
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(dir.join(format!("{name}.log")))?;
-    tokio::process::Command::new(envoy)
-        .arg("-c")
-        .arg(&path)
-        .args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {name}"))
 }
 
 /// Waits until a request through `entry` answers 200 with a body in `want`.

@@ -302,20 +302,7 @@ pub async fn serve_connection(
             }
         })
     };
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    // A timer, so the header-read timeout (slowloris) is enforced.
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.http_header_timeout);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024)
-        .max_pending_accept_reset_streams(64)
-        .max_local_error_reset_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)));
+    let builder = server_builder(&limits);
     let conn = builder.serve_connection(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
     let mut shutting = false;
@@ -335,6 +322,29 @@ pub async fn serve_connection(
             }
         }
     }
+}
+
+/// The HTTP server settings for callers (outbound listeners and the
+/// ingress): HTTP/1.1 and HTTP/2 detected, a header-read timeout against
+/// slowloris (hence the timers), and HTTP/2 bounds on streams, header size
+/// and resets.
+pub(crate) fn server_builder(
+    limits: &crate::config::Limits,
+) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.http_header_timeout);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .max_pending_accept_reset_streams(64)
+        .max_local_error_reset_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)));
+    builder
 }
 
 /// Requests one connection may cancel before it is ended.

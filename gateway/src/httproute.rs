@@ -210,19 +210,8 @@ pub fn decide(
     labels: &[(&str, &str)],
     rand: (f64, f64),
 ) -> Outcome {
-    let headers: Vec<(&str, &str)> = head
-        .headers
-        .iter()
-        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-        .collect();
-    let view = RequestView {
-        method: head.method.as_str(),
-        path: head.uri.path(),
-        query: head.uri.query(),
-        headers: &headers,
-        source_site,
-        source_labels: labels,
-    };
+    let headers = header_pairs(head);
+    let view = request_view(head, &headers, source_site, labels);
     let Some(d) = route.route.decide(&view, rand.0) else {
         return Outcome::Unrouted;
     };
@@ -278,6 +267,31 @@ pub fn decide(
                     .map(|m| m.backend.clone()),
             })
         }
+    }
+}
+
+/// The headers of `head` whose values are text, in order.
+pub(crate) fn header_pairs(head: &hyper::http::request::Parts) -> Vec<(&str, &str)> {
+    head.headers
+        .iter()
+        .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+        .collect()
+}
+
+/// The core's view of a request head (`headers` from [`header_pairs`]).
+pub(crate) fn request_view<'a>(
+    head: &'a hyper::http::request::Parts,
+    headers: &'a [(&'a str, &'a str)],
+    source_site: &'a str,
+    source_labels: &'a [(&'a str, &'a str)],
+) -> RequestView<'a> {
+    RequestView {
+        method: head.method.as_str(),
+        path: head.uri.path(),
+        query: head.uri.query(),
+        headers,
+        source_site,
+        source_labels,
     }
 }
 

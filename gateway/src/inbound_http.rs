@@ -17,7 +17,6 @@ use bytes::Bytes;
 use causeway_api::model::ServiceKey;
 use causeway_gateway_core::jwt;
 use causeway_gateway_core::ratelimit::retry_after_secs;
-use causeway_gateway_core::route::RequestView;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -73,19 +72,8 @@ impl Checks {
         let routes = self.routes.borrow().clone();
         let svc = routes.services.get(&self.service)?;
         let policy = &svc.policy;
-        let headers: Vec<(&str, &str)> = head
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
-            .collect();
-        let view = RequestView {
-            method: head.method.as_str(),
-            path: head.uri.path(),
-            query: head.uri.query(),
-            headers: &headers,
-            source_site: &self.caller,
-            source_labels: &[],
-        };
+        let headers = crate::httproute::header_pairs(head);
+        let view = crate::httproute::request_view(head, &headers, &self.caller, &[]);
         if let Err(limited) =
             self.limiter
                 .check(&routes, &self.service, &self.caller, Admit::Request(&view))

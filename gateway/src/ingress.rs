@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use causeway_api::model::ServiceKey;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
@@ -399,17 +399,7 @@ async fn serve(
             Ok::<_, std::convert::Infallible>(route_request(&http, &routes, req, &client).await)
         }
     });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.http_header_timeout);
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024)
-        .max_pending_accept_reset_streams(64);
+    let builder = crate::http::server_builder(&limits);
     if let Err(e) = builder.serve_connection(TokioIo::new(tls), svc).await {
         tracing::debug!(error = %e, "ingress connection ended with an error");
     }

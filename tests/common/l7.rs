@@ -121,14 +121,28 @@ impl Client {
         }
     }
 
+    /// `GET path` to `web.shop`'s mesh name with `headers`.
     pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> Answer {
+        self.get_at("http", "web.shop.svc.clusterset.local", path, headers)
+            .await
+    }
+
+    /// `GET path` with `host` as Host (HTTP/1.1) or in `scheme://host`
+    /// (HTTP/2's `:authority`).
+    pub async fn get_at(
+        &mut self,
+        scheme: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Answer {
         let (uri, h2) = match self {
             Client::H1(_) => (path.to_string(), false),
-            Client::H2(_) => (format!("http://web.shop.svc.clusterset.local{path}"), true),
+            Client::H2(_) => (format!("{scheme}://{host}{path}"), true),
         };
         let mut b = hyper::Request::builder().uri(uri);
         if !h2 {
-            b = b.header("host", "web.shop.svc.clusterset.local");
+            b = b.header("host", host);
         }
         for (k, v) in headers {
             b = b.header(*k, *v);
