@@ -126,13 +126,47 @@ pub(crate) fn h1_connect(
 
 /// HTTP/1.1 at `rate` requests a second over `conns` connections (one OS
 /// thread each, sleeping until each request's time); latencies in µs from
-/// the scheduled time.
+/// the scheduled time. Answers other than 200 from east count as wrong.
 async fn h1_fixed(
     entry: SocketAddr,
     conns: usize,
     rate: f64,
     secs: f64,
 ) -> anyhow::Result<Vec<f64>> {
+    let samples = h1_samples(
+        entry,
+        conns,
+        rate,
+        secs,
+        b"GET / HTTP/1.1\r\nhost: web\r\n\r\n",
+    )
+    .await?;
+    Ok(samples
+        .into_iter()
+        .map(|(_, us, body)| {
+            if body.as_deref() != Some("east") {
+                wrong(entry);
+            }
+            us
+        })
+        .collect())
+}
+
+/// One request's outcome at a fixed rate: when it was due (s from the
+/// start), its latency from then (µs), and the body of a 200 (`None`:
+/// another status, or the connection failed).
+pub(crate) type Sample = (f64, f64, Option<String>);
+
+/// `request` (a whole HTTP/1.1 request without a body) at `rate` a second
+/// over `conns` connections, one OS thread each, for `secs`; every
+/// request's outcome.
+pub(crate) async fn h1_samples(
+    entry: SocketAddr,
+    conns: usize,
+    rate: f64,
+    secs: f64,
+    request: &'static [u8],
+) -> anyhow::Result<Vec<Sample>> {
     let period = Duration::from_secs_f64(conns as f64 / rate);
     let ready = Arc::new(std::sync::Barrier::new(conns));
     let start_at = Arc::new(std::sync::OnceLock::new());
@@ -141,7 +175,8 @@ async fn h1_fixed(
             let (ready, start_at) = (ready.clone(), start_at.clone());
             std::thread::spawn(move || {
                 // Open and warm every connection before the schedule.
-                let opened = h1_connect(entry).and_then(|mut r| h1_get(&mut r).map(|_| r));
+                let opened =
+                    h1_connect(entry).and_then(|mut r| h1_request(&mut r, request).map(|_| r));
                 ready.wait();
                 let mut r = opened?;
                 let start: Instant =
@@ -149,15 +184,15 @@ async fn h1_fixed(
                 let end = start + Duration::from_secs_f64(secs);
                 let mut out = Vec::new();
                 for (_, at) in Pace::new(start, end, period, c, conns) {
-                    match h1_get(&mut r) {
-                        Ok(Some(b)) if b == "east" => {}
-                        Ok(_) => wrong(entry),
+                    let body = match h1_request(&mut r, request) {
+                        Ok(b) => b,
                         Err(_) => {
-                            wrong(entry);
                             r = h1_connect(entry)?;
+                            None
                         }
-                    }
-                    out.push(at.elapsed().as_secs_f64() * 1e6);
+                    };
+                    let due = at.duration_since(start).as_secs_f64();
+                    out.push((due, at.elapsed().as_secs_f64() * 1e6, body));
                 }
                 Ok::<_, anyhow::Error>(out)
             })

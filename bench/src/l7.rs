@@ -22,7 +22,6 @@
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -30,7 +29,7 @@ use causeway::local::{free_port, LocalFederation};
 
 use crate::http::start_envoy;
 use crate::report::{percentile, Report};
-use crate::tunnel::{envoy_binary, envoy_tls, join_threads, Pace};
+use crate::tunnel::{envoy_binary, envoy_tls};
 
 pub struct Params {
     rate_secs: f64,
@@ -48,20 +47,15 @@ impl Params {
     }
 }
 
-/// One request's outcome: when it was due (s from the start), its latency
-/// from then (µs), and the body of a 200 (`None`: failed).
-type Sample = (f64, f64, Option<String>);
+/// The load's request: a user no route rule picks out.
+const REQUEST: &[u8] = b"GET /item HTTP/1.1\r\nhost: web\r\nx-user: carol\r\n\r\n";
 
 fn connect(entry: SocketAddr) -> std::io::Result<std::io::BufReader<std::net::TcpStream>> {
     crate::http::h1_connect(entry)
 }
 
-/// One GET as a user no route rule picks out; the body of a 200.
 fn get(r: &mut std::io::BufReader<std::net::TcpStream>) -> std::io::Result<Option<String>> {
-    crate::http::h1_request(
-        r,
-        b"GET /item HTTP/1.1\r\nhost: web\r\nx-user: carol\r\n\r\n",
-    )
+    crate::http::h1_request(r, REQUEST)
 }
 
 /// HTTP/1.1 at `rate` over `conns` connections for `secs`; every request.
@@ -70,37 +64,8 @@ async fn fixed(
     conns: usize,
     rate: f64,
     secs: f64,
-) -> anyhow::Result<Vec<Sample>> {
-    let period = Duration::from_secs_f64(conns as f64 / rate);
-    let ready = Arc::new(std::sync::Barrier::new(conns));
-    let start_at = Arc::new(std::sync::OnceLock::new());
-    let threads: Vec<_> = (0..conns)
-        .map(|c| {
-            let (ready, start_at) = (ready.clone(), start_at.clone());
-            std::thread::spawn(move || {
-                let opened = connect(entry).and_then(|mut r| get(&mut r).map(|_| r));
-                ready.wait();
-                let mut r = opened?;
-                let start: Instant =
-                    *start_at.get_or_init(|| Instant::now() + Duration::from_millis(100));
-                let end = start + Duration::from_secs_f64(secs);
-                let mut out = Vec::new();
-                for (_, at) in Pace::new(start, end, period, c, conns) {
-                    let body = match get(&mut r) {
-                        Ok(b) => b,
-                        Err(_) => {
-                            r = connect(entry)?;
-                            None
-                        }
-                    };
-                    let due = at.duration_since(start).as_secs_f64();
-                    out.push((due, at.elapsed().as_secs_f64() * 1e6, body));
-                }
-                Ok::<_, anyhow::Error>(out)
-            })
-        })
-        .collect();
-    Ok(join_threads(threads).await?.into_iter().collect())
+) -> anyhow::Result<Vec<crate::http::Sample>> {
+    crate::http::h1_samples(entry, conns, rate, secs, REQUEST).await
 }
 
 /// Ten rules matching a header the load never sends, then the rule that
