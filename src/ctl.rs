@@ -402,6 +402,7 @@ async fn policy(
             let r = fed
                 .apply_policies(pb::ApplyPoliciesRequest {
                     documents_json: policy_docs.clone(),
+                    ..Default::default()
                 })
                 .await
                 .map_err(status_err)?

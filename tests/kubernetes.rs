@@ -358,6 +358,7 @@ async fn policy_objects_in_a_cluster_are_forwarded_to_the_federation() {
                     .remove("generation");
                 doc.to_string()
             }],
+            ..Default::default()
         })
         .await
         .unwrap();

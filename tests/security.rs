@@ -155,6 +155,7 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
         documents_json: vec![format!(
             r#"{{"apiVersion":"causeway.dev/v1alpha1","kind":"TrafficSplit","metadata":{{"name":"{name}","namespace":"shop"}},"spec":{{"service":"web","weights":{{"alpha":1}}}}}}"#
         )],
+        ..Default::default()
     };
     let mut admin = pb::federation_client::FederationClient::new(
         fed.admin_client(None).unwrap().channel().await.unwrap(),

@@ -85,6 +85,7 @@ async fn policies_are_validated_stored_in_raft_and_streamed_to_sites() {
     let denied = fed_site
         .apply_policies(pb::ApplyPoliciesRequest {
             documents_json: vec![listed.policies[0].document_json.clone()],
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -283,6 +283,10 @@ pub enum Command {
         /// site may only create policies or change its own.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         by: Option<SiteName>,
+        /// Empty, or per policy the revision it must have been last changed
+        /// at (0: no condition); see `ApplyPoliciesRequest.if_revisions`.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        if_revisions: Vec<u64>,
     },
     /// Delete one policy.
     DeletePolicy {
@@ -326,6 +330,8 @@ pub enum RejectCode {
     NotFound,
     /// The caller may not change this (another site's or an operator's).
     Forbidden,
+    /// A write's condition (the revision it expected) does not hold.
+    Conflict,
 }
 
 /// The result of applying one entry, returned to the proposer.
@@ -699,7 +705,11 @@ impl CatalogState {
                 RejectCode::Invalid,
                 "a batch is applied by the hub, one command at a time",
             ),
-            Command::ApplyPolicies { policies, by } => self.apply_policies(policies, by),
+            Command::ApplyPolicies {
+                policies,
+                by,
+                if_revisions,
+            } => self.apply_policies(policies, by, &if_revisions),
             Command::DeletePolicy {
                 kind,
                 namespace,
@@ -1043,7 +1053,27 @@ impl CatalogState {
         &mut self,
         mut policies: Vec<PolicyRecord>,
         by: Option<SiteName>,
+        if_revisions: &[u64],
     ) -> (Outcome, Vec<pb::Change>) {
+        for (p, &want) in policies.iter().zip(if_revisions) {
+            if want == 0 {
+                continue;
+            }
+            let now = self.policies.get(&p.key()).map(|old| old.revision);
+            if now != Some(want) {
+                let found = match now {
+                    Some(rev) => format!("was last changed at revision {rev}"),
+                    None => "does not exist".to_string(),
+                };
+                return refused(
+                    RejectCode::Conflict,
+                    format!(
+                        "{} {}/{} {found}, not at revision {want} as the write expected; read it again and retry",
+                        p.kind, p.namespace, p.name
+                    ),
+                );
+            }
+        }
         if let Some(site) = &by {
             for p in &policies {
                 if let Some(old) = self.policies.get(&p.key()) {

@@ -492,6 +492,7 @@ pub async fn run_policies(
                 async move {
                     fed.apply_policies(pb::ApplyPoliciesRequest {
                         documents_json: vec![doc],
+                        ..Default::default()
                     })
                     .await
                 }

@@ -214,7 +214,17 @@ impl Federation for FederationService {
         // policy objects: a site may create policies and change or delete
         // only those it manages (the state machine checks).
         let by = site_of(require_site_or_admin("ApplyPolicies", &req, &self.shared.hub).await?);
-        let docs = req.into_inner().documents_json;
+        let pb::ApplyPoliciesRequest {
+            documents_json: docs,
+            if_revisions,
+        } = req.into_inner();
+        if !if_revisions.is_empty() && if_revisions.len() != docs.len() {
+            return Err(Status::invalid_argument(format!(
+                "if_revisions: {} entries for {} documents; send one per document (0: no condition) or none",
+                if_revisions.len(),
+                docs.len()
+            )));
+        }
         let policies = parse_policy_documents(&docs)?;
         let results: Vec<String> = self.shared.hub.read(|s| {
             policies
@@ -228,7 +238,11 @@ impl Federation for FederationService {
         });
         let revision = outcome_status(
             self.shared
-                .propose(Command::ApplyPolicies { policies, by })
+                .propose(Command::ApplyPolicies {
+                    policies,
+                    by,
+                    if_revisions,
+                })
                 .await?,
         )?;
         Ok(Response::new(pb::ApplyPoliciesResponse {

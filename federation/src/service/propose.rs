@@ -66,6 +66,7 @@ pub fn outcome_status(outcome: Outcome) -> Result<u64, Status> {
                 RejectCode::LimitExceeded => Code::ResourceExhausted,
                 RejectCode::NotFound => Code::NotFound,
                 RejectCode::Forbidden => Code::PermissionDenied,
+                RejectCode::Conflict => Code::Aborted,
             };
             Err(Status::new(code, message))
         }

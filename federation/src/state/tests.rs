@@ -370,6 +370,7 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
     let (o, ch) = s.apply(Command::ApplyPolicies {
         policies: vec![policy("a", "{1}"), policy("b", "{2}")],
         by: None,
+        if_revisions: vec![],
     });
     assert_eq!(o, Outcome::Applied { revision: 1 });
     assert_eq!(ch.len(), 2, "one change per policy, one revision");
@@ -379,6 +380,7 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
     let (o, ch) = s.apply(Command::ApplyPolicies {
         policies: vec![policy("a", "{1}"), policy("b", "{2}")],
         by: None,
+        if_revisions: vec![],
     });
     assert_eq!((o, ch.len()), (Outcome::Unchanged { revision: 1 }, 0));
 
@@ -386,6 +388,7 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
     let (o, ch) = s.apply(Command::ApplyPolicies {
         policies: vec![policy("a", "{1}"), policy("b", "{3}")],
         by: None,
+        if_revisions: vec![],
     });
     assert_eq!(o, Outcome::Applied { revision: 2 });
     assert_eq!(ch.len(), 1);
@@ -424,12 +427,57 @@ fn policies_apply_all_at_once_only_real_changes_bump_and_delete_needs_one() {
 }
 
 #[test]
+fn a_conditional_apply_takes_effect_only_at_the_revision_it_expected() {
+    let mut s = CatalogState::default();
+    let apply = |s: &mut CatalogState, docs: &[(&str, &str)], ifs: Vec<u64>| {
+        s.apply(Command::ApplyPolicies {
+            policies: docs.iter().map(|(n, d)| policy(n, d)).collect(),
+            by: None,
+            if_revisions: ifs,
+        })
+        .0
+    };
+    let conflict = |o: &Outcome| {
+        matches!(
+            o,
+            Outcome::Rejected {
+                code: RejectCode::Conflict,
+                ..
+            }
+        )
+    };
+    // A condition on an absent policy fails; 0 means none.
+    let o = apply(&mut s, &[("a", "{1}")], vec![7]);
+    assert!(conflict(&o), "{o:?}");
+    assert!(format!("{o:?}").contains("does not exist"), "{o:?}");
+    assert_eq!(
+        apply(&mut s, &[("a", "{1}"), ("b", "{1}")], vec![0, 0]),
+        Outcome::Applied { revision: 1 }
+    );
+    assert_eq!(
+        apply(&mut s, &[("a", "{2}")], vec![1]),
+        Outcome::Applied { revision: 2 }
+    );
+    // The same condition again: a has moved on to revision 2.
+    let o = apply(&mut s, &[("a", "{3}")], vec![1]);
+    assert!(conflict(&o), "{o:?}");
+    assert!(format!("{o:?}").contains("revision 2"), "{o:?}");
+    assert_eq!(s.policies["TimeoutPolicy/shop/a"].document_json, "{2}");
+    // All or none: b's condition holds, a's does not, neither changes.
+    let o = apply(&mut s, &[("b", "{9}"), ("a", "{9}")], vec![1, 1]);
+    assert!(conflict(&o), "{o:?}");
+    assert_eq!(s.policies["TimeoutPolicy/shop/b"].document_json, "{1}");
+    assert_eq!(s.revision, 2);
+}
+
+#[test]
 fn a_site_changes_and_deletes_only_the_policies_it_manages() {
     let mut s = CatalogState::default();
     let apply = |s: &mut CatalogState, name: &str, doc: &str, by: Option<&str>| {
         s.apply(Command::ApplyPolicies {
             policies: vec![policy(name, doc)],
             by: by.map(site),
+            if_revisions: vec![],
         })
         .0
     };

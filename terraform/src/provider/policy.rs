@@ -196,6 +196,7 @@ impl Provider {
         self.call(false, |mut f| {
             let req = api::ApplyPoliciesRequest {
                 documents_json: vec![doc.json.to_string()],
+                ..Default::default()
             };
             async move { f.apply_policies(req).await }
         })
