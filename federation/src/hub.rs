@@ -183,13 +183,14 @@ fn ev_changes(ev: &pb::WatchEvent) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
     use crate::state::Command;
 
-    fn grow(hub: &Hub, n: usize) {
+    /// Takes `hub` one revision on: a join token, then its site.
+    pub(crate) fn grow(hub: &Hub, n: usize) {
         hub.apply(Command::CreateJoinToken {
             token_id: format!("t{n}"),
             secret_sha256: "h".into(),

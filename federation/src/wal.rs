@@ -40,6 +40,26 @@ use std::sync::Arc;
 
 /// Bytes before a record's payload.
 const HEADER: usize = 16;
+
+/// The fault-injection switch `CAUSEWAY_FAILPOINTS=wal-torn-append@N`
+/// (for the chaos suite, never set in production): the Nth append after
+/// start writes its records, loses part of them as an unsynced write
+/// would, and aborts the process before `fdatasync`.
+fn torn_append_due() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static APPENDS: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| {
+        std::env::var("CAUSEWAY_FAILPOINTS")
+            .ok()?
+            .split(',')
+            .find_map(|f| f.trim().strip_prefix("wal-torn-append@")?.parse().ok())
+    });
+    match at {
+        Some(n) => APPENDS.fetch_add(1, Ordering::Relaxed) + 1 == *n,
+        None => false,
+    }
+}
 /// A new segment is started once the newest one reaches this size.
 pub const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest payload a record may claim; a longer claimed length is damage.
@@ -415,6 +435,20 @@ impl Wal {
             let _ = cut_to(&seg.file, seg.len);
             let dir = self.dir.display().to_string();
             return Err(WalError::Io { dir, source: e });
+        }
+        if torn_append_due() {
+            // A crash between the write and its fdatasync, where the device
+            // kept only a prefix of what was written: the rest reads as the
+            // preallocated zeros again. Nothing here was acknowledged.
+            let keep = buf.len() * 3 / 7;
+            let _ = seg
+                .file
+                .write_all_at(&vec![0; buf.len() - keep], seg.len + keep as u64);
+            tracing::error!(
+                "failpoint wal-torn-append: kept {keep} of {} unsynced bytes, aborting",
+                buf.len()
+            );
+            std::process::abort();
         }
         seg.len += buf.len() as u64;
         let file = seg.file.clone();

@@ -28,6 +28,25 @@ pub use probe::{call_banner, dns_a};
 pub use process::{free_port, Proc};
 pub use site::{Export, Site};
 
+/// A host of the federation other than this one: a network namespace and
+/// the address its processes listen on.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// The namespace's name (as `ip netns` knows it).
+    pub netns: String,
+    /// Its address.
+    pub ip: std::net::IpAddr,
+}
+
+impl Host {
+    /// The command prefix that runs a process there.
+    pub fn wrap(&self) -> Vec<String> {
+        ["ip", "netns", "exec", self.netns.as_str()]
+            .map(String::from)
+            .to_vec()
+    }
+}
+
 /// A federation of controllers and sites, each a child process.
 pub struct LocalFederation {
     /// Extra flags for every controller started from now on.
@@ -50,6 +69,12 @@ pub struct LocalFederation {
     /// The address gateways started from now on bind their tunnel to
     /// (default loopback).
     pub gateway_tunnel_host: std::net::IpAddr,
+    /// Controllers placed on their own host (a network namespace and its
+    /// address) instead of this one's loopback.
+    pub controller_hosts: BTreeMap<u64, Host>,
+    /// Sites placed on their own host: gateway and DNS server run in its
+    /// namespace and listen on its address.
+    pub site_hosts: BTreeMap<String, Host>,
     /// The working directory (data and logs).
     pub root: PathBuf,
     /// The `causeway` binary every process runs.
@@ -79,6 +104,8 @@ impl LocalFederation {
             controller_host: std::net::Ipv4Addr::LOCALHOST.into(),
             gateway_netns: None,
             gateway_tunnel_host: std::net::Ipv4Addr::LOCALHOST.into(),
+            controller_hosts: BTreeMap::new(),
+            site_hosts: BTreeMap::new(),
             root,
             bin,
             creds,
@@ -166,6 +193,14 @@ impl LocalFederation {
 
     /// Picks a listen address for controller `id`.
     pub fn reserve_controller(&mut self, id: u64) -> anyhow::Result<String> {
+        if let Some(h) = self.controller_hosts.get(&id) {
+            // A host of its own: fixed ports, nobody else binds there.
+            let addr = SocketAddr::new(h.ip, 7100).to_string();
+            self.controller_addrs.insert(id, addr.clone());
+            self.controller_admin
+                .insert(id, SocketAddr::new(h.ip, 7101));
+            return Ok(addr);
+        }
         let addr = SocketAddr::new(self.controller_host, free_port()?).to_string();
         self.controller_addrs.insert(id, addr.clone());
         self.controller_admin
@@ -200,7 +235,19 @@ impl LocalFederation {
             args.push("--join".into());
         }
         args.extend(self.controller_flags.iter().cloned());
-        let p = Proc::spawn(&self.bin, &self.root, &format!("controller-{id}"), args)?;
+        let wrap = self
+            .controller_hosts
+            .get(&id)
+            .map(Host::wrap)
+            .unwrap_or_default();
+        let p = Proc::spawn_wrapped(
+            &self.bin,
+            &self.root,
+            &format!("controller-{id}"),
+            args,
+            Vec::new(),
+            wrap,
+        )?;
         self.controllers.insert(id, p);
         Ok(())
     }

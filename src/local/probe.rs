@@ -50,7 +50,14 @@ async fn admin_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
 pub async fn dns_a(server: SocketAddr, name: &str) -> anyhow::Result<Vec<IpAddr>> {
     let mut msg = Message::new(rand::random(), MessageType::Query, OpCode::Query);
     msg.add_query(Query::query(Name::from_ascii(name)?, RecordType::A));
-    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    // From loopback to a loopback server; else from any address (a
+    // server on another host, e.g. a network namespace).
+    let local: SocketAddr = if server.ip().is_loopback() {
+        ([127, 0, 0, 1], 0).into()
+    } else {
+        ([0, 0, 0, 0], 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(local).await?;
     sock.send_to(&msg.to_vec()?, server).await?;
     let mut buf = vec![0u8; 4096];
     let (n, _) = tokio::time::timeout(Duration::from_secs(1), sock.recv_from(&mut buf))

@@ -210,14 +210,19 @@ impl LocalFederation {
         token: &str,
     ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
         for tries in 1.. {
-            let (mut tunnel, admin) = (loopback_port()?, loopback_port()?);
+            let (mut tunnel, mut admin) = (loopback_port()?, loopback_port()?);
             tunnel.set_ip(self.gateway_tunnel_host);
-            let wrap = match &self.gateway_netns {
+            let mut wrap = match &self.gateway_netns {
                 Some(ns) => ["ip", "netns", "exec", ns.as_str()]
                     .map(String::from)
                     .to_vec(),
                 None => Vec::new(),
             };
+            if let Some(h) = self.site_hosts.get(name) {
+                tunnel = SocketAddr::new(h.ip, 7300);
+                admin = SocketAddr::new(h.ip, 7301);
+                wrap = h.wrap();
+            }
             let cfg = self.site_gateway_config(state_dir.to_path_buf(), tunnel, vip_range, exports);
             std::fs::write(config, cfg.to_toml())?;
             let mut env = vec![("CAUSEWAY_JOIN_TOKEN".into(), token.to_string())];
@@ -269,7 +274,13 @@ impl LocalFederation {
         vip_range: &str,
     ) -> anyhow::Result<(Proc, SocketAddr, SocketAddr)> {
         for tries in 1.. {
-            let (dns, admin) = (loopback_port()?, loopback_port()?);
+            let (mut dns, mut admin) = (loopback_port()?, loopback_port()?);
+            let mut wrap = Vec::new();
+            if let Some(h) = self.site_hosts.get(name) {
+                dns = SocketAddr::new(h.ip, 5353);
+                admin = SocketAddr::new(h.ip, 7302);
+                wrap = h.wrap();
+            }
             let mut args: Vec<String> = vec![
                 "dns".into(),
                 "--state-dir".into(),
@@ -282,7 +293,14 @@ impl LocalFederation {
                 admin.to_string(),
             ];
             args.extend(self.dns_flags.iter().cloned());
-            let mut dns_proc = Proc::spawn(&self.bin, &self.root, &format!("dns-{name}"), args)?;
+            let mut dns_proc = Proc::spawn_wrapped(
+                &self.bin,
+                &self.root,
+                &format!("dns-{name}"),
+                args,
+                Vec::new(),
+                wrap,
+            )?;
             match wait_dns_ready(&mut dns_proc, admin).await {
                 Ok(()) => return Ok((dns_proc, dns, admin)),
                 Err(why) if tries < 3 && why.contains("Address already in use") => {
