@@ -14,7 +14,7 @@
 //! observer); a failed operation (`Fail`) took no effect and is left out,
 //! except a failed CAS, which observed a value other than the expected one.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 use crate::history::{Entry, Op, Outcome};
 
@@ -86,8 +86,14 @@ fn relink(events: &mut [Event], k: usize) {
 /// Checks one key's history (operations that certainly took no effect —
 /// failed writes, and reads without an answer — may be in it; they are
 /// left out).
+///
+/// The history is cut where nothing is in flight (every operation so far
+/// has returned before the next is called) and the pieces are searched in
+/// turn, each from every state the pieces before it can end in: a long
+/// history of short operations costs the sum of its pieces, not their
+/// product.
 pub fn check_key(history: &[Entry], max_steps: u64) -> Verdict {
-    let ops: Vec<(usize, &Entry)> = history
+    let mut ops: Vec<(usize, &Entry)> = history
         .iter()
         .enumerate()
         .filter(|(_, e)| match (e.op, e.outcome) {
@@ -96,20 +102,75 @@ pub fn check_key(history: &[Entry], max_steps: u64) -> Verdict {
             (Op::Write { .. }, outcome) => outcome != Outcome::Fail,
         })
         .collect();
+    ops.sort_by_key(|(i, e)| (e.invoke_ns, *i));
+    let mut pieces: Vec<&[(usize, &Entry)]> = Vec::new();
+    let (mut from, mut last_return) = (0, 0u64);
+    for (k, (_, e)) in ops.iter().enumerate() {
+        if k > from && e.invoke_ns > last_return {
+            pieces.push(&ops[from..k]);
+            from = k;
+        }
+        last_return = last_return.max(return_time(e));
+    }
+    if from < ops.len() {
+        pieces.push(&ops[from..]);
+    }
+    let mut states: BTreeSet<State> = BTreeSet::from([None]);
+    let mut budget = max_steps;
+    for (n, piece) in pieces.iter().enumerate() {
+        let last = n + 1 == pieces.len();
+        let mut next = BTreeSet::new();
+        let mut violation = None;
+        for s in &states {
+            match search(piece, *s, !last, &mut budget) {
+                Ok(finals) => {
+                    next.extend(finals);
+                    if last {
+                        return Verdict::Linearizable;
+                    }
+                }
+                Err(Verdict::Unknown(_)) => return Verdict::Unknown(max_steps),
+                Err(v) => violation = Some(v),
+            }
+        }
+        if next.is_empty() {
+            return violation.unwrap_or(Verdict::Unknown(max_steps - budget));
+        }
+        states = next;
+    }
+    Verdict::Linearizable
+}
+
+/// When an operation returned, for the search: never, for an unknown
+/// outcome.
+fn return_time(e: &Entry) -> u64 {
+    match (e.outcome, e.complete_ns) {
+        (Outcome::Info, _) | (_, None) => u64::MAX,
+        (_, Some(t)) => t.max(e.invoke_ns),
+    }
+}
+
+/// Searches linearizations of `ops` from `init`: the states they can end
+/// in (all of them with `all`, else the first found), or why none exists.
+/// Takes steps from `budget`.
+fn search(
+    ops: &[(usize, &Entry)],
+    init: State,
+    all: bool,
+    budget: &mut u64,
+) -> Result<BTreeSet<State>, Verdict> {
     let n = ops.len();
+    let mut finals = BTreeSet::new();
     if n == 0 {
-        return Verdict::Linearizable;
+        finals.insert(init);
+        return Ok(finals);
     }
     // Events by time; at equal times calls first (the more permissive
     // order: operations that touch may go either way).
     let mut times: Vec<(u64, bool, usize)> = Vec::with_capacity(2 * n);
     for (i, (_, e)) in ops.iter().enumerate() {
-        let ret = match (e.outcome, e.complete_ns) {
-            (Outcome::Info, _) | (_, None) => u64::MAX,
-            (_, Some(t)) => t.max(e.invoke_ns),
-        };
         times.push((e.invoke_ns, true, i));
-        times.push((ret, false, i));
+        times.push((return_time(e), false, i));
     }
     times.sort_by_key(|(t, call, i)| (*t, !*call, *i));
     let mut events = vec![Event::default(); 2 * n + 1];
@@ -137,47 +198,56 @@ pub fn check_key(history: &[Entry], max_steps: u64) -> Verdict {
     let mut linearized = vec![0u64; n.div_ceil(64)];
     let mut seen: HashSet<(Vec<u64>, State)> = HashSet::new();
     let mut stack: Vec<(usize, State)> = Vec::new();
-    let mut state: State = None;
+    let mut state: State = init;
     let mut cursor = events[0].next;
-    let mut steps = 0u64;
     let mut deepest: Vec<usize> = Vec::new();
     let mut stuck_at = 0usize;
-    while events[0].next.is_some() {
-        steps += 1;
-        if steps > max_steps {
-            return Verdict::Unknown(steps);
-        }
-        // The list ends with a return, so a call always has a next event.
-        let k = cursor.expect("a call is followed by its return");
-        let ev = events[k];
-        let (_, entry) = ops[ev.op];
-        if ev.call {
-            if let Some(s) = step(state, entry.op, entry.outcome) {
-                let bit = 1u64 << (ev.op % 64);
-                linearized[ev.op / 64] |= bit;
-                if seen.insert((linearized.clone(), s)) {
-                    stack.push((k, state));
-                    state = s;
-                    unlink(&mut events, k);
-                    unlink(&mut events, ev.matching);
-                    cursor = events[0].next;
-                    continue;
-                }
-                linearized[ev.op / 64] &= !bit;
+    loop {
+        let backtrack = if events[0].next.is_none() {
+            // Everything placed: one linearization, ending in `state`.
+            finals.insert(state);
+            if !all {
+                break;
             }
-            cursor = ev.next;
+            true
         } else {
-            // The return of an operation not linearized: it had to take
-            // effect before now. Undo the last choice and try the next.
-            if stack.len() >= deepest.len() {
-                deepest = stack.iter().map(|(c, _)| events[*c].op).collect();
-                stuck_at = ev.op;
+            if *budget == 0 {
+                return Err(Verdict::Unknown(u64::MAX));
             }
+            *budget -= 1;
+            // The list ends with a return, so a call always has a next event.
+            let k = cursor.expect("a call is followed by its return");
+            let ev = events[k];
+            let (_, entry) = ops[ev.op];
+            if ev.call {
+                if let Some(s) = step(state, entry.op, entry.outcome) {
+                    let bit = 1u64 << (ev.op % 64);
+                    linearized[ev.op / 64] |= bit;
+                    if seen.insert((linearized.clone(), s)) {
+                        stack.push((k, state));
+                        state = s;
+                        unlink(&mut events, k);
+                        unlink(&mut events, ev.matching);
+                        cursor = events[0].next;
+                        continue;
+                    }
+                    linearized[ev.op / 64] &= !bit;
+                }
+                cursor = ev.next;
+                false
+            } else {
+                // The return of an operation not linearized: it had to take
+                // effect before now. Undo the last choice and try the next.
+                if stack.len() >= deepest.len() {
+                    deepest = stack.iter().map(|(c, _)| events[*c].op).collect();
+                    stuck_at = ev.op;
+                }
+                true
+            }
+        };
+        if backtrack {
             let Some((c, s)) = stack.pop() else {
-                return Verdict::Violation {
-                    linearized: deepest.iter().map(|i| ops[*i].0).collect(),
-                    stuck_at: ops[stuck_at].0,
-                };
+                break;
             };
             let call = events[c];
             relink(&mut events, call.matching);
@@ -187,7 +257,13 @@ pub fn check_key(history: &[Entry], max_steps: u64) -> Verdict {
             cursor = events[c].next;
         }
     }
-    Verdict::Linearizable
+    if finals.is_empty() {
+        return Err(Verdict::Violation {
+            linearized: deepest.iter().map(|i| ops[*i].0).collect(),
+            stuck_at: ops[stuck_at].0,
+        });
+    }
+    Ok(finals)
 }
 
 /// What an operation wrote, if it writes.

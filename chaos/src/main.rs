@@ -207,9 +207,24 @@ fn check_again(dir: &std::path::Path) -> anyhow::Result<bool> {
         .collect::<anyhow::Result<_>>()?;
     let verdicts = lin::check(&history, 20_000_000);
     println!(
-        "{} operations; registers not linearizable or undecided: {verdicts:?}",
-        history.len()
+        "{} operations; {} registers not linearizable or undecided",
+        history.len(),
+        verdicts.len()
     );
+    for (key, v) in &verdicts {
+        let h: Vec<Entry> = history.iter().filter(|e| e.key == *key).copied().collect();
+        let (shown, on) = match v {
+            lin::Verdict::Unknown(_) => {
+                let t = lin::tighten(&h);
+                (lin::check_key(&t, 20_000_000), t)
+            }
+            other => (other.clone(), h),
+        };
+        println!(
+            "  k{key}: {v:?}\n  {}",
+            causeway_chaos::runner::excerpt(&on, &shown)
+        );
+    }
     let wpath = dir.join("watches.json");
     let streams = serde_json::from_str(
         &std::fs::read_to_string(&wpath).with_context(|| format!("reading {}", wpath.display()))?,

@@ -383,33 +383,30 @@ fn judge(
     let mut lin_unknown = Vec::new();
     for (key, v) in &verdicts {
         match v {
-            Verdict::Violation {
-                linearized,
-                stuck_at,
-            } => {
-                let h: Vec<&Entry> = history.iter().filter(|e| e.key == *key).collect();
-                let tail: Vec<String> = linearized
-                    .iter()
-                    .rev()
-                    .take(6)
-                    .rev()
-                    .chain(std::iter::once(stuck_at))
-                    .filter_map(|i| h.get(*i))
-                    .map(|e| serde_json::to_string(e).unwrap_or_default())
-                    .collect();
+            Verdict::Violation { .. } => {
+                let h: Vec<Entry> = history.iter().filter(|e| e.key == *key).copied().collect();
                 let msg = format!(
                     "register k{key}: not linearizable; the last operations placed, then the one that could not be:\n  {}",
-                    tail.join("\n  ")
+                    excerpt(&h, v)
                 );
                 failures.push(msg.clone());
                 lin_violations.push(msg);
             }
             Verdict::Unknown(steps) => {
-                tracing::warn!(
-                    key,
-                    steps,
-                    "linearizability undecided within the step bound"
-                );
+                // Undecided in full; what the narrowed history shows is a
+                // likely violation (unless a write nobody saw explains it).
+                let h: Vec<Entry> = history.iter().filter(|e| e.key == *key).copied().collect();
+                let t = lin::tighten(&h);
+                let likely = lin::check_key(&t, MAX_STEPS);
+                let msg = match likely {
+                    Verdict::Violation { .. } => format!(
+                        "register k{key}: undecided after {steps} steps; without the unknown writes nobody saw it is not linearizable:\n  {}",
+                        excerpt(&t, &likely)
+                    ),
+                    _ => format!("register k{key}: undecided after {steps} steps"),
+                };
+                tracing::warn!("{msg}");
+                failures.push(msg);
                 lin_unknown.push(*key);
             }
             Verdict::Linearizable => {}
@@ -553,6 +550,28 @@ fn judge(
         controllers_converged: converged,
         failures,
     }
+}
+
+/// The operations a violation names (the last few placed, then the one
+/// that could not be), one JSON line each.
+pub fn excerpt(h: &[Entry], v: &Verdict) -> String {
+    let Verdict::Violation {
+        linearized,
+        stuck_at,
+    } = v
+    else {
+        return String::new();
+    };
+    linearized
+        .iter()
+        .rev()
+        .take(6)
+        .rev()
+        .chain(std::iter::once(stuck_at))
+        .filter_map(|i| h.get(*i))
+        .map(|e| serde_json::to_string(e).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join("\n  ")
 }
 
 /// `history.jsonl`, `calls.jsonl`, `watches.json`, `report.json`,

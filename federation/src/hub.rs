@@ -19,7 +19,7 @@ const HISTORY: usize = 4096;
 /// publishing hundreds of services at once) cannot make the history large.
 const HISTORY_BYTES: usize = 64 * 1024 * 1024;
 /// Broadcast buffer; a watcher that falls further behind is resynced.
-const BROADCAST: usize = 1024;
+pub(crate) const BROADCAST: usize = 1024;
 
 /// The applied catalog and its change feed: applies committed commands,
 /// keeps a bounded history of deltas, and broadcasts them to watchers.

@@ -140,9 +140,32 @@ impl Shared {
     /// and names the leader.
     pub async fn linearizable_barrier(&self) -> Result<(), Status> {
         use openraft::error::CheckIsLeaderError;
+        let started = Instant::now();
+        // openraft's read index is the later of the leader's commit index
+        // and the first entry of its term. A leader that restarts without
+        // losing its term (its vote is stored) has forgotten its commit
+        // index (it is not stored) and its term's first entry may be long
+        // before entries it committed — and acknowledged — before the
+        // restart: it would answer from a state missing them (the chaos
+        // suite caught this). A confirmed leader's log holds every committed
+        // entry and it commits all of its log, so the read also waits until
+        // everything the log held when the read came in is applied.
+        let in_log = self.raft.metrics().borrow().last_log_index;
         let read = tokio::time::timeout(Duration::from_secs(5), self.raft.ensure_linearizable());
         match read.await {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                let left = Duration::from_secs(5).saturating_sub(started.elapsed());
+                self.raft
+                    .wait(Some(left))
+                    .applied_index_at_least(in_log, "linearizable read")
+                    .await
+                    .map(|_| ())
+                    .map_err(|_| {
+                        Status::unavailable(
+                            "linearizable: the leader did not apply its log within 5 s; check that a majority of controller nodes is up, then retry",
+                        )
+                    })
+            }
             Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                 let leader = match (f.leader_id, f.leader_node) {
                     (Some(id), Some(n)) => format!("node {id} at {}", n.addr),

@@ -139,8 +139,11 @@ pub(super) async fn serve_watch(
                     Err(RecvError::Lagged(n)) => {
                         tracing::info!(skipped = n, "slow watcher resynced");
                         metrics::counter!("causeway_watch_resyncs_total").increment(1);
-                        // Force a snapshot: history may not reach back.
-                        last = 0;
+                        // Start again from what the watcher has: the
+                        // history's deltas when it reaches back, else a
+                        // snapshot — never one older than the watcher's
+                        // revision (a restarted node replaying its log
+                        // lags watchers that are ahead of it).
                         continue 'outer;
                     }
                     Err(RecvError::Closed) => return,
@@ -194,6 +197,47 @@ mod tests {
             .expect("ok");
         assert_eq!(ev.revision, 6, "{ev:?}");
         assert!(matches!(ev.kind, Some(pb::watch_event::Kind::Delta(_))));
+        serve.abort();
+    }
+
+    /// Also found by the chaos suite: the same, when the restarted node
+    /// replays faster than the watcher reads, so the watcher lags the
+    /// broadcast: its resync was a snapshot of the node's (older) state.
+    #[tokio::test]
+    async fn a_lagging_watcher_ahead_of_a_replaying_node_is_not_sent_back() {
+        let hub = Hub::new();
+        let ahead = crate::hub::BROADCAST + 100;
+        for n in 0..ahead {
+            token(&hub, n);
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let serve = tokio::spawn(serve_watch(
+            hub.clone(),
+            ahead as u64,
+            tx,
+            Duration::from_secs(5),
+            None,
+        ));
+        tokio::task::yield_now().await;
+        hub.replace(CatalogState::default());
+        // More than the broadcast holds, while the watcher does not run:
+        // it lags, at a point still behind what it has.
+        for n in 0..crate::hub::BROADCAST + 10 {
+            token(&hub, 100_000 + n);
+        }
+        assert!(hub.revision() < ahead as u64);
+        // The watcher sees it has lagged, and resyncs here.
+        tokio::task::yield_now().await;
+        // Catch up past the watcher.
+        for n in 0..100 {
+            token(&hub, 200_000 + n);
+        }
+        let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("an event")
+            .expect("open")
+            .expect("ok");
+        assert!(ev.revision > ahead as u64, "went back to {}", ev.revision);
         serve.abort();
     }
 }
