@@ -103,6 +103,7 @@ fn real_main() -> anyhow::Result<bool> {
         Command::Check { dir } => return check_again(&dir),
         Command::Clean => {
             net::preflight()?;
+            let _lock = net::RunLock::take()?;
             net::sweep();
             return Ok(true);
         }
@@ -160,6 +161,7 @@ fn real_main() -> anyhow::Result<bool> {
     );
 
     net::preflight()?;
+    let _lock = net::RunLock::take()?;
     let net = Net::build(&HOSTS)?;
     // This thread, and the runtime's threads it starts, live on the client
     // host: every socket the harness opens goes over the bridge.
@@ -169,11 +171,13 @@ fn real_main() -> anyhow::Result<bool> {
         .enable_all()
         .build()?;
     let result = rt.block_on(async {
-        tokio::select! {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        anyhow::Ok(tokio::select! {
             r = runner::run(&opts, &net) => Some(r),
             _ = tokio::signal::ctrl_c() => None,
-        }
-    });
+            _ = term.recv() => None,
+        })
+    })?;
     // Whatever happened, the runtime's children die with it and the
     // namespaces go with `net`.
     drop(rt);

@@ -69,6 +69,35 @@ pub fn preflight() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The one run on this machine: held while a run lives, so a second run
+/// (or `clean`) cannot sweep away the first one's hosts.
+pub struct RunLock(std::path::PathBuf);
+
+impl RunLock {
+    /// Takes the lock, or says which run holds it. A lock whose process is
+    /// gone is taken over.
+    pub fn take() -> anyhow::Result<Self> {
+        let path = std::path::PathBuf::from("/run/causeway-chaos.pid");
+        if let Ok(pid) = std::fs::read_to_string(&path) {
+            let pid = pid.trim();
+            if !pid.is_empty() && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                bail!(
+                    "another chaos run (pid {pid}) is using the namespaces; wait for it, or stop it (it cleans up on Ctrl-C)"
+                );
+            }
+        }
+        std::fs::write(&path, std::process::id().to_string())
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Removes every namespace a run left behind, killing what runs there.
 pub fn sweep() {
     let Ok(list) = run(&["ip", "netns", "list"]) else {
