@@ -144,6 +144,35 @@ pub struct ControllerArgs {
     /// Share of new traces sampled, 0 to 1 (default 0.01).
     #[arg(long)]
     pub trace_sample_ratio: Option<f64>,
+    /// A one-off action on a node's data instead of running it.
+    #[command(subcommand)]
+    pub action: Option<ControllerAction>,
+}
+
+/// `causeway controller restore|…`: offline actions on a node's data.
+#[derive(clap::Subcommand, Debug)]
+pub enum ControllerAction {
+    /// Build this node's data directory for a NEW cluster from a backup
+    /// (`causeway ctl snapshot save`), as `etcdutl snapshot restore` does:
+    /// run it for every member with the same file and the same --peer
+    /// list, then start them as usual. The state (sites, credentials'
+    /// records, bundles, exports, policies, tokens) is the backup's; the
+    /// membership is the --peer list.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        snapshot: PathBuf,
+        /// The node's data directory (must be empty or absent).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// This node's id.
+        #[arg(long)]
+        id: u64,
+        /// A member of the new cluster, ID=HOST:PORT; repeat for each, this
+        /// node included.
+        #[arg(long = "peer", required = true)]
+        peer: Vec<String>,
+    },
 }
 
 /// `causeway gateway` flags.
@@ -291,6 +320,9 @@ fn admin_addr(flag: &str) -> Result<SocketAddr, ConfigErrors> {
 
 /// `causeway controller`: runs one node until SIGTERM.
 pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
+    if let Some(action) = &args.action {
+        return controller_action(action);
+    }
     let settings = args.config()?.validate()?;
     let ca_dir = &settings.ca_dir;
     let ca = CertificateAuthority::load(&ca_dir.join("ca.pem"), &ca_dir.join("ca-key.pem"))
@@ -312,6 +344,42 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
     tokio::spawn(controller.serve(identity, listener, shutdown_signal()))
         .await
         .context("controller server task")?
+}
+
+/// `causeway controller restore`.
+fn controller_action(action: &ControllerAction) -> anyhow::Result<()> {
+    let ControllerAction::Restore {
+        snapshot,
+        data_dir,
+        id,
+        peer,
+    } = action;
+    let mut members = std::collections::BTreeMap::new();
+    for p in peer {
+        let parsed = p
+            .split_once('=')
+            .and_then(|(i, a)| Some((i.parse::<u64>().ok()?, a.parse::<SocketAddr>().ok()?)));
+        match parsed {
+            Some((pid, _)) if pid > 0 => {
+                members.insert(pid, p.split_once('=').expect("checked").1.to_string());
+            }
+            _ => anyhow::bail!(
+                "--peer {p}: expected ID=HOST:PORT with a positive ID, e.g. 1=10.0.0.1:7001"
+            ),
+        }
+    }
+    let file = std::fs::read(snapshot)
+        .with_context(|| format!("--snapshot: reading {}", snapshot.display()))?;
+    let header = causeway_federation::backup::restore(data_dir, *id, &members, &file)
+        .with_context(|| format!("--snapshot {}", snapshot.display()))?;
+    println!(
+        "restored revision {} (saved by controller {}) into {} as node {id} of a new cluster of {} node(s); start it with the same --id and --peer flags",
+        header.revision,
+        header.node_id,
+        data_dir.display(),
+        members.len()
+    );
+    Ok(())
 }
 
 /// `worker_threads` from the gateway config, read before the runtime is

@@ -60,6 +60,12 @@ pub enum CtlCommand {
         #[command(subcommand)]
         command: ControllerCommand,
     },
+    /// Backups of the federation state (see `causeway controller restore`).
+    Snapshot {
+        /// What to do.
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// Controller status: nodes, leader, term, indexes, catalog revision.
     Status,
     /// Exported services and the sites that export them.
@@ -185,6 +191,18 @@ pub enum ControllerCommand {
     Remove {
         /// The node's id.
         id: u64,
+    },
+}
+
+/// `ctl snapshot` subcommands.
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Write a backup of the whole federation state, as of every write
+    /// acknowledged before the call, to FILE (checked, then renamed into
+    /// place).
+    Save {
+        /// Where to write it.
+        file: PathBuf,
     },
 }
 
@@ -350,6 +368,9 @@ pub async fn run(args: CtlArgs) -> anyhow::Result<()> {
         CtlCommand::Admin { .. } | CtlCommand::Traffic { .. } => {
             unreachable!("run before connecting")
         }
+        CtlCommand::Snapshot {
+            command: SnapshotCommand::Save { file },
+        } => snapshot_save(&c, file).await,
         CtlCommand::Cluster { command } => cluster(&args, &c, &mut fed, command).await,
         CtlCommand::Controller { command } => controller(&args, &mut fed, command).await,
         CtlCommand::Status => {
@@ -588,6 +609,46 @@ async fn cluster(
             );
         }
     }
+    Ok(())
+}
+
+/// `ctl snapshot save FILE`: streams the backup from the leader, checks it
+/// and moves it into place only when whole.
+async fn snapshot_save(c: &ControllerClient, file: &std::path::Path) -> anyhow::Result<()> {
+    let mut stream = c
+        .call(true, |mut f| async move {
+            f.save_snapshot(pb::SaveSnapshotRequest {}).await
+        })
+        .await
+        .map_err(status_err)?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(status_err)? {
+        if bytes.len() as u64 + chunk.data.len() as u64
+            > causeway_federation::backup::MAX_BODY + 8192
+        {
+            anyhow::bail!("the snapshot stream is larger than any backup can be; not written");
+        }
+        bytes.extend_from_slice(&chunk.data);
+    }
+    let (header, _) = causeway_federation::backup::decode(&bytes)
+        .context("the snapshot received does not check out; nothing was written")?;
+    let tmp = file.with_extension("partial");
+    {
+        use std::io::Write;
+        let mut f =
+            std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, file).with_context(|| format!("writing {}", file.display()))?;
+    println!(
+        "saved revision {} ({} bytes, sha256 {}) from controller {} to {}",
+        header.revision,
+        bytes.len(),
+        header.sha256,
+        header.node_id,
+        file.display()
+    );
     Ok(())
 }
 

@@ -700,6 +700,7 @@ async fn watchers_never_see_revisions_go_backwards_across_leader_kills() {
                 let Ok(resp) = fedc
                     .watch(causeway_api::pb::WatchRequest {
                         from_revision: from,
+                        ..Default::default()
                     })
                     .await
                 else {
@@ -1003,7 +1004,10 @@ async fn a_stalled_watcher_is_cut_off_and_never_slows_the_others() {
         .unwrap();
         pb::federation_client::FederationClient::new(ch)
             .max_decoding_message_size(64 * 1024 * 1024)
-            .watch(pb::WatchRequest { from_revision: 0 })
+            .watch(pb::WatchRequest {
+                from_revision: 0,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner()
@@ -1068,6 +1072,7 @@ async fn a_stalled_watcher_is_cut_off_and_never_slows_the_others() {
         .max_decoding_message_size(64 * 1024 * 1024)
         .watch(pb::WatchRequest {
             from_revision: last,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -131,6 +131,7 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
             addr: "127.0.0.1:1".into(),
         }),
         "remove controller" => site.remove_controller(pb::RemoveControllerRequest { id: 1 }),
+        "save a snapshot" => site.save_snapshot(pb::SaveSnapshotRequest {}),
         "trust bundle for beta" => site.update_trust_bundle(pb::UpdateTrustBundleRequest {
             site: "beta".into(),
             trust_bundle_pem: some_ca_pem(),
@@ -211,7 +212,7 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
     refused! {
         "anonymous catalog" => anon.catalog(pb::CatalogRequest::default()),
         "anonymous status" => anon.status(pb::StatusRequest {}),
-        "anonymous watch" => anon.watch(pb::WatchRequest { from_revision: 0 }),
+        "anonymous watch" => anon.watch(pb::WatchRequest { from_revision: 0, ..Default::default() }),
         "anonymous append" => raft_anon.append_entries(payload()),
         "anonymous trust bundle" => anon.update_trust_bundle(pb::UpdateTrustBundleRequest {
             site: "alpha".into(),
@@ -308,7 +309,10 @@ async fn removing_a_site_tears_down_its_tunnels_and_refuses_its_credential() {
         .unwrap();
     let mut c = state.controller_client().federation().await.unwrap();
     let mut watch = c
-        .watch(causeway_api::pb::WatchRequest { from_revision: 0 })
+        .watch(causeway_api::pb::WatchRequest {
+            from_revision: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -1090,7 +1094,10 @@ async fn replaced_and_revoked_credentials_are_refused_everywhere() {
 
     tracing::info!("phase: a site credential revoked while it watches");
     let mut watch = new_api
-        .watch(pb::WatchRequest { from_revision: 0 })
+        .watch(pb::WatchRequest {
+            from_revision: 0,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

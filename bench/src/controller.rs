@@ -378,7 +378,10 @@ async fn fanout_causeway(
         let mut c = causeway_api::pb::federation_client::FederationClient::new(ch.clone());
         let rev = c.status(pb::StatusRequest {}).await?.into_inner().revision;
         let mut s = c
-            .watch(pb::WatchRequest { from_revision: rev })
+            .watch(pb::WatchRequest {
+                from_revision: rev,
+                ..Default::default()
+            })
             .await?
             .into_inner();
         let tx = tx.clone();

@@ -333,6 +333,7 @@ pub async fn watcher(name: String, client: ControllerClient, rec: Arc<Recorder>)
                 .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
             fed.watch(pb::WatchRequest {
                 from_revision: from,
+                ..Default::default()
             })
             .await
         };

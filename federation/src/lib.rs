@@ -10,6 +10,7 @@
 
 use std::io::Cursor;
 
+pub mod backup;
 pub mod config;
 pub mod hub;
 pub mod lease;

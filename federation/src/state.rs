@@ -376,6 +376,11 @@ fn reject(code: RejectCode, message: impl Into<String>) -> Outcome {
 pub struct CatalogState {
     /// Bumped by every change watchers see.
     pub revision: u64,
+    /// 0 for a cluster as first built; a cluster restored from a backup
+    /// gets a new one ([`crate::backup::restore`]), so watchers that
+    /// resume from the old cluster's revisions start over from a snapshot.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub epoch: u64,
     /// Member sites.
     pub sites: BTreeMap<SiteName, SiteRecord>,
     /// What each site exports.
@@ -399,6 +404,11 @@ pub struct CatalogState {
     /// these, unexpired and not revoked.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub admins: BTreeMap<String, AdminRecord>,
+}
+
+/// For `skip_serializing_if`.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// An admin credential as recorded.
@@ -1186,6 +1196,7 @@ impl CatalogState {
     pub fn snapshot_pb(&self) -> pb::CatalogSnapshot {
         pb::CatalogSnapshot {
             revision: self.revision,
+            epoch: self.epoch,
             sites: self.sites.values().map(site_to_pb).collect(),
             exports: self
                 .exports

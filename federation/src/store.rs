@@ -368,6 +368,41 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// Makes freshly opened storage the start of a new cluster of `members`
+/// whose state is `state` (a restored backup): `state` becomes the
+/// snapshot at log index 1, with `members` as its membership, and the log
+/// continues after it. See [`crate::backup::restore`].
+pub fn seed(
+    db: &Database,
+    state: &CatalogState,
+    members: &std::collections::BTreeMap<NodeId, String>,
+) -> anyhow::Result<()> {
+    let vote: Option<Vote<NodeId>> = meta_get(db, "vote")?;
+    let purged: Option<LogId<NodeId>> = meta_get(db, "last_purged")?;
+    let snap: Option<StoredSnapshot> = meta_get(db, "snapshot")?;
+    if vote.is_some() || purged.is_some() || snap.is_some() {
+        anyhow::bail!("this storage holds a cluster already; restore into an empty directory");
+    }
+    let at = LogId::new(openraft::CommittedLeaderId::new(0, 0), 1);
+    let voters: std::collections::BTreeSet<NodeId> = members.keys().copied().collect();
+    let nodes: std::collections::BTreeMap<NodeId, Node> = members
+        .iter()
+        .map(|(id, addr)| (*id, Node { addr: addr.clone() }))
+        .collect();
+    let membership = openraft::Membership::new(vec![voters], nodes);
+    let stored = StoredSnapshot {
+        meta: SnapshotMeta {
+            last_log_id: Some(at),
+            last_membership: StoredMembership::new(Some(at), membership),
+            snapshot_id: format!("restored-{}", state.revision),
+        },
+        data: serde_json::to_vec(state)?,
+    };
+    meta_put(db, "snapshot", &stored, true)?;
+    meta_put(db, "last_purged", &at, true)?;
+    Ok(())
+}
+
 #[derive(Serialize, Deserialize, Clone)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, Node>,

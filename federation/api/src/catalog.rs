@@ -70,6 +70,8 @@ pub struct CatalogView {
     pub revision: Revision,
     /// Set once the first snapshot arrived.
     pub synced: bool,
+    /// The cluster's epoch (see `CatalogSnapshot.epoch`).
+    pub epoch: u64,
     /// Member sites by name.
     pub sites: BTreeMap<String, pb::Site>,
     /// What each site exports, by site name.
@@ -97,7 +99,10 @@ impl CatalogView {
     pub fn apply(&mut self, event: pb::WatchEvent) -> Result<bool, ApplyError> {
         match event.kind.ok_or(ApplyError::Empty)? {
             pb::watch_event::Kind::Snapshot(snap) => {
-                if self.synced && snap.revision < self.revision.0 {
+                // An older snapshot of the same cluster changes nothing; a
+                // cluster restored from a backup has a new epoch, and its
+                // revisions start again below ours.
+                if self.synced && snap.epoch == self.epoch && snap.revision < self.revision.0 {
                     return Ok(false);
                 }
                 self.replace(snap);
@@ -124,6 +129,7 @@ impl CatalogView {
 
     fn replace(&mut self, snap: pb::CatalogSnapshot) {
         self.revision = Revision(snap.revision);
+        self.epoch = snap.epoch;
         self.synced = true;
         self.sites = snap
             .sites
@@ -267,6 +273,28 @@ mod tests {
                     .collect(),
             })),
         }
+    }
+
+    #[test]
+    fn a_restored_cluster_replaces_the_view_even_at_a_lower_revision() {
+        let snap = |rev: u64, epoch: u64, name: &str| pb::WatchEvent {
+            revision: rev,
+            kind: Some(pb::watch_event::Kind::Snapshot(pb::CatalogSnapshot {
+                revision: rev,
+                epoch,
+                sites: vec![site(name)],
+                ..Default::default()
+            })),
+        };
+        let mut v = CatalogView::default();
+        assert!(v.apply(snap(40, 0, "old")).unwrap());
+        // The same cluster, an older snapshot: nothing changes.
+        assert!(!v.apply(snap(30, 0, "older")).unwrap());
+        assert!(v.sites.contains_key("old"));
+        // A cluster restored from a backup: new epoch, lower revision.
+        assert!(v.apply(snap(30, 9, "restored")).unwrap());
+        assert_eq!((v.revision.0, v.epoch), (30, 9));
+        assert!(v.sites.contains_key("restored") && !v.sites.contains_key("old"));
     }
 
     #[test]

@@ -218,6 +218,7 @@ pub async fn run_watch(client: Arc<ControllerClient>, tx: watch::Sender<Arc<Cata
             let mut stream = c
                 .watch(WatchRequest {
                     from_revision: from,
+                    epoch: view.epoch,
                 })
                 .await
                 .map_err(|s| anyhow_status("watch", s))?

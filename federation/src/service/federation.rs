@@ -43,6 +43,10 @@ pub struct FederationService {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
+
+/// Bytes per `SnapshotChunk`.
+const SNAPSHOT_CHUNK: usize = 1 << 20;
 
 #[tonic::async_trait]
 impl Federation for FederationService {
@@ -388,6 +392,31 @@ impl Federation for FederationService {
     }
 
     type WatchStream = WatchStream;
+    type SaveSnapshotStream = SnapshotStream;
+
+    async fn save_snapshot(
+        &self,
+        req: Request<pb::SaveSnapshotRequest>,
+    ) -> Result<Response<SnapshotStream>, Status> {
+        require_admin("SaveSnapshot", &req)?;
+        // Every write acknowledged before this call is in the state read.
+        self.shared.linearizable_barrier().await?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let node = self.shared.node_id;
+        let file = self
+            .shared
+            .hub
+            .read(|s| crate::backup::encode(s, node, now_ms))
+            .map_err(|e| Status::internal(format!("encoding the snapshot: {e:#}")))?;
+        metrics::counter!("causeway_snapshots_saved_total").increment(1);
+        let chunks: Vec<Result<pb::SnapshotChunk, Status>> = file
+            .chunks(SNAPSHOT_CHUNK)
+            .map(|c| Ok(pb::SnapshotChunk { data: c.to_vec() }))
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let who = require_site_or_admin("Watch", &req, &self.shared.hub).await?;
@@ -404,7 +433,17 @@ impl Federation for FederationService {
             .as_ref()
             .and_then(causeway_api::identity::validity_ms)
             .map_or(u64::MAX, |(_, to)| to);
-        let from = req.into_inner().from_revision;
+        let pb::WatchRequest {
+            from_revision,
+            epoch,
+        } = req.into_inner();
+        // A client holding another cluster's catalog (this one was restored
+        // from a backup since) starts over from a snapshot.
+        let from = if epoch == self.shared.hub.read(|s| s.epoch) {
+            from_revision
+        } else {
+            0
+        };
         let hub = self.shared.hub.clone();
         let stall = self.shared.watch_stall;
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<pb::WatchEvent, Status>>(WATCH_QUEUE);

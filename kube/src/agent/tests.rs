@@ -331,6 +331,7 @@ fn catalog_with(site: &str, protocol: &str, at_ms: u64) -> Arc<CatalogView> {
     use causeway_api::pb;
     Arc::new(CatalogView::from_snapshot(pb::CatalogSnapshot {
         revision: 7,
+        epoch: 0,
         sites: vec![pb::Site {
             name: site.into(),
             available: true,
