@@ -173,6 +173,26 @@ pub enum ControllerAction {
         #[arg(long = "peer", required = true)]
         peer: Vec<String>,
     },
+    /// After losing a majority of controllers for good: make this stopped,
+    /// surviving node a new ONE-node cluster holding what its own data
+    /// holds. Writes the lost nodes had and this one never received are
+    /// LOST; entries it had that were never confirmed are kept. Its old
+    /// data is moved aside. Then start it with `--peer ID=ADDR` (itself
+    /// only) and grow it back with `causeway ctl controller add`.
+    Recover {
+        /// Required: this replaces the membership.
+        #[arg(long, required = true)]
+        force_new_cluster: bool,
+        /// The node's data directory.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// This node's id.
+        #[arg(long)]
+        id: u64,
+        /// The node's address (HOST:PORT), its only member's.
+        #[arg(long)]
+        advertise: String,
+    },
 }
 
 /// `causeway gateway` flags.
@@ -348,12 +368,32 @@ pub async fn run_controller(args: ControllerArgs) -> anyhow::Result<()> {
 
 /// `causeway controller restore`.
 fn controller_action(action: &ControllerAction) -> anyhow::Result<()> {
-    let ControllerAction::Restore {
-        snapshot,
-        data_dir,
-        id,
-        peer,
-    } = action;
+    let (snapshot, data_dir, id, peer) = match action {
+        ControllerAction::Restore {
+            snapshot,
+            data_dir,
+            id,
+            peer,
+        } => (snapshot, data_dir, id, peer),
+        ControllerAction::Recover {
+            force_new_cluster: _,
+            data_dir,
+            id,
+            advertise,
+        } => {
+            if advertise.parse::<SocketAddr>().is_err() {
+                anyhow::bail!("--advertise {advertise}: expected HOST:PORT, e.g. 10.0.0.1:7001");
+            }
+            let r = causeway_federation::backup::force_new_cluster(data_dir, *id, advertise)?;
+            println!(
+                "node {id} is now a one-node cluster at revision {} (log replayed to index {}); its old data is in {}. Start it with --id {id} --peer {id}={advertise}, then add nodes with `causeway ctl controller add`",
+                r.revision,
+                r.last_index,
+                r.kept.display()
+            );
+            return Ok(());
+        }
+    };
     let mut members = std::collections::BTreeMap::new();
     for p in peer {
         let parsed = p

@@ -191,3 +191,167 @@ async fn a_federation_that_lost_every_controller_disk_comes_back_from_a_backup()
     );
     fed.shutdown().await;
 }
+
+/// Quorum loss: of five controllers three are destroyed for good. A
+/// survivor is forced into a new one-node cluster from its own data, grown
+/// back to three, and nothing acknowledged before the loss is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_majority_lost_for_good_is_recovered_from_a_survivor() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, _) = controllers(&tmp, 5, &["--snapshot-every", "30"]).await;
+    let admin = fed.admin_client(None).unwrap();
+    let mut acked = Vec::new();
+    for n in 0..80u64 {
+        let doc = timeout_doc(&format!("q{n}"), n + 1);
+        admin
+            .call(true, |mut f| {
+                let doc = doc.clone();
+                async move {
+                    f.apply_policies(pb::ApplyPoliciesRequest {
+                        documents_json: vec![doc],
+                        ..Default::default()
+                    })
+                    .await
+                }
+            })
+            .await
+            .unwrap();
+        acked.push(n);
+    }
+    // Everyone has everything before the loss (what is acknowledged is on
+    // a majority; the survivors hold it once they have caught up).
+    let leader = fed
+        .wait_for_leader(std::time::Duration::from_secs(10))
+        .await
+        .unwrap();
+    let target = fed.status(leader).await.unwrap().last_log_index;
+    eventually(
+        std::time::Duration::from_secs(20),
+        "every node to apply the last write",
+        async || {
+            for id in 1..=5 {
+                match fed.status(id).await {
+                    Ok(s) if s.applied_index >= target => {}
+                    _ => return false,
+                }
+            }
+            true
+        },
+    )
+    .await;
+
+    tracing::info!("phase: nodes 3, 4, 5 destroyed; 1 and 2 stopped");
+    for id in 1..=5 {
+        fed.controller(id).kill().await;
+    }
+    for id in 3..=5 {
+        std::fs::remove_dir_all(tmp.path().join(format!("controller-{id}"))).unwrap();
+    }
+    let addr1 = fed.controller_addrs[&1].clone();
+    let dir1 = tmp.path().join("controller-1");
+    let (code, out) = run_bin(&[
+        "controller",
+        "recover",
+        "--data-dir",
+        &dir1.display().to_string(),
+        "--id",
+        "1",
+        "--advertise",
+        &addr1,
+    ]);
+    assert!(code != 0 && out.contains("--force-new-cluster"), "{out}");
+    let (code, out) = run_bin(&[
+        "controller",
+        "recover",
+        "--force-new-cluster",
+        "--data-dir",
+        &dir1.display().to_string(),
+        "--id",
+        "1",
+        "--advertise",
+        &addr1,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("one-node cluster"), "{out}");
+
+    tracing::info!("phase: node 1 alone, then grown back to three");
+    for id in 2..=5 {
+        fed.controllers.remove(&id);
+        fed.controller_addrs.remove(&id);
+    }
+    fed.spawn_controller(1, &[1], false).unwrap();
+    fed.wait_for_leader(std::time::Duration::from_secs(30))
+        .await
+        .unwrap();
+    for id in [2u64, 3] {
+        let dir = tmp.path().join(format!("controller-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        fed.reserve_controller(id).unwrap();
+        fed.spawn_controller(id, &[id], true).unwrap();
+        let addr = fed.controller_addrs[&id].clone();
+        let out = fed
+            .ctl(&["controller", "add", &id.to_string(), &addr])
+            .await
+            .unwrap();
+        assert!(out.contains(&format!("{id}")), "{out}");
+    }
+    let voters = eventually(
+        std::time::Duration::from_secs(30),
+        "three voters",
+        async || {
+            let s = fed.status(1).await.ok()?;
+            let v: Vec<u64> = s.nodes.iter().filter(|n| n.voter).map(|n| n.id).collect();
+            (v.len() == 3).then_some(v)
+        },
+    )
+    .await;
+    assert_eq!(voters, vec![1, 2, 3]);
+
+    tracing::info!("phase: nothing acknowledged is missing, and writes go on");
+    let names = list_policies(&fed).await;
+    for n in &acked {
+        assert!(
+            names.contains(&format!("q{n}")),
+            "q{n} was acknowledged and is gone"
+        );
+    }
+    let doc = timeout_doc("after", 1);
+    fed.admin_client(None)
+        .unwrap()
+        .call(true, |mut f| {
+            let doc = doc.clone();
+            async move {
+                f.apply_policies(pb::ApplyPoliciesRequest {
+                    documents_json: vec![doc],
+                    ..Default::default()
+                })
+                .await
+            }
+        })
+        .await
+        .unwrap();
+    // Every member holds it (node 3 caught up by snapshot or log).
+    eventually(
+        std::time::Duration::from_secs(20),
+        "node 3 to apply the write made after the recovery",
+        async || {
+            let c = fed.admin_client(Some(3)).ok()?;
+            let mut f = c.federation().await.ok()?;
+            let r = f
+                .list_policies(pb::ListPoliciesRequest {
+                    kind: String::new(),
+                    linearizable: false,
+                })
+                .await
+                .ok()?;
+            r.into_inner()
+                .policies
+                .iter()
+                .any(|p| p.name == "after")
+                .then_some(())
+        },
+    )
+    .await;
+    fed.shutdown().await;
+}

@@ -188,6 +188,53 @@ pub fn restore(
     Ok(header)
 }
 
+/// What [`force_new_cluster`] did.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The catalog revision the new cluster starts at.
+    pub revision: u64,
+    /// The last log index that was replayed.
+    pub last_index: u64,
+    /// Where the node's old data was moved.
+    pub kept: std::path::PathBuf,
+}
+
+/// Quorum loss: makes node `node_id`'s data directory `dir` the start of a
+/// new one-node cluster at `addr`, holding what its own data holds (its
+/// snapshot and every entry of its log, applied — entries the lost
+/// majority never confirmed included; writes it never received are gone).
+/// The old data is moved aside, not deleted. The node must be stopped.
+pub fn force_new_cluster(dir: &Path, node_id: NodeId, addr: &str) -> anyhow::Result<Recovered> {
+    let storage = crate::store::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if storage.log.is_pristine()? {
+        anyhow::bail!(
+            "--data-dir {} holds no cluster data; recover from a node that was a member",
+            dir.display()
+        );
+    }
+    let (mut state, last_index) = crate::store::replay(&storage)?;
+    drop(storage);
+    state.epoch = rand::random::<u64>() | 1;
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "data".into());
+    let kept = dir.with_file_name(format!("{name}.pre-recover-{stamp}"));
+    std::fs::rename(dir, &kept)
+        .with_context(|| format!("moving {} aside to {}", dir.display(), kept.display()))?;
+    let storage = crate::store::open(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let members: BTreeMap<NodeId, String> = [(node_id, addr.to_string())].into();
+    crate::store::seed(&storage.db, &state, &members)?;
+    Ok(Recovered {
+        revision: state.revision,
+        last_index,
+        kept,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -403,6 +403,38 @@ pub fn seed(
     Ok(())
 }
 
+/// The state a node's own data holds: its snapshot, then every entry of
+/// its log after it applied in order — committed or not, since the commit
+/// index is not stored (see `controller recover --force-new-cluster`).
+/// The storage must not be in use by a running node.
+pub fn replay(storage: &Storage) -> anyhow::Result<(CatalogState, u64)> {
+    let snap: Option<StoredSnapshot> = meta_get(&storage.db, "snapshot")?;
+    let (state, after) = match snap {
+        Some(s) => (
+            serde_json::from_slice::<CatalogState>(&s.data)?,
+            s.meta.last_log_id.map_or(0, |l| l.index),
+        ),
+        None => (CatalogState::default(), 0),
+    };
+    // Applied the way a running node applies them (batches included).
+    let hub = Hub::new();
+    hub.replace(state);
+    let wal = storage.log.wal();
+    let mut last = after;
+    if let (Some(first), Some(end)) = (wal.first_index(), wal.last_index()) {
+        for index in first.max(after + 1)..=end {
+            let Some(entry) = storage.log.entry(&wal, index)? else {
+                anyhow::bail!("log entry {index} is missing");
+            };
+            if let EntryPayload::Normal(cmd) = entry.payload {
+                hub.apply(cmd);
+            }
+            last = index;
+        }
+    }
+    Ok((hub.read(CatalogState::clone), last))
+}
+
 #[derive(Serialize, Deserialize, Clone)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, Node>,
