@@ -208,13 +208,32 @@ impl Cluster {
         self.fed.spawn_controller(id, &[id], true)?;
         let addr = self.fed.controller_addrs[&id].clone();
         let c = self.fed.admin_client(None)?;
-        c.call(true, |mut f| {
-            let addr = addr.clone();
-            async move {
-                f.add_controller(pb::AddControllerRequest { id, addr })
-                    .await
-            }
-        })
+        // Adding waits until the new node has caught up; on a loaded
+        // cluster that can outlast one call's deadline, and adding again
+        // picks up where it was (a learner already there is promoted).
+        causeway::local::wait::until(
+            Duration::from_secs(120),
+            format_args!("c{id} to be a voter again"),
+            async || {
+                let r = c
+                    .call(true, |mut f| {
+                        let addr = addr.clone();
+                        async move {
+                            f.add_controller(pb::AddControllerRequest { id, addr })
+                                .await
+                        }
+                    })
+                    .await;
+                match r {
+                    Ok(_) => Some(()),
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => Some(()),
+                    Err(s) => {
+                        tracing::info!("adding c{id} again: {}", s.message());
+                        None
+                    }
+                }
+            },
+        )
         .await?;
         Ok(())
     }
