@@ -41,6 +41,9 @@ pub enum Command {
     Dns(DnsArgs),
     /// Administer the federation.
     Ctl(crate::ctl::CtlArgs),
+    /// What is wrong with the federation, each finding with a fix (exit 1
+    /// when a check fails).
+    Check(crate::check::CheckArgs),
     /// Create the controller CA and an admin credential.
     Ca(CaArgs),
     /// Print a site's Kubernetes manifests (apply them with kubectl).

@@ -5,6 +5,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod check;
 pub mod cli;
 pub mod creds;
 pub mod ctl;

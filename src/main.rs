@@ -23,6 +23,11 @@ fn main() {
             Command::Gateway(a) => cli::run_gateway(a).await,
             Command::Dns(a) => cli::run_dns(a).await,
             Command::Ctl(a) => causeway::ctl::run(a).await,
+            Command::Check(a) => match causeway::check::run(a).await {
+                Ok(true) => Ok(()),
+                Ok(false) => std::process::exit(1),
+                Err(e) => Err(e),
+            },
             Command::Install(a) => causeway::kubernetes::run_install(a),
             Command::Agent(a) => causeway::kubernetes::run_agent(a).await,
             Command::Join(a) => causeway::kubernetes::run_join(a).await,

@@ -355,3 +355,135 @@ async fn a_majority_lost_for_good_is_recovered_from_a_survivor() {
     .await;
     fed.shutdown().await;
 }
+
+/// `causeway check` on a healthy federation passes every check; then each
+/// thing broken in turn fails its check, with a fix, and the exit code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_what_is_broken_and_how_to_fix_it() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut fed, _) = controllers(&tmp, 3, &["--site-lease-ms", "3000"]).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    // Traffic, so west has a tunnel to east to report.
+    echo_roundtrip(std::net::SocketAddr::new(vip, 7000), b"x").await;
+    let check = |fed: &LocalFederation, extra: &[&str]| {
+        let mut args: Vec<String> = vec![
+            "check".into(),
+            "--creds".into(),
+            fed.creds.display().to_string(),
+            "--controller".into(),
+            fed.endpoints().join(","),
+            "--gateway".into(),
+            format!("east={}", fed.sites["east"].gateway_admin),
+            "--gateway".into(),
+            format!("west={}", fed.sites["west"].gateway_admin),
+            "--dns".into(),
+            format!("west={}", fed.sites["west"].dns),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_bin(&args)
+    };
+
+    tracing::info!("phase: healthy");
+    // A gateway reports a tunnel's round-trip time once it has sampled it.
+    let out = eventually(
+        std::time::Duration::from_secs(30),
+        "check to pass and report west's tunnel to east",
+        async || {
+            let (code, out) = check(&fed, &[]);
+            (code == 0 && out.contains("✓ tunnels from west: up: east")).then_some(out)
+        },
+    )
+    .await;
+    for line in [
+        "✓ controllers reachable: 3 of 3",
+        "✓ leader:",
+        "✓ quorum: 3 voters",
+        "✓ clock skew:",
+        "✓ controller CA:",
+        "✓ node certificates:",
+        "✓ site leases: all 2 sites heartbeat",
+        "✓ tunnels from west: up: east",
+        "✓ VIP range of east:",
+        "✓ DNS of west: echo.shop.svc.clusterset.local ->",
+    ] {
+        assert!(out.contains(line), "missing {line:?} in:\n{out}");
+    }
+    // This machine's disk may be nearly full: fine or a warning, never a failure.
+    assert!(
+        out.contains("✓ data disks:") || out.contains("! data disks:"),
+        "{out}"
+    );
+    let (code, json) = check(&fed, &["--output", "json"]);
+    assert_eq!(code, 0, "{json}");
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["ok"], true);
+    assert!(v["checks"].as_array().unwrap().len() >= 12);
+
+    // On a gateway host, with the site's own credential.
+    let state_dir = fed.sites["east"].state_dir.display().to_string();
+    let (code, out) = run_bin(&["check", "--state-dir", &state_dir]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("✓ controllers reachable: 3 of 3"), "{out}");
+    assert!(
+        out.contains("✓ site leases: all 2 sites heartbeat"),
+        "{out}"
+    );
+
+    tracing::info!("phase: a policy naming a site that is not a member");
+    let doc = r#"{"apiVersion":"causeway.dev/v1alpha1","kind":"FailoverPolicy","metadata":{"name":"f","namespace":"shop"},"spec":{"service":"echo","mode":"ordered","sites":["nowhere","east"]}}"#;
+    fed.admin_client(None)
+        .unwrap()
+        .call(true, |mut f| async move {
+            f.apply_policies(pb::ApplyPoliciesRequest {
+                documents_json: vec![doc.to_string()],
+                ..Default::default()
+            })
+            .await
+        })
+        .await
+        .unwrap();
+    let (code, out) = check(&fed, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("✗ policies: FailoverPolicy shop/f: names site \"nowhere\""),
+        "{out}"
+    );
+    assert!(out.contains("fix: fix the policy"), "{out}");
+
+    tracing::info!("phase: west's DNS server down");
+    fed.sites.get_mut("west").unwrap().dns_proc.kill().await;
+    let (_, out) = check(&fed, &[]);
+    assert!(out.contains("✗ DNS of west:"), "{out}");
+    assert!(out.contains("start west's DNS server"), "{out}");
+
+    tracing::info!("phase: east's gateway down: its lease lapses");
+    fed.sites.get_mut("east").unwrap().gateway.kill().await;
+    let out = eventually(
+        std::time::Duration::from_secs(30),
+        "check to see east's lease lapse",
+        async || {
+            let (_, out) = check(&fed, &[]);
+            out.contains("✗ site leases: lapsed (out of routing and DNS): east")
+                .then_some(out)
+        },
+    )
+    .await;
+    assert!(out.contains("✗ tunnels from east:"), "{out}");
+    assert!(out.contains("start east's gateway"), "{out}");
+
+    tracing::info!("phase: a controller down");
+    fed.controller(3).kill().await;
+    let (code, out) = check(&fed, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("✗ controllers reachable: 2 of 3 answer"),
+        "{out}"
+    );
+    assert!(
+        out.contains("fix: start the controllers that do not answer"),
+        "{out}"
+    );
+    fed.shutdown().await;
+}

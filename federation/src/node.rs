@@ -138,6 +138,11 @@ impl Controller {
             &[CONTROLLER_SERVER_NAME],
             Duration::from_secs(30 * 86400),
         )?;
+        let cert_not_after_ms = node_cred
+            .chain
+            .first()
+            .and_then(causeway_api::identity::validity_ms)
+            .map_or(0, |(_, to)| to);
         if let Some((_, to)) = node_cred
             .chain
             .first()
@@ -246,6 +251,8 @@ impl Controller {
             joins: Default::default(),
             credentials: opts.credentials,
             tracing: tracing_.clone(),
+            data_dir: opts.data_dir.clone(),
+            cert_not_after_ms,
         });
         hub_tracing(&shared.hub, tracing_);
         tokio::spawn(export_raft_metrics(shared.raft.clone()));

@@ -119,10 +119,26 @@ impl ServicePolicy {
     }
 }
 
+/// Runs `log` the first time this process sees `key` (up to a bound):
+/// a policy problem is logged once, not at every catalog change — with
+/// thousands of policies, a warning per policy per change flooded the
+/// logs (found by the chaos suite). `causeway_policies_ignored` counts
+/// what the latest catalog ignores.
+fn warn_once(key: String, log: impl FnOnce()) {
+    static SEEN: std::sync::Mutex<Option<std::collections::HashSet<String>>> =
+        std::sync::Mutex::new(None);
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    let seen = seen.get_or_insert_with(Default::default);
+    if seen.len() < 10_000 && seen.insert(key) {
+        log();
+    }
+}
+
 /// Policies by target service. Of several policies of one kind for one
-/// service, the first by name applies (a warning names the others).
+/// service, the first by name applies (a warning, once, names the others).
 fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy> {
     let mut out: BTreeMap<ServiceKey, ServicePolicy> = BTreeMap::new();
+    let mut ignored = 0u64;
     for p in view.policies.values() {
         let parsed = serde_json::from_str::<serde_json::Value>(&p.document_json)
             .map_err(|e| vec![e.to_string()])
@@ -130,14 +146,29 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
         let policy = match parsed {
             Ok(policy) => policy,
             Err(errs) => {
-                tracing::warn!(kind = %p.kind, namespace = %p.namespace, name = %p.name, errors = ?errs, "ignoring a policy this gateway cannot read");
+                ignored += 1;
+                warn_once(
+                    format!(
+                        "unreadable {}/{}/{}/{}",
+                        p.kind, p.namespace, p.name, p.revision
+                    ),
+                    || {
+                        tracing::warn!(kind = %p.kind, namespace = %p.namespace, name = %p.name, errors = ?errs, "ignoring a policy this gateway cannot read");
+                    },
+                );
                 continue;
             }
         };
         let target = policy.target();
         let entry = out.entry(target.clone()).or_default();
-        let dup = |what: &str| {
-            tracing::warn!(service = %policy.target(), kind = what, ignored = %policy.name, "more than one policy of this kind; the first by name applies");
+        let mut dup = |what: &str| {
+            ignored += 1;
+            warn_once(
+                format!("dup {} {what} {}", policy.target(), policy.name),
+                || {
+                    tracing::warn!(service = %policy.target(), kind = what, ignored = %policy.name, "more than one policy of this kind; the first by name applies");
+                },
+            );
         };
         match policy.spec {
             Spec::FailoverPolicy(f) if entry.failover.is_none() => entry.failover = Some(f),
@@ -172,7 +203,11 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
                 match crate::httproute::CompiledRoute::compile(&policy.name, r) {
                     Ok(c) => entry.route = Some(c),
                     Err(e) => {
-                        tracing::warn!(service = %target, name = %policy.name, error = %e, "ignoring an HTTPRoute this gateway cannot compile")
+                        ignored += 1;
+                        warn_once(
+                            format!("route {target} {} {}", policy.name, p.revision),
+                            || tracing::warn!(service = %target, name = %policy.name, error = %e, "ignoring an HTTPRoute this gateway cannot compile"),
+                        );
                     }
                 }
             }
@@ -181,7 +216,11 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
                 match crate::admission::CompiledLimits::compile(r) {
                     Ok(c) => entry.rate_limit = Some(c),
                     Err(e) => {
-                        tracing::warn!(service = %target, name = %policy.name, error = %e, "ignoring a RateLimit this gateway cannot compile")
+                        ignored += 1;
+                        warn_once(
+                            format!("limit {target} {} {}", policy.name, p.revision),
+                            || tracing::warn!(service = %target, name = %policy.name, error = %e, "ignoring a RateLimit this gateway cannot compile"),
+                        );
                     }
                 }
             }
@@ -190,6 +229,7 @@ fn policies_by_service(view: &CatalogView) -> BTreeMap<ServiceKey, ServicePolicy
             Spec::RequestAuthentication(_) => dup("RequestAuthentication"),
         }
     }
+    metrics::gauge!("causeway_policies_ignored").set(ignored as f64);
     out
 }
 

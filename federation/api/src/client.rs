@@ -59,6 +59,17 @@ impl ControllerClient {
         }
     }
 
+    /// The same credential and trust for other endpoints.
+    pub fn with_endpoints(&self, endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            local: self.local,
+            tls: std::sync::Mutex::new(self.tls.locked().clone()),
+            next: AtomicUsize::new(0),
+            cached: std::sync::Mutex::new(None),
+        }
+    }
+
     /// Connects from this local address (a multi-homed host's chosen
     /// interface).
     pub fn bind_local(mut self, ip: std::net::IpAddr) -> Self {

@@ -78,6 +78,10 @@ pub struct Shared {
     pub credentials: crate::config::CredentialLifetimes,
     /// Spans, when tracing is on.
     pub tracing: Arc<causeway_api::trace::Tracing>,
+    /// Where this node's data lives (its free space is in `Status`).
+    pub data_dir: std::path::PathBuf,
+    /// When this node's certificate expires (ms since the epoch).
+    pub cert_not_after_ms: u64,
 }
 
 /// The record of an admin certificate (PEM) issued by `issued_by`, with

@@ -20,6 +20,12 @@ impl Shared {
     pub fn status(&self) -> pb::StatusResponse {
         let m = self.raft.metrics().borrow().clone();
         let role = format!("{:?}", m.state).to_lowercase();
+        let disk = rustix::fs::statvfs(&self.data_dir).ok().map(|s| {
+            (
+                s.f_bavail.saturating_mul(s.f_frsize),
+                s.f_blocks.saturating_mul(s.f_frsize),
+            )
+        });
         let matched: BTreeMap<NodeId, u64> = m
             .replication
             .as_ref()
@@ -52,6 +58,10 @@ impl Shared {
             sites: self.hub.read(|s| s.sites.len() as u32),
             snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
             purged_index: m.purged.map(|l| l.index).unwrap_or(0),
+            now_ms: causeway_api::clock::unix_ms(),
+            cert_not_after_ms: self.cert_not_after_ms,
+            data_free_bytes: disk.map_or(0, |d| d.0),
+            data_total_bytes: disk.map_or(0, |d| d.1),
         }
     }
 }
