@@ -445,7 +445,11 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     if let Some(r) = &args.replica {
         config.replica = r.clone();
     }
-    let settings = config.validate()?;
+    let mut settings = config.validate()?;
+    // Followed from now on: a changed file, or SIGHUP, reloads what can
+    // change live (docs/operations.md).
+    settings.config_file = Some(args.config.clone());
+    settings.replica_override = args.replica.clone();
     let metrics = admin::install_metrics()?;
     let ready = std::sync::Arc::new(causeway_gateway::Readiness::default());
     if let Some(a) = &args.admin_listen {

@@ -487,3 +487,146 @@ async fn check_says_what_is_broken_and_how_to_fix_it() {
     );
     fed.shutdown().await;
 }
+
+/// A gateway picks up its edited config without a restart: a new export
+/// when the file changes, allow rules on SIGHUP; an invalid file is refused
+/// and the running config stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_reloads_its_config_without_a_restart() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (vip, _echo) = echo_sites_ready(&mut fed).await;
+    let echo = std::net::SocketAddr::new(vip, 7000);
+    let gateway_pid = fed.sites["east"].gateway.pid().unwrap();
+    let admin = fed.sites["east"].gateway_admin;
+    let config = fed.sites["east"].config.clone();
+
+    tracing::info!("phase: a new export, by editing the file");
+    let (echo2, _echo2) = causeway::local::echo_server(Some("second".into()))
+        .await
+        .unwrap();
+    fed.edit_gateway_config("east", |c| {
+        c.exports.push(causeway_gateway::config::ExportConfig::tcp(
+            "shop/second",
+            7000,
+            &[echo2],
+        ))
+    })
+    .unwrap();
+    let second = fed
+        .wait_resolvable(
+            "west",
+            "second.shop.svc.clusterset.local",
+            std::time::Duration::from_secs(30),
+        )
+        .await
+        .unwrap();
+    let banner = eventually(
+        std::time::Duration::from_secs(20),
+        "a call to the new export",
+        async || causeway::local::call_banner(std::net::SocketAddr::new(second, 7000), "hi").await,
+    )
+    .await;
+    assert_eq!(banner, "second");
+    assert_eq!(
+        fed.sites["east"].gateway.pid(),
+        Some(gateway_pid),
+        "no restart"
+    );
+
+    tracing::info!("phase: an invalid file is refused, the running config stays");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("{good}\nno_such_field = 1\n")).unwrap();
+    eventually(
+        std::time::Duration::from_secs(20),
+        "the gateway to refuse the invalid config",
+        async || {
+            let m = http_get(admin, "/metrics").await;
+            metric(&m, "causeway_config_reloads_total{result=\"error\"}") >= 1.0
+                && metric(&m, "causeway_config_reload_failed") == 1.0
+        },
+    )
+    .await;
+    assert_eq!(echo_roundtrip(echo, b"still").await, b"still");
+
+    tracing::info!("phase: allow rules, on SIGHUP alone");
+    std::fs::write(&config, &good).unwrap();
+    eventually(
+        std::time::Duration::from_secs(20),
+        "the good config to be back",
+        async || {
+            metric(
+                &http_get(admin, "/metrics").await,
+                "causeway_config_reload_failed",
+            ) == 0.0
+        },
+    )
+    .await;
+    // Deny everyone, in a file of the same size and modification time, so
+    // only the signal can make the gateway read it.
+    let reference = tmp.path().join("reference.toml");
+    let denied = {
+        let mut t = good.replace(
+            "authorization = \"allow_members\"",
+            "authorization = \"deny\"",
+        );
+        assert_ne!(t, good, "the config names its authorization");
+        while t.len() < good.len() {
+            t.push('#');
+        }
+        t.truncate(good.len());
+        t
+    };
+    assert!(std::process::Command::new("cp")
+        .args([
+            "-p",
+            &config.display().to_string(),
+            &reference.display().to_string()
+        ])
+        .status()
+        .unwrap()
+        .success());
+    std::fs::write(&config, &denied).unwrap();
+    assert!(std::process::Command::new("touch")
+        .args([
+            "-r",
+            &reference.display().to_string(),
+            &config.display().to_string()
+        ])
+        .status()
+        .unwrap()
+        .success());
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &gateway_pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    eventually(
+        std::time::Duration::from_secs(20),
+        "west's calls to be refused by east's new rules",
+        async || {
+            try_echo_roundtrip(echo, b"x")
+                .await
+                .map_or(true, |r| r.is_empty())
+        },
+    )
+    .await;
+    std::fs::write(&config, &good).unwrap();
+    eventually(
+        std::time::Duration::from_secs(20),
+        "calls to be allowed again",
+        async || {
+            try_echo_roundtrip(echo, b"y")
+                .await
+                .is_ok_and(|r| r == b"y")
+        },
+    )
+    .await;
+    assert_eq!(
+        fed.sites["east"].gateway.pid(),
+        Some(gateway_pid),
+        "no restart"
+    );
+    fed.shutdown().await;
+}

@@ -574,6 +574,11 @@ pub struct Settings {
     pub kubernetes: bool,
     /// The north-south TLS listener, if configured.
     pub ingress: Option<crate::ingress::IngressSettings>,
+    /// The file these came from, followed for changes (none: not
+    /// reloaded); set by whoever read it.
+    pub config_file: Option<PathBuf>,
+    /// A replica name given outside the file, kept across reloads.
+    pub replica_override: Option<String>,
 }
 
 pub use causeway_api::config::ConfigErrors;
@@ -669,6 +674,8 @@ impl GatewayConfig {
             tracing: self.tracing.clone(),
             kubernetes: self.kubernetes.is_some(),
             ingress: ingress.map(|i| i.expect("checked above")),
+            config_file: None,
+            replica_override: None,
         })
     }
 

@@ -32,8 +32,9 @@ pub struct Inbound {
     pub exports: Arc<Exports>,
     /// Counts streams for graceful shutdown.
     pub drain: Arc<crate::drain::Drain>,
-    /// Who may call which export.
-    pub authorization: crate::config::Authorization,
+    /// Who may call which export (the `[[allow]]` rules; replaced by a
+    /// config reload).
+    authorization: std::sync::RwLock<Arc<crate::config::Authorization>>,
     /// How long a peer has to send the stream header.
     pub header_timeout: Duration,
     /// How long a stream may carry nothing before it is closed.
@@ -58,6 +59,15 @@ pub struct Inbound {
 }
 
 impl Inbound {
+    /// Checks streams against `rules` from now on (streams open keep
+    /// going).
+    pub fn set_authorization(&self, rules: crate::config::Authorization) {
+        *self
+            .authorization
+            .write()
+            .unwrap_or_else(|e| e.into_inner()) = Arc::new(rules);
+    }
+
     /// Follows the catalog's AuthorizationPolicies from now on.
     pub fn set_routes(&self, routes: tokio::sync::watch::Receiver<Arc<crate::routes::Routes>>) {
         let _ = self.routes.set(routes);
@@ -115,7 +125,7 @@ impl Inbound {
         Self {
             max_streams: crate::config::QuicConfig::default().max_streams_per_peer,
             routes: std::sync::OnceLock::new(),
-            authorization,
+            authorization: std::sync::RwLock::new(Arc::new(authorization)),
             header_timeout,
             idle_timeout: crate::config::Limits::default().idle_timeout,
             observers: crate::forward::Observers::off(),
@@ -309,7 +319,12 @@ impl Inbound {
         let service = &service;
         // Both must allow: the gateway's own [[allow]] rules and, when one
         // exists, the federation's AuthorizationPolicy for the service.
-        if !self.authorization.allows(&peer.site, service)
+        let rules = self
+            .authorization
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if !rules.allows(&peer.site, service)
             || self.policy_allows(&peer, service, protocol.is_http()) == Some(false)
         {
             tracing::info!(site = %peer.site, service = %req.service, "stream refused by authorization");

@@ -34,6 +34,7 @@ pub mod l4;
 pub mod outbound;
 pub mod pool;
 pub mod publish;
+pub mod reload;
 pub mod routes;
 pub mod site;
 pub mod splice;
@@ -221,6 +222,27 @@ pub async fn run(
         http: http.clone(),
         ready,
     });
+    let reload_task = settings.config_file.clone().and_then(|path| {
+        let text = std::fs::read_to_string(&path).ok()?;
+        let mut started = config::GatewayConfig::from_toml(&text).ok()?;
+        if let Some(r) = &settings.replica_override {
+            started.replica = r.clone();
+        }
+        let live = reload::Live {
+            path,
+            replica: settings.replica_override.clone(),
+            exports: exports.clone(),
+            inbound: inbound.clone(),
+            pool: pool.clone(),
+            endpoint: endpoint.clone(),
+            store: store.clone(),
+        };
+        Some(tokio::spawn(reload::follow(
+            live,
+            started,
+            settings.clone(),
+        )))
+    });
     let (stop_tx, stop_rx) = watch::channel(false);
     let ingress_task = settings.ingress.clone().map(|ingress| {
         let stop = stop_rx.clone();
@@ -285,6 +307,9 @@ pub async fn run(
     )
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    if let Some(t) = reload_task {
+        t.abort();
+    }
     inbound_task.abort();
     Ok(())
 }
@@ -333,7 +358,8 @@ async fn renew_credential(
         }
         let renewed = site::gateway_credential(&td, &site_ca, &settings.replica, settings.cert_ttl)
             .and_then(|cred| {
-                let server = tunnel::server_config(&cred, store.clone(), &settings.quic)?;
+                // The QUIC tuning in force (a config reload may have changed it).
+                let server = tunnel::server_config(&cred, store.clone(), &pool.quic())?;
                 Ok((cred, server))
             });
         match renewed {

@@ -33,7 +33,8 @@ const EARLY_DIAL_EVERY: Duration = Duration::from_millis(250);
 /// Pooled, authenticated tunnels to other sites: one QUIC connection per
 /// peer replica, redialed with backoff, streams spread by weight.
 pub struct Pool {
-    quic: crate::config::QuicConfig,
+    /// QUIC tuning for new dials; replaced by a config reload.
+    quic: Mutex<crate::config::QuicConfig>,
     /// How long a retired connection keeps its streams before it closes.
     retire_grace: Duration,
     endpoint: quinn::Endpoint,
@@ -138,7 +139,7 @@ impl Pool {
         retire_grace: Duration,
     ) -> Arc<Self> {
         Arc::new_cyclic(|me| Self {
-            quic,
+            quic: Mutex::new(quic),
             retire_grace,
             endpoint,
             cred: Mutex::new(cred),
@@ -356,7 +357,8 @@ impl Pool {
             }
         };
         let cred = self.cred.locked().clone();
-        let cfg = tunnel::client_config(&cred, self.store.clone(), td, &self.quic)
+        let quic = self.quic.locked().clone();
+        let cfg = tunnel::client_config(&cred, self.store.clone(), td, &quic)
             .map_err(|e| ReplicaDialError::Tls(format!("{e:#}")))?;
         let connecting = self.endpoint.connect_with(cfg, addr, "gateway")?;
         match tokio::time::timeout(DIAL_TIMEOUT, connecting).await {
@@ -483,6 +485,21 @@ impl Pool {
     /// Uses `cred` for dials from now on; connections up keep going.
     pub fn set_credential(&self, cred: Credential) {
         *self.cred.locked() = cred;
+    }
+
+    /// The credential new dials use.
+    pub fn credential(&self) -> Credential {
+        self.cred.locked().clone()
+    }
+
+    /// The QUIC tuning in force.
+    pub fn quic(&self) -> crate::config::QuicConfig {
+        self.quic.locked().clone()
+    }
+
+    /// Uses `quic` for dials from now on; connections up keep theirs.
+    pub fn set_quic(&self, quic: crate::config::QuicConfig) {
+        *self.quic.locked() = quic;
     }
 
     /// Closes and forgets connections to sites no longer in `keep`.
