@@ -219,9 +219,14 @@ pub struct GatewayArgs {
 /// `causeway dns` flags.
 #[derive(Args, Debug)]
 pub struct DnsArgs {
+    /// TOML file with the same fields as the flags (`state_dir`
+    /// required); followed for changes and on SIGHUP, which apply `ttl`,
+    /// `negative_ttl`, `zone` and `vip_range` without a restart.
+    #[arg(long = "config", conflicts_with_all = ["state_dir", "admin_listen", "upstream", "forward_allow"])]
+    pub config_file: Option<PathBuf>,
     /// The site's state directory (written by the gateway when it joined).
-    #[arg(long)]
-    pub state_dir: PathBuf,
+    #[arg(long, required_unless_present = "config_file")]
+    pub state_dir: Option<PathBuf>,
     /// UDP and TCP listen address.
     #[arg(long, default_value = "127.0.0.1:5353")]
     pub listen: String,
@@ -318,7 +323,7 @@ impl DnsArgs {
     /// The config these flags describe.
     pub fn config(&self) -> DnsConfig {
         DnsConfig {
-            state_dir: self.state_dir.clone(),
+            state_dir: self.state_dir.clone().unwrap_or_default(),
             listen: self.listen.clone(),
             zone: self.zone.clone(),
             vip_range: self.vip_range.clone(),
@@ -497,9 +502,88 @@ pub async fn run_gateway(args: GatewayArgs) -> anyhow::Result<()> {
     causeway_gateway::run(settings, state, udp, ready, exports, shutdown_signal()).await
 }
 
+/// Follows a DNS server's config file (a change, or SIGHUP): the zone's
+/// options apply at once; an invalid file is refused and the running
+/// config stays; other changed fields wait for a restart.
+async fn follow_dns_config(
+    path: PathBuf,
+    mut running: DnsConfig,
+    zone: tokio::sync::watch::Sender<causeway_dns::zone::ZoneOptions>,
+) {
+    let stamp = |p: &PathBuf| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len())))
+    };
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut seen = stamp(&path);
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    metrics::gauge!("causeway_config_reload_failed").set(0.0);
+    loop {
+        let why = tokio::select! {
+            Some(()) = async {
+                match hup.as_mut() {
+                    Some(h) => h.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => "SIGHUP",
+            _ = tick.tick() => {
+                if stamp(&path) == seen {
+                    continue;
+                }
+                "the file changed"
+            }
+        };
+        seen = stamp(&path);
+        let new = std::fs::read_to_string(&path)
+            .map_err(|e| format!("reading {}: {e}", path.display()))
+            .and_then(|t| DnsConfig::from_toml(&t).map_err(|e| e.to_string()))
+            .and_then(|c| {
+                let s = c.validate().map_err(|e| e.to_string())?;
+                Ok((c, s))
+            });
+        match new {
+            Err(errors) => {
+                metrics::counter!("causeway_config_reloads_total", "result" => "error")
+                    .increment(1);
+                metrics::gauge!("causeway_config_reload_failed").set(1.0);
+                tracing::error!(reason = why, %errors, "config reload refused; the running config stays");
+            }
+            Ok((c, s)) => {
+                let mut rest = c.clone();
+                rest.zone = running.zone.clone();
+                rest.vip_range = running.vip_range.clone();
+                rest.ttl = running.ttl;
+                rest.negative_ttl = running.negative_ttl;
+                if format!("{rest:?}") != format!("{running:?}") {
+                    tracing::warn!("changes other than zone, vip_range, ttl and negative_ttl take effect at the next restart");
+                }
+                running.zone = c.zone;
+                running.vip_range = c.vip_range;
+                running.ttl = c.ttl;
+                running.negative_ttl = c.negative_ttl;
+                zone.send_replace(s.zone);
+                metrics::counter!("causeway_config_reloads_total", "result" => "ok").increment(1);
+                metrics::gauge!("causeway_config_reload_failed").set(0.0);
+                tracing::info!(reason = why, "config reloaded");
+            }
+        }
+    }
+}
+
 /// `causeway dns`: serves the mesh zone until SIGTERM.
 pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
-    let settings = args.config().validate()?;
+    let config = match &args.config_file {
+        Some(p) => DnsConfig::from_toml(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )?,
+        None => args.config(),
+    };
+    let settings = config.validate()?;
+    let (zone_tx, zone_rx) = tokio::sync::watch::channel(settings.zone.clone());
+    if let Some(path) = args.config_file.clone() {
+        tokio::spawn(follow_dns_config(path, config.clone(), zone_tx));
+    }
     let metrics = admin::install_metrics()?;
     let ready = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     if let Some(a) = settings.admin_listen {
@@ -531,7 +615,7 @@ pub async fn run_dns(args: DnsArgs) -> anyhow::Result<()> {
         async move { state.follow_api_credential(client).await }
     });
     causeway_dns::run(
-        settings.zone,
+        zone_rx,
         client,
         udp,
         tcp,

@@ -630,3 +630,81 @@ async fn a_gateway_reloads_its_config_without_a_restart() {
     );
     fed.shutdown().await;
 }
+
+/// A DNS server started from a config file follows it: a new TTL applies
+/// without a restart; an invalid file is refused and the server keeps
+/// answering with the running config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dns_server_reloads_its_config_file() {
+    init_tracing();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut fed = federation(&tmp).await;
+    let (_vip, _echo) = echo_sites_ready(&mut fed).await;
+    let west = &fed.sites["west"];
+    let listen =
+        std::net::SocketAddr::from(([127, 0, 0, 1], causeway::local::free_port().unwrap()));
+    let admin = std::net::SocketAddr::from(([127, 0, 0, 1], causeway::local::free_port().unwrap()));
+    let file = tmp.path().join("dns-west.toml");
+    let write = |ttl: &str| {
+        std::fs::write(
+            &file,
+            format!(
+                "state_dir = {:?}\nlisten = \"{listen}\"\nvip_range = \"{}\"\nadmin_listen = \"{admin}\"\nttl = {ttl}\n",
+                west.state_dir.display().to_string(),
+                west.vip_range
+            ),
+        )
+        .unwrap()
+    };
+    write("5");
+    let mut dns = tokio::process::Command::new(bin())
+        .args(["dns", "--config", &file.display().to_string()])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let answer = |ttl: u32| {
+        move |out: &str| {
+            out.lines().any(|l| {
+                l.starts_with("echo.shop.svc.clusterset.local.")
+                    && l.split_whitespace().nth(1) == Some(&ttl.to_string())
+            })
+        }
+    };
+    let query = || {
+        try_dig(
+            listen,
+            &["echo.shop.svc.clusterset.local", "A", "+noall", "+answer"],
+        )
+    };
+    eventually(
+        std::time::Duration::from_secs(20),
+        "the DNS server to answer with TTL 5",
+        async || query().is_ok_and(|o| answer(5)(&o)),
+    )
+    .await;
+
+    write("77");
+    eventually(
+        std::time::Duration::from_secs(20),
+        "answers with the reloaded TTL 77",
+        async || query().is_ok_and(|o| answer(77)(&o)),
+    )
+    .await;
+
+    write("\"seventy\"");
+    eventually(
+        std::time::Duration::from_secs(20),
+        "the DNS server to refuse the invalid file",
+        async || {
+            let m = http_get(admin, "/metrics").await;
+            metric(&m, "causeway_config_reloads_total{result=\"error\"}") >= 1.0
+                && metric(&m, "causeway_config_reload_failed") == 1.0
+        },
+    )
+    .await;
+    let out = query().unwrap();
+    assert!(answer(77)(&out), "the running config stays: {out}");
+    assert!(dns.try_wait().unwrap().is_none(), "no restart, no exit");
+    dns.kill().await.unwrap();
+    fed.shutdown().await;
+}

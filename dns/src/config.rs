@@ -40,7 +40,62 @@ pub struct DnsConfig {
     pub max_forwards: usize,
 }
 
+/// The config file's form (TOML): the flags' fields, `state_dir`
+/// required, the rest optional; unknown fields refused.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    state_dir: PathBuf,
+    listen: Option<String>,
+    zone: Option<String>,
+    vip_range: Option<String>,
+    ttl: Option<u32>,
+    negative_ttl: Option<u32>,
+    admin_listen: Option<String>,
+    udp_sockets: Option<usize>,
+    #[serde(default)]
+    upstream: Vec<String>,
+    edns_udp_size: Option<u16>,
+    #[serde(default)]
+    forward_allow: Vec<String>,
+    max_forwards: Option<usize>,
+}
+
 impl DnsConfig {
+    /// A config file (`causeway dns --config`): the flags' fields in TOML.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigErrors> {
+        let f: FileConfig = toml::from_str(text).map_err(|e| ConfigErrors::toml("", e))?;
+        let mut c = Self::new(f.state_dir);
+        if let Some(v) = f.listen {
+            c.listen = v;
+        }
+        if let Some(v) = f.zone {
+            c.zone = v;
+        }
+        if let Some(v) = f.vip_range {
+            c.vip_range = v;
+        }
+        if let Some(v) = f.ttl {
+            c.ttl = v;
+        }
+        if let Some(v) = f.negative_ttl {
+            c.negative_ttl = v;
+        }
+        c.admin_listen = f.admin_listen;
+        if let Some(v) = f.udp_sockets {
+            c.udp_sockets = v;
+        }
+        c.upstream = f.upstream;
+        if let Some(v) = f.edns_udp_size {
+            c.edns_udp_size = v;
+        }
+        c.forward_allow = f.forward_allow;
+        if let Some(v) = f.max_forwards {
+            c.max_forwards = v;
+        }
+        Ok(c)
+    }
+
     /// The defaults of everything but the state directory.
     pub fn new(state_dir: PathBuf) -> Self {
         Self {

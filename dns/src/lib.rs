@@ -44,7 +44,7 @@ pub fn bind_udp(addr: std::net::SocketAddr, n: usize) -> std::io::Result<Vec<Udp
 
 /// Runs the DNS server: follows the catalog and answers from it.
 pub async fn run(
-    opts: ZoneOptions,
+    mut opts: watch::Receiver<ZoneOptions>,
     client: Arc<ControllerClient>,
     udp: Vec<UdpSocket>,
     tcp: TcpListener,
@@ -53,12 +53,16 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let (cat_tx, mut cat_rx) = watch::channel(Arc::new(CatalogView::default()));
-    let (zone_tx, zone_rx) = watch::channel(Arc::new(Zone::empty(&opts)?));
+    let (zone_tx, zone_rx) = watch::channel(Arc::new(Zone::empty(&opts.borrow())?));
     let watch_task = tokio::spawn(run_watch(client, cat_tx));
     let build_task = tokio::spawn(async move {
+        // Zone options change with a config reload; without one, only the
+        // catalog does.
+        let mut reloadable = true;
         loop {
             let view = cat_rx.borrow_and_update().clone();
-            match Zone::build(&opts, &view) {
+            let current = opts.borrow_and_update().clone();
+            match Zone::build(&current, &view) {
                 Ok(z) => {
                     metrics::gauge!("causeway_dns_ready").set(if z.ready { 1.0 } else { 0.0 });
                     ready.store(z.ready, std::sync::atomic::Ordering::Release);
@@ -66,8 +70,13 @@ pub async fn run(
                 }
                 Err(e) => tracing::error!(error = %e, "building the DNS zone failed"),
             }
-            if cat_rx.changed().await.is_err() {
-                return;
+            tokio::select! {
+                r = cat_rx.changed() => if r.is_err() {
+                    return;
+                },
+                r = opts.changed(), if reloadable => if r.is_err() {
+                    reloadable = false;
+                },
             }
         }
     });

@@ -52,7 +52,7 @@ pub fn address_label(ip: IpAddr) -> String {
 pub const SPEC_VERSION: &str = "1.0.0";
 
 /// What a zone is built with.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ZoneOptions {
     /// The zone's apex, e.g. `clusterset.local`.
     pub origin: String,
