@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use causeway_api::client::ControllerClient;
-use causeway_api::identity::{self, Credential};
+use causeway_api::identity;
 use causeway_api::pb;
 use clap::Args;
 use serde::Serialize;
@@ -18,17 +17,9 @@ use crate::ctl::Output;
 /// `causeway check` flags.
 #[derive(Args)]
 pub struct CheckArgs {
-    /// Controller endpoints, comma-separated host:port.
-    #[arg(
-        long,
-        env = "CAUSEWAY_CONTROLLERS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001"
-    )]
-    pub controller: Vec<String>,
-    /// Directory with ca.pem, admin.pem and admin-key.pem.
-    #[arg(long, env = "CAUSEWAY_CREDS", default_value = "causeway-creds")]
-    pub creds: PathBuf,
+    /// Controllers and credential.
+    #[command(flatten)]
+    pub api: crate::ctl::ControllerFlags,
     /// On a gateway host: the site's state directory, whose credential and
     /// controller list are used instead of --creds and --controller.
     #[arg(long)]
@@ -114,41 +105,27 @@ struct NodeView {
 
 /// Runs every check; prints them; `Ok(false)` when one failed.
 pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
-    let (endpoints, ca_pem, credential, admin_cert) = match &args.state_dir {
+    // On a gateway host the site's own credential; else the admin's.
+    let (all, admin_pem) = match &args.state_dir {
         Some(dir) => {
             let state = causeway_gateway::site::SiteState::load(dir)?
                 .with_context(|| format!("--state-dir {}: no joined site there", dir.display()))?;
             let c = state.controller_client();
-            let endpoints = c.endpoints().to_vec();
-            (endpoints, None, Some(c), None)
+            (c.with_endpoints(c.endpoints().to_vec()), None)
         }
         None => {
-            let ca = identity::read(&args.creds.join("ca.pem")).with_context(|| {
-                format!(
-                    "--creds {}: no ca.pem (make one with `causeway ca init`, or pass --state-dir on a gateway host)",
-                    args.creds.display()
-                )
-            })?;
-            let admin = Credential::load(
-                &args.creds.join("admin.pem"),
-                &args.creds.join("admin-key.pem"),
-            )?;
-            let cert = admin.cert_pem.clone();
-            (args.controller.clone(), Some((ca, admin)), None, Some(cert))
+            let all = crate::ctl::admin_client(&args.api.creds, args.api.controller.clone())
+                .with_context(|| "or pass --state-dir on a gateway host")?;
+            let admin = identity::read(&args.api.creds.join("admin.pem"))?;
+            (all, Some(admin))
         }
     };
-    let per_node = |ep: &String| -> ControllerClient {
-        match (&ca_pem, &credential) {
-            (Some((ca, admin)), _) => ControllerClient::new(vec![ep.clone()], ca, Some(admin)),
-            (None, Some(site)) => site.with_endpoints(vec![ep.clone()]),
-            (None, None) => unreachable!("one of the two is set"),
-        }
+    let ca_pem = match &args.state_dir {
+        Some(_) => None,
+        None => Some(identity::read(&args.api.creds.join("ca.pem"))?),
     };
-    let all = match (&ca_pem, &credential) {
-        (Some((ca, admin)), _) => ControllerClient::new(endpoints.clone(), ca, Some(admin)),
-        (None, Some(site)) => site.with_endpoints(endpoints.clone()),
-        (None, None) => unreachable!("one of the two is set"),
-    };
+    let endpoints = all.endpoints().to_vec();
+    let per_node = |ep: &String| all.with_endpoints(vec![ep.clone()]);
 
     let mut nodes = Vec::new();
     for ep in &endpoints {
@@ -182,8 +159,8 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
     ];
     findings.extend(certificates(
         &nodes,
-        &ca_pem,
-        admin_cert.as_deref(),
+        ca_pem.as_deref(),
+        admin_pem.as_deref(),
         args.warn_days,
     ));
     findings.push(disks(&nodes));
@@ -395,12 +372,12 @@ fn expiry(check: &str, what: &str, not_after_ms: u64, warn_days: u64, fix: &str)
 
 fn certificates(
     nodes: &[NodeView],
-    ca: &Option<(String, Credential)>,
+    ca: Option<&str>,
     admin_cert: Option<&str>,
     warn_days: u64,
 ) -> Vec<Finding> {
     let mut out = Vec::new();
-    if let Some((ca_pem, _)) = ca {
+    if let Some(ca_pem) = ca {
         if let Some((_, to)) = first_validity(ca_pem) {
             out.push(expiry(
                 "controller CA",

@@ -510,31 +510,9 @@ async fn follow_dns_config(
     mut running: DnsConfig,
     zone: tokio::sync::watch::Sender<causeway_dns::zone::ZoneOptions>,
 ) {
-    let stamp = |p: &PathBuf| {
-        std::fs::metadata(p)
-            .ok()
-            .and_then(|m| Some((m.modified().ok()?, m.len())))
-    };
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut seen = stamp(&path);
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
-    metrics::gauge!("causeway_config_reload_failed").set(0.0);
+    let mut watch = causeway_api::reload::FileWatch::new(path.clone());
     loop {
-        let why = tokio::select! {
-            Some(()) = async {
-                match hup.as_mut() {
-                    Some(h) => h.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => "SIGHUP",
-            _ = tick.tick() => {
-                if stamp(&path) == seen {
-                    continue;
-                }
-                "the file changed"
-            }
-        };
-        seen = stamp(&path);
+        let why = watch.next().await;
         let new = std::fs::read_to_string(&path)
             .map_err(|e| format!("reading {}: {e}", path.display()))
             .and_then(|t| DnsConfig::from_toml(&t).map_err(|e| e.to_string()))
@@ -543,12 +521,7 @@ async fn follow_dns_config(
                 Ok((c, s))
             });
         match new {
-            Err(errors) => {
-                metrics::counter!("causeway_config_reloads_total", "result" => "error")
-                    .increment(1);
-                metrics::gauge!("causeway_config_reload_failed").set(1.0);
-                tracing::error!(reason = why, %errors, "config reload refused; the running config stays");
-            }
+            Err(errors) => causeway_api::reload::refused(why, &errors),
             Ok((c, s)) => {
                 let mut rest = c.clone();
                 rest.zone = running.zone.clone();
@@ -563,9 +536,7 @@ async fn follow_dns_config(
                 running.ttl = c.ttl;
                 running.negative_ttl = c.negative_ttl;
                 zone.send_replace(s.zone);
-                metrics::counter!("causeway_config_reloads_total", "result" => "ok").increment(1);
-                metrics::gauge!("causeway_config_reload_failed").set(0.0);
-                tracing::info!(reason = why, "config reloaded");
+                causeway_api::reload::applied(why, &["zone"]);
             }
         }
     }

@@ -8,9 +8,10 @@ use causeway_api::identity::{self, Credential};
 use causeway_api::pb;
 use clap::{Args, Subcommand, ValueEnum};
 
-/// `causeway ctl` flags.
+/// Where the controllers are and the admin credential to call them with
+/// (`ctl`, `ui`, `check`).
 #[derive(Args)]
-pub struct CtlArgs {
+pub struct ControllerFlags {
     /// Controller endpoints, comma-separated host:port.
     #[arg(
         long,
@@ -22,6 +23,14 @@ pub struct CtlArgs {
     /// Directory with ca.pem, admin.pem and admin-key.pem (from `causeway ca init`).
     #[arg(long, env = "CAUSEWAY_CREDS", default_value = "causeway-creds")]
     pub creds: PathBuf,
+}
+
+/// `causeway ctl` flags.
+#[derive(Args)]
+pub struct CtlArgs {
+    /// Controllers and credential.
+    #[command(flatten)]
+    pub api: ControllerFlags,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     pub output: Output,
@@ -263,7 +272,7 @@ fn label_args(labels: &[String]) -> anyhow::Result<std::collections::HashMap<Str
 
 /// An admin client for the controllers the flags name.
 pub fn client(args: &CtlArgs) -> anyhow::Result<ControllerClient> {
-    admin_client(&args.creds, args.controller.clone())
+    admin_client(&args.api.creds, args.api.controller.clone())
 }
 
 /// An admin client for `controllers` with the credentials in `creds`

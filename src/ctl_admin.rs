@@ -119,10 +119,10 @@ pub async fn run(args: &CtlArgs, command: &AdminCommand) -> anyhow::Result<()> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            save(&args.creds, &r.cert_pem, &key_pem)?;
+            save(&args.api.creds, &r.cert_pem, &key_pem)?;
             println!(
                 "renewed the admin credential in {} (expires {})",
-                args.creds.display(),
+                args.api.creds.display(),
                 when(r.expires_at_unix_ms)
             );
         }

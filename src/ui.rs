@@ -29,17 +29,9 @@ pub struct UiArgs {
     /// Where to serve the page (loopback only: the view has no login).
     #[arg(long, default_value = "127.0.0.1:9900")]
     pub listen: SocketAddr,
-    /// Controller endpoints, comma-separated host:port.
-    #[arg(
-        long,
-        env = "CAUSEWAY_CONTROLLERS",
-        value_delimiter = ',',
-        default_value = "127.0.0.1:7001"
-    )]
-    pub controller: Vec<String>,
-    /// Directory with ca.pem, admin.pem and admin-key.pem.
-    #[arg(long, env = "CAUSEWAY_CREDS", default_value = "causeway-creds")]
-    pub creds: std::path::PathBuf,
+    /// Controllers and credential.
+    #[command(flatten)]
+    pub api: crate::ctl::ControllerFlags,
     /// A site's gateway admin address, `SITE=HOST:PORT` (repeatable): its
     /// metrics give the links' round-trip times, loss and request rates.
     #[arg(long = "gateway")]
@@ -57,7 +49,7 @@ pub struct Sources {
 /// `causeway ui`: serves until interrupted.
 pub async fn run(args: UiArgs) -> anyhow::Result<()> {
     let sources = Sources {
-        client: crate::ctl::admin_client(&args.creds, args.controller.clone())?,
+        client: crate::ctl::admin_client(&args.api.creds, args.api.controller.clone())?,
         gateways: crate::scrape::gateway_flags(&args.gateways)?,
     };
     let (addr, task) = serve(args.listen, sources).await?;

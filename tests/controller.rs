@@ -1110,19 +1110,7 @@ async fn a_leader_restarted_in_its_term_reads_every_acknowledged_write() {
     };
     let last = 1900;
     for ms in 1..=last {
-        admin
-            .call(true, |mut f| {
-                let d = doc(ms);
-                async move {
-                    f.apply_policies(causeway_api::pb::ApplyPoliciesRequest {
-                        documents_json: vec![d],
-                        ..Default::default()
-                    })
-                    .await
-                }
-            })
-            .await
-            .unwrap();
+        apply_policy(&admin, doc(ms)).await.unwrap();
     }
     for id in [1, 2, 3] {
         fed.controller(id).kill().await;

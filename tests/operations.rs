@@ -53,18 +53,7 @@ async fn a_federation_that_lost_every_controller_disk_comes_back_from_a_backup()
             let mut n = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 let doc = timeout_doc(&format!("p{n}"), n + 1);
-                let r = admin
-                    .call(true, |mut f| {
-                        let doc = doc.clone();
-                        async move {
-                            f.apply_policies(pb::ApplyPoliciesRequest {
-                                documents_json: vec![doc],
-                                ..Default::default()
-                            })
-                            .await
-                        }
-                    })
-                    .await;
+                let r = apply_policy(&admin, doc).await;
                 if r.is_ok() {
                     acked.lock().unwrap().push(n);
                 }
@@ -204,19 +193,7 @@ async fn a_majority_lost_for_good_is_recovered_from_a_survivor() {
     let mut acked = Vec::new();
     for n in 0..80u64 {
         let doc = timeout_doc(&format!("q{n}"), n + 1);
-        admin
-            .call(true, |mut f| {
-                let doc = doc.clone();
-                async move {
-                    f.apply_policies(pb::ApplyPoliciesRequest {
-                        documents_json: vec![doc],
-                        ..Default::default()
-                    })
-                    .await
-                }
-            })
-            .await
-            .unwrap();
+        apply_policy(&admin, doc).await.unwrap();
         acked.push(n);
     }
     // Everyone has everything before the loss (what is acknowledged is on
@@ -316,19 +293,7 @@ async fn a_majority_lost_for_good_is_recovered_from_a_survivor() {
             "q{n} was acknowledged and is gone"
         );
     }
-    let doc = timeout_doc("after", 1);
-    fed.admin_client(None)
-        .unwrap()
-        .call(true, |mut f| {
-            let doc = doc.clone();
-            async move {
-                f.apply_policies(pb::ApplyPoliciesRequest {
-                    documents_json: vec![doc],
-                    ..Default::default()
-                })
-                .await
-            }
-        })
+    apply_policy(&fed.admin_client(None).unwrap(), timeout_doc("after", 1))
         .await
         .unwrap();
     // Every member holds it (node 3 caught up by snapshot or log).
@@ -433,15 +398,7 @@ async fn check_says_what_is_broken_and_how_to_fix_it() {
 
     tracing::info!("phase: a policy naming a site that is not a member");
     let doc = r#"{"apiVersion":"causeway.dev/v1alpha1","kind":"FailoverPolicy","metadata":{"name":"f","namespace":"shop"},"spec":{"service":"echo","mode":"ordered","sites":["nowhere","east"]}}"#;
-    fed.admin_client(None)
-        .unwrap()
-        .call(true, |mut f| async move {
-            f.apply_policies(pb::ApplyPoliciesRequest {
-                documents_json: vec![doc.to_string()],
-                ..Default::default()
-            })
-            .await
-        })
+    apply_policy(&fed.admin_client(None).unwrap(), doc.to_string())
         .await
         .unwrap();
     let (code, out) = check(&fed, &[]);

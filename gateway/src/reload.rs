@@ -15,12 +15,12 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use crate::config::{GatewayConfig, Settings};
 use crate::exports::Exports;
 use crate::inbound::Inbound;
 use crate::pool::Pool;
+use causeway_api::reload::{self, FileWatch};
 use causeway_api::trust::TrustStore;
 
 /// What the reload task works on.
@@ -41,12 +41,6 @@ pub struct Live {
     pub store: Arc<TrustStore>,
 }
 
-/// The file's modification time and size, to notice a change.
-fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len()))
-}
-
 /// Reads and validates the file; the raw config and the settings.
 fn read(path: &PathBuf, replica: &Option<String>) -> Result<(GatewayConfig, Settings), String> {
     let text =
@@ -61,44 +55,18 @@ fn read(path: &PathBuf, replica: &Option<String>) -> Result<(GatewayConfig, Sett
 
 /// Follows the config file until the task is dropped.
 pub async fn follow(live: Live, mut config: GatewayConfig, mut current: Settings) {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
-    let mut seen = stamp(&live.path);
-    let mut tick = tokio::time::interval(Duration::from_secs(2));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    metrics::gauge!("causeway_config_reload_failed").set(0.0);
+    let mut watch = FileWatch::new(live.path.clone());
     loop {
-        let why = tokio::select! {
-            Some(()) = async {
-                match hup.as_mut() {
-                    Some(h) => h.recv().await,
-                    None => std::future::pending().await,
-                }
-            } => "SIGHUP",
-            _ = tick.tick() => {
-                let now = stamp(&live.path);
-                if now == seen {
-                    continue;
-                }
-                "the file changed"
-            }
-        };
-        seen = stamp(&live.path);
+        let why = watch.next().await;
         match read(&live.path, &live.replica) {
-            Err(errors) => {
-                metrics::counter!("causeway_config_reloads_total", "result" => "error")
-                    .increment(1);
-                metrics::gauge!("causeway_config_reload_failed").set(1.0);
-                tracing::error!(reason = why, path = %live.path.display(), %errors, "config reload refused; the running config stays");
-            }
+            Err(errors) => reload::refused(why, &errors),
             Ok((new_config, new)) => {
                 let changed = apply(&live, &current, &new);
                 let restart = needs_restart(&config, &new_config);
-                metrics::counter!("causeway_config_reloads_total", "result" => "ok").increment(1);
-                metrics::gauge!("causeway_config_reload_failed").set(0.0);
                 if !restart.is_empty() {
                     tracing::warn!(fields = ?restart, "these changes take effect at the next restart");
                 }
-                tracing::info!(reason = why, applied = ?changed, "config reloaded");
+                reload::applied(why, &changed);
                 // What is not live stays as started, so a later reload
                 // still sees those fields as changed.
                 config = keep_static(&config, new_config);

@@ -440,3 +440,22 @@ pub async fn wait_call(target: SocketAddr) -> String {
     )
     .await
 }
+
+/// Applies one policy document through `client` (the leader answers).
+pub async fn apply_policy(
+    client: &causeway_api::client::ControllerClient,
+    doc: String,
+) -> Result<causeway_api::pb::ApplyPoliciesResponse, tonic::Status> {
+    client
+        .call(true, |mut f| {
+            let doc = doc.clone();
+            async move {
+                f.apply_policies(causeway_api::pb::ApplyPoliciesRequest {
+                    documents_json: vec![doc],
+                    ..Default::default()
+                })
+                .await
+            }
+        })
+        .await
+}

@@ -22,6 +22,7 @@ pub mod config;
 pub mod identity;
 pub mod model;
 pub mod policy;
+pub mod reload;
 pub mod sync;
 pub mod token;
 pub mod trace;
