@@ -357,3 +357,51 @@ fn listeners(plan: ListenPlan, svc: &ServiceView) -> Option<BTreeMap<u16, Socket
             .collect(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use causeway_api::pb;
+
+    use super::*;
+
+    fn timeout(name: &str, ms: u32) -> pb::Policy {
+        pb::Policy {
+            kind: "TimeoutPolicy".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+            document_json: format!(
+                r#"{{"apiVersion":"causeway.dev/v1alpha1","kind":"TimeoutPolicy","metadata":{{"name":"{name}","namespace":"shop"}},"spec":{{"service":"web","requestMs":{ms}}}}}"#
+            ),
+            revision: 1,
+            owner_site: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_first_policy_by_name_applies_and_each_ignored_one_is_logged_once() {
+        let mut view = CatalogView::default();
+        for (name, ms) in [("b", 200), ("a", 100), ("c", 300)] {
+            let p = timeout(name, ms);
+            view.policies.insert(
+                causeway_api::catalog::policy_key(&p.kind, &p.namespace, name),
+                p,
+            );
+        }
+        let by = policies_by_service(&view);
+        let web = &by[&"shop/web".parse::<ServiceKey>().unwrap()];
+        assert_eq!(web.timeout.as_ref().unwrap().request_ms, 100);
+        // The same catalog again (as at every change): the duplicates were
+        // logged the first time and are not again.
+        let mut logged = 0;
+        warn_once(format!("dup {} TimeoutPolicy b", "shop/web"), || {
+            logged += 1
+        });
+        warn_once(format!("dup {} TimeoutPolicy c", "shop/web"), || {
+            logged += 1
+        });
+        assert_eq!(logged, 0, "already logged once by the first compile");
+        warn_once("something new".into(), || logged += 1);
+        warn_once("something new".into(), || logged += 1);
+        assert_eq!(logged, 1);
+    }
+}
