@@ -205,7 +205,9 @@ impl Cluster {
     pub async fn rejoin(&mut self, id: u64) -> anyhow::Result<()> {
         self.fed.controller(id).kill().await;
         self.wipe(id)?;
-        self.fed.spawn_controller(id, &[id], true)?;
+        // The whole membership as its peers: a node that later finds its
+        // own data damaged rebuilds from the peers it was started with.
+        self.fed.spawn_controller(id, &CONTROLLERS, true)?;
         let addr = self.fed.controller_addrs[&id].clone();
         let c = self.fed.admin_client(None)?;
         // Adding waits until the new node has caught up; on a loaded
