@@ -253,6 +253,7 @@ impl Controller {
             tracing: tracing_.clone(),
             data_dir: opts.data_dir.clone(),
             cert_not_after_ms,
+            lead_confirmed: Default::default(),
         });
         hub_tracing(&shared.hub, tracing_);
         tokio::spawn(export_raft_metrics(shared.raft.clone()));

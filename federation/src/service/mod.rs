@@ -82,6 +82,8 @@ pub struct Shared {
     pub data_dir: std::path::PathBuf,
     /// When this node's certificate expires (ms since the epoch).
     pub cert_not_after_ms: u64,
+    /// When a quorum last confirmed this node's leadership (heartbeats).
+    pub lead_confirmed: std::sync::Mutex<Option<std::time::Instant>>,
 }
 
 /// The record of an admin certificate (PEM) issued by `issued_by`, with

@@ -289,6 +289,15 @@ impl Shared {
     pub async fn record_heartbeat(&self, site: SiteName) -> Result<(), Status> {
         let (leader, addr) = self.leader();
         if leader == Some(self.node_id) {
+            // A leader cut off from the other controllers still thinks it
+            // leads while a majority elects another; heartbeats it took
+            // would keep the site alive only where nothing can commit, and
+            // the new leader would let the site's lease lapse (the chaos
+            // suite saw sites drop out of DNS during a leader partition).
+            // So the leader confirms it still leads (a quorum round, at
+            // most once per election timeout); if it cannot, the gateway
+            // is told to try another controller.
+            self.confirm_leadership().await?;
             self.leases.locked().handle_heartbeat(site, Instant::now());
             return Ok(());
         }
@@ -313,6 +322,29 @@ impl Shared {
             Err(_) => Err(Status::unavailable(
                 "forwarding the heartbeat to the leader timed out",
             )),
+        }
+    }
+
+    /// Ok when a quorum confirmed this node's leadership within the last
+    /// election timeout (asking again if not).
+    async fn confirm_leadership(&self) -> Result<(), Status> {
+        let fresh = Duration::from_millis(self.raft.config().election_timeout_min);
+        if self
+            .lead_confirmed
+            .locked()
+            .is_some_and(|t| t.elapsed() < fresh)
+        {
+            return Ok(());
+        }
+        match tokio::time::timeout(Duration::from_secs(1), self.raft.get_read_log_id()).await {
+            Ok(Ok(_)) => {
+                *self.lead_confirmed.locked() = Some(Instant::now());
+                Ok(())
+            }
+            _ => Err(Status::unavailable(format!(
+                "node {} cannot confirm its leadership with a majority of controllers; try another controller",
+                self.node_id
+            ))),
         }
     }
 
