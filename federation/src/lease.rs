@@ -5,7 +5,10 @@
 //! exports stay in the catalog but it leaves routing and DNS answers. To
 //! come back, a site must heartbeat steadily for `recover_after` — so a
 //! flapping site does not churn the catalog. A new leader gives every site
-//! a full lease before judging it, since it has seen no heartbeats yet.
+//! two full leases before judging it: it has seen no heartbeats yet, and
+//! gateways need time to find it after a leadership change (they may be
+//! talking to a controller cut off from it). The chaos suite saw a leader
+//! elected during a partition lapse every site one lease after it won.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -95,8 +98,9 @@ impl Leases {
         let mut out = Vec::new();
         for (site, available) in sites {
             let seen = self.seen.get(site);
-            // Not judged before a full lease under this leader.
-            let last = seen.map(|s| s.last.max(since)).unwrap_or(since);
+            // Not judged before two full leases under this leader.
+            let grace = since + self.cfg.lease;
+            let last = seen.map(|s| s.last.max(grace)).unwrap_or(grace);
             let lapsed = now.saturating_duration_since(last) > self.cfg.lease;
             if *available && lapsed {
                 out.push((site.clone(), false));
@@ -138,34 +142,40 @@ mod tests {
             .is_empty());
 
         l.handle_leadership(true, t0);
-        // Never seen, but the new leader waits a full lease.
-        assert!(l.decide(t0 + ms(4000), &[(east.clone(), true)]).is_empty());
+        // Never seen, but the new leader waits two full leases.
+        assert!(l.decide(t0 + ms(9000), &[(east.clone(), true)]).is_empty());
         assert_eq!(
-            l.decide(t0 + ms(5001), &[(east.clone(), true)]),
+            l.decide(t0 + ms(10_001), &[(east.clone(), true)]),
             [(east.clone(), false)]
         );
 
         // Heartbeats resume: not back until steady for 2 s.
-        l.handle_heartbeat(east.clone(), t0 + ms(10_000));
+        l.handle_heartbeat(east.clone(), t0 + ms(15_000));
         assert!(l
-            .decide(t0 + ms(10_500), &[(east.clone(), false)])
+            .decide(t0 + ms(15_500), &[(east.clone(), false)])
             .is_empty());
-        l.handle_heartbeat(east.clone(), t0 + ms(11_000));
-        l.handle_heartbeat(east.clone(), t0 + ms(12_000));
+        l.handle_heartbeat(east.clone(), t0 + ms(16_000));
+        l.handle_heartbeat(east.clone(), t0 + ms(17_000));
         assert_eq!(
-            l.decide(t0 + ms(12_000), &[(east.clone(), false)]),
+            l.decide(t0 + ms(17_000), &[(east.clone(), false)]),
             [(east.clone(), true)]
         );
 
         // Healthy: nothing to do.
         assert!(l
-            .decide(t0 + ms(13_000), &[(east.clone(), true)])
+            .decide(t0 + ms(18_000), &[(east.clone(), true)])
             .is_empty());
 
+        // Silent for a lease once the grace is over: lapsed.
+        assert_eq!(
+            l.decide(t0 + ms(22_001), &[(east.clone(), true)]),
+            [(east.clone(), false)]
+        );
+
         // A flap: a long gap restarts the streak.
-        l.handle_heartbeat(east.clone(), t0 + ms(30_000));
+        l.handle_heartbeat(east.clone(), t0 + ms(35_000));
         assert!(l
-            .decide(t0 + ms(31_000), &[(east.clone(), false)])
+            .decide(t0 + ms(36_000), &[(east.clone(), false)])
             .is_empty());
     }
 }
