@@ -272,23 +272,34 @@ pub async fn heartbeat(client: Arc<ControllerClient>, site: SiteName, every: Dur
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let req = pb::HeartbeatRequest {
-            site: site.to_string(),
-        };
-        let r = async {
-            let mut fed = client.federation().await.map_err(|e| e.to_string())?;
-            tokio::time::timeout(Duration::from_secs(2), fed.heartbeat(req))
-                .await
-                .map_err(|_| "timed out".to_string())?
-                .map_err(|s| s.message().to_string())
-        }
-        .await;
-        match r {
-            Ok(_) => metrics::counter!("causeway_heartbeats_total", "result" => "ok").increment(1),
-            Err(e) => {
-                metrics::counter!("causeway_heartbeats_total", "result" => "error").increment(1);
-                tracing::debug!(error = %e, "heartbeat failed");
-                client.rotate();
+        // A controller that cannot pass the heartbeat on (cut off from the
+        // leader, or a leader cut off from the rest) answers with an error
+        // or not at all: the next one is tried at once, each briefly, so a
+        // partition between controllers does not let the lease lapse while
+        // some path to the leader exists.
+        for _ in 0..client.endpoints().len().max(1) {
+            let req = pb::HeartbeatRequest {
+                site: site.to_string(),
+            };
+            let r = async {
+                let mut fed = client.federation().await.map_err(|e| e.to_string())?;
+                tokio::time::timeout(Duration::from_secs(1), fed.heartbeat(req))
+                    .await
+                    .map_err(|_| "timed out".to_string())?
+                    .map_err(|s| s.message().to_string())
+            }
+            .await;
+            match r {
+                Ok(_) => {
+                    metrics::counter!("causeway_heartbeats_total", "result" => "ok").increment(1);
+                    break;
+                }
+                Err(e) => {
+                    metrics::counter!("causeway_heartbeats_total", "result" => "error")
+                        .increment(1);
+                    tracing::debug!(error = %e, "heartbeat failed; trying the next controller");
+                    client.rotate();
+                }
             }
         }
     }
