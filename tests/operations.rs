@@ -30,6 +30,21 @@ async fn list_policies(fed: &LocalFederation) -> Vec<String> {
     r.policies.into_iter().map(|p| p.name).collect()
 }
 
+/// Waits until the process behind admin port `admin` has refused a config
+/// reload and says its file on disk is invalid.
+async fn wait_reload_refused(admin: std::net::SocketAddr) {
+    eventually(
+        std::time::Duration::from_secs(20),
+        format_args!("{admin} to refuse the invalid config file"),
+        async || {
+            let m = http_get(admin, "/metrics").await;
+            metric(&m, "causeway_config_reloads_total{result=\"error\"}") >= 1.0
+                && metric(&m, "causeway_config_reload_failed") == 1.0
+        },
+    )
+    .await;
+}
+
 /// Every controller's disk is lost; the federation comes back from a backup
 /// taken under write load: restored into three fresh data directories, the
 /// new cluster holds every write acknowledged before the backup began, the
@@ -495,16 +510,7 @@ async fn a_gateway_reloads_its_config_without_a_restart() {
     tracing::info!("phase: an invalid file is refused, the running config stays");
     let good = std::fs::read_to_string(&config).unwrap();
     std::fs::write(&config, format!("{good}\nno_such_field = 1\n")).unwrap();
-    eventually(
-        std::time::Duration::from_secs(20),
-        "the gateway to refuse the invalid config",
-        async || {
-            let m = http_get(admin, "/metrics").await;
-            metric(&m, "causeway_config_reloads_total{result=\"error\"}") >= 1.0
-                && metric(&m, "causeway_config_reload_failed") == 1.0
-        },
-    )
-    .await;
+    wait_reload_refused(admin).await;
     assert_eq!(echo_roundtrip(echo, b"still").await, b"still");
 
     tracing::info!("phase: allow rules, on SIGHUP alone");
@@ -649,16 +655,7 @@ async fn a_dns_server_reloads_its_config_file() {
     .await;
 
     write("\"seventy\"");
-    eventually(
-        std::time::Duration::from_secs(20),
-        "the DNS server to refuse the invalid file",
-        async || {
-            let m = http_get(admin, "/metrics").await;
-            metric(&m, "causeway_config_reloads_total{result=\"error\"}") >= 1.0
-                && metric(&m, "causeway_config_reload_failed") == 1.0
-        },
-    )
-    .await;
+    wait_reload_refused(admin).await;
     let out = query().unwrap();
     assert!(answer(77)(&out), "the running config stays: {out}");
     assert!(dns.try_wait().unwrap().is_none(), "no restart, no exit");
