@@ -136,14 +136,23 @@ async fn linearizable_reads_come_from_a_confirmed_leader() {
         4
     );
 
-    tracing::info!("phase: a follower refuses and names the leader");
-    let e = read(&fed, follower, true).await.unwrap_err();
-    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
-    assert!(
-        e.message().contains(&format!("leader: node {leader} at")),
-        "{}",
-        e.message()
-    );
+    tracing::info!("phase: a follower refuses and, once it has heard from the leader, names it");
+    // A follower that has not yet had the new term's first append says
+    // "none elected yet"; it must still refuse, and name the leader later.
+    eventually(
+        Duration::from_secs(10),
+        format_args!("follower {follower} to refuse and name leader {leader}"),
+        async || {
+            let e = read(&fed, follower, true).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+            if e.message().contains(&format!("leader: node {leader} at")) {
+                Ok(())
+            } else {
+                Err(e.message().to_string())
+            }
+        },
+    )
+    .await;
     assert!(read(&fed, follower, false).await.is_ok());
     // Policies too.
     let policies = |id: u64| {
