@@ -29,6 +29,16 @@ pub fn install_metrics() -> anyhow::Result<PrometheusHandle> {
         .map_err(|e| anyhow::anyhow!("metric buckets: {e}"))?
         .install_recorder()
         .map_err(|e| anyhow::anyhow!("installing the metrics recorder: {e}"))
+        .inspect(|_| {
+            // Which release and protocol this process runs: during a
+            // rolling upgrade, `count by (version) (causeway_build_info)`.
+            metrics::gauge!(
+                "causeway_build_info",
+                "version" => causeway_api::version::VERSION,
+                "protocol" => causeway_api::version::PROTOCOL.to_string(),
+            )
+            .set(1.0);
+        })
 }
 
 /// Says why the process is not ready, or `None` when it is.

@@ -3,6 +3,7 @@
 //! admin credential, or a site's own from a gateway host), and, when told
 //! where they are, gateways' metrics and sites' DNS servers.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -164,6 +165,7 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<bool> {
         args.warn_days,
     ));
     findings.push(disks(&nodes));
+    findings.push(versions(&nodes));
     match &catalog {
         Some(c) => {
             findings.push(leases(c));
@@ -417,6 +419,58 @@ fn certificates(
         ));
     }
     out
+}
+
+/// Which release each controller runs: one is fine; two (an upgrade under
+/// way) is a warning; more, or one this client's build does not work with,
+/// fails.
+fn versions(nodes: &[NodeView]) -> Finding {
+    use causeway_api::version;
+    let mut by: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut too_old = Vec::new();
+    for s in nodes.iter().filter_map(|n| n.status.as_ref().ok()) {
+        // Builds before 0.2.0 did not say (protocol 1).
+        let v = if s.version.is_empty() {
+            "before 0.2.0".to_string()
+        } else {
+            s.version.clone()
+        };
+        by.entry(v).or_default().push(s.node_id);
+        if version::check_peer("", version::protocol_of_payload(s.protocol)).is_err() {
+            too_old.push(s.node_id);
+        }
+    }
+    let list = by
+        .iter()
+        .map(|(v, ids)| {
+            let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
+            format!("{v} on {}", ids.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ");
+    if !too_old.is_empty() || by.len() > 2 {
+        return bad(
+            "versions",
+            Verdict::Fail,
+            format!("controllers run {list}"),
+            "upgrade one release at a time: every controller to the same release before the next (docs/operations.md, Upgrades)",
+        );
+    }
+    match by.len() {
+        0 => bad(
+            "versions",
+            Verdict::Warn,
+            "no node reported its version",
+            "see `controllers reachable`",
+        ),
+        1 => ok("versions", format!("controllers run {list}")),
+        _ => bad(
+            "versions",
+            Verdict::Warn,
+            format!("controllers run {list} (an upgrade under way)"),
+            "finish the upgrade: the rest of the controllers one at a time, then the gateways (docs/operations.md, Upgrades)",
+        ),
+    }
 }
 
 fn disks(nodes: &[NodeView]) -> Finding {
@@ -710,6 +764,23 @@ mod tests {
         assert_eq!(w.result, Verdict::Warn);
         assert!(w.detail.contains("12 days") && w.fix == "renew it", "{w:?}");
         assert_eq!(expiry("c", "x", now - 1, 30, "f").result, Verdict::Fail);
+    }
+
+    #[test]
+    fn mixed_releases_warn_during_an_upgrade() {
+        let v = |ver: &'static str| move |s: &mut pb::StatusResponse| s.version = ver.into();
+        let f = versions(&[node(1, v("0.2.0"), 0), node(2, v("0.2.0"), 0)]);
+        assert_eq!(f.result, Verdict::Ok, "{f:?}");
+        let f = versions(&[node(1, v("0.2.0"), 0), node(2, v(""), 0)]);
+        assert_eq!(f.result, Verdict::Warn, "{f:?}");
+        assert!(f.detail.contains("before 0.2.0 on 2"), "{}", f.detail);
+        assert!(f.fix.contains("finish the upgrade"), "{}", f.fix);
+        let f = versions(&[
+            node(1, v("0.2.0"), 0),
+            node(2, v(""), 0),
+            node(3, v("0.3.0"), 0),
+        ]);
+        assert_eq!(f.result, Verdict::Fail, "{f:?}");
     }
 
     #[test]

@@ -111,9 +111,7 @@ async fn every_forbidden_call_gets_a_clear_permission_error() {
     let mut raft_as_admin =
         RaftClient::new(fed.admin_client(None).unwrap().channel().await.unwrap());
     let mut raft_anon = RaftClient::new(anon_ch);
-    let payload = || pb::RaftPayload {
-        data: b"{}".to_vec(),
-    };
+    let payload = || pb::RaftPayload::new(b"{}".to_vec());
     tracing::info!("phase: a site may not act for another site or as an admin");
     refused! {
         "publish for beta" => site.publish_exports(pb::PublishExportsRequest {
@@ -966,9 +964,7 @@ async fn the_controller_refuses_large_and_slow_callers_before_reading_them() {
         .max_encoding_message_size(128 * 1024 * 1024);
     let before = peak_rss_kib(pid);
     let e = raft
-        .append_entries(pb::RaftPayload {
-            data: vec![b'x'; 60 * 1024 * 1024],
-        })
+        .append_entries(pb::RaftPayload::new(vec![b'x'; 60 * 1024 * 1024]))
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());

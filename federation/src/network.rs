@@ -41,6 +41,8 @@ impl PeerChannels {
             .tls_config(self.tls.clone())
             .map_err(|e| PeerError(format!("TLS setup for {addr}: {e}")))?
             .connect_timeout(Duration::from_millis(500))
+            .user_agent(causeway_api::version::user_agent())
+            .map_err(|e| PeerError(format!("user agent for {addr}: {e}")))?
             .tcp_nodelay(true)
             .connect_lazy();
         Ok(RaftClient::new(ch)
@@ -169,7 +171,7 @@ impl Connection {
                 c
             }
         };
-        let payload = RaftPayload { data };
+        let payload = RaftPayload::new(data);
         let started = std::time::Instant::now();
         let fut = async {
             match method {

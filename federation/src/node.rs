@@ -350,6 +350,7 @@ impl Controller {
             }
         };
         let (fatal_tx, fatal_rx) = tokio::sync::oneshot::channel::<String>();
+        let (began_tx, began_rx) = tokio::sync::oneshot::channel::<()>();
         let shutdown = async move {
             tokio::select! {
                 _ = shutdown => {}
@@ -358,8 +359,27 @@ impl Controller {
                     let _ = fatal_tx.send(why);
                 }
             }
+            let _ = began_tx.send(());
         };
-        Server::builder()
+        // A graceful stop: Raft stops first, so a leader hands over at
+        // once (the others elect within an election timeout) rather than
+        // keep leading while it takes no new connection — sites could not
+        // renew their leases with it. Calls in flight then finish; Watch
+        // streams never end by themselves, so after SHUTDOWN_GRACE the
+        // connections still open are closed (watchers resume elsewhere).
+        let raft = self.shared.raft.clone();
+        let grace = async move {
+            if began_rx.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(error = %e, "stopping raft");
+            }
+            tracing::info!("raft stopped; finishing the calls in flight");
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+            tracing::info!(grace = ?SHUTDOWN_GRACE, "closing the connections still open (watch streams)");
+        };
+        let server = Server::builder()
             .tls_config(tls)?
             .timeout(Duration::from_secs(30))
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
@@ -375,9 +395,11 @@ impl Controller {
             })
             .add_service(fed)
             .add_service(raft_svc)
-            .serve_with_incoming_shutdown(incoming, shutdown)
-            .await
-            .context("controller gRPC server")?;
+            .serve_with_incoming_shutdown(incoming, shutdown);
+        tokio::select! {
+            r = server => r.context("controller gRPC server")?,
+            _ = grace => {}
+        }
         let _ = self.shared.raft.shutdown().await;
         if let Ok(why) = fatal_rx.await {
             anyhow::bail!("raft stopped: {why}");
@@ -385,6 +407,10 @@ impl Controller {
         Ok(())
     }
 }
+
+/// How long a stopping node waits for calls in flight before it closes
+/// the connections still open.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Moves a node's damaged Raft data (the redb file and the log segments)
 /// into `corrupt-<unix seconds>/` inside the data dir, kept for inspection.
@@ -426,7 +452,7 @@ async fn change_via_peers(
             }
         };
         match client
-            .change_membership(causeway_api::pb::RaftPayload { data: data.clone() })
+            .change_membership(causeway_api::pb::RaftPayload::new(data.clone()))
             .await
         {
             Ok(_) => return Ok(()),

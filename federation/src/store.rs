@@ -79,6 +79,10 @@ pub fn open(dir: &Path) -> std::result::Result<Storage, OpenError> {
     txn.open_table(META).map_err(anyhow::Error::from)?;
     txn.commit().map_err(anyhow::Error::from)?;
     let corrupt = |e: StorageError<NodeId>| OpenError::Corrupt(e.to_string());
+    check_format(&db, &path).map_err(|e| match e {
+        FormatError::Storage(e) => corrupt(e),
+        FormatError::TooNew(why) => OpenError::Other(anyhow::anyhow!(why)),
+    })?;
     let _: Option<Vote<NodeId>> = meta_get(&db, "vote").map_err(corrupt)?;
     let purged: Option<LogId<NodeId>> = meta_get(&db, "last_purged").map_err(corrupt)?;
     let _: Option<StoredSnapshot> = meta_get(&db, "snapshot").map_err(corrupt)?;
@@ -105,6 +109,27 @@ pub fn open(dir: &Path) -> std::result::Result<Storage, OpenError> {
         wal: Arc::new(std::sync::Mutex::new(wal)),
     };
     Ok(Storage { db, log })
+}
+
+enum FormatError {
+    Storage(StorageError<NodeId>),
+    TooNew(String),
+}
+
+/// The data dir's storage format: a newer one than this build reads is
+/// refused (not treated as damage: the data is fine, the build is old);
+/// data without a format record (builds before 0.2.0) is format 1, and
+/// gets the record.
+fn check_format(db: &Database, path: &Path) -> std::result::Result<(), FormatError> {
+    use causeway_api::version::{STORAGE_FORMAT, VERSION};
+    match meta_get::<u32>(db, "format").map_err(FormatError::Storage)? {
+        Some(f) if f > STORAGE_FORMAT => Err(FormatError::TooNew(format!(
+            "{} holds storage format {f}, written by a newer causeway; this causeway {VERSION} reads up to format {STORAGE_FORMAT}. Run the newer release on this data dir (controllers are not downgraded), or restore a backup into an empty one",
+            path.display()
+        ))),
+        Some(_) => Ok(()),
+        None => meta_put(db, "format", &STORAGE_FORMAT, true).map_err(FormatError::Storage),
+    }
 }
 
 /// Stored values are `crc32 (LE) | JSON`: redb checksums its pages, and
@@ -689,6 +714,43 @@ mod tests {
             Err(OpenError::Corrupt(why)) => assert!(why.contains("snapshot is corrupt"), "{why}"),
             Err(e) => panic!("expected corruption, got {e}"),
             Ok(_) => panic!("a corrupt snapshot opened"),
+        }
+    }
+
+    #[tokio::test]
+    async fn data_from_a_newer_format_is_refused_not_rebuilt() {
+        use causeway_api::version::STORAGE_FORMAT;
+        let dir = tempfile::tempdir().unwrap();
+        let db = open(dir.path()).unwrap().db;
+        // A new data dir says its format; one without the record (written
+        // before 0.2.0) gets it at open.
+        assert_eq!(
+            meta_get::<u32>(&db, "format").unwrap(),
+            Some(STORAGE_FORMAT)
+        );
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().remove("format").unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        let db = open(dir.path()).unwrap().db;
+        assert_eq!(
+            meta_get::<u32>(&db, "format").unwrap(),
+            Some(STORAGE_FORMAT)
+        );
+        meta_put(&db, "format", &(STORAGE_FORMAT + 1), true).unwrap();
+        drop(db);
+        match open(dir.path()) {
+            // Other, not Corrupt: the node must not set the data aside.
+            Err(OpenError::Other(e)) => {
+                let why = e.to_string();
+                assert!(why.contains("written by a newer causeway"), "{why}");
+                assert!(
+                    why.contains(&format!("format {}", STORAGE_FORMAT + 1)),
+                    "{why}"
+                );
+            }
+            Err(e) => panic!("expected a refusal, got corruption: {e}"),
+            Ok(_) => panic!("a newer format opened"),
         }
     }
 }

@@ -45,6 +45,14 @@ pub struct GatewayConfig {
     /// On SIGTERM, how long streams in flight may take to finish.
     #[serde(default = "default_drain")]
     pub drain_secs: f64,
+    /// Bind outbound listeners with SO_REUSEPORT, so another gateway of
+    /// this site on the same host — a second replica, or the next release
+    /// started before this one drains (a surge upgrade) — serves the same
+    /// VIPs, the kernel spreading new connections over both. Off by
+    /// default: then a second process on the range fails to bind and says
+    /// so. Both processes must set it and run as the same user.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub share_listeners: bool,
     /// When a peer site's bundle drops the CA a live tunnel was
     /// authenticated with, how long that tunnel keeps carrying the streams
     /// it has (it takes no new ones) before it is closed. Default 10 s.
@@ -550,6 +558,8 @@ pub struct Settings {
     pub health_interval: Duration,
     /// How long streams in flight may take after SIGTERM.
     pub drain_timeout: Duration,
+    /// See [`GatewayConfig::share_listeners`].
+    pub share_listeners: bool,
     /// How long a retired tunnel keeps its streams.
     pub retire_grace: Duration,
     /// Lifetime of this replica's tunnel certificate.
@@ -598,6 +608,7 @@ impl GatewayConfig {
             health_interval_secs: default_health_interval(),
             balancer: default_balancer(),
             drain_secs: default_drain(),
+            share_listeners: false,
             retire_grace_secs: default_retire_grace(),
             cert_ttl_secs: default_cert_ttl(),
             authorization: default_authorization(),
@@ -662,6 +673,7 @@ impl GatewayConfig {
             site_ca,
             health_interval: Duration::from_secs_f64(self.health_interval_secs),
             drain_timeout: Duration::from_secs_f64(self.drain_secs),
+            share_listeners: self.share_listeners,
             retire_grace: Duration::from_secs_f64(self.retire_grace_secs),
             cert_ttl: Duration::from_secs_f64(self.cert_ttl_secs),
             balancer: balancer.expect("checked above"),

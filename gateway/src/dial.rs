@@ -16,6 +16,10 @@ use crate::routes::Routes;
 
 /// How long the caller waits for the remote gateway's status.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+/// Replicas of one site that may answer `Draining` to one stream before it
+/// goes to the next site: each such tunnel is retired and the stream asks
+/// another replica (a site's replicas restart one at a time in an upgrade).
+const MAX_DRAINING: u32 = 3;
 
 /// Why one attempt at one site failed.
 #[derive(Debug)]
@@ -74,6 +78,8 @@ impl Dialer {
     /// An opened tunnel stream to `site` for the service: the remote
     /// gateway has answered `Opened`. `trace` (a W3C traceparent, or empty)
     /// goes in the stream header: the remote gateway's span is its child.
+    /// With the streams, the `stable_id` of the tunnel that carries them
+    /// (see [`Pool::is_retired`]).
     pub async fn remote(
         &self,
         routes: &Routes,
@@ -82,15 +88,19 @@ impl Dialer {
         port: u16,
         subset: Option<&str>,
         trace: &[u8],
-    ) -> Result<(quinn::SendStream, quinn::RecvStream), Attempt> {
+    ) -> Result<(quinn::SendStream, quinn::RecvStream, usize), Attempt> {
         let route = routes
             .sites
             .get(site)
             .ok_or_else(|| Attempt::Retry("site unknown".into()))?;
         // A peer that retired the tunnel (it no longer trusts the
         // certificate this gateway made it with) answers Retired: the
-        // stream is asked again once, over a fresh tunnel.
+        // stream is asked again once, over a fresh tunnel. A replica that
+        // is draining answers Draining: its tunnel is retired and another
+        // replica asked (the site's other replicas are up; when none is,
+        // the dial fails and the stream fails over to the next site).
         let mut fresh = false;
+        let mut draining = 0;
         loop {
             let conn = self
                 .pool
@@ -101,11 +111,17 @@ impl Dialer {
             metrics::counter!("causeway_tunnel_status_total", "status" => resp.status.as_str())
                 .increment(1);
             return match resp.status {
-                Status::Opened => Ok((send, recv)),
+                Status::Opened => Ok((send, recv, conn.stable_id())),
                 Status::Retired if !fresh => {
                     tracing::info!(%site, reason = %resp.message, "peer retired the tunnel; asking again over a fresh one");
                     self.pool.retire(site, &conn);
                     fresh = true;
+                    continue;
+                }
+                Status::Draining if draining < MAX_DRAINING => {
+                    tracing::debug!(%site, "peer replica is draining; asking another");
+                    self.pool.retire(site, &conn);
+                    draining += 1;
                     continue;
                 }
                 Status::RateLimited => Err(Attempt::Limited(resp.message)),

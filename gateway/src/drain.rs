@@ -14,6 +14,7 @@ pub struct Drain {
     draining: AtomicBool,
     active: AtomicUsize,
     idle: Notify,
+    begun: Notify,
 }
 
 /// Counts one stream in flight until dropped.
@@ -49,10 +50,20 @@ impl Drain {
         StreamGuard(self.clone())
     }
 
+    /// Returns once draining has begun (at once if it has).
+    pub async fn begun(&self) {
+        let notified = self.begun.notified();
+        if self.is_draining() {
+            return;
+        }
+        notified.await;
+    }
+
     /// Starts draining and waits until no stream is active or `deadline`
     /// passes; returns the number still active then.
     pub async fn drain(&self, deadline: Duration) -> usize {
         self.draining.store(true, Ordering::Release);
+        self.begun.notify_waiters();
         let wait = async {
             loop {
                 let notified = self.idle.notified();
@@ -84,5 +95,20 @@ mod tests {
         let _stuck = d.guard();
         assert_eq!(d.drain(Duration::from_secs(3)).await, 1);
         assert!(d.is_draining());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_hear_that_draining_began_even_if_they_come_late() {
+        let d = Drain::new();
+        let d2 = d.clone();
+        let early = tokio::spawn(async move { d2.begun().await });
+        tokio::task::yield_now().await;
+        assert!(!early.is_finished());
+        assert_eq!(d.drain(Duration::from_secs(1)).await, 0);
+        early.await.unwrap();
+        // After the start it returns at once.
+        tokio::time::timeout(Duration::from_millis(1), d.begun())
+            .await
+            .unwrap();
     }
 }

@@ -100,33 +100,59 @@ impl Upstream {
 /// a reused connection could not send goes out on another one.
 #[derive(Default)]
 struct Upstreams {
-    idle: Mutex<BTreeMap<UpstreamKey, Vec<(Upstream, Instant)>>>,
+    idle: Mutex<BTreeMap<UpstreamKey, Vec<Idle>>>,
     /// A task closes expired idle connections while any are kept.
     sweeping: std::sync::atomic::AtomicBool,
 }
 
+/// An upstream connection kept for reuse: since when, and the tunnel
+/// that carries it (`stable_id`; none to a local endpoint).
+struct Idle {
+    up: Upstream,
+    since: Instant,
+    tunnel: Option<usize>,
+}
+
+impl Idle {
+    fn usable(&self, now: Instant) -> bool {
+        !self.up.is_closed() && now.duration_since(self.since) <= IDLE_TIMEOUT
+    }
+}
+
 impl Upstreams {
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<UpstreamKey, Vec<(Upstream, Instant)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<UpstreamKey, Vec<Idle>>> {
         self.idle.locked()
     }
 
-    /// A live connection for `key`, the most recently used first.
-    fn take(&self, key: &UpstreamKey) -> Option<Upstream> {
+    /// A live connection for `key`, the most recently used first, with its
+    /// tunnel. One whose tunnel `retired` says was retired (its gateway is
+    /// draining, or no longer trusted) is dropped, not reused: closing it
+    /// ends its stream, so the far gateway's drain is not held up by it.
+    fn take(
+        &self,
+        key: &UpstreamKey,
+        retired: impl Fn(usize) -> bool,
+    ) -> Option<(Upstream, Option<usize>)> {
         let mut all = self.lock();
         let kept = all.get_mut(key)?;
         let now = Instant::now();
         let mut found = None;
-        while let Some((up, since)) = kept.pop() {
-            if up.is_closed() || now.duration_since(since) > IDLE_TIMEOUT {
+        while let Some(idle) = kept.pop() {
+            if !idle.usable(now) || idle.tunnel.is_some_and(&retired) {
                 continue;
             }
-            found = Some(match up {
+            let tunnel = idle.tunnel;
+            found = Some(match idle.up {
                 // Shared: it stays in the pool.
                 Upstream::H2(s) => {
-                    kept.push((Upstream::H2(s.clone()), now));
-                    Upstream::H2(s)
+                    kept.push(Idle {
+                        up: Upstream::H2(s.clone()),
+                        since: now,
+                        tunnel,
+                    });
+                    (Upstream::H2(s), tunnel)
                 }
-                h1 => h1,
+                h1 => (h1, tunnel),
             });
             break;
         }
@@ -136,17 +162,21 @@ impl Upstreams {
         found
     }
 
-    /// Keeps `up` for the next request to `key`.
-    fn put(self: &Arc<Self>, key: UpstreamKey, up: Upstream) {
+    /// Keeps `up` (over `tunnel`) for the next request to `key`.
+    fn put(self: &Arc<Self>, key: UpstreamKey, up: Upstream, tunnel: Option<usize>) {
         let mut all = self.lock();
         let kept = all.entry(key).or_default();
         let now = Instant::now();
-        kept.retain(|(u, since)| !u.is_closed() && now.duration_since(*since) <= IDLE_TIMEOUT);
+        kept.retain(|i| i.usable(now));
         if let Upstream::H2(_) = up {
-            kept.retain(|(u, _)| !matches!(u, Upstream::H2(_)));
+            kept.retain(|i| !matches!(i.up, Upstream::H2(_)));
         }
         if kept.len() < MAX_IDLE {
-            kept.push((up, now));
+            kept.push(Idle {
+                up,
+                since: now,
+                tunnel,
+            });
         }
         drop(all);
         self.sweep_soon();
@@ -167,9 +197,7 @@ impl Upstreams {
                 let mut all = pool.lock();
                 let now = Instant::now();
                 all.retain(|_, kept| {
-                    kept.retain(|(u, since)| {
-                        !u.is_closed() && now.duration_since(*since) <= IDLE_TIMEOUT
-                    });
+                    kept.retain(|i| i.usable(now));
                     !kept.is_empty()
                 });
                 if all.is_empty() {
@@ -187,6 +215,7 @@ impl Upstreams {
         self: &Arc<Self>,
         key: &UpstreamKey,
         up: Upstream,
+        tunnel: Option<usize>,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, (hyper::Error, Option<Request<Full<Bytes>>>)> {
         let sent = match up {
@@ -198,7 +227,7 @@ impl Upstreams {
                         // Ready again = the response was read to its end
                         // and the connection stays open.
                         if s.ready().await.is_ok() {
-                            pool.put(key, Upstream::H1(s));
+                            pool.put(key, Upstream::H1(s), tunnel);
                         }
                     });
                 }
@@ -262,13 +291,18 @@ impl Drop for InFlightGuard<'_> {
 }
 
 /// Serves one caller connection (HTTP/1.1 or HTTP/2, detected); requests
-/// go to the endpoints in `upstream` (`http` or `http2`).
+/// go to the endpoints in `upstream` (`http` or `http2`). When `drain`
+/// begins, the connection ends gracefully: requests in flight finish, an
+/// HTTP/1.1 connection closes after its current answer (`Connection:
+/// close`) and an HTTP/2 one gets a GOAWAY, so callers move to another
+/// gateway without a failed request.
 pub async fn serve_connection(
     out: Arc<HttpForward>,
     tcp: TcpStream,
     service: ServiceKey,
     port: u16,
     upstream: Protocol,
+    drain: &crate::drain::Drain,
 ) {
     // HTTP/2 writes a response as several frames; without this the later
     // ones wait for the client's delayed ACK (Nagle).
@@ -318,6 +352,10 @@ pub async fn serve_connection(
                 shutting = true;
                 metrics::counter!("causeway_http_connections_cut_total", "why" => "cancels").increment(1);
                 tracing::warn!(cancelled = MAX_CANCELLED, "client cancelled too many requests on one connection (rapid reset?); ending it");
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = drain.begun(), if !shutting => {
+                shutting = true;
                 conn.as_mut().graceful_shutdown();
             }
         }
@@ -1145,8 +1183,9 @@ async fn send_once(
     );
     let pool = &out.state.upstreams;
     let mut req = req;
-    while let Some(up) = pool.take(&key) {
-        match pool.send(&key, up, req).await {
+    let tunnels = &out.fwd.dial.pool;
+    while let Some((up, tunnel)) = pool.take(&key, |id| tunnels.is_retired(id)) {
+        match pool.send(&key, up, tunnel, req).await {
             Ok(resp) => {
                 metrics::counter!("causeway_http_upstream_connections_total", "use" => "reused")
                     .increment(1);
@@ -1157,14 +1196,14 @@ async fn send_once(
             Err((e, None)) => return Err(TryError::Reset(e.to_string())),
         }
     }
-    let up = if *site == out.fwd.steer.local_site {
+    let (up, tunnel) = if *site == out.fwd.steer.local_site {
         let tcp = out
             .fwd
             .dial
             .local(service, port, subset)
             .await
             .map_err(try_error)?;
-        handshake(TokioIo::new(tcp), h2).await?
+        (handshake(TokioIo::new(tcp), h2).await?, None)
     } else {
         // The stream carries the trace context of the request that opened
         // it (its traceparent, which this gateway set when tracing).
@@ -1173,19 +1212,22 @@ async fn send_once(
             .get("traceparent")
             .map(|v| v.as_bytes().to_vec())
             .unwrap_or_default();
-        let (send, recv) = out
+        let (send, recv, tunnel) = out
             .fwd
             .dial
             .remote(routes, site, service, port, subset, &trace)
             .await
             .map_err(try_error)?;
-        handshake(TokioIo::new(tokio::io::join(recv, send)), h2).await?
+        (
+            handshake(TokioIo::new(tokio::io::join(recv, send)), h2).await?,
+            Some(tunnel),
+        )
     };
     metrics::counter!("causeway_http_upstream_connections_total", "use" => "new").increment(1);
     if let Upstream::H2(s) = &up {
-        pool.put(key.clone(), Upstream::H2(s.clone()));
+        pool.put(key.clone(), Upstream::H2(s.clone()), tunnel);
     }
-    pool.send(&key, up, req)
+    pool.send(&key, up, tunnel, req)
         .await
         .map_err(|(e, _)| TryError::Reset(e.to_string()))
 }

@@ -165,6 +165,47 @@ impl Inbound {
         }
     }
 
+    /// Tells every connected gateway that this one is draining (the drain
+    /// notice, on a unidirectional stream of each connection): a 0.2.0
+    /// peer then opens no new stream on it and lets its pooled requests
+    /// finish, so the drain ends early and cuts nothing. Older peers allow
+    /// no such stream; the attempt gives up after a second.
+    pub fn announce_drain(&self) {
+        let conns: Vec<quinn::Connection> = self
+            .conns
+            .locked()
+            .values()
+            .flatten()
+            .map(|(c, _)| c.clone())
+            .filter(|c| c.close_reason().is_none())
+            .collect();
+        for conn in conns {
+            tokio::spawn(async move {
+                let send = async {
+                    let mut s = conn.open_uni().await.map_err(|e| e.to_string())?;
+                    s.write_all(&causeway_gateway_core::header::DRAIN_NOTICE)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    s.finish().map_err(|e| e.to_string())
+                };
+                match tokio::time::timeout(Duration::from_secs(1), send).await {
+                    Ok(Ok(())) => {
+                        metrics::counter!("causeway_drain_notices_total", "result" => "sent")
+                            .increment(1)
+                    }
+                    Ok(Err(e)) => {
+                        tracing::debug!(remote = %conn.remote_address(), error = %e, "drain notice not sent")
+                    }
+                    Err(_) => {
+                        // A peer before 0.2.0 takes no unidirectional stream.
+                        metrics::counter!("causeway_drain_notices_total", "result" => "not_taken")
+                            .increment(1)
+                    }
+                }
+            });
+        }
+    }
+
     fn identify(&self, conn: &quinn::Connection) -> Option<Peer> {
         let certs = conn
             .peer_identity()?

@@ -73,7 +73,7 @@ pub async fn serve(fwd: &Forward, tcp: TcpStream, service: ServiceKey, port: u16
             fwd.dial
                 .remote(&routes, &site, &service, port, None, traceparent.as_bytes())
                 .await
-                .map(|(s, r)| Stream::Remote(s, r))
+                .map(|(s, r, _)| Stream::Remote(s, r))
         };
         fwd.steer
             .observe(&routes, &service, &site, outcome(&attempt));

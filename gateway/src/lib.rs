@@ -221,6 +221,8 @@ pub async fn run(
         fwd,
         http: http.clone(),
         ready,
+        share: settings.share_listeners,
+        drain: drain.clone(),
     });
     let reload_task = settings.config_file.clone().and_then(|path| {
         let text = std::fs::read_to_string(&path).ok()?;
@@ -279,6 +281,10 @@ pub async fn run(
     shutdown.await;
     tracing::info!(deadline = ?settings.drain_timeout, active = drain.active(), "gateway draining: no new connections or streams");
     let _ = stop_tx.send(true);
+    // No new tunnels either: a peer redialing this replica finds it
+    // refusing and uses the site's others; connected peers hear it.
+    endpoint.set_server_config(None);
+    inbound.announce_drain();
     let _ = outbound_task.await;
     if let Some(t) = ingress_task {
         let _ = t.await;

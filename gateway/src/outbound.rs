@@ -26,6 +26,27 @@ pub struct Outbound {
     pub http: Arc<HttpForward>,
     /// What `/ready` reports (listeners that could not bind).
     pub ready: Arc<crate::Readiness>,
+    /// Bind with SO_REUSEPORT ([`crate::config::GatewayConfig::share_listeners`]).
+    pub share: bool,
+    /// Every caller connection counts as in flight until it closes, so a
+    /// draining gateway waits for it (up to `drain_secs`); HTTP callers
+    /// are told to go elsewhere when draining begins.
+    pub drain: Arc<crate::drain::Drain>,
+}
+
+/// A listener on `addr`; with `share`, one other processes of the same
+/// user may bind too (SO_REUSEPORT).
+fn listen(addr: SocketAddr, share: bool) -> std::io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    if share {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(1024)
 }
 
 impl Outbound {
@@ -51,7 +72,7 @@ impl Outbound {
                 if running.contains_key(&addr) {
                     continue;
                 }
-                match TcpListener::bind(addr).await {
+                match listen(addr, self.share) {
                     Ok(l) => {
                         self.ready.set_unbound(addr, None);
                         tracing::info!(%addr, service = %svc.0, "outbound listener up");
@@ -96,6 +117,7 @@ impl Outbound {
                     };
                     let this = self.clone();
                     let service = service.clone();
+                    let guard = self.drain.guard();
                     let http = this
                         .fwd
                         .routes
@@ -105,14 +127,18 @@ impl Outbound {
                         .and_then(|s| s.http_ports.get(&port).copied());
                     if let Some(upstream) = http {
                         let http = this.http.clone();
+                        let drain = this.drain.clone();
                         tokio::spawn(async move {
-                            crate::http::serve_connection(http, tcp, service, port, upstream).await;
-                            drop(slot);
+                            crate::http::serve_connection(
+                                http, tcp, service, port, upstream, &drain,
+                            )
+                            .await;
+                            drop((slot, guard));
                         });
                     } else {
                         tokio::spawn(async move {
                             l4::serve(&this.fwd, tcp, service, port).await;
-                            drop(slot);
+                            drop((slot, guard));
                         });
                     }
                 }

@@ -9,7 +9,7 @@
 //! serve it) dials early, at most once per replica per 250 ms, so a peer
 //! that restarted is back at once rather than after the backoff.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -42,6 +42,10 @@ pub struct Pool {
     cred: Mutex<Credential>,
     store: Arc<TrustStore>,
     sites: Mutex<HashMap<SiteName, SitePool>>,
+    /// Connections retired but not closed yet (their `stable_id`): they
+    /// carry the streams they have, and nothing new — not even a pooled
+    /// HTTP connection's next request.
+    retired: Mutex<HashSet<usize>>,
     me: Weak<Pool>,
 }
 
@@ -145,6 +149,7 @@ impl Pool {
             cred: Mutex::new(cred),
             store,
             sites: Mutex::new(HashMap::new()),
+            retired: Mutex::new(HashSet::new()),
             me: me.clone(),
         })
     }
@@ -411,6 +416,7 @@ impl Pool {
                 r.failures = 0;
                 r.dialing = true; // until the watcher below sees it close
                 r.conn = Some(conn.clone());
+                self.hear_drain_notice(site, &conn);
                 let pool = self.me.clone();
                 let site = site.clone();
                 let watched = conn.clone();
@@ -432,6 +438,30 @@ impl Pool {
                 None
             }
         }
+    }
+
+    /// Watches `conn` for the peer's drain notice (the one unidirectional
+    /// stream a dialed connection accepts): on it the connection is
+    /// retired like one whose peer answered `Draining`.
+    fn hear_drain_notice(&self, site: &SiteName, conn: &quinn::Connection) {
+        let (me, site, conn) = (self.me.clone(), site.clone(), conn.clone());
+        tokio::spawn(async move {
+            use causeway_gateway_core::header::{is_drain_notice, PREFIX_LEN};
+            while let Ok(mut recv) = conn.accept_uni().await {
+                let mut frame = [0u8; PREFIX_LEN];
+                let read =
+                    tokio::time::timeout(Duration::from_secs(1), recv.read_exact(&mut frame));
+                if !matches!(read.await, Ok(Ok(()))) || !is_drain_notice(&frame) {
+                    tracing::debug!(%site, "ignored a unidirectional stream that is no drain notice");
+                    continue;
+                }
+                let Some(pool) = me.upgrade() else { return };
+                tracing::info!(%site, remote = %conn.remote_address(), "peer gateway is draining; its tunnel takes no new streams");
+                metrics::counter!("causeway_drain_notices_total", "result" => "heard").increment(1);
+                pool.retire(&site, &conn);
+                return;
+            }
+        });
     }
 
     fn after_close(&self, site: &SiteName, at: TunnelAddr, id: usize) {
@@ -543,6 +573,15 @@ impl Pool {
                     r.conn = None;
                     r.dialing = true;
                     redial.push(r.at);
+                    let id = c.stable_id();
+                    self.retired.locked().insert(id);
+                    let (me, closing) = (self.me.clone(), c.clone());
+                    tokio::spawn(async move {
+                        closing.closed().await;
+                        if let Some(pool) = me.upgrade() {
+                            pool.retired.locked().remove(&id);
+                        }
+                    });
                     close_after(c, grace, reason);
                 }
             }
@@ -566,6 +605,12 @@ impl Pool {
             b"peer refused new streams",
             self.retire_grace,
         ) > 0
+    }
+
+    /// Whether the connection with this `stable_id` was retired (and is
+    /// not closed yet): what it carries may finish, nothing new starts.
+    pub fn is_retired(&self, id: usize) -> bool {
+        self.retired.locked().contains(&id)
     }
 
     /// Closes a connection that failed to open a stream: the next stream

@@ -57,7 +57,9 @@ pub fn transport(q: &QuicConfig, accepts: bool) -> Arc<TransportConfig> {
         0
     };
     t.max_concurrent_bidi_streams(VarInt::from_u32(streams));
-    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // A dialing gateway takes one unidirectional stream: the drain notice
+    // of the gateway it dialed (header::DRAIN_NOTICE).
+    t.max_concurrent_uni_streams(VarInt::from_u32(u32::from(!accepts)));
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(q.max_udp_payload);
     t.mtu_discovery_config(Some(mtu));

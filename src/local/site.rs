@@ -362,10 +362,24 @@ impl LocalFederation {
         tunnel: SocketAddr,
         admin: SocketAddr,
     ) -> anyhow::Result<Proc> {
+        self.spawn_gateway_replica_with(site, replica, tunnel, admin, |_| {})
+    }
+
+    /// [`Self::spawn_gateway_replica`] with its config changed by `edit`
+    /// (e.g. a VIP range of its own).
+    pub fn spawn_gateway_replica_with(
+        &self,
+        site: &str,
+        replica: &str,
+        tunnel: SocketAddr,
+        admin: SocketAddr,
+        edit: impl FnOnce(&mut GatewayConfig),
+    ) -> anyhow::Result<Proc> {
         let s = self.site(site)?;
         let mut cfg = GatewayConfig::from_toml(&std::fs::read_to_string(&s.config)?)?;
         cfg.replica = replica.to_string();
         cfg.tunnel_listen = tunnel.to_string();
+        edit(&mut cfg);
         let config = self.root.join(format!("gateway-{site}-{replica}.toml"));
         std::fs::write(&config, cfg.to_toml())?;
         Proc::spawn(

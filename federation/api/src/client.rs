@@ -99,6 +99,8 @@ impl ControllerClient {
                 .tls_config(self.tls.locked().clone())
                 .map_err(|e| ClientError::BadEndpoint(format!("{addr}: {e}")))?
                 .connect_timeout(Duration::from_secs(2))
+                .user_agent(crate::version::user_agent())
+                .map_err(|e| ClientError::BadEndpoint(format!("{addr}: {e}")))?
                 .local_address(self.local)
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(5))

@@ -9,6 +9,7 @@
 //! - [`token`]: one-time join tokens;
 //! - [`catalog`] and [`client`]: the Watch client and the live catalog view;
 //! - [`trace`]: OpenTelemetry spans over OTLP, for gateways and controllers.
+//! - [`version`]: the release and the protocol every wire format carries.
 //!
 //! It does not run Raft or serve anything: gateways, DNS servers and the
 //! Terraform provider depend on this crate and never on the controller.
@@ -27,6 +28,7 @@ pub mod sync;
 pub mod token;
 pub mod trace;
 pub mod trust;
+pub mod version;
 
 #[allow(clippy::all, missing_docs)]
 pub mod pb {

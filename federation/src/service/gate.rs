@@ -152,6 +152,54 @@ where
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        use causeway_api::version;
+        // Callers name their protocol in the user agent; one this build no
+        // longer works with is told to upgrade. Every answer names ours.
+        let protocol = req
+            .headers()
+            .get(http::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok())
+            .map_or(1, version::protocol_of_user_agent);
+        let call = match version::check_peer("this client", protocol) {
+            Ok(()) => self.call_traced(req),
+            Err(why) => {
+                metrics::counter!("causeway_api_gate_refused_total", "code" => "Protocol")
+                    .increment(1);
+                let resp = Status::failed_precondition(why).into_http();
+                Box::pin(async move { Ok(resp) })
+            }
+        };
+        Box::pin(async move {
+            let mut r = call.await;
+            if let Ok(resp) = &mut r {
+                let h = resp.headers_mut();
+                h.insert(
+                    version::PROTOCOL_HEADER,
+                    http::HeaderValue::from(version::PROTOCOL),
+                );
+                h.insert(
+                    version::VERSION_HEADER,
+                    http::HeaderValue::from_static(version::VERSION),
+                );
+            }
+            r
+        })
+    }
+}
+
+impl<S> Gate<S>
+where
+    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    /// Gates one call, in a span of its own unless it is Raft traffic.
+    fn call_traced(
+        &mut self,
+        req: http::Request<Body>,
+    ) -> futures::future::BoxFuture<'static, Result<http::Response<Body>, S::Error>> {
         let (caller, sha256, expires_ms) = connection_caller(&req);
         let path = req.uri().path().to_string();
         let verdict = decide(&path, &caller);
@@ -198,16 +246,7 @@ where
             r
         })
     }
-}
 
-impl<S> Gate<S>
-where
-    S: tower::Service<http::Request<Body>, Response = http::Response<Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
     fn call_gated(
         &mut self,
         req: http::Request<Body>,

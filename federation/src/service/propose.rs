@@ -195,7 +195,7 @@ impl Shared {
                 .peer(&addr)
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             let data = serde_json::to_vec(&op).map_err(|e| Status::internal(e.to_string()))?;
-            client.change_membership(pb::RaftPayload { data }).await?;
+            client.change_membership(pb::RaftPayload::new(data)).await?;
             return Ok(());
         }
         self.change_membership_here(op).await
@@ -310,7 +310,7 @@ impl Shared {
         let data = serde_json::to_vec(&site).map_err(|e| Status::internal(e.to_string()))?;
         match tokio::time::timeout(
             Duration::from_secs(2),
-            client.forward_heartbeat(pb::RaftPayload { data }),
+            client.forward_heartbeat(pb::RaftPayload::new(data)),
         )
         .await
         {
@@ -351,7 +351,7 @@ impl Shared {
     async fn forward(&self, addr: &str, cmd: &Command) -> Result<Outcome, ForwardError> {
         let mut client = self.peer(addr)?;
         let data = serde_json::to_vec(cmd).map_err(ForwardError::Encode)?;
-        let reply = client.propose(pb::RaftPayload { data }).await?;
+        let reply = client.propose(pb::RaftPayload::new(data)).await?;
         serde_json::from_slice(&reply.into_inner().data).map_err(ForwardError::Decode)
     }
 

@@ -29,7 +29,8 @@ type Reply = Result<Response<pb::RaftPayload>, Status>;
 impl RaftService {
     /// The one path of every Raft RPC: the caller must be a controller
     /// node, the payload decodes as `Req`, `handle` answers, and the answer
-    /// is encoded. Payloads are JSON, bounded by the server's message limit.
+    /// is encoded. Payloads are JSON, bounded by the server's message limit,
+    /// and name the sender's protocol: one too old is refused.
     async fn serve<Req, Resp>(
         &self,
         rpc: &str,
@@ -41,11 +42,14 @@ impl RaftService {
         Resp: serde::Serialize,
     {
         require_node(rpc, &req)?;
+        let protocol = causeway_api::version::protocol_of_payload(req.get_ref().protocol);
+        causeway_api::version::check_peer("the calling controller", protocol)
+            .map_err(Status::failed_precondition)?;
         let r: Req = serde_json::from_slice(&req.get_ref().data)
             .map_err(|e| Status::invalid_argument(format!("raft payload: {e}")))?;
         let answer = handle(&self.shared, r).await?;
         serde_json::to_vec(&answer)
-            .map(|data| Response::new(pb::RaftPayload { data }))
+            .map(|data| Response::new(pb::RaftPayload::new(data)))
             .map_err(|e| Status::internal(e.to_string()))
     }
 }

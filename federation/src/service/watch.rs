@@ -62,6 +62,8 @@ impl Shared {
             cert_not_after_ms: self.cert_not_after_ms,
             data_free_bytes: disk.map_or(0, |d| d.0),
             data_total_bytes: disk.map_or(0, |d| d.1),
+            version: causeway_api::version::VERSION.to_string(),
+            protocol: causeway_api::version::PROTOCOL,
         }
     }
 }

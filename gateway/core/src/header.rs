@@ -10,6 +10,10 @@
 //!           [ | subset_len u8 | subset ]   (only when a subset is asked for,
 //!                                          so older peers still read the rest)
 //! response: "CW" | version u8 = 1 | status u8 | msg_len u16 BE | msg (UTF-8)
+//! drain notice (on a unidirectional stream, from a gateway that begins to
+//! drain to the gateways connected to it; added in 0.2.0, which reads it —
+//! older gateways allow no unidirectional streams and never see it):
+//!           "CW" | version u8 = 1 | kind u8 = 2 | 0u16
 //! ```
 //!
 //! Both frames are bounded ([`MAX_BODY`], [`MAX_MESSAGE`]) and checked
@@ -22,6 +26,16 @@ pub const MAGIC: [u8; 2] = *b"CW";
 /// The frame version this code speaks.
 pub const VERSION: u8 = 1;
 const KIND_OPEN: u8 = 1;
+const KIND_DRAIN: u8 = 2;
+/// The whole drain notice: after it, the sender takes no new streams on
+/// that connection and ends it once its streams are done.
+pub const DRAIN_NOTICE: [u8; PREFIX_LEN] = [MAGIC[0], MAGIC[1], VERSION, KIND_DRAIN, 0, 0];
+
+/// Whether `frame` (the first bytes of a unidirectional stream, at most
+/// [`PREFIX_LEN`] read) is a drain notice.
+pub fn is_drain_notice(frame: &[u8]) -> bool {
+    frame == DRAIN_NOTICE
+}
 /// Fixed prefix of both frames: magic, version, kind/status, length.
 pub const PREFIX_LEN: usize = 6;
 /// Largest request body accepted.
@@ -340,6 +354,26 @@ impl OpenResponse {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_drain_notice_is_recognised_and_nothing_else_is() {
+        assert!(is_drain_notice(&DRAIN_NOTICE));
+        assert!(!is_drain_notice(&DRAIN_NOTICE[..5]));
+        let mut other = DRAIN_NOTICE;
+        other[2] = VERSION + 1;
+        assert!(!is_drain_notice(&other));
+        // An open request's prefix is not a notice.
+        let open = OpenRequest {
+            service: "a/b".into(),
+            port: 1,
+            deadline_ms: 0,
+            trace: Vec::new(),
+            caller: String::new(),
+            subset: String::new(),
+        }
+        .encode();
+        assert!(!is_drain_notice(&open[..PREFIX_LEN]));
+    }
+
     use proptest::prelude::*;
 
     use super::*;
