@@ -274,6 +274,9 @@ async fn a_federation_upgrades_one_process_at_a_time_with_no_failed_request() {
     let mut fed = LocalFederation::new(old.clone(), tmp.path().to_path_buf()).unwrap();
 
     tracing::info!("phase: the previous release runs everything");
+    // Snapshots every 10 entries: upgraded nodes start from snapshots the
+    // old release wrote, and the writes below take many more.
+    fed.controller_flags = vec!["--snapshot-every".into(), "10".into()];
     fed.start_controllers(3).unwrap();
     fed.wait_for_leader(Duration::from_secs(30)).await.unwrap();
     let (east_web, _east_task) = http_backend("127.0.0.1:0", "east").await;
@@ -358,6 +361,14 @@ async fn a_federation_upgrades_one_process_at_a_time_with_no_failed_request() {
     load.more(50).await;
 
     load.phase("controllers, one at a time");
+    for id in 1..=3 {
+        eventually(
+            Duration::from_secs(30),
+            format_args!("controller {id} (previous release) to have taken a snapshot"),
+            async || fed.status(id).await.is_ok_and(|s| s.snapshot_index > 0),
+        )
+        .await;
+    }
     for id in 1..=3 {
         load.phase(&format!("controller {id} to this build"));
         // 0.1.0 controllers are stopped with SIGKILL (docs/operations.md,

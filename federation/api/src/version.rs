@@ -97,6 +97,22 @@ mod tests {
         assert_eq!(protocol_of_user_agent(""), 1);
     }
 
+    proptest::proptest! {
+        /// Any user agent a client sends (HTTP bounds its size) names a
+        /// protocol of at least 1, without panicking; one we wrote is read
+        /// back wherever it sits among other tokens.
+        #[test]
+        fn any_user_agent_reads_as_some_protocol(
+            before in "[ -~]{0,40}",
+            after in "[ -~]{0,40}",
+            n in 1u32..1000,
+        ) {
+            proptest::prop_assert!(protocol_of_user_agent(&before) >= 1 || before.contains("protocol/0"));
+            let ua = format!("{} protocol/{n} {}", before.replace("protocol/", "p/"), after.replace("protocol/", "p/"));
+            proptest::prop_assert_eq!(protocol_of_user_agent(&ua), n);
+        }
+    }
+
     #[test]
     fn an_absent_payload_protocol_is_one() {
         assert_eq!(protocol_of_payload(0), 1);
