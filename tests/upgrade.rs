@@ -518,7 +518,7 @@ async fn a_federation_upgrades_one_process_at_a_time_with_no_failed_request() {
         acked.len()
     );
     let listed = admin
-        .call(false, |mut f| async move {
+        .call(true, |mut f| async move {
             f.list_policies(causeway_api::pb::ListPoliciesRequest {
                 kind: "TimeoutPolicy".into(),
                 linearizable: true,
