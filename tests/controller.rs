@@ -1132,22 +1132,11 @@ async fn a_leader_restarted_in_its_term_reads_every_acknowledged_write() {
     let answer = until(
         Duration::from_secs(30),
         "a linearizable read after the restart",
-        async || {
-            admin
-                .call(true, |mut f| async move {
-                    f.list_policies(causeway_api::pb::ListPoliciesRequest {
-                        kind: "TimeoutPolicy".into(),
-                        linearizable: true,
-                    })
-                    .await
-                })
-                .await
-                .ok()
-        },
+        async || policies_of_kind(&admin, "TimeoutPolicy").await.ok(),
     )
     .await
     .unwrap();
-    let doc: serde_json::Value = serde_json::from_str(&answer.policies[0].document_json).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&answer[0].document_json).unwrap();
     assert_eq!(doc["spec"]["requestMs"], last, "a stale linearizable read");
     fed.shutdown().await;
 }

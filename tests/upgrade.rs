@@ -192,7 +192,7 @@ fn write_doc(n: u64) -> String {
 
 /// Stops process `p` the way Kubernetes stops a pod: SIGTERM, then
 /// SIGKILL if it is still running after `grace`. Whether it exited by
-/// itself.
+/// itself, and cleanly.
 async fn stop(p: &mut Proc, what: &str, grace: Duration) -> bool {
     p.terminate();
     let exited = until(
@@ -201,11 +201,14 @@ async fn stop(p: &mut Proc, what: &str, grace: Duration) -> bool {
         async || p.exited(),
     )
     .await;
-    if let Err(e) = &exited {
-        tracing::warn!("{e}; SIGKILL");
-        p.kill().await;
+    match exited {
+        Ok(status) => status.success(),
+        Err(e) => {
+            tracing::warn!("{e}; SIGKILL");
+            p.kill().await;
+            false
+        }
     }
-    exited.is_ok()
 }
 
 /// A gateway drains for up to `drain_secs` (10 s by default).
@@ -517,18 +520,8 @@ async fn a_federation_upgrades_one_process_at_a_time_with_no_failed_request() {
         "only {} writes acknowledged",
         acked.len()
     );
-    let listed = admin
-        .call(true, |mut f| async move {
-            f.list_policies(causeway_api::pb::ListPoliciesRequest {
-                kind: "TimeoutPolicy".into(),
-                linearizable: true,
-            })
-            .await
-        })
-        .await
-        .unwrap();
+    let listed = policies_of_kind(&admin, "TimeoutPolicy").await.unwrap();
     let names: std::collections::BTreeSet<String> = listed
-        .policies
         .iter()
         .filter(|p| p.namespace == "upgrade")
         .map(|p| p.name.clone())
@@ -604,14 +597,7 @@ async fn a_draining_replica_moves_its_callers_to_the_others_without_a_failed_req
     load.more(50).await;
     load.phase("east gw-0 draining");
     let gw0_proc = &mut fed.sites.get_mut("east").unwrap().gateway;
-    gw0_proc.terminate();
-    let status = eventually(
-        Duration::from_secs(90),
-        "east gw-0 to exit after SIGTERM",
-        async || gw0_proc.exited(),
-    )
-    .await;
-    assert!(status.success(), "{status}");
+    assert!(stop(gw0_proc, "east gw-0", Duration::from_secs(90)).await);
     // Its callers let go of its streams: the drain ended with none cut.
     let log = fed.sites["east"].gateway.log_tail(40);
     assert!(log.contains("drained"), "{log}");
@@ -678,14 +664,7 @@ async fn a_new_gateway_shares_the_vips_of_the_one_it_replaces() {
 
     tracing::info!("phase: the first drains and exits; the VIP still answers");
     let first = &mut fed.sites.get_mut("west").unwrap().gateway;
-    first.terminate();
-    let status = eventually(
-        Duration::from_secs(30),
-        "the first west gateway to exit",
-        async || first.exited(),
-    )
-    .await;
-    assert!(status.success(), "{status}");
+    assert!(stop(first, "the first west gateway", GATEWAY_GRACE).await);
     for _ in 0..20 {
         call(front, "GET").await.unwrap();
     }

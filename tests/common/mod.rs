@@ -459,3 +459,24 @@ pub async fn apply_policy(
         })
         .await
 }
+
+/// The policies of `kind`, read linearizably from the leader.
+pub async fn policies_of_kind(
+    client: &causeway_api::client::ControllerClient,
+    kind: &str,
+) -> Result<Vec<causeway_api::pb::Policy>, tonic::Status> {
+    let kind = kind.to_string();
+    client
+        .call(true, |mut f| {
+            let kind = kind.clone();
+            async move {
+                f.list_policies(causeway_api::pb::ListPoliciesRequest {
+                    kind,
+                    linearizable: true,
+                })
+                .await
+            }
+        })
+        .await
+        .map(|r| r.policies)
+}
