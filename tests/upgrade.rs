@@ -128,12 +128,23 @@ impl Load {
         self.fronts.lock().unwrap().push(front);
     }
 
-    /// Requests answered so far, and the failures.
-    fn tally(&self) -> (u64, Vec<String>) {
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.lock().unwrap().clone(),
-        )
+    /// Stops the workers and fails the test if any request failed;
+    /// returns the number answered.
+    async fn finish(&self, tasks: Vec<tokio::task::JoinHandle<()>>) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let ok = self.ok.load(Ordering::Relaxed);
+        let failed = self.failed.lock().unwrap().clone();
+        assert!(
+            failed.is_empty(),
+            "{} of {} requests failed: {:?}",
+            failed.len(),
+            ok as usize + failed.len(),
+            &failed[..failed.len().min(20)]
+        );
+        ok
     }
 
     /// Waits until `n` more requests have been answered (the load goes on
@@ -500,20 +511,9 @@ async fn a_federation_upgrades_one_process_at_a_time_with_no_failed_request() {
         .unwrap();
 
     load.phase("done: nothing failed, nothing acknowledged was lost");
-    load.stop.store(true, Ordering::Relaxed);
     writing.store(false, Ordering::Relaxed);
-    for t in load_tasks {
-        t.await.unwrap();
-    }
+    let ok = load.finish(load_tasks).await;
     writer.await.unwrap();
-    let (ok, failed) = load.tally();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        ok as usize + failed.len(),
-        &failed[..failed.len().min(20)]
-    );
     let acked = acked.lock().unwrap().clone();
     assert!(
         acked.len() >= 20,
@@ -592,30 +592,42 @@ async fn a_draining_replica_moves_its_callers_to_the_others_without_a_failed_req
     )
     .await;
 
-    tracing::info!("phase: steady POSTs (never retried) while gw-0 drains and exits");
+    tracing::info!("phase: steady POSTs (never retried) while a replica drains and exits");
     let (load, tasks) = Load::start(vec![front], "POST");
     load.more(50).await;
-    load.phase("east gw-0 draining");
-    let gw0_proc = &mut fed.sites.get_mut("east").unwrap().gateway;
-    assert!(stop(gw0_proc, "east gw-0", Duration::from_secs(90)).await);
+    // The replica carrying west's pooled connections drains (they stay on
+    // the tunnel their first stream took).
+    let gw0_admin = fed.sites["east"].gateway_admin;
+    let streams_on = async |admin: SocketAddr| {
+        let m = http_get(admin, "/metrics").await;
+        metric(
+            &m,
+            "causeway_tunnel_streams_total{direction=\"in\",status=\"opened\"}",
+        )
+    };
+    let on_gw0 = eventually(
+        Duration::from_secs(30),
+        "west's streams on one of east's replicas",
+        async || {
+            let (a, b) = (streams_on(gw0_admin).await, streams_on(gw1_admin).await);
+            (a + b > 0.0).then_some(a > 0.0)
+        },
+    )
+    .await;
+    load.phase("east's busy replica draining");
+    let (draining, name) = if on_gw0 {
+        (&mut fed.sites.get_mut("east").unwrap().gateway, "east gw-0")
+    } else {
+        (&mut replica, "east gw-1")
+    };
+    assert!(stop(draining, name, Duration::from_secs(90)).await);
     // Its callers let go of its streams: the drain ended with none cut.
-    let log = fed.sites["east"].gateway.log_tail(40);
+    let log = draining.log_tail(40);
     assert!(log.contains("drained"), "{log}");
     assert!(!log.contains("drain deadline passed"), "{log}");
     load.more(50).await;
     load.phase("done");
-    load.stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
-    let (ok, failed) = load.tally();
-    assert!(
-        failed.is_empty(),
-        "{} of {} requests failed: {:?}",
-        failed.len(),
-        ok as usize + failed.len(),
-        &failed[..failed.len().min(20)]
-    );
+    load.finish(tasks).await;
     // West heard the notice.
     let metrics = http_get(fed.sites["west"].gateway_admin, "/metrics").await;
     assert!(
