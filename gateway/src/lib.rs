@@ -282,7 +282,13 @@ pub async fn run(
     tracing::info!(deadline = ?settings.drain_timeout, active = drain.active(), "gateway draining: no new connections or streams");
     let _ = stop_tx.send(true);
     // No new tunnels either: a peer redialing this replica finds it
-    // refusing and uses the site's others; connected peers hear it.
+    // refusing and uses the site's others; connected peers hear it. A
+    // certificate renewal or a config reload would give the endpoint a
+    // server config again, so neither runs during the drain.
+    renew_task.abort();
+    if let Some(t) = &reload_task {
+        t.abort();
+    }
     endpoint.set_server_config(None);
     inbound.announce_drain();
     let _ = outbound_task.await;
@@ -300,7 +306,6 @@ pub async fn run(
         tracing::info!("drained");
     }
     publish_task.abort();
-    renew_task.abort();
     api_renew_task.abort();
     heartbeat_task.abort();
     watch_task.abort();
@@ -313,9 +318,6 @@ pub async fn run(
     )
     .await;
     let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-    if let Some(t) = reload_task {
-        t.abort();
-    }
     inbound_task.abort();
     Ok(())
 }
