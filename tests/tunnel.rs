@@ -382,15 +382,6 @@ async fn with_every_controller_down_sites_keep_serving_their_last_view() {
     fed.shutdown().await;
 }
 
-/// Opened inbound streams a gateway has counted.
-async fn opened_in(admin: SocketAddr) -> f64 {
-    let m = http_get(admin, "/metrics").await;
-    metric(
-        &m,
-        "causeway_tunnel_streams_total{direction=\"in\",status=\"opened\"}",
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_spread_over_a_sites_replicas_by_weight_and_fail_over_between_them() {
     init_tracing();

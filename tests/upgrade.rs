@@ -222,6 +222,18 @@ async fn stop(p: &mut Proc, what: &str, grace: Duration) -> bool {
     }
 }
 
+/// Replaces a calling gateway replica serving `front` with `bin`, the way
+/// a rolling update does: out of the ready list, stopped, started again,
+/// back in once it listens; then the load goes on through it.
+async fn swap(load: &Load, p: &mut Proc, front: SocketAddr, bin: &std::path::Path) {
+    load.remove(front).await;
+    assert!(stop(p, &format!("the gateway at {front}"), GATEWAY_GRACE).await);
+    p.start(bin).unwrap();
+    wait_listening(front).await;
+    load.add(front);
+    load.more(50).await;
+}
+
 /// A gateway drains for up to `drain_secs` (10 s by default).
 const GATEWAY_GRACE: Duration = Duration::from_secs(20);
 /// Kubernetes' default termination grace period is 30 s; a controller of
@@ -456,12 +468,7 @@ async fn a_federation_upgrades_one_process_at_a_time_with_no_failed_request() {
     load.add(front_0);
     load.more(30).await;
     load.phase("west gw-1 to this build");
-    load.remove(front_1).await;
-    assert!(stop(&mut west_1, "west gw-1", GATEWAY_GRACE).await);
-    west_1.start(&new).unwrap();
-    wait_listening(front_1).await;
-    load.add(front_1);
-    load.more(50).await;
+    swap(&load, &mut west_1, front_1, &new).await;
     // The upgraded DNS server answers for the service.
     let vip = fed
         .wait_resolvable(
@@ -474,12 +481,7 @@ async fn a_federation_upgrades_one_process_at_a_time_with_no_failed_request() {
     assert_eq!(vip, front_0.ip());
 
     load.phase("west gw-1 back to the previous release");
-    load.remove(front_1).await;
-    assert!(stop(&mut west_1, "west gw-1", GATEWAY_GRACE).await);
-    west_1.start(&old).unwrap();
-    wait_listening(front_1).await;
-    load.add(front_1);
-    load.more(50).await;
+    swap(&load, &mut west_1, front_1, &old).await;
     load.phase("east's gateway back to the previous release");
     {
         let s = fed.sites.get_mut("east").unwrap();
@@ -598,18 +600,11 @@ async fn a_draining_replica_moves_its_callers_to_the_others_without_a_failed_req
     // The replica carrying west's pooled connections drains (they stay on
     // the tunnel their first stream took).
     let gw0_admin = fed.sites["east"].gateway_admin;
-    let streams_on = async |admin: SocketAddr| {
-        let m = http_get(admin, "/metrics").await;
-        metric(
-            &m,
-            "causeway_tunnel_streams_total{direction=\"in\",status=\"opened\"}",
-        )
-    };
     let on_gw0 = eventually(
         Duration::from_secs(30),
         "west's streams on one of east's replicas",
         async || {
-            let (a, b) = (streams_on(gw0_admin).await, streams_on(gw1_admin).await);
+            let (a, b) = (opened_in(gw0_admin).await, opened_in(gw1_admin).await);
             (a + b > 0.0).then_some(a > 0.0)
         },
     )

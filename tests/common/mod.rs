@@ -480,3 +480,12 @@ pub async fn policies_of_kind(
         .await
         .map(|r| r.policies)
 }
+
+/// Opened inbound streams a gateway has counted.
+pub async fn opened_in(admin: SocketAddr) -> f64 {
+    let m = http_get(admin, "/metrics").await;
+    metric(
+        &m,
+        "causeway_tunnel_streams_total{direction=\"in\",status=\"opened\"}",
+    )
+}
