@@ -34,8 +34,8 @@ pub struct Outbound {
     pub drain: Arc<crate::drain::Drain>,
 }
 
-/// A listener on `addr`; with `share`, one other processes of the same
-/// user may bind too (SO_REUSEPORT).
+/// A listener on `addr`; with `share`, other processes of the same user
+/// may bind it too (SO_REUSEPORT).
 fn listen(addr: SocketAddr, share: bool) -> std::io::Result<TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
